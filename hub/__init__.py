@@ -1,0 +1,1 @@
+"""The hub: stateless control plane that registers GPU workers and places sessions on them."""

@@ -1,0 +1,235 @@
+"""Placing a session: affinity, ranking, atomic reservation, dispatch, then confirmation or release."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from hub.board import Ranked, RoutingBoard
+from hub.dispatch import DispatchOutcome, WorkerClient
+from hub.livekit import choose_deployment, mint_agent_token, mint_participant_token
+from hub.metrics import HubMetrics
+from hub.settings import HubSettings, LiveKitDeployment
+from hub.store import FleetStore, StoredSession
+from hub.tasks import BackgroundTasks
+from shared import keys
+from shared.errors import NoCapacity, SessionNotFound, SessionPending
+from shared.geo import region_location
+from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatch, SessionRequest, WorkerRef
+
+log = logging.getLogger(__name__)
+
+_PENDING = "pending:"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedLocation:
+    location: Location
+    source: str  # body | cloudfront | region | default
+
+
+def resolve_location(req_location: Location | None, header_location: Location | None, region: str | None,
+                     default_region: str) -> ResolvedLocation:
+    """Body location, then CloudFront's viewer headers, then the requested region, then the default."""
+    if req_location is not None:
+        return ResolvedLocation(req_location, "body")
+    if header_location is not None:
+        return ResolvedLocation(header_location, "cloudfront")
+    if region and (loc := region_location(region)):
+        return ResolvedLocation(Location(lat=loc.lat, lon=loc.lon), "region")
+    loc = region_location(default_region) or region_location("us-east-1")
+    assert loc is not None
+    return ResolvedLocation(Location(lat=loc.lat, lon=loc.lon), "default")
+
+
+class Allocator:
+    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, workers: WorkerClient,
+                 metrics: HubMetrics, background: BackgroundTasks) -> None:
+        self.settings = settings
+        self.store = store
+        self.board = board
+        self.workers = workers
+        self.metrics = metrics
+        self.background = background
+        self._deployments = {d.region: d for d in settings.livekit_deployments}
+
+    # --- create -------------------------------------------------------------------------------------------
+
+    async def create(self, req: SessionRequest, where: ResolvedLocation) -> tuple[SessionConfig, bool]:
+        """(config, created). ``created`` is False when the session_key already had a live session."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if req.session_key is None:
+                config = await self._place(req, where)
+                outcome = "created"
+                return config, True
+            result = await self._create_with_affinity(req, where, req.session_key)
+            outcome = "created" if result[1] else "reused"
+            return result
+        except NoCapacity:
+            outcome = "no_capacity"
+            raise
+        finally:
+            self.metrics.allocations.labels(outcome=outcome).inc()
+            self.metrics.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)
+
+    async def _create_with_affinity(self, req: SessionRequest, where: ResolvedLocation,
+                                    session_key: str) -> tuple[SessionConfig, bool]:
+        claim = f"{_PENDING}{secrets.token_urlsafe(9)}"
+        claim_ttl = self.settings.dispatch_timeout_s * self.settings.max_dispatch_attempts + 2.0
+        deadline = time.monotonic() + claim_ttl
+        delay = 0.02
+        while True:
+            current = await self.store.get_claim(session_key)
+            if current is not None and current.startswith(_PENDING):
+                # Another request is placing this conversation: wait for its answer rather than take a second slot.
+                if time.monotonic() > deadline:
+                    raise SessionPending()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                continue
+            if current is not None:
+                live = await self._live_session(current)
+                if live is not None:
+                    return self._fresh_token_config(current, live.record, req.identity), False
+            swapped, _ = await self.store.compare_and_set_claim(session_key, current, claim, claim_ttl)
+            if swapped:
+                if current is not None:
+                    await self._abandon(current)  # its worker is gone: the conversation moves
+                break
+        try:
+            config = await self._place(req, where)
+        except BaseException:
+            await self.store.compare_and_set_claim(session_key, claim, None, 0)
+            raise
+        await self.store.compare_and_set_claim(session_key, claim, config.session_id, self.settings.affinity_ttl_s)
+        return config, True
+
+    async def _live_session(self, session_id: str) -> StoredSession | None:
+        worker_id = keys.worker_of_session(session_id)
+        if worker_id is None:
+            return None
+        stored = await self.store.read_session(worker_id, session_id)
+        if stored is None or not stored.worker_alive:
+            return None
+        return stored
+
+    async def _abandon(self, session_id: str) -> None:
+        worker_id = keys.worker_of_session(session_id)
+        if worker_id is not None:
+            _, used = await self.store.release(worker_id, session_id)
+            self.board.note_used(worker_id, used)
+
+    async def _place(self, req: SessionRequest, where: ResolvedLocation) -> SessionConfig:
+        loc = where.location
+        ranked = self.board.rank(loc.lat, loc.lon, req.labels)
+        if not ranked and self.board.age_s > 0.2:
+            # A worker may have registered since the last refresh (e.g. through another hub).
+            await self.board.refresh(if_older_than_s=0.2)
+            ranked = self.board.rank(loc.lat, loc.lon, req.labels)
+        dispatches = 0
+        for candidate in ranked:
+            if dispatches >= self.settings.max_dispatch_attempts:
+                break
+            config, dispatched = await self._try(candidate, req, loc)
+            dispatches += dispatched
+            if config is not None:
+                return config
+        raise NoCapacity()
+
+    async def _try(self, candidate: Ranked, req: SessionRequest, loc: Location) -> tuple[SessionConfig | None, int]:
+        """(config or None, 1 if a dispatch was attempted)."""
+        entry = candidate.entry
+        random_part = secrets.token_urlsafe(12)
+        session_id = keys.make_session_id(entry.worker_id, random_part)
+        room = f"fleet-{random_part}"
+        deployment = choose_deployment(self.settings.livekit_deployments, (loc.lat, loc.lon), (entry.lat, entry.lon))
+        participant = mint_participant_token(deployment, room, req.identity or f"user-{random_part[:8]}",
+                                             self.settings.livekit_token_ttl_s)
+        record: dict[str, Any] = {
+            "session_id": session_id, "session_key": req.session_key, "worker_id": entry.worker_id,
+            "worker_region": entry.region, "livekit_region": deployment.region, "room": room,
+            "created_at": time.time(), "expires_at": participant.expires_at.isoformat(),
+            "location": loc.model_dump(),
+        }
+        reservation = await self.store.reserve(entry.worker_id, session_id, record)
+        if not reservation.ok:
+            if reservation.reason == "full":
+                self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
+            else:
+                self.board.note_unavailable(entry.worker_id)
+            return None, 0
+        self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
+        agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
+        outcome = await self.workers.dispatch(reservation.url, SessionDispatch(
+            session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
+            token=agent_token))
+        if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id):
+            return self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at), 1
+        # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
+        self.metrics.dispatch_failures.labels(reason=outcome.value).inc()
+        await self.store.release(entry.worker_id, session_id)
+        if outcome is DispatchOutcome.FULL:
+            self.board.note_used(entry.worker_id, reservation.max_streams)
+        else:
+            self.board.note_unavailable(entry.worker_id)
+        if outcome in (DispatchOutcome.TIMEOUT, DispatchOutcome.ACCEPTED):
+            # The worker may hold it after all; stop it rather than wait for heartbeat reconciliation.
+            self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
+        return None, 1
+
+    def _config(self, session_id: str, record: dict[str, Any], *, token: str | None = None,
+                expires_at: datetime | None = None) -> SessionConfig:
+        deployment = self._deployment(record)
+        return SessionConfig(
+            session_id=session_id,
+            session_key=record.get("session_key"),
+            worker=WorkerRef(id=record["worker_id"], region=record["worker_region"]),
+            livekit=LiveKitConfig(url=deployment.url, region=deployment.region, room=record["room"], token=token),
+            expires_at=expires_at or datetime.fromisoformat(record["expires_at"]),
+        )
+
+    def _fresh_token_config(self, session_id: str, record: dict[str, Any], identity: str | None) -> SessionConfig:
+        """The same session with a new participant token: affinity never costs a second slot."""
+        deployment = self._deployment(record)
+        identity = identity or f"user-{session_id.rpartition(keys.SESSION_ID_SEPARATOR)[2][:8]}"
+        minted = mint_participant_token(deployment, record["room"], identity, self.settings.livekit_token_ttl_s)
+        return self._config(session_id, record, token=minted.jwt, expires_at=minted.expires_at)
+
+    def _deployment(self, record: dict[str, Any]) -> LiveKitDeployment:
+        found = self._deployments.get(record["livekit_region"])
+        if found is not None:
+            return found
+        loc = record.get("location") or {"lat": 0.0, "lon": 0.0}
+        return choose_deployment(self.settings.livekit_deployments, (loc["lat"], loc["lon"]), (loc["lat"], loc["lon"]))
+
+    # --- read and end -------------------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> SessionConfig:
+        stored = await self._stored(session_id)
+        return self._config(session_id, stored.record)
+
+    async def end(self, session_id: str) -> None:
+        stored = await self._stored(session_id)
+        worker_id = stored.record["worker_id"]
+        held, used = await self.store.release(worker_id, session_id)
+        if not held:
+            raise SessionNotFound()
+        self.board.note_used(worker_id, used)
+        if session_key := stored.record.get("session_key"):
+            await self.store.compare_and_set_claim(session_key, session_id, None, 0)
+        if stored.worker_url:
+            self.background.spawn(self.workers.stop(stored.worker_url, session_id), name=f"stop {session_id}")
+
+    async def _stored(self, session_id: str) -> StoredSession:
+        worker_id = keys.worker_of_session(session_id)
+        stored = await self.store.read_session(worker_id, session_id) if worker_id else None
+        if stored is None:
+            raise SessionNotFound()
+        return stored

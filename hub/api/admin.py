@@ -1,0 +1,106 @@
+"""SRE-facing routes: inspect and steer the registry. Bearer FLEET_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from hub.allocator import resolve_location
+from hub.api.deps import HubDep, require_admin
+from hub.livekit import choose_deployment
+from shared.keys import WORKER_ID_PATTERN
+from shared.models import (
+    Candidate,
+    ErrorBody,
+    FleetCapacity,
+    Location,
+    Policy,
+    RouteExplanation,
+    ScoreFactors,
+    SessionList,
+    SessionSummary,
+    WorkerList,
+    WorkerView,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+
+WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
+
+
+@router.get("/workers", response_model=WorkerList)
+async def list_workers(hub: HubDep, region: Annotated[str | None, Query(max_length=32)] = None,
+                       state: Annotated[str | None, Query(pattern="^(ready|draining|stale)$")] = None) -> WorkerList:
+    return WorkerList(workers=await hub.registry.list(region=region, state=state))
+
+
+@router.get("/workers/{worker_id}", response_model=WorkerView, responses={404: {"model": ErrorBody}})
+async def get_worker(worker_id: WorkerIdPath, hub: HubDep) -> WorkerView:
+    return await hub.registry.view(worker_id)
+
+
+@router.post("/workers/{worker_id}/drain", response_model=WorkerView, responses={404: {"model": ErrorBody}})
+async def drain_worker(worker_id: WorkerIdPath, hub: HubDep) -> WorkerView:
+    """No new sessions go to this worker; running ones finish. The worker learns it on its next heartbeat."""
+    return await hub.registry.set_drain(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/resume", response_model=WorkerView, responses={404: {"model": ErrorBody}})
+async def resume_worker(worker_id: WorkerIdPath, hub: HubDep) -> WorkerView:
+    return await hub.registry.set_drain(worker_id, False)
+
+
+@router.get("/fleet", response_model=FleetCapacity)
+async def fleet_capacity(hub: HubDep) -> FleetCapacity:
+    """Capacity per region: live workers, max, used and free streams."""
+    return await hub.registry.capacity()
+
+
+@router.get("/sessions", response_model=SessionList)
+async def list_sessions(hub: HubDep, worker_id: Annotated[str | None, Query(pattern=WORKER_ID_PATTERN)] = None,
+                        region: Annotated[str | None, Query(max_length=32)] = None) -> SessionList:
+    workers = [w for w in await hub.registry.list(region=region) if worker_id in (None, w.worker_id)]
+    held = await hub.store.sessions_of([w.worker_id for w in workers])
+    sessions = [
+        SessionSummary(session_id=sid, session_key=r.get("session_key"), worker_id=r["worker_id"],
+                       worker_region=r["worker_region"], livekit_region=r["livekit_region"], room=r["room"],
+                       status=r["status"], created_at=r["created_at"],
+                       location=Location.model_validate(r["location"]) if r.get("location") else None)
+        for records in held.values() for sid, r in records.items()
+    ]
+    return SessionList(sessions=sorted(sessions, key=lambda s: s.created_at))
+
+
+@router.get("/route/explain", response_model=RouteExplanation)
+async def explain_route(
+    hub: HubDep,
+    lat: Annotated[float | None, Query(ge=-90, le=90, allow_inf_nan=False)] = None,
+    lon: Annotated[float | None, Query(ge=-180, le=180, allow_inf_nan=False)] = None,
+    region: Annotated[str | None, Query(max_length=32)] = None,
+    policy: Policy | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> RouteExplanation:
+    """The ranked candidates for a user here, with every factor of their score: why this worker."""
+    given = Location(lat=lat, lon=lon) if lat is not None and lon is not None else None
+    where = resolve_location(given, None, region, hub.settings.default_region)
+    await hub.board.refresh(if_older_than_s=0.5)
+    loc = where.location
+    ranked = hub.board.rank(loc.lat, loc.lon, policy=policy, limit=limit, explain=True)
+    livekit = None
+    if ranked:
+        head = ranked[0].entry
+        livekit = choose_deployment(hub.settings.livekit_deployments, (loc.lat, loc.lon), (head.lat, head.lon)).region
+    return RouteExplanation(
+        location=loc, location_source=where.source, policy=policy or hub.settings.policy, livekit_region=livekit,
+        candidates=[
+            Candidate(worker_id=r.entry.worker_id, region=r.entry.region, score=round(r.score, 6),
+                      used_streams=r.entry.used, max_streams=r.entry.max_streams,
+                      factors=ScoreFactors(distance_km=round(r.factors.distance_km, 1),
+                                           rtt_ms=round(r.factors.rtt_ms, 2), distance=round(r.factors.distance, 6),
+                                           load=round(r.factors.load, 6), latency=round(r.factors.latency, 6),
+                                           capacity=round(r.factors.capacity, 6)))
+            for r in ranked
+        ],
+    )

@@ -1,0 +1,80 @@
+"""Request-scoped dependencies as ``Annotated`` aliases, and the two bearer-token guards."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from hub.allocator import Allocator
+from hub.board import RoutingBoard
+from hub.metrics import HubMetrics
+from hub.registry import Registry
+from hub.settings import HubSettings
+from hub.store import FleetStore
+from shared.auth import secret_matches
+
+
+@dataclass(slots=True)
+class HubState:
+    """What the lifespan builds once and every request shares."""
+
+    settings: HubSettings
+    store: FleetStore
+    board: RoutingBoard
+    registry: Registry
+    allocator: Allocator
+    metrics: HubMetrics
+
+
+def get_hub(request: Request) -> HubState:
+    hub: HubState = request.app.state.hub
+    return hub
+
+
+HubDep = Annotated[HubState, Depends(get_hub)]
+
+_worker_bearer = HTTPBearer(auto_error=False, scheme_name="WorkerToken", description="FLEET_WORKER_TOKEN")
+_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="FLEET_ADMIN_TOKEN")
+
+
+def _check(credentials: HTTPAuthorizationCredentials | None, expected: str, what: str) -> None:
+    given = credentials.credentials if credentials else None
+    if not secret_matches(given, expected):
+        raise HTTPException(401, f"a valid {what} bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_worker(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_worker_bearer)]
+) -> None:
+    _check(credentials, get_hub(request).settings.worker_token.get_secret_value(), "worker")
+
+
+def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_admin_bearer)]
+) -> None:
+    _check(credentials, get_hub(request).settings.admin_token.get_secret_value(), "admin")
+
+
+def client_address(request: Request, trusted_proxies: list[str]) -> str:
+    """The caller's IP: X-Forwarded-For is believed only when the peer is a trusted proxy."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for")
+    if not forwarded or not _is_trusted(peer, trusted_proxies):
+        return peer
+    # Walk from the right: the first address not of a trusted proxy is the client.
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _is_trusted(hop, trusted_proxies):
+            return hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in trusted)

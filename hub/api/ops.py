@@ -1,0 +1,33 @@
+"""Operations: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from hub.api.deps import HubDep
+from hub.errors import error_response
+from shared.errors import StoreUnavailable
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "Redis is unreachable."}})
+async def ready(hub: HubDep) -> Response:
+    """The hub can reach Redis and so serve requests."""
+    try:
+        await hub.store.ping()
+    except StoreUnavailable as exc:
+        return error_response(503, exc.code, exc.message, retry_after_s=1)
+    return Response('{"status":"ready"}', media_type="application/json")
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(hub: HubDep) -> Response:
+    return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""Client-facing routes: ask for a session, read it, end it."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+
+from hub.allocator import resolve_location
+from hub.api.deps import HubDep, client_address
+from shared.errors import RateLimited
+from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
+
+router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"],
+                   responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+
+SessionIdPath = Annotated[str, Path(max_length=200)]
+
+
+def cloudfront_location(request: Request) -> Location | None:
+    """CloudFront's viewer coordinates, when present and sane."""
+    lat, lon = request.headers.get("cloudfront-viewer-latitude"), request.headers.get("cloudfront-viewer-longitude")
+    if not lat or not lon:
+        return None
+    try:
+        la, lo = float(lat), float(lon)
+    except ValueError:
+        return None
+    if not (math.isfinite(la) and math.isfinite(lo) and -90 <= la <= 90 and -180 <= lo <= 180):
+        return None
+    return Location(lat=la, lon=lo)
+
+
+@router.post("", response_model=SessionConfig, status_code=201,
+             responses={200: {"model": SessionConfig, "description": "The session_key already had a live session."},
+                        429: {"model": ErrorBody}})
+async def create_session(request: Request, response: Response, hub: HubDep,
+                         body: SessionRequest | None = None) -> SessionConfig:
+    """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full."""
+    settings = hub.settings
+    if settings.rate_limit_per_s > 0:
+        client = client_address(request, settings.trusted_proxies)
+        wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
+        if wait > 0:
+            raise RateLimited(wait)
+    req = body or SessionRequest()
+    where = resolve_location(req.location, cloudfront_location(request), req.region, settings.default_region)
+    config, created = await hub.allocator.create(req, where)
+    response.status_code = 201 if created else 200
+    return config
+
+
+@router.get("/{session_id}", response_model=SessionConfig, responses={404: {"model": ErrorBody}})
+async def get_session(session_id: SessionIdPath, hub: HubDep) -> SessionConfig:
+    """The session as the hub holds it (without a token: only POST mints one)."""
+    return await hub.allocator.get(session_id)
+
+
+@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorBody}})
+async def end_session(session_id: SessionIdPath, hub: HubDep) -> Response:
+    """End the session and free its slot at once."""
+    await hub.allocator.end(session_id)
+    return Response(status_code=204)

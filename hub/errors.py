@@ -1,0 +1,66 @@
+"""Domain errors become HTTP answers here, and only here. Every error body is ``{"error", "message"}``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared import errors
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[errors.FleetError], int] = {
+    errors.NoCapacity: 503,
+    errors.StoreUnavailable: 503,
+    errors.SessionPending: 503,
+    errors.WorkerUnknown: 404,
+    errors.SessionNotFound: 404,
+    errors.WorkerConflict: 409,
+    errors.WorkerCredentialInvalid: 403,
+    errors.RateLimited: 429,
+}
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(status: int, code: str, message: str, *, retry_after_s: float | None = None,
+                   headers: Mapping[str, str] | None = None, **extra: object) -> JSONResponse:
+    all_headers = dict(headers or {})
+    if retry_after_s is not None:
+        all_headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=all_headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.FleetError)
+    async def _domain(_: Request, exc: errors.FleetError) -> JSONResponse:
+        status = _STATUS.get(type(exc), 400)
+        retry = getattr(exc, "retry_after_s", None) or (1.0 if exc.retryable else None)
+        return error_response(status, exc.code, exc.message, retry_after_s=retry)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Echo where and why, never the offending input (it may be huge, binary or a secret).
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(422, "invalid_request", message, detail=detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "the hub could not handle this request")

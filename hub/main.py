@@ -1,0 +1,88 @@
+"""The hub application: built by ``create_app``; the lifespan opens and always closes what it uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from hub import errors
+from hub.allocator import Allocator
+from hub.api import admin, ops, sessions, workers
+from hub.api.deps import HubState
+from hub.board import RoutingBoard
+from hub.dispatch import WorkerClient
+from hub.metrics import HubMetrics
+from hub.middleware import BodySizeLimit
+from hub.registry import Registry
+from hub.scoring import Weights
+from hub.settings import HubSettings
+from hub.store import FleetStore, connect
+from hub.tasks import BackgroundTasks, run_every
+from shared.redis_server import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+API_DESCRIPTION = """
+Control plane for a fleet of GPU workers serving real-time AI avatar and voice sessions.
+
+* **Clients** ask `POST /api/v1/sessions` for a session config (worker, LiveKit region and token).
+* **Workers** register, heartbeat and deregister with `Authorization: Bearer $FLEET_WORKER_TOKEN` plus the
+  `X-Worker-Secret` their registration returned.
+* **SREs** inspect and steer the registry with `Authorization: Bearer $FLEET_ADMIN_TOKEN`.
+
+Every error body is `{"error": code, "message": text}`.
+"""
+
+
+def create_app(settings: HubSettings | None = None) -> FastAPI:
+    settings = settings or HubSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis_url
+        if not url:
+            embedded = EmbeddedRedis().start()
+            url = embedded.url
+            log.warning("FLEET_REDIS_URL is unset: started an embedded redis-server on %s, "
+                        "for a single local hub only", url)
+        store = FleetStore(connect(settings, url), settings)
+        board = RoutingBoard(store, ttl_ms=settings.ttl_ms, retention_ms=int(settings.retention_s * 1000),
+                             policy=settings.policy,
+                             weights=Weights(settings.weight_distance, settings.weight_load, settings.weight_latency,
+                                             settings.weight_capacity),
+                             near_best_margin=settings.near_best_margin)
+        metrics = HubMetrics()
+        metrics.watch_board(board)
+        background = BackgroundTasks()
+        worker_client = WorkerClient(settings.worker_token.get_secret_value(), settings.dispatch_timeout_s)
+        app.state.hub = HubState(
+            settings=settings, store=store, board=board, metrics=metrics,
+            registry=Registry(settings, store, board, worker_client, metrics, background),
+            allocator=Allocator(settings, store, board, worker_client, metrics, background),
+        )
+        loops = [asyncio.create_task(run_every(settings.snapshot_refresh_s, board.refresh, "routing board refresh"))]
+        try:
+            yield
+        finally:
+            for loop in loops:
+                loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*loops, return_exceptions=True)
+            await background.aclose()
+            await worker_client.aclose()
+            await store.close()
+            if embedded is not None:
+                embedded.cleanup()
+
+    app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    errors.install(app)
+    for router in (sessions.router, workers.router, admin.router, ops.router):
+        app.include_router(router)
+    return app

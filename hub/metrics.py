@@ -1,0 +1,76 @@
+"""Prometheus metrics of a hub. Fleet gauges are computed at scrape time from the routing board mirror."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from hub.board import RoutingBoard
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.allocations = Counter(
+            "fleet_allocations", "Session requests by outcome (created, reused, no_capacity, error).", ["outcome"],
+            registry=self.registry)
+        self.allocation_seconds = Histogram(
+            "fleet_allocation_seconds", "Time to answer a session request, by outcome.", ["outcome"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry)
+        self.dispatch_failures = Counter(
+            "fleet_dispatch_failures", "Dispatches to workers that did not end in a session, by reason.",
+            ["reason"], registry=self.registry)
+        self.heartbeats = Counter(
+            "fleet_heartbeats", "Heartbeats received, by result (ok, unknown, forbidden).", ["result"],
+            registry=self.registry)
+        self.registrations = Counter(
+            "fleet_registrations", "Worker registrations, by result (ok, conflict).", ["result"],
+            registry=self.registry)
+
+    def watch_board(self, board: RoutingBoard) -> None:
+        self.registry.register(_BoardCollector(board))
+
+
+class _BoardCollector(Collector):
+    def __init__(self, board: RoutingBoard) -> None:
+        self.board = board
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.board.redis_now_ms()
+        ttl = self.board.ttl_ms
+        by_state = GaugeMetricFamily("fleet_workers", "Registered workers by region and state.",
+                                     labels=["region", "state"])
+        used = GaugeMetricFamily("fleet_streams_used", "Stream slots in use on live workers.", labels=["region"])
+        free = GaugeMetricFamily("fleet_streams_free", "Free stream slots on live, ready workers.", labels=["region"])
+        age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds", "Oldest heartbeat among live workers.",
+                                labels=["region"])
+        latency = GaugeMetricFamily("fleet_worker_latency_ms_max", "Highest reported engine latency.",
+                                    labels=["region"])
+        counts: dict[tuple[str, str], int] = {}
+        regions: dict[str, list[float]] = {}
+        for e in self.board.entries.values():
+            alive = now - e.heartbeat_ms < ttl
+            state = e.state if alive else "stale"
+            state = "ready" if state == "unavailable" else state
+            counts[(e.region, state)] = counts.get((e.region, state), 0) + 1
+            agg = regions.setdefault(e.region, [0.0, 0.0, 0.0, 0.0])
+            if alive:
+                agg[0] += e.used
+                if state == "ready":
+                    agg[1] += max(0, e.max_streams - e.used)
+                agg[2] = max(agg[2], (now - e.heartbeat_ms) / 1000)
+                agg[3] = max(agg[3], e.latency_ms)
+        for (region, state), n in sorted(counts.items()):
+            by_state.add_metric([region, state], n)
+        for region, (u, f, a, lat) in sorted(regions.items()):
+            used.add_metric([region], u)
+            free.add_metric([region], f)
+            age.add_metric([region], a)
+            latency.add_metric([region], lat)
+        yield from (by_state, used, free, age, latency)

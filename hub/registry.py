@@ -1,0 +1,179 @@
+"""The worker registry as the API sees it: registration, heartbeats, deregistration, SRE views and steering."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from hub.board import Entry, RoutingBoard
+from hub.dispatch import WorkerClient
+from hub.metrics import HubMetrics
+from hub.settings import HubSettings
+from hub.store import FleetStore
+from hub.tasks import BackgroundTasks
+from shared.auth import new_secret
+from shared.errors import WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
+from shared.geo import region_location
+from shared.models import (
+    FleetCapacity,
+    GpuInfo,
+    Heartbeat,
+    HeartbeatReply,
+    Location,
+    RegionCapacity,
+    RegistrationAccepted,
+    WorkerRegistration,
+    WorkerState,
+    WorkerView,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, workers: WorkerClient,
+                 metrics: HubMetrics, background: BackgroundTasks) -> None:
+        self.settings = settings
+        self.store = store
+        self.board = board
+        self.workers = workers
+        self.metrics = metrics
+        self.background = background
+
+    async def register(self, reg: WorkerRegistration, presented_secret: str | None) -> RegistrationAccepted:
+        loc = reg.location or _region_center(reg.region)
+        static = {
+            "worker_id": reg.worker_id, "url": reg.url, "region": reg.region, "zone": reg.zone,
+            "lat": loc.lat, "lon": loc.lon, "max_streams": reg.max_streams,
+            "gpus": [g.model_dump() for g in reg.gpus], "instance_type": reg.instance_type,
+            "labels": reg.labels, "engine": reg.engine, "registered_at": time.time(),
+        }
+        fields = {"url": reg.url, "region": reg.region, "max_streams": str(reg.max_streams)}
+        secret = new_secret()
+        registered = await self.store.register(reg.worker_id, presented_secret, secret, fields,
+                                               json.dumps(static, separators=(",", ":")))
+        if registered is None:
+            self.metrics.registrations.labels(result="conflict").inc()
+            raise WorkerConflict(f"worker {reg.worker_id} is registered and alive; present its X-Worker-Secret")
+        self.metrics.registrations.labels(result="ok").inc()
+        log.info("worker %s registered in %s with %d streams", reg.worker_id, reg.region, reg.max_streams)
+        return RegistrationAccepted(worker_id=reg.worker_id, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                                    ttl_s=self.settings.worker_ttl_s, worker_secret=secret,
+                                    state=WorkerState(registered.state))
+
+    async def heartbeat(self, worker_id: str, secret: str | None, hb: Heartbeat) -> HeartbeatReply:
+        if not secret:
+            self.metrics.heartbeats.labels(result="forbidden").inc()
+            raise WorkerCredentialInvalid("heartbeats must carry the worker's X-Worker-Secret")
+        status = hb.model_dump(exclude={"active_sessions", "state"})
+        out = await self.store.heartbeat(worker_id, secret, hb.state.value, status, hb.active_sessions)
+        if out.status == 0:
+            self.metrics.heartbeats.labels(result="unknown").inc()
+            raise WorkerUnknown(f"worker {worker_id} is not registered; register again")
+        if out.status < 0:
+            self.metrics.heartbeats.labels(result="forbidden").inc()
+            raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
+        self.metrics.heartbeats.labels(result="ok").inc()
+        self.board.note_used(worker_id, out.used, out.max_streams)
+        if out.unknown_sessions:
+            entry = self.board.entries.get(worker_id)
+            if entry is not None:
+                for sid in out.unknown_sessions:
+                    self.background.spawn(self.workers.stop(entry.url, sid), name=f"stop orphan {sid}")
+        return HeartbeatReply(worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used,
+                              max_streams=out.max_streams, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                              stop_sessions=list(out.unknown_sessions))
+
+    async def deregister(self, worker_id: str, secret: str | None) -> None:
+        if not secret:
+            raise WorkerCredentialInvalid("deregistration must carry the worker's X-Worker-Secret")
+        result = await self.store.deregister(worker_id, secret)
+        if result == 0:
+            raise WorkerUnknown(f"worker {worker_id} is not registered")
+        if result < 0:
+            raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
+        log.info("worker %s deregistered", worker_id)
+
+    async def set_drain(self, worker_id: str, drain: bool) -> WorkerView:
+        if await self.store.set_drain(worker_id, drain) is None:
+            raise WorkerUnknown(f"no worker {worker_id}")
+        log.info("worker %s %s by an SRE", worker_id, "drained" if drain else "resumed")
+        return await self.view(worker_id)
+
+    # --- views --------------------------------------------------------------------------------------------
+
+    async def view(self, worker_id: str) -> WorkerView:
+        read = await self.store.read_worker(worker_id)
+        if read is None:
+            raise WorkerUnknown(f"no worker {worker_id}")
+        now_ms, used, info = read
+        static = json.loads(info.get("static", "{}"))
+        status = json.loads(info.get("status", "{}"))
+        hb = int(info.get("hb", 0))
+        drain = info.get("drain") == "1"
+        state = "draining" if drain or info.get("worker_state") == "draining" else "ready"
+        return _view(static, status, used=used, state=state, drain=drain, heartbeat_ms=hb, now_ms=now_ms,
+                     ttl_ms=self.settings.ttl_ms)
+
+    async def list(self, region: str | None = None, state: str | None = None) -> list[WorkerView]:
+        """From a fresh read of the routing board: one round trip whatever the fleet size."""
+        await self.board.refresh()
+        now = self.board.now_ms
+        views = [_entry_view(e, now, self.settings.ttl_ms) for e in self.board.entries.values()]
+        return [v for v in sorted(views, key=lambda v: (v.region, v.worker_id))
+                if (region is None or v.region == region) and (state is None or _state_label(v) == state)]
+
+    async def capacity(self) -> FleetCapacity:
+        views = await self.list()
+        per: dict[str, RegionCapacity] = {}
+        total = RegionCapacity(region="all", workers=0, ready_workers=0, max_streams=0, used_streams=0,
+                               free_streams=0)
+        for v in views:
+            if not v.alive:
+                continue
+            for cap in (per.setdefault(v.region, RegionCapacity(region=v.region, workers=0, ready_workers=0,
+                                                                  max_streams=0, used_streams=0, free_streams=0)),
+                        total):
+                cap.workers += 1
+                cap.max_streams += v.max_streams
+                cap.used_streams += v.used_streams
+                if v.state is WorkerState.READY:
+                    cap.ready_workers += 1
+                    cap.free_streams += v.free_streams
+        return FleetCapacity(regions=sorted(per.values(), key=lambda c: c.region), total=total)
+
+
+def _state_label(v: WorkerView) -> str:
+    return v.state.value if v.alive else "stale"
+
+
+def _region_center(region: str) -> Location:
+    loc = region_location(region)
+    return Location(lat=loc.lat, lon=loc.lon) if loc else Location(lat=0.0, lon=0.0)
+
+
+def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:
+    state = "draining" if e.state == "draining" else "ready"
+    return _view(e.static, e.status, used=e.used, state=state, drain=bool(e.status.get("drain", False)),
+                 heartbeat_ms=e.heartbeat_ms, now_ms=now_ms, ttl_ms=ttl_ms)
+
+
+def _view(static: dict[str, Any], status: dict[str, Any], *, used: int, state: str, drain: bool, heartbeat_ms: int,
+          now_ms: int, ttl_ms: int) -> WorkerView:
+    max_streams = int(static.get("max_streams", 0))
+    alive = heartbeat_ms > 0 and now_ms - heartbeat_ms < ttl_ms
+    return WorkerView(
+        worker_id=static["worker_id"], url=static["url"], region=static["region"], zone=static.get("zone"),
+        location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state), drain_requested=drain,
+        alive=alive, max_streams=max_streams, used_streams=used,
+        free_streams=max(0, max_streams - used) if alive and state == "ready" else 0,
+        heartbeat_age_s=round(max(0, now_ms - heartbeat_ms) / 1000, 3) if heartbeat_ms else None,
+        latency_ms=float(status.get("latency_ms", 0.0)), error_rate=float(status.get("error_rate", 0.0)),
+        cpu_percent=float(status.get("cpu_percent", 0.0)), memory_percent=float(status.get("memory_percent", 0.0)),
+        gpu_utilization=float(status.get("gpu_utilization", 0.0)), vram_used_mb=int(status.get("vram_used_mb", 0)),
+        gpus=[GpuInfo.model_validate(g) for g in static.get("gpus", [])], instance_type=static.get("instance_type"),
+        labels=static.get("labels") or {}, engine=static.get("engine"),
+        registered_at=float(static.get("registered_at", 0.0)),
+    )

@@ -1,0 +1,241 @@
+"""Lua scripts, one per atomic step. Every script touches the keys of one worker only (one hash slot), takes
+every key through KEYS, and reads time from the Redis server so all hubs share one clock.
+
+Worker keys, always in this order (see ``shared.keys.WorkerKeys``):
+  KEYS[1] info      HASH  registration, heartbeat fields, ``drain`` flag, ``secret`` digest
+  KEYS[2] leases    ZSET  session id -> lease expiry (ms); a lease counts against max_streams until it expires
+  KEYS[3] active    HASH  session id -> confirmed-at (ms); a lease without an entry here is pending
+  KEYS[4] sessions  HASH  session id -> session record (JSON)
+"""
+
+from __future__ import annotations
+
+# Shared prelude: the Redis clock, and dropping leases whose time has passed (with their records).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function purge_expired()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+  for _, sid in ipairs(gone) do
+    redis.call('HDEL', KEYS[3], sid)
+    redis.call('HDEL', KEYS[4], sid)
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+end
+local function effective_state()
+  local st = redis.call('HMGET', KEYS[1], 'drain', 'worker_state')
+  if st[1] == '1' or st[2] == 'draining' then return 'draining' end
+  return 'ready'
+end
+-- Keys a script creates outlive the worker no longer than its info hash does.
+local function inherit_ttl()
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl <= 0 then return end
+  for i = 2, 4 do
+    if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+local function keep(retention_ms)
+  for i = 1, 4 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], retention_ms) end
+  end
+end
+"""
+
+REGISTER = _PRELUDE + """
+-- Register or re-register a worker. Refuses to take over the id of a live worker without its secret.
+-- ARGV[1] digest of the secret the caller presents ('' if none)
+-- ARGV[2] digest of the new secret to store
+-- ARGV[3] liveness TTL (ms)
+-- ARGV[4] retention of the worker's keys after its last sign of life (ms)
+-- ARGV[5..] field, value pairs of the registration (url, region, lat, lon, max_streams, static, ...)
+-- Returns {1, used, max_streams, state, now} or {-1} when a live worker holds the id with another secret.
+local info = redis.call('HMGET', KEYS[1], 'secret', 'hb')
+if info[1] and info[2] and now - tonumber(info[2]) < tonumber(ARGV[3]) and info[1] ~= ARGV[1] then
+  return {-1}
+end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'secret', ARGV[2], 'hb', now, 'registered_at', now, 'worker_state', 'ready',
+           unpack(fields))
+purge_expired()
+keep(tonumber(ARGV[4]))
+return {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')), effective_state(),
+        now}
+"""
+
+HEARTBEAT = _PRELUDE + """
+-- Record a heartbeat and reconcile the worker's leases with the sessions it really runs.
+-- ARGV[1] digest of the per-worker secret presented
+-- ARGV[2] lease extension for sessions the worker reports (ms)
+-- ARGV[3] grace before an active session the worker no longer reports is released (ms)
+-- ARGV[4] retention (ms)
+-- ARGV[5] state the worker reports ('ready' | 'draining')
+-- ARGV[6] heartbeat metrics (JSON, stored as is)
+-- ARGV[7..] ids of the sessions the worker runs
+-- Returns {1, used, max_streams, state, now, unknown ids...}, {0} for an unknown worker, {-1} for a bad secret.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
+purge_expired()
+local reported = {}
+for i = 7, #ARGV do reported[ARGV[i]] = true end
+local extend_to = now + tonumber(ARGV[2])
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if reported[sid] then
+    -- The worker runs it: a pending lease whose confirmation was lost is adopted here.
+    redis.call('HSETNX', KEYS[3], sid, now)
+    redis.call('ZADD', KEYS[2], extend_to, sid)
+    reported[sid] = nil
+  else
+    local confirmed = redis.call('HGET', KEYS[3], sid)
+    -- Only release after a grace: this heartbeat may have left the worker before the dispatch reached it.
+    if confirmed and now - tonumber(confirmed) > tonumber(ARGV[3]) then
+      redis.call('ZREM', KEYS[2], sid)
+      redis.call('HDEL', KEYS[3], sid)
+      redis.call('HDEL', KEYS[4], sid)
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'hb', now, 'worker_state', ARGV[5], 'status', ARGV[6])
+keep(tonumber(ARGV[4]))
+local result = {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')),
+                effective_state(), now}
+-- Sessions the hub does not hold (never confirmed, expired or ended): the worker must stop them.
+for sid, _ in pairs(reported) do result[#result + 1] = sid end
+return result
+"""
+
+RESERVE = _PRELUDE + """
+-- Atomically take one stream slot as a pending lease, re-checking liveness, state and capacity.
+-- ARGV[1] session id
+-- ARGV[2] pending lease duration (ms): the time the hub has to dispatch and confirm
+-- ARGV[3] liveness TTL (ms)
+-- ARGV[4] session record (JSON)
+-- Returns {1, used, max_streams, url} or {0, reason, used, max_streams}.
+local w = redis.call('HMGET', KEYS[1], 'hb', 'max_streams', 'url')
+if not w[1] then return {0, 'unknown', 0, 0} end
+if now - tonumber(w[1]) >= tonumber(ARGV[3]) then return {0, 'stale', 0, tonumber(w[2])} end
+if effective_state() ~= 'ready' then return {0, 'draining', 0, tonumber(w[2])} end
+purge_expired()
+local used = redis.call('ZCARD', KEYS[2])
+if used >= tonumber(w[2]) then return {0, 'full', used, tonumber(w[2])} end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, 'exists', used, tonumber(w[2])} end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+inherit_ttl()
+return {1, used + 1, tonumber(w[2]), w[3]}
+"""
+
+CONFIRM = _PRELUDE + """
+-- Turn a pending lease into an active one after the worker accepted the dispatch.
+-- ARGV[1] session id
+-- ARGV[2] active lease duration (ms), renewed by every heartbeat that reports the session
+-- Returns {1, used} or {0, used} when the pending lease had already expired.
+purge_expired()
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, redis.call('ZCARD', KEYS[2])} end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSETNX', KEYS[3], ARGV[1], now)
+inherit_ttl()
+return {1, redis.call('ZCARD', KEYS[2])}
+"""
+
+RELEASE = _PRELUDE + """
+-- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch).
+-- ARGV[1] session id
+-- Returns {removed (0|1), used}.
+local removed = redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+purge_expired()
+return {removed, redis.call('ZCARD', KEYS[2])}
+"""
+
+READ_SESSION = _PRELUDE + """
+-- One session as the hub holds it, with its worker's liveness.
+-- ARGV[1] session id
+-- ARGV[2] liveness TTL (ms)
+-- Returns {record or false, 'active'|'pending'|'', worker alive (0|1), worker url or false}.
+purge_expired()
+local record = redis.call('HGET', KEYS[4], ARGV[1])
+if not record then return {false, '', 0, false} end
+local status = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 and 'active' or 'pending'
+local w = redis.call('HMGET', KEYS[1], 'hb', 'url')
+local alive = (w[1] and now - tonumber(w[1]) < tonumber(ARGV[2])) and 1 or 0
+return {record, status, alive, w[2]}
+"""
+
+READ_WORKER = _PRELUDE + """
+-- Everything the hub holds for one worker, with the Redis clock for heartbeat ages.
+-- Returns {now, used, field, value, field, value, ...} or {now, -1} when unknown.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {now, -1} end
+local used = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local result = {now, used}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do result[#result + 1] = v end
+return result
+"""
+
+SET_DRAIN = """
+-- An SRE drains (ARGV[1] = '1') or resumes (ARGV[1] = '0') a worker.
+-- Returns the effective state, or false when the worker is unknown.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'drain', ARGV[1])
+local st = redis.call('HMGET', KEYS[1], 'drain', 'worker_state')
+if st[1] == '1' or st[2] == 'draining' then return 'draining' end
+return 'ready'
+"""
+
+DEREGISTER = """
+-- Remove a worker and everything it holds.
+-- ARGV[1] digest of the per-worker secret presented, or '*' for an SRE removal
+-- Returns 1, 0 when unknown, -1 for a bad secret.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '*' and redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 1
+"""
+
+COMPARE_AND_SET = """
+-- Set a string only if it still holds the value the caller saw (session-key affinity claims).
+-- KEYS[1] the key
+-- ARGV[1] expected current value ('' = must be absent)
+-- ARGV[2] new value ('' = delete)
+-- ARGV[3] TTL of the new value (ms)
+-- Returns 1 when swapped, else the current value (false when absent).
+local current = redis.call('GET', KEYS[1])
+if (current or '') ~= ARGV[1] then return current end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+PUBLISH_BOARD = """
+-- Mirror a worker onto the routing board that every hub reads in one round trip.
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board generation
+-- ARGV[1] worker id, ARGV[2] static view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
+-- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board
+if ARGV[5] == '1' then
+  redis.call('HDEL', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1]); redis.call('HDEL', KEYS[3], ARGV[1])
+  return redis.call('INCR', KEYS[4])
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); redis.call('INCR', KEYS[4]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
+return 1
+"""
+
+RATE_LIMIT_BUCKET = """
+-- Per-client token bucket for session creation.
+-- KEYS[1] bucket hash
+-- ARGV[1] capacity (tokens), ARGV[2] refill rate (tokens/s)
+-- Returns {1, 0} when allowed, {0, retry_after_ms} when not.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(b[1]) or cap, tonumber(b[2]) or now
+tokens = math.min(cap, tokens + (now - at) * rate / 1000)
+local allowed, wait = 0, 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
+return {allowed, wait}
+"""

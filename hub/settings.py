@@ -1,0 +1,130 @@
+"""Hub settings. Each field reads ``FLEET_<NAME>``; ``FLEET_ENV=prod`` refuses unsafe defaults."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Self
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, model_validator
+
+from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
+from shared.models import Policy
+from shared.settings import FleetSettings
+
+DEV_LIVEKIT_URL = "ws://localhost:7880"
+DEV_LIVEKIT_KEY = "devkey"
+DEV_LIVEKIT_SECRET = "secret"  # noqa: S105 - LiveKit's documented dev default, refused in prod
+
+
+class LiveKitDeployment(BaseModel):
+    """One LiveKit (SFU) deployment the hub can send users to."""
+
+    region: str
+    url: str
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    api_key: str
+    api_secret: SecretStr
+
+
+class HubSettings(FleetSettings):
+    admin_token: SecretStr = Field(default=SecretStr(DEFAULT_ADMIN_TOKEN), description="SRE bearer token.")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://, rediss:// (TLS), or redis+cluster:// / rediss+cluster:// for Redis Cluster. "
+        "Unset in dev: the hub starts an embedded redis-server (single local hub only).",
+    )
+    redis_cluster: bool = Field(default=False, description="Treat redis_url as a Redis Cluster seed node.")
+    redis_max_connections: int = Field(default=64, ge=1, description="Pool size; requests wait for a connection.")
+    redis_timeout_s: float = Field(default=1.0, gt=0, description="Socket and pool-wait timeout of Redis calls.")
+
+    heartbeat_interval_s: float = Field(default=3.0, gt=0, description="How often workers heartbeat.")
+    worker_ttl_s: float = Field(
+        default=9.0, gt=0, description="A worker silent this long leaves routing (LiveKit evicts after 5 s)."
+    )
+    dispatch_timeout_s: float = Field(default=3.0, gt=0, description="How long a worker may take to accept.")
+    pending_lease_s: float = Field(
+        default=8.0, gt=0, description="Life of a reserved-but-unconfirmed slot; outlives a dispatch."
+    )
+    active_lease_s: float = Field(
+        default=12.0, gt=0, description="Life of a confirmed slot between heartbeats that report the session."
+    )
+    absent_grace_s: float = Field(
+        default=5.0, ge=0, description="An active session a heartbeat omits is released only after this long."
+    )
+    retention_s: float = Field(default=3600.0, gt=0, description="Keys of a silent worker are dropped after this.")
+    max_dispatch_attempts: int = Field(default=3, ge=1, description="Workers tried per session request.")
+    affinity_ttl_s: float = Field(default=86400.0, gt=0, description="How long a session_key remembers its session.")
+
+    policy: Policy = Field(default=Policy.SPREAD, description="`spread` (best experience) or `pack` (fewest GPUs).")
+    weight_distance: float = Field(default=0.6, ge=0, description="Score weight of user→worker distance.")
+    weight_load: float = Field(default=0.2, ge=0, description="Score weight of stream and GPU load.")
+    weight_latency: float = Field(default=0.1, ge=0, description="Score weight of reported inference latency.")
+    weight_capacity: float = Field(default=0.1, ge=0, description="Score weight of free slots.")
+    near_best_margin: float = Field(
+        default=0.05, ge=0, description="Candidates within this score of the best share the traffic (anti-herding)."
+    )
+    snapshot_refresh_s: float = Field(default=1.0, gt=0, description="How often a hub re-reads the routing board.")
+
+    default_region: str = Field(default="us-east-1", description="Where users with no location are assumed to be.")
+    livekit_regions: str | None = Field(
+        default=None, description="LiveKit deployments: inline JSON list or a path to a JSON/YAML file."
+    )
+    livekit_token_ttl_s: int = Field(default=3600, gt=0, description="Lifetime of minted participant tokens.")
+
+    max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
+    rate_limit_per_s: float = Field(default=20.0, ge=0, description="Session requests per client per second; 0 = off.")
+    rate_limit_burst: int = Field(default=40, ge=1, description="Burst size of the per-client limit.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Peers whose X-Forwarded-For is believed (CIDRs or addresses)."
+    )
+
+    cloudwatch_enabled: bool = Field(default=False, description="Publish per-region capacity to CloudWatch.")
+    cloudwatch_namespace: str = Field(default="GpuFleet", description="CloudWatch namespace of capacity metrics.")
+    cloudwatch_interval_s: float = Field(default=60.0, gt=0, description="At most one publication per interval.")
+    cloudwatch_region: str | None = Field(default=None, description="AWS region of the CloudWatch API.")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Self:
+        if not self.is_prod:
+            return self
+        problems = []
+        if not self.redis_url:
+            problems.append("FLEET_REDIS_URL must be set (the embedded Redis is for a single local hub)")
+        if self.worker_token.get_secret_value() == DEFAULT_WORKER_TOKEN:
+            problems.append("FLEET_WORKER_TOKEN must not be the dev default")
+        if self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
+            problems.append("FLEET_ADMIN_TOKEN must not be the dev default")
+        if not self.livekit_regions:
+            problems.append("FLEET_LIVEKIT_REGIONS must list the LiveKit deployments")
+        elif any(d.api_secret.get_secret_value() == DEV_LIVEKIT_SECRET for d in self.livekit_deployments):
+            problems.append("LiveKit API secrets must not be the dev default")
+        if problems:
+            raise ValueError("refusing to start in prod: " + "; ".join(problems))
+        return self
+
+    @cached_property
+    def livekit_deployments(self) -> list[LiveKitDeployment]:
+        """Configured deployments; in dev with nothing configured, LiveKit's local dev server."""
+        if not self.livekit_regions:
+            return [
+                LiveKitDeployment(
+                    region="local", url=DEV_LIVEKIT_URL, lat=38.95, lon=-77.45,
+                    api_key=DEV_LIVEKIT_KEY, api_secret=SecretStr(DEV_LIVEKIT_SECRET),
+                )
+            ]
+        raw = self.livekit_regions.strip()
+        if not raw.startswith("["):
+            text = Path(raw).read_text()
+            data = yaml.safe_load(text) if raw.endswith((".yaml", ".yml")) else json.loads(text)
+        else:
+            data = json.loads(raw)
+        return [LiveKitDeployment.model_validate(item) for item in data]
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.worker_ttl_s * 1000)

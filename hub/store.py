@@ -1,0 +1,319 @@
+"""The hub's only door to Redis: connection set-up and one method per atomic step.
+
+Connection failures and timeouts become ``StoreUnavailable`` here, so callers never see redis-py errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+from hub import scripts
+from hub.settings import HubSettings
+from shared import keys
+from shared.auth import digest
+from shared.errors import StoreUnavailable
+
+Client = aioredis.Redis | RedisCluster
+_UNAVAILABLE = (
+    RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, MasterDownError,
+    ReadOnlyError, TryAgainError, OSError,
+)
+
+
+def connect(settings: HubSettings, url: str) -> Client:
+    """A client with bounded waits everywhere: socket, connect and pool waits, retried with jitter."""
+    cluster = settings.redis_cluster or "+cluster://" in url
+    url = url.replace("+cluster://", "://")
+    common: dict[str, Any] = dict(
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=15,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.01), retries=2),
+    )
+    if cluster:
+        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **common)
+    # The plain asyncio pool raises at its limit; the blocking pool waits (boundedly) for a free connection.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout_s, **common
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+@asynccontextmanager
+async def unavailable_as_domain_error() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable("the shared store is unreachable") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    used: int
+    max_streams: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOutcome:
+    status: int  # 1 ok, 0 unknown worker, -1 bad secret
+    used: int = 0
+    max_streams: int = 0
+    state: str = "ready"
+    unknown_sessions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    reason: str  # '' when ok, else unknown | stale | draining | full | exists
+    used: int
+    max_streams: int
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    record: dict[str, Any]
+    status: str  # active | pending
+    worker_alive: bool
+    worker_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BoardRead:
+    generation: int
+    static: dict[str, str] | None  # None: unchanged since the generation the caller holds
+    status: dict[str, str]
+    used: dict[str, str]
+    now_ms: int
+
+
+class FleetStore:
+    def __init__(self, client: Client, settings: HubSettings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._register = client.register_script(scripts.REGISTER)
+        self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._reserve = client.register_script(scripts.RESERVE)
+        self._confirm = client.register_script(scripts.CONFIRM)
+        self._release = client.register_script(scripts.RELEASE)
+        self._read_session = client.register_script(scripts.READ_SESSION)
+        self._read_worker = client.register_script(scripts.READ_WORKER)
+        self._set_drain = client.register_script(scripts.SET_DRAIN)
+        self._deregister = client.register_script(scripts.DEREGISTER)
+        self._cas = client.register_script(scripts.COMPARE_AND_SET)
+        self._publish = client.register_script(scripts.PUBLISH_BOARD)
+        self._bucket = client.register_script(scripts.RATE_LIMIT_BUCKET)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        async with unavailable_as_domain_error():
+            return bool(await self.redis.ping())
+
+    # --- workers ------------------------------------------------------------------------------------------
+
+    async def register(
+        self, worker_id: str, presented_secret: str | None, new_secret: str, fields: dict[str, str], static: str
+    ) -> Registered | None:
+        """None when a live worker already holds the id and ``presented_secret`` is not its secret."""
+        flat = [x for kv in fields.items() for x in kv] + ["static", static]
+        s = self.settings
+        async with unavailable_as_domain_error():
+            res = await self._register(
+                keys=keys.worker_keys(worker_id).as_list(),
+                args=[digest(presented_secret) if presented_secret else "", digest(new_secret), s.ttl_ms,
+                      int(s.retention_s * 1000), *flat],
+            )
+            if int(res[0]) != 1:
+                return None
+            out = Registered(used=int(res[1]), max_streams=int(res[2]), state=str(res[3]))
+            status = {"hb": int(res[4]), "state": out.state, "drain": False}
+            await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
+        return out
+
+    async def heartbeat(self, worker_id: str, secret: str, state: str, status: dict[str, Any],
+                        sessions: list[str]) -> HeartbeatOutcome:
+        s = self.settings
+        async with unavailable_as_domain_error():
+            res = await self._heartbeat(
+                keys=keys.worker_keys(worker_id).as_list(),
+                args=[digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000),
+                      int(s.retention_s * 1000), state, json.dumps(status, separators=(",", ":")), *sessions],
+            )
+            if int(res[0]) != 1:
+                return HeartbeatOutcome(status=int(res[0]))
+            out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
+                                   unknown_sessions=tuple(str(x) for x in res[5:]))
+            board_status = {**status, "hb": int(res[4]), "state": out.state,
+                            "drain": out.state == "draining" and state == "ready"}
+            await self._publish_board(worker_id, status=json.dumps(board_status, separators=(",", ":")), used=out.used)
+        return out
+
+    async def deregister(self, worker_id: str, secret: str | None) -> int:
+        """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""
+        async with unavailable_as_domain_error():
+            res = int(await self._deregister(keys=keys.worker_keys(worker_id).as_list(),
+                                             args=[digest(secret) if secret is not None else "*"]))
+            if res == 1:
+                await self._publish_board(worker_id, remove=True)
+        return res
+
+    async def set_drain(self, worker_id: str, drain: bool) -> str | None:
+        async with unavailable_as_domain_error():
+            state = await self._set_drain(keys=[keys.worker_keys(worker_id).info], args=["1" if drain else "0"])
+            if state:
+                raw = await self.redis.hget(keys.BOARD.status, worker_id)
+                status = json.loads(raw) if raw else {}
+                status.update(state=state, drain=drain)
+                await self._publish_board(worker_id, status=json.dumps(status, separators=(",", ":")))
+        return str(state) if state else None
+
+    async def read_worker(self, worker_id: str) -> tuple[int, int, dict[str, str]] | None:
+        """(now_ms, used, info fields) as Redis holds them, or None when unknown."""
+        async with unavailable_as_domain_error():
+            res = await self._read_worker(keys=keys.worker_keys(worker_id).as_list(), args=[])
+        if int(res[1]) < 0:
+            return None
+        flat = res[2:]
+        return int(res[0]), int(res[1]), dict(zip(flat[::2], flat[1::2], strict=True))
+
+    # --- sessions -----------------------------------------------------------------------------------------
+
+    async def reserve(self, worker_id: str, session_id: str, record: dict[str, Any]) -> Reservation:
+        s = self.settings
+        async with unavailable_as_domain_error():
+            res = await self._reserve(
+                keys=keys.worker_keys(worker_id).as_list(),
+                args=[session_id, int(s.pending_lease_s * 1000), s.ttl_ms, json.dumps(record, separators=(",", ":"))],
+            )
+        if int(res[0]) == 1:
+            out = Reservation(ok=True, reason="", used=int(res[1]), max_streams=int(res[2]), url=str(res[3]))
+        else:
+            out = Reservation(ok=False, reason=str(res[1]), used=int(res[2]), max_streams=int(res[3]))
+        if out.ok or out.reason == "full":
+            await self.publish_used(worker_id, out.used)
+        return out
+
+    async def confirm(self, worker_id: str, session_id: str) -> bool:
+        async with unavailable_as_domain_error():
+            res = await self._confirm(keys=keys.worker_keys(worker_id).as_list(),
+                                      args=[session_id, int(self.settings.active_lease_s * 1000)])
+        return int(res[0]) == 1
+
+    async def release(self, worker_id: str, session_id: str) -> tuple[bool, int]:
+        """(whether the session was held, used streams after)."""
+        async with unavailable_as_domain_error():
+            res = await self._release(keys=keys.worker_keys(worker_id).as_list(), args=[session_id])
+            await self.publish_used(worker_id, int(res[1]))
+        return int(res[0]) == 1, int(res[1])
+
+    async def read_session(self, worker_id: str, session_id: str) -> StoredSession | None:
+        async with unavailable_as_domain_error():
+            res = await self._read_session(keys=keys.worker_keys(worker_id).as_list(),
+                                           args=[session_id, self.settings.ttl_ms])
+        if not res[0]:
+            return None
+        return StoredSession(record=json.loads(res[0]), status=str(res[1]), worker_alive=int(res[2]) == 1,
+                             worker_url=str(res[3] or ""))
+
+    async def sessions_of(self, worker_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """worker id -> session id -> record with its status; an SRE listing, pipelined."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        async with unavailable_as_domain_error():
+            for start in range(0, len(worker_ids), 500):
+                chunk = worker_ids[start:start + 500]
+                pipe = self.redis.pipeline(transaction=False)
+                for wid in chunk:
+                    wk = keys.worker_keys(wid)
+                    pipe.hgetall(wk.sessions)
+                    pipe.hkeys(wk.active)
+                results = await pipe.execute()
+                for i, wid in enumerate(chunk):
+                    records, active = results[2 * i], set(results[2 * i + 1])
+                    out[wid] = {sid: {**json.loads(raw), "status": "active" if sid in active else "pending"}
+                                for sid, raw in records.items()}
+        return out
+
+    # --- session-key affinity ------------------------------------------------------------------------------
+
+    async def get_claim(self, session_key: str) -> str | None:
+        async with unavailable_as_domain_error():
+            value = await self.redis.get(keys.session_key_claim(session_key))
+        return str(value) if value else None
+
+    async def compare_and_set_claim(self, session_key: str, expected: str | None, new: str | None,
+                                    ttl_s: float) -> tuple[bool, str | None]:
+        """(swapped, current value when not swapped)."""
+        async with unavailable_as_domain_error():
+            res = await self._cas(keys=[keys.session_key_claim(session_key)],
+                                  args=[expected or "", new or "", int(ttl_s * 1000)])
+        if res == 1:
+            return True, None
+        return False, str(res) if res else None
+
+    # --- routing board -----------------------------------------------------------------------------------
+
+    async def read_board(self, known_generation: int | None) -> BoardRead:
+        """Everything a hub needs to route, in two round trips whatever the fleet size."""
+        b = keys.BOARD
+        async with unavailable_as_domain_error():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(b.generation)
+            pipe.hgetall(b.status)
+            pipe.hgetall(b.used)
+            generation_raw, status, used = await pipe.execute()
+            generation = int(generation_raw or 0)
+            static: dict[str, str] | None = None
+            if generation != known_generation:
+                static = await self.redis.hgetall(b.static)  # type: ignore[assignment]  # decode_responses
+            seconds, micros = await self.redis.time()
+        return BoardRead(generation=generation, static=static, status=status, used=used,
+                         now_ms=int(seconds) * 1000 + int(micros) // 1000)
+
+    async def publish_used(self, worker_id: str, used: int) -> None:
+        await self._publish_board(worker_id, used=used)
+
+    async def forget_on_board(self, worker_ids: list[str]) -> None:
+        """Drop long-silent workers from the board (their own keys have expired by retention)."""
+        async with unavailable_as_domain_error():
+            for wid in worker_ids:
+                await self._publish_board(wid, remove=True)
+
+    async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
+                             remove: bool = False) -> None:
+        await self._publish(keys=keys.BOARD.as_list(),
+                            args=[worker_id, static, status, "" if used is None else used, "1" if remove else "0"])
+
+    # --- rate limiting ------------------------------------------------------------------------------------
+
+    async def take_token(self, client: str, capacity: int, rate_per_s: float) -> float:
+        """0 when allowed, else seconds to wait."""
+        async with unavailable_as_domain_error():
+            res = await self._bucket(keys=[keys.rate_limit_bucket(client)], args=[capacity, rate_per_s])
+        return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0

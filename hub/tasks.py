@@ -1,0 +1,49 @@
+"""Fire-and-forget work that must still be tracked: kept referenced, logged on failure, cancelled on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundTasks:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task %s failed: %r", task.get_name(), task.exception())
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def run_every(interval_s: float, step: Callable[[], Awaitable[None]], name: str) -> None:
+    """A background loop that survives its step's failures and always yields between steps.
+
+    It also stops when a cancellation was requested but swallowed inside a step (some client libraries catch
+    CancelledError while cleaning up a connection), so shutdown can never hang on it.
+    """
+    me = asyncio.current_task()
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a loop must outlive one bad step; the error is logged
+            log.warning("%s failed: %s", name, exc)
+        if me is not None and me.cancelling():
+            raise asyncio.CancelledError
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,89 @@
+"""Small domain exceptions. The HTTP layer maps them to answers; nothing below it knows about HTTP."""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base of every domain error. ``code`` is the stable machine-readable error code."""
+
+    code = "fleet_error"
+    retryable = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__doc__ or self.code)
+        self.message = message or (self.__doc__ or self.code).strip()
+
+
+class NoCapacity(FleetError):
+    """No eligible worker has a free stream slot."""
+
+    code = "no_capacity"
+    retryable = True
+
+
+class StoreUnavailable(FleetError):
+    """The shared store (Redis) is unreachable; try again shortly."""
+
+    code = "store_unavailable"
+    retryable = True
+
+
+class WorkerUnknown(FleetError):
+    """The hub does not know this worker; it must register again."""
+
+    code = "worker_unknown"
+
+
+class WorkerConflict(FleetError):
+    """A live worker already holds this id and the request does not carry its credential."""
+
+    code = "worker_conflict"
+
+
+class WorkerCredentialInvalid(FleetError):
+    """The per-worker secret is missing or wrong."""
+
+    code = "worker_credential_invalid"
+
+
+class SessionNotFound(FleetError):
+    """No live session has this id."""
+
+    code = "session_not_found"
+
+
+class SessionPending(FleetError):
+    """Another request is still placing a session for this session_key; try again shortly."""
+
+    code = "session_pending"
+    retryable = True
+
+
+class SessionFull(FleetError):
+    """The worker has no free local slot."""
+
+    code = "worker_full"
+    retryable = True
+
+
+class SessionExists(FleetError):
+    """A session with this id already runs here."""
+
+    code = "session_exists"
+
+
+class RateLimited(FleetError):
+    """Too many session requests from this client; slow down."""
+
+    code = "rate_limited"
+    retryable = True
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__()
+        self.retry_after_s = retry_after_s
+
+
+class ConfigError(FleetError):
+    """The configuration is unusable (e.g. default secrets in production)."""
+
+    code = "config_error"

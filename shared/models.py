@@ -1,0 +1,241 @@
+"""Wire models of the HTTP contract between clients, hubs and workers (all JSON, under /api/v1)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
+
+WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Stable worker id, e.g. the EC2 instance id.")]
+SessionKey = Annotated[str, Field(pattern=SESSION_KEY_PATTERN, description="The caller's id for the conversation.")]
+Region = Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", max_length=32, description="AWS region name.")]
+LabelMap = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], Annotated[str, Field(max_length=128)]],
+    Field(max_length=32),
+]
+SessionIdList = Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=1024)]
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    """Base of every wire model: unknown fields are refused rather than silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Location(Strict):
+    lat: float = Field(ge=-90, le=90, allow_inf_nan=False)
+    lon: float = Field(ge=-180, le=180, allow_inf_nan=False)
+
+
+class WorkerState(StrEnum):
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class Policy(StrEnum):
+    SPREAD = "spread"
+    PACK = "pack"
+
+
+class GpuInfo(Strict):
+    name: str = Field(max_length=128)
+    vram_total_mb: int = Field(ge=0, le=10_000_000)
+    simulated: bool = False
+
+
+# --- worker-facing -----------------------------------------------------------------------------------------
+
+
+class WorkerRegistration(Strict):
+    worker_id: WorkerId
+    url: str = Field(max_length=512, pattern=r"^https?://[^\s]+$", description="Where the hub dispatches sessions.")
+    region: Region
+    zone: str | None = Field(default=None, max_length=32)
+    location: Location | None = Field(default=None, description="Else the region's coordinates.")
+    max_streams: int = Field(ge=0, le=10_000)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    instance_type: str | None = Field(default=None, max_length=64)
+    labels: LabelMap = Field(default_factory=dict)
+    engine: str | None = Field(default=None, max_length=64)
+
+
+class RegistrationAccepted(Strict):
+    worker_id: str
+    heartbeat_interval_s: float
+    ttl_s: float
+    worker_secret: str = Field(
+        description="Per-worker credential: heartbeats and deregistration must carry it as X-Worker-Secret."
+    )
+    state: WorkerState
+
+
+class Heartbeat(Strict):
+    active_sessions: SessionIdList = Field(default_factory=list)
+    cpu_percent: Percent = 0.0
+    memory_percent: Percent = 0.0
+    gpu_utilization: Percent = 0.0
+    vram_used_mb: int = Field(default=0, ge=0, le=10_000_000)
+    latency_ms: float = Field(default=0.0, ge=0, le=3_600_000, allow_inf_nan=False)
+    error_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    state: WorkerState = WorkerState.READY
+
+
+class HeartbeatReply(Strict):
+    worker_id: str
+    state: WorkerState = Field(description="The state the hub holds: `draining` when the worker or an SRE drains it.")
+    used_streams: int
+    max_streams: int
+    heartbeat_interval_s: float
+    stop_sessions: list[str] = Field(
+        default_factory=list, description="Sessions the worker runs that the hub does not hold; stop them."
+    )
+
+
+class SessionDispatch(Strict):
+    """What the hub sends to ``POST {worker.url}/sessions``."""
+
+    session_id: str = Field(max_length=200)
+    session_key: str | None = Field(default=None, max_length=128)
+    room: str = Field(max_length=256)
+    livekit_url: str = Field(max_length=512)
+    token: str = Field(max_length=8192, description="LiveKit token of the worker's agent participant.")
+
+
+class WorkerSessionInfo(Strict):
+    session_id: str
+    session_key: str | None = None
+    room: str
+    started_at: float
+    state: str = "running"
+
+
+# --- client-facing -----------------------------------------------------------------------------------------
+
+
+class SessionRequest(Strict):
+    session_key: SessionKey | None = None
+    location: Location | None = None
+    region: Region | None = None
+    identity: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+    labels: LabelMap = Field(default_factory=dict)
+
+
+class WorkerRef(Strict):
+    id: str
+    region: str
+
+
+class LiveKitConfig(Strict):
+    url: str
+    region: str
+    room: str
+    token: str | None = Field(description="Participant token; only in the answer to POST /api/v1/sessions.")
+
+
+class SessionConfig(Strict):
+    session_id: str
+    session_key: str | None
+    worker: WorkerRef
+    livekit: LiveKitConfig
+    expires_at: datetime = Field(description="When the participant token expires.")
+
+
+class ErrorBody(Strict):
+    error: str
+    message: str
+
+
+# --- SRE-facing --------------------------------------------------------------------------------------------
+
+
+class WorkerView(Strict):
+    worker_id: str
+    url: str
+    region: str
+    zone: str | None
+    location: Location
+    state: WorkerState
+    drain_requested: bool
+    alive: bool
+    max_streams: int
+    used_streams: int
+    free_streams: int
+    heartbeat_age_s: float | None
+    latency_ms: float
+    error_rate: float
+    cpu_percent: float
+    memory_percent: float
+    gpu_utilization: float
+    vram_used_mb: int
+    gpus: list[GpuInfo]
+    instance_type: str | None
+    labels: dict[str, str]
+    engine: str | None
+    registered_at: float
+
+
+class WorkerList(Strict):
+    workers: list[WorkerView]
+
+
+class RegionCapacity(Strict):
+    region: str
+    workers: int
+    ready_workers: int
+    max_streams: int
+    used_streams: int
+    free_streams: int
+
+
+class FleetCapacity(Strict):
+    regions: list[RegionCapacity]
+    total: RegionCapacity
+
+
+class SessionSummary(Strict):
+    session_id: str
+    session_key: str | None
+    worker_id: str
+    worker_region: str
+    livekit_region: str
+    room: str
+    status: str
+    created_at: float
+    location: Location | None
+
+
+class SessionList(Strict):
+    sessions: list[SessionSummary]
+
+
+class ScoreFactors(Strict):
+    distance_km: float
+    rtt_ms: float
+    distance: float
+    load: float
+    latency: float
+    capacity: float
+
+
+class Candidate(Strict):
+    worker_id: str
+    region: str
+    score: float
+    factors: ScoreFactors
+    used_streams: int
+    max_streams: int
+
+
+class RouteExplanation(Strict):
+    location: Location
+    location_source: str
+    policy: Policy
+    livekit_region: str | None
+    candidates: list[Candidate]
+
+

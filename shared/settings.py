@@ -1,0 +1,32 @@
+"""Settings both processes share. Each field reads ``FLEET_<NAME>`` from the environment."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.auth import DEFAULT_WORKER_TOKEN
+
+
+class Env(StrEnum):
+    DEV = "dev"
+    PROD = "prod"
+
+
+class FleetSettings(BaseSettings):
+    """Base of HubSettings and WorkerSettings."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", env_nested_delimiter="__")
+
+    env: Env = Field(default=Env.DEV, description="`prod` refuses default secrets and embedded services.")
+    worker_token: SecretStr = Field(
+        default=SecretStr(DEFAULT_WORKER_TOKEN),
+        description="Shared fleet token workers present to hubs, and hubs to workers when dispatching.",
+    )
+    log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @property
+    def is_prod(self) -> bool:
+        return self.env is Env.PROD

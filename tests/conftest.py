@@ -1,0 +1,117 @@
+"""Shared fixtures: one real redis-server per test session (flushed per test), hubs in-process, fake workers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from hub.main import create_app
+from hub.settings import HubSettings
+from shared.redis_server import EmbeddedRedis
+from tests.fakes import FakeWorker
+
+WORKER_TOKEN = "test-worker-token"
+ADMIN_TOKEN = "test-admin-token"
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+for name in [n for n in os.environ if n.startswith("FLEET_")]:
+    del os.environ[name]  # tests configure themselves; a developer's shell must not leak in
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    if not redis_server.running:  # a test may have stopped it to simulate an outage
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+def hub_settings(redis_url: str, **overrides: Any) -> HubSettings:
+    values: dict[str, Any] = dict(
+        redis_url=redis_url, worker_token=WORKER_TOKEN, admin_token=ADMIN_TOKEN,
+        heartbeat_interval_s=0.5, worker_ttl_s=2.0, dispatch_timeout_s=1.0, pending_lease_s=2.5,
+        active_lease_s=3.0, absent_grace_s=0.5, snapshot_refresh_s=0.2, rate_limit_per_s=0,
+    )
+    values.update(overrides)
+    return HubSettings(**values)
+
+
+HubClientFactory = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def make_hub(redis_url: str) -> AsyncIterator[HubClientFactory]:
+    """Factory of in-process hubs (app + lifespan) sharing the test Redis; all closed at the end."""
+    closers: list[Any] = []
+
+    async def factory(**overrides: Any) -> httpx.AsyncClient:
+        app = create_app(hub_settings(redis_url, **overrides))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub")
+        client.app = app  # type: ignore[attr-defined]
+        closers.append((client, lifespan))
+        return client
+
+    yield factory
+    for client, lifespan in reversed(closers):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def hub(make_hub: HubClientFactory) -> httpx.AsyncClient:
+    return await make_hub()
+
+
+@pytest.fixture
+async def make_worker() -> AsyncIterator[Callable[..., Awaitable[FakeWorker]]]:
+    made: list[FakeWorker] = []
+
+    async def factory(**kwargs: Any) -> FakeWorker:
+        worker = await FakeWorker(token=WORKER_TOKEN, **kwargs).start()
+        made.append(worker)
+        return worker
+
+    yield factory
+    for worker in made:
+        await worker.stop()
+
+
+def registration(worker_id: str, url: str, region: str = "us-east-1", max_streams: int = 5,
+                 **extra: Any) -> dict[str, Any]:
+    return {"worker_id": worker_id, "url": url, "region": region, "max_streams": max_streams,
+            "gpus": [{"name": "NVIDIA A10G", "vram_total_mb": 24576}], **extra}
+
+
+async def register(hub: httpx.AsyncClient, worker_id: str, worker: FakeWorker, **kwargs: Any) -> dict[str, Any]:
+    """Register and send a first heartbeat; returns the registration answer (with the worker secret)."""
+    resp = await hub.post("/api/v1/workers", json=registration(worker_id, worker.url, max_streams=worker.max_streams,
+                                                               **kwargs), headers=WORKER_AUTH)
+    assert resp.status_code == 200, resp.text
+    answer: dict[str, Any] = resp.json()
+    await heartbeat(hub, worker_id, answer["worker_secret"], list(worker.sessions))
+    return answer
+
+
+async def heartbeat(hub: httpx.AsyncClient, worker_id: str, secret: str, sessions: list[str],
+                    **fields: Any) -> httpx.Response:
+    return await hub.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"active_sessions": sessions, **fields},
+                          headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+
+
+async def refresh(hub: httpx.AsyncClient) -> None:
+    """Make the hub re-read the routing board now instead of waiting for its loop."""
+    await hub.app.state.hub.board.refresh()  # type: ignore[attr-defined]

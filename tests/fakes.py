@@ -1,0 +1,69 @@
+"""Test doubles at the network boundary: a fake worker endpoint that accepts dispatches like a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from shared.redis_server import free_port
+
+
+@dataclass
+class FakeWorker:
+    """Speaks the worker side of the dispatch contract and enforces its own capacity, like the real agent."""
+
+    max_streams: int = 5
+    token: str = "dev-worker-token"
+    mode: str = "accept"  # accept | full | hang | error
+    delay_s: float = 0.0
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)
+    dispatches: int = 0
+    peak: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> FakeWorker:
+        app = web.Application()
+        app.router.add_post("/sessions", self._create)
+        app.router.add_delete("/sessions/{sid}", self._delete)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        self.dispatches += 1
+        body = await request.json()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "error":
+            return web.json_response({"error": "boom"}, status=500)
+        if self.mode == "full" or len(self.sessions) >= self.max_streams:
+            return web.json_response({"error": "worker_full"}, status=409)
+        self.sessions[body["session_id"]] = body
+        self.peak = max(self.peak, len(self.sessions))
+        return web.json_response({"session_id": body["session_id"]}, status=201)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        sid = request.match_info["sid"]
+        self.stopped.append(sid)
+        if self.sessions.pop(sid, None) is None:
+            return web.json_response({"error": "session_not_found"}, status=404)
+        return web.Response(status=204)

@@ -1,0 +1,207 @@
+"""Session placement through the hub's HTTP API, against a real redis-server and fake worker endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from livekit import api
+
+from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
+from tests.conftest import ADMIN_AUTH, heartbeat, refresh, register
+
+
+async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker(max_streams=2)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+
+    resp = await hub.post("/api/v1/sessions", json={"identity": "alice", "location": {"lat": 40.7, "lon": -74.0}})
+
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["worker"] == {"id": "w-1", "region": "us-east-1"}
+    assert body["session_id"] in worker.sessions  # really dispatched to the worker
+    claims = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(body["livekit"]["token"])
+    assert claims.identity == "alice"
+    assert claims.video.room_join and claims.video.room == body["livekit"]["room"]
+    assert not claims.video.room_admin and not claims.video.room_create
+    agent = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(worker.sessions[body["session_id"]]["token"])
+    assert agent.video.room == body["livekit"]["room"] and agent.identity.startswith("agent-")
+
+
+async def test_get_and_delete_free_the_slot_at_once(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker(max_streams=1)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    got = await hub.get(f"/api/v1/sessions/{sid}")
+    assert got.status_code == 200 and got.json()["livekit"]["token"] is None
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 503  # the only slot is taken
+
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+    assert (await hub.get(f"/api/v1/sessions/{sid}")).status_code == 404
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 404
+    worker.sessions.clear()
+    again = await hub.post("/api/v1/sessions", json={})
+    assert again.status_code == 201, again.text
+
+
+async def test_no_capacity_is_a_clean_503_with_retry_after(hub: httpx.AsyncClient) -> None:
+    resp = await hub.post("/api/v1/sessions", json={})
+    assert resp.status_code == 503
+    assert resp.json()["error"] == "no_capacity"
+    assert int(resp.headers["Retry-After"]) >= 1
+
+
+async def test_session_key_affinity_reuses_the_slot_with_a_fresh_token(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker(max_streams=3)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "lesson-42", "identity": "bob"})
+    await asyncio.sleep(1.01)  # JWT times have second resolution: a fresh token must differ
+    second = await hub.post("/api/v1/sessions", json={"session_key": "lesson-42", "identity": "bob"})
+
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json()["session_id"] == second.json()["session_id"]
+    assert first.json()["livekit"]["token"] != second.json()["livekit"]["token"]
+    assert len(worker.sessions) == 1
+
+
+async def test_concurrent_requests_for_one_session_key_take_one_slot(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker(max_streams=10, delay_s=0.1)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    answers = await asyncio.gather(*[hub.post("/api/v1/sessions", json={"session_key": "k1"}) for _ in range(8)])
+
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [201]
+    assert len({a.json()["session_id"] for a in answers}) == 1
+    assert len(worker.sessions) == 1
+
+
+async def test_a_dead_workers_conversation_moves_on_the_next_request(hub: httpx.AsyncClient, make_worker) -> None:
+    dead, alive = await make_worker(), await make_worker()
+    dead_reg = await register(hub, "w-dead", dead, location={"lat": 40.7, "lon": -74.0})
+    await refresh(hub)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv", "location": {"lat": 40.7, "lon": -74.0}})
+    assert first.json()["worker"]["id"] == "w-dead"
+
+    alive_reg = await register(hub, "w-alive", alive, region="us-west-2")
+    for _ in range(6):  # only w-alive keeps heartbeating; w-dead's TTL (2 s) passes
+        await heartbeat(hub, "w-alive", alive_reg["worker_secret"], list(alive.sessions))
+        await asyncio.sleep(0.45)
+    await refresh(hub)
+    moved = await hub.post("/api/v1/sessions", json={"session_key": "conv", "location": {"lat": 40.7, "lon": -74.0}})
+
+    assert moved.status_code == 201, moved.text
+    assert moved.json()["worker"]["id"] == "w-alive"
+    assert moved.json()["session_id"] != first.json()["session_id"]
+    assert dead_reg["worker_secret"] != alive_reg["worker_secret"]
+
+
+async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker()
+    reg = await register(hub, "w-1", worker)
+    drained = await hub.post("/api/v1/workers/w-1/drain", headers=ADMIN_AUTH)
+    assert drained.status_code == 200 and drained.json()["state"] == "draining"
+
+    hb = await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    assert hb.json()["state"] == "draining"
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+
+    await hub.post("/api/v1/workers/w-1/resume", headers=ADMIN_AUTH)
+    assert (await heartbeat(hub, "w-1", reg["worker_secret"], [])).json()["state"] == "ready"
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+
+
+async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_worker) -> None:
+    """A hub that dies between reserve and confirm leaves a pending lease: it must return on its own."""
+    worker = await make_worker(max_streams=1)
+    reg = await register(hub, "w-1", worker)
+    store = hub.app.state.hub.store
+    taken = await store.reserve("w-1", "w-1~orphanlease1", {"worker_id": "w-1"})
+    assert taken.ok
+    refused = await store.reserve("w-1", "w-1~otherlease12", {"worker_id": "w-1"})
+    assert not refused.ok and refused.reason == "full"
+    assert await store.redis.pttl("fleet:{w:w-1}:leases") > 0  # even the lease set cannot outlive the worker
+    for _ in range(6):  # pending_lease_s = 2.5; the worker stays alive and does not report the session
+        await heartbeat(hub, "w-1", reg["worker_secret"], [])
+        await asyncio.sleep(0.45)
+    assert (await store.reserve("w-1", "w-1~otherlease12", {"worker_id": "w-1"})).ok
+
+
+async def test_heartbeats_reconcile_sessions_both_ways(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker(max_streams=3)
+    reg = await register(hub, "w-1", worker)
+    store = hub.app.state.hub.store
+    secret = reg["worker_secret"]
+    # A pending lease the worker reports is adopted (the hub died before confirming).
+    assert (await store.reserve("w-1", "w-1~adoptme12345", {"worker_id": "w-1"})).ok
+    reply = (await heartbeat(hub, "w-1", secret, ["w-1~adoptme12345", "w-1~strangerxyz1"])).json()
+    assert reply["used_streams"] == 1
+    assert reply["stop_sessions"] == ["w-1~strangerxyz1"]  # runs there, unknown here: stop it
+    for _ in range(6):  # past the pending lease (2.5 s): adoption made it active, renewed by heartbeats
+        await asyncio.sleep(0.45)
+        reply = (await heartbeat(hub, "w-1", secret, ["w-1~adoptme12345"])).json()
+    assert reply["used_streams"] == 1
+
+    # Just confirmed, omitted by a heartbeat that may have crossed the dispatch: kept for the grace (0.5 s) ...
+    assert (await store.reserve("w-1", "w-1~freshsession", {"worker_id": "w-1"})).ok
+    assert await store.confirm("w-1", "w-1~freshsession")
+    assert (await heartbeat(hub, "w-1", secret, ["w-1~adoptme12345"])).json()["used_streams"] == 2
+    # ... then released; and a long-running session the worker stops reporting is released at once.
+    await asyncio.sleep(0.6)
+    assert (await heartbeat(hub, "w-1", secret, ["w-1~adoptme12345"])).json()["used_streams"] == 1
+    assert (await heartbeat(hub, "w-1", secret, [])).json()["used_streams"] == 0
+
+
+async def test_a_stale_heartbeat_cannot_bring_back_an_ended_session(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker()
+    reg = await register(hub, "w-1", worker)
+    await refresh(hub)
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+
+    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], [sid])).json()  # sent before the worker stopped it
+    assert reply["used_streams"] == 0
+    assert reply["stop_sessions"] == [sid]
+    assert (await hub.get(f"/api/v1/sessions/{sid}")).status_code == 404
+
+
+async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.AsyncClient, make_worker) -> None:
+    broken = await make_worker(mode="hang")
+    full = await make_worker(mode="full")
+    good = await make_worker()
+    for wid, w in (("w-hang", broken), ("w-full", full), ("w-good", good)):
+        await register(hub, wid, w)
+    await refresh(hub)
+
+    resp = await hub.post("/api/v1/sessions", json={})
+
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["worker"]["id"] == "w-good"
+    fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert {w["worker_id"]: w["used_streams"] for w in fleet} == {"w-hang": 0, "w-full": 0, "w-good": 1}
+
+
+async def test_redis_down_answers_503_and_recovers(hub: httpx.AsyncClient, make_worker, redis_server) -> None:
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    redis_server.stop()
+    try:
+        down = await hub.post("/api/v1/sessions", json={})
+        assert down.status_code == 503 and down.json()["error"] == "store_unavailable"
+        assert "Retry-After" in down.headers
+        assert (await hub.get("/ready")).status_code == 503
+        assert (await hub.get("/health")).status_code == 200
+    finally:
+        redis_server.start()
+    # Redis came back empty (no persistence): the worker re-registers and service resumes without a hub restart.
+    assert (await hub.get("/ready")).status_code == 200
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
