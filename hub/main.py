@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from hub import errors
 from hub.allocator import Allocator
-from hub.api import admin, ops, sessions, workers
+from hub.api import admin, dashboard, ops, sessions, workers
 from hub.api.deps import HubState
 from hub.board import RoutingBoard
 from hub.dispatch import WorkerClient
@@ -83,6 +83,6 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
-    for router in (sessions.router, workers.router, admin.router, ops.router):
+    for router in (sessions.router, workers.router, admin.router, ops.router, dashboard.router):
         app.include_router(router)
     return app

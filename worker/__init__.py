@@ -1,0 +1,1 @@
+"""The worker agent every GPU instance runs: capacity from VRAM, registration, heartbeats, sessions, draining."""
