@@ -34,7 +34,7 @@ class FakeWorker:
         app = web.Application()
         app.router.add_post("/sessions", self._create)
         app.router.add_delete("/sessions/{sid}", self._delete)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         self.port = free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
