@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -35,11 +36,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A port whose cluster bus port (port + 10000) is free too and still a valid port."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 29999)
+        if _port_is_free(port) and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class EmbeddedRedis:
     """One redis-server process; ``start()`` returns once it answers PING."""
 
     def __init__(self, port: int | None = None, *, cluster: bool = False, extra_args: list[str] | None = None) -> None:
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.extra_args = extra_args or []
         self._dir = tempfile.mkdtemp(prefix="fleet-redis-")
