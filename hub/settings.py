@@ -35,6 +35,7 @@ class HubSettings(FleetSettings):
 
     redis_url: str | None = Field(
         default=None,
+        repr=False,  # may carry the AUTH token
         description="redis://, rediss:// (TLS), or redis+cluster:// / rediss+cluster:// for Redis Cluster. "
         "Unset in dev: the hub starts an embedded redis-server (single local hub only).",
     )
@@ -72,7 +73,7 @@ class HubSettings(FleetSettings):
 
     default_region: str = Field(default="us-east-1", description="Where users with no location are assumed to be.")
     livekit_regions: str | None = Field(
-        default=None, description="LiveKit deployments: inline JSON list or a path to a JSON/YAML file."
+        default=None, repr=False, description="LiveKit deployments: inline JSON list or a path to a JSON/YAML file."
     )
     livekit_token_ttl_s: int = Field(default=3600, gt=0, description="Lifetime of minted participant tokens.")
 

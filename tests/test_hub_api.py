@@ -1,0 +1,193 @@
+"""The hub's edge: authentication, validation, limits, configuration and the explain view."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from livekit import api
+from pydantic import ValidationError
+
+from hub.settings import HubSettings
+from tests.conftest import (
+    ADMIN_AUTH,
+    ADMIN_TOKEN,
+    WORKER_AUTH,
+    WORKER_TOKEN,
+    heartbeat,
+    refresh,
+    register,
+    registration,
+)
+
+LIVEKIT = [
+    {"region": "us-east", "url": "wss://lk-use.example", "lat": 38.9, "lon": -77.4, "api_key": "k1",
+     "api_secret": "s1-0123456789abcdef0123456789abcdef"},
+    {"region": "eu", "url": "wss://lk-eu.example", "lat": 50.1, "lon": 8.7, "api_key": "k2",
+     "api_secret": "s2-0123456789abcdef0123456789abcdef"},
+]
+
+
+async def test_tokens_are_required_and_checked(hub: httpx.AsyncClient) -> None:
+    body = registration("w-1", "http://127.0.0.1:9")
+    assert (await hub.post("/api/v1/workers", json=body)).status_code == 401
+    wrong = await hub.post("/api/v1/workers", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+    assert (await hub.post("/api/v1/workers", json=body, headers=ADMIN_AUTH)).status_code == 401
+    assert (await hub.get("/api/v1/workers", headers=WORKER_AUTH)).status_code == 401
+    assert (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).status_code == 200
+
+
+async def test_a_worker_can_act_only_as_itself(hub: httpx.AsyncClient, make_worker) -> None:
+    worker = await make_worker()
+    reg = await register(hub, "w-1", worker)
+    # The shared fleet token alone cannot heartbeat, deregister or take over a live worker's id.
+    assert (await hub.post("/api/v1/workers/w-1/heartbeat", json={}, headers=WORKER_AUTH)).status_code == 403
+    assert (await heartbeat(hub, "w-1", "forged-secret", [])).status_code == 403
+    assert (await hub.delete("/api/v1/workers/w-1", headers=WORKER_AUTH)).status_code == 403
+    takeover = await hub.post("/api/v1/workers", json=registration("w-1", "http://evil:1"), headers=WORKER_AUTH)
+    assert takeover.status_code == 409 and takeover.json()["error"] == "worker_conflict"
+    view = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
+    assert view["url"] == worker.url  # nothing changed
+    # With its secret the worker re-registers, and then deregisters.
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url),
+                           headers={**WORKER_AUTH, "X-Worker-Secret": reg["worker_secret"]})
+    assert again.status_code == 200
+    new_secret = again.json()["worker_secret"]
+    gone = await hub.delete("/api/v1/workers/w-1", headers={**WORKER_AUTH, "X-Worker-Secret": new_secret})
+    assert gone.status_code == 204
+    assert (await heartbeat(hub, "w-1", again.json()["worker_secret"], [])).status_code == 404
+    assert (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).status_code == 404
+
+
+@pytest.mark.parametrize("body", [
+    {"location": {"lat": 91, "lon": 0}},
+    {"location": {"lat": 0, "lon": -180.5}},
+    {"location": {"lat": "NaN", "lon": 0}},
+    {"location": {"lat": "Infinity", "lon": 0}},
+    {"session_key": ""},
+    {"session_key": "a" * 129},
+    {"session_key": "lesson 42"},
+    {"session_key": "léçon"},
+    {"labels": {"gpu": 3}},
+    {"surprise": True},
+    {"region": "../../etc"},
+    {"identity": "a\x00b"},
+    [1, 2, 3],
+])
+async def test_invalid_session_requests_get_a_clear_422(hub: httpx.AsyncClient, body: object) -> None:
+    resp = await hub.post("/api/v1/sessions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"] == "invalid_request" and resp.json()["message"]
+    assert "Traceback" not in resp.text
+
+
+async def test_bad_worker_input_changes_nothing(hub: httpx.AsyncClient) -> None:
+    for body in (registration("wörker", "http://x:1"), registration("w{1}", "http://x:1"),
+                 registration("w-1", "ftp://x"), registration("w-1", "http://x:1", max_streams=-1),
+                 {**registration("w-1", "http://x:1"), "gpus": "A10G"}):
+        assert (await hub.post("/api/v1/workers", json=body, headers=WORKER_AUTH)).status_code == 422
+    assert (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"] == []
+    bad_hb = await hub.post("/api/v1/workers/w-1/heartbeat", json={"cpu_percent": 1e9}, headers=WORKER_AUTH)
+    assert bad_hb.status_code == 422
+
+
+async def test_oversized_deep_and_malformed_bodies(hub: httpx.AsyncClient) -> None:
+    big = await hub.post("/api/v1/sessions", content=b'{"identity": "' + b"a" * 70_000 + b'"}',
+                         headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+
+    async def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        for _ in range(20):
+            yield b" " * 4096
+    streamed = await hub.post("/api/v1/sessions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+
+    deep = await hub.post("/api/v1/sessions", content=b"[" * 30_000 + b"]" * 30_000,
+                          headers={"Content-Type": "application/json"})
+    assert 400 <= deep.status_code < 500 and deep.json()["error"]
+    broken = await hub.post("/api/v1/sessions", content=b'{"location": ', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422
+
+
+async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> None:
+    for path in ("/nope", "/api/v1/sessions/not-a-session", "/api/v1/sessions/w-1~abcdefghijkl"):
+        resp = await hub.get(path)
+        assert resp.status_code == 404 and resp.json()["error"] in ("not_found", "session_not_found")
+    assert (await hub.get("/api/v1/workers/ghost", headers=ADMIN_AUTH)).status_code == 404
+    assert (await hub.post("/api/v1/workers/ghost/drain", headers=ADMIN_AUTH)).status_code == 404
+
+
+def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
+    with pytest.raises(ValidationError, match=r"FLEET_REDIS_URL.*FLEET_WORKER_TOKEN.*FLEET_ADMIN_TOKEN.*LIVEKIT"):
+        HubSettings(env="prod")
+    dev_secret = json.dumps([{**LIVEKIT[0], "api_secret": "secret"}])
+    with pytest.raises(ValidationError, match="LiveKit API secrets"):
+        HubSettings(env="prod", redis_url=redis_url, worker_token="w" * 32, admin_token="a" * 32,
+                    livekit_regions=dev_secret)
+    ok = HubSettings(env="prod", redis_url="rediss://:redis-auth-token@cache:6379", worker_token="w" * 32,
+                     admin_token="a" * 32, livekit_regions=json.dumps(LIVEKIT))
+    for secret in ("s1-0123", "w" * 32, "a" * 32, "redis-auth-token"):
+        assert secret not in repr(ok) and secret not in str(ok)  # secrets never print
+
+
+async def test_livekit_region_minimises_the_media_path_and_location_sources(
+    make_hub, make_worker, tmp_path
+) -> None:
+    config = tmp_path / "livekit.yaml"
+    config.write_text(json.dumps(LIVEKIT))  # JSON is valid YAML
+    hub = await make_hub(livekit_regions=str(config))
+    eu_worker = await make_worker()
+    await register(hub, "w-eu", eu_worker, region="eu-central-1")
+    await refresh(hub)
+
+    berlin = await hub.post("/api/v1/sessions", json={"location": {"lat": 52.5, "lon": 13.4}})
+    assert berlin.status_code == 201
+    lk = berlin.json()["livekit"]
+    assert lk["region"] == "eu" and lk["url"] == "wss://lk-eu.example"
+    claims = api.TokenVerifier("k2", LIVEKIT[1]["api_secret"]).verify(lk["token"])
+    assert claims.video.room == lk["room"]
+    assert LIVEKIT[1]["api_secret"] not in berlin.text
+
+    explain = await hub.get("/api/v1/route/explain", params={"region": "us-west-2"}, headers=ADMIN_AUTH)
+    assert explain.json()["location_source"] == "region"
+    cand = explain.json()["candidates"][0]
+    assert cand["worker_id"] == "w-eu" and cand["factors"]["distance_km"] > 8000
+    assert set(cand["factors"]) == {"distance_km", "rtt_ms", "distance", "load", "latency", "capacity"}
+
+
+async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) -> None:
+    hub = await make_hub()
+    near, far = await make_worker(), await make_worker()
+    await register(hub, "w-tokyo", near, region="ap-northeast-1")
+    await register(hub, "w-virginia", far, region="us-east-1")
+    await refresh(hub)
+    headers = {"CloudFront-Viewer-Latitude": "35.6", "CloudFront-Viewer-Longitude": "139.7"}
+    resp = await hub.post("/api/v1/sessions", json={}, headers=headers)
+    assert resp.json()["worker"]["id"] == "w-tokyo"
+    # The body beats the headers.
+    body_loc = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74}}, headers=headers)
+    assert body_loc.json()["worker"]["id"] == "w-virginia"
+
+
+async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:
+    hub = await make_hub(rate_limit_per_s=1, rate_limit_burst=3, trusted_proxies=["127.0.0.1", "testclient"])
+    codes = [(await hub.post("/api/v1/sessions", json={})).status_code for _ in range(4)]
+    assert codes[:3] == [503, 503, 503]  # allowed through to placement (no workers)
+    limited = await hub.post("/api/v1/sessions", json={})
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert limited.json()["error"] == "rate_limited"
+
+
+def test_openapi_documents_the_contract() -> None:
+    from hub.main import create_app
+
+    schema = create_app(HubSettings(worker_token=WORKER_TOKEN, admin_token=ADMIN_TOKEN)).openapi()
+    paths = schema["paths"]
+    for path, method in [("/api/v1/sessions", "post"), ("/api/v1/sessions/{session_id}", "delete"),
+                         ("/api/v1/workers", "post"), ("/api/v1/workers/{worker_id}/heartbeat", "post"),
+                         ("/api/v1/workers/{worker_id}/drain", "post"), ("/api/v1/fleet", "get"),
+                         ("/api/v1/route/explain", "get"), ("/ready", "get"), ("/metrics", "get")]:
+        assert method in paths[path], (path, method)
+    assert "503" in paths["/api/v1/sessions"]["post"]["responses"]
