@@ -112,7 +112,7 @@ class RoutingBoard:
                 self._static = {wid: json.loads(raw) for wid, raw in read.static.items()}
             self._rebuild(read.status, read.used, read.now_ms)
             forgotten = [e.worker_id for e in self.entries.values()
-                         if read.now_ms - e.heartbeat_ms > self.retention_ms]
+                         if e.heartbeat_ms and read.now_ms - e.heartbeat_ms > self.retention_ms]
             if forgotten:
                 await self.store.forget_on_board(forgotten)
 
@@ -195,17 +195,25 @@ class RoutingBoard:
         now = self.redis_now_ms()
         want = labels or {}
         scored: list[Ranked] = []
+        candidates: list[tuple[Group, float]] = []
+        nearest_km = float("inf")
         for group in self.groups:
             if want and any(group.labels.get(k) != v for k, v in want.items()):
                 continue
             km = haversine_km(lat, lon, group.lat, group.lon)
+            candidates.append((group, km))
+            if km < nearest_km and any(self._eligible(e, now) for e in group.members):
+                nearest_km = km
+        if nearest_km == float("inf"):
+            nearest_km = 0.0
+        for group, km in candidates:
             taken = 0
             for e in group.members:
                 if taken >= (_TOP_PER_GROUP if not explain else len(group.members)):
                     break
                 if not self._eligible(e, now):
                     continue
-                f = factors(km, e.used, e.max_streams, e.gpu_utilization, e.latency_ms, policy)
+                f = factors(km, e.used, e.max_streams, e.gpu_utilization, e.latency_ms, policy, nearest_km)
                 scored.append(Ranked(entry=e, score=score(f, self.weights), factors=f))
                 taken += 1
         scored.sort(key=lambda r: r.score, reverse=True)

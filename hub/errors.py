@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import errors
+from shared.models import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ _STATUS: dict[type[errors.FleetError], int] = {
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` documenting these status codes with the error body."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 def error_response(status: int, code: str, message: str, *, retry_after_s: float | None = None,

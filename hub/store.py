@@ -283,15 +283,16 @@ class FleetStore:
         """Everything a hub needs to route, in two round trips whatever the fleet size."""
         b = keys.BOARD
         async with unavailable_as_domain_error():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.get(b.generation)
-            pipe.hgetall(b.status)
-            pipe.hgetall(b.used)
-            generation_raw, status, used = await pipe.execute()
-            generation = int(generation_raw or 0)
+            # Static views first: registration writes static and status together, so every worker read here
+            # already has a status when the status hash is read next.
+            generation = int(await self.redis.get(b.generation) or 0)
             static: dict[str, str] | None = None
             if generation != known_generation:
                 static = await self.redis.hgetall(b.static)  # type: ignore[assignment]  # decode_responses
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(b.status)
+            pipe.hgetall(b.used)
+            status, used = await pipe.execute()
             seconds, micros = await self.redis.time()
         return BoardRead(generation=generation, static=static, status=status, used=used,
                          now_ms=int(seconds) * 1000 + int(micros) // 1000)

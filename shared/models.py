@@ -145,9 +145,16 @@ class SessionConfig(Strict):
     expires_at: datetime = Field(description="When the participant token expires.")
 
 
+class ValidationIssue(Strict):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class ErrorBody(Strict):
     error: str
     message: str
+    detail: list[ValidationIssue] | None = Field(default=None, description="Where and why, on 422 answers.")
 
 
 # --- SRE-facing --------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Path, Request, Response
 
 from hub.allocator import resolve_location
 from hub.api.deps import HubDep, client_address
+from hub.errors import error_responses
 from shared.errors import RateLimited
 from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"],
-                   responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+                   responses=error_responses(400, 413, 422, 503))
 
 SessionIdPath = Annotated[str, Path(max_length=200)]
 

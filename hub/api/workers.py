@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Path, Response
 
 from hub.api.deps import HubDep, require_worker
+from hub.errors import error_responses
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import ErrorBody, Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration
 
 router = APIRouter(prefix="/api/v1/workers", tags=["workers"], dependencies=[Depends(require_worker)],
-                   responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody},
-                              503: {"model": ErrorBody}})
+                   responses=error_responses(400, 401, 403, 413, 422, 503))
 
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 WorkerSecret = Annotated[str | None, Header(alias="X-Worker-Secret", max_length=256,
