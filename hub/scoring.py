@@ -59,13 +59,17 @@ def partial_score(load: float, latency: float, capacity: float, w: Weights) -> f
 
 
 def factors(
-    distance_km: float, used: int, max_streams: int, gpu_utilization: float, latency_ms: float, policy: Policy
+    distance_km: float, used: int, max_streams: int, gpu_utilization: float, latency_ms: float, policy: Policy,
+    nearest_km: float = 0.0,
 ) -> Factors:
+    """``nearest_km``: the distance of the nearest eligible worker for this request. The distance factor scores
+    the *extra* distance beyond it, so a user far from every region (distance factors all small and flat) still
+    strongly prefers the nearest one instead of trading thousands of km for a little load."""
     load, latency, capacity = load_factors(used, max_streams, gpu_utilization, latency_ms, policy)
     return Factors(
         distance_km=distance_km,
         rtt_ms=rtt_estimate_ms(distance_km),
-        distance=distance_factor(distance_km),
+        distance=distance_factor(max(0.0, distance_km - nearest_km)),
         load=load,
         latency=latency,
         capacity=capacity,
