@@ -15,6 +15,7 @@ from hub.allocator import Allocator
 from hub.api import admin, dashboard, ops, sessions, workers
 from hub.api.deps import HubState
 from hub.board import RoutingBoard
+from hub.cloudwatch import CapacityPublisher, make_cloudwatch_client, regional_clients
 from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
 from hub.middleware import BodySizeLimit
@@ -67,6 +68,12 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             allocator=Allocator(settings, store, board, worker_client, metrics, background),
         )
         loops = [asyncio.create_task(run_every(settings.snapshot_refresh_s, board.refresh, "routing board refresh"))]
+        if settings.cloudwatch_enabled:
+            publisher = CapacityPublisher(
+                store.redis, app.state.hub.registry.capacity, settings.cloudwatch_namespace,
+                settings.cloudwatch_interval_s, make_cloudwatch_client(settings.cloudwatch_region),
+                cloudwatch_for_region=regional_clients())
+            loops.append(asyncio.create_task(publisher.run(), name="cloudwatch capacity"))
         try:
             yield
         finally:

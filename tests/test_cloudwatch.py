@@ -1,0 +1,182 @@
+"""CapacityPublisher: metrics land in CloudWatch (moto), one publication per interval across hubs (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+import redis.asyncio as aioredis
+from moto import mock_aws
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio
+from shared.keys import CLOUDWATCH_LOCK
+from shared.models import FleetCapacity, RegionCapacity
+
+NAMESPACE = "GpuFleet"
+
+
+def region(name: str, max_streams: int = 10, used: int = 4, free: int = 6, workers: int = 2) -> RegionCapacity:
+    return RegionCapacity(region=name, workers=workers, ready_workers=workers, max_streams=max_streams,
+                          used_streams=used, free_streams=free)
+
+
+def fleet(*regions: RegionCapacity) -> FleetCapacity:
+    total = RegionCapacity(region="all", workers=sum(r.workers for r in regions),
+                           ready_workers=sum(r.ready_workers for r in regions),
+                           max_streams=sum(r.max_streams for r in regions),
+                           used_streams=sum(r.used_streams for r in regions),
+                           free_streams=sum(r.free_streams for r in regions))
+    return FleetCapacity(regions=list(regions), total=total)
+
+
+class Spy:
+    """Wraps a CloudWatch client and counts put_metric_data calls."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[int] = []
+
+    def put_metric_data(self, **kwargs: Any) -> Any:
+        self.calls.append(len(kwargs["MetricData"]))
+        return self.client.put_metric_data(**kwargs)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def publisher(redis_client: aioredis.Redis, capacity: FleetCapacity, cloudwatch: Any, interval_s: float = 60.0,
+              **kwargs: Any) -> CapacityPublisher:
+    async def current() -> FleetCapacity:
+        return capacity
+
+    return CapacityPublisher(redis_client, current, NAMESPACE, interval_s, cloudwatch, **kwargs)
+
+
+def latest(cloudwatch: Any, metric: str, region_name: str) -> list[float]:
+    now = datetime.now(UTC)
+    answer = cloudwatch.get_metric_data(
+        MetricDataQueries=[{"Id": "m", "MetricStat": {
+            "Metric": {"Namespace": NAMESPACE, "MetricName": metric,
+                       "Dimensions": [{"Name": "Region", "Value": region_name}]},
+            "Period": 60, "Stat": "Average"}}],
+        StartTime=now - timedelta(minutes=5), EndTime=now + timedelta(minutes=5))
+    values: list[float] = answer["MetricDataResults"][0]["Values"]
+    return values
+
+
+async def test_metrics_land_per_region(aws: None, redis_client: aioredis.Redis) -> None:
+    cloudwatch = boto3.client("cloudwatch", region_name="us-east-1")
+    capacity = fleet(region("us-east-1", max_streams=10, used=4, free=6), region("eu-west-1", 8, 8, 0))
+    assert await publisher(redis_client, capacity, cloudwatch).publish_once() is True
+
+    listed = cloudwatch.list_metrics(Namespace=NAMESPACE)["Metrics"]
+    seen = {(m["MetricName"], m["Dimensions"][0]["Value"]) for m in listed}
+    assert seen == {(metric, r) for metric in ("FreeStreams", "UsedStreams", "FreeSlotRatio")
+                    for r in ("us-east-1", "eu-west-1")}
+    assert all(m["Dimensions"][0]["Name"] == "Region" and len(m["Dimensions"]) == 1 for m in listed)
+    assert latest(cloudwatch, "FreeStreams", "us-east-1") == [6.0]
+    assert latest(cloudwatch, "UsedStreams", "us-east-1") == [4.0]
+    assert latest(cloudwatch, "FreeSlotRatio", "us-east-1") == [0.6]
+    assert latest(cloudwatch, "FreeSlotRatio", "eu-west-1") == [0.0]
+
+
+async def test_racing_hubs_publish_once_per_interval(aws: None, redis_client: aioredis.Redis,
+                                                     redis_url: str) -> None:
+    spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
+    other = aioredis.Redis.from_url(redis_url)  # a second hub has its own connection
+    try:
+        capacity = fleet(region("us-east-1"))
+        hubs = [publisher(redis_client, capacity, spy, interval_s=0.5),
+                publisher(other, capacity, spy, interval_s=0.5)]
+        first = await asyncio.gather(*(h.publish_once() for h in hubs))
+        assert sorted(first) == [False, True]
+        assert await hubs[0].publish_once() is False  # still the same interval
+        assert await hubs[1].publish_once() is False
+        assert len(spy.calls) == 1
+        pttl = await redis_client.pttl(CLOUDWATCH_LOCK)
+        assert 0 < pttl <= 500
+
+        await asyncio.sleep(0.6)  # next interval: exactly one of them publishes again
+        second = await asyncio.gather(*(h.publish_once() for h in hubs))
+        assert sorted(second) == [False, True]
+        assert len(spy.calls) == 2
+    finally:
+        await other.aclose()
+
+
+async def test_many_regions_are_batched_under_the_api_limit(aws: None, redis_client: aioredis.Redis) -> None:
+    spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
+    capacity = fleet(*(region(f"r{i:04d}") for i in range(400)))  # 1200 metrics
+    assert await publisher(redis_client, capacity, spy).publish_once() is True
+    assert spy.calls == [MAX_METRICS_PER_CALL, 200]
+
+
+async def test_each_region_can_go_to_its_own_cloudwatch(aws: None, redis_client: aioredis.Redis) -> None:
+    clients = {name: boto3.client("cloudwatch", region_name=name) for name in ("us-east-1", "eu-west-1")}
+    capacity = fleet(region("us-east-1"), region("eu-west-1", 10, 1, 9), region("on-prem"))
+    pub = publisher(redis_client, capacity, clients["us-east-1"], cloudwatch_for_region=clients.get)
+    assert await pub.publish_once() is True
+    assert latest(clients["eu-west-1"], "FreeStreams", "eu-west-1") == [9.0]
+    assert latest(clients["eu-west-1"], "FreeStreams", "us-east-1") == []
+    assert latest(clients["us-east-1"], "FreeStreams", "us-east-1") == [6.0]
+    assert latest(clients["us-east-1"], "FreeStreams", "on-prem") == [6.0]  # unknown regions: the default client
+
+
+class Broken:
+    def put_metric_data(self, **kwargs: Any) -> Any:
+        raise RuntimeError("CloudWatch is down")
+
+
+async def test_errors_are_logged_never_raised(redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    assert await publisher(redis_client, fleet(region("us-east-1")), Broken()).publish_once() is False
+    assert "publishing capacity metrics to CloudWatch failed" in caplog.text
+
+    async def failing() -> FleetCapacity:
+        raise ConnectionError("registry unavailable")
+
+    await redis_client.delete(CLOUDWATCH_LOCK)
+    pub = CapacityPublisher(redis_client, failing, NAMESPACE, 60.0, Broken())
+    assert await pub.publish_once() is False
+
+
+async def test_redis_down_is_not_fatal() -> None:
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    try:
+        assert await publisher(dead, fleet(region("us-east-1")), Broken()).publish_once() is False
+    finally:
+        await dead.aclose()
+
+
+async def test_run_keeps_publishing_each_interval(aws: None, redis_client: aioredis.Redis) -> None:
+    spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
+    task = asyncio.create_task(publisher(redis_client, fleet(region("us-east-1")), spy, interval_s=0.2).run())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert 2 <= len(spy.calls) <= 3
+
+
+def test_free_slot_ratio_bounds() -> None:
+    assert free_slot_ratio(region("x", max_streams=0, used=0, free=0)) == 0.0
+    assert free_slot_ratio(region("x", max_streams=4, used=0, free=4)) == 1.0
+    assert free_slot_ratio(region("x", max_streams=4, used=3, free=1)) == 0.25

@@ -1,0 +1,222 @@
+"""deploy.sh against a fake ``aws`` (and a fake ``cfn-lint`` where the real one is not the point) on PATH."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "deploy.sh"
+BASH = shutil.which("bash") or "/bin/bash"
+SECRET = "SUPERSECRET-never-print-me"
+REGIONS = "us-east-1,eu-west-1"
+DEPLOY_ARGS = ["--env", "prod", "--regions", REGIONS, "--domain", "fleet.example.com"]
+
+FAKE_AWS = f"""#!{BASH}
+# Records each call as one line of \x1f-separated args, answers what deploy.sh asks.
+(IFS=$'\x1f'; echo "aws"$'\x1f'"$*") >> "$FAKE_LOG"
+args="$*"
+case "$args" in
+  "sts get-caller-identity"*) echo 123456789012 ;;
+  "route53 "*) echo /hostedzone/ZFAKE123 ;;
+  "acm "*) echo arn:aws:acm:us-east-1:123456789012:certificate/fake ;;
+  "secretsmanager "*) echo {SECRET} ;;
+  *"describe-stacks"*OutputKey*) echo "output-of-$(echo "$args" | sed -n "s/.*OutputKey=='\\([A-Za-z]*\\)'.*/\\1/p")" ;;
+  *"describe-change-set"*) echo "| Add | LoadBalancer | AWS::ElasticLoadBalancingV2::LoadBalancer |" ;;
+esac
+exit 0
+"""
+
+FAKE_CFN_LINT = f"""#!{BASH}
+(IFS=$'\x1f'; echo "cfn-lint"$'\x1f'"$*") >> "$FAKE_LOG"
+[[ -z "$FAKE_CFN_LINT_RC" ]] || echo "$FAKE_CFN_LINT_FILE:1:1 E0000 something is wrong"
+exit "${{FAKE_CFN_LINT_RC:-0}}"
+"""
+
+# Stands in for `python3 -m pip wheel` (slow, writes build files) and runs the real python3 otherwise.
+FAKE_PYTHON3 = f"""#!{BASH}
+if [[ "$1 $2 $3" == "-m pip wheel" ]]; then
+  while [[ $# -gt 0 ]]; do [[ "$1" == "-w" ]] && dist="$2"; shift; done
+  mkdir -p "$dist" && echo wheel > "$dist/gpu_fleet-0.1.0-py3-none-any.whl"
+  exit 0
+fi
+exec {sys.executable} "$@"
+"""
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    calls: list[list[str]]
+
+    def aws(self, *prefix: str) -> list[list[str]]:
+        """Calls of the fake aws (without the leading "aws") starting with ``prefix``; or of cfn-lint."""
+        if prefix and prefix[0] == "cfn-lint":
+            return [c for c in self.calls if c[0] == "cfn-lint"]
+        return [c[1:] for c in self.calls if c[0] == "aws" and c[1: 1 + len(prefix)] == list(prefix)]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("aws", FAKE_AWS), ("cfn-lint", FAKE_CFN_LINT), ("python3", FAKE_PYTHON3)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    livekit = tmp_path / "livekit.json"
+    livekit.write_text(json.dumps([{"region": "us-east-1", "url": "wss://lk.example.com", "lat": 38.9, "lon": -77.4},
+                                   {"region": "eu-west-1", "url": "wss://lk-eu.example.com", "lat": 53.3,
+                                    "lon": -6.2}]))
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_LOG": str(tmp_path / "calls"),
+            "GPU_FLEET_DIST_DIR": str(tmp_path / "dist"), "LIVEKIT": str(livekit)}
+
+
+def run(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None) -> Run:
+    proc = subprocess.run([BASH, str(SCRIPT), *args], env={**env, **(extra_env or {})}, capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    log = Path(env["FAKE_LOG"])
+    calls = [line.split("\x1f") for line in log.read_text().splitlines()] if log.exists() else []
+    return Run(proc.returncode, proc.stdout + proc.stderr, calls)
+
+
+def test_validate_lints_every_template_with_the_real_cfn_lint(env: dict[str, str]) -> None:
+    real = str(Path(sys.executable).parent)
+    result = run({**env, "PATH": f"{real}:{env['PATH']}"}, "validate")
+    assert result.rc == 0, result.out
+    for name in ("network", "secrets", "redis", "hub", "gpu-workers"):
+        assert f"ok      {name}.yaml" in result.out
+
+
+def test_validate_fails_when_a_template_does_not_lint(env: dict[str, str]) -> None:
+    result = run(env, "validate", extra_env={"FAKE_CFN_LINT_RC": "2", "FAKE_CFN_LINT_FILE": "cloudformation/hub.yaml"})
+    assert result.rc != 0
+    assert "FAILED  hub.yaml" in result.out
+    assert "ok      network.yaml" in result.out
+    assert "E0000 something is wrong" in result.out
+    [call] = result.aws("cfn-lint")
+    assert sum(a.endswith(".yaml") for a in call) == 5
+
+
+def test_missing_prerequisites_are_named_and_fail(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tool in ("dirname", "sed"):
+        found = shutil.which(tool)
+        assert found
+        (bare / tool).symlink_to(found)
+    proc = subprocess.run([BASH, str(SCRIPT), "deploy", *DEPLOY_ARGS], env={"PATH": str(bare)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "missing prerequisites: aws cfn-lint python3" in proc.stderr
+
+
+def test_missing_cfn_lint_alone_is_reported_for_validate(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "bin" / "cfn-lint").unlink()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tool in ("dirname", "sed"):
+        (bare / tool).symlink_to(shutil.which(tool) or tool)
+    result = run({**env, "PATH": f"{tmp_path / 'bin'}:{bare}"}, "validate")
+    assert result.rc != 0
+    assert "missing prerequisites: cfn-lint" in result.out
+
+
+def test_dry_run_deploy_prints_every_aws_call_and_runs_none(env: dict[str, str]) -> None:
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    assert [c[0] for c in result.calls] == ["cfn-lint"]  # linting is local; no aws call ran
+    deploys = [line for line in result.out.splitlines() if line.startswith("+ aws cloudformation deploy")]
+    stacks = [(line.split("--stack-name ")[1].split()[0], line.split("--region ")[1].split()[0]) for line in deploys]
+    assert stacks == [
+        ("gpu-fleet-prod-network", "us-east-1"), ("gpu-fleet-prod-secrets", "us-east-1"),
+        ("gpu-fleet-prod-redis", "us-east-1"), ("gpu-fleet-prod-hub", "us-east-1"),
+        ("gpu-fleet-prod-gpu-workers", "us-east-1"),
+        ("gpu-fleet-prod-network", "eu-west-1"), ("gpu-fleet-prod-gpu-workers", "eu-west-1"),
+    ]
+    assert all("--no-fail-on-empty-changeset" in line for line in deploys)
+    assert "+ aws s3 cp " in result.out
+    assert "+ python3 -m pip wheel" in result.out
+
+
+def test_deploy_runs_in_order_idempotently_and_never_handles_a_secret(env: dict[str, str]) -> None:
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    deploys = result.aws("cloudformation", "deploy")
+    assert len(deploys) == 7
+    assert all("--no-fail-on-empty-changeset" in c for c in deploys)
+    uploads = result.aws("s3", "cp")
+    assert len(uploads) == 1 and uploads[0][2].endswith("gpu_fleet-0.1.0-py3-none-any.whl")
+    key = uploads[0][3].split("/", 3)[3]
+    hub = next(c for c in deploys if "gpu-fleet-prod-hub" in c)
+    assert f"ArtifactKey={key}" in hub
+    assert "HostedZoneId=ZFAKE123" in hub
+    assert "CertificateArn=arn:aws:acm:us-east-1:123456789012:certificate/fake" in hub
+    workers = [c for c in deploys if "gpu-fleet-prod-gpu-workers" in c]
+    assert "WorkerTokenSecretArn=output-of-WorkerTokenSecretArn" in workers[0]
+    assert "HubSecurityGroupId=output-of-HubSecurityGroupId" in workers[0]
+    assert "HubCidr=10.40.0.0/16" in workers[1]
+    # Hubs reach workers of other regions over a peering the regional network stack requests and deploy.sh accepts.
+    regional_net = next(c for c in deploys if "gpu-fleet-prod-network" in c and "eu-west-1" in c)
+    assert "PeerVpcId=output-of-VpcId" in regional_net and "PeerRegion=us-east-1" in regional_net
+    [accept] = result.aws("ec2", "accept-vpc-peering-connection")
+    assert accept[accept.index("--region") + 1] == "us-east-1"
+    routes = {(c[c.index("--region") + 1], c[c.index("--destination-cidr-block") + 1])
+              for c in result.aws("ec2", "create-route")}
+    assert routes == {("us-east-1", "10.41.0.0/16"), ("eu-west-1", "10.40.0.0/16")}
+    # Secrets are generated in AWS: the script never reads one, passes one, or prints one.
+    assert not result.aws("secretsmanager")
+    assert SECRET not in result.out
+    for call in result.calls:
+        assert not any("token=" in a.lower() or "password" in a.lower() for a in call)
+
+
+def test_deploy_refuses_livekit_keys_in_the_regions_file(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"region": "r", "url": "u", "lat": 1, "lon": 2, "api_secret": SECRET}]))
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", str(bad))
+    assert result.rc != 0
+    assert SECRET not in result.out
+    assert not result.aws("cloudformation")
+
+
+def test_plan_creates_and_describes_change_sets_without_executing(env: dict[str, str]) -> None:
+    result = run(env, "plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    created = result.aws("cloudformation", "create-change-set")
+    assert len(created) == 7
+    assert len(result.aws("cloudformation", "describe-change-set")) == 7
+    assert "AWS::ElasticLoadBalancingV2::LoadBalancer" in result.out
+    assert not result.aws("cloudformation", "execute-change-set")
+    assert not result.aws("cloudformation", "deploy")
+    assert not result.aws("s3")
+    assert SECRET not in result.out
+
+
+def test_destroy_needs_confirmation_and_deletes_in_reverse(env: dict[str, str]) -> None:
+    refused = run(env, "destroy", "--env", "prod", "--regions", REGIONS)
+    assert refused.rc != 0 and "--yes" in refused.out
+    assert not refused.calls
+    result = run(env, "destroy", "--env", "prod", "--regions", REGIONS, "--yes")
+    assert result.rc == 0, result.out
+    deleted = [(c[c.index("--stack-name") + 1], c[c.index("--region") + 1])
+               for c in result.aws("cloudformation", "delete-stack")]
+    assert deleted[:2] == [("gpu-fleet-prod-gpu-workers", "us-east-1"), ("gpu-fleet-prod-gpu-workers", "eu-west-1")]
+    assert deleted[2:5] == [("gpu-fleet-prod-hub", "us-east-1"), ("gpu-fleet-prod-redis", "us-east-1"),
+                            ("gpu-fleet-prod-secrets", "us-east-1")]
+    assert deleted[5:] == [("gpu-fleet-prod-network", "us-east-1"), ("gpu-fleet-prod-network", "eu-west-1")]
+
+
+def test_bad_arguments_fail_with_a_message(env: dict[str, str]) -> None:
+    assert "unknown argument" in run(env, "deploy", "--nope").out
+    missing_env = run(env, "deploy", "--regions", REGIONS, "--domain", "d.example.com")
+    assert missing_env.rc != 0 and "--env is required" in missing_env.out
+    bad_region = run(env, "deploy", "--env", "prod", "--regions", "mars-1", "--domain", "d")
+    assert bad_region.rc != 0 and "not an AWS region" in bad_region.out
