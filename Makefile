@@ -21,6 +21,7 @@ hub: $(STAMP)
 	$(BIN)/fleet hub
 
 test: $(STAMP)
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -7,6 +7,8 @@ import logging
 
 import typer
 
+from cli import admin
+
 app = typer.Typer(help="gpu-fleet: control plane for GPU workers serving real-time AI sessions.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -31,6 +33,58 @@ def hub(
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level=settings.log_level.lower(), access_log=False)
+
+
+@app.command()
+def worker(
+    target: str | None = typer.Argument(
+        None, help="Nothing: run the worker agent. `calibrate`: measure capacity. A worker id: show that worker."),
+    host: str | None = typer.Option(None, help="Interface to bind (FLEET_HOST)."),
+    port: int | None = typer.Option(None, help="Port to bind (FLEET_PORT)."),
+    advertise_url: str | None = typer.Option(None, help="URL the hub dispatches to (default: IMDS IP or bind)."),
+    region: str | None = typer.Option(None, help="AWS region (default: IMDS, else FLEET_REGION)."),
+    simulate_gpu: str | None = typer.Option(None, help="Present a named GPU, e.g. t4, a10g, l4, h100, a10gx4."),
+    max_streams: int | None = typer.Option(None, help="Override the VRAM-derived capacity."),
+    engine: str | None = typer.Option(None, help="Inference engine: synthetic (simulator) or voice."),
+    seconds: float = typer.Option(3.0, help="calibrate: seconds per concurrency step."),
+    hub_url: str | None = typer.Option(None, "--hub", envvar="FLEET_HUB_URL", help="Hub, for `fleet worker ID`."),
+    token: str | None = typer.Option(None, envvar="FLEET_ADMIN_TOKEN", help="Admin token, for `fleet worker ID`."),
+    as_json: bool = typer.Option(False, "--json", help="`fleet worker ID`: print JSON."),
+) -> None:
+    """Run the GPU worker agent, calibrate its capacity, or (with an id) show one worker to an SRE."""
+    if target is None:
+        from worker.cli import run_worker
+
+        run_worker(host=host, port=port, advertise_url=advertise_url, region=region, simulate_gpu=simulate_gpu,
+                   max_streams=max_streams, engine=engine)
+    elif target == "calibrate":
+        from worker.cli import calibrate
+
+        calibrate(engine=engine, simulate_gpu=simulate_gpu, seconds=seconds)
+    else:
+        admin.show_worker(target, hub=hub_url or admin.DEFAULT_HUB, json=as_json, token=token)
+
+
+@app.command()
+def demo(
+    workers: int = typer.Option(9, min=1, help="Simulated GPU workers."),
+    regions: str = typer.Option(",".join(("us-east-1", "us-west-2", "eu-central-1")), help="Comma-separated."),
+    hub_port: int = typer.Option(8080, help="First hub's port; the second hub uses the next one."),
+    worker_port: int = typer.Option(9100, help="First worker's port; the others follow."),
+    users_per_min: float = typer.Option(60.0, min=0.1, help="Synthetic users arriving per minute."),
+    mean_session_s: float = typer.Option(40.0, min=1, help="Typical session length."),
+    duration: float | None = typer.Option(None, help="Stop by itself after this many seconds."),
+    log_dir: str = typer.Option(".fleet/demo-logs", help="Where hub and worker logs go."),
+) -> None:
+    """A whole local fleet in one command: embedded Redis, two hubs, workers in three regions, synthetic users."""
+    from cli.demo import run_demo
+
+    code = run_demo(workers, [r.strip() for r in regions.split(",") if r.strip()], hub_port, worker_port,
+                    users_per_min, mean_session_s, duration, log_dir)
+    raise typer.Exit(code)
+
+
+admin.register(app)
 
 
 def main() -> None:

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from hub.board import RoutingBoard
 
 
+ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "error")
+# hub.dispatch.DispatchOutcome values; "accepted" counts here when the worker took the session but its lease
+# could not be confirmed (it expired meanwhile).
+DISPATCH_FAILURE_REASONS = ("accepted", "full", "refused", "timeout", "unreachable")
+
+
 class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -33,6 +39,17 @@ class HubMetrics:
             "fleet_registrations", "Worker registrations, by result (ok, conflict).", ["result"],
             registry=self.registry)
 
+        # Known label values start at zero so rate() and absent-series alerts work before the first event.
+        for outcome in ALLOCATION_OUTCOMES:
+            self.allocations.labels(outcome=outcome)
+            self.allocation_seconds.labels(outcome=outcome)
+        for reason in DISPATCH_FAILURE_REASONS:
+            self.dispatch_failures.labels(reason=reason)
+        for result in ("ok", "unknown", "forbidden"):
+            self.heartbeats.labels(result=result)
+        for result in ("ok", "conflict"):
+            self.registrations.labels(result=result)
+
     def watch_board(self, board: RoutingBoard) -> None:
         self.registry.register(_BoardCollector(board))
 
@@ -48,6 +65,8 @@ class _BoardCollector(Collector):
                                      labels=["region", "state"])
         used = GaugeMetricFamily("fleet_streams_used", "Stream slots in use on live workers.", labels=["region"])
         free = GaugeMetricFamily("fleet_streams_free", "Free stream slots on live, ready workers.", labels=["region"])
+        capacity = GaugeMetricFamily("fleet_streams_max", "Stream slots of live, ready workers (used + free).",
+                                     labels=["region"])
         age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds", "Oldest heartbeat among live workers.",
                                 labels=["region"])
         latency = GaugeMetricFamily("fleet_worker_latency_ms_max", "Highest reported engine latency.",
@@ -59,18 +78,20 @@ class _BoardCollector(Collector):
             state = e.state if alive else "stale"
             state = "ready" if state == "unavailable" else state
             counts[(e.region, state)] = counts.get((e.region, state), 0) + 1
-            agg = regions.setdefault(e.region, [0.0, 0.0, 0.0, 0.0])
+            agg = regions.setdefault(e.region, [0.0, 0.0, 0.0, 0.0, 0.0])
             if alive:
                 agg[0] += e.used
                 if state == "ready":
                     agg[1] += max(0, e.max_streams - e.used)
+                    agg[4] += e.max_streams
                 agg[2] = max(agg[2], (now - e.heartbeat_ms) / 1000)
                 agg[3] = max(agg[3], e.latency_ms)
         for (region, state), n in sorted(counts.items()):
             by_state.add_metric([region, state], n)
-        for region, (u, f, a, lat) in sorted(regions.items()):
+        for region, (u, f, a, lat, m) in sorted(regions.items()):
             used.add_metric([region], u)
             free.add_metric([region], f)
+            capacity.add_metric([region], m)
             age.add_metric([region], a)
             latency.add_metric([region], lat)
-        yield from (by_state, used, free, age, latency)
+        yield from (by_state, used, free, capacity, age, latency)

@@ -1,0 +1,233 @@
+"""SRE commands of ``fleet``: inspect and steer a hub's registry through its admin API.
+
+Every failure ends in one line on stderr and a distinct exit code, never a traceback:
+3 auth refused, 4 unknown id, 5 hub unreachable or unavailable (503), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import time
+from typing import Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.auth import DEFAULT_ADMIN_TOKEN
+
+EXIT_ERROR, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4, 5
+DEFAULT_HUB = "http://127.0.0.1:8080"
+TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+
+HubOpt = typer.Option(DEFAULT_HUB, "--hub", envvar="FLEET_HUB_URL", help="Base URL of any hub.")
+TokenOpt = typer.Option(DEFAULT_ADMIN_TOKEN, "--token", envvar="FLEET_ADMIN_TOKEN", show_default=False,
+                        help="Admin bearer token (FLEET_ADMIN_TOKEN; the dev token by default).")
+JsonOpt = typer.Option(False, "--json", help="Print the hub's JSON answer instead of a table.")
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    _err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    """One admin request; every way it can fail becomes a one-line message and an exit code."""
+    url = hub.rstrip("/") + path
+    query = {k: v for k, v in (params or {}).items() if v is not None}
+    try:
+        with httpx.Client(timeout=TIMEOUT) as client:
+            resp = client.request(method, url, params=query, headers={"Authorization": f"Bearer {token}"})
+    except httpx.TimeoutException:
+        _fail(f"the hub at {hub} did not answer in time", EXIT_UNAVAILABLE)
+    except httpx.HTTPError as exc:  # connection refused, DNS, bad URL…
+        _fail(f"cannot reach the hub at {hub}: {exc.__class__.__name__}: {exc}", EXIT_UNAVAILABLE)
+    if resp.is_success:
+        try:
+            return resp.json()
+        except ValueError:
+            _fail(f"the hub answered {resp.status_code} with a body that is not JSON", EXIT_ERROR)
+    try:
+        body = resp.json()
+        message = f"{body.get('error', resp.status_code)}: {body.get('message', '')}".rstrip(": ")
+    except (ValueError, AttributeError):
+        message = f"HTTP {resp.status_code}"
+    if resp.status_code == 401:
+        _fail(f"the hub refused the admin token (set FLEET_ADMIN_TOKEN or --token): {message}", EXIT_AUTH)
+    if resp.status_code == 404:
+        _fail(message, EXIT_NOT_FOUND)
+    if resp.status_code == 503:
+        _fail(f"the hub is unavailable: {message}", EXIT_UNAVAILABLE)
+    _fail(f"the hub answered {resp.status_code}: {message}", EXIT_ERROR)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(jsonlib.dumps(data, indent=2, sort_keys=True))
+
+
+def _age(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds:.1f}s"
+
+
+def _gpu(worker: dict[str, Any]) -> str:
+    gpus = worker.get("gpus") or []
+    if not gpus:
+        return "—"
+    names = {g["name"] for g in gpus}
+    label = ", ".join(sorted(names))
+    return f"{len(gpus)} x {label}" if len(gpus) > 1 else label
+
+
+def _state(worker: dict[str, Any]) -> str:
+    if not worker["alive"]:
+        return "[red]stale[/red]"
+    return "[yellow]draining[/yellow]" if worker["state"] == "draining" else "[green]ready[/green]"
+
+
+def _load(worker: dict[str, Any]) -> str:
+    return f"{worker['used_streams'] / worker['max_streams']:.0%}" if worker["max_streams"] else "—"
+
+
+def workers_table(workers: list[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table("id", "region", "GPU", "state", "streams", "load", "GPU util", "latency", "heartbeat age",
+                  title=title)
+    for w in workers:
+        table.add_row(w["worker_id"], w["region"], _gpu(w), _state(w), f"{w['used_streams']}/{w['max_streams']}",
+                      _load(w), f"{w['gpu_utilization']:.0f}%", f"{w['latency_ms']:.0f} ms",
+                      _age(w["heartbeat_age_s"]))
+    return table
+
+
+def show_worker(worker_id: str, hub: str = DEFAULT_HUB, json: bool = False,
+                token: str | None = None) -> None:
+    """``fleet worker ID``: one worker in full. The token defaults to FLEET_ADMIN_TOKEN, then the dev token."""
+    token = token or os.environ.get("FLEET_ADMIN_TOKEN") or DEFAULT_ADMIN_TOKEN
+    w = call(hub, token, "GET", f"/api/v1/workers/{worker_id}")
+    if json:
+        _print_json(w)
+        return
+    _out.print(workers_table([w]))
+    details = Table.grid(padding=(0, 2))
+    details.add_row("url", w["url"])
+    details.add_row("zone", w["zone"] or "—")
+    details.add_row("location", f"{w['location']['lat']:.2f}, {w['location']['lon']:.2f}")
+    details.add_row("drain requested", str(w["drain_requested"]))
+    details.add_row("instance type", w["instance_type"] or "—")
+    details.add_row("engine", w["engine"] or "—")
+    details.add_row("cpu / memory", f"{w['cpu_percent']:.0f}% / {w['memory_percent']:.0f}%")
+    details.add_row("vram used", f"{w['vram_used_mb']} MB")
+    details.add_row("error rate", f"{w['error_rate']:.2%}")
+    details.add_row("labels", ", ".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "—")
+    details.add_row("registered", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(w["registered_at"])))
+    _out.print(details)
+
+
+def workers(
+    region: str | None = typer.Option(None, help="Only this region."),
+    state: str | None = typer.Option(None, help="ready, draining or stale."),
+    hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt,
+) -> None:
+    """List the registered workers."""
+    if state is not None and state not in ("ready", "draining", "stale"):
+        _fail(f"--state must be ready, draining or stale, not {state!r}", EXIT_ERROR)
+    data = call(hub, token, "GET", "/api/v1/workers", {"region": region, "state": state})
+    if json:
+        _print_json(data)
+    else:
+        n = len(data["workers"])
+        _out.print(workers_table(data["workers"], title=f"{n} worker{'s' * (n != 1)}"))
+
+
+def _steer(worker_id: str, hub: str, token: str, action: str) -> None:
+    w = call(hub, token, "POST", f"/api/v1/workers/{worker_id}/{action}")
+    verb = "draining: no new sessions, running ones finish" if action == "drain" else "ready: taking sessions again"
+    _out.print(f"{w['worker_id']} is {verb} ({w['used_streams']}/{w['max_streams']} streams in use)")
+
+
+def drain(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt, token: str = TokenOpt) -> None:
+    """Stop placing new sessions on a worker; its running sessions finish."""
+    _steer(worker_id, hub, token, "drain")
+
+
+def resume(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt, token: str = TokenOpt) -> None:
+    """Let a drained worker take sessions again."""
+    _steer(worker_id, hub, token, "resume")
+
+
+def sessions(
+    worker: str | None = typer.Option(None, help="Only the sessions of this worker."),
+    region: str | None = typer.Option(None, help="Only workers of this region."),
+    hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt,
+) -> None:
+    """List the sessions the fleet holds."""
+    data = call(hub, token, "GET", "/api/v1/sessions", {"worker_id": worker, "region": region})
+    if json:
+        _print_json(data)
+        return
+    table = Table("session", "key", "worker", "region", "LiveKit", "status", "age", "origin",
+                  title=f"{len(data['sessions'])} session{'s' * (len(data['sessions']) != 1)}")
+    now = time.time()
+    for s in data["sessions"]:
+        origin = f"{s['location']['lat']:.1f}, {s['location']['lon']:.1f}" if s["location"] else "—"
+        table.add_row(s["session_id"], s["session_key"] or "—", s["worker_id"], s["worker_region"],
+                      s["livekit_region"], s["status"], _age(max(0.0, now - s["created_at"])), origin)
+    _out.print(table)
+
+
+def capacity(hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt) -> None:
+    """Capacity per region: live and ready workers, used and free streams."""
+    data = call(hub, token, "GET", "/api/v1/fleet")
+    if json:
+        _print_json(data)
+        return
+    table = Table("region", "workers", "ready", "streams used", "streams free", "max", "full", title="capacity")
+    for r in [*data["regions"], data["total"]]:
+        full = f"{r['used_streams'] / r['max_streams']:.0%}" if r["max_streams"] else "—"
+        style = "bold" if r is data["total"] else None
+        table.add_row(r["region"], str(r["workers"]), str(r["ready_workers"]), str(r["used_streams"]),
+                      str(r["free_streams"]), str(r["max_streams"]), full, style=style)
+    _out.print(table)
+
+
+def explain(
+    lat: float | None = typer.Option(None, min=-90, max=90, help="User latitude."),
+    lon: float | None = typer.Option(None, min=-180, max=180, help="User longitude."),
+    region: str | None = typer.Option(None, help="Use this region's coordinates instead of --lat/--lon."),
+    policy: str | None = typer.Option(None, help="spread or pack (else the hub's policy)."),
+    limit: int = typer.Option(10, min=1, max=100, help="How many candidates."),
+    hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt,
+) -> None:
+    """Why this worker: the ranked candidates for a user at a location, with every score factor."""
+    if (lat is None) != (lon is None):
+        _fail("give both --lat and --lon (or --region)", EXIT_ERROR)
+    if policy is not None and policy not in ("spread", "pack"):
+        _fail(f"--policy must be spread or pack, not {policy!r}", EXIT_ERROR)
+    data = call(hub, token, "GET", "/api/v1/route/explain",
+                {"lat": lat, "lon": lon, "region": region, "policy": policy, "limit": limit})
+    if json:
+        _print_json(data)
+        return
+    loc = data["location"]
+    _out.print(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({data['location_source']}), policy {data['policy']}, "
+               f"LiveKit region {data['livekit_region'] or '—'}")
+    table = Table("#", "worker", "region", "score", "distance km", "rtt ms", "distance", "load", "latency",
+                  "capacity", "streams", title="candidates, best first")
+    for i, c in enumerate(data["candidates"], 1):
+        f = c["factors"]
+        table.add_row(str(i), c["worker_id"], c["region"], f"{c['score']:.4f}", f"{f['distance_km']:.0f}",
+                      f"{f['rtt_ms']:.1f}", f"{f['distance']:.4f}", f"{f['load']:.4f}", f"{f['latency']:.4f}",
+                      f"{f['capacity']:.4f}", f"{c['used_streams']}/{c['max_streams']}")
+    _out.print(table)
+    if not data["candidates"]:
+        _out.print("no live, ready worker with free capacity")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the SRE commands to the ``fleet`` app."""
+    for command in (workers, drain, resume, sessions, capacity, explain):
+        app.command()(command)

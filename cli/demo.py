@@ -1,0 +1,156 @@
+"""`fleet demo`: a whole local fleet in one command — embedded Redis, two hubs, simulated GPU workers in three
+regions and a trickle of synthetic users from around the world. Ctrl-C / SIGTERM stops everything cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from shared.redis_server import EmbeddedRedis
+
+#: (city, lat, lon, relative weight ~ metro population in millions)
+CITIES = [
+    ("New York", 40.71, -74.01, 19), ("Los Angeles", 34.05, -118.24, 13), ("Chicago", 41.88, -87.63, 9),
+    ("Toronto", 43.65, -79.38, 6), ("Mexico City", 19.43, -99.13, 21), ("São Paulo", -23.55, -46.63, 22),
+    ("London", 51.51, -0.13, 14), ("Paris", 48.86, 2.35, 11), ("Berlin", 52.52, 13.4, 6),
+    ("Madrid", 40.42, -3.7, 7), ("Stockholm", 59.33, 18.07, 2), ("Lagos", 6.52, 3.38, 15),
+    ("Mumbai", 19.08, 72.88, 21), ("Singapore", 1.35, 103.82, 6), ("Tokyo", 35.68, 139.69, 37),
+    ("Sydney", -33.87, 151.21, 5), ("Seattle", 47.61, -122.33, 4), ("Miami", 25.76, -80.19, 6),
+]
+DEFAULT_REGIONS = ["us-east-1", "us-west-2", "eu-central-1"]
+GPUS = ["t4", "a10g", "l4"]
+
+
+@dataclass
+class Fleet:
+    redis: EmbeddedRedis | None = None
+    hubs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def _spawn(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child for its whole life
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def _wait_ready(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready within {timeout_s}s")
+
+
+def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float,
+             mean_session_s: float, duration_s: float | None, log_dir: str) -> int:
+    os.makedirs(log_dir, exist_ok=True)
+    admin_token, worker_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    fleet = Fleet()
+    stop = asyncio.Event()
+    try:
+        fleet.redis = EmbeddedRedis().start()
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env = {**base_env, "FLEET_REDIS_URL": fleet.redis.url, "FLEET_ADMIN_TOKEN": admin_token,
+               "FLEET_WORKER_TOKEN": worker_token, "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_LOG_LEVEL": "WARNING"}
+        hub_urls = [f"http://127.0.0.1:{hub_port + i}" for i in range(2)]
+        for i in range(len(hub_urls)):
+            fleet.hubs.append(_spawn(["hub", "--port", str(hub_port + i)], env, f"{log_dir}/hub-{i}.log"))
+        for url in hub_urls:
+            _wait_ready(f"{url}/ready")
+        for i in range(workers):
+            region, gpu = regions[i % len(regions)], GPUS[(i // len(regions)) % len(GPUS)]
+            worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}"}
+            fleet.workers.append(_spawn(
+                ["worker", "--host", "127.0.0.1", "--port", str(worker_port + i), "--region", region,
+                 "--simulate-gpu", gpu, "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log"))
+        print(f"\ngpu-fleet demo: {workers} workers in {', '.join(regions)}, hubs {', '.join(hub_urls)}")
+        print(f"  dashboard:   {hub_urls[0]}/dashboard   (admin token: {admin_token})")
+        print(f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} fleet workers")
+        print(f"  a session:   curl -s -X POST {hub_urls[1]}/api/v1/sessions -H 'Content-Type: application/json' "
+              "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'")
+        print(f"  logs:        {log_dir}/   — Ctrl-C stops everything\n", flush=True)
+        return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop))
+    finally:
+        _shutdown(fleet)
+
+
+async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: float, duration_s: float | None,
+                 stop: asyncio.Event) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    rng = random.Random()
+    names, weights = [c[0:3] for c in CITIES], [c[3] for c in CITIES]
+    hubs = itertools.cycle(hub_urls)
+    stats = {"created": 0, "no_capacity": 0, "errors": 0, "ended": 0}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def user(http: httpx.AsyncClient) -> None:
+        city, lat, lon = rng.choices(names, weights)[0]
+        try:
+            resp = await http.post(f"{next(hubs)}/api/v1/sessions",
+                                   json={"location": {"lat": lat, "lon": lon}, "identity": f"user-{city[:3]}"})
+        except httpx.HTTPError:
+            stats["errors"] += 1
+            return
+        if resp.status_code != 201:
+            stats["no_capacity" if resp.status_code == 503 else "errors"] += 1
+            return
+        stats["created"] += 1
+        body = resp.json()
+        print(f"  + {city:<12} → {body['worker']['id']:<24} livekit {body['livekit']['region']}", flush=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.lognormvariate(0, 0.5) * mean_session_s)
+        with contextlib.suppress(httpx.HTTPError):
+            await http.delete(f"{next(hubs)}/api/v1/sessions/{body['session_id']}")
+            stats["ended"] += 1
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as http:
+        await asyncio.sleep(3)  # let workers register
+        while not stop.is_set():
+            if duration_s is not None and time.monotonic() - started > duration_s:
+                stop.set()
+                break
+            task = asyncio.create_task(user(http))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), rng.expovariate(users_per_min / 60))
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+    print(f"\nsessions created {stats['created']}, ended {stats['ended']}, "
+          f"no capacity {stats['no_capacity']}, errors {stats['errors']}", flush=True)
+    return 0 if stats["errors"] == 0 else 1
+
+
+def _shutdown(fleet: Fleet) -> None:
+    """Workers first (they drain and deregister), then hubs, then Redis; nothing is left running."""
+    print("stopping: workers drain, then hubs and Redis stop", flush=True)
+    for group, grace in ((fleet.workers, 30.0), (fleet.hubs, 10.0)):
+        for proc in group:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in group:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if fleet.redis is not None:
+        fleet.redis.cleanup()

@@ -1,0 +1,209 @@
+"""The SRE CLI against a real hub served by uvicorn over HTTP, with workers registered through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import typer
+import uvicorn
+from typer.testing import CliRunner
+
+from cli import admin
+from cli.main import app
+from hub.main import create_app
+from shared.redis_server import EmbeddedRedis, free_port
+from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, WORKER_TOKEN, hub_settings, registration
+from tests.fakes import FakeWorker
+
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that rich does not wrap table cells
+
+
+class LiveHub:
+    """A hub served over real HTTP by uvicorn in a background thread, plus fake worker endpoints on its loop."""
+
+    def __init__(self, redis_url: str, fake_workers: int = 0, **overrides: Any) -> None:
+        settings = dict(worker_ttl_s=60.0, heartbeat_interval_s=5.0)  # tests outlive the 2 s test TTL
+        settings.update(overrides)
+        self.app = create_app(hub_settings(redis_url, **settings))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.fake_workers: list[FakeWorker] = []
+        self._n_fakes = fake_workers
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                     log_level="warning", lifespan="on"))
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.secrets: dict[str, str] = {}
+
+    async def _main(self) -> None:
+        self.fake_workers = [await FakeWorker(token=WORKER_TOKEN).start() for _ in range(self._n_fakes)]
+        serving = asyncio.create_task(self._server.serve())
+        while not self._server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        try:
+            await serving
+        finally:
+            for worker in self.fake_workers:
+                await worker.stop()
+
+    def __enter__(self) -> LiveHub:
+        self._thread.start()
+        assert self._ready.wait(15), "the hub did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    def register(self, worker_id: str, url: str = "http://127.0.0.1:9", *, region: str = "us-east-1",
+                 max_streams: int = 4, heartbeat: dict[str, Any] | None = None, **extra: Any) -> None:
+        """Register a worker and heartbeat it once (its url need not answer unless sessions go there)."""
+        with httpx.Client(base_url=self.url, headers=WORKER_AUTH, timeout=5) as client:
+            resp = client.post("/api/v1/workers", json=registration(worker_id, url, region=region,
+                                                                    max_streams=max_streams, **extra))
+            assert resp.status_code == 200, resp.text
+            self.secrets[worker_id] = resp.json()["worker_secret"]
+            self.heartbeat(worker_id, **(heartbeat or {}))
+
+    def heartbeat(self, worker_id: str, sessions: list[str] | None = None, **fields: Any) -> None:
+        with httpx.Client(base_url=self.url, headers=WORKER_AUTH, timeout=5) as client:
+            resp = client.post(f"/api/v1/workers/{worker_id}/heartbeat",
+                               json={"active_sessions": sessions or [], **fields},
+                               headers={"X-Worker-Secret": self.secrets[worker_id]})
+            assert resp.status_code == 200, resp.text
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+
+
+def seed(hub: LiveHub) -> None:
+    """Three workers in two regions; one session placed on the reachable fake worker in Frankfurt."""
+    hub.register("gpu-use1-a", region="us-east-1", location={"lat": 38.9, "lon": -77.4},
+                 heartbeat={"latency_ms": 41.0, "gpu_utilization": 30.0})
+    hub.register("gpu-use1-b", region="us-east-1", location={"lat": 38.9, "lon": -77.4}, max_streams=8)
+    hub.register("gpu-euc1-a", hub.fake_workers[0].url, region="eu-central-1", location={"lat": 50.1, "lon": 8.7})
+    with hub.admin() as client:
+        for _ in range(50):  # wait for the hub's board mirror to see the registrations
+            if len(client.get("/api/v1/route/explain", params={"lat": 50.1, "lon": 8.7}).json()["candidates"]) == 3:
+                break
+            time.sleep(0.05)
+        placed = client.post("/api/v1/sessions", json={"location": {"lat": 48.85, "lon": 2.35}, "region": None})
+        assert placed.status_code == 201, placed.text
+        assert placed.json()["worker"]["id"] == "gpu-euc1-a"
+
+
+@pytest.fixture
+def live_hub(redis_url: str) -> Iterator[LiveHub]:
+    with LiveHub(redis_url, fake_workers=1) as hub:
+        seed(hub)
+        yield hub
+
+
+def fleet(hub: LiveHub, *args: str, token: str = ADMIN_TOKEN) -> Any:
+    return runner.invoke(app, [*args], env={"FLEET_HUB_URL": hub.url, "FLEET_ADMIN_TOKEN": token, "COLUMNS": "200"})
+
+
+def test_workers_table_and_json_show_the_registry(live_hub: LiveHub) -> None:
+    table = fleet(live_hub, "workers")
+    assert table.exit_code == 0, table.output
+    for text in ("gpu-use1-a", "gpu-use1-b", "gpu-euc1-a", "eu-central-1", "NVIDIA A10G", "ready", "0/8", "41 ms"):
+        assert text in table.output
+
+    listed = json.loads(fleet(live_hub, "workers", "--json").output)
+    assert {w["worker_id"] for w in listed["workers"]} == {"gpu-use1-a", "gpu-use1-b", "gpu-euc1-a"}
+    euc = next(w for w in listed["workers"] if w["worker_id"] == "gpu-euc1-a")
+    assert euc["used_streams"] == 1 and euc["alive"]
+
+    only_eu = json.loads(fleet(live_hub, "workers", "--region", "eu-central-1", "--json").output)
+    assert [w["worker_id"] for w in only_eu["workers"]] == ["gpu-euc1-a"]
+
+
+def test_drain_and_resume_steer_the_worker_and_the_state_filter_sees_it(live_hub: LiveHub) -> None:
+    drained = fleet(live_hub, "drain", "gpu-use1-a")
+    assert drained.exit_code == 0, drained.output
+    assert "gpu-use1-a is draining" in drained.output
+    draining = json.loads(fleet(live_hub, "workers", "--state", "draining", "--json").output)
+    assert [w["worker_id"] for w in draining["workers"]] == ["gpu-use1-a"]
+    with live_hub.admin() as client:
+        assert client.get("/api/v1/workers/gpu-use1-a").json()["state"] == "draining"
+
+    resumed = fleet(live_hub, "resume", "gpu-use1-a")
+    assert resumed.exit_code == 0 and "ready" in resumed.output
+    assert json.loads(fleet(live_hub, "workers", "--state", "draining", "--json").output)["workers"] == []
+
+
+def test_capacity_is_per_region_with_a_total(live_hub: LiveHub) -> None:
+    data = json.loads(fleet(live_hub, "capacity", "--json").output)
+    regions = {r["region"]: r for r in data["regions"]}
+    assert regions["us-east-1"]["max_streams"] == 12 and regions["us-east-1"]["workers"] == 2
+    assert regions["eu-central-1"]["used_streams"] == 1 and regions["eu-central-1"]["free_streams"] == 3
+    assert data["total"]["max_streams"] == 16
+    table = fleet(live_hub, "capacity")
+    assert table.exit_code == 0 and "eu-central-1" in table.output and "us-east-1" in table.output
+
+
+def test_sessions_lists_placed_sessions_with_their_origin(live_hub: LiveHub) -> None:
+    data = json.loads(fleet(live_hub, "sessions", "--json").output)
+    assert len(data["sessions"]) == 1
+    session = data["sessions"][0]
+    assert session["worker_id"] == "gpu-euc1-a" and session["location"] == {"lat": 48.85, "lon": 2.35}
+    table = fleet(live_hub, "sessions")
+    assert table.exit_code == 0 and "gpu-euc1-a" in table.output and "48.9, 2.4" in table.output
+
+
+def test_explain_ranks_candidates_with_every_factor(live_hub: LiveHub) -> None:
+    data = json.loads(fleet(live_hub, "explain", "--lat", "50", "--lon", "8", "--policy", "spread", "--json").output)
+    assert data["policy"] == "spread" and data["location"] == {"lat": 50.0, "lon": 8.0}
+    ranked = data["candidates"]
+    assert ranked[0]["worker_id"] == "gpu-euc1-a"  # Frankfurt beats Virginia for a user in Germany
+    assert [c["score"] for c in ranked] == sorted((c["score"] for c in ranked), reverse=True)
+    assert set(ranked[0]["factors"]) == {"distance_km", "rtt_ms", "distance", "load", "latency", "capacity"}
+    table = fleet(live_hub, "explain", "--lat", "50", "--lon", "8")
+    assert table.exit_code == 0 and "gpu-euc1-a" in table.output and "distance km" in table.output
+
+
+def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
+    one = typer.Typer()
+
+    @one.command()
+    def worker(worker_id: str, json_: bool = typer.Option(False, "--json")) -> None:
+        admin.show_worker(worker_id, live_hub.url, json_, token=ADMIN_TOKEN)
+
+    shown = runner.invoke(one, ["gpu-euc1-a"])
+    assert shown.exit_code == 0, shown.output
+    assert "gpu-euc1-a" in shown.output and live_hub.fake_workers[0].url in shown.output
+    assert json.loads(runner.invoke(one, ["gpu-euc1-a", "--json"]).output)["region"] == "eu-central-1"
+    missing = runner.invoke(one, ["nope-1"])
+    assert missing.exit_code == admin.EXIT_NOT_FOUND
+
+
+@pytest.mark.parametrize(("args", "token", "code", "words"), [
+    (["drain", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker no-such-worker"),
+    (["workers"], "wrong-token", admin.EXIT_AUTH, "FLEET_ADMIN_TOKEN"),
+])
+def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str], token: str, code: int,
+                                              words: str) -> None:
+    result = fleet(live_hub, *args, token=token)
+    assert result.exit_code == code, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unreachable_hub_and_unavailable_redis_exit_5(redis_server: EmbeddedRedis, redis_url: str) -> None:
+    gone = runner.invoke(app, ["workers", "--hub", f"http://127.0.0.1:{free_port()}"])
+    assert gone.exit_code == admin.EXIT_UNAVAILABLE and "cannot reach the hub" in gone.output
+    assert "Traceback" not in gone.output
+
+    with LiveHub(redis_url) as hub:
+        redis_server.stop()  # the redis_url fixture restarts it for the next test
+        down = fleet(hub, "capacity")
+    assert down.exit_code == admin.EXIT_UNAVAILABLE, down.output
+    assert "unavailable" in down.output and "Traceback" not in down.output

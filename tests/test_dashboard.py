@@ -1,0 +1,110 @@
+"""The SRE dashboard: served by any hub without auth, driven for real in headless Chromium against a live hub.
+
+The browser test needs Debian's chromium (scripts/ensure-chromium.sh) and the playwright package; it is skipped
+without them. UPDATE_DASHBOARD_SCREENSHOT=1 also saves the screenshot as docs/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.test_cli_admin import LiveHub, seed
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+LIVEKIT = [{"region": r, "url": f"wss://lk-{r}.example.com", "lat": lat, "lon": lon, "api_key": "k",
+            "api_secret": "s" * 32} for r, lat, lon in
+           [("us-east-1", 38.9, -77.4), ("eu-central-1", 50.1, 8.7), ("ap-northeast-1", 35.7, 139.7)]]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+
+
+@pytest.fixture
+def live_hub(redis_url: str) -> Iterator[LiveHub]:
+    with LiveHub(redis_url, fake_workers=1, livekit_regions=json.dumps(LIVEKIT)) as hub:
+        seed(hub)
+        hub.register("gpu-apne1-a", region="ap-northeast-1", location={"lat": 35.7, "lon": 139.7}, max_streams=6,
+                     heartbeat={"latency_ms": 55.0, "gpu_utilization": 12.0})
+        hub.register("gpu-sae1-a", region="sa-east-1", location={"lat": -23.5, "lon": -46.6}, max_streams=4)
+        with hub.admin() as client:
+            client.post("/api/v1/workers/gpu-sae1-a/drain").raise_for_status()
+            for lat, lon in [(52.5, 13.4), (40.4, -3.7)]:
+                assert client.post("/api/v1/sessions", json={"location": {"lat": lat, "lon": lon},
+                                                             "region": "eu-central-1"}).status_code == 201
+        yield hub
+
+
+def test_the_shell_and_assets_load_without_auth_and_data_needs_it(live_hub: LiveHub) -> None:
+    with httpx.Client(base_url=live_hub.url, timeout=5) as client:
+        page = client.get("/dashboard")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert 'id="login-form"' in page.text and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        for asset in ("dashboard.js", "dashboard.css", "vendor/topojson-client.min.js", "vendor/land-110m.json"):
+            assert client.get(f"/dashboard/static/{asset}").status_code == 200, asset
+        assert client.get("/dashboard/static/../main.py").status_code == 404
+        assert client.get("/dashboard/static/%2e%2e/api/dashboard.py").status_code in (404, 422)
+        assert client.get("/dashboard/api/livekit").status_code == 401
+        regions = client.get("/dashboard/api/livekit", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert [r["region"] for r in regions["regions"]] == ["us-east-1", "eu-central-1", "ap-northeast-1"]
+    assert "api_secret" not in json.dumps(regions) and "api_key" not in json.dumps(regions)
+
+
+def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: LiveHub, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{live_hub.url}/dashboard")
+
+            page.fill("#token", "not-the-token")
+            page.click("#login-button")
+            sync_api.expect(page.locator("#login-error")).to_contain_text("refused")
+
+            page.fill("#token", ADMIN_TOKEN)
+            page.click("#login-button")
+            rows = page.locator("#workers tbody tr")
+            sync_api.expect(rows).to_have_count(5)
+            sync_api.expect(page.locator('#workers tr[data-worker="gpu-sae1-a"] .state')).to_have_text("draining")
+            sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(3)
+            sync_api.expect(page.locator("#workers-layer circle")).to_have_count(5)
+            sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(3)
+            sync_api.expect(page.locator("#livekit rect")).to_have_count(3)
+            sync_api.expect(page.locator("#land path")).to_have_count(3)
+            sync_api.expect(page.locator('#capacity [data-region="eu-central-1"]')).to_contain_text("3/4 streams")
+
+            page.click('#workers th[data-key="used_streams"]')  # sortable: ascending then descending
+            page.click('#workers th[data-key="used_streams"]')
+            sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-euc1-a")
+
+            page.click('#workers tr[data-worker="gpu-use1-a"] button.drain')
+            with live_hub.admin() as client:
+                deadline = time.monotonic() + 5
+                while client.get("/api/v1/workers/gpu-use1-a").json()["state"] != "draining":
+                    assert time.monotonic() < deadline, "the drain click did not reach the hub"
+                    time.sleep(0.05)
+            sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-a"] button')).to_have_text("Resume")
+
+            page.reload()  # the token survives a reload (sessionStorage), the refresh loop restarts
+            sync_api.expect(rows).to_have_count(5)
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("UPDATE_DASHBOARD_SCREENSHOT"):
+                shutil.copy(shot, SCREENSHOT)
+            assert errors == []
+        finally:
+            browser.close()
