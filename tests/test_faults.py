@@ -1,0 +1,117 @@
+"""Fault injection with real hub processes and a real Redis: bursts across hubs, a hub SIGKILLed mid-burst.
+
+Workers here are fake endpoints in the test process (hundreds of real agents would not fit the machine); they
+enforce their own capacity and heartbeat the sessions they really hold, like the real agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from shared import keys
+from tests.conftest import WORKER_AUTH, registration
+from tests.fakes import FakeWorker
+from tests.harness import HubProcess
+
+
+@pytest.fixture
+def three_hubs(redis_url: str) -> Iterator[list[HubProcess]]:
+    hubs = [HubProcess(redis_url, worker_ttl_s=30, dispatch_timeout_s=2, pending_lease_s=3, absent_grace_s=1)
+            for _ in range(3)]
+    try:
+        for hub in hubs:
+            hub.start()
+        yield hubs
+    finally:
+        for hub in hubs:
+            hub.stop()
+
+
+async def _register_all(http: httpx.AsyncClient, hub: HubProcess, workers: list[FakeWorker]) -> list[str]:
+    secrets = []
+    for i, w in enumerate(workers):
+        resp = await http.post(f"{hub.url}/api/v1/workers", headers=WORKER_AUTH,
+                               json=registration(f"w-{i:03d}", w.url, max_streams=w.max_streams))
+        assert resp.status_code == 200, resp.text
+        secrets.append(resp.json()["worker_secret"])
+    return secrets
+
+
+async def _heartbeat_all(http: httpx.AsyncClient, hub: HubProcess, workers: list[FakeWorker],
+                         secrets: list[str]) -> list[dict[str, Any]]:
+    """What the agent does: report real sessions, stop the ones the hub says it does not hold."""
+    replies = []
+    for i, w in enumerate(workers):
+        resp = await http.post(f"{hub.url}/api/v1/workers/w-{i:03d}/heartbeat",
+                               json={"active_sessions": list(w.sessions)},
+                               headers={**WORKER_AUTH, "X-Worker-Secret": secrets[i]})
+        reply = resp.json()
+        for sid in reply["stop_sessions"]:
+            w.sessions.pop(sid, None)
+        replies.append(reply)
+    return replies
+
+
+async def test_burst_of_1000_across_three_hubs_fills_exactly_the_free_capacity(
+    three_hubs: list[HubProcess], make_worker, redis_url: str
+) -> None:
+    workers = [await make_worker(max_streams=5) for _ in range(20)]
+    limits = httpx.Limits(max_connections=300)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, pool=None), limits=limits) as http:
+        await _register_all(http, three_hubs[0], workers)
+        await asyncio.sleep(0.5)
+        answers = await asyncio.gather(*[
+            http.post(f"{three_hubs[n % 3].url}/api/v1/sessions", json={"location": {"lat": 40, "lon": -70 + n % 90}})
+            for n in range(1000)
+        ])
+    codes = Counter(a.status_code for a in answers)
+    assert codes == {201: 100, 503: 900}, codes
+    # Every refusal is a clean "try again": no_capacity, or store_unavailable when a Redis pool wait times out
+    # on an overloaded machine. Either way the count of placements above is exact.
+    refusals = [a for a in answers if a.status_code == 503]
+    assert {a.json()["error"] for a in refusals} <= {"no_capacity", "store_unavailable"}
+    assert all(int(a.headers["Retry-After"]) >= 1 for a in refusals)
+    assert all(w.peak <= w.max_streams for w in workers)  # the workers' own lists, not only Redis
+    r = redis.Redis.from_url(redis_url)
+    assert sum(r.zcard(keys.worker_keys(f"w-{i:03d}").leases) for i in range(20)) == 100
+
+
+async def test_hub_killed_mid_burst_leaves_nothing_half_made(
+    three_hubs: list[HubProcess], make_worker, redis_url: str
+) -> None:
+    workers = [await make_worker(max_streams=4, delay_s=0.4) for _ in range(10)]  # dispatches in flight for 0.4 s
+    victim, survivor = three_hubs[0], three_hubs[1]
+    async with httpx.AsyncClient(timeout=30) as http:
+        secrets = await _register_all(http, survivor, workers)
+        await asyncio.sleep(0.5)
+        burst = [asyncio.create_task(http.post(f"{victim.url}/api/v1/sessions", json={})) for _ in range(30)]
+        await asyncio.sleep(0.25)
+        victim.kill()  # SIGKILL while reservations are pending and dispatches are on the wire
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        assert any(isinstance(r, httpx.HTTPError) for r in results)  # some requests really died with the hub
+
+        # Within the pending-lease TTL (3 s) every unconfirmed slot either returned or was adopted by a heartbeat.
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        for _ in range(3):
+            await asyncio.sleep(1.2)
+            await _heartbeat_all(http, survivor, workers, secrets)
+        for i, w in enumerate(workers):
+            held = set(r.zrange(keys.worker_keys(f"w-{i:03d}").leases, 0, -1))
+            assert held == set(w.sessions), f"w-{i:03d}: redis {held} != worker {set(w.sessions)}"
+            assert r.hlen(keys.worker_keys(f"w-{i:03d}").active) == len(w.sessions)  # nothing left pending
+
+        # The surviving hubs place the remaining capacity exactly.
+        free = sum(w.max_streams - len(w.sessions) for w in workers)
+        for w in workers:
+            w.delay_s = 0
+        await asyncio.sleep(0.3)
+        more = await asyncio.gather(*[http.post(f"{three_hubs[1 + n % 2].url}/api/v1/sessions", json={})
+                                      for n in range(free + 10)])
+        assert Counter(m.status_code for m in more) == {201: free, 503: 10}
