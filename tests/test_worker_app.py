@@ -1,0 +1,127 @@
+"""The worker's own API: auth, local capacity under concurrent dispatches, draining, self-ending sessions, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.models import SessionDispatch
+from worker.app import create_worker_app
+from worker.engines import EngineUnavailable, load_engine
+from worker.engines.synthetic import SyntheticEngine
+from worker.sessions import SessionManager
+from worker.settings import WorkerSettings
+
+TOKEN = "test-worker-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def dispatch(session_id: str) -> dict[str, Any]:
+    return {"session_id": session_id, "room": f"room-{session_id}", "livekit_url": "ws://lk", "token": "jwt"}
+
+
+class SlowStartEngine(SyntheticEngine):
+    """Takes a while to start each session, so concurrent dispatches overlap inside the worker."""
+
+    async def start_session(self, spec: SessionDispatch, on_end: Any) -> None:
+        await asyncio.sleep(0.02)
+        await super().start_session(spec, on_end)
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, SessionManager]]:
+    engine = SlowStartEngine()
+    await engine.start()
+    manager = SessionManager(engine, max_streams=5)
+    app = create_worker_app(manager, TOKEN, {"worker_id": "w-test"})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+        yield client, manager
+    await engine.aclose()
+
+
+async def test_twenty_concurrent_dispatches_to_five_slots_accept_exactly_five(worker: Any) -> None:
+    client, manager = worker
+    answers = await asyncio.gather(*(client.post("/sessions", json=dispatch(f"s{i}"), headers=AUTH)
+                                     for i in range(20)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 5 + [409] * 15
+    assert {r.json()["error"] for r in answers if r.status_code == 409} == {"worker_full"}
+    assert len(manager.sessions) == 5 == manager.engine.stats().active_sessions
+    listed = (await client.get("/sessions", headers=AUTH)).json()
+    assert sorted(s["session_id"] for s in listed) == sorted(manager.sessions)
+
+
+async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
+    client, _ = worker
+    assert (await client.post("/sessions", json=dispatch("a"))).status_code == 401
+    bad = await client.post("/sessions", json=dispatch("a"), headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and set(bad.json()) == {"error", "message"}
+    invalid = await client.post("/sessions", json={"session_id": "x"}, headers=AUTH)
+    assert invalid.status_code == 422 and invalid.json()["error"] == "invalid_request"
+    assert (await client.post("/sessions", json=dispatch("a"), headers=AUTH)).status_code == 201
+    dup = await client.post("/sessions", json=dispatch("a"), headers=AUTH)
+    assert dup.status_code == 409 and dup.json()["error"] == "duplicate"
+    assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 204
+    assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 404
+    assert (await client.delete("/sessions/a")).status_code == 401
+
+
+async def test_draining_refuses_new_sessions_and_health_says_so(worker: Any) -> None:
+    client, manager = worker
+    manager.set_draining(True)
+    refused = await client.post("/sessions", json=dispatch("late"), headers=AUTH)
+    assert refused.status_code == 409 and refused.json()["error"] == "draining"
+    health = (await client.get("/health")).json()
+    assert health["state"] == "draining" and health["worker_id"] == "w-test" and health["max_streams"] == 5
+
+
+async def test_metrics_count_dispatch_outcomes(worker: Any) -> None:
+    client, _ = worker
+    await client.post("/sessions", json=dispatch("m1"), headers=AUTH)
+    await client.post("/sessions", json=dispatch("m1"), headers=AUTH)
+    text = (await client.get("/metrics")).text
+    assert 'worker_dispatches_total{outcome="accepted"} 1.0' in text
+    assert 'worker_dispatches_total{outcome="duplicate"} 1.0' in text
+    assert "worker_sessions_active 1.0" in text
+
+
+async def test_a_session_that_ends_by_itself_leaves_the_table() -> None:
+    engine = SyntheticEngine(session_duration_s=0.1)
+    manager = SessionManager(engine, max_streams=2)
+    await manager.start(SessionDispatch.model_validate(dispatch("short")))
+    assert manager.ids() == ["short"]
+    assert await manager.wait_empty(2.0)
+    assert manager.ids() == [] and engine.stats().active_sessions == 0
+
+
+async def test_engine_failure_is_a_503_and_frees_nothing() -> None:
+    manager = SessionManager(SyntheticEngine(fail_start=True), max_streams=2)
+    app = create_worker_app(manager, TOKEN)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+        resp = await client.post("/sessions", json=dispatch("x"), headers=AUTH)
+    assert resp.status_code == 503 and resp.json()["error"] == "engine_error" and manager.ids() == []
+    assert manager.engine.stats().error_rate == 1.0
+
+
+async def test_synthetic_engine_keeps_real_time_and_reports_latency() -> None:
+    engine = SyntheticEngine()
+    await engine.start()
+    for i in range(3):
+        await engine.start_session(SessionDispatch.model_validate(dispatch(f"rt{i}")), lambda *_: None)
+    await asyncio.sleep(0.4)
+    stats = engine.stats()
+    await engine.aclose()
+    assert 0 < stats.latency_ms < 40 and stats.vram_used_mb == 3 * engine.profile.per_stream_mb
+    assert engine.stats().active_sessions == 0
+
+
+def test_load_engine_by_name() -> None:
+    settings = WorkerSettings(per_stream_mb=2048)
+    engine = load_engine("synthetic", settings)
+    assert engine.name == "synthetic" and engine.profile.per_stream_mb == 2048
+    with pytest.raises(EngineUnavailable, match="unknown engine"):
+        load_engine("nope", settings)

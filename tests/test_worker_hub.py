@@ -1,0 +1,380 @@
+"""The real worker agent against a REAL hub over HTTP (uvicorn in-process) with real Redis.
+
+Guards: registration and heartbeats, dispatch end to end, re-registration after the hub loses the worker, a hub
+outage that must not disturb running sessions, SIGTERM draining in a real process, and the ASG calls on drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import redis
+import uvicorn
+from botocore.stub import Stubber
+
+from hub.main import create_app
+from shared.redis_server import free_port
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, hub_settings
+from worker.agent import WorkerAgent
+from worker.lifecycle import Lifecycle
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunningHub:
+    """A hub on a real port; can be stopped and started again on the same port to simulate an outage."""
+
+    def __init__(self, redis_url: str, **overrides: Any) -> None:
+        self.redis_url = redis_url
+        self.overrides = overrides
+        self.port = free_port()
+        self.server: uvicorn.Server | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RunningHub:
+        app = create_app(hub_settings(self.redis_url, **self.overrides))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        if self.server and self.task:
+            self.server.should_exit = True
+            await self.task
+            self.server = self.task = None
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=5)
+
+
+@pytest.fixture
+async def make_running_hub(redis_url: str) -> AsyncIterator[Callable[..., Awaitable[RunningHub]]]:
+    hubs: list[RunningHub] = []
+
+    async def factory(**overrides: Any) -> RunningHub:
+        hub = await RunningHub(redis_url, **overrides).start()
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.stop()
+
+
+def worker_settings(hub: RunningHub, **overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = dict(
+        hub_urls=[hub.url], worker_token=WORKER_TOKEN, host="127.0.0.1", port=0, worker_id="w-agent",
+        region="us-east-1", simulate_gpu="a10g", max_streams=5, imds_url=f"http://127.0.0.1:{free_port()}",
+        imds_timeout_s=0.2, hub_timeout_s=1.0, register_backoff_cap_s=0.5, drain_timeout_s=0.5,
+    )
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+@pytest.fixture
+async def run_agent() -> AsyncIterator[Callable[..., Awaitable[WorkerAgent]]]:
+    running: list[tuple[WorkerAgent, asyncio.Task[int]]] = []
+
+    async def factory(settings: WorkerSettings, **kwargs: Any) -> WorkerAgent:
+        agent = WorkerAgent(settings, install_signals=False, **kwargs)
+        task = asyncio.create_task(agent.run())
+        running.append((agent, task))
+        await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
+        return agent
+
+    yield factory
+    for agent, task in running:
+        agent.request_drain("test over")
+        assert await asyncio.wait_for(task, 10) == 0
+
+
+async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def worker_view(hub: httpx.AsyncClient, worker_id: str = "w-agent") -> dict[str, Any] | None:
+    resp = await hub.get(f"/api/v1/workers/{worker_id}", headers=ADMIN_AUTH)
+    return resp.json() if resp.status_code == 200 else None
+
+
+async def worker_sessions(agent: WorkerAgent) -> list[str]:
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(f"http://127.0.0.1:{agent.port}/sessions", headers=WORKER_AUTH)
+    return [s["session_id"] for s in resp.json()]
+
+
+async def place_session(hub: httpx.AsyncClient) -> str:
+    for _ in range(40):  # the hub's routing mirror refreshes every 0.2 s
+        resp = await hub.post("/api/v1/sessions", json={"identity": "alice"})
+        if resp.status_code == 201:
+            return str(resp.json()["session_id"])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no session placed: {resp.status_code} {resp.text}")
+
+
+async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    async with running.client() as hub:
+        await wait_for(lambda: agent.hub.last_reply is not None, 5, "a heartbeat reply")
+        view = await worker_view(hub)
+        assert view and view["alive"] and view["max_streams"] == 5 and view["engine"] == "synthetic"
+        assert view["gpus"] == [{"name": "NVIDIA A10G", "vram_total_mb": 24576, "simulated": True}]
+        assert view["url"] == f"http://127.0.0.1:{agent.port}"
+        sid = await place_session(hub)
+        assert await worker_sessions(agent) == [sid]
+        await wait_for(lambda: agent.hub.last_reply.used_streams == 1, 5, "the hub to count the stream")
+        assert (await agent.hub.build_heartbeat()).vram_used_mb == 1536, "VRAM accounting of simulated GPUs"
+        assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+        assert await worker_sessions(agent) == []
+
+
+async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, run_agent: Any,
+                                                         redis_url: str) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    assert agent.hub.registrations == 1
+    redis.Redis.from_url(redis_url).flushall()  # the hub's whole state is gone
+    await wait_for(lambda: agent.hub.registrations >= 2, 5, "re-registration")
+    async with running.client() as hub:
+        await wait_for(lambda: agent.hub.last_reply is not None, 5)
+        view = await worker_view(hub)
+        assert view and view["alive"]
+        assert await place_session(hub) in await worker_sessions(agent)
+
+
+async def test_a_refused_secret_leads_to_a_fresh_registration(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    agent.hub.secret = "not-the-secret"
+    # 403 → the secret is dropped → 409 while the old registration lives → accepted once its TTL (2 s) lapses.
+    await wait_for(lambda: agent.hub.registrations >= 2, 8, "re-registration after 403")
+    await wait_for(lambda: agent.hub.last_reply is not None, 5)
+    assert agent.manager.metrics.heartbeats.labels("forgotten")._value.get() >= 1
+
+
+async def test_hub_outage_keeps_sessions_and_the_worker_comes_back(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub(worker_ttl_s=1.0, active_lease_s=30.0)
+    agent = await run_agent(worker_settings(running))
+    async with running.client() as hub:
+        sid = await place_session(hub)
+    await running.stop()
+    await asyncio.sleep(1.5)  # longer than the TTL: the worker is stale when the hub returns
+    assert await worker_sessions(agent) == [sid], "a hub outage must not touch running sessions"
+    failed = agent.manager.metrics.heartbeats.labels("failed")._value.get()
+    assert failed >= 1
+    await running.start()
+    async with running.client() as hub:
+        await wait_for(lambda: agent.hub.last_reply is not None and agent.hub.last_reply.used_streams == 1, 8,
+                       "heartbeats to resume")
+        view = await worker_view(hub)
+        assert view and view["alive"] and view["used_streams"] == 1
+    assert await worker_sessions(agent) == [sid]
+
+
+async def test_sre_drain_through_the_hub_reaches_the_worker(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    async with running.client() as hub:
+        assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
+    await wait_for(lambda: agent.manager.draining, 5, "the worker to learn it is draining")
+
+
+async def test_sigterm_drains_deregisters_and_exits_zero(make_running_hub: Any) -> None:
+    running = await make_running_hub()
+    env = {**os.environ, "FLEET_HUB_URLS": running.url, "FLEET_WORKER_TOKEN": WORKER_TOKEN,
+           "FLEET_WORKER_ID": "w-proc", "FLEET_IMDS_URL": f"http://127.0.0.1:{free_port()}",
+           "FLEET_DRAIN_TIMEOUT_S": "1.0", "FLEET_HOST": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", "--port", "0", "--simulate-gpu",
+                                                "t4", "--max-streams", "2", env=env, cwd=ROOT)
+    try:
+        async with running.client() as hub:
+            for _ in range(100):
+                view = await worker_view(hub, "w-proc")
+                if view and view["alive"]:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("worker process never registered")
+            await place_session(hub)
+            proc.send_signal(signal.SIGTERM)
+            seen_draining = False
+            for _ in range(40):
+                view = await worker_view(hub, "w-proc")
+                if view is None:
+                    break
+                seen_draining = seen_draining or view["state"] == "draining"
+                await asyncio.sleep(0.05)
+            assert seen_draining, "the hub must learn of the drain at once, not at the next heartbeat"
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+            assert await worker_view(hub, "w-proc") is None, "a drained worker deregisters"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def stubbed_autoscaling() -> tuple[Any, Stubber]:
+    client = boto3.client("autoscaling", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    return client, Stubber(client)
+
+
+async def test_scale_in_protection_follows_sessions_and_drain_completes_the_lifecycle_action(
+        make_running_hub: Any, run_agent: Any) -> None:
+    client, stub = stubbed_autoscaling()
+    protection = {"InstanceIds": ["i-1"], "AutoScalingGroupName": "asg-gpu"}
+    stub.add_response("set_instance_protection", {}, {**protection, "ProtectedFromScaleIn": True})
+    stub.add_response("set_instance_protection", {}, {**protection, "ProtectedFromScaleIn": False})
+    stub.add_response("complete_lifecycle_action", {}, {
+        "LifecycleHookName": "drain-hook", "AutoScalingGroupName": "asg-gpu", "LifecycleActionResult": "CONTINUE",
+        "InstanceId": "i-1"})
+    stub.activate()
+    lifecycle = Lifecycle(client, "i-1", "asg-gpu", "drain-hook")
+    running = await make_running_hub()
+    settings = worker_settings(running, protect_from_scale_in=True, lifecycle_hook_name="drain-hook")
+    agent = WorkerAgent(settings, lifecycle=lifecycle, install_signals=False)
+    task = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
+    async with running.client() as hub:
+        sid = await place_session(hub)
+        await wait_for(lambda: lifecycle.protected is True, 5, "protection on")
+        await hub.delete(f"/api/v1/sessions/{sid}")
+        await wait_for(lambda: lifecycle.protected is False, 5, "protection off")
+    agent.request_drain("scale-in")
+    assert await asyncio.wait_for(task, 10) == 0
+    stub.assert_no_pending_responses()
+
+
+def test_lifecycle_without_a_group_skips_the_call() -> None:
+    client, stub = stubbed_autoscaling()
+    stub.activate()
+    assert Lifecycle(client, "i-1", None, "hook").complete() is False
+    stub.add_client_error("complete_lifecycle_action", "ValidationError", "No active Lifecycle Action found")
+    assert Lifecycle(client, "i-1", "asg", "hook").complete() is False  # logged, never raised: exit goes on
+
+
+async def test_a_dead_first_hub_url_falls_over_to_the_next(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub()
+    dead = f"http://127.0.0.1:{free_port()}"
+    agent = await run_agent(worker_settings(running, hub_urls=[dead, running.url]))
+    assert agent.hub.hub_url == running.url
+
+
+async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any, run_agent: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    import worker.agent
+
+    monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
+    meta = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
+
+    async def token(_: web.Request) -> web.Response:
+        return web.Response(text="t")
+
+    async def get(request: web.Request) -> web.Response:
+        value = meta.get(request.match_info["path"])
+        return web.Response(text=value) if value else web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_put("/latest/api/token", token)
+    app.router.add_get("/latest/meta-data/{path:.+}", get)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    imds_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", imds_port).start()
+    try:
+        running = await make_running_hub()
+        settings = worker_settings(running, worker_id=None, imds_url=f"http://127.0.0.1:{imds_port}")
+        agent = WorkerAgent(settings, install_signals=False)
+        task = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
+        assert agent.hub.worker_id == "i-0spot", "on EC2 the instance id is the worker id"
+        meta["spot/instance-action"] = '{"action": "terminate", "time": "2026-11-23T11:00:00Z"}'
+        assert await asyncio.wait_for(task, 10) == 0
+        assert agent.drain_reason and "spot" in agent.drain_reason
+        async with running.client() as hub:
+            assert await worker_view(hub, "i-0spot") is None
+    finally:
+        await runner.cleanup()
+
+
+async def test_calibration_finds_a_real_time_limit_fast() -> None:
+    from worker.calibrate import calibrate
+    from worker.engines.synthetic import SyntheticEngine
+
+    # Heavy frames (≈4 ms of hashing at 25 fps) so the limit is low and found in a couple of seconds.
+    result = await calibrate(SyntheticEngine(work_per_frame=8000), max_concurrency=32, seconds=0.2)
+    levels = [t.concurrency for t in result.trials]
+    assert levels[:2] == [1, 2] and 1 <= result.capacity < 32
+    assert all(t.ok for t in result.trials if t.concurrency <= result.capacity)
+    assert any(not t.ok for t in result.trials if t.concurrency == result.capacity + 1)
+
+
+def test_lifecycle_from_settings_prefers_the_configured_group() -> None:
+    from worker.imds import InstanceIdentity
+
+    ident = InstanceIdentity("i-1", None, "eu-west-1", None, None, None)
+    settings = WorkerSettings(autoscaling_group="asg-a", lifecycle_hook_name="hook")
+    lifecycle = Lifecycle.from_settings(settings, ident, "asg-from-tags")
+    assert (lifecycle.group, lifecycle.hook_name, lifecycle.client.meta.region_name) == ("asg-a", "hook", "eu-west-1")
+
+
+async def test_a_failing_or_malformed_hub_is_retryable_and_leaves_sessions_alone() -> None:
+    from aiohttp import web
+
+    from shared.models import SessionDispatch, WorkerRegistration
+    from worker.engines.synthetic import SyntheticEngine
+    from worker.hub_client import HubClient, HubUnavailable
+    from worker.sessions import SessionManager
+
+    answers = iter([web.Response(status=500), web.Response(text="not json"), web.json_response({"worker_id": 1})])
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 0.1, "ttl_s": 1, "worker_secret": "s",
+                                  "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        return next(answers)
+
+    app = web.Application()
+    app.router.add_post("/api/v1/workers", register)
+    app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    manager = SessionManager(SyntheticEngine(), max_streams=2)
+    await manager.start(SessionDispatch(session_id="s1", room="r", livekit_url="ws://x", token="t"))
+    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=2)
+    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, manager, timeout_s=1.0)
+    try:
+        assert (await client.register_once()).worker_secret == "s" and client.interval_s == 0.1
+        for _ in range(3):  # 5xx, not JSON, JSON of the wrong shape
+            with pytest.raises(HubUnavailable):
+                await client.heartbeat_once()
+        assert manager.ids() == ["s1"]
+    finally:
+        await client.aclose()
+        await manager.stop_all()
+        await runner.cleanup()

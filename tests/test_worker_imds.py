@@ -1,0 +1,93 @@
+"""IMDSv2 against a local aiohttp server: the token flow, timeouts, spot notice, lifecycle state, off-EC2."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from shared.redis_server import free_port
+from worker.imds import Imds
+
+META = {
+    "instance-id": "i-0abc123", "instance-type": "g5.xlarge", "placement/region": "eu-west-1",
+    "placement/availability-zone": "eu-west-1b", "local-ipv4": "10.0.0.7",
+}
+
+
+class FakeImds:
+    def __init__(self) -> None:
+        self.meta: dict[str, str] = dict(META)
+        self.token_puts = 0
+        self.delay_s = 0.0
+        self.port = free_port()
+
+    async def put_token(self, request: web.Request) -> web.Response:
+        if "X-aws-ec2-metadata-token-ttl-seconds" not in request.headers:
+            return web.Response(status=400)
+        self.token_puts += 1
+        return web.Response(text="tok-1")
+
+    async def get_meta(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay_s)
+        if request.headers.get("X-aws-ec2-metadata-token") != "tok-1":
+            return web.Response(status=401)  # IMDSv2-only instance: no token, no answer
+        value = self.meta.get(request.match_info["path"])
+        return web.Response(text=value) if value is not None else web.Response(status=404)
+
+
+@pytest.fixture
+async def fake_imds() -> AsyncIterator[FakeImds]:
+    fake = FakeImds()
+    app = web.Application()
+    app.router.add_put("/latest/api/token", fake.put_token)
+    app.router.add_get("/latest/meta-data/{path:.+}", fake.get_meta)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", fake.port).start()
+    yield fake
+    await runner.cleanup()
+
+
+async def test_identity_uses_one_token_for_all_reads(fake_imds: FakeImds) -> None:
+    imds = Imds(f"http://127.0.0.1:{fake_imds.port}")
+    ident = await imds.identity()
+    await imds.aclose()
+    assert ident is not None
+    assert (ident.instance_id, ident.instance_type, ident.region, ident.zone, ident.local_ipv4, ident.public_ipv4) == (
+        "i-0abc123", "g5.xlarge", "eu-west-1", "eu-west-1b", "10.0.0.7", None)
+    assert fake_imds.token_puts == 1
+
+
+async def test_spot_notice_and_lifecycle_state(fake_imds: FakeImds) -> None:
+    imds = Imds(f"http://127.0.0.1:{fake_imds.port}")
+    try:
+        assert await imds.spot_action() is None and await imds.target_lifecycle_state() is None
+        fake_imds.meta["spot/instance-action"] = '{"action": "terminate", "time": "2026-11-23T11:00:00Z"}'
+        fake_imds.meta["autoscaling/target-lifecycle-state"] = "Terminated"
+        assert await imds.spot_action() == {"action": "terminate", "time": "2026-11-23T11:00:00Z"}
+        assert await imds.target_lifecycle_state() == "Terminated"
+    finally:
+        await imds.aclose()
+
+
+async def test_a_slow_endpoint_times_out_quickly(fake_imds: FakeImds) -> None:
+    fake_imds.delay_s = 0.8
+    imds = Imds(f"http://127.0.0.1:{fake_imds.port}", timeout_s=0.2)
+    started = time.monotonic()
+    assert await imds.identity() is None
+    await imds.aclose()
+    assert time.monotonic() - started < 1.0
+
+
+async def test_off_ec2_fails_fast() -> None:
+    imds = Imds(f"http://127.0.0.1:{free_port()}")  # nothing listens: connection refused
+    started = time.monotonic()
+    results: list[Any] = [await imds.identity(), await imds.spot_action(), await imds.target_lifecycle_state()]
+    await imds.aclose()
+    assert results == [None, None, None]
+    assert time.monotonic() - started < 1.5

@@ -1,0 +1,232 @@
+"""The worker agent: engine → HTTP server → registration → heartbeats, watchers, and a clean drain on SIGTERM.
+
+Drain (SIGTERM/SIGINT, a spot notice or an ASG scale-in): report ``draining`` to the hub at once, refuse new
+sessions, wait up to ``drain_timeout_s`` for sessions to end, stop the rest, deregister, complete the ASG
+lifecycle action if a hook is configured, and return so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+
+from shared.geo import region_location
+from shared.models import Location, WorkerRegistration
+from worker.app import create_worker_app
+from worker.capacity import compute_capacity
+from worker.engine import Engine
+from worker.gpus import Gpu, detect_gpus
+from worker.hub_client import HubClient
+from worker.imds import Imds, InstanceIdentity
+from worker.lifecycle import Lifecycle
+from worker.sessions import SessionManager
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGION = "us-east-1"
+WATCH_INTERVAL_S = 5.0
+
+
+class WorkerAgent:
+    def __init__(self, settings: WorkerSettings, engine: Engine | None = None, lifecycle: Lifecycle | None = None,
+                 imds: Imds | None = None, install_signals: bool = True) -> None:
+        self.settings = settings
+        #: Off when the agent runs inside another program (tests) that owns the process's signals.
+        self.install_signals = install_signals
+        if engine is None:
+            from worker.engines import load_engine
+
+            engine = load_engine(settings.engine, settings)
+        self.engine = engine
+        self.imds = imds or Imds(settings.imds_url, settings.imds_timeout_s)
+        self._lifecycle = lifecycle
+        self.identity: InstanceIdentity | None = None
+        self.gpus: list[Gpu] = []
+        self.manager: SessionManager | None = None
+        self.hub: HubClient | None = None
+        self.server: uvicorn.Server | None = None
+        self.port = settings.port
+        self.health: dict[str, Any] = {}
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self.drain_reason: str | None = None
+        self._hub_task: asyncio.Task[Any] | None = None
+
+    # --- start ---------------------------------------------------------------------------------------------
+
+    def request_drain(self, reason: str) -> None:
+        """Begin draining (idempotent); safe to call from signal handlers and watchers."""
+        if self.drain_reason is None:
+            self.drain_reason = reason
+            log.info("drain requested: %s", reason)
+        elif reason in ("SIGTERM", "SIGINT"):
+            log.warning("second %s: stopping sessions now instead of waiting", reason)
+            self._force.set()
+        if self.manager is not None:
+            self.manager.set_draining(True)
+        self._stop.set()
+
+    def _bind_port(self) -> socket.socket:
+        """Bind before registering so the advertised URL is right even with port 0."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, self.settings.port))
+        self.port = sock.getsockname()[1]
+        return sock
+
+    def _registration(self, max_streams: int) -> WorkerRegistration:
+        s, ident = self.settings, self.identity
+        worker_id = s.worker_id or (ident.instance_id if ident else None) or s.fallback_worker_id(self.port)
+        region = s.region or (ident.region if ident else None) or DEFAULT_REGION
+        local = "127.0.0.1" if s.host in ("0.0.0.0", "127.0.0.1", "::") else s.host
+        host = (ident.local_ipv4 if ident else None) or local
+        url = s.advertise_url or f"http://{host}:{self.port}"
+        location = None
+        if s.location_lat is not None and s.location_lon is not None:
+            location = Location(lat=s.location_lat, lon=s.location_lon)
+        elif region_location(region) is None:
+            log.warning("region %s has no known coordinates; the hub will use its default", region)
+        return WorkerRegistration(
+            worker_id=worker_id, url=url, region=region, zone=s.zone or (ident.zone if ident else None),
+            location=location, max_streams=max_streams, gpus=[g.info() for g in self.gpus],
+            instance_type=ident.instance_type if ident else None, labels=s.labels, engine=self.engine.name,
+        )
+
+    async def run(self) -> int:
+        """Run until drained; returns the exit code."""
+        s = self.settings
+        self.identity = await self.imds.identity()
+        self.gpus = await asyncio.to_thread(detect_gpus, s.simulate_gpu)
+        cap = compute_capacity(self.gpus, self.engine.profile, override=s.max_streams)
+        log.info("GPUs: %s; capacity %d streams (limited by %s)",
+                 [g.name for g in self.gpus] or "none (CPU mode)", cap.max_streams, cap.reason)
+        await self.engine.start()
+        self.manager = SessionManager(self.engine, cap.max_streams)
+        sock = self._bind_port()
+        registration = self._registration(cap.max_streams)
+        self.health.update(worker_id=registration.worker_id, url=registration.url, region=registration.region)
+        token = s.worker_token.get_secret_value()
+        app = create_worker_app(self.manager, token, self.health)
+        self.server = _AgentServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.hub = HubClient(s.hub_urls, token, registration, self.manager, self.gpus, timeout_s=s.hub_timeout_s,
+                             backoff_cap_s=s.register_backoff_cap_s)
+        lifecycle = self._lifecycle
+        if lifecycle is None and self.identity is not None and (s.lifecycle_hook_name or s.protect_from_scale_in):
+            lifecycle = Lifecycle.from_settings(s, self.identity, await self.imds.autoscaling_group())
+        self._lifecycle = lifecycle
+        if lifecycle is not None and s.protect_from_scale_in:
+            self.manager.on_change = lifecycle.sessions_changed
+        if self.install_signals:
+            self._install_signals()
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            tasks.append(self._spawn(self.server.serve(sockets=[sock]), "http"))
+            while not self.server.started:  # uvicorn exposes a flag, not an event
+                if tasks[0].done():
+                    raise RuntimeError("the worker's HTTP server failed to start")
+                await asyncio.sleep(0.01)
+            self._hub_task = self._spawn(self._register_then_heartbeat(), "hub")
+            tasks.append(self._hub_task)
+            if self.identity is not None:
+                tasks.append(self._spawn(self._watch_ec2(), "ec2-watch"))
+            if lifecycle is not None and s.protect_from_scale_in:
+                tasks.append(self._spawn(lifecycle.protection_loop(), "scale-in-protection"))
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            if self.server is not None:
+                self.server.should_exit = True
+            for task in tasks:
+                if task.get_name() != "http":
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.engine.aclose()
+            await self.hub.aclose()
+            await self.imds.aclose()
+            if self.install_signals:
+                self._remove_signals()
+        if lifecycle is not None and s.lifecycle_hook_name:
+            await asyncio.to_thread(lifecycle.complete, "CONTINUE")
+        return 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def _register_then_heartbeat(self) -> None:
+        assert self.hub is not None
+        await self.hub.register()
+        self.health["registered"] = True
+        await self.hub.heartbeat_loop()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_drain, sig.name)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    async def _watch_ec2(self) -> None:
+        """Spot interruption and ASG scale-in both reach the instance through IMDS: start draining early."""
+        while not self._stop.is_set():
+            notice = await self.imds.spot_action()
+            if notice:
+                self.request_drain(f"spot interruption notice: {notice}")
+                return
+            state = await self.imds.target_lifecycle_state()
+            if state and state != "InService" and not state.startswith("Warmed"):
+                self.request_drain(f"ASG target lifecycle state {state}")
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _drain(self) -> None:
+        """Report draining at once, wait for sessions, stop the rest, deregister."""
+        assert self.manager is not None and self.hub is not None
+        self.manager.set_draining(True)
+        if self.hub.registered.is_set():
+            with contextlib.suppress(Exception):
+                await self.hub.heartbeat_once()  # the hub stops routing to us now, not at the next beat
+        waiting = asyncio.create_task(self.manager.wait_empty(self.settings.drain_timeout_s))
+        forced = asyncio.create_task(self._force.wait())
+        await asyncio.wait({waiting, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        emptied = waiting.done() and waiting.result()
+        waiting.cancel()
+        if not emptied:
+            log.warning("drain timeout: stopping %d sessions", len(self.manager.sessions))
+        await self.manager.stop_all()
+        if self._hub_task is not None:
+            # A heartbeat after deregistration would get 404 and register us again.
+            self._hub_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hub_task
+        if self.hub.registered.is_set():
+            with contextlib.suppress(Exception):
+                await self.hub.deregister()
+
+
+class _AgentServer(uvicorn.Server):
+    """uvicorn would take over SIGTERM/SIGINT and re-raise them on exit; the agent drains on them instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,85 @@
+"""The worker's HTTP API: hubs dispatch and stop sessions here; operators read health and metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.auth import bearer_token, secret_matches
+from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
+from worker.sessions import SessionManager, SessionRefused
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str) -> None:
+        self.status, self.error, self.message = status, error, message
+
+
+def _error(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "message": message})
+
+
+def create_worker_app(manager: SessionManager, worker_token: str, health: dict[str, Any] | None = None) -> FastAPI:
+    """``health`` is a live dict the agent updates (worker id, registration state), shown by GET /health."""
+    app = FastAPI(title="gpu-fleet worker", version="1.0.0")
+    status = health if health is not None else {}
+
+    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not secret_matches(bearer_token(authorization), worker_token):
+            raise _ApiError(401, "unauthorized", "a valid worker bearer token is required")
+
+    @app.exception_handler(_ApiError)
+    async def _api_error(_: Request, exc: _ApiError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", str(exc.errors()[:3]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+    @app.post("/sessions", status_code=201, response_model=WorkerSessionInfo, dependencies=[Depends(require_token)],
+              responses={**errors, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    async def create_session(spec: SessionDispatch) -> WorkerSessionInfo:
+        """Start a session if a local slot is free: 409 when full, draining or already running."""
+        try:
+            return await manager.start(spec)
+        except SessionRefused as exc:
+            status_code = 503 if exc.code == "engine_error" else 409
+            code = "worker_full" if exc.code == "full" else exc.code
+            raise _ApiError(status_code, code, exc.message) from None
+
+    @app.delete("/sessions/{session_id}", status_code=204, dependencies=[Depends(require_token)],
+                responses={**errors, 404: {"model": ErrorBody}})
+    async def delete_session(session_id: str) -> Response:
+        if not await manager.stop(session_id):
+            raise _ApiError(404, "session_not_found", f"no session {session_id} here")
+        return Response(status_code=204)
+
+    @app.get("/sessions", response_model=list[WorkerSessionInfo], dependencies=[Depends(require_token)])
+    async def list_sessions() -> list[WorkerSessionInfo]:
+        return list(manager.sessions.values())
+
+    @app.get("/health")
+    async def get_health() -> dict[str, Any]:
+        return {**status, "state": "draining" if manager.draining else "ready", "engine": manager.engine.name,
+                "sessions": len(manager.sessions), "max_streams": manager.max_streams}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        manager.metrics.engine_latency.set(manager.engine.stats().latency_ms)
+        return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    extra = manager.engine.router()
+    if extra is not None:
+        app.include_router(extra)
+    return app

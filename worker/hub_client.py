@@ -1,0 +1,221 @@
+"""Talks to the hubs: register with backoff across FLEET_HUB_URLS, heartbeat, re-register, deregister.
+
+Failures never stop the worker serving its sessions: an unreachable or failing hub is logged and retried with
+capped exponential backoff; a hub that forgot the worker (404) or refuses its secret (403) gets a new registration,
+and the next heartbeat re-announces the sessions still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import psutil
+from pydantic import ValidationError
+
+from shared.backoff import backoff_delays
+from shared.models import Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration, WorkerState
+from worker import gpus as gpu_probe
+from worker.gpus import Gpu
+from worker.sessions import SessionManager
+
+log = logging.getLogger(__name__)
+
+
+class HubUnavailable(Exception):
+    """No hub answered usefully; retryable."""
+
+
+class WorkerForgotten(Exception):
+    """The hub does not know this worker (404) or refused its secret (403): register again."""
+
+
+class HubClient:
+    def __init__(self, hub_urls: list[str], worker_token: str, registration: WorkerRegistration,
+                 manager: SessionManager, gpus: list[Gpu] | None = None, timeout_s: float = 3.0,
+                 backoff_cap_s: float = 10.0) -> None:
+        self.hub_urls = hub_urls
+        self._token = worker_token
+        self.registration = registration
+        self.manager = manager
+        self.gpus = gpus or []
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.backoff_cap_s = backoff_cap_s
+        self.secret: str | None = None
+        self.interval_s = 3.0
+        self.hub_url: str | None = None
+        self.registered = asyncio.Event()
+        self.registrations = 0
+        self.last_reply: HeartbeatReply | None = None
+        self._http: aiohttp.ClientSession | None = None
+        #: Called with the hub's state on each reply (the agent reacts to a drain an SRE requested).
+        self.on_state: Callable[[WorkerState], None] | None = None
+        psutil.cpu_percent(None)  # prime: the first non-blocking reading is otherwise meaningless
+
+    @property
+    def worker_id(self) -> str:
+        return self.registration.worker_id
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=self.timeout)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    def _headers(self, with_secret: bool = True) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._token}"}
+        if with_secret and self.secret:
+            headers["X-Worker-Secret"] = self.secret
+        return headers
+
+    def _ordered_hubs(self) -> list[str]:
+        """The hub that last answered first, then the others."""
+        if self.hub_url in self.hub_urls:
+            return [self.hub_url, *(u for u in self.hub_urls if u != self.hub_url)]  # type: ignore[list-item]
+        return list(self.hub_urls)
+
+    async def register_once(self) -> RegistrationAccepted:
+        """One pass over the hubs; raises HubUnavailable if none accepted."""
+        body = self.registration.model_dump(mode="json")
+        last = "no hub configured"
+        for url in self._ordered_hubs():
+            try:
+                async with self._session().post(f"{url}/api/v1/workers", json=body, headers=self._headers()) as resp:
+                    payload = await resp.json(content_type=None) if resp.status < 500 else None
+                    if resp.status == 200:
+                        accepted = RegistrationAccepted.model_validate(payload)
+                        self.secret = accepted.worker_secret
+                        self.interval_s = accepted.heartbeat_interval_s
+                        self.hub_url = url
+                        self.registrations += 1
+                        self.registered.set()
+                        log.info("registered %s with %s (heartbeat every %.1fs)", self.worker_id, url,
+                                 accepted.heartbeat_interval_s)
+                        return accepted
+                    last = f"{url} answered {resp.status}"
+                    if resp.status == 409:
+                        # A previous incarnation still holds the id until its TTL lapses: retrying will succeed.
+                        log.warning("worker id %s still held by a live registration; retrying", self.worker_id)
+                    elif resp.status in (401, 422):
+                        log.error("hub %s refused the registration (%s): %s", url, resp.status, payload)
+            except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
+                last = f"{url}: {type(exc).__name__}: {exc}"
+        raise HubUnavailable(last)
+
+    async def register(self) -> RegistrationAccepted:
+        """Register, retrying forever with capped exponential backoff and jitter."""
+        self.registered.clear()
+        delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
+        while True:
+            try:
+                return await self.register_once()
+            except HubUnavailable as exc:
+                delay = next(delays)
+                log.warning("registration failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def build_heartbeat(self) -> Heartbeat:
+        stats = self.manager.engine.stats()
+        # NVML can block for a while on a busy driver: probe off the event loop; the rest reads loop-owned state.
+        live = await asyncio.to_thread(gpu_probe.refresh, self.gpus, stats.vram_used_mb)
+        self.gpus = live
+        util = sum(g.utilization for g in live) / len(live) if live else 0.0
+        vram = sum(g.vram_used_mb for g in live) if live else stats.vram_used_mb
+        return Heartbeat(
+            active_sessions=self.manager.ids(),
+            cpu_percent=min(100.0, psutil.cpu_percent(None)),
+            memory_percent=min(100.0, psutil.virtual_memory().percent),
+            gpu_utilization=min(100.0, util),
+            vram_used_mb=max(0, vram),
+            latency_ms=min(3_600_000.0, max(0.0, stats.latency_ms)),
+            error_rate=min(1.0, max(0.0, stats.error_rate)),
+            state=WorkerState.DRAINING if self.manager.draining else WorkerState.READY,
+        )
+
+    async def heartbeat_once(self) -> HeartbeatReply:
+        """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable."""
+        if self.hub_url is None or self.secret is None:
+            raise WorkerForgotten("not registered")
+        body = (await self.build_heartbeat()).model_dump(mode="json")
+        url = f"{self.hub_url}/api/v1/workers/{self.worker_id}/heartbeat"
+        try:
+            async with self._session().post(url, json=body, headers=self._headers()) as resp:
+                if resp.status == 403:
+                    # Our secret is no longer the worker's: presenting it again would only earn 409s.
+                    self.secret = None
+                    raise WorkerForgotten("hub refused the worker secret (403)")
+                if resp.status == 404:
+                    raise WorkerForgotten("hub does not know this worker (404)")
+                if resp.status != 200:
+                    raise HubUnavailable(f"hub answered {resp.status}")
+                reply = HeartbeatReply.model_validate(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
+            raise HubUnavailable(repr(exc)) from None
+        await self._apply(reply)
+        return reply
+
+    async def _apply(self, reply: HeartbeatReply) -> None:
+        self.last_reply = reply
+        self.interval_s = reply.heartbeat_interval_s
+        if reply.state is WorkerState.DRAINING and not self.manager.draining:
+            self.manager.set_draining(True)  # an SRE drained us through the hub
+        if self.on_state is not None:
+            self.on_state(reply.state)
+        for session_id in reply.stop_sessions:
+            log.info("hub does not hold session %s; stopping it", session_id)
+            await self.manager.stop(session_id)
+
+    async def heartbeat_loop(self) -> None:
+        """Heartbeat at the hub's interval forever; re-register when forgotten, back off when hubs fail."""
+        delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
+        while True:
+            try:
+                await self.heartbeat_once()
+                self.manager.metrics.heartbeats.labels("ok").inc()
+                delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
+                await asyncio.sleep(self.interval_s)
+            except WorkerForgotten as exc:
+                self.manager.metrics.heartbeats.labels("forgotten").inc()
+                log.warning("hub forgot worker %s (%s); registering again", self.worker_id, exc)
+                await self._reregister()
+            except HubUnavailable as exc:
+                self.manager.metrics.heartbeats.labels("failed").inc()
+                delay = min(next(delays), self.interval_s)
+                log.warning("heartbeat failed (%s); sessions keep running; retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                if len(self.hub_urls) > 1:
+                    await self._reregister_elsewhere()
+
+    async def _reregister(self) -> None:
+        # Our secret is presented, so a hub that still holds us accepts at once; then heartbeat immediately.
+        self.hub_url = self.hub_url or (self.hub_urls[0] if self.hub_urls else None)
+        await self.register()
+
+    async def _reregister_elsewhere(self) -> None:
+        """With several hubs, try the registration on any of them; each shares the registry, so any will do."""
+        with contextlib.suppress(HubUnavailable):
+            await self.register_once()
+
+    async def deregister(self) -> bool:
+        if self.hub_url is None or self.secret is None:
+            return False
+        for url in self._ordered_hubs():
+            try:
+                async with self._session().delete(f"{url}/api/v1/workers/{self.worker_id}",
+                                                  headers=self._headers()) as resp:
+                    if resp.status in (204, 404):
+                        log.info("deregistered %s", self.worker_id)
+                        return True
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("deregistration via %s failed: %r", url, exc)
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "hub": self.hub_url, "registered": self.registered.is_set()}

@@ -1,0 +1,133 @@
+"""The sessions this worker runs: local capacity, draining, and the engine calls, under one lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.models import SessionDispatch, WorkerSessionInfo
+from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class SessionRefused(Exception):
+    """A dispatch the worker cannot take: ``code`` says why (full, draining, duplicate, engine_error)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own, so several workers can live in one test process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("worker_sessions_active", "Sessions running", registry=self.registry)
+        self.max_streams = Gauge("worker_max_streams", "Stream capacity", registry=self.registry)
+        self.draining = Gauge("worker_draining", "1 while draining", registry=self.registry)
+        self.dispatches = Counter("worker_dispatches_total", "Dispatches by outcome", ["outcome"],
+                                  registry=self.registry)
+        self.engine_latency = Gauge("worker_engine_latency_ms", "Engine p95 frame latency", registry=self.registry)
+        self.start_seconds = Histogram("worker_session_start_seconds", "Time to start a session",
+                                       registry=self.registry)
+        self.heartbeats = Counter("worker_heartbeats_total", "Heartbeats by outcome", ["outcome"],
+                                  registry=self.registry)
+
+
+class SessionManager:
+    def __init__(self, engine: Engine, max_streams: int, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.max_streams = max_streams
+        self.metrics = metrics or Metrics()
+        self.metrics.max_streams.set(max_streams)
+        self.sessions: dict[str, WorkerSessionInfo] = {}
+        self._draining = False
+        # Held across the engine's start so concurrent dispatches cannot overbook a slot.
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        #: Called after every change of the session count (scale-in protection listens here).
+        self.on_change: Callable[[int], None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def set_draining(self, value: bool) -> None:
+        if value != self._draining:
+            log.info("worker %s", "draining: no new sessions" if value else "ready again")
+        self._draining = value
+        self.metrics.draining.set(1 if value else 0)
+
+    def ids(self) -> list[str]:
+        return list(self.sessions)
+
+    def _notify(self) -> None:
+        self.metrics.sessions_active.set(len(self.sessions))
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change(len(self.sessions))
+
+    async def start(self, spec: SessionDispatch) -> WorkerSessionInfo:
+        async with self._lock:
+            if self._draining:
+                self._refuse("draining", "worker is draining")
+            if spec.session_id in self.sessions:
+                self._refuse("duplicate", f"session {spec.session_id} already runs here")
+            if len(self.sessions) >= self.max_streams:
+                self._refuse("full", f"all {self.max_streams} streams in use")
+            started = time.perf_counter()
+            try:
+                await self.engine.start_session(spec, self._ended)
+            except Exception as exc:  # noqa: BLE001 - any engine failure refuses this one session
+                log.warning("engine refused session %s: %s", spec.session_id, exc)
+                self._refuse("engine_error", f"engine could not start the session: {exc}")
+            self.metrics.start_seconds.observe(time.perf_counter() - started)
+            info = WorkerSessionInfo(session_id=spec.session_id, session_key=spec.session_key, room=spec.room,
+                                     started_at=time.time())
+            self.sessions[spec.session_id] = info
+            self.metrics.dispatches.labels("accepted").inc()
+            self._notify()
+            return info
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.metrics.dispatches.labels(code).inc()
+        raise SessionRefused(code, message)
+
+    def _ended(self, session_id: str, reason: str) -> None:
+        """Engine callback: a session ended by itself; the next heartbeat no longer reports it."""
+        if self.sessions.pop(session_id, None) is not None:
+            log.info("session %s ended: %s", session_id, reason)
+            self._notify()
+
+    async def stop(self, session_id: str) -> bool:
+        if self.sessions.pop(session_id, None) is None:
+            return False
+        try:
+            await self.engine.stop_session(session_id)
+        finally:
+            self._notify()
+        return True
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(sid) for sid in self.ids()), return_exceptions=True)
+
+    async def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until no session runs, up to ``timeout_s``; True if it emptied."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.sessions:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+        return True

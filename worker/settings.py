@@ -1,0 +1,82 @@
+"""Worker settings. Each field reads ``FLEET_<NAME>``; ``FLEET_ENV=prod`` refuses the default worker token."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Annotated, Any, Self
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from shared.auth import DEFAULT_WORKER_TOKEN
+from shared.settings import FleetSettings
+
+
+class WorkerSettings(FleetSettings):
+    host: str = Field(default="0.0.0.0", description="Interface the worker's HTTP API listens on.")
+    port: int = Field(default=8100, ge=0, le=65535, description="Port of the worker's HTTP API (0 = any free port).")
+    advertise_url: str | None = Field(
+        default=None, description="URL hubs dispatch to; else http://<EC2 private IP or hostname>:<port>."
+    )
+    hub_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        description="Hubs to register with, tried in turn: comma-separated or a JSON list.",
+    )
+    worker_id: str | None = Field(default=None, description="Stable id; else the EC2 instance id, else hostname-port.")
+    region: str | None = Field(default=None, description="AWS region; else from IMDS, else us-east-1.")
+    zone: str | None = Field(default=None, description="Availability zone; else from IMDS.")
+    location_lat: float | None = Field(default=None, ge=-90, le=90, description="Override of the region's latitude.")
+    location_lon: float | None = Field(default=None, ge=-180, le=180, description="Override of the region's longitude.")
+    simulate_gpu: str | None = Field(
+        default=None, description="Pretend to have GPUs, e.g. `t4`, `a10gx4`, `h100x8` (dev and tests)."
+    )
+    max_streams: int | None = Field(default=None, ge=0, description="Explicit capacity; wins over the VRAM formula.")
+    engine: str = Field(default="synthetic", description="`synthetic` (simulator) or `voice`.")
+    model_mb: int | None = Field(default=None, ge=0, description="Override of the engine's model VRAM per GPU.")
+    per_stream_mb: int | None = Field(default=None, gt=0, description="Override of the engine's VRAM per stream.")
+    headroom_mb: int | None = Field(default=None, ge=0, description="Override of the VRAM kept free per GPU.")
+    drain_timeout_s: float = Field(default=300.0, ge=0, description="How long SIGTERM waits for sessions to end.")
+    lifecycle_hook_name: str | None = Field(
+        default=None,
+        description="ASG termination lifecycle hook to complete after draining (FLEET_LIFECYCLE_HOOK_NAME).",
+    )
+    autoscaling_group: str | None = Field(
+        default=None, description="ASG name; else read from the instance's tags via IMDS when hooks need it."
+    )
+    protect_from_scale_in: bool = Field(
+        default=False, description="Hold ASG scale-in protection while sessions run (FLEET_PROTECT_FROM_SCALE_IN)."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Routing labels (JSON object).")
+    imds_url: str = Field(default="http://169.254.169.254", description="EC2 instance metadata endpoint.")
+    imds_timeout_s: float = Field(default=0.3, gt=0, description="Per-call IMDS timeout: off EC2 this fails fast.")
+    hub_timeout_s: float = Field(default=3.0, gt=0, description="Timeout of every call to a hub.")
+    register_backoff_cap_s: float = Field(default=10.0, gt=0, description="Longest wait between registration tries.")
+
+    @field_validator("hub_urls", mode="before")
+    @classmethod
+    def _split_hub_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("hub_urls")
+    @classmethod
+    def _strip_slashes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one hub URL is needed")
+        return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _refuse_defaults_in_prod(self) -> Self:
+        if self.is_prod and self.worker_token.get_secret_value() == DEFAULT_WORKER_TOKEN:
+            raise ValueError("FLEET_WORKER_TOKEN must be set in prod (the default dev token is refused)")
+        return self
+
+    def fallback_worker_id(self, port: int) -> str:
+        """hostname-port, trimmed to the id pattern: for machines without IMDS."""
+        host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()) or "worker"
+        return f"{host.lstrip('._-') or 'worker'}-{port}"[:64]

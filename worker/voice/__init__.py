@@ -1,0 +1,1 @@
+"""Streaming voice-conversation engine: VAD → STT → LLM → TTS over a WebSocket or a LiveKit room."""

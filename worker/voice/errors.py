@@ -1,0 +1,24 @@
+"""Voice engine exceptions."""
+
+from __future__ import annotations
+
+
+class VoiceError(Exception):
+    """Base of the voice engine's errors."""
+
+
+class ModelMissing(VoiceError):
+    """A configured model folder or file does not exist; raised at start()."""
+
+    def __init__(self, path: object, setting: str) -> None:
+        super().__init__(f"model path {path} does not exist (set by {setting})")
+        self.path = path
+        self.setting = setting
+
+
+class BackendError(VoiceError):
+    """An STT/LLM/TTS backend failed for one turn; the session goes on."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage

@@ -1,0 +1,250 @@
+"""One conversation: frames in → VAD → STT → LLM → sentence-by-sentence TTS → frames out, with barge-in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.voice.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE
+from worker.voice.errors import BackendError
+from worker.voice.llm import LLM, Message
+from worker.voice.metrics import VoiceMetrics
+from worker.voice.settings import VoiceSettings
+from worker.voice.stt import STT, STTStream, transcribe
+from worker.voice.tts import TTS
+from worker.voice.vad import EndpointDetector, VadEvent
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "Sorry, I had a problem answering that. Please try again."
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+_PREROLL_FRAMES = 15  # audio kept from before the VAD fired, so STT hears the first syllable
+_CHUNK_MS = 100  # reply audio is sent in chunks of this length
+_LEAD_MS = 300  # how far ahead of real time reply audio may be sent (what barge-in cannot take back)
+
+
+class Transport(Protocol):
+    """Where a conversation's output goes (a WebSocket, a LiveKit room)."""
+
+    async def send_audio(self, pcm: bytes) -> None: ...
+
+    async def send_event(self, event: dict[str, Any]) -> None: ...
+
+    async def close(self, reason: str) -> None:
+        """The session ended on the worker's side."""
+        ...
+
+
+@dataclass
+class Backends:
+    """Models loaded once per process and shared by every session."""
+
+    stt: STT
+    llm: LLM
+    tts: TTS
+
+
+@dataclass
+class History:
+    max_turns: int
+    messages: list[Message] = field(default_factory=list)
+
+    def add(self, role: str, content: str) -> None:
+        self.messages.append({"role": role, "content": content})
+        del self.messages[: max(0, len(self.messages) - 2 * self.max_turns)]
+
+
+async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Regroup streamed text into sentences, so TTS can start before the reply is complete."""
+    buf = ""
+    async for chunk in chunks:
+        buf += chunk
+        parts = _SENTENCE_END.split(buf)
+        for done in parts[:-1]:
+            if done.strip():
+                yield done.strip()
+        buf = parts[-1]
+    if buf.strip():
+        yield buf.strip()
+
+
+class Conversation:
+    def __init__(
+        self,
+        session_id: str,
+        backends: Backends,
+        settings: VoiceSettings,
+        transport: Transport,
+        metrics: VoiceMetrics,
+        history: History,
+    ) -> None:
+        self.session_id = session_id
+        self.backends = backends
+        self.settings = settings
+        self.transport = transport
+        self.metrics = metrics
+        self.history = history
+        self.vad = EndpointDetector(settings.vad_aggressiveness, settings.vad_silence_ms, settings.vad_min_speech_ms)
+        self._pending = b""
+        self._preroll: deque[bytes] = deque(maxlen=_PREROLL_FRAMES)
+        self._stt: STTStream | None = None
+        self._last_voiced = 0.0
+        self._turn: asyncio.Task[None] | None = None
+        self.speaking = False
+
+    async def feed(self, pcm: bytes) -> None:
+        """Accept PCM16 mono 16 kHz audio of any length; it is re-cut into 20 ms frames."""
+        self._pending += pcm
+        while len(self._pending) >= FRAME_BYTES:
+            frame, self._pending = self._pending[:FRAME_BYTES], self._pending[FRAME_BYTES:]
+            await self._frame(frame)
+
+    async def _frame(self, frame: bytes) -> None:
+        now = time.perf_counter()
+        event = self.vad.process(frame)
+        if self.vad.in_speech or event is VadEvent.SPEECH_END:
+            if self._stt is not None:
+                self._stt.feed(frame)
+        else:
+            self._preroll.append(frame)
+        if event is None and self.vad.in_speech and self.vad.last_voiced:
+            self._last_voiced = now
+        if event is VadEvent.SPEECH_START:
+            self._last_voiced = now
+            await self._on_speech_start()
+        elif event is VadEvent.SPEECH_END:
+            await self._on_speech_end(now)
+
+    async def _on_speech_start(self) -> None:
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()  # barge-in: the user talks over the reply (or before it started)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._turn
+            await self.transport.send_event({"type": "barge_in"})
+        self._stt = self.backends.stt.new_stream()
+        for frame in self._preroll:
+            self._stt.feed(frame)
+        self._preroll.clear()
+        await self.transport.send_event({"type": "speech_start"})
+
+    async def _on_speech_end(self, now: float) -> None:
+        stream, self._stt = self._stt, None
+        if stream is None:
+            return
+        vad_ms = (now - self._last_voiced) * 1000 + FRAME_MS
+        await self.transport.send_event({"type": "speech_end"})
+        self._turn = asyncio.create_task(self._run_turn(stream, self._last_voiced - FRAME_MS / 1000, vad_ms))
+
+    async def _run_turn(self, stream: STTStream, speech_ended: float, vad_ms: float) -> None:
+        timings: dict[str, float] = {"vad_ms": round(vad_ms, 1)}
+        reply: list[str] = []
+        error: BackendError | None = None
+        try:
+            try:
+                await self._answer(stream, speech_ended, timings, reply)
+            except BackendError as exc:
+                error = exc
+                await self._fail(exc, speech_ended, timings)
+            if "stt_ms" in timings:
+                self.metrics.record_turn(timings, error is not None)
+                await self.transport.send_event(
+                    {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
+                )
+        finally:
+            if reply:
+                self.history.add("assistant", " ".join(reply))
+            self.speaking = False
+
+    async def _answer(
+        self, stream: STTStream, speech_ended: float, timings: dict[str, float], reply: list[str]
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            text = await transcribe(stream, self.settings.stt_timeout_s)
+        except TimeoutError:
+            raise BackendError("stt", "timed out") from None
+        except Exception as exc:  # noqa: BLE001 - any backend failure becomes an evented apology
+            raise BackendError("stt", f"{type(exc).__name__}: {exc}") from None
+        timings["stt_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        await self.transport.send_event({"type": "transcript", "text": text, "stt_ms": timings["stt_ms"]})
+        if not text.strip():
+            del timings["stt_ms"]  # nothing heard: not a turn
+            return
+        self.history.add("user", text)
+        await self._reply(speech_ended, timings, reply)
+
+    async def _reply(self, speech_ended: float, timings: dict[str, float], reply: list[str]) -> None:
+        t_llm = time.perf_counter()
+        first_token = True
+
+        async def tokens() -> AsyncIterator[str]:
+            nonlocal first_token
+            async for chunk in self.backends.llm.stream(self.settings.system_prompt, list(self.history.messages)):
+                if first_token:
+                    timings["llm_first_token_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
+                    first_token = False
+                yield chunk
+
+        try:
+            async with asyncio.timeout(self.settings.llm_timeout_s):
+                async for sentence in sentences(tokens()):
+                    if not reply:
+                        timings["llm_first_sentence_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
+                    reply.append(sentence)
+                    await self.transport.send_event({"type": "reply_text", "text": sentence})
+                    await self._speak(sentence, speech_ended, timings)
+        except TimeoutError:
+            raise BackendError("llm", f"no complete reply within {self.settings.llm_timeout_s}s") from None
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken stream is a backend failure, not a dead session
+            raise BackendError("llm", f"{type(exc).__name__}: {exc}") from None
+        if not reply:
+            raise BackendError("llm", "empty reply")
+
+    async def _speak(self, text: str, speech_ended: float | None, timings: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        try:
+            pcm = await self.backends.tts.synthesize(text)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError("tts", f"{type(exc).__name__}: {exc}") from None
+        if "tts_first_ms" not in timings:
+            timings["tts_first_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        await self._play(pcm, speech_ended, timings)
+
+    async def _play(self, pcm: bytes, speech_ended: float | None, timings: dict[str, float]) -> None:
+        """Send audio paced at real time plus a small lead, so barge-in can stop what is not yet played."""
+        self.speaking = True
+        chunk = SAMPLE_RATE * 2 * _CHUNK_MS // 1000
+        started = time.perf_counter()
+        for i, offset in enumerate(range(0, len(pcm), chunk)):
+            ahead = i * _CHUNK_MS / 1000 - (time.perf_counter() - started)
+            if ahead > _LEAD_MS / 1000:
+                await asyncio.sleep(ahead - _LEAD_MS / 1000)
+            await self.transport.send_audio(pcm[offset : offset + chunk])
+            if speech_ended is not None and "e2e_ms" not in timings:
+                timings["e2e_ms"] = round((time.perf_counter() - speech_ended) * 1000, 1)
+                await self.transport.send_event({"type": "first_audio", "e2e_ms": timings["e2e_ms"]})
+
+    async def _fail(self, exc: BackendError, speech_ended: float, timings: dict[str, float]) -> None:
+        log.warning("voice session %s: %s", self.session_id, exc)
+        await self.transport.send_event({"type": "error", "stage": exc.stage, "message": str(exc)})
+        with contextlib.suppress(BackendError):
+            await self._speak(APOLOGY, speech_ended, timings)
+
+    async def aclose(self) -> None:
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._turn
+        if self._stt is not None:
+            stream, self._stt = self._stt, None
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(stream.finish)  # returns a pooled decoder

@@ -1,0 +1,149 @@
+"""Text-to-speech backends: espeak-ng offline (CPU, ctypes) and a Chatterbox-style GPU model from a local folder."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from worker.voice.audio import SAMPLE_RATE, float_to_pcm16, resample
+from worker.voice.errors import ModelMissing
+from worker.voice.settings import VoiceSettings
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_ESPEAK_CHARS_UTF8 = 1
+_ESPEAK_RATE = 1
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class TTS(Protocol):
+    name: str
+    model_mb: int
+    per_stream_mb: int
+
+    def load(self) -> None: ...
+
+    async def synthesize(self, text: str) -> bytes:
+        """PCM16 mono at 16 kHz for ``text``."""
+        ...
+
+
+class _EspeakLib:
+    """The process-global libespeak-ng: one initialisation, one callback, one synthesis at a time."""
+
+    def __init__(self) -> None:
+        import espeakng_loader  # type: ignore[import-untyped]
+
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+            ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+        if rate <= 0:
+            raise RuntimeError(f"espeak-ng failed to initialise (code {rate})")
+        self.lib = lib
+        self.rate = int(rate)
+        self.lock = threading.Lock()
+        self._chunks: list[bytes] = []
+        self._callback = _SYNTH_CALLBACK(self._on_audio)  # kept referenced: espeak holds a raw pointer
+        lib.espeak_SetSynthCallback(self._callback)
+        self._voice: tuple[str, int] | None = None
+
+    def _on_audio(self, wav: Any, n: int, _events: Any) -> int:
+        if n > 0 and wav:
+            self._chunks.append(ctypes.string_at(wav, n * 2))
+        return 0
+
+    def synthesize(self, text: str, voice: str, rate_wpm: int) -> bytes:
+        data = text.encode() + b"\0"
+        with self.lock:
+            if self._voice != (voice, rate_wpm):
+                if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                    raise RuntimeError(f"espeak-ng has no voice {voice!r} (FLEET_VOICE_TTS_VOICE)")
+                self.lib.espeak_SetParameter(_ESPEAK_RATE, rate_wpm, 0)
+                self._voice = (voice, rate_wpm)
+            self._chunks = []
+            self.lib.espeak_Synth(data, len(data), 0, 0, 0, _ESPEAK_CHARS_UTF8, None, None)
+            pcm = b"".join(self._chunks)
+        return resample(pcm, self.rate, SAMPLE_RATE)
+
+
+_espeak: _EspeakLib | None = None
+_espeak_init = threading.Lock()
+
+
+def _espeak_lib() -> _EspeakLib:
+    global _espeak
+    with _espeak_init:
+        if _espeak is None:
+            _espeak = _EspeakLib()
+        return _espeak
+
+
+class EspeakTTS:
+    """espeak-ng through ctypes from the ``espeakng-loader`` wheel (no system package); CPU, ~1 ms per second."""
+
+    name = "espeak"
+    model_mb = 0
+    per_stream_mb = 0
+
+    def __init__(self, voice: str = "en-us", rate_wpm: int = 175) -> None:
+        self.voice = voice
+        self.rate_wpm = rate_wpm
+
+    def load(self) -> None:
+        _espeak_lib().synthesize("", self.voice, self.rate_wpm)  # fails here on a bad voice, not mid-session
+
+    def synthesize_sync(self, text: str) -> bytes:
+        return _espeak_lib().synthesize(text, self.voice, self.rate_wpm)
+
+    async def synthesize(self, text: str) -> bytes:
+        return await asyncio.to_thread(self.synthesize_sync, text)
+
+
+class ChatterboxTTS:
+    """GPU TTS (Chatterbox) loaded once from a local model folder; imported lazily so CPU hosts need none of it."""
+
+    name = "chatterbox"
+    model_mb = 6500
+    per_stream_mb = 600
+
+    def __init__(self, model_dir: Path | None, device: str = "cuda") -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()  # one GPU model; generation calls are serialised
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        if self.model_dir is None or not self.model_dir.is_dir():
+            raise ModelMissing(self.model_dir, "FLEET_VOICE_TTS_MODEL_DIR")
+        try:
+            module = importlib.import_module("chatterbox.tts")
+        except ImportError as exc:
+            raise RuntimeError("FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package") from exc
+        self._model = module.ChatterboxTTS.from_local(str(self.model_dir), self.device)
+
+    def synthesize_sync(self, text: str) -> bytes:
+        self.load()
+        with self._lock:
+            wav = self._model.generate(text)
+        samples = np.asarray(wav.squeeze().cpu().numpy(), dtype=np.float32)
+        return resample(float_to_pcm16(samples), int(self._model.sr), SAMPLE_RATE)
+
+    async def synthesize(self, text: str) -> bytes:
+        return await asyncio.to_thread(self.synthesize_sync, text)
+
+
+def build_tts(settings: VoiceSettings) -> TTS:
+    if settings.tts_backend == "chatterbox":
+        return ChatterboxTTS(settings.tts_model_dir)
+    return EspeakTTS(settings.tts_voice, settings.tts_rate_wpm)
