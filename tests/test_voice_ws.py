@@ -1,0 +1,304 @@
+"""End to end through the voice engine's WebSocket: offline TTS speaks to pocketsphinx, a local SSE server answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+from aiohttp import web
+from fastapi import FastAPI
+from livekit.api import AccessToken, VideoGrants
+
+from shared.models import SessionDispatch
+from shared.redis_server import free_port
+from worker.voice.audio import FRAME_BYTES, rms
+from worker.voice.engine import VoiceEngine
+from worker.voice.pipeline import APOLOGY
+from worker.voice.settings import VoiceSettings
+from worker.voice.tts import EspeakTTS
+
+QUESTION = "What is the weather like in Paris today?"
+REPLY = "It is sunny in Paris today. Enjoy your walk by the river!"
+LONG_REPLY = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 9))
+
+_tts = EspeakTTS()
+
+
+def speech(text: str) -> bytes:
+    return _tts.synthesize_sync(text)
+
+
+def token(room: str, identity: str = "caller") -> str:
+    grants = VideoGrants(room_join=True, room=room)
+    return AccessToken("devkey", "secret").with_identity(identity).with_grants(grants).to_jwt()
+
+
+@dataclass
+class FakeLLM:
+    """A local OpenAI-compatible server streaming SSE chunks; ``mode`` picks the behaviour of the next request."""
+
+    url: str = ""
+    mode: str = "ok"
+    reply: str = REPLY
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode == "fail":
+            self.mode = "ok"  # fail once, then recover: the session must survive
+            return web.Response(status=500, text="model exploded")
+        if self.mode == "hang":
+            self.mode = "ok"
+            await asyncio.sleep(2)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        words = self.reply.split(" ")
+        for i in range(0, len(words), 3):
+            chunk = {"choices": [{"delta": {"content": " ".join(words[i : i + 3]) + " "}}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.01)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLLM]:
+    llm = FakeLLM()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", llm.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    llm.url = f"http://127.0.0.1:{port}/v1"
+    yield llm
+    await runner.cleanup()
+
+
+@dataclass
+class Harness:
+    engine: VoiceEngine
+    base: str
+    ended: list[tuple[str, str]]
+
+    async def session(self, session_id: str = "s1", room: str = "room-1") -> SessionDispatch:
+        spec = SessionDispatch(
+            session_id=session_id, room=room, livekit_url="ws://127.0.0.1:1", token=token(room, "agent")
+        )
+        await self.engine.start_session(spec, lambda sid, reason: self.ended.append((sid, reason)))
+        return spec
+
+    def url(self, session_id: str = "s1", room: str = "room-1", tok: str | None = None) -> str:
+        return f"{self.base}/sessions/{session_id}/audio?token={tok or token(room)}"
+
+
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def make_harness(fake_llm: FakeLLM) -> AsyncIterator[MakeHarness]:
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None], VoiceEngine]] = []
+
+    async def make(**overrides: Any) -> Harness:
+        values: dict[str, Any] = {"llm_base_url": fake_llm.url, "llm_timeout_s": 5} | overrides
+        settings = VoiceSettings(**values)
+        engine = VoiceEngine(settings)
+        await engine.start()
+        app = FastAPI()
+        router = engine.router()
+        assert router is not None
+        app.include_router(router)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        servers.append((server, task, engine))
+        return Harness(engine, f"ws://127.0.0.1:{port}", [])
+
+    yield make
+    for server, task, engine in servers:
+        await engine.aclose()
+        server.should_exit = True
+        await task
+
+
+class Client:
+    """Collects what the engine sends: JSON events and reply audio, with arrival times."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.events: list[dict[str, Any]] = []
+        self.audio: list[tuple[float, bytes]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if isinstance(msg, bytes):
+                self.audio.append((time.monotonic(), msg))
+            else:
+                self.events.append(json.loads(msg) | {"_t": time.monotonic()})
+
+    async def say(self, pcm: bytes, trailing_silence_s: float = 0.8) -> None:
+        """Stream audio in real-time 20 ms frames, then silence, so the VAD sees the utterance end."""
+        pcm += b"\0" * int(32000 * trailing_silence_s)
+        start = time.monotonic()
+        for n, i in enumerate(range(0, len(pcm), FRAME_BYTES)):
+            await self.ws.send(pcm[i : i + FRAME_BYTES])
+            delay = start + (n + 1) * 0.02 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events if e["type"] == kind]
+            if len(found) >= count:
+                return found[count - 1]
+            if self._reader.done():
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {kind} #{count}; events: {[e['type'] for e in self.events]}")
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+async def test_end_to_end_reply_audio_and_latencies(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+    """A spoken question is transcribed, answered by the LLM and spoken back, with every stage timed."""
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.wait_for("ready")
+        await client.say(speech(QUESTION))
+        transcript = await client.wait_for("transcript")
+        for word in ("weather", "paris", "today"):
+            assert word in transcript["text"]
+        end = await client.wait_for("reply_end")
+        await asyncio.sleep(0.3)
+    timings = end["timings"]
+    print(f"\nvoice turn timings (ms): {timings}")
+    for stage in ("vad_ms", "stt_ms", "llm_first_token_ms", "llm_first_sentence_ms", "tts_first_ms", "e2e_ms"):
+        assert timings[stage] >= 0, stage
+    assert 0 < timings["e2e_ms"] < 3000
+    audio = b"".join(chunk for _, chunk in client.audio)
+    assert len(audio) > 32000  # over a second of reply
+    assert rms(audio) > 500
+    sentences = [e["text"] for e in client.of("reply_text")]
+    assert sentences == ["It is sunny in Paris today.", "Enjoy your walk by the river!"]
+    messages = fake_llm.requests[0]["messages"]
+    assert messages[0]["role"] == "system" and messages[1] == {"role": "user", "content": transcript["text"]}
+    stats = h.engine.stats()
+    assert stats.latency_ms == timings["e2e_ms"] and stats.active_sessions == 1 and stats.error_rate == 0
+    assert set(h.engine.stage_latency_ms) >= {"stt_ms", "e2e_ms", "tts_first_ms"}
+
+
+async def test_barge_in_stops_reply_and_history_carries(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+    """User speech during a reply stops its audio at once; the next turn is heard and the history kept."""
+    fake_llm.reply = LONG_REPLY
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.say(speech(QUESTION), trailing_silence_s=0.5)
+        await client.wait_for("first_audio")
+        await asyncio.sleep(0.5)
+        fake_llm.reply = "Goodbye."
+        await client.say(speech("Tell me a joke"), trailing_silence_s=0.8)
+        barge = await client.wait_for("barge_in")
+        second = await client.wait_for("transcript", 2)
+        assert "joke" in second["text"]
+        await client.wait_for("reply_end")
+    reply_audio_s = sum(len(c) for t, c in client.audio if t < barge["_t"]) / 32000
+    assert reply_audio_s < 3  # the long reply is ~12 s of speech
+    assert not any(e["type"] == "reply_end" and e["_t"] < barge["_t"] for e in client.events)
+    history = fake_llm.requests[1]["messages"]
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user"]
+
+
+async def test_llm_failure_apologises_and_session_survives(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+    fake_llm.mode = "fail"
+    h = await make_harness()
+    await h.session()
+    pcm = speech(QUESTION)
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.say(pcm)
+        error = await client.wait_for("error")
+        assert error["stage"] == "llm" and "500" in error["message"]
+        await client.wait_for("first_audio")
+        assert rms(b"".join(c for _, c in client.audio)) > 500  # the apology is spoken
+        end = await client.wait_for("reply_end")
+        assert end["error"] == "llm" and h.engine.metrics.errors == 1
+        await client.say(pcm)
+        second = await client.wait_for("reply_end", 2)
+        assert second["error"] is None
+    assert h.engine.stats().error_rate == 0.5
+    assert APOLOGY
+
+
+async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+    fake_llm.mode = "hang"
+    h = await make_harness(llm_timeout_s=0.5)
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.say(speech(QUESTION))
+        error = await client.wait_for("error")
+        assert error["stage"] == "llm" and "0.5" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [(b"\x00" * 641, 1007), ("not json", 1003), (b"\x00" * 64_000, 1009)],
+)
+async def test_malformed_input_closes_with_clear_code(make_harness: MakeHarness, frame: Any, code: int) -> None:
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        await ws.send(frame)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+    assert "s1" in h.engine.sessions  # the session survives a bad connection
+
+
+async def test_auth_and_unknown_session(make_harness: MakeHarness) -> None:
+    h = await make_harness()
+    await h.session()
+    grants = VideoGrants(room_join=True, room="room-1")
+    bad = AccessToken("devkey", "wrong-secret").with_identity("x").with_grants(grants).to_jwt()
+    # closing before accept is answered as HTTP 403 by the ASGI server, whatever the close code
+    anonymous = f"{h.base}/sessions/s1/audio"
+    for url in [h.url(tok=bad), h.url(tok=token("other-room")), anonymous, h.url(session_id="nope")]:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(url) as ws:
+                await ws.recv()
+        assert refused.value.response.status_code == 403, url
+
+
+async def test_session_time_limit_ends_cleanly(make_harness: MakeHarness) -> None:
+    h = await make_harness(session_max_s=0.6)
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        end = await client.wait_for("session_end", timeout=5)
+        assert end["reason"] == "time_limit"
+        await asyncio.wait_for(client._reader, 5)
+    assert h.ended == [("s1", "time_limit")]
+    assert h.engine.stats().active_sessions == 0
+
+
+def test_reply_audio_is_not_silence() -> None:
+    assert float(np.abs(np.frombuffer(speech("hello"), dtype=np.int16)).max()) > 1000
