@@ -239,3 +239,22 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
 return {allowed, wait}
 """
+
+READ_BOARD = """
+-- The routing board's status and used views (and the static view when the caller's generation is stale), each
+-- as ONE JSON string: a hub parses two strings with the C json module instead of 40,000 RESP items in Python
+-- (at 10,000 workers the RESP parse of HGETALL took ~30% of an idle hub's CPU every refresh).
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board generation
+-- ARGV[1] the generation the caller holds ('' = none)
+-- Returns {generation, status JSON array, used JSON array, static JSON array or '', seconds, microseconds}
+local gen = redis.call('GET', KEYS[4]) or '0'
+local function flat(key)
+  local v = redis.call('HGETALL', key)
+  if #v == 0 then return '[]' end
+  return cjson.encode(v)
+end
+local static = ''
+if gen ~= ARGV[1] then static = flat(KEYS[1]) end
+local t = redis.call('TIME')
+return {gen, flat(KEYS[2]), flat(KEYS[3]), static, t[1], t[2]}
+"""

@@ -128,6 +128,7 @@ class FleetStore:
         self._cas = client.register_script(scripts.COMPARE_AND_SET)
         self._publish = client.register_script(scripts.PUBLISH_BOARD)
         self._bucket = client.register_script(scripts.RATE_LIMIT_BUCKET)
+        self._read_board = client.register_script(scripts.READ_BOARD)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -280,22 +281,14 @@ class FleetStore:
     # --- routing board -----------------------------------------------------------------------------------
 
     async def read_board(self, known_generation: int | None) -> BoardRead:
-        """Everything a hub needs to route, in two round trips whatever the fleet size."""
-        b = keys.BOARD
+        """Everything a hub needs to route, in one round trip whatever the fleet size (one script on ``{idx}``)."""
         async with unavailable_as_domain_error():
-            # Static views first: registration writes static and status together, so every worker read here
-            # already has a status when the status hash is read next.
-            generation = int(await self.redis.get(b.generation) or 0)
-            static: dict[str, str] | None = None
-            if generation != known_generation:
-                static = await self.redis.hgetall(b.static)  # type: ignore[assignment]  # decode_responses
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(b.status)
-            pipe.hgetall(b.used)
-            status, used = await pipe.execute()
-            seconds, micros = await self.redis.time()
-        return BoardRead(generation=generation, static=static, status=status, used=used,
-                         now_ms=int(seconds) * 1000 + int(micros) // 1000)
+            res = await self._read_board(keys=keys.BOARD.as_list(),
+                                         args=["" if known_generation is None else str(known_generation)])
+        generation = int(res[0] or 0)
+        static = _pairs(res[3]) if res[3] else None
+        return BoardRead(generation=generation, static=static, status=_pairs(res[1]), used=_pairs(res[2]),
+                         now_ms=int(res[4]) * 1000 + int(res[5]) // 1000)
 
     async def publish_used(self, worker_id: str, used: int) -> None:
         await self._publish_board(worker_id, used=used)
@@ -318,3 +311,12 @@ class FleetStore:
         async with unavailable_as_domain_error():
             res = await self._bucket(keys=[keys.rate_limit_bucket(client)], args=[capacity, rate_per_s])
         return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
+
+
+def _pairs(raw: str) -> dict[str, str]:
+    """A flat [field, value, ...] JSON array (HGETALL encoded by a script) as a dict."""
+    flat = json.loads(raw)
+    if not isinstance(flat, list):  # cjson encodes an empty table as {}
+        return {}
+    it = iter(flat)
+    return {str(k): str(v) for k, v in zip(it, it, strict=True)}

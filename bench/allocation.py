@@ -1,0 +1,113 @@
+"""Allocation throughput and latency of one real hub process over a real redis-server.
+
+For each fleet size N: flush Redis, register N workers (4 streams each, 10 regions) through FleetStore.register,
+start ``fleet hub`` (uvicorn), then a separate load-generator process runs C closed-loop clients that create a
+session (POST /api/v1/sessions; the hub reserves, dispatches to a fake worker endpoint, confirms) and end it
+(DELETE). GET /health with the same clients gives the HTTP floor. The original design (bench/baselines) runs at
+the largest N. Workers are kept live by FLEET_WORKER_TTL_S=600 (heartbeat load is measured by bench/heartbeats).
+
+    .venv/bin/python -m bench.allocation            # N = 100, 1000, 10000
+    .venv/bin/python -m bench.allocation --quick    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import redis
+
+from bench.common import (
+    BENCH_REGIONS,
+    PY,
+    ROOT,
+    Procs,
+    redis_server,
+    register_fleet,
+    run_json,
+    start_fake_workers,
+    start_hub,
+)
+
+TTL_S = "600"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", default=None)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=None)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--hub-variant", choices=["shipped", "aiohttp"], default="shipped",
+                    help="aiohttp: experiment with the hub's worker client swapped (bench/hub_aiohttp_dispatch.py)")
+    args = ap.parse_args()
+    sizes = [int(x) for x in (args.sizes or ("100,1000" if args.quick else "100,1000,10000")).split(",")]
+    duration = args.duration or (1.5 if args.quick else 15.0)
+    warmup = "0.5" if args.quick else "2"
+    procs = Procs()
+    server = redis_server()
+    rows: list[dict] = []
+    try:
+        wport = start_fake_workers(procs)
+        health: dict | None = None
+        for n in sizes:
+            redis.Redis.from_url(server.url).flushall()
+            t0 = time.perf_counter()
+            asyncio.run(register_fleet(server.url, n, wport))
+            reg_s = time.perf_counter() - t0
+            hub, base = start_hub(procs, server.url, args.hub_variant, FLEET_WORKER_TTL_S=TTL_S)
+            time.sleep(1.5)  # first board refresh
+            res = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "alloc", "--concurrency",
+                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup])
+            res.update(workers=n, register_s=round(reg_s, 1))
+            rows.append(res)
+            print(f"alloc N={n:>6}: {res['per_s']:>8.1f} alloc/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
+                  f"  errors {res['errors']}", flush=True)
+            if n == sizes[-1]:
+                health = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "health", "--concurrency",
+                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup])
+                health["workers"] = n
+                print(f"health N={n:>6}: {health['per_s']:>8.1f} req/s  p50 {health['p50_ms']} ms"
+                      f"  p99 {health['p99_ms']} ms", flush=True)
+            procs.stop(hub)
+        baseline = []
+        if not args.no_baseline:
+            n = sizes[-1]
+            bdur = "1.5" if args.quick else "20"
+            for extra in ([], ["--pipelined"]):
+                b = run_json([PY, "-m", "bench.baselines.original_router", "--redis", server.url, "--workers", str(n),
+                              "--regions", ",".join(BENCH_REGIONS), "--concurrency", "8", "--duration", bdur, *extra])
+                baseline.append(b)
+                print(f"{b['mode']} N={n:>6}: {b['per_s']:>8.2f} alloc/s  p50 {b['p50_ms']} ms  p99 {b['p99_ms']} ms",
+                      flush=True)
+    finally:
+        procs.close()
+        server.stop()
+    first, last = rows[0], rows[-1]
+    summary = {
+        "scaling_ratio": round(last["per_s"] / first["per_s"], 3),
+        "vs_health": round(last["per_s"] / health["per_s"], 3) if health else None,
+        "vs_baseline": round(last["per_s"] / baseline[0]["per_s"], 1) if baseline and baseline[0]["per_s"] else None,
+        "vs_baseline_pipelined": (round(last["per_s"] / baseline[1]["per_s"], 1)
+                                  if len(baseline) > 1 and baseline[1]["per_s"] else None),
+        "p99_over_p50": round(last["p99_ms"] / last["p50_ms"], 2),
+    }
+    print(f"scaling N={last['workers']}/N={first['workers']}: {summary['scaling_ratio']:.0%} (target >= 70%)")
+    if summary["vs_health"] is not None:
+        print(f"allocation / health floor: {summary['vs_health']:.0%} (target >= 40%)")
+    if summary["vs_baseline"] is not None:
+        print(f"vs original design: {summary['vs_baseline']}x (pipelined variant {summary['vs_baseline_pipelined']}x;"
+              f" target >= 100x)")
+    print(f"p99/p50 at N={last['workers']}: {summary['p99_over_p50']} (target <= 3)")
+    name = "allocation" + ("" if args.hub_variant == "shipped" else f"_{args.hub_variant}")
+    out = ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
+    out.write_text(json.dumps({"hub_variant": args.hub_variant, "rows": rows, "health": health, "baseline": baseline,
+                               "summary": summary,
+                               "concurrency": args.concurrency, "duration_s": duration}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Each benchmark's --quick mode runs end to end and prints its figures (the full runs are in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(module: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_allocation_quick() -> None:
+    out = _run("bench.allocation")
+    for needle in ("alloc N=   100:", "alloc N=  1000:", "health N=", "baseline N=", "alloc/s", "p99",
+                   "scaling N=", "allocation / health floor", "vs original design"):
+        assert needle in out, out
+
+
+def test_heartbeats_quick() -> None:
+    out = _run("bench.heartbeats")
+    assert "heartbeats N=1000:" in out and "/s" in out and "needed at 3 s interval" in out, out
+
+
+def test_routing_quick() -> None:
+    pytest.importorskip("scipy")
+    out = _run("bench.routing")
+    for policy in ("hub-spread", "hub-pack", "original", "nearest", "least-loaded", "round-robin", "random"):
+        assert policy in out, out
+    assert "hub spread / optimum mean distance" in out and "hub false rejects: 0" in out, out
+    assert "GPU-h" in out, out
