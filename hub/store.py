@@ -57,7 +57,7 @@ def connect(settings: HubSettings, url: str) -> Client:
         return RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **common)
     # The plain asyncio pool raises at its limit; the blocking pool waits (boundedly) for a free connection.
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout_s, **common
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_wait_s, **common
     )
     return aioredis.Redis(connection_pool=pool)
 
