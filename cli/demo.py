@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import secrets
@@ -29,6 +30,13 @@ CITIES = [
     ("Sydney", -33.87, 151.21, 5), ("Seattle", 47.61, -122.33, 4), ("Miami", 25.76, -80.19, 6),
 ]
 DEFAULT_REGIONS = ["us-east-1", "us-west-2", "eu-central-1"]
+#: LiveKit deployments for the demo (all pointing at a local dev server, with its dev key), so the hub's choice of
+#: region is visible; the hub refuses these dev secrets in prod.
+DEMO_LIVEKIT = json.dumps([
+    {"region": name, "url": "ws://localhost:7880", "lat": lat, "lon": lon, "api_key": "devkey", "api_secret": "secret"}
+    for name, lat, lon in (("lk-virginia", 38.95, -77.45), ("lk-oregon", 45.84, -119.7), ("lk-frankfurt", 50.11, 8.68),
+                           ("lk-tokyo", 35.68, 139.69))
+])
 GPUS = ["t4", "a10g", "l4"]
 
 
@@ -65,7 +73,8 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
         fleet.redis = EmbeddedRedis().start()
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env = {**base_env, "FLEET_REDIS_URL": fleet.redis.url, "FLEET_ADMIN_TOKEN": admin_token,
-               "FLEET_WORKER_TOKEN": worker_token, "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_LOG_LEVEL": "WARNING"}
+               "FLEET_WORKER_TOKEN": worker_token, "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_LOG_LEVEL": "WARNING",
+               "FLEET_LIVEKIT_REGIONS": DEMO_LIVEKIT}
         hub_urls = [f"http://127.0.0.1:{hub_port + i}" for i in range(2)]
         for i in range(len(hub_urls)):
             fleet.hubs.append(_spawn(["hub", "--port", str(hub_port + i)], env, f"{log_dir}/hub-{i}.log"))
@@ -73,7 +82,8 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
             _wait_ready(f"{url}/ready")
         for i in range(workers):
             region, gpu = regions[i % len(regions)], GPUS[(i // len(regions)) % len(GPUS)]
-            worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}"}
+            worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}",
+                          "FLEET_DRAIN_TIMEOUT_S": "10"}  # demo sessions are synthetic: drain quickly on Ctrl-C
             fleet.workers.append(_spawn(
                 ["worker", "--host", "127.0.0.1", "--port", str(worker_port + i), "--region", region,
                  "--simulate-gpu", gpu, "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log"))

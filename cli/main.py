@@ -55,12 +55,12 @@ def worker(
     if target is None:
         from worker.cli import run_worker
 
-        run_worker(host=host, port=port, advertise_url=advertise_url, region=region, simulate_gpu=simulate_gpu,
-                   max_streams=max_streams, engine=engine)
+        raise typer.Exit(run_worker(host=host, port=port, advertise_url=advertise_url, region=region,
+                                    simulate_gpu=simulate_gpu, max_streams=max_streams, engine=engine) or 0)
     elif target == "calibrate":
         from worker.cli import calibrate
 
-        calibrate(engine=engine, simulate_gpu=simulate_gpu, seconds=seconds)
+        raise typer.Exit(calibrate(engine=engine, simulate_gpu=simulate_gpu, seconds=seconds) or 0)
     else:
         admin.show_worker(target, hub=hub_url or admin.DEFAULT_HUB, json=as_json, token=token)
 
