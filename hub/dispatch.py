@@ -1,11 +1,15 @@
-"""The hub's calls to workers: hand over a session, or stop one. Every call is bounded by a timeout."""
+"""The hub's calls to workers: hand over a session, or stop one. Every call is bounded by a timeout.
+
+aiohttp rather than httpx: profiling the allocation benchmark put over half of the hub's CPU inside httpx's
+request machinery; aiohttp's client costs a fraction of it per call (see BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
 import logging
 from enum import StrEnum
 
-import httpx
+import aiohttp
 
 from shared.models import SessionDispatch
 
@@ -21,39 +25,45 @@ class DispatchOutcome(StrEnum):
 
 
 class WorkerClient:
+    """Create inside a running event loop (the hub's lifespan); close with ``aclose``."""
+
     def __init__(self, worker_token: str, timeout_s: float, max_connections: int = 256) -> None:
         self._headers = {"Authorization": f"Bearer {worker_token}"}
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 1.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 1.0)),
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=32),
         )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     async def dispatch(self, worker_url: str, body: SessionDispatch) -> DispatchOutcome:
         try:
-            resp = await self._http.post(
-                f"{worker_url.rstrip('/')}/sessions", content=body.model_dump_json(), headers={
-                    **self._headers, "Content-Type": "application/json"},
-            )
-        except httpx.TimeoutException:
+            async with self._http.post(
+                f"{worker_url.rstrip('/')}/sessions", data=body.model_dump_json(),
+                headers={**self._headers, "Content-Type": "application/json"},
+            ) as resp:
+                status = resp.status
+        except TimeoutError:
             return DispatchOutcome.TIMEOUT
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             log.info("dispatch to %s failed: %s", worker_url, type(exc).__name__)
             return DispatchOutcome.UNREACHABLE
-        if resp.status_code == 201:
+        if status == 201:
             return DispatchOutcome.ACCEPTED
-        if resp.status_code == 409:
+        if status == 409:
             return DispatchOutcome.FULL
-        log.warning("worker %s refused a dispatch with HTTP %s", worker_url, resp.status_code)
+        log.warning("worker %s refused a dispatch with HTTP %s", worker_url, status)
         return DispatchOutcome.REFUSED
 
     async def stop(self, worker_url: str, session_id: str) -> bool:
         """Best effort: True when the worker stopped it or never had it."""
         try:
-            resp = await self._http.delete(f"{worker_url.rstrip('/')}/sessions/{session_id}", headers=self._headers)
-        except httpx.HTTPError as exc:
+            async with self._http.delete(f"{worker_url.rstrip('/')}/sessions/{session_id}",
+                                         headers=self._headers) as resp:
+                return resp.status in (200, 204, 404)
+        except TimeoutError:
+            return False
+        except (aiohttp.ClientError, OSError) as exc:
             log.info("stopping %s on %s failed: %s", session_id, worker_url, type(exc).__name__)
             return False
-        return resp.status_code in (200, 204, 404)
