@@ -302,3 +302,29 @@ async def test_session_time_limit_ends_cleanly(make_harness: MakeHarness) -> Non
 
 def test_reply_audio_is_not_silence() -> None:
     assert float(np.abs(np.frombuffer(speech("hello"), dtype=np.int16)).max()) > 1000
+
+
+async def test_worker_metrics_export_the_voice_stages() -> None:
+    """The worker's /metrics carries each stage's latency of an engine that reports stages."""
+    import httpx
+
+    from worker.app import create_worker_app
+    from worker.sessions import SessionManager
+
+    class Staged:
+        name, profile = "staged", None
+        stage_latency_ms = {"stt_ms": 70.0, "e2e_ms": 415.0}
+
+        def stats(self):  # type: ignore[no-untyped-def]
+            from worker.engine import EngineStats
+
+            return EngineStats(latency_ms=415.0)
+
+        def router(self) -> None:
+            return None
+
+    app = create_worker_app(SessionManager(Staged(), 1), "token")  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+        text = (await client.get("/metrics")).text
+    assert 'worker_engine_stage_latency_ms{stage="stt_ms"} 70.0' in text
+    assert 'worker_engine_stage_latency_ms{stage="e2e_ms"} 415.0' in text

@@ -76,7 +76,7 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        manager.metrics.engine_latency.set(manager.engine.stats().latency_ms)
+        manager.metrics.observe(manager.engine)
         return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     extra = manager.engine.router()

@@ -35,11 +35,22 @@ class Metrics:
         self.draining = Gauge("worker_draining", "1 while draining", registry=self.registry)
         self.dispatches = Counter("worker_dispatches_total", "Dispatches by outcome", ["outcome"],
                                   registry=self.registry)
-        self.engine_latency = Gauge("worker_engine_latency_ms", "Engine p95 frame latency", registry=self.registry)
+        self.engine_latency = Gauge("worker_engine_latency_ms", "Engine latency reported in heartbeats",
+                                    registry=self.registry)
+        self.engine_stage_latency = Gauge("worker_engine_stage_latency_ms",
+                                          "Recent mean latency per pipeline stage (engines that have stages)",
+                                          ["stage"], registry=self.registry)
         self.start_seconds = Histogram("worker_session_start_seconds", "Time to start a session",
                                        registry=self.registry)
         self.heartbeats = Counter("worker_heartbeats_total", "Heartbeats by outcome", ["outcome"],
                                   registry=self.registry)
+
+    def observe(self, engine: Engine) -> None:
+        """Scrape-time figures from the engine: its latency, and each stage's for engines that have stages."""
+        self.engine_latency.set(engine.stats().latency_ms)
+        stages: dict[str, float] = getattr(engine, "stage_latency_ms", None) or {}
+        for stage, ms in stages.items():
+            self.engine_stage_latency.labels(stage=stage).set(ms)
 
 
 class SessionManager:
