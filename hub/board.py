@@ -19,7 +19,7 @@ from typing import Any
 
 from hub.scoring import Factors, Weights, factors, load_factors, partial_score, score
 from hub.store import FleetStore
-from shared.geo import haversine_km, region_location
+from shared.geo import haversine_km
 from shared.models import Policy
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,3 @@ class RoutingBoard:
         a, b = self.rng.sample(near, 2)
         lead = a if a.score >= b.score else b
         return [lead] + [r for r in ranked if r is not lead]
-
-    # --- helpers for the API ------------------------------------------------------------------------------
-
-    def region_center(self, region: str) -> tuple[float, float] | None:
-        loc = region_location(region)
-        return (loc.lat, loc.lon) if loc else None

@@ -59,19 +59,6 @@ class SessionPending(FleetError):
     retryable = True
 
 
-class SessionFull(FleetError):
-    """The worker has no free local slot."""
-
-    code = "worker_full"
-    retryable = True
-
-
-class SessionExists(FleetError):
-    """A session with this id already runs here."""
-
-    code = "session_exists"
-
-
 class RateLimited(FleetError):
     """Too many session requests from this client; slow down."""
 
@@ -81,9 +68,3 @@ class RateLimited(FleetError):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__()
         self.retry_after_s = retry_after_s
-
-
-class ConfigError(FleetError):
-    """The configuration is unusable (e.g. default secrets in production)."""
-
-    code = "config_error"
