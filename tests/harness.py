@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -64,3 +66,16 @@ class HubProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextlib.contextmanager
+def running_hubs(count: int, redis_url: str, **settings: Any) -> Iterator[list[HubProcess]]:
+    """``count`` ready hub processes sharing one Redis; all stopped on exit, even if one failed to start."""
+    hubs = [HubProcess(redis_url, **settings) for _ in range(count)]
+    try:
+        for hub in hubs:
+            hub.start()
+        yield hubs
+    finally:
+        for hub in hubs:
+            hub.stop()

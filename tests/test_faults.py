@@ -18,7 +18,7 @@ import redis
 from shared import keys
 from tests.conftest import WORKER_AUTH, registration
 from tests.fakes import FakeWorker
-from tests.harness import HubProcess
+from tests.harness import HubProcess, running_hubs
 
 
 @pytest.fixture
@@ -26,15 +26,9 @@ def three_hubs(redis_url: str, request: pytest.FixtureRequest) -> Iterator[list[
     # The fake workers share this process's event loop with every client coroutine, so during the big burst they
     # answer slowly; that test gives dispatches more time. The kill test needs short leases to watch them expire.
     dispatch_s = 15 if "burst" in request.node.name else 5
-    hubs = [HubProcess(redis_url, worker_ttl_s=60, dispatch_timeout_s=dispatch_s, pending_lease_s=dispatch_s + 1,
-                       absent_grace_s=1) for _ in range(3)]
-    try:
-        for hub in hubs:
-            hub.start()
+    with running_hubs(3, redis_url, worker_ttl_s=60, dispatch_timeout_s=dispatch_s,
+                      pending_lease_s=dispatch_s + 1, absent_grace_s=1) as hubs:
         yield hubs
-    finally:
-        for hub in hubs:
-            hub.stop()
 
 
 async def _register_all(http: httpx.AsyncClient, hub: HubProcess, workers: list[FakeWorker]) -> list[str]:

@@ -12,19 +12,13 @@ import redis
 
 from shared import keys
 from tests.conftest import WORKER_AUTH, registration
-from tests.harness import HubProcess
+from tests.harness import HubProcess, running_hubs
 
 
 @pytest.fixture
 def two_hubs(redis_url: str) -> Iterator[list[HubProcess]]:
-    hubs = [HubProcess(redis_url, worker_ttl_s=30, dispatch_timeout_s=5, pending_lease_s=10) for _ in range(2)]
-    try:
-        for hub in hubs:
-            hub.start()
+    with running_hubs(2, redis_url, worker_ttl_s=30, dispatch_timeout_s=5, pending_lease_s=10) as hubs:
         yield hubs
-    finally:
-        for hub in hubs:
-            hub.stop()
 
 
 async def test_200_concurrent_requests_over_two_hubs_fill_exactly_100_slots(
