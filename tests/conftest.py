@@ -1,4 +1,9 @@
-"""Shared fixtures: one real redis-server per test session (flushed per test), hubs in-process, fake workers."""
+"""Shared fixtures: real Redis per test session (flushed per test), hubs in-process, fake workers.
+
+Every test that uses ``redis_url`` runs twice: against one redis-server and against a 3-master Redis Cluster
+(the same binary with ``cluster-enabled yes``), so a cross-slot script or a command the cluster client routes
+differently fails a test. A test that must stop the server (an outage) is marked ``standalone_redis``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from hub.main import create_app
 from hub.settings import HubSettings
-from shared.redis_server import EmbeddedRedis
+from shared.redis_server import EmbeddedRedis, start_cluster
 from tests.fakes import FakeWorker
 
 WORKER_TOKEN = "test-worker-token"
@@ -30,12 +36,70 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+REDIS_KINDS = ["standalone", "cluster"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "standalone_redis: runs on the single redis-server only (it stops or "
+                                       "restarts the server to make an outage)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_url" in metafunc.fixturenames:
+        kinds = ["standalone"] if metafunc.definition.get_closest_marker("standalone_redis") else REDIS_KINDS
+        metafunc.parametrize("redis_url", kinds, indirect=True, scope="function")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[list[EmbeddedRedis]]:
+    nodes = start_cluster(3)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    if not redis_server.running:  # a test may have stopped it to simulate an outage
-        redis_server.start()
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> str:
+    """URL of an empty Redis: the single server, or (``[cluster]`` tests) the 3-master cluster."""
+    if getattr(request, "param", "standalone") == "cluster":
+        nodes: list[EmbeddedRedis] = request.getfixturevalue("redis_cluster")
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    else:
+        if not redis_server.running:  # a test may have stopped it to simulate an outage
+            redis_server.start()
+        url = redis_server.url
+    client = sync_redis(url)
+    try:
+        flush(client)
+    finally:
+        client.close()
+    return url
+
+
+def is_cluster(url: str) -> bool:
+    return "+cluster://" in url
+
+
+def sync_redis(url: str, **kwargs: Any) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for tests to look inside Redis, of the right kind for ``url``."""
+    if is_cluster(url):
+        return redis.RedisCluster.from_url(url.replace("+cluster://", "://"), **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def async_redis(url: str, **kwargs: Any) -> aioredis.Redis | aioredis.RedisCluster:
+    if is_cluster(url):
+        return aioredis.RedisCluster.from_url(url.replace("+cluster://", "://"), **kwargs)
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+def flush(client: redis.Redis | redis.RedisCluster) -> None:
+    if isinstance(client, redis.RedisCluster):
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        client.flushall()
 
 
 def hub_settings(redis_url: str, **overrides: Any) -> HubSettings:

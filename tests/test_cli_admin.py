@@ -197,6 +197,7 @@ def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str]
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.standalone_redis
 def test_unreachable_hub_and_unavailable_redis_exit_5(redis_server: EmbeddedRedis, redis_url: str) -> None:
     gone = runner.invoke(app, ["workers", "--hub", f"http://127.0.0.1:{free_port()}"])
     assert gone.exit_code == admin.EXIT_UNAVAILABLE and "cannot reach the hub" in gone.output

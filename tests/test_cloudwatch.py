@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio
 from shared.keys import CLOUDWATCH_LOCK
 from shared.models import FleetCapacity, RegionCapacity
+from tests.conftest import async_redis
 
 NAMESPACE = "GpuFleet"
 
@@ -58,7 +59,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = async_redis(redis_url)
     yield client
     await client.aclose()
 
@@ -102,7 +103,7 @@ async def test_metrics_land_per_region(aws: None, redis_client: aioredis.Redis) 
 async def test_racing_hubs_publish_once_per_interval(aws: None, redis_client: aioredis.Redis,
                                                      redis_url: str) -> None:
     spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
-    other = aioredis.Redis.from_url(redis_url)  # a second hub has its own connection
+    other = async_redis(redis_url)  # a second hub has its own connection
     try:
         capacity = fleet(region("us-east-1"))
         hubs = [publisher(redis_client, capacity, spy, interval_s=0.5),

@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from shared import keys
-from tests.conftest import WORKER_AUTH, registration
+from tests.conftest import WORKER_AUTH, registration, sync_redis
 from tests.fakes import FakeWorker
 from tests.harness import HubProcess, running_hubs
 
@@ -77,7 +76,7 @@ async def test_burst_of_1000_across_three_hubs_fills_exactly_the_free_capacity(
     assert {a.json()["error"] for a in refusals} <= {"no_capacity", "store_unavailable"}
     assert all(int(a.headers["Retry-After"]) >= 1 for a in refusals)
     assert all(w.peak <= w.max_streams for w in workers)  # the workers' own lists, not only Redis
-    r = redis.Redis.from_url(redis_url)
+    r = sync_redis(redis_url)
     assert sum(r.zcard(keys.worker_keys(f"w-{i:03d}").leases) for i in range(20)) == 100
 
 
@@ -96,7 +95,7 @@ async def test_hub_killed_mid_burst_leaves_nothing_half_made(
         assert any(isinstance(r, httpx.HTTPError) for r in results)  # some requests really died with the hub
 
         # Within the pending-lease TTL (6 s) every unconfirmed slot either returned or was adopted by a heartbeat.
-        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        r = sync_redis(redis_url, decode_responses=True)
         for _ in range(4):
             await asyncio.sleep(1.7)
             await _heartbeat_all(http, survivor, workers, secrets)

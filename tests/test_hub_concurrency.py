@@ -8,10 +8,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 
 from shared import keys
-from tests.conftest import WORKER_AUTH, registration
+from tests.conftest import WORKER_AUTH, registration, sync_redis
 from tests.harness import HubProcess, running_hubs
 
 
@@ -48,6 +47,6 @@ async def test_200_concurrent_requests_over_two_hubs_fill_exactly_100_slots(
     # The workers' own view, not only Redis: nobody ever ran more than max_streams.
     assert all(w.peak <= 5 for w in workers)
     assert sum(len(w.sessions) for w in workers) == 100
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r = sync_redis(redis_url, decode_responses=True)
     for i in range(20):
         assert r.zcard(keys.worker_keys(f"w-{i:02d}").leases) == len(workers[i].sessions)

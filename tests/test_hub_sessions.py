@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from livekit import api
 
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
@@ -187,6 +188,7 @@ async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.A
     assert {w["worker_id"]: w["used_streams"] for w in fleet} == {"w-hang": 0, "w-full": 0, "w-good": 1}
 
 
+@pytest.mark.standalone_redis
 async def test_redis_down_answers_503_and_recovers(hub: httpx.AsyncClient, make_worker, redis_server) -> None:
     worker = await make_worker()
     await register(hub, "w-1", worker)

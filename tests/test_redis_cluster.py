@@ -1,31 +1,24 @@
-"""The same hub code on a 3-master Redis Cluster (same redis-server binary, cluster-enabled): no cross-slot errors."""
+"""One whole flow, with rate limiting, on the 3-master Redis Cluster.
+
+Every ``redis_url`` test also runs on the cluster (see conftest); this one adds the flows those do not cover.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from hub.main import create_app
-from shared.redis_server import EmbeddedRedis, start_cluster
+from shared.redis_server import EmbeddedRedis
 from tests.conftest import ADMIN_AUTH, heartbeat, hub_settings, refresh, register
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[EmbeddedRedis]]:
-    nodes = start_cluster(3)
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.cleanup()
-
-
 @pytest.fixture
-async def cluster_hub(cluster: list[EmbeddedRedis]) -> AsyncIterator[httpx.AsyncClient]:
-    url = f"redis+cluster://127.0.0.1:{cluster[0].port}"
+async def cluster_hub(redis_cluster: list[EmbeddedRedis]) -> AsyncIterator[httpx.AsyncClient]:
+    url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
     app = create_app(hub_settings(url, rate_limit_per_s=5, rate_limit_burst=100))
     async with app.router.lifespan_context(app):
         await app.state.hub.store.redis.flushall(target_nodes="primaries")

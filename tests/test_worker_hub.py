@@ -17,13 +17,12 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-import redis
 import uvicorn
 from botocore.stub import Stubber
 
 from hub.main import create_app
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, hub_settings
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, flush, hub_settings, sync_redis
 from worker.agent import WorkerAgent
 from worker.lifecycle import Lifecycle
 from worker.settings import WorkerSettings
@@ -154,7 +153,7 @@ async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, 
     running = await make_running_hub()
     agent = await run_agent(worker_settings(running))
     assert agent.hub.registrations == 1
-    redis.Redis.from_url(redis_url).flushall()  # the hub's whole state is gone
+    flush(sync_redis(redis_url))  # the hub's whole state is gone
     await wait_for(lambda: agent.hub.registrations >= 2, 5, "re-registration")
     async with running.client() as hub:
         await wait_for(lambda: agent.hub.last_reply is not None, 5)
