@@ -61,14 +61,15 @@ def main() -> None:
             hub, base = start_hub(procs, server.url, args.hub_variant, FLEET_WORKER_TTL_S=TTL_S)
             time.sleep(1.5)  # first board refresh
             res = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "alloc", "--concurrency",
-                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup])
+                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup, "--hub-pid", str(hub.pid)])
             res.update(workers=n, register_s=round(reg_s, 1))
             rows.append(res)
             print(f"alloc N={n:>6}: {res['per_s']:>8.1f} alloc/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
                   f"  errors {res['errors']}", flush=True)
             if n == sizes[-1]:
                 health = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "health", "--concurrency",
-                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup])
+                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
+                                   "--hub-pid", str(hub.pid)])
                 health["workers"] = n
                 print(f"health N={n:>6}: {health['per_s']:>8.1f} req/s  p50 {health['p50_ms']} ms"
                       f"  p99 {health['p99_ms']} ms", flush=True)

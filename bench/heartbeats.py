@@ -43,13 +43,13 @@ def main() -> None:
     try:
         wport = start_fake_workers(procs)
         secrets = asyncio.run(register_fleet(server.url, n, wport))
-        _, base = start_hub(procs, server.url)
+        hub, base = start_hub(procs, server.url)
         time.sleep(1.5)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(secrets, f)
         res = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "heartbeat", "--concurrency",
                         str(args.concurrency), "--duration", str(duration), "--warmup", "0.5" if args.quick else "2",
-                        "--secrets", f.name, "--token", WORKER_TOKEN])
+                        "--secrets", f.name, "--token", WORKER_TOKEN, "--hub-pid", str(hub.pid)])
     finally:
         procs.close()
         server.stop()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 # Users spread over the world, so every region gets traffic.
 _CITIES = [(40.7, -74.0), (51.5, -0.1), (35.7, 139.7), (-23.5, -46.6), (19.1, 72.9), (1.35, 103.8),
@@ -81,17 +82,35 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         lat_ms.clear()
         errors.clear()
         done = 0
+        hub = psutil.Process(args.hub_pid) if args.hub_pid else None
+        cpu_start = _cpu_s(hub)
         t_start = time.perf_counter()
         stop_at = t_start + args.duration
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         elapsed = time.perf_counter() - t_start
+        hub_cpu_s = _cpu_s(hub) - cpu_start
     s = sorted(lat_ms)
 
     def q(p: float) -> float:
         return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2) if s else float("nan")
 
-    return {"mode": args.mode, "ok": done, "errors": errors, "elapsed_s": round(elapsed, 2),
-            "per_s": round(done / elapsed, 1), "p50_ms": q(50), "p99_ms": q(99), "concurrency": args.concurrency}
+    result: dict[str, object] = {"mode": args.mode, "ok": done, "errors": errors, "elapsed_s": round(elapsed, 2),
+                                 "per_s": round(done / elapsed, 1), "p50_ms": q(50), "p99_ms": q(99),
+                                 "concurrency": args.concurrency}
+    if hub is not None and done:
+        # The hub is one single-threaded process: its capacity is 1 / CPU-seconds per operation, whatever share
+        # of the two cores the load generator and Redis take from it during the run.
+        result.update(hub_cpu_share=round(hub_cpu_s / elapsed, 3),
+                      hub_cpu_ms_per_op=round(hub_cpu_s * 1000 / done, 4),
+                      hub_capacity_per_s=round(done / hub_cpu_s, 1) if hub_cpu_s else None)
+    return result
+
+
+def _cpu_s(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    t = process.cpu_times()
+    return float(t.user + t.system)
 
 
 def main() -> None:
@@ -103,6 +122,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--secrets")
     ap.add_argument("--token", default="")
+    ap.add_argument("--hub-pid", type=int, default=0, help="account this process's CPU time to the operations")
     print(json.dumps(asyncio.run(run(ap.parse_args()))))
 
 
