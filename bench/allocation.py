@@ -41,8 +41,6 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=None)
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--hub-variant", choices=["shipped", "aiohttp"], default="shipped",
-                    help="aiohttp: experiment with the hub's worker client swapped (bench/hub_aiohttp_dispatch.py)")
     args = ap.parse_args()
     sizes = [int(x) for x in (args.sizes or ("100,1000" if args.quick else "100,1000,10000")).split(",")]
     duration = args.duration or (1.5 if args.quick else 15.0)
@@ -58,10 +56,11 @@ def main() -> None:
             t0 = time.perf_counter()
             asyncio.run(register_fleet(server.url, n, wport))
             reg_s = time.perf_counter() - t0
-            hub, base = start_hub(procs, server.url, args.hub_variant, FLEET_WORKER_TTL_S=TTL_S)
+            hub, base = start_hub(procs, server.url, FLEET_WORKER_TTL_S=TTL_S)
             time.sleep(1.5)  # first board refresh
             res = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "alloc", "--concurrency",
-                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup, "--hub-pid", str(hub.pid)])
+                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
+                            "--hub-pid", str(hub.pid)])
             res.update(workers=n, register_s=round(reg_s, 1))
             rows.append(res)
             print(f"alloc N={n:>6}: {res['per_s']:>8.1f} alloc/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
@@ -103,9 +102,8 @@ def main() -> None:
         print(f"vs original design: {summary['vs_baseline']}x (pipelined variant {summary['vs_baseline_pipelined']}x;"
               f" target >= 100x)")
     print(f"p99/p50 at N={last['workers']}: {summary['p99_over_p50']} (target <= 3)")
-    name = "allocation" + ("" if args.hub_variant == "shipped" else f"_{args.hub_variant}")
-    out = ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
-    out.write_text(json.dumps({"hub_variant": args.hub_variant, "rows": rows, "health": health, "baseline": baseline,
+    out = ROOT / "bench" / "results" / ("allocation_quick.json" if args.quick else "allocation.json")
+    out.write_text(json.dumps({"rows": rows, "health": health, "baseline": baseline,
                                "summary": summary,
                                "concurrency": args.concurrency, "duration_s": duration}, indent=2))
 

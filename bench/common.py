@@ -84,13 +84,11 @@ def start_fake_workers(procs: Procs) -> int:
     return port
 
 
-def start_hub(procs: Procs, redis_url: str, variant: str = "shipped",
-              **extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``fleet hub`` (uvicorn, one process); ``variant="aiohttp"`` is the dispatch-client experiment."""
+def start_hub(procs: Procs, redis_url: str, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``fleet hub`` (uvicorn, one process, as in production)."""
     port = free_port()
     fleet = str(Path(PY).parent / "fleet")
-    cmd = ([fleet, "hub"] if variant == "shipped" else [PY, "-m", "bench.hub_aiohttp_dispatch"])
-    p = procs.start([*cmd, "--host", "127.0.0.1", "--port", str(port)], env=hub_env(redis_url, **extra))
+    p = procs.start([fleet, "hub", "--host", "127.0.0.1", "--port", str(port)], env=hub_env(redis_url, **extra))
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health")
     return p, base
