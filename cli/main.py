@@ -32,7 +32,7 @@ def hub(
     settings = HubSettings()  # fail fast on bad or unsafe configuration, before binding
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=settings.log_level.lower(), access_log=False)
+                log_level=settings.log_level.lower(), access_log=False, ws_max_size=settings.max_body_bytes)
 
 
 @app.command()

@@ -90,6 +90,6 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
-    for router in (sessions.router, workers.router, admin.router, ops.router, dashboard.router):
+    for router in (sessions.router, workers.router, workers.channel_router, admin.router, ops.router, dashboard.router):
         app.include_router(router)
     return app

@@ -222,6 +222,23 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
 return 1
 """
 
+PUBLISH_BOARD_STATUS = """
+-- Mirror a batch of heartbeats onto the routing board in one call (the heartbeats' group commit).
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used
+-- ARGV[3i+1] worker id, ARGV[3i+2] status JSON, ARGV[3i+3] used streams, for each worker of the batch
+-- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
+-- Returns how many workers were written.
+local written = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+    written = written + 1
+  end
+end
+return written
+"""
+
 RATE_LIMIT_BUCKET = """
 -- Per-client token bucket for session creation.
 -- KEYS[1] bucket hash

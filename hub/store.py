@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    NoScriptError,
     ReadOnlyError,
     TryAgainError,
 )
@@ -30,6 +33,7 @@ from redis.exceptions import (
 )
 
 from hub import scripts
+from hub.group_commit import GroupCommit
 from hub.settings import HubSettings
 from shared import keys
 from shared.auth import digest
@@ -87,6 +91,14 @@ class HeartbeatOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Beat:
+    worker_id: str
+    state: str  # the state the worker reports
+    status: dict[str, Any]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     ok: bool
     reason: str  # '' when ok, else unknown | stale | draining | full | exists
@@ -129,8 +141,12 @@ class FleetStore:
         self._publish = client.register_script(scripts.PUBLISH_BOARD)
         self._bucket = client.register_script(scripts.RATE_LIMIT_BUCKET)
         self._read_board = client.register_script(scripts.READ_BOARD)
+        self._publish_statuses = client.register_script(scripts.PUBLISH_BOARD_STATUS)
+        self._heartbeats: GroupCommit[_Beat, HeartbeatOutcome] = GroupCommit(self._commit_heartbeats,
+                                                                              name="heartbeats")
 
     async def close(self) -> None:
+        await self._heartbeats.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> bool:
@@ -160,21 +176,56 @@ class FleetStore:
 
     async def heartbeat(self, worker_id: str, secret: str, state: str, status: dict[str, Any],
                         sessions: list[str]) -> HeartbeatOutcome:
+        """Record a heartbeat. Concurrent heartbeats share Redis round trips (see ``hub.group_commit``)."""
         s = self.settings
+        args = [digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
+                state, json.dumps(status, separators=(",", ":")), *sessions]
+        return await self._heartbeats.submit(_Beat(worker_id, state, status, args))
+
+    async def _commit_heartbeats(self, beats: list[_Beat]) -> list[HeartbeatOutcome | Exception]:
+        """One pipeline of HEARTBEAT scripts (one per worker slot), then one board write for the whole batch."""
+        outcomes: list[HeartbeatOutcome | Exception] = []
+        board: list[Any] = []
         async with unavailable_as_domain_error():
-            res = await self._heartbeat(
-                keys=keys.worker_keys(worker_id).as_list(),
-                args=[digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000),
-                      int(s.retention_s * 1000), state, json.dumps(status, separators=(",", ":")), *sessions],
-            )
-            if int(res[0]) != 1:
-                return HeartbeatOutcome(status=int(res[0]))
-            out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
-                                   unknown_sessions=tuple(str(x) for x in res[5:]))
-            board_status = {**status, "hb": int(res[4]), "state": out.state,
-                            "drain": out.state == "draining" and state == "ready"}
-            await self._publish_board(worker_id, status=json.dumps(board_status, separators=(",", ":")), used=out.used)
-        return out
+            replies = await self._run_many(self._heartbeat, [(keys.worker_keys(b.worker_id).as_list(), b.args)
+                                                             for b in beats])
+            for beat, res in zip(beats, replies, strict=True):
+                if isinstance(res, Exception):
+                    outcomes.append(res)
+                elif int(res[0]) != 1:
+                    outcomes.append(HeartbeatOutcome(status=int(res[0])))
+                else:
+                    out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
+                                           unknown_sessions=tuple(str(x) for x in res[5:]))
+                    outcomes.append(out)
+                    status = {**beat.status, "hb": int(res[4]), "state": out.state,
+                              "drain": out.state == "draining" and beat.state == "ready"}
+                    board += [beat.worker_id, json.dumps(status, separators=(",", ":")), out.used]
+            if board:
+                await self._publish_statuses(keys=keys.BOARD.as_list()[:3], args=board)
+        return outcomes
+
+    async def _run_many(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per call in one pipeline; per-call errors come back in place of results.
+
+        Loads the script when Redis lost it (a restart or failover), like redis-py does for single calls.
+        """
+        results = await self._evalsha_pipeline(script.sha, calls)
+        missing = [i for i, res in enumerate(results) if isinstance(res, NoScriptError)]
+        if missing:
+            await self.redis.script_load(script.script)
+            for i, res in zip(missing, await self._evalsha_pipeline(script.sha, [calls[i] for i in missing]),
+                              strict=True):
+                results[i] = res
+        return results
+
+    async def _evalsha_pipeline(self, sha: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        pipe: Pipeline | ClusterPipeline = self.redis.pipeline(transaction=False)
+        for call_keys, args in calls:
+            # execute_command, not pipe.evalsha: redis-py blocks the helper in cluster pipelines because it cannot
+            # reload a missing script there; _run_many does that itself. The cluster routes by the keys given.
+            pipe.execute_command("EVALSHA", sha, len(call_keys), *call_keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""

@@ -7,6 +7,7 @@ differently fails a test. A test that must stop the server (an outage) is marked
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -15,10 +16,11 @@ import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
+import uvicorn
 
 from hub.main import create_app
 from hub.settings import HubSettings
-from shared.redis_server import EmbeddedRedis, start_cluster
+from shared.redis_server import EmbeddedRedis, free_port, start_cluster
 from tests.fakes import FakeWorker
 
 WORKER_TOKEN = "test-worker-token"
@@ -179,3 +181,50 @@ async def heartbeat(hub: httpx.AsyncClient, worker_id: str, secret: str, session
 async def refresh(hub: httpx.AsyncClient) -> None:
     """Make the hub re-read the routing board now instead of waiting for its loop."""
     await hub.app.state.hub.board.refresh()  # type: ignore[attr-defined]
+
+
+class RunningHub:
+    """An in-process hub served by uvicorn on a real port (for WebSockets and real HTTP clients); it can be
+    stopped and started again on the same port to simulate an outage."""
+
+    def __init__(self, redis_url: str, **overrides: Any) -> None:
+        self.redis_url = redis_url
+        self.overrides = overrides
+        self.port = free_port()
+        self.server: uvicorn.Server | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RunningHub:
+        app = create_app(hub_settings(self.redis_url, **self.overrides))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        if self.server and self.task:
+            self.server.should_exit = True
+            await self.task
+            self.server = self.task = None
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=5)
+
+
+@pytest.fixture
+async def make_running_hub(redis_url: str) -> AsyncIterator[Callable[..., Awaitable[RunningHub]]]:
+    hubs: list[RunningHub] = []
+
+    async def factory(**overrides: Any) -> RunningHub:
+        hub = await RunningHub(redis_url, **overrides).start()
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.stop()

@@ -1,18 +1,39 @@
-"""Worker-facing routes: register, heartbeat, deregister. Bearer FLEET_WORKER_TOKEN, plus the per-worker secret."""
+"""Worker-facing routes: register, heartbeat, deregister. Bearer FLEET_WORKER_TOKEN, plus the per-worker secret.
+
+Heartbeats come either as ``POST .../heartbeat`` or as messages on a WebSocket opened on the same URL: a worker
+keeps one channel open and sends a ``Heartbeat`` JSON text message each interval; the hub answers each with a
+``HeartbeatReply`` (or an ``ErrorBody`` when Redis is unavailable, the channel staying open). The channel skips
+HTTP parsing, routing and dependency solving per heartbeat, which is most of a heartbeat's CPU on the hub.
+Close codes: 1003 binary message, 1007 invalid heartbeat, 1009 too big, 4403 wrong secret, 4404 unknown worker
+(register again). A handshake without the worker token and secret is refused (HTTP 403).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Response
+from fastapi import APIRouter, Depends, Header, Path, Response, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 
-from hub.api.deps import HubDep, require_worker
+from hub.api.deps import HubDep, HubState, require_worker
 from hub.errors import error_responses
+from shared.auth import secret_matches
+from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import ErrorBody, Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration
 
+log = logging.getLogger(__name__)
+
+#: A heartbeat message is small; the same bound as an HTTP body.
+MAX_HEARTBEAT_MESSAGE = 64 * 1024
+_WORKER_ID = re.compile(WORKER_ID_PATTERN)
+
 router = APIRouter(prefix="/api/v1/workers", tags=["workers"], dependencies=[Depends(require_worker)],
                    responses=error_responses(400, 401, 403, 413, 422, 503))
+#: The WebSocket channel authenticates in its own handshake (HTTPBearer does not apply to WebSockets).
+channel_router = APIRouter(prefix="/api/v1/workers")
 
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 WorkerSecret = Annotated[str | None, Header(alias="X-Worker-Secret", max_length=256,
@@ -37,3 +58,50 @@ async def heartbeat(
 async def deregister_worker(worker_id: WorkerIdPath, hub: HubDep, secret: WorkerSecret = None) -> Response:
     await hub.registry.deregister(worker_id, secret)
     return Response(status_code=204)
+
+
+@channel_router.websocket("/{worker_id}/heartbeat")
+async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
+    """Heartbeats as messages on one long-lived WebSocket; see the module docstring for the protocol."""
+    hub: HubState = websocket.app.state.hub
+    authorization = websocket.headers.get("authorization", "")
+    token = authorization[7:] if authorization[:7].lower() == "bearer " else None
+    secret = websocket.headers.get("x-worker-secret")
+    if (not _WORKER_ID.fullmatch(worker_id) or not secret
+            or not secret_matches(token, hub.settings.worker_token.get_secret_value())):
+        await websocket.close(code=4401)  # before accept: the handshake is refused with HTTP 403
+        return
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await websocket.close(code=1003, reason="heartbeats are JSON text messages")
+                return
+            if len(text) > MAX_HEARTBEAT_MESSAGE:
+                await websocket.close(code=1009, reason=f"a heartbeat is at most {MAX_HEARTBEAT_MESSAGE} bytes")
+                return
+            try:
+                beat = Heartbeat.model_validate_json(text)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                await websocket.close(code=1007, reason=f"invalid heartbeat: {where}: {first['msg']}"[:120])
+                return
+            try:
+                reply = await hub.registry.heartbeat(worker_id, secret, beat)
+            except StoreUnavailable as exc:
+                await websocket.send_text(ErrorBody(error=exc.code, message=exc.message).model_dump_json())
+                continue
+            except WorkerUnknown:
+                await websocket.close(code=4404, reason="unknown worker: register again")
+                return
+            except WorkerCredentialInvalid:
+                await websocket.close(code=4403, reason="the X-Worker-Secret does not match this worker")
+                return
+            await websocket.send_text(reply.model_dump_json())
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,243 @@
+"""Heartbeats at fleet scale: the group commit that batches their Redis work, and the WebSocket channel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from hub.group_commit import GroupCommit
+from hub.main import create_app
+from hub.store import FleetStore, connect
+from shared import keys
+from shared.models import WorkerRegistration
+from shared.redis_server import EmbeddedRedis
+from tests.conftest import (
+    ADMIN_AUTH,
+    WORKER_AUTH,
+    WORKER_TOKEN,
+    RunningHub,
+    hub_settings,
+    registration,
+    sync_redis,
+)
+
+# --- the group commit, alone ----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A flush that records its batches; items that are exceptions come back as that item's error."""
+
+    def __init__(self, delay_s: float = 0.01, fail: Exception | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(items)
+        await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        return [item if isinstance(item, Exception) else item * 10 for item in items]
+
+
+async def test_concurrent_callers_share_batches_and_each_gets_its_own_result() -> None:
+    flush = Recorder()
+    commit: GroupCommit[int, int] = GroupCommit(flush, name="test", max_batch=50)
+    results = await asyncio.gather(*(commit.submit(i) for i in range(200)))
+    assert results == [i * 10 for i in range(200)]
+    assert len(flush.batches) < 20  # 200 callers, far fewer round trips
+    assert max(len(b) for b in flush.batches) <= 50
+    assert sorted(x for b in flush.batches for x in b) == list(range(200))  # each item sent exactly once
+
+
+async def test_an_idle_caller_is_sent_at_once_without_waiting_for_company() -> None:
+    flush = Recorder(delay_s=0)
+    commit: GroupCommit[int, int] = GroupCommit(flush, name="test")
+    assert await asyncio.wait_for(commit.submit(7), 0.5) == 70
+    assert flush.batches == [[7]]
+
+
+async def test_errors_reach_only_the_callers_they_belong_to() -> None:
+    commit: GroupCommit[Any, Any] = GroupCommit(Recorder(), name="test")
+    bad = ValueError("this one")
+    results = await asyncio.gather(commit.submit(1), commit.submit(bad), commit.submit(3), return_exceptions=True)
+    assert results == [10, bad, 30]
+
+    failing = Recorder(fail=ConnectionError("redis is down"))
+    commit = GroupCommit(failing, name="test")
+    results = await asyncio.gather(*(commit.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    failing.fail = None  # the next batch goes through: a failed batch does not wedge the committer
+    assert await commit.submit(4) == 40
+
+
+async def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
+    commit: GroupCommit[int, int] = GroupCommit(Recorder(delay_s=0.05), name="test")
+    first = asyncio.create_task(commit.submit(1))
+    second = asyncio.create_task(commit.submit(2))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == 20
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await commit.aclose()
+
+
+# --- heartbeats through the store, on real Redis ----------------------------------------------------------------
+
+
+async def registered_store(redis_url: str, count: int) -> tuple[FleetStore, dict[str, str]]:
+    app = create_app(hub_settings(redis_url))
+    secrets: dict[str, str] = {}
+    async with app.router.lifespan_context(app):
+        registry = app.state.hub.registry
+        for i in range(count):
+            reg = WorkerRegistration(**registration(f"w-{i:03d}", f"http://127.0.0.1:1/w{i}"))
+            secrets[reg.worker_id] = (await registry.register(reg, None)).worker_secret
+    settings = hub_settings(redis_url)
+    return FleetStore(connect(settings, redis_url), settings), secrets
+
+
+async def test_a_burst_of_heartbeats_is_committed_in_few_round_trips(redis_url: str) -> None:
+    store, secrets = await registered_store(redis_url, 50)
+    batches: list[int] = []
+    commit = store._commit_heartbeats
+
+    async def counting(beats: list[Any]) -> Any:
+        batches.append(len(beats))
+        return await commit(beats)
+
+    store._heartbeats._flush = counting  # type: ignore[assignment]
+    try:
+        beats = [store.heartbeat(wid, secret, "ready", {"cpu_percent": n}, [])
+                 for n in range(4) for wid, secret in secrets.items()]
+        beats.append(store.heartbeat("w-000", "not-its-secret", "ready", {}, []))
+        beats.append(store.heartbeat("w-nobody", "x", "ready", {}, []))
+        outcomes = await asyncio.gather(*beats)
+    finally:
+        await store.close()
+    assert [o.status for o in outcomes] == [1] * 200 + [-1, 0]  # each caller its own answer
+    assert sum(batches) == 202 and len(batches) < 50
+    r = sync_redis(redis_url, decode_responses=True)
+    board = r.hgetall(keys.BOARD.status)
+    assert len(board) == 50 and all(json.loads(v)["cpu_percent"] == 3 for v in board.values())
+
+
+async def test_heartbeats_survive_redis_losing_its_scripts(redis_url: str) -> None:
+    store, secrets = await registered_store(redis_url, 3)
+    try:
+        r = sync_redis(redis_url)
+        r.script_flush()  # what a restart or a failover to a fresh replica does
+        outcomes = await asyncio.gather(*(store.heartbeat(w, s, "ready", {}, []) for w, s in secrets.items()))
+        assert [o.status for o in outcomes] == [1, 1, 1]
+    finally:
+        await store.close()
+
+
+async def test_a_late_board_write_cannot_bring_back_a_deregistered_worker(redis_url: str) -> None:
+    store, secrets = await registered_store(redis_url, 2)
+    try:
+        assert await store.deregister("w-000", secrets["w-000"]) == 1
+        # A batch whose HEARTBEAT scripts ran just before the deregistration writes the board just after it.
+        written = await store._publish_statuses(keys=keys.BOARD.as_list()[:3],
+                                                args=["w-000", "{}", 0, "w-001", "{}", 0])
+        assert written == 1
+        assert set(sync_redis(redis_url, decode_responses=True).hkeys(keys.BOARD.status)) == {"w-001"}
+    finally:
+        await store.close()
+
+
+# --- the WebSocket channel ----------------------------------------------------------------------------------------
+
+
+async def open_channel(http: aiohttp.ClientSession, hub: RunningHub, worker_id: str, secret: str,
+                       token: str = WORKER_TOKEN) -> aiohttp.ClientWebSocketResponse:
+    return await http.ws_connect(f"{hub.url}/api/v1/workers/{worker_id}/heartbeat",
+                                 headers={"Authorization": f"Bearer {token}", "X-Worker-Secret": secret})
+
+
+async def register_over_http(hub: RunningHub, worker_id: str, **extra: Any) -> str:
+    async with hub.client() as client:
+        resp = await client.post("/api/v1/workers", json=registration(worker_id, "http://127.0.0.1:1/w", **extra),
+                                 headers=WORKER_AUTH)
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["worker_secret"])
+
+
+async def test_the_channel_answers_each_heartbeat_like_the_post_does(make_running_hub: Any) -> None:
+    hub = await make_running_hub()
+    secret = await register_over_http(hub, "w-ws")
+    async with aiohttp.ClientSession() as http:
+        ws = await open_channel(http, hub, "w-ws", secret)
+        await ws.send_json({"active_sessions": ["w-ws~ghost"], "gpu_utilization": 40})
+        reply = await asyncio.wait_for(ws.receive_json(), 5)
+        assert reply["worker_id"] == "w-ws" and reply["state"] == "ready" and reply["max_streams"] == 5
+        assert reply["stop_sessions"] == ["w-ws~ghost"]  # same reconciliation as the POST
+
+        async with hub.client() as client:  # an SRE drain reaches the worker on its next heartbeat
+            assert (await client.post("/api/v1/workers/w-ws/drain", headers=ADMIN_AUTH)).status_code == 200
+            await ws.send_json({})
+            assert (await asyncio.wait_for(ws.receive_json(), 5))["state"] == "draining"
+            view = (await client.get("/api/v1/workers/w-ws", headers=ADMIN_AUTH)).json()
+            assert view["alive"] and view["gpu_utilization"] == 0.0  # the latest heartbeat's figures
+        await ws.close()
+
+
+@pytest.mark.parametrize("token, secret", [("wrong-token", "s"), (WORKER_TOKEN, ""), ("", "s")])
+async def test_a_handshake_without_the_credentials_is_refused(make_running_hub: Any, token: str,
+                                                              secret: str) -> None:
+    hub = await make_running_hub()
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await open_channel(http, hub, "w-any", secret, token=token)
+        assert refused.value.status == 403
+
+
+async def close_code_after(hub: RunningHub, worker_id: str, secret: str, message: str | bytes) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http:
+        ws = await open_channel(http, hub, worker_id, secret)
+        await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
+        closing = await asyncio.wait_for(ws.receive(), 5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE, closing
+        return int(closing.data), str(closing.extra)
+
+
+async def test_bad_messages_close_the_channel_with_a_clear_code(make_running_hub: Any) -> None:
+    hub = await make_running_hub()
+    secret = await register_over_http(hub, "w-ws")
+    assert await close_code_after(hub, "w-ws", "not-its-secret", "{}") == (
+        4403, "the X-Worker-Secret does not match this worker")
+    assert (await close_code_after(hub, "w-nobody", secret, "{}"))[0] == 4404
+    code, reason = await close_code_after(hub, "w-ws", secret, '{"cpu_percent": "lots"}')
+    assert code == 1007 and "cpu_percent" in reason
+    assert (await close_code_after(hub, "w-ws", secret, "{not json"))[0] == 1007
+    assert (await close_code_after(hub, "w-ws", secret, b"\x00\x01"))[0] == 1003
+    assert (await close_code_after(hub, "w-ws", secret, "[" * 70_000))[0] == 1009
+    async with hub.client() as client:  # nothing above changed the worker
+        view = (await client.get("/api/v1/workers/w-ws", headers=ADMIN_AUTH)).json()
+        assert view["alive"] and view["state"] == "ready"
+
+
+@pytest.mark.standalone_redis
+async def test_redis_down_is_an_error_message_and_the_channel_stays_open(
+    make_running_hub: Any, redis_server: EmbeddedRedis
+) -> None:
+    hub = await make_running_hub()
+    secret = await register_over_http(hub, "w-ws")
+    async with aiohttp.ClientSession() as http:
+        ws = await open_channel(http, hub, "w-ws", secret)
+        redis_server.stop()
+        try:
+            await ws.send_json({})
+            error = await asyncio.wait_for(ws.receive_json(), 10)
+            assert error["error"] == "store_unavailable"
+        finally:
+            redis_server.start()
+        # Same channel, Redis back but empty (no persistence): the hub tells the worker to register again.
+        await ws.send_json({})
+        closing = await asyncio.wait_for(ws.receive(), 10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4404
