@@ -1,7 +1,8 @@
 """Closed-loop HTTP load generator, run as its own process: C concurrent clients for D seconds.
 
 Modes: ``alloc`` (POST /api/v1/sessions then DELETE it; the POST latency is measured), ``health`` (GET /health),
-``heartbeat`` (POST heartbeats round-robin over the workers in --secrets). Prints one JSON line.
+``heartbeat`` (POST heartbeats round-robin over the workers in --secrets), ``heartbeat-ws`` (one WebSocket
+heartbeat channel per worker, messages round-robin over them). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,74 @@ _CITIES = [(40.7, -74.0), (51.5, -0.1), (35.7, 139.7), (-23.5, -46.6), (19.1, 72
            (48.9, 2.35), (37.8, -122.4), (-33.9, 151.2), (52.5, 13.4), (43.7, -79.4), (28.6, 77.2)]
 
 
+def _status(rng: random.Random) -> dict[str, object]:
+    return {"active_sessions": [], "cpu_percent": rng.uniform(5, 60), "gpu_utilization": rng.uniform(5, 90),
+            "latency_ms": 40.0}
+
+
+class Load:
+    """One request of each mode: returns ('' on success, else the error's name; the latency to record, or None
+    for the whole call). ``alloc`` records the creation alone: ending the session is load, not the figure."""
+
+    def __init__(self, http: aiohttp.ClientSession, args: argparse.Namespace, secrets: list[tuple[str, str]]) -> None:
+        self.http = http
+        self.args = args
+        self.secrets = secrets
+        self.next_worker = 0
+        self.channels: list[list[aiohttp.ClientWebSocketResponse]] = [[] for _ in range(args.concurrency)]
+
+    async def open_channels(self) -> None:
+        """heartbeat-ws: one channel per worker, as a real fleet holds them, split over the clients."""
+        opening = asyncio.Semaphore(64)
+
+        async def open_channel(i: int, wid: str, secret: str) -> None:
+            async with opening:
+                ws = await self.http.ws_connect(f"/api/v1/workers/{wid}/heartbeat", headers={
+                    "Authorization": f"Bearer {self.args.token}", "X-Worker-Secret": secret})
+            self.channels[i % self.args.concurrency].append(ws)
+
+        await asyncio.gather(*(open_channel(i, wid, secret)
+                               for i, (wid, secret) in enumerate(self.secrets[: self.args.connections or None])))
+
+    async def close(self) -> None:
+        for ws in (ws for mine in self.channels for ws in mine):
+            await ws.close()
+
+    async def health(self, k: int, rng: random.Random) -> tuple[str, float | None]:
+        async with self.http.get("/health") as r:
+            await r.read()
+            return "" if r.status == 200 else str(r.status), None
+
+    async def heartbeat(self, k: int, rng: random.Random) -> tuple[str, float | None]:
+        wid, secret = self.secrets[self.next_worker % len(self.secrets)]
+        self.next_worker += 1
+        async with self.http.post(f"/api/v1/workers/{wid}/heartbeat", json=_status(rng), headers={
+                "Authorization": f"Bearer {self.args.token}", "X-Worker-Secret": secret}) as r:
+            await r.read()
+            return "" if r.status == 200 else str(r.status), None
+
+    async def heartbeat_ws(self, k: int, rng: random.Random) -> tuple[str, float | None]:
+        mine = self.channels[k]
+        ws = mine[self.next_worker % len(mine)]
+        self.next_worker += 1
+        await ws.send_json(_status(rng))
+        reply = await ws.receive_json()
+        return "" if "worker_id" in reply else str(reply.get("error")), None
+
+    async def alloc(self, k: int, rng: random.Random) -> tuple[str, float | None]:
+        """Create a session (the measured part), then end it."""
+        lat, lon = rng.choice(_CITIES)
+        t0 = time.perf_counter()
+        async with self.http.post("/api/v1/sessions", json={"location": {"lat": lat, "lon": lon}}) as r:
+            body = await r.read()
+        measured = time.perf_counter() - t0
+        if r.status != 201:
+            return str(r.status), measured
+        async with self.http.delete(f"/api/v1/sessions/{json.loads(body)['session_id']}") as r2:
+            await r2.read()
+        return "", measured
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     lat_ms: list[float] = []
     errors: dict[str, int] = {}
@@ -28,52 +97,30 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     secrets: list[tuple[str, str]] = []
     if args.secrets:
         secrets = list(json.loads(Path(args.secrets).read_text()).items())  # noqa: ASYNC240 - before the load
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
     stop_at = 0.0
-    hb_next = 0
 
-    async with aiohttp.ClientSession(base_url=args.url, connector=conn) as http:
+    async with aiohttp.ClientSession(base_url=args.url,
+                                     connector=aiohttp.TCPConnector(limit=0, force_close=False)) as http:
+        load = Load(http, args, secrets)
+        request = {"health": load.health, "heartbeat": load.heartbeat, "heartbeat-ws": load.heartbeat_ws,
+                   "alloc": load.alloc}[args.mode]
+        if args.mode == "heartbeat-ws":
+            await load.open_channels()
+
         async def client(k: int) -> None:
-            nonlocal done, hb_next
+            nonlocal done
             rng = random.Random(k)
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
+                measured: float | None = None
                 try:
-                    if args.mode == "health":
-                        async with http.get("/health") as r:
-                            await r.read()
-                            ok = r.status == 200
-                    elif args.mode == "heartbeat":
-                        wid, secret = secrets[hb_next % len(secrets)]
-                        hb_next += 1
-                        async with http.post(f"/api/v1/workers/{wid}/heartbeat",
-                                             json={"active_sessions": [], "cpu_percent": rng.uniform(5, 60),
-                                                   "gpu_utilization": rng.uniform(5, 90), "latency_ms": 40.0},
-                                             headers={"Authorization": f"Bearer {args.token}",
-                                                      "X-Worker-Secret": secret}) as r:
-                            await r.read()
-                            ok = r.status == 200
-                    else:
-                        lat, lon = rng.choice(_CITIES)
-                        async with http.post("/api/v1/sessions", json={"location": {"lat": lat, "lon": lon}}) as r:
-                            body = await r.read()
-                            ok = r.status == 201
-                        t1 = time.perf_counter()
-                        if ok:
-                            sid = json.loads(body)["session_id"]
-                            async with http.delete(f"/api/v1/sessions/{sid}") as r2:
-                                await r2.read()
-                        lat_ms.append((t1 - t0) * 1000)
-                        if ok:
-                            done += 1
-                        else:
-                            errors[str(r.status)] = errors.get(str(r.status), 0) + 1
-                        continue
+                    error, measured = await request(k, rng)
                 except aiohttp.ClientError as exc:
-                    ok = False
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                lat_ms.append((time.perf_counter() - t0) * 1000)
-                if ok:
+                    error = type(exc).__name__
+                lat_ms.append((time.perf_counter() - t0 if measured is None else measured) * 1000)
+                if error:
+                    errors[error] = errors.get(error, 0) + 1
+                else:
                     done += 1
 
         # warm-up, then the measured window
@@ -89,6 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         elapsed = time.perf_counter() - t_start
         hub_cpu_s = _cpu_s(hub) - cpu_start
+        await load.close()
     s = sorted(lat_ms)
 
     def q(p: float) -> float:
@@ -116,11 +164,12 @@ def _cpu_s(process: psutil.Process | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
-    ap.add_argument("--mode", choices=["alloc", "health", "heartbeat"], default="alloc")
+    ap.add_argument("--mode", choices=["alloc", "health", "heartbeat", "heartbeat-ws"], default="alloc")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--secrets")
+    ap.add_argument("--connections", type=int, default=0, help="heartbeat-ws: channels to open (0 = every worker)")
     ap.add_argument("--token", default="")
     ap.add_argument("--hub-pid", type=int, default=0, help="account this process's CPU time to the operations")
     print(json.dumps(asyncio.run(run(ap.parse_args()))))
