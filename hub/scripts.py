@@ -207,24 +207,43 @@ if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 """
 
-PUBLISH_BOARD = """
+_BOARD_CHANGES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Log a change for hubs' delta reads: '<id>' status or used, '+<id>' registration view (or removal). The log
+-- reaches back twice as far as a delta read may (BOARD_DELTA_HORIZON_MS).
+local function note_change(member)
+  redis.call('ZADD', KEYS[4], now, member)
+end
+local function trim_changes()
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 120000)
+end
+"""
+
+#: How far back a hub may read the board's change log; a hub that last read longer ago reads everything.
+BOARD_DELTA_HORIZON_MS = 60_000
+
+PUBLISH_BOARD = _BOARD_CHANGES + """
 -- Mirror a worker onto the routing board that every hub reads in one round trip.
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board generation
--- ARGV[1] worker id, ARGV[2] static view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
+-- ARGV[1] worker id, ARGV[2] registration view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
 -- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board
+trim_changes()
 if ARGV[5] == '1' then
   redis.call('HDEL', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1]); redis.call('HDEL', KEYS[3], ARGV[1])
-  return redis.call('INCR', KEYS[4])
+  note_change('+' .. ARGV[1])
+  return 1
 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); redis.call('INCR', KEYS[4]) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); note_change('+' .. ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
+if ARGV[3] ~= '' or ARGV[4] ~= '' then note_change(ARGV[1]) end
 return 1
 """
 
-PUBLISH_BOARD_STATUS = """
+PUBLISH_BOARD_STATUS = _BOARD_CHANGES + """
 -- Mirror a batch of heartbeats onto the routing board in one call (the heartbeats' group commit).
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
 -- ARGV[3i+1] worker id, ARGV[3i+2] status JSON, ARGV[3i+3] used streams, for each worker of the batch
 -- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
 -- Returns how many workers were written.
@@ -233,9 +252,11 @@ for i = 1, #ARGV, 3 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+    note_change(ARGV[i])
     written = written + 1
   end
 end
+trim_changes()
 return written
 """
 
@@ -258,20 +279,41 @@ return {allowed, wait}
 """
 
 READ_BOARD = """
--- The routing board's status and used views (and the static view when the caller's generation is stale), each
--- as ONE JSON string: a hub parses two strings with the C json module instead of 40,000 RESP items in Python
--- (at 10,000 workers the RESP parse of HGETALL took ~30% of an idle hub's CPU every refresh).
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board generation
--- ARGV[1] the generation the caller holds ('' = none)
--- Returns {generation, status JSON array, used JSON array, static JSON array or '', seconds, microseconds}
-local gen = redis.call('GET', KEYS[4]) or '0'
+-- What a hub needs to route, in one round trip: everything, or only what changed since its last read.
+-- Views come back as ONE JSON string each: a hub parses a string with the C json module instead of 40,000 RESP
+-- items in Python (at 10,000 workers the RESP parse of HGETALL took ~30% of an idle hub's CPU every refresh).
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
+-- ARGV[1] read only the changes since this Redis time (ms; '' = everything)
+-- ARGV[2] how far back (ms) a delta may reach; a caller that read longer ago gets everything
+-- Returns {static JSON, status JSON, used JSON, seconds, microseconds, complete}, each view a flat
+-- [id, value, ...] array: complete = 1 for whole views; 0 for a delta, where status and used list the workers
+-- changed since ARGV[1], static those whose registration changed, and a value is false for a worker now gone.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function flat(key)
   local v = redis.call('HGETALL', key)
   if #v == 0 then return '[]' end
   return cjson.encode(v)
 end
-local static = ''
-if gen ~= ARGV[1] then static = flat(KEYS[1]) end
-local t = redis.call('TIME')
-return {gen, flat(KEYS[2]), flat(KEYS[3]), static, t[1], t[2]}
+if ARGV[1] == '' or tonumber(ARGV[1]) < now - tonumber(ARGV[2]) then
+  return {flat(KEYS[1]), flat(KEYS[2]), flat(KEYS[3]), t[1], t[2], 1}
+end
+local ids, registered, seen = {}, {}, {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')) do
+  local id = member
+  if string.sub(member, 1, 1) == '+' then id = string.sub(member, 2); registered[#registered + 1] = id end
+  if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+end
+-- HMGET in chunks: unpack() of thousands of ids overflows Lua's stack.
+local function pairs_of(key, list)
+  local out = {}
+  for first = 1, #list, 500 do
+    local chunk = {unpack(list, first, math.min(first + 499, #list))}
+    local values = redis.call('HMGET', key, unpack(chunk))
+    for i, id in ipairs(chunk) do out[#out + 1] = id; out[#out + 1] = values[i] end
+  end
+  if #out == 0 then return '[]' end
+  return cjson.encode(out)
+end
+return {pairs_of(KEYS[1], registered), pairs_of(KEYS[2], ids), pairs_of(KEYS[3], ids), t[1], t[2], 0}
 """

@@ -5,6 +5,7 @@ Connection failures and timeouts become ``StoreUnavailable`` here, so callers ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
     TryAgainError,
@@ -42,7 +44,7 @@ from shared.errors import StoreUnavailable
 Client = aioredis.Redis | RedisCluster
 _UNAVAILABLE = (
     RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, MasterDownError,
-    ReadOnlyError, TryAgainError, OSError,
+    ReadOnlyError, TryAgainError, MaxConnectionsError, OSError,
 )
 
 
@@ -117,17 +119,21 @@ class StoredSession:
 
 @dataclass(frozen=True, slots=True)
 class BoardRead:
-    generation: int
-    static: dict[str, str] | None  # None: unchanged since the generation the caller holds
-    status: dict[str, str]
-    used: dict[str, str]
+    """The routing board's three views (worker id -> JSON), whole or (``complete=False``) only what changed;
+    in a delta, None marks a worker that left the board."""
+
+    static: dict[str, str | None]
+    status: dict[str, str | None]
+    used: dict[str, str | None]
     now_ms: int
+    complete: bool
 
 
 class FleetStore:
     def __init__(self, client: Client, settings: HubSettings) -> None:
         self.redis = client
         self.settings = settings
+        self._slots = asyncio.Semaphore(settings.redis_max_connections)
         self._register = client.register_script(scripts.REGISTER)
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._reserve = client.register_script(scripts.RESERVE)
@@ -145,12 +151,32 @@ class FleetStore:
         self._heartbeats: GroupCommit[_Beat, HeartbeatOutcome] = GroupCommit(self._commit_heartbeats,
                                                                               name="heartbeats")
 
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """One step's Redis work: waits (at most ``redis_pool_wait_s``) for a connection slot, and turns
+        unavailability into ``StoreUnavailable``.
+
+        The standalone client's blocking pool waits for a free connection by itself, but the cluster client's
+        per-node pools raise at their limit (a 1,000-request burst got 500s); bounding concurrent steps to the
+        pool size gives both the same behaviour: a queue, then a clean 503.
+        """
+        try:
+            async with asyncio.timeout(self.settings.redis_pool_wait_s):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise StoreUnavailable("every connection to the shared store is busy") from exc
+        try:
+            async with unavailable_as_domain_error():
+                yield
+        finally:
+            self._slots.release()
+
     async def close(self) -> None:
         await self._heartbeats.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> bool:
-        async with unavailable_as_domain_error():
+        async with self._call():
             return bool(await self.redis.ping())
 
     # --- workers ------------------------------------------------------------------------------------------
@@ -161,7 +187,7 @@ class FleetStore:
         """None when a live worker already holds the id and ``presented_secret`` is not its secret."""
         flat = [x for kv in fields.items() for x in kv] + ["static", static]
         s = self.settings
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._register(
                 keys=keys.worker_keys(worker_id).as_list(),
                 args=[digest(presented_secret) if presented_secret else "", digest(new_secret), s.ttl_ms,
@@ -186,7 +212,7 @@ class FleetStore:
         """One pipeline of HEARTBEAT scripts (one per worker slot), then one board write for the whole batch."""
         outcomes: list[HeartbeatOutcome | Exception] = []
         board: list[Any] = []
-        async with unavailable_as_domain_error():
+        async with self._call():
             replies = await self._run_many(self._heartbeat, [(keys.worker_keys(b.worker_id).as_list(), b.args)
                                                              for b in beats])
             for beat, res in zip(beats, replies, strict=True):
@@ -202,7 +228,7 @@ class FleetStore:
                               "drain": out.state == "draining" and beat.state == "ready"}
                     board += [beat.worker_id, json.dumps(status, separators=(",", ":")), out.used]
             if board:
-                await self._publish_statuses(keys=keys.BOARD.as_list()[:3], args=board)
+                await self._publish_statuses(keys=keys.BOARD.as_list(), args=board)
         return outcomes
 
     async def _run_many(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -229,7 +255,7 @@ class FleetStore:
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = int(await self._deregister(keys=keys.worker_keys(worker_id).as_list(),
                                              args=[digest(secret) if secret is not None else "*"]))
             if res == 1:
@@ -237,7 +263,7 @@ class FleetStore:
         return res
 
     async def set_drain(self, worker_id: str, drain: bool) -> str | None:
-        async with unavailable_as_domain_error():
+        async with self._call():
             state = await self._set_drain(keys=[keys.worker_keys(worker_id).info], args=["1" if drain else "0"])
             if state:
                 raw = await self.redis.hget(keys.BOARD.status, worker_id)
@@ -248,7 +274,7 @@ class FleetStore:
 
     async def read_worker(self, worker_id: str) -> tuple[int, int, dict[str, str]] | None:
         """(now_ms, used, info fields) as Redis holds them, or None when unknown."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._read_worker(keys=keys.worker_keys(worker_id).as_list(), args=[])
         if int(res[1]) < 0:
             return None
@@ -259,7 +285,7 @@ class FleetStore:
 
     async def reserve(self, worker_id: str, session_id: str, record: dict[str, Any]) -> Reservation:
         s = self.settings
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._reserve(
                 keys=keys.worker_keys(worker_id).as_list(),
                 args=[session_id, int(s.pending_lease_s * 1000), s.ttl_ms, json.dumps(record, separators=(",", ":"))],
@@ -269,24 +295,25 @@ class FleetStore:
         else:
             out = Reservation(ok=False, reason=str(res[1]), used=int(res[2]), max_streams=int(res[3]))
         if out.ok or out.reason == "full":
-            await self.publish_used(worker_id, out.used)
+            async with self._call():
+                await self._publish_board(worker_id, used=out.used)
         return out
 
     async def confirm(self, worker_id: str, session_id: str) -> bool:
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._confirm(keys=keys.worker_keys(worker_id).as_list(),
                                       args=[session_id, int(self.settings.active_lease_s * 1000)])
         return int(res[0]) == 1
 
     async def release(self, worker_id: str, session_id: str) -> tuple[bool, int]:
         """(whether the session was held, used streams after)."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._release(keys=keys.worker_keys(worker_id).as_list(), args=[session_id])
-            await self.publish_used(worker_id, int(res[1]))
+            await self._publish_board(worker_id, used=int(res[1]))
         return int(res[0]) == 1, int(res[1])
 
     async def read_session(self, worker_id: str, session_id: str) -> StoredSession | None:
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._read_session(keys=keys.worker_keys(worker_id).as_list(),
                                            args=[session_id, self.settings.ttl_ms])
         if not res[0]:
@@ -295,9 +322,15 @@ class FleetStore:
                              worker_url=str(res[3] or ""))
 
     async def sessions_of(self, worker_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-        """worker id -> session id -> record with its status; an SRE listing, pipelined."""
+        """worker id -> session id -> record with its status; an SRE listing, pipelined.
+
+        Only sessions whose lease is live count: a dead worker's records stay until a script on its slot purges
+        them, and none runs once it stopped heartbeating.
+        """
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        async with unavailable_as_domain_error():
+        async with self._call():
+            seconds, micros = await self.redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
             for start in range(0, len(worker_ids), 500):
                 chunk = worker_ids[start:start + 500]
                 pipe = self.redis.pipeline(transaction=False)
@@ -305,24 +338,25 @@ class FleetStore:
                     wk = keys.worker_keys(wid)
                     pipe.hgetall(wk.sessions)
                     pipe.hkeys(wk.active)
+                    pipe.zrangebyscore(wk.leases, f"({now_ms}", "+inf")
                 results = await pipe.execute()
                 for i, wid in enumerate(chunk):
-                    records, active = results[2 * i], set(results[2 * i + 1])
+                    records, active, live = results[3 * i], set(results[3 * i + 1]), set(results[3 * i + 2])
                     out[wid] = {sid: {**json.loads(raw), "status": "active" if sid in active else "pending"}
-                                for sid, raw in records.items()}
+                                for sid, raw in records.items() if sid in live}
         return out
 
     # --- session-key affinity ------------------------------------------------------------------------------
 
     async def get_claim(self, session_key: str) -> str | None:
-        async with unavailable_as_domain_error():
+        async with self._call():
             value = await self.redis.get(keys.session_key_claim(session_key))
         return str(value) if value else None
 
     async def compare_and_set_claim(self, session_key: str, expected: str | None, new: str | None,
                                     ttl_s: float) -> tuple[bool, str | None]:
         """(swapped, current value when not swapped)."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._cas(keys=[keys.session_key_claim(session_key)],
                                   args=[expected or "", new or "", int(ttl_s * 1000)])
         if res == 1:
@@ -331,22 +365,18 @@ class FleetStore:
 
     # --- routing board -----------------------------------------------------------------------------------
 
-    async def read_board(self, known_generation: int | None) -> BoardRead:
-        """Everything a hub needs to route, in one round trip whatever the fleet size (one script on ``{idx}``)."""
-        async with unavailable_as_domain_error():
-            res = await self._read_board(keys=keys.BOARD.as_list(),
-                                         args=["" if known_generation is None else str(known_generation)])
-        generation = int(res[0] or 0)
-        static = _pairs(res[3]) if res[3] else None
-        return BoardRead(generation=generation, static=static, status=_pairs(res[1]), used=_pairs(res[2]),
-                         now_ms=int(res[4]) * 1000 + int(res[5]) // 1000)
-
-    async def publish_used(self, worker_id: str, used: int) -> None:
-        await self._publish_board(worker_id, used=used)
+    async def read_board(self, changed_since_ms: int | None = None) -> BoardRead:
+        """What a hub needs to route, in one round trip (one script on ``{idx}``): everything, or only what changed
+        since ``changed_since_ms`` (Redis time) when that is recent enough for the board's change log."""
+        since = "" if changed_since_ms is None else str(changed_since_ms)
+        async with self._call():
+            res = await self._read_board(keys=keys.BOARD.as_list(), args=[since, scripts.BOARD_DELTA_HORIZON_MS])
+        return BoardRead(static=_pairs(res[0]), status=_pairs(res[1]), used=_pairs(res[2]),
+                         now_ms=int(res[3]) * 1000 + int(res[4]) // 1000, complete=int(res[5]) == 1)
 
     async def forget_on_board(self, worker_ids: list[str]) -> None:
         """Drop long-silent workers from the board (their own keys have expired by retention)."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             for wid in worker_ids:
                 await self._publish_board(wid, remove=True)
 
@@ -359,15 +389,16 @@ class FleetStore:
 
     async def take_token(self, client: str, capacity: int, rate_per_s: float) -> float:
         """0 when allowed, else seconds to wait."""
-        async with unavailable_as_domain_error():
+        async with self._call():
             res = await self._bucket(keys=[keys.rate_limit_bucket(client)], args=[capacity, rate_per_s])
         return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
 
 
-def _pairs(raw: str) -> dict[str, str]:
-    """A flat [field, value, ...] JSON array (HGETALL encoded by a script) as a dict."""
+def _pairs(raw: str) -> dict[str, str | None]:
+    """A flat [field, value, ...] JSON array (HGETALL or HMGET encoded by a script) as a dict; a value that is
+    JSON ``false`` (HMGET of a field that is gone) becomes None."""
     flat = json.loads(raw)
     if not isinstance(flat, list):  # cjson encodes an empty table as {}
         return {}
     it = iter(flat)
-    return {str(k): str(v) for k, v in zip(it, it, strict=True)}
+    return {str(k): None if v is False else str(v) for k, v in zip(it, it, strict=True)}

@@ -47,17 +47,19 @@ class BoardKeys:
     static: str  # HASH: worker id -> registration view (JSON), rewritten on (re)registration
     status: str  # HASH: worker id -> heartbeat view (JSON)
     used: str  # HASH: worker id -> used streams, written with the value each script returns
-    generation: str  # STRING: bumped whenever ``static`` changes, so hubs re-read it only then
+    #: ZSET: what changed when (Redis time, ms), so hubs read only that: member ``<id>`` when the worker's status
+    #: or used view changed, ``+<id>`` when its registration view changed or it left the board.
+    changes: str
 
     def as_list(self) -> list[str]:
-        return [self.static, self.status, self.used, self.generation]
+        return [self.static, self.status, self.used, self.changes]
 
 
 BOARD = BoardKeys(
     static=f"{PREFIX}:{{idx}}:static",
     status=f"{PREFIX}:{{idx}}:status",
     used=f"{PREFIX}:{{idx}}:used",
-    generation=f"{PREFIX}:{{idx}}:generation",
+    changes=f"{PREFIX}:{{idx}}:changes",
 )
 
 #: Short lock so only one hub per interval publishes capacity metrics to CloudWatch.

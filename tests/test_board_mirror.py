@@ -1,0 +1,91 @@
+"""Each hub's mirror of the routing board: after any mix of changes, a delta refresh sees exactly what a full read
+sees, and a delta carries only what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import httpx
+
+from hub.board import RoutingBoard
+from tests.conftest import WORKER_AUTH, heartbeat, register, registration
+
+
+def mirror(board: RoutingBoard) -> dict[str, tuple[Any, ...]]:
+    """What routing depends on, per worker."""
+    return {wid: (e.url, e.region, e.lat, e.lon, e.max_streams, e.used, e.state, e.heartbeat_ms, e.latency_ms,
+                  e.gpu_utilization) for wid, e in board.entries.items()}
+
+
+async def fresh_board(make_hub: Any) -> RoutingBoard:
+    other = await make_hub()
+    board: RoutingBoard = other.app.state.hub.board
+    await board.refresh()
+    return board
+
+
+async def test_delta_refreshes_match_a_full_read_through_churn(make_hub: Any, make_worker: Any) -> None:
+    hub: httpx.AsyncClient = await make_hub()
+    board: RoutingBoard = hub.app.state.hub.board  # type: ignore[attr-defined]
+    rng = random.Random(7)
+    workers = [await make_worker(max_streams=3) for _ in range(4)]
+    secrets = {f"w-{i}": (await register(hub, f"w-{i}", w))["worker_secret"] for i, w in enumerate(workers)}
+    await board.refresh()
+    assert mirror(board) == mirror(await fresh_board(make_hub))
+
+    placed: list[str] = []
+    for step in range(12):
+        action = step % 4
+        if action == 0:  # heartbeats with new figures
+            for wid, secret in secrets.items():
+                await heartbeat(hub, wid, secret, [], gpu_utilization=rng.uniform(0, 100),
+                                latency_ms=rng.uniform(1, 90))
+        elif action == 1:  # sessions start and end: used changes
+            resp = await hub.post("/api/v1/sessions", json={})
+            if resp.status_code == 201:
+                placed.append(resp.json()["session_id"])
+            if len(placed) > 2:
+                ended = await hub.delete(f"/api/v1/sessions/{placed.pop(0)}")
+                assert ended.status_code in (204, 404)  # 404: its worker has left meanwhile
+        elif action == 2:  # a worker leaves, another joins
+            gone = sorted(secrets)[0]
+            resp = await hub.delete(f"/api/v1/workers/{gone}",
+                                    headers={**WORKER_AUTH, "X-Worker-Secret": secrets.pop(gone)})
+            assert resp.status_code == 204
+            wid = f"w-new-{step}"
+            secrets[wid] = (await register(hub, wid, await make_worker(max_streams=2)))["worker_secret"]
+        else:  # a worker re-registers with a new registration view (more streams)
+            wid = sorted(secrets)[-1]
+            body = registration(wid, "http://127.0.0.1:1/moved", max_streams=9)
+            resp = await hub.post("/api/v1/workers", json=body,
+                                  headers={**WORKER_AUTH, "X-Worker-Secret": secrets[wid]})
+            assert resp.status_code == 200, resp.text
+            secrets[wid] = resp.json()["worker_secret"]
+            await heartbeat(hub, wid, secrets[wid], [])
+        await board.refresh()
+        assert mirror(board) == mirror(await fresh_board(make_hub)), f"step {step}"
+    assert set(board.entries) == set(secrets)
+
+
+async def test_a_delta_carries_only_what_changed(make_hub: Any, make_worker: Any) -> None:
+    hub: httpx.AsyncClient = await make_hub()
+    store = hub.app.state.hub.store  # type: ignore[attr-defined]
+    secrets = {f"w-{i}": (await register(hub, f"w-{i}", await make_worker()))["worker_secret"] for i in range(5)}
+    whole = await store.read_board()
+    assert whole.complete and set(whole.status) == set(secrets)
+
+    await asyncio.sleep(0.01)
+    await heartbeat(hub, "w-3", secrets["w-3"], [], latency_ms=12.0)
+    delta = await store.read_board(whole.now_ms + 1)  # changes stamped after the whole read
+    assert not delta.complete
+    assert set(delta.status) == set(delta.used) == {"w-3"} and delta.static == {}
+
+    await asyncio.sleep(0.01)
+    await hub.delete("/api/v1/workers/w-1", headers={**WORKER_AUTH, "X-Worker-Secret": secrets["w-1"]})
+    gone = await store.read_board(delta.now_ms + 1)
+    assert gone.static == {"w-1": None} and gone.status == {"w-1": None}
+
+    stale = await store.read_board(whole.now_ms - 3_600_000)  # older than the change log reaches: everything
+    assert stale.complete and set(stale.status) == set(secrets) - {"w-1"}
