@@ -53,12 +53,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # Echo where and why, never the offending input (it may be huge, binary or a secret).
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        message, detail = errors.describe_invalid(exc.errors())
         return error_response(422, "invalid_request", message, detail=detail)
 
     @app.exception_handler(StarletteHTTPException)

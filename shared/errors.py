@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class FleetError(Exception):
     """Base of every domain error. ``code`` is the stable machine-readable error code."""
@@ -68,3 +71,13 @@ class RateLimited(FleetError):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__()
         self.retry_after_s = retry_after_s
+
+
+def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """A 422 body's message and detail from pydantic's errors: where and why, never the offending input (it may
+    be huge, binary or a secret, such as the LiveKit token in a dispatch)."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in errors[:10]]
+    first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return (f"{where}: {first['msg']}" if where else str(first["msg"])), detail

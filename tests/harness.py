@@ -1,4 +1,8 @@
-"""Real processes for fault and concurrency tests: hubs started as `fleet hub` subprocesses on loopback."""
+"""Real processes for fault and concurrency tests: `fleet hub` and `fleet worker` subprocesses on loopback.
+
+Each process writes its log to a temporary file rather than a pipe: a pipe nobody reads fills after 64 KB and then
+blocks the process (a hub logging every refused request during a Redis outage would freeze).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,26 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_TOKEN, WORKER_TOKEN
+from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, WORKER_TOKEN
+
+
+def _log_file() -> IO[bytes]:
+    # Append mode: the child's writes always land at the end even while the test seeks to read the file.
+    return tempfile.TemporaryFile("a+b")
+
+
+def _child_env(**fleet: Any) -> dict[str, str]:
+    """This environment without any FLEET_* (a developer's shell must not leak in), plus the given settings."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+            **{f"FLEET_{k.upper()}": str(v) for k, v in fleet.items()}}
 
 
 class HubProcess:
@@ -22,28 +38,32 @@ class HubProcess:
 
     def __init__(self, redis_url: str, **settings: Any) -> None:
         self.port = free_port()
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
-            "FLEET_REDIS_URL": redis_url, "FLEET_WORKER_TOKEN": WORKER_TOKEN, "FLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-            "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_SNAPSHOT_REFRESH_S": "0.2", "FLEET_LOG_LEVEL": "WARNING",
-            **{f"FLEET_{k.upper()}": str(v) for k, v in settings.items()},
-        }
+        self.env = _child_env(**{"redis_url": redis_url, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN,
+                                 "rate_limit_per_s": 0, "snapshot_refresh_s": 0.2, "log_level": "WARNING", **settings})
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the process's stderr, for failure messages."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:]
+
     def start(self, timeout_s: float = 20.0) -> HubProcess:
+        self._log = self._log or _log_file()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "hub", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=self.env, stdout=subprocess.DEVNULL, stderr=self._log,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"hub exited with {self.proc.returncode}: {err[-2000:]}")
+                raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
                     return self
@@ -79,3 +99,125 @@ def running_hubs(count: int, redis_url: str, **settings: Any) -> Iterator[list[H
     finally:
         for hub in hubs:
             hub.stop()
+
+
+class WorkerProcess:
+    """One real `fleet worker` process (synthetic engine, simulated GPU) on a fixed loopback port.
+
+    ``spawn()`` starts it, ``wait_ready()`` returns once it has registered with a hub; ``start()`` does both. The
+    port and id survive ``kill()`` so a restart is the same worker coming back. Settings are ``FLEET_*`` names in
+    lower case (``drain_timeout_s=1``); the IMDS endpoint points at a closed port so it learns at once it is not on
+    EC2, and registration retries are capped at 1 s so a restart re-registers soon after the old TTL lapses.
+    """
+
+    def __init__(self, hub_urls: list[str], worker_id: str, *, region: str = "us-east-1", max_streams: int = 4,
+                 gpu: str = "t4", **settings: Any) -> None:
+        self.worker_id = worker_id
+        self.region = region
+        self.max_streams = max_streams
+        self.gpu = gpu
+        self.port = free_port()
+        self.env = _child_env(**{
+            "hub_urls": ",".join(hub_urls), "worker_token": WORKER_TOKEN, "worker_id": worker_id,
+            "imds_url": f"http://127.0.0.1:{free_port()}", "imds_timeout_s": 0.2, "register_backoff_cap_s": 1.0,
+            "hub_timeout_s": 2.0, "drain_timeout_s": 5.0, "log_level": "WARNING", **settings,
+        })
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:]
+
+    def spawn(self) -> WorkerProcess:
+        self._log = self._log or _log_file()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker", "--engine", "synthetic", "--simulate-gpu", self.gpu,
+             "--host", "127.0.0.1", "--port", str(self.port), "--region", self.region,
+             "--max-streams", str(self.max_streams)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=self._log,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> WorkerProcess:
+        """Until its /health says it registered with a hub."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = self.proc.returncode if self.proc else None
+                raise RuntimeError(f"worker {self.worker_id} exited with {code}: {self.log_tail()}")
+            try:
+                if self.health(timeout_s=0.5).get("registered"):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"worker {self.worker_id} did not register: {self.log_tail()}")
+
+    def start(self, timeout_s: float = 30.0) -> WorkerProcess:
+        return self.spawn().wait_ready(timeout_s)
+
+    def health(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        answer: dict[str, Any] = httpx.get(f"{self.url}/health", timeout=timeout_s).json()
+        return answer
+
+    def sessions(self, timeout_s: float = 5.0) -> list[str]:
+        """The ids of the sessions the worker itself runs (its own GET /sessions, worker token auth)."""
+        resp = httpx.get(f"{self.url}/sessions", headers=WORKER_AUTH, timeout=timeout_s)
+        resp.raise_for_status()
+        return sorted(s["session_id"] for s in resp.json())
+
+    def kill(self) -> None:
+        """SIGKILL: the GPU box vanishes; no drain, no deregistration."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM: the worker drains (reports draining, waits for sessions, deregisters) and exits by itself."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.terminate()
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM and wait for the drain; SIGKILL if it takes longer than ``timeout_s``. Returns the exit code."""
+        if self.proc is None:
+            return None
+        self.terminate()
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_workers(hub_urls: list[str], count: int, *, prefix: str = "wp",
+                    regions: tuple[str, ...] = ("us-east-1", "us-west-2", "eu-central-1"), max_streams: int = 4,
+                    **settings: Any) -> Iterator[list[WorkerProcess]]:
+    """``count`` registered `fleet worker` processes (started together), spread over ``regions``; all stopped on
+    exit (SIGTERM, then SIGKILL), even if one failed to start."""
+    workers = [WorkerProcess(hub_urls, f"{prefix}-{i:02d}", region=regions[i % len(regions)],
+                             max_streams=max_streams, **settings) for i in range(count)]
+    try:
+        for worker in workers:
+            worker.spawn()
+        for worker in workers:
+            worker.wait_ready()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.stop()

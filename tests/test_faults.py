@@ -69,7 +69,7 @@ async def test_burst_of_1000_across_three_hubs_fills_exactly_the_free_capacity(
         ])
     codes = Counter(a.status_code for a in answers)
     errors = Counter(a.json()["error"] for a in answers if a.status_code != 201)
-    assert codes == {201: 100, 503: 900}, (codes, errors)
+    assert codes == {201: 100, 503: 900}, (codes, errors, [hub.log_tail(20000) for hub in three_hubs])
     # Every refusal is a clean "try again": no_capacity, or store_unavailable when a Redis pool wait times out
     # on an overloaded machine. Either way the count of placements above is exact.
     refusals = [a for a in answers if a.status_code == 503]

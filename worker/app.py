@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.auth import bearer_token, secret_matches
+from shared.errors import describe_invalid
 from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
 from worker.sessions import SessionManager, SessionRefused
 
@@ -20,8 +23,8 @@ class _ApiError(Exception):
         self.status, self.error, self.message = status, error, message
 
 
-def _error(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "message": message})
+def _error(status: int, error: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "message": message}, headers=headers)
 
 
 def create_worker_app(manager: SessionManager, worker_token: str, health: dict[str, Any] | None = None) -> FastAPI:
@@ -33,22 +36,12 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
         if not secret_matches(bearer_token(authorization), worker_token):
             raise _ApiError(401, "unauthorized", "a valid worker bearer token is required")
 
-    @app.exception_handler(_ApiError)
-    async def _api_error(_: Request, exc: _ApiError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid_request", str(exc.errors()[:3]))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, "http_error", str(exc.detail))
-
+    _install_error_handlers(app)
     errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
     @app.post("/sessions", status_code=201, response_model=WorkerSessionInfo, dependencies=[Depends(require_token)],
-              responses={**errors, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+              responses={**errors, 400: {"model": ErrorBody}, 409: {"model": ErrorBody},
+                         503: {"model": ErrorBody}})
     async def create_session(spec: SessionDispatch) -> WorkerSessionInfo:
         """Start a session if a local slot is free: 409 when full, draining or already running."""
         try:
@@ -65,7 +58,8 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
             raise _ApiError(404, "session_not_found", f"no session {session_id} here")
         return Response(status_code=204)
 
-    @app.get("/sessions", response_model=list[WorkerSessionInfo], dependencies=[Depends(require_token)])
+    @app.get("/sessions", response_model=list[WorkerSessionInfo], dependencies=[Depends(require_token)],
+             responses=errors)
     async def list_sessions() -> list[WorkerSessionInfo]:
         return list(manager.sessions.values())
 
@@ -74,7 +68,7 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
         return {**status, "state": "draining" if manager.draining else "ready", "engine": manager.engine.name,
                 "sessions": len(manager.sessions), "max_streams": manager.max_streams}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         manager.metrics.observe(manager.engine)
         return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -83,3 +77,29 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
     if extra is not None:
         app.include_router(extra)
     return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error body is ``{"error", "message"}``, as the hub's are."""
+
+    @app.exception_handler(_ApiError)
+    async def _api_error(_: Request, exc: _ApiError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, detail = describe_invalid(exc.errors())
+        return JSONResponse(status_code=422, content={"error": "invalid_request", "message": message, "detail": detail})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route matching the path; GET and POST /sessions are two routes.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
+        return _error(exc.status_code, "http_error", str(exc.detail), headers)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    return sorted({m for route in app.routes if isinstance(route, APIRoute) and route.path_regex.match(path)
+                   for m in route.methods or ()})
