@@ -44,9 +44,12 @@ def worker(
     advertise_url: str | None = typer.Option(None, help="URL the hub dispatches to (default: IMDS IP or bind)."),
     region: str | None = typer.Option(None, help="AWS region (default: IMDS, else FLEET_REGION)."),
     simulate_gpu: str | None = typer.Option(None, help="Present a named GPU, e.g. t4, a10g, l4, h100, a10gx4."),
-    max_streams: int | None = typer.Option(None, help="Override the VRAM-derived capacity."),
+    max_streams: int | None = typer.Option(
+        None, help="Override the VRAM-derived capacity (calibrate: the most streams tried)."),
     engine: str | None = typer.Option(None, help="Inference engine: synthetic (simulator) or voice."),
-    seconds: float = typer.Option(3.0, help="calibrate: seconds per concurrency step."),
+    seconds: float | None = typer.Option(
+        None, help="calibrate: seconds measured per concurrency step (default: the engine's, 2 s synthetic, 6 s voice)."
+    ),
     hub_url: str | None = typer.Option(None, "--hub", envvar="FLEET_HUB_URL", help="Hub, for `fleet worker ID`."),
     token: str | None = typer.Option(None, envvar="FLEET_ADMIN_TOKEN", help="Admin token, for `fleet worker ID`."),
     as_json: bool = typer.Option(False, "--json", help="`fleet worker ID`: print JSON."),
@@ -60,7 +63,8 @@ def worker(
     elif target == "calibrate":
         from worker.cli import calibrate
 
-        raise typer.Exit(calibrate(engine=engine, simulate_gpu=simulate_gpu, seconds=seconds) or 0)
+        raise typer.Exit(calibrate(engine=engine, simulate_gpu=simulate_gpu, seconds=seconds,
+                                   max_concurrency=max_streams) or 0)
     else:
         admin.show_worker(target, hub=hub_url or admin.DEFAULT_HUB, json=as_json, token=token)
 

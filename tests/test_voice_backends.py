@@ -165,3 +165,145 @@ async def test_livekit_transport_publishes_audio_and_events() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert room.disconnected and detached == ["conversation"]
+
+
+class FakeSegment:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class FakeWhisperModel:
+    """``faster_whisper.WhisperModel`` at its boundary: records loads and the audio each call gets."""
+
+    loads: list[tuple[str, dict[str, Any]]] = []
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        FakeWhisperModel.loads.append((path, kwargs))
+
+    def transcribe(self, audio: Any, **kwargs: Any) -> tuple[Any, Any]:
+        FakeWhisperModel.calls.append((audio, kwargs))
+        # Lazy like the real generator: decoding happens while the caller iterates.
+        return (FakeSegment(t) for t in [" What is the weather", " like today? "]), object()
+
+
+@pytest.fixture
+def fake_whisper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    import sys
+    import types
+
+    FakeWhisperModel.loads, FakeWhisperModel.calls = [], []
+    monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    return tmp_path
+
+
+async def test_whisper_adapter_loads_once_and_transcribes_float_audio(fake_whisper: Path) -> None:
+    """The real WhisperSTT path: one model per process shared by every stream, PCM16 → float32 in [-1, 1)."""
+    import numpy as np
+
+    from worker.voice.stt import transcribe
+
+    engine = VoiceEngine(VoiceSettings(whisper_model_dir=fake_whisper, whisper_device="cpu", llm_backend="canned"))
+    await engine.start()
+    await engine.start()  # idempotent: no second load
+    assert engine.backends is not None and engine.backends.stt.name == "whisper"
+    assert FakeWhisperModel.loads == [(str(fake_whisper), {"device": "cpu", "compute_type": "int8"})]
+    pcm = np.array([0, 16384, -32768, 32767] * 800, dtype=np.int16).tobytes()
+    streams = [engine.backends.stt.new_stream() for _ in range(2)]  # two sessions, one model
+    for stream in streams:
+        stream.feed(pcm[:3200])
+        stream.feed(pcm[3200:])
+    texts = await asyncio.gather(*(transcribe(s, 5) for s in streams))
+    assert texts == ["What is the weather like today?"] * 2
+    assert len(FakeWhisperModel.loads) == 1 and len(FakeWhisperModel.calls) == 2
+    audio, kwargs = FakeWhisperModel.calls[0]
+    assert audio.dtype == np.float32 and audio.shape == (3200,)
+    assert list(audio[:4]) == [0.0, 0.5, -1.0, 32767 / 32768]
+    assert kwargs == {"language": "en", "beam_size": 1, "vad_filter": False}
+    await engine.aclose()
+
+
+async def test_whisper_with_no_audio_is_an_empty_transcript(fake_whisper: Path) -> None:
+    stt = WhisperSTT(fake_whisper, "auto")
+    stt.load()
+    assert FakeWhisperModel.loads[0][1] == {"device": "auto", "compute_type": "default"}
+    assert stt.new_stream().finish() == "" and FakeWhisperModel.calls == []
+
+
+class FakeTensor:
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def squeeze(self) -> FakeTensor:
+        return FakeTensor(self.array.squeeze())
+
+    def cpu(self) -> FakeTensor:
+        return self
+
+    def numpy(self) -> Any:
+        return self.array
+
+
+class FakeChatterbox:
+    """``chatterbox.tts.ChatterboxTTS`` at its boundary: a (1, n) float tensor at 24 kHz per generate()."""
+
+    loads: list[tuple[str, str]] = []
+    sr = 24_000
+
+    @classmethod
+    def from_local(cls, ckpt_dir: str, device: str) -> FakeChatterbox:
+        cls.loads.append((ckpt_dir, device))
+        return cls()
+
+    def generate(self, text: str) -> FakeTensor:
+        import numpy as np
+
+        t = np.arange(int(self.sr * 0.05 * len(text.split()))) / self.sr
+        return FakeTensor((0.5 * np.sin(2 * np.pi * 200 * t))[None, :].astype(np.float32))
+
+
+async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import sys
+    import types
+
+    import numpy as np
+
+    from worker.voice.audio import SAMPLE_RATE, rms
+
+    FakeChatterbox.loads = []
+    monkeypatch.setitem(sys.modules, "chatterbox", types.ModuleType("chatterbox"))
+    monkeypatch.setitem(sys.modules, "chatterbox.tts", types.SimpleNamespace(ChatterboxTTS=FakeChatterbox))
+    engine = VoiceEngine(VoiceSettings(tts_backend="chatterbox", tts_model_dir=tmp_path, llm_backend="canned"))
+    await engine.start()
+    assert engine.backends is not None
+    tts = engine.backends.tts
+    pcms = await asyncio.gather(*(tts.synthesize("one two three four") for _ in range(3)))  # three sessions
+    assert FakeChatterbox.loads == [(str(tmp_path), "cuda")]
+    for pcm in pcms:
+        assert len(pcm) == 2 * SAMPLE_RATE // 5  # 0.2 s of 24 kHz audio is 3200 samples at 16 kHz
+        samples = np.frombuffer(pcm, dtype=np.int16)
+        assert 0.45 * 32767 < np.abs(samples).max() <= 0.5 * 32767 + 1 and rms(pcm) > 5000
+    await engine.aclose()
+
+
+async def test_cancelling_the_caller_during_a_barge_in_is_not_swallowed() -> None:
+    """Regression: barge-in awaited the cancelled reply under ``suppress(CancelledError)``, which also ate the
+    caller's own cancellation; a transport loop stopped at that moment then ran on forever."""
+    from worker.voice.pipeline import cancel_and_wait
+
+    async def reply_slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.2)  # e.g. a TTS call finishing in its thread
+
+    turn = asyncio.create_task(reply_slow_to_stop())
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(cancel_and_wait(turn))
+    await asyncio.sleep(0.05)  # the caller now waits for the reply to wind down
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.gather(turn, return_exceptions=True)

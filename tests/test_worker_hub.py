@@ -318,18 +318,6 @@ async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any,
         await runner.cleanup()
 
 
-async def test_calibration_finds_a_real_time_limit_fast() -> None:
-    from worker.calibrate import calibrate
-    from worker.engines.synthetic import SyntheticEngine
-
-    # Heavy frames (≈4 ms of hashing at 25 fps) so the limit is low and found in a couple of seconds.
-    result = await calibrate(SyntheticEngine(work_per_frame=8000), max_concurrency=32, seconds=0.2)
-    levels = [t.concurrency for t in result.trials]
-    assert levels[:2] == [1, 2] and 1 <= result.capacity < 32
-    assert all(t.ok for t in result.trials if t.concurrency <= result.capacity)
-    assert any(not t.ok for t in result.trials if t.concurrency == result.capacity + 1)
-
-
 def test_lifecycle_from_settings_prefers_the_configured_group() -> None:
     from worker.imds import InstanceIdentity
 

@@ -27,24 +27,37 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
     return asyncio.run(WorkerAgent(settings).run())
 
 
-def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int = 256,
-              seconds: float = 2.0) -> int:
-    """Measure the concurrency this machine sustains in real time and print it beside the VRAM formula's figure."""
-    from worker.calibrate import run
+def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int | None = None,
+              seconds: float | None = None) -> int:
+    """Measure the concurrency this machine sustains in real time and print it beside the VRAM formula's figure.
+
+    ``max_concurrency`` bounds the search (else ``FLEET_MAX_STREAMS``, else 256); ``seconds`` is the measured
+    window of each step (default 2 s for the synthetic engine, 6 s for voice, whose turns take ~4 s).
+    """
+    from worker.calibrate import DEFAULT_MAX_CONCURRENCY, CalibrationFailed, run
     from worker.capacity import compute_capacity
+    from worker.engine import Calibratable
     from worker.engines import load_engine
-    from worker.engines.synthetic import SyntheticEngine
     from worker.gpus import detect_gpus
 
     settings = _settings(engine=engine, simulate_gpu=simulate_gpu)
-    loaded = load_engine(settings.engine, settings)
-    if not isinstance(loaded, SyntheticEngine):
-        print(f"calibration of engine {loaded.name!r} is not supported yet; only 'synthetic'")
+    loaded = load_engine(settings.engine, settings, for_calibration=True)
+    if not isinstance(loaded, Calibratable):
+        print(f"engine {loaded.name!r} has no load probe (load_probe()), so it cannot be calibrated")
         return 2
     gpus = detect_gpus(settings.simulate_gpu)
     formula = compute_capacity(gpus, loaded.profile)
     print(f"GPUs: {[g.name for g in gpus] or 'none'}; VRAM/CPU/RAM formula: {formula.max_streams} streams "
           f"(limited by {formula.reason})")
-    result = run(loaded, max_concurrency, seconds)
-    print(f"real-time limit of this host's CPU for the synthetic engine: {result.capacity} streams")
+    llm = getattr(loaded, "llm_name", None)  # engines that talk to an LLM say which one answers
+    if llm is not None:
+        print(f"LLM for calibration: {llm}")
+    limit = max_concurrency or settings.max_streams or DEFAULT_MAX_CONCURRENCY
+    try:
+        result = run(loaded, limit, seconds or (6.0 if loaded.name == "voice" else 2.0))
+    except CalibrationFailed as exc:
+        print(f"calibration failed: {exc}")
+        return 1
+    bound = "at least " if result.reached_max else ""
+    print(f"real-time limit of this host for the {loaded.name} engine: {bound}{result.capacity} streams")
     return 0

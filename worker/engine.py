@@ -3,12 +3,17 @@
 An engine loads its models once per process (``start``), runs any number of sessions up to the worker's
 capacity, reports its VRAM profile (which feeds the capacity formula) and live stats (which feed heartbeats and
 so the hub's routing). Engines with a real transport may add HTTP/WebSocket routes to the worker's API.
+
+An engine that can be calibrated (``fleet worker calibrate``) is also ``Calibratable``: it hands out a
+``LoadProbe`` that drives sessions started through the normal ``start_session`` the way real users would and
+reports, as one ``RealTimeReport``, whether the engine kept real time. The calibrator knows nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from fastapi import APIRouter
@@ -63,3 +68,53 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Release models and stop every session."""
+
+
+@dataclass(frozen=True, slots=True)
+class RealTimeReport:
+    """What a load probe measured over one window; every engine is judged by the same two numbers.
+
+    ``late_ratio``: the share of real-time deadlines missed (frames rendered or heard late, turns answered late).
+    ``p95_ms``: the 95th percentile of the latency the engine promises to bound, compared with ``budget_ms``.
+    """
+
+    late_ratio: float
+    p95_ms: float
+    budget_ms: float
+    figures: Mapping[str, float] = field(default_factory=dict)
+    """Engine-specific detail for the operator (frames, turns, per-stage means, CPU per second of audio…)."""
+
+    def keeps_real_time(self, late_budget: float) -> bool:
+        return self.late_ratio <= late_budget and self.p95_ms <= self.budget_ms
+
+
+class LoadProbe(Protocol):
+    """Load like real use for sessions started with ``start_session``, and the measurement of how it went."""
+
+    warmup_s: float
+    """How long the load must run before a window means anything (e.g. until the first turns complete)."""
+
+    async def drive(self, session_id: str) -> None:
+        """Feed one running session as a real user would, until cancelled."""
+
+    def reset(self) -> None:
+        """Start a new measurement window (called after a warm-up)."""
+
+    def report(self) -> RealTimeReport:
+        """How the engine kept real time since the last ``reset``."""
+
+
+@runtime_checkable
+class Calibratable(Protocol):
+    """An ``Engine`` that ``fleet worker calibrate`` can measure."""
+
+    def load_probe(self) -> LoadProbe:
+        """A fresh probe for one calibration step."""
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile (the maximum below 20 samples); 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]

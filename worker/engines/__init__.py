@@ -17,11 +17,12 @@ class EngineUnavailable(RuntimeError):
     """The chosen engine cannot be loaded."""
 
 
-def load_engine(name: str, settings: WorkerSettings) -> Engine:
+def load_engine(name: str, settings: WorkerSettings, *, for_calibration: bool = False) -> Engine:
+    """``for_calibration``: an instance ``fleet worker calibrate`` may load freely (e.g. no LiveKit room to join)."""
     if name == "synthetic":
         from worker.engines.synthetic import SyntheticEngine
 
-        return SyntheticEngine.from_settings(settings)
+        return SyntheticEngine.from_settings(settings, for_calibration=for_calibration)
     target = _LAZY_ENGINES.get(name)
     if target is None:
         raise EngineUnavailable(f"unknown engine {name!r}; choose one of {['synthetic', *_LAZY_ENGINES]}")
@@ -34,4 +35,6 @@ def load_engine(name: str, settings: WorkerSettings) -> Engine:
     if cls is None:
         raise EngineUnavailable(f"{module_name} has no {attr}")
     factory = getattr(cls, "from_settings", None)
-    return cast("Engine", factory(settings) if callable(factory) else cls())
+    if not callable(factory):
+        return cast("Engine", cls())
+    return cast("Engine", factory(settings, for_calibration=True) if for_calibration else factory(settings))

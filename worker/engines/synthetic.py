@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 
 from shared.models import SessionDispatch
-from worker.engine import EngineStats, SessionEnded, VramProfile
+from worker.engine import EngineStats, RealTimeReport, SessionEnded, VramProfile
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -61,7 +61,7 @@ class SyntheticEngine:
         self.started = False
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> SyntheticEngine:
+    def from_settings(cls, settings: WorkerSettings, *, for_calibration: bool = False) -> SyntheticEngine:
         profile = DEFAULT_PROFILE
         if settings.model_mb is not None:
             profile = replace(profile, model_mb=settings.model_mb)
@@ -138,6 +138,11 @@ class SyntheticEngine:
         return EngineStats(latency_ms=round(latency, 3), error_rate=error_rate, active_sessions=active,
                            vram_used_mb=active * self.profile.per_stream_mb)
 
+    @property
+    def frames(self) -> int:
+        """Frames rendered since the last ``reset_counters``."""
+        return self._frames
+
     def miss_ratio(self) -> float:
         return self._misses / self._frames if self._frames else 0.0
 
@@ -146,8 +151,31 @@ class SyntheticEngine:
         self._frames = 0
         self._misses = 0
 
+    def load_probe(self) -> SyntheticLoadProbe:
+        return SyntheticLoadProbe(self)
+
     def router(self) -> APIRouter | None:
         return None
 
     async def aclose(self) -> None:
         await asyncio.gather(*(self.stop_session(sid) for sid in list(self._sessions)))
+
+
+class SyntheticLoadProbe:
+    """Synthetic sessions render on their own; a frame is late when it starts after its slot at ``fps``."""
+
+    warmup_s = 0.0
+
+    def __init__(self, engine: SyntheticEngine) -> None:
+        self.engine = engine
+
+    async def drive(self, session_id: str) -> None:
+        await asyncio.Event().wait()  # nothing to feed: the session's own cadence is the load
+
+    def reset(self) -> None:
+        self.engine.reset_counters()
+
+    def report(self) -> RealTimeReport:
+        e = self.engine
+        return RealTimeReport(late_ratio=round(e.miss_ratio(), 4), p95_ms=e.stats().latency_ms,
+                              budget_ms=e.frame_period_s * 1000, figures={"frames": e.frames})

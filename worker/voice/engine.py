@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
 from shared.models import SessionDispatch
 from worker.engine import EngineStats, SessionEnded, VramProfile
+from worker.voice.calibration import VoiceLoadProbe
 from worker.voice.llm import LLM, build_llm
 from worker.voice.metrics import VoiceMetrics
 from worker.voice.pipeline import Backends, Conversation, History, Transport
@@ -20,6 +21,9 @@ from worker.voice.stt import STT, build_stt
 from worker.voice.transport_livekit import run_livekit
 from worker.voice.transport_ws import build_router
 from worker.voice.tts import TTS, build_tts
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,23 @@ class VoiceEngine:
         self.sessions: dict[str, VoiceSession] = {}
         self._router = build_router(self)
 
+    @classmethod
+    def from_settings(cls, _worker: WorkerSettings, *, for_calibration: bool = False) -> VoiceEngine:
+        """From ``FLEET_VOICE_*``. For calibration: no LiveKit room to join, and the canned local responder
+        unless an LLM is configured explicitly."""
+        settings = VoiceSettings()
+        if for_calibration:
+            update: dict[str, Any] = {"livekit_transport": False}
+            if not settings.llm_configured:
+                update["llm_backend"] = "canned"
+            settings = settings.model_copy(update=update)
+        return cls(settings)
+
+    @property
+    def llm_name(self) -> str:
+        """``openai``, ``bedrock`` or ``canned`` (the local fixed-reply responder of calibration)."""
+        return self._llm.name
+
     @property
     def stage_latency_ms(self) -> dict[str, float]:
         """Recent mean latency per stage (vad, stt, llm first token/sentence, tts, e2e) for the worker to export."""
@@ -122,14 +143,15 @@ class VoiceEngine:
     async def _livekit(self, session: VoiceSession, on_end: SessionEnded) -> None:
         spec = session.spec
         try:
-            await run_livekit(
+            reason = await run_livekit(
                 spec.livekit_url, spec.token, session.attach, session.detach, self.settings.livekit_connect_timeout_s
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the session ends; the worker tells the hub
             log.warning("voice session %s: LiveKit transport failed: %r", spec.session_id, exc)
-            await self._end(session, "livekit_failed", on_end)
+            reason = "livekit_failed"
+        await self._end(session, reason, on_end)  # the user left or the room closed: free the slot
 
     async def _end(self, session: VoiceSession, reason: str, on_end: SessionEnded) -> None:
         if self.sessions.pop(session.spec.session_id, None) is None:
@@ -151,6 +173,10 @@ class VoiceEngine:
             if self.profile.model_mb
             else 0,
         )
+
+    def load_probe(self) -> VoiceLoadProbe:
+        """Calibration load: simulated users speaking in a loop through the transport interface."""
+        return VoiceLoadProbe(self)
 
     def router(self) -> APIRouter | None:
         return self._router

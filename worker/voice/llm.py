@@ -122,7 +122,27 @@ class BedrockLLM:
         return None
 
 
+class CannedLLM:
+    """NOT a language model: streams one fixed reply, instantly. Calibration uses it when no LLM is configured,
+    because calibration measures this host's STT/TTS capacity, not a model server elsewhere."""
+
+    name = "canned"
+
+    def __init__(self, reply: str = "Sure, here you are.") -> None:
+        self.reply = reply
+
+    async def stream(self, system: str, messages: list[Message]) -> AsyncIterator[str]:
+        for word in self.reply.split(" "):
+            await asyncio.sleep(0)
+            yield word + " "
+
+    async def aclose(self) -> None:
+        return None
+
+
 def build_llm(settings: VoiceSettings) -> LLM:
+    if settings.llm_backend == "canned":
+        return CannedLLM()
     if settings.llm_backend == "bedrock":
         return BedrockLLM(settings.llm_model, settings.bedrock_region, settings.max_tokens)
     return OpenAICompatLLM(settings.llm_base_url, settings.llm_model, settings.llm_api_key, settings.max_tokens)

@@ -61,6 +61,15 @@ class History:
         del self.messages[: max(0, len(self.messages) - 2 * self.max_turns)]
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to finish, without swallowing a cancellation of the caller.
+
+    (``suppress(CancelledError)`` around ``await task`` would also eat the caller's own cancellation, and a
+    cancelled transport loop would then run on forever.)"""
+    task.cancel()
+    await asyncio.wait([task])
+
+
 async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """Regroup streamed text into sentences, so TTS can start before the reply is complete."""
     buf = ""
@@ -124,9 +133,7 @@ class Conversation:
 
     async def _on_speech_start(self) -> None:
         if self._turn is not None and not self._turn.done():
-            self._turn.cancel()  # barge-in: the user talks over the reply (or before it started)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._turn
+            await cancel_and_wait(self._turn)  # barge-in: the user talks over the reply (or before it started)
             await self.transport.send_event({"type": "barge_in"})
         self._stt = self.backends.stt.new_stream()
         for frame in self._preroll:
@@ -241,9 +248,7 @@ class Conversation:
 
     async def aclose(self) -> None:
         if self._turn is not None and not self._turn.done():
-            self._turn.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._turn
+            await cancel_and_wait(self._turn)
         if self._stt is not None:
             stream, self._stt = self._stt, None
             with contextlib.suppress(Exception):

@@ -21,8 +21,9 @@ class VoiceSettings(BaseSettings):
     stt_corpus_file: Path | None = None
     """Sentences (one a line) the pocketsphinx domain language model is built from; None uses a built-in corpus."""
 
-    llm_backend: Literal["openai", "bedrock"] = "openai"
-    """Where replies come from: an OpenAI-compatible server (Ollama, vLLM) or AWS Bedrock ConverseStream."""
+    llm_backend: Literal["openai", "bedrock", "canned"] = "openai"
+    """Where replies come from: an OpenAI-compatible server (Ollama, vLLM), AWS Bedrock ConverseStream, or
+    ``canned``: a fixed local reply, no model at all (what calibration uses when no LLM is configured)."""
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     """OpenAI-compatible base URL (``/chat/completions`` is appended)."""
     llm_api_key: str | None = None
@@ -71,3 +72,19 @@ class VoiceSettings(BaseSettings):
     """Also join each session's LiveKit room as the agent (needs a reachable LiveKit server)."""
     livekit_connect_timeout_s: float = Field(default=10.0, gt=0)
     """Bound on joining a LiveKit room (a failing connect can otherwise take 30 s)."""
+
+    calibration_sentence: str = "what is the weather like in paris today"
+    """What each simulated user says, in a loop, during ``fleet worker calibrate`` (synthesised once by espeak-ng)."""
+    calibration_pause_ms: int = Field(default=2000, ge=500)
+    """Silence after each calibration utterance, while the reply plays."""
+    calibration_frame_lag_ms: float = Field(default=100.0, gt=0)
+    """Calibration: a 20 ms input frame is late when VAD + STT are through with it later than this after it
+    arrived (a backlog a jitter buffer no longer hides, which adds straight to the reply latency)."""
+    calibration_e2e_budget_ms: float = Field(default=1000.0, gt=0)
+    """Calibration: p95 of end of speech → first reply audio must stay within this (it includes the VAD's
+    ``vad_silence_ms``; raise it by your LLM's time to first sentence when calibrating with a real LLM)."""
+
+    @property
+    def llm_configured(self) -> bool:
+        """Whether an LLM was chosen explicitly (environment or arguments) rather than left at the defaults."""
+        return bool({"llm_backend", "llm_base_url", "llm_model"} & self.model_fields_set)

@@ -179,7 +179,10 @@ class WhisperStream:
         self._chunks.append(pcm)
 
     def finish(self) -> str:
-        audio = np.frombuffer(b"".join(self._chunks), dtype=np.int16).astype(np.float32) / 32768.0
+        pcm = b"".join(self._chunks)
+        if not pcm:
+            return ""  # faster-whisper fails on an empty array; nothing was said
+        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
         with self._lock:
             segments, _info = self._model.transcribe(audio, language="en", beam_size=1, vad_filter=False)
             return " ".join(s.text.strip() for s in segments).strip()

@@ -120,8 +120,13 @@ class ChatterboxTTS:
         self.device = device
         self._model: Any = None
         self._lock = threading.Lock()  # one GPU model; generation calls are serialised
+        self._load_lock = threading.Lock()
 
     def load(self) -> None:
+        with self._load_lock:  # concurrent first syntheses must not load the model twice
+            self._load()
+
+    def _load(self) -> None:
         if self._model is not None:
             return
         if self.model_dir is None or not self.model_dir.is_dir():

@@ -1,0 +1,130 @@
+"""`fleet worker calibrate`: one calibrator for every engine, measured on this machine's CPU."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.calibrate import Calibration, calibrate
+from worker.engine import Calibratable
+from worker.engines.synthetic import SyntheticEngine
+from worker.voice.engine import VoiceEngine
+from worker.voice.llm import CannedLLM
+from worker.voice.settings import VoiceSettings
+from worker.voice.stt import STT, PocketSphinxSTT, STTStream
+
+
+def assert_found_a_limit(result: Calibration, max_concurrency: int, resolution: float = 0.0) -> None:
+    assert 1 <= result.capacity < max_concurrency and not result.reached_max
+    assert all(t.ok for t in result.trials if t.concurrency <= result.capacity)
+    first_bad = min(t.concurrency for t in result.trials if not t.ok)
+    assert result.capacity < first_bad <= result.capacity + max(1, int(result.capacity * resolution))
+
+
+async def test_calibration_finds_a_real_time_limit_fast() -> None:
+    # Heavy frames (≈4 ms of hashing at 25 fps) so the limit is low and found in a couple of seconds.
+    result = await calibrate(SyntheticEngine(work_per_frame=8000), max_concurrency=32, seconds=0.2)
+    levels = [t.concurrency for t in result.trials]
+    assert levels[:2] == [1, 2]
+    assert_found_a_limit(result, 32)
+
+
+class SlowSTT:
+    """pocketsphinx plus ``burn_ms`` of CPU on the event loop per 20 ms frame: a model too heavy for this host."""
+
+    def __init__(self, inner: STT, burn_ms: float) -> None:
+        self.inner, self.burn_s = inner, burn_ms / 1000
+        self.name, self.model_mb, self.per_stream_mb = "slow", 0, 0
+
+    def load(self, priming_pcm: bytes | None = None) -> None:
+        self.inner.load(priming_pcm)
+
+    def new_stream(self) -> STTStream:
+        stream, burn_s = self.inner.new_stream(), self.burn_s
+
+        class Stream:
+            def feed(self, pcm: bytes) -> None:
+                until = time.perf_counter() + burn_s
+                while time.perf_counter() < until:
+                    pass
+                stream.feed(pcm)
+
+            def finish(self) -> str:
+                return stream.finish()
+
+        return Stream()
+
+
+def voice_engine(stt: STT | None = None) -> VoiceEngine:
+    """Users saying "hello there", a short pause, a one-word reply: a 1.5 s cycle, so 1 s steps see whole turns."""
+    settings = VoiceSettings(llm_backend="canned", calibration_sentence="hello there", calibration_pause_ms=1000)
+    return VoiceEngine(settings, stt=stt, llm=CannedLLM("Okay."))
+
+
+async def test_voice_calibration_finds_a_finite_limit_with_figures() -> None:
+    """Simulated users speak to pocketsphinx + espeak-ng in real time until frames or turns run late.
+
+    Guards the voice criterion end to end: sessions start through start_session, frames go through the
+    transport interface, and every step reports turns answered with their latency."""
+    engine = voice_engine()
+    assert isinstance(engine, Calibratable) and engine.llm_name == "canned"
+    result = await calibrate(engine, max_concurrency=128, seconds=1.0, resolution=0.5)
+    print("\n" + "\n".join(f"{t.concurrency}: ok={t.ok} {t.report}" for t in result.trials))
+    assert_found_a_limit(result, 128, resolution=0.5)
+    assert result.capacity >= 6  # ~27 on this 2-core machine; far more than the slow engine below
+    first = result.trials[0].report
+    assert first.figures["frames"] >= 40 and first.late_ratio == 0 and first.budget_ms == 1000
+    answered = [t.report for t in result.trials if t.ok and t.report.figures["turns"]]
+    assert answered and all(0 < r.p95_ms <= r.budget_ms and r.figures["e2e_mean_ms"] > 300 for r in answered)
+    assert all(r.figures["errors"] == 0 and r.figures["stt_ms"] > 0 for r in answered)
+    assert engine.backends is None and not engine.sessions  # calibration closes what it started
+
+
+async def test_a_slow_voice_engine_is_calibrated_lower() -> None:
+    """With 6 ms more STT work per 20 ms frame, the event loop saturates at a few streams: the calibration can fail."""
+    engine = voice_engine(stt=SlowSTT(PocketSphinxSTT(), burn_ms=6))
+    result = await calibrate(engine, max_concurrency=64, seconds=1.0)
+    print("\n" + "\n".join(f"{t.concurrency}: ok={t.ok} {t.report}" for t in result.trials))
+    assert result.capacity <= 4 and not result.reached_max  # the real engine sustains ~30 here
+    assert all(t.ok for t in result.trials if t.concurrency <= result.capacity)
+    failed = next(t.report for t in result.trials if not t.ok)
+    assert failed.late_ratio > 0.02 and failed.figures["max_lag_ms"] > 100
+
+
+def test_cli_calibrates_the_voice_engine_with_the_canned_llm(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import calibrate as cli_calibrate
+
+    monkeypatch.setenv("FLEET_VOICE_CALIBRATION_SENTENCE", "hello there")  # a shorter warm-up
+
+    assert cli_calibrate(engine="voice", max_concurrency=2, seconds=0.5) == 0
+    out = capsys.readouterr().out
+    assert "LLM for calibration: canned" in out
+    assert "real-time limit of this host for the voice engine: at least 2 streams" in out
+
+
+def test_an_engine_without_a_load_probe_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import worker.engines
+    from worker.cli import calibrate as cli_calibrate
+
+    class Opaque:
+        name, profile = "opaque", SyntheticEngine().profile
+
+    monkeypatch.setattr(worker.engines, "load_engine", lambda *_, **__: Opaque())
+    assert cli_calibrate(engine="synthetic", max_concurrency=2, seconds=0.1) == 2
+    assert "cannot be calibrated" in capsys.readouterr().out
+
+
+def test_calibration_uses_the_configured_llm_else_the_canned_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engines import load_engine
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_TRANSPORT", "true")
+    canned = load_engine("voice", WorkerSettings(), for_calibration=True)
+    assert isinstance(canned, VoiceEngine) and canned.llm_name == "canned"
+    assert not canned.settings.livekit_transport  # calibration sessions join no room
+    assert load_engine("voice", WorkerSettings()).llm_name == "openai"  # type: ignore[attr-defined]
+    monkeypatch.setenv("FLEET_VOICE_LLM_BASE_URL", "http://127.0.0.1:8000/v1")
+    assert load_engine("voice", WorkerSettings(), for_calibration=True).llm_name == "openai"  # type: ignore[attr-defined]
