@@ -14,66 +14,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import boto3
 import httpx
 import pytest
-import uvicorn
 from botocore.stub import Stubber
 
-from hub.main import create_app
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, flush, hub_settings, sync_redis
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis
 from worker.agent import WorkerAgent
 from worker.lifecycle import Lifecycle
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class RunningHub:
-    """A hub on a real port; can be stopped and started again on the same port to simulate an outage."""
-
-    def __init__(self, redis_url: str, **overrides: Any) -> None:
-        self.redis_url = redis_url
-        self.overrides = overrides
-        self.port = free_port()
-        self.server: uvicorn.Server | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RunningHub:
-        app = create_app(hub_settings(self.redis_url, **self.overrides))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            await asyncio.sleep(0.01)
-        return self
-
-    async def stop(self) -> None:
-        if self.server and self.task:
-            self.server.should_exit = True
-            await self.task
-            self.server = self.task = None
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=5)
-
-
-@pytest.fixture
-async def make_running_hub(redis_url: str) -> AsyncIterator[Callable[..., Awaitable[RunningHub]]]:
-    hubs: list[RunningHub] = []
-
-    async def factory(**overrides: Any) -> RunningHub:
-        hub = await RunningHub(redis_url, **overrides).start()
-        hubs.append(hub)
-        return hub
-
-    yield factory
-    for hub in hubs:
-        await hub.stop()
 
 
 def worker_settings(hub: RunningHub, **overrides: Any) -> WorkerSettings:
@@ -136,6 +89,7 @@ async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_runn
     agent = await run_agent(worker_settings(running))
     async with running.client() as hub:
         await wait_for(lambda: agent.hub.last_reply is not None, 5, "a heartbeat reply")
+        assert agent.hub.transport == "channel"  # heartbeats ride the WebSocket kept open to the hub
         view = await worker_view(hub)
         assert view and view["alive"] and view["max_streams"] == 5 and view["engine"] == "synthetic"
         assert view["gpus"] == [{"name": "NVIDIA A10G", "vram_total_mb": 24576, "simulated": True}]
@@ -146,6 +100,21 @@ async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_runn
         assert (await agent.hub.build_heartbeat()).vram_used_mb == 1536, "VRAM accounting of simulated GPUs"
         assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
         assert await worker_sessions(agent) == []
+
+
+async def test_heartbeats_fall_back_to_post_when_the_channel_is_refused(
+    make_running_hub: Any, run_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise aiohttp.ClientConnectionError("a proxy that does not upgrade")
+
+    monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", refuse)
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    await wait_for(lambda: agent.manager.metrics.heartbeats.labels("ok")._value.get() >= 2, 5, "two heartbeats")
+    assert agent.hub.transport == "post" and agent.manager.metrics.heartbeats.labels("failed")._value.get() == 0
+    async with running.client() as hub:
+        assert await place_session(hub) in await worker_sessions(agent)
 
 
 async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, run_agent: Any,

@@ -117,7 +117,7 @@ class WorkerAgent:
         app = create_worker_app(self.manager, token, self.health)
         self.server = _AgentServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.hub = HubClient(s.hub_urls, token, registration, self.manager, self.gpus, timeout_s=s.hub_timeout_s,
-                             backoff_cap_s=s.register_backoff_cap_s)
+                             backoff_cap_s=s.register_backoff_cap_s, use_channel=s.heartbeat_channel)
         lifecycle = self._lifecycle
         if lifecycle is None and self.identity is not None and (s.lifecycle_hook_name or s.protect_from_scale_in):
             lifecycle = Lifecycle.from_settings(s, self.identity, await self.imds.autoscaling_group())

@@ -3,13 +3,19 @@
 Failures never stop the worker serving its sessions: an unreachable or failing hub is logged and retried with
 capped exponential backoff; a hub that forgot the worker (404) or refuses its secret (403) gets a new registration,
 and the next heartbeat re-announces the sessions still running.
+
+Heartbeats go over one WebSocket kept open on the heartbeat URL (a message costs the hub a fraction of a POST);
+when it cannot be opened (an old hub, a proxy without upgrades) or drops, that heartbeat is POSTed instead and
+the channel is tried again later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +43,7 @@ class WorkerForgotten(Exception):
 class HubClient:
     def __init__(self, hub_urls: list[str], worker_token: str, registration: WorkerRegistration,
                  manager: SessionManager, gpus: list[Gpu] | None = None, timeout_s: float = 3.0,
-                 backoff_cap_s: float = 10.0) -> None:
+                 backoff_cap_s: float = 10.0, use_channel: bool = True) -> None:
         self.hub_urls = hub_urls
         self._token = worker_token
         self.registration = registration
@@ -52,6 +58,12 @@ class HubClient:
         self.registrations = 0
         self.last_reply: HeartbeatReply | None = None
         self._http: aiohttp.ClientSession | None = None
+        self.use_channel = use_channel
+        self._channel: aiohttp.ClientWebSocketResponse | None = None
+        self._channel_for: tuple[str, str] | None = None  # (hub, secret) the open channel authenticated with
+        self._channel_retry_at = 0.0
+        #: How the last heartbeat went: ``channel`` or ``post``.
+        self.transport = "post"
         #: Called with the hub's state on each reply (the agent reacts to a drain an SRE requested).
         self.on_state: Callable[[WorkerState], None] | None = None
         psutil.cpu_percent(None)  # prime: the first non-blocking reading is otherwise meaningless
@@ -66,6 +78,7 @@ class HubClient:
         return self._http
 
     async def aclose(self) -> None:
+        await self._close_channel()
         if self._http is not None:
             await self._http.close()
 
@@ -143,8 +156,16 @@ class HubClient:
         """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable."""
         if self.hub_url is None or self.secret is None:
             raise WorkerForgotten("not registered")
-        body = (await self.build_heartbeat()).model_dump(mode="json")
-        url = f"{self.hub_url}/api/v1/workers/{self.worker_id}/heartbeat"
+        beat = await self.build_heartbeat()
+        reply = await self._heartbeat_on_channel(self.hub_url, self.secret, beat) if self.use_channel else None
+        if reply is None:
+            reply = await self._heartbeat_post(self.hub_url, beat)
+        await self._apply(reply)
+        return reply
+
+    async def _heartbeat_post(self, hub_url: str, beat: Heartbeat) -> HeartbeatReply:
+        body = beat.model_dump(mode="json")
+        url = f"{hub_url}/api/v1/workers/{self.worker_id}/heartbeat"
         try:
             async with self._session().post(url, json=body, headers=self._headers()) as resp:
                 if resp.status == 403:
@@ -158,8 +179,65 @@ class HubClient:
                 reply = HeartbeatReply.model_validate(await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
             raise HubUnavailable(repr(exc)) from None
-        await self._apply(reply)
+        self.transport = "post"
         return reply
+
+    async def _heartbeat_on_channel(self, hub_url: str, secret: str, beat: Heartbeat) -> HeartbeatReply | None:
+        """The heartbeat over the channel; None when it has to go by POST this time."""
+        ws = await self._open_channel(hub_url, secret)
+        if ws is None:
+            return None
+        try:
+            await ws.send_str(beat.model_dump_json())
+            message = await asyncio.wait_for(ws.receive(), self.timeout.total)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            log.info("heartbeat channel lost (%r); this heartbeat goes by POST", exc)
+            await self._close_channel()
+            return None
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            code = ws.close_code
+            await self._close_channel()
+            if code == 4404:
+                raise WorkerForgotten("hub does not know this worker (channel closed 4404)")
+            if code == 4403:
+                self.secret = None
+                raise WorkerForgotten("hub refused the worker secret (channel closed 4403)")
+            log.info("heartbeat channel closed (%s %s); this heartbeat goes by POST", code, message.extra)
+            return None
+        try:
+            data = json.loads(message.data)
+            if isinstance(data, dict) and "error" in data:  # e.g. Redis unavailable: the channel stays open
+                raise HubUnavailable(f"hub answered {data['error']}")
+            reply = HeartbeatReply.model_validate(data)
+        except (ValueError, ValidationError) as exc:
+            await self._close_channel()
+            raise HubUnavailable(f"malformed heartbeat reply: {exc!r}") from None
+        self.transport = "channel"
+        return reply
+
+    async def _open_channel(self, hub_url: str, secret: str) -> aiohttp.ClientWebSocketResponse | None:
+        if self._channel is not None and not self._channel.closed and self._channel_for == (hub_url, secret):
+            return self._channel
+        await self._close_channel()
+        if time.monotonic() < self._channel_retry_at:
+            return None
+        try:
+            self._channel = await self._session().ws_connect(
+                f"{hub_url}/api/v1/workers/{self.worker_id}/heartbeat", headers=self._headers(),
+                timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout.total), max_msg_size=64 * 1024)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            # An old hub or a proxy without upgrades: POST, and try the channel again in a minute.
+            self._channel_retry_at = time.monotonic() + _CHANNEL_RETRY_S
+            log.info("heartbeat channel unavailable (%r); heartbeats go by POST for %.0f s", exc, _CHANNEL_RETRY_S)
+            return None
+        self._channel_for = (hub_url, secret)
+        return self._channel
+
+    async def _close_channel(self) -> None:
+        channel, self._channel, self._channel_for = self._channel, None, None
+        if channel is not None and not channel.closed:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ConnectionError):
+                await channel.close()
 
     async def _apply(self, reply: HeartbeatReply) -> None:
         self.last_reply = reply
@@ -204,6 +282,7 @@ class HubClient:
             await self.register_once()
 
     async def deregister(self) -> bool:
+        await self._close_channel()
         if self.hub_url is None or self.secret is None:
             return False
         for url in self._ordered_hubs():
@@ -218,4 +297,9 @@ class HubClient:
         return False
 
     def describe(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "hub": self.hub_url, "registered": self.registered.is_set()}
+        return {"worker_id": self.worker_id, "hub": self.hub_url, "registered": self.registered.is_set(),
+                "heartbeats_by": self.transport}
+
+
+#: After the heartbeat channel could not be opened, how long heartbeats go by POST before trying again.
+_CHANNEL_RETRY_S = 60.0

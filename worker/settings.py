@@ -52,6 +52,10 @@ class WorkerSettings(FleetSettings):
     imds_timeout_s: float = Field(default=0.3, gt=0, description="Per-call IMDS timeout: off EC2 this fails fast.")
     hub_timeout_s: float = Field(default=3.0, gt=0, description="Timeout of every call to a hub.")
     register_backoff_cap_s: float = Field(default=10.0, gt=0, description="Longest wait between registration tries.")
+    heartbeat_channel: bool = Field(
+        default=True, description="Send heartbeats over one WebSocket kept open to the hub (falls back to POST when "
+                                  "the hub or a proxy refuses it); false: POST every heartbeat.",
+    )
 
     @field_validator("hub_urls", mode="before")
     @classmethod
