@@ -169,6 +169,7 @@ class Allocator:
             "worker_region": entry.region, "livekit_region": deployment.region, "room": room,
             "created_at": time.time(), "expires_at": participant.expires_at.isoformat(),
             "location": loc.model_dump(),
+            "audio_url": (entry.static.get("audio_url") or "").replace("{session_id}", session_id) or None,
         }
         reservation = await self.store.reserve(entry.worker_id, session_id, record)
         if not reservation.ok:
@@ -202,7 +203,7 @@ class Allocator:
         return SessionConfig(
             session_id=session_id,
             session_key=record.get("session_key"),
-            worker=WorkerRef(id=record["worker_id"], region=record["worker_region"]),
+            worker=WorkerRef(id=record["worker_id"], region=record["worker_region"], audio_url=record.get("audio_url")),
             livekit=LiveKitConfig(url=deployment.url, region=deployment.region, room=record["room"], token=token),
             expires_at=expires_at or datetime.fromisoformat(record["expires_at"]),
         )

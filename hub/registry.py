@@ -48,7 +48,7 @@ class Registry:
             "worker_id": reg.worker_id, "url": reg.url, "region": reg.region, "zone": reg.zone,
             "lat": loc.lat, "lon": loc.lon, "max_streams": reg.max_streams,
             "gpus": [g.model_dump() for g in reg.gpus], "instance_type": reg.instance_type,
-            "labels": reg.labels, "engine": reg.engine, "registered_at": time.time(),
+            "labels": reg.labels, "engine": reg.engine, "audio_url": reg.audio_url, "registered_at": time.time(),
         }
         fields = {"url": reg.url, "region": reg.region, "max_streams": str(reg.max_streams)}
         secret = new_secret()

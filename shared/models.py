@@ -62,6 +62,11 @@ class WorkerRegistration(Strict):
     instance_type: str | None = Field(default=None, max_length=64)
     labels: LabelMap = Field(default_factory=dict)
     engine: str | None = Field(default=None, max_length=64)
+    audio_url: str | None = Field(
+        default=None, max_length=512, pattern=r"^wss?://[^\s]*\{session_id\}[^\s]*$",
+        description="Where a client streams a session's audio over a WebSocket, `{session_id}` standing for the "
+                    "session, for engines that serve one (e.g. `wss://w1.example.com/sessions/{session_id}/audio`).",
+    )
 
 
 class RegistrationAccepted(Strict):
@@ -128,6 +133,10 @@ class SessionRequest(Strict):
 class WorkerRef(Strict):
     id: str
     region: str
+    audio_url: str | None = Field(
+        default=None, description="The worker's audio WebSocket for this session, when its engine serves one; "
+                                  "authenticate with `?token=` and the LiveKit participant token."
+    )
 
 
 class LiveKitConfig(Strict):

@@ -21,7 +21,7 @@ async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: http
 
     assert resp.status_code == 201, resp.text
     body = resp.json()
-    assert body["worker"] == {"id": "w-1", "region": "us-east-1"}
+    assert body["worker"] == {"id": "w-1", "region": "us-east-1", "audio_url": None}  # its engine serves no audio WS
     assert body["session_id"] in worker.sessions  # really dispatched to the worker
     claims = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(body["livekit"]["token"])
     assert claims.identity == "alice"

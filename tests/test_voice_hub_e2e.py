@@ -3,9 +3,9 @@
 Real hub (in-process, real Redis), real worker API (``create_worker_app``, uvicorn on loopback) running the voice
 engine (pocketsphinx, espeak-ng) answered by the local OpenAI-compatible test server.
 
-The session config a client gets from ``POST /api/v1/sessions`` names the worker (id, region) and carries a
-LiveKit participant token, but not where the worker's audio WebSocket is. The test finds the worker's URL
-through the admin API (``GET /api/v1/workers/{id}``), which a real client cannot call.
+The worker announces its audio WebSocket at registration (as ``fleet worker`` does from the engine's path); the
+session config a client gets from ``POST /api/v1/sessions`` carries it for that session, with the LiveKit
+participant token the worker checks.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import uvicorn
 import websockets
 
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, HubClientFactory, heartbeat, refresh, registration
+from tests.conftest import WORKER_AUTH, WORKER_TOKEN, HubClientFactory, heartbeat, refresh, registration
 from tests.test_voice_ws import QUESTION, Client, FakeLLM, fake_llm, speech  # noqa: F401 - fake_llm is a fixture
+from worker.agent import client_audio_url
 from worker.app import create_worker_app
 from worker.sessions import SessionManager
 from worker.voice.audio import rms
@@ -67,8 +68,10 @@ async def keep_beating(hub: httpx.AsyncClient, worker_id: str, secret: str, mana
 async def test_a_session_from_the_hub_talks_to_the_voice_worker(make_hub: HubClientFactory, voice_worker: VoiceWorker,
                                                                 fake_llm: FakeLLM) -> None:  # noqa: F811
     hub = await make_hub()
+    audio_url = client_audio_url(voice_worker.url, voice_worker.engine.client_audio_path)
     resp = await hub.post("/api/v1/workers", json=registration("w-voice", voice_worker.url, max_streams=2,
-                                                               engine="voice"), headers=WORKER_AUTH)
+                                                               engine="voice", audio_url=audio_url),
+                          headers=WORKER_AUTH)
     assert resp.status_code == 200, resp.text
     beats = asyncio.create_task(keep_beating(hub, "w-voice", resp.json()["worker_secret"], voice_worker.manager))
     try:
@@ -79,10 +82,9 @@ async def test_a_session_from_the_hub_talks_to_the_voice_worker(make_hub: HubCli
         config = placed.json()
         assert config["worker"]["id"] == "w-voice" and config["session_id"] in voice_worker.engine.sessions
 
-        # Not in the session config: where the worker's audio endpoint is. Only an SRE can look it up.
-        view = await hub.get(f"/api/v1/workers/{config['worker']['id']}", headers=ADMIN_AUTH)
-        ws_base = view.json()["url"].replace("http://", "ws://", 1)
-        url = f"{ws_base}/sessions/{config['session_id']}/audio?token={config['livekit']['token']}"
+        assert config["worker"]["audio_url"] == voice_worker.url.replace("http", "ws", 1) + (
+            f"/sessions/{config['session_id']}/audio")
+        url = f"{config['worker']['audio_url']}?token={config['livekit']['token']}"
         async with websockets.connect(url) as ws:
             client = Client(ws)
             ready = await client.wait_for("ready")

@@ -22,7 +22,7 @@ from botocore.stub import Stubber
 
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis
-from worker.agent import WorkerAgent
+from worker.agent import WorkerAgent, client_audio_url
 from worker.lifecycle import Lifecycle
 from worker.settings import WorkerSettings
 
@@ -334,3 +334,10 @@ async def test_a_failing_or_malformed_hub_is_retryable_and_leaves_sessions_alone
         await client.aclose()
         await manager.stop_all()
         await runner.cleanup()
+
+
+def test_the_audio_websocket_is_announced_in_its_public_form() -> None:
+    path = "/sessions/{session_id}/audio"
+    assert client_audio_url("https://w1.example.com/", path) == "wss://w1.example.com/sessions/{session_id}/audio"
+    assert client_audio_url("http://10.0.0.5:8081", path) == "ws://10.0.0.5:8081/sessions/{session_id}/audio"
+    assert client_audio_url("http://10.0.0.5:8081", None) is None  # the synthetic engine serves no audio

@@ -98,6 +98,7 @@ class WorkerAgent:
             worker_id=worker_id, url=url, region=region, zone=s.zone or (ident.zone if ident else None),
             location=location, max_streams=max_streams, gpus=[g.info() for g in self.gpus],
             instance_type=ident.instance_type if ident else None, labels=s.labels, engine=self.engine.name,
+            audio_url=client_audio_url(s.public_url or url, getattr(self.engine, "client_audio_path", None)),
         )
 
     async def run(self) -> int:
@@ -230,3 +231,10 @@ class _AgentServer(uvicorn.Server):
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def client_audio_url(base: str, path: str | None) -> str | None:
+    """The WebSocket form of ``base`` + the engine's audio path: http(s) becomes ws(s)."""
+    if path is None:
+        return None
+    return "ws" + base.rstrip("/").removeprefix("http") + path

@@ -50,6 +50,8 @@ SessionEnded = Callable[[str, str], None]
 class Engine(Protocol):
     name: str
     profile: VramProfile
+    #: Path of the per-session audio WebSocket this engine serves on the worker (``{session_id}`` in it), or None.
+    client_audio_path: str | None
 
     async def start(self) -> None:
         """Load models; the worker registers only after this returns."""

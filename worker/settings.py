@@ -52,6 +52,11 @@ class WorkerSettings(FleetSettings):
     imds_timeout_s: float = Field(default=0.3, gt=0, description="Per-call IMDS timeout: off EC2 this fails fast.")
     hub_timeout_s: float = Field(default=3.0, gt=0, description="Timeout of every call to a hub.")
     register_backoff_cap_s: float = Field(default=10.0, gt=0, description="Longest wait between registration tries.")
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s]+$",
+        description="How clients reach this worker (its audio WebSocket), e.g. behind a public load balancer; else "
+                    "the advertised URL.",
+    )
     heartbeat_channel: bool = Field(
         default=True, description="Send heartbeats over one WebSocket kept open to the hub (falls back to POST when "
                                   "the hub or a proxy refuses it); false: POST every heartbeat.",

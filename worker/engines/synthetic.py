@@ -42,6 +42,7 @@ class _Session:
 
 class SyntheticEngine:
     name = "synthetic"
+    client_audio_path: str | None = None
 
     def __init__(self, profile: VramProfile = DEFAULT_PROFILE, fps: float = 25.0, work_per_frame: int = 200,
                  session_duration_s: float | None = None, fail_start: bool = False) -> None:

@@ -19,7 +19,7 @@ from worker.voice.pipeline import Backends, Conversation, History, Transport
 from worker.voice.settings import VoiceSettings
 from worker.voice.stt import STT, build_stt
 from worker.voice.transport_livekit import run_livekit
-from worker.voice.transport_ws import build_router
+from worker.voice.transport_ws import AUDIO_PATH, build_router
 from worker.voice.tts import TTS, build_tts
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class VoiceSession:
 
 class VoiceEngine:
     name = "voice"
+    client_audio_path: str | None = AUDIO_PATH
 
     def __init__(
         self,

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The per-session audio WebSocket on the worker, announced to the hub at registration.
+AUDIO_PATH = "/sessions/{session_id}/audio"
+
 CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED = 1003  # a text frame that is not a JSON control message
 CLOSE_INVALID = 1007  # a binary frame that is not whole PCM16 samples
@@ -89,7 +92,7 @@ async def _serve(ws: WebSocket, conversation: Conversation) -> tuple[int, str]:
 def build_router(engine: VoiceEngine) -> APIRouter:
     router = APIRouter()
 
-    @router.websocket("/sessions/{session_id}/audio")
+    @router.websocket(AUDIO_PATH)
     async def session_audio(ws: WebSocket, session_id: str) -> None:
         session = engine.sessions.get(session_id)
         if session is None:
