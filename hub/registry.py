@@ -67,7 +67,7 @@ class Registry:
         if not secret:
             self.metrics.heartbeats.labels(result="forbidden").inc()
             raise WorkerCredentialInvalid("heartbeats must carry the worker's X-Worker-Secret")
-        status = hb.model_dump(exclude={"active_sessions", "state"})
+        status = hb.model_dump_json(exclude={"active_sessions", "state"})
         out = await self.store.heartbeat(worker_id, secret, hb.state.value, status, hb.active_sessions)
         if out.status == 0:
             self.metrics.heartbeats.labels(result="unknown").inc()

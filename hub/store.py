@@ -96,7 +96,7 @@ class HeartbeatOutcome:
 class _Beat:
     worker_id: str
     state: str  # the state the worker reports
-    status: dict[str, Any]
+    status: str  # the heartbeat's figures, a JSON object
     args: list[Any]
 
 
@@ -200,12 +200,12 @@ class FleetStore:
             await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
         return out
 
-    async def heartbeat(self, worker_id: str, secret: str, state: str, status: dict[str, Any],
+    async def heartbeat(self, worker_id: str, secret: str, state: str, status: str,
                         sessions: list[str]) -> HeartbeatOutcome:
         """Record a heartbeat. Concurrent heartbeats share Redis round trips (see ``hub.group_commit``)."""
         s = self.settings
         args = [digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
-                state, json.dumps(status, separators=(",", ":")), *sessions]
+                state, status, *sessions]
         return await self._heartbeats.submit(_Beat(worker_id, state, status, args))
 
     async def _commit_heartbeats(self, beats: list[_Beat]) -> list[HeartbeatOutcome | Exception]:
@@ -224,9 +224,9 @@ class FleetStore:
                     out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
                                            unknown_sessions=tuple(str(x) for x in res[5:]))
                     outcomes.append(out)
-                    status = {**beat.status, "hb": int(res[4]), "state": out.state,
-                              "drain": out.state == "draining" and beat.state == "ready"}
-                    board += [beat.worker_id, json.dumps(status, separators=(",", ":")), out.used]
+                    drain = out.state == "draining" and beat.state == "ready"
+                    board += [beat.worker_id, _with_fields(beat.status, hb=int(res[4]), state=out.state, drain=drain),
+                              out.used]
             if board:
                 await self._publish_statuses(keys=keys.BOARD.as_list(), args=board)
         return outcomes
@@ -402,3 +402,10 @@ def _pairs(raw: str) -> dict[str, str | None]:
         return {}
     it = iter(flat)
     return {str(k): None if v is False else str(v) for k, v in zip(it, it, strict=True)}
+
+
+def _with_fields(obj: str, **fields: Any) -> str:
+    """A JSON object string with ``fields`` added, without parsing it (a heartbeat's board view, per heartbeat)."""
+    extra = json.dumps(fields, separators=(",", ":"))
+    body = obj.strip()
+    return extra if body == "{}" else body[:-1] + "," + extra[1:]
