@@ -180,10 +180,12 @@ class Allocator:
             return None, 0
         self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
         agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
-        outcome = await self.workers.dispatch(reservation.url, SessionDispatch(
+        dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
             session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
             token=agent_token))
-        if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id):
+        outcome = dispatched.outcome
+        if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
+                                                                            dispatched.accepted_at_seq):
             return self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at), 1
         # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
         self.metrics.dispatch_failures.labels(reason=outcome.value).inc()

@@ -6,7 +6,9 @@ request machinery; aiohttp's client costs a fraction of it per call (see BENCHMA
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from enum import StrEnum
 
 import aiohttp
@@ -24,6 +26,12 @@ class DispatchOutcome(StrEnum):
     UNREACHABLE = "unreachable"
 
 
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    outcome: DispatchOutcome
+    accepted_at_seq: int | None = None  # from the worker's 201 (see WorkerSessionInfo)
+
+
 class WorkerClient:
     """Create inside a running event loop (the hub's lifespan); close with ``aclose``."""
 
@@ -37,24 +45,27 @@ class WorkerClient:
     async def aclose(self) -> None:
         await self._http.close()
 
-    async def dispatch(self, worker_url: str, body: SessionDispatch) -> DispatchOutcome:
+    async def dispatch(self, worker_url: str, body: SessionDispatch) -> Dispatched:
+        seq: int | None = None
         try:
             async with self._http.post(
                 f"{worker_url.rstrip('/')}/sessions", data=body.model_dump_json(),
                 headers={**self._headers, "Content-Type": "application/json"},
             ) as resp:
                 status = resp.status
+                if status == 201:
+                    seq = _accepted_at_seq(await resp.read())
         except TimeoutError:
-            return DispatchOutcome.TIMEOUT
+            return Dispatched(DispatchOutcome.TIMEOUT)
         except (aiohttp.ClientError, OSError) as exc:
             log.info("dispatch to %s failed: %s", worker_url, type(exc).__name__)
-            return DispatchOutcome.UNREACHABLE
+            return Dispatched(DispatchOutcome.UNREACHABLE)
         if status == 201:
-            return DispatchOutcome.ACCEPTED
+            return Dispatched(DispatchOutcome.ACCEPTED, seq)
         if status == 409:
-            return DispatchOutcome.FULL
+            return Dispatched(DispatchOutcome.FULL)
         log.warning("worker %s refused a dispatch with HTTP %s", worker_url, status)
-        return DispatchOutcome.REFUSED
+        return Dispatched(DispatchOutcome.REFUSED)
 
     async def stop(self, worker_url: str, session_id: str) -> bool:
         """Best effort: True when the worker stopped it or never had it."""
@@ -67,3 +78,12 @@ class WorkerClient:
         except (aiohttp.ClientError, OSError) as exc:
             log.info("stopping %s on %s failed: %s", session_id, worker_url, type(exc).__name__)
             return False
+
+
+def _accepted_at_seq(body: bytes) -> int | None:
+    """The worker's ``accepted_at_seq``, if its answer carries a valid one (older workers do not)."""
+    try:
+        value = json.loads(body).get("accepted_at_seq")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

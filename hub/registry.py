@@ -67,8 +67,8 @@ class Registry:
         if not secret:
             self.metrics.heartbeats.labels(result="forbidden").inc()
             raise WorkerCredentialInvalid("heartbeats must carry the worker's X-Worker-Secret")
-        status = hb.model_dump_json(exclude={"active_sessions", "state"})
-        out = await self.store.heartbeat(worker_id, secret, hb.state.value, status, hb.active_sessions)
+        status = hb.model_dump_json(exclude={"active_sessions", "state", "seq"})
+        out = await self.store.heartbeat(worker_id, secret, hb.state.value, status, hb.active_sessions, hb.seq)
         if out.status == 0:
             self.metrics.heartbeats.labels(result="unknown").inc()
             raise WorkerUnknown(f"worker {worker_id} is not registered; register again")

@@ -72,13 +72,14 @@ HEARTBEAT = _PRELUDE + """
 -- ARGV[4] retention (ms)
 -- ARGV[5] state the worker reports ('ready' | 'draining')
 -- ARGV[6] heartbeat metrics (JSON, stored as is)
--- ARGV[7..] ids of the sessions the worker runs
+-- ARGV[7] the heartbeat's number ('' when the worker does not number them)
+-- ARGV[8..] ids of the sessions the worker runs
 -- Returns {1, used, max_streams, state, now, unknown ids...}, {0} for an unknown worker, {-1} for a bad secret.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
 purge_expired()
 local reported = {}
-for i = 7, #ARGV do reported[ARGV[i]] = true end
+for i = 8, #ARGV do reported[ARGV[i]] = true end
 local extend_to = now + tonumber(ARGV[2])
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if reported[sid] then
@@ -88,8 +89,19 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     reported[sid] = nil
   else
     local confirmed = redis.call('HGET', KEYS[3], sid)
-    -- Only release after a grace: this heartbeat may have left the worker before the dispatch reached it.
-    if confirmed and now - tonumber(confirmed) > tonumber(ARGV[3]) then
+    local gone = false
+    if confirmed then
+      local at, accepted = string.match(confirmed, '^(%d+):?(%d*)$')
+      if accepted ~= '' and ARGV[7] ~= '' then
+        -- The worker numbers its heartbeats and said which was its last before it took the session: a later one
+        -- without it means the session ended, however late it arrives; an earlier one proves nothing.
+        gone = tonumber(ARGV[7]) > tonumber(accepted)
+      else
+        -- Only after a grace: this heartbeat may have left the worker before the dispatch reached it.
+        gone = now - tonumber(at) > tonumber(ARGV[3])
+      end
+    end
+    if gone then
       redis.call('ZREM', KEYS[2], sid)
       redis.call('HDEL', KEYS[3], sid)
       redis.call('HDEL', KEYS[4], sid)
@@ -130,11 +142,14 @@ CONFIRM = _PRELUDE + """
 -- Turn a pending lease into an active one after the worker accepted the dispatch.
 -- ARGV[1] session id
 -- ARGV[2] active lease duration (ms), renewed by every heartbeat that reports the session
+-- ARGV[3] the worker's accepted_at_seq ('' when it does not number its heartbeats)
 -- Returns {1, used} or {0, used} when the pending lease had already expired.
+-- The active hash holds '<confirmed at ms>' or '<confirmed at ms>:<accepted_at_seq>'.
 purge_expired()
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, redis.call('ZCARD', KEYS[2])} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('HSETNX', KEYS[3], ARGV[1], now)
+if ARGV[3] == '' then redis.call('HSETNX', KEYS[3], ARGV[1], now)
+else redis.call('HSETNX', KEYS[3], ARGV[1], now .. ':' .. ARGV[3]) end
 inherit_ttl()
 return {1, redis.call('ZCARD', KEYS[2])}
 """

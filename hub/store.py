@@ -200,12 +200,12 @@ class FleetStore:
             await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
         return out
 
-    async def heartbeat(self, worker_id: str, secret: str, state: str, status: str,
-                        sessions: list[str]) -> HeartbeatOutcome:
+    async def heartbeat(self, worker_id: str, secret: str, state: str, status: str, sessions: list[str],
+                        seq: int | None = None) -> HeartbeatOutcome:
         """Record a heartbeat. Concurrent heartbeats share Redis round trips (see ``hub.group_commit``)."""
         s = self.settings
         args = [digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
-                state, status, *sessions]
+                state, status, "" if seq is None else seq, *sessions]
         return await self._heartbeats.submit(_Beat(worker_id, state, status, args))
 
     async def _commit_heartbeats(self, beats: list[_Beat]) -> list[HeartbeatOutcome | Exception]:
@@ -299,10 +299,11 @@ class FleetStore:
                 await self._publish_board(worker_id, used=out.used)
         return out
 
-    async def confirm(self, worker_id: str, session_id: str) -> bool:
+    async def confirm(self, worker_id: str, session_id: str, accepted_at_seq: int | None = None) -> bool:
         async with self._call():
+            seq = "" if accepted_at_seq is None else accepted_at_seq
             res = await self._confirm(keys=keys.worker_keys(worker_id).as_list(),
-                                      args=[session_id, int(self.settings.active_lease_s * 1000)])
+                                      args=[session_id, int(self.settings.active_lease_s * 1000), seq])
         return int(res[0]) == 1
 
     async def release(self, worker_id: str, session_id: str) -> tuple[bool, int]:

@@ -88,6 +88,11 @@ class Heartbeat(Strict):
     latency_ms: float = Field(default=0.0, ge=0, le=3_600_000, allow_inf_nan=False)
     error_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     state: WorkerState = WorkerState.READY
+    seq: int | None = Field(
+        default=None, ge=0, le=2**53,
+        description="This heartbeat's number (the worker counts its heartbeats); with the `accepted_at_seq` of "
+                    "a session it tells the hub whether this heartbeat was built after the worker took it.",
+    )
 
 
 class HeartbeatReply(Strict):
@@ -117,6 +122,10 @@ class WorkerSessionInfo(Strict):
     room: str
     started_at: float
     state: str = "running"
+    accepted_at_seq: int | None = Field(
+        default=None, description="The number of the worker's last heartbeat before it took the session: every "
+                                  "later heartbeat reports the session while it runs."
+    )
 
 
 # --- client-facing -----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class FakeWorker:
     dispatches: int = 0
     peak: int = 0
     port: int = 0
+    heartbeat_seq: int = 0
     _runner: web.AppRunner | None = None
 
     @property
@@ -39,6 +40,11 @@ class FakeWorker:
         self.port = free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self
+
+    def snapshot(self) -> tuple[int, list[str]]:
+        """Like the real worker: number the next heartbeat and list the sessions it reports."""
+        self.heartbeat_seq += 1
+        return self.heartbeat_seq, list(self.sessions)
 
     async def stop(self) -> None:
         if self._runner:
@@ -59,7 +65,8 @@ class FakeWorker:
             return web.json_response({"error": "worker_full"}, status=409)
         self.sessions[body["session_id"]] = body
         self.peak = max(self.peak, len(self.sessions))
-        return web.json_response({"session_id": body["session_id"]}, status=201)
+        return web.json_response({"session_id": body["session_id"], "accepted_at_seq": self.heartbeat_seq},
+                                 status=201)
 
     async def _delete(self, request: web.Request) -> web.Response:
         sid = request.match_info["sid"]

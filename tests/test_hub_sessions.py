@@ -223,23 +223,34 @@ async def test_sre_session_list_leaves_out_sessions_whose_lease_expired(make_hub
     assert (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()["sessions"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="known protocol limit: the absent grace is measured when the hub runs the "
-                   "heartbeat script, not when the worker took its snapshot")
 async def test_a_late_heartbeat_snapshot_does_not_end_a_session_confirmed_after_it(make_hub, make_worker) -> None:
     """The worker snapshots its sessions (S not yet dispatched); the heartbeat then waits in a busy hub for longer
-    than absent_grace_s while S is dispatched and confirmed. The script sees S confirmed "long ago" and absent, and
-    releases it. The fix needs a heartbeat sequence number the worker returns when it accepts a session (see the
-    README's non-guarantees); until then the 5 s default grace covers a hub that lags less than that."""
+    than absent_grace_s while S is dispatched and confirmed. Found by the fault tests: judged by time alone, the
+    script saw S confirmed "long ago" and absent, and released it. Heartbeat numbers decide it instead."""
     hub = await make_hub(absent_grace_s=0.3, worker_ttl_s=30)
     worker = await make_worker()
     secret = (await register(hub, "w-late", worker))["worker_secret"]
-    snapshot: list[str] = []  # what the worker runs when it builds the heartbeat: nothing yet
     await refresh(hub)
+    early_seq, early = worker.snapshot()  # built before the dispatch: nothing running yet
     placed = await hub.post("/api/v1/sessions", json={})
     assert placed.status_code == 201
     sid = placed.json()["session_id"]
     await asyncio.sleep(0.5)  # the heartbeat is stuck in the hub's queue for longer than the grace
-    await heartbeat(hub, "w-late", secret, snapshot)
-    reply = (await heartbeat(hub, "w-late", secret, list(worker.sessions))).json()
-    assert sid in worker.sessions
-    assert sid not in reply["stop_sessions"], "a live, confirmed session was ended by a late heartbeat"
+    late = (await heartbeat(hub, "w-late", secret, early, seq=early_seq)).json()
+    assert late["used_streams"] == 1, "a live, confirmed session was released by a heartbeat older than it"
+    seq, running = worker.snapshot()
+    reply = (await heartbeat(hub, "w-late", secret, running, seq=seq)).json()
+    assert sid in worker.sessions and sid not in reply["stop_sessions"] and reply["used_streams"] == 1
+
+
+async def test_a_numbered_heartbeat_without_the_session_frees_it_at_once(make_hub, make_worker) -> None:
+    """The converse: a heartbeat built after the worker took the session, and without it, proves it ended."""
+    hub = await make_hub(absent_grace_s=30, worker_ttl_s=30)
+    worker = await make_worker()
+    secret = (await register(hub, "w-ends", worker))["worker_secret"]
+    await refresh(hub)
+    placed = await hub.post("/api/v1/sessions", json={})
+    assert placed.status_code == 201
+    worker.sessions.clear()  # the session ended by itself on the worker
+    seq, running = worker.snapshot()
+    assert (await heartbeat(hub, "w-ends", secret, running, seq=seq)).json()["used_streams"] == 0

@@ -141,8 +141,9 @@ class HubClient:
         self.gpus = live
         util = sum(g.utilization for g in live) / len(live) if live else 0.0
         vram = sum(g.vram_used_mb for g in live) if live else stats.vram_used_mb
+        seq, running = self.manager.snapshot()
         return Heartbeat(
-            active_sessions=self.manager.ids(),
+            active_sessions=running, seq=seq,
             cpu_percent=min(100.0, psutil.cpu_percent(None)),
             memory_percent=min(100.0, psutil.virtual_memory().percent),
             gpu_utilization=min(100.0, util),

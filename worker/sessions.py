@@ -55,6 +55,7 @@ class Metrics:
 
 class SessionManager:
     def __init__(self, engine: Engine, max_streams: int, metrics: Metrics | None = None) -> None:
+        self.heartbeat_seq = 0
         self.engine = engine
         self.max_streams = max_streams
         self.metrics = metrics or Metrics()
@@ -80,6 +81,12 @@ class SessionManager:
     def ids(self) -> list[str]:
         return list(self.sessions)
 
+    def snapshot(self) -> tuple[int, list[str]]:
+        """The next heartbeat's number and the sessions it reports. A session taken after this call reports the
+        number as its ``accepted_at_seq``, so the hub can tell a heartbeat that predates it from one that does not."""
+        self.heartbeat_seq += 1
+        return self.heartbeat_seq, self.ids()
+
     def _notify(self) -> None:
         self.metrics.sessions_active.set(len(self.sessions))
         self._changed.set()
@@ -103,7 +110,7 @@ class SessionManager:
                 self._refuse("engine_error", f"engine could not start the session: {exc}")
             self.metrics.start_seconds.observe(time.perf_counter() - started)
             info = WorkerSessionInfo(session_id=spec.session_id, session_key=spec.session_key, room=spec.room,
-                                     started_at=time.time())
+                                     started_at=time.time(), accepted_at_seq=self.heartbeat_seq)
             self.sessions[spec.session_id] = info
             self.metrics.dispatches.labels("accepted").inc()
             self._notify()
