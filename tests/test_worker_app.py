@@ -55,6 +55,17 @@ async def test_twenty_concurrent_dispatches_to_five_slots_accept_exactly_five(wo
     assert sorted(s["session_id"] for s in listed) == sorted(manager.sessions)
 
 
+async def test_an_accepted_session_names_the_last_heartbeat_before_it(worker: Any) -> None:
+    """The hub relies on this: every heartbeat numbered after accepted_at_seq reports the session while it runs."""
+    client, manager = worker
+    before, running = manager.snapshot()
+    assert running == []
+    accepted = (await client.post("/sessions", json=dispatch("n1"), headers=AUTH)).json()
+    assert accepted["accepted_at_seq"] == before
+    after, running = manager.snapshot()
+    assert after > accepted["accepted_at_seq"] and "n1" in running
+
+
 async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
     client, _ = worker
     assert (await client.post("/sessions", json=dispatch("a"))).status_code == 401
