@@ -17,7 +17,6 @@ from worker.voice.llm import BedrockLLM
 from worker.voice.pipeline import sentences
 from worker.voice.settings import VoiceSettings
 from worker.voice.stt import WhisperSTT
-from worker.voice.transport_livekit import LiveKitTransport, run_livekit
 from worker.voice.tts import ChatterboxTTS
 
 SYSTEM = "Be brief."
@@ -91,80 +90,6 @@ def test_profile_aggregates_backend_vram(tmp_path: Path) -> None:
     gpu = VoiceEngine(VoiceSettings(tts_backend="chatterbox", whisper_model_dir=tmp_path))
     assert gpu.profile.model_mb == WhisperSTT.model_mb + ChatterboxTTS.model_mb
     assert gpu.profile.per_stream_mb == WhisperSTT.per_stream_mb + ChatterboxTTS.per_stream_mb
-
-
-class HangingRoom:
-    """A room whose server never answers (a real failing connect can take 30 s)."""
-
-    def __init__(self) -> None:
-        self.disconnected = False
-
-    async def connect(self, url: str, token: str) -> None:
-        await asyncio.sleep(60)
-
-    async def disconnect(self) -> None:
-        self.disconnected = True
-
-
-async def test_livekit_connect_is_bounded() -> None:
-    attached: list[Any] = []
-    with pytest.raises(TimeoutError):
-        await run_livekit("ws://127.0.0.1:1", "tok", attached.append, None, 0.2, room=HangingRoom())
-    assert attached == []
-
-
-class FakeParticipant:
-    def __init__(self) -> None:
-        self.data: list[tuple[str, str]] = []
-        self.tracks: list[Any] = []
-
-    async def publish_data(self, payload: str, *, topic: str = "") -> None:
-        self.data.append((topic, payload))
-
-    async def publish_track(self, track: Any) -> None:
-        self.tracks.append(track)
-
-
-class FakeRoom:
-    def __init__(self) -> None:
-        self.local_participant = FakeParticipant()
-        self.remote_participants: dict[str, Any] = {}
-        self.handlers: dict[str, Any] = {}
-        self.disconnected = False
-
-    async def connect(self, url: str, token: str) -> None:
-        return None
-
-    def on(self, event: str, handler: Any) -> None:
-        self.handlers[event] = handler
-
-    async def disconnect(self) -> None:
-        self.disconnected = True
-
-
-async def test_livekit_transport_publishes_audio_and_events() -> None:
-    """The agent joins, publishes its voice track, sends audio through a real AudioSource, leaves on cancel."""
-    room = FakeRoom()
-    transports: list[LiveKitTransport] = []
-    detached: list[Any] = []
-
-    async def detach(conversation: Any) -> None:
-        detached.append(conversation)
-
-    def attach(transport: LiveKitTransport) -> str:
-        transports.append(transport)
-        return "conversation"
-
-    task = asyncio.create_task(run_livekit("ws://lk", "tok", attach, detach, 1.0, room=room))
-    while not transports:
-        await asyncio.sleep(0.01)
-    await transports[0].send_audio(b"\x10\x00" * 1600)
-    await transports[0].send_event({"type": "transcript", "text": "hi"})
-    assert room.local_participant.tracks and "track_subscribed" in room.handlers
-    assert room.local_participant.data == [("voice", '{"type": "transcript", "text": "hi"}')]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    assert room.disconnected and detached == ["conversation"]
 
 
 class FakeSegment:

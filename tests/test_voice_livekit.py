@@ -20,7 +20,7 @@ from worker.voice.audio import FRAME_BYTES, SAMPLE_RATE, resample, rms
 from worker.voice.engine import VoiceEngine
 from worker.voice.llm import CannedLLM
 from worker.voice.settings import VoiceSettings
-from worker.voice.transport_livekit import run_livekit
+from worker.voice.transport_livekit import LiveKitTransport, run_livekit
 from worker.voice.tts import EspeakTTS
 
 QUESTION = "What is the weather like in Paris today?"
@@ -73,12 +73,13 @@ _AudioSource = rtc.AudioSource
 class FakeParticipant:
     def __init__(self) -> None:
         self.data: list[dict[str, Any]] = []
+        self.tracks: list[Any] = []
 
     async def publish_data(self, payload: str, *, topic: str = "") -> None:
         self.data.append(json.loads(payload) | {"_topic": topic})
 
     async def publish_track(self, track: Any) -> None:
-        return None
+        self.tracks.append(track)
 
 
 class Publication:
@@ -236,3 +237,48 @@ async def test_room_disconnect_ends_run_livekit(sources: list[RecordingSource]) 
     room.handlers["disconnected"]("SERVER_SHUTDOWN")
     assert await asyncio.wait_for(task, 2) == "room_disconnected"
     assert detached == ["conversation"]
+
+
+class HangingRoom:
+    """A room whose server never answers (a real failing connect can take 30 s)."""
+
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    async def connect(self, url: str, token: str) -> None:
+        await asyncio.sleep(60)
+
+    async def disconnect(self) -> None:
+        self.disconnected = True
+
+
+async def test_livekit_connect_is_bounded() -> None:
+    attached: list[Any] = []
+    with pytest.raises(TimeoutError):
+        await run_livekit("ws://127.0.0.1:1", "tok", attached.append, None, 0.2, room=HangingRoom())
+    assert attached == []
+
+
+async def test_livekit_transport_publishes_audio_and_events() -> None:
+    """The agent joins, publishes its voice track, sends audio through a real AudioSource, leaves on cancel."""
+    room = FakeRoom()
+    transports: list[LiveKitTransport] = []
+    detached: list[Any] = []
+
+    async def detach(conversation: Any) -> None:
+        detached.append(conversation)
+
+    def attach(transport: LiveKitTransport) -> str:
+        transports.append(transport)
+        return "conversation"
+
+    task = asyncio.create_task(run_livekit("ws://lk", "tok", attach, detach, 1.0, room=room))
+    while not transports:
+        await asyncio.sleep(0.01)
+    await transports[0].send_audio(b"\x10\x00" * 1600)
+    await transports[0].send_event({"type": "transcript", "text": "hi"})
+    assert room.local_participant.tracks and "track_subscribed" in room.handlers
+    assert room.local_participant.data == [{"type": "transcript", "text": "hi", "_topic": "voice"}]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert room.disconnected and detached == ["conversation"]
