@@ -191,3 +191,10 @@ def test_openapi_documents_the_contract() -> None:
                          ("/api/v1/route/explain", "get"), ("/ready", "get"), ("/metrics", "get")]:
         assert method in paths[path], (path, method)
     assert "503" in paths["/api/v1/sessions"]["post"]["responses"]
+
+
+async def test_a_405_names_every_method_of_the_path(hub: httpx.AsyncClient) -> None:
+    """/api/v1/sessions is served by two routers (public POST, admin GET); Allow lists both."""
+    wrong = await hub.put("/api/v1/sessions", json={})
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "GET, POST"
+    assert wrong.json()["error"] == "method_not_allowed"

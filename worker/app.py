@@ -8,13 +8,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.auth import bearer_token, secret_matches
 from shared.errors import describe_invalid
 from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
+from shared.routes import allowed_methods
 from worker.sessions import SessionManager, SessionRefused
 
 
@@ -96,10 +96,5 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette's Allow names only the first route matching the path; GET and POST /sessions are two routes.
-            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return _error(exc.status_code, "http_error", str(exc.detail), headers)
-
-
-def _allowed_methods(app: FastAPI, path: str) -> list[str]:
-    return sorted({m for route in app.routes if isinstance(route, APIRoute) and route.path_regex.match(path)
-                   for m in route.methods or ()})
