@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import httpx
@@ -33,19 +33,22 @@ def _child_env(**fleet: Any) -> dict[str, str]:
             **{f"FLEET_{k.upper()}": str(v) for k, v in fleet.items()}}
 
 
-class HubProcess:
-    """One `fleet hub` process; ``start()`` returns once /ready answers."""
+class FleetProcess:
+    """A `python -m cli.main ...` child on a loopback port: its log, its URL, and signals to stop it."""
 
-    def __init__(self, redis_url: str, **settings: Any) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
-        self.env = _child_env(**{"redis_url": redis_url, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN,
-                                 "rate_limit_per_s": 0, "snapshot_refresh_s": 0.2, "log_level": "WARNING", **settings})
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, chars: int = 2000) -> str:
         """The end of the process's stderr, for failure messages."""
@@ -54,38 +57,67 @@ class HubProcess:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")[-chars:]
 
-    def start(self, timeout_s: float = 20.0) -> HubProcess:
+    def _spawn(self, *args: str) -> None:
         self._log = self._log or _log_file()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "hub", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=self._log,
-        )
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--host", "127.0.0.1",
+                                      "--port", str(self.port)],
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def _wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> bool:
+        """Poll ``ready`` (HTTP errors count as not yet) until it holds; False on timeout; raises if the process
+        exited."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.log_tail()}")
+            if not self.running:
+                code = self.proc.returncode if self.proc else None
+                raise RuntimeError(f"{what} exited with {code}: {self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
-                    return self
+                if ready():
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("hub did not become ready")
+        return False
 
     def kill(self) -> None:
-        """SIGKILL: the hub dies mid-request, as a crashed instance would."""
-        if self.proc and self.proc.poll() is None:
+        """SIGKILL: no drain, no clean-up, as a crashed instance."""
+        if self.running:
+            assert self.proc is not None
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, without waiting."""
+        if self.running:
+            assert self.proc is not None
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it takes longer than ``timeout_s``. Returns the exit code."""
+        if self.proc is None:
+            return None
+        self.terminate()
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+
+class HubProcess(FleetProcess):
+    """One `fleet hub` process; ``start()`` returns once /ready answers."""
+
+    def __init__(self, redis_url: str, **settings: Any) -> None:
+        super().__init__(_child_env(**{
+            "redis_url": redis_url, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN, "rate_limit_per_s": 0,
+            "snapshot_refresh_s": 0.2, "log_level": "WARNING", **settings}))
+
+    def start(self, timeout_s: float = 20.0) -> HubProcess:
+        self._spawn("hub")
+        if self._wait_until(lambda: httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200, timeout_s, "hub"):
+            return self
+        self.stop()
+        raise RuntimeError("hub did not become ready")
 
 
 @contextlib.contextmanager
@@ -101,10 +133,11 @@ def running_hubs(count: int, redis_url: str, **settings: Any) -> Iterator[list[H
             hub.stop()
 
 
-class WorkerProcess:
+class WorkerProcess(FleetProcess):
     """One real `fleet worker` process (synthetic engine, simulated GPU) on a fixed loopback port.
 
-    ``spawn()`` starts it, ``wait_ready()`` returns once it has registered with a hub; ``start()`` does both. The
+    ``spawn()`` starts it, ``wait_ready()`` returns once it has registered with a hub; ``start()`` does both;
+    ``terminate()`` makes it drain (report draining, wait for sessions, deregister) and exit by itself. The
     port and id survive ``kill()`` so a restart is the same worker coming back. Settings are ``FLEET_*`` names in
     lower case (``drain_timeout_s=1``); the IMDS endpoint points at a closed port so it learns at once it is not on
     EC2, and registration retries are capped at 1 s so a restart re-registers soon after the old TTL lapses.
@@ -116,52 +149,22 @@ class WorkerProcess:
         self.region = region
         self.max_streams = max_streams
         self.gpu = gpu
-        self.port = free_port()
-        self.env = _child_env(**{
+        super().__init__(_child_env(**{
             "hub_urls": ",".join(hub_urls), "worker_token": WORKER_TOKEN, "worker_id": worker_id,
             "imds_url": f"http://127.0.0.1:{free_port()}", "imds_timeout_s": 0.2, "register_backoff_cap_s": 1.0,
             "hub_timeout_s": 2.0, "drain_timeout_s": 5.0, "log_level": "WARNING", **settings,
-        })
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, chars: int = 2000) -> str:
-        if self._log is None:
-            return ""
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-chars:]
+        }))
 
     def spawn(self) -> WorkerProcess:
-        self._log = self._log or _log_file()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "--engine", "synthetic", "--simulate-gpu", self.gpu,
-             "--host", "127.0.0.1", "--port", str(self.port), "--region", self.region,
-             "--max-streams", str(self.max_streams)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=self._log,
-        )
+        self._spawn("worker", "--engine", "synthetic", "--simulate-gpu", self.gpu, "--region", self.region,
+                    "--max-streams", str(self.max_streams))
         return self
 
     def wait_ready(self, timeout_s: float = 30.0) -> WorkerProcess:
         """Until its /health says it registered with a hub."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = self.proc.returncode if self.proc else None
-                raise RuntimeError(f"worker {self.worker_id} exited with {code}: {self.log_tail()}")
-            try:
-                if self.health(timeout_s=0.5).get("registered"):
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if self._wait_until(lambda: bool(self.health(timeout_s=0.5).get("registered")), timeout_s,
+                            f"worker {self.worker_id}"):
+            return self
         raise RuntimeError(f"worker {self.worker_id} did not register: {self.log_tail()}")
 
     def start(self, timeout_s: float = 30.0) -> WorkerProcess:
@@ -177,29 +180,6 @@ class WorkerProcess:
         resp.raise_for_status()
         return sorted(s["session_id"] for s in resp.json())
 
-    def kill(self) -> None:
-        """SIGKILL: the GPU box vanishes; no drain, no deregistration."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def terminate(self) -> None:
-        """SIGTERM: the worker drains (reports draining, waits for sessions, deregisters) and exits by itself."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.terminate()
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM and wait for the drain; SIGKILL if it takes longer than ``timeout_s``. Returns the exit code."""
-        if self.proc is None:
-            return None
-        self.terminate()
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.returncode
 
 
 @contextlib.contextmanager

@@ -299,7 +299,8 @@ async def test_redis_restarted_empty_workers_reregister_and_stop_what_it_forgot(
         views = [[(w["worker_id"], w["alive"], w["state"], w["used_streams"]) for w in
                   (await http.get(f"{hub.url}/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]]
                  for hub in fleet.hubs]  # what each hub's routing mirror saw, should this ever fail again
-        assert Counter(a.status_code for a in fill) == {201: fleet.capacity}, (refused, views)
+        logs = [hub.log_tail(3000) for hub in fleet.hubs] + [w.log_tail(1500) for w in fleet.workers]
+        assert Counter(a.status_code for a in fill) == {201: fleet.capacity}, (refused, views, logs)
         assert await redis_matches_workers(http, fleet)
 
 
