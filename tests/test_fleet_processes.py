@@ -87,9 +87,17 @@ async def _all_ready(http: httpx.AsyncClient, f: Fleet) -> bool:
     for hub in f.hubs:
         if (await http.get(f"{hub.url}/ready")).status_code != 200:
             return False
-    views = (await http.get(f"{f.hubs[0].url}/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
-    alive = {v["worker_id"] for v in views if v["alive"] and v["state"] == "ready"}
-    return alive >= {w.worker_id for w in f.workers}
+    for hub in f.hubs:  # the listing refreshes that hub's routing mirror first
+        views = (await http.get(f"{hub.url}/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+        if not {v["worker_id"] for v in views if v["alive"] and v["state"] == "ready"} >= {
+                w.worker_id for w in f.workers}:
+            return False
+    return True
+
+
+async def _registered_in_redis(f: Fleet) -> bool:
+    r = f.store()
+    return all(r.exists(keys.worker_keys(w.worker_id).info) for w in f.workers)
 
 
 async def _empty(http: httpx.AsyncClient, f: Fleet) -> bool:
@@ -292,7 +300,10 @@ async def test_redis_restarted_empty_workers_reregister_and_stop_what_it_forgot(
         r.save()  # the restart below then loads an empty dataset
         fleet.server.stop()
         fleet.server.start()
-        await wait_until(lambda: _all_ready(http, fleet), 15, "every worker registered again")
+        # Registered again means in Redis: a hub's mirror (and a worker's /health) can still show the worker as it
+        # was before the wipe, and a burst routed on that view gets clean 503s until the mirror catches up.
+        await wait_until(lambda: _registered_in_redis(fleet), 15, "every worker registered again")
+        await wait_until(lambda: _all_ready(http, fleet), 15, "every hub to see the workers again")
         await wait_until(lambda: _empty(http, fleet), 10, "workers to stop the sessions Redis forgot")
         fill = await asyncio.gather(*(place(http, fleet.hubs[i % 3]) for i in range(fleet.capacity)))
         refused = [a.text for a in fill if a.status_code != 201][:2]
