@@ -10,14 +10,16 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -42,6 +44,8 @@ from shared.auth import digest
 from shared.errors import StoreUnavailable
 
 Client = aioredis.Redis | RedisCluster
+#: Connections beyond the request slots (``redis_max_connections``), for callers outside ``FleetStore._call``.
+_POOL_HEADROOM = 4
 _UNAVAILABLE = (
     RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, MasterDownError,
     ReadOnlyError, TryAgainError, MaxConnectionsError, OSError,
@@ -60,12 +64,43 @@ def connect(settings: HubSettings, url: str) -> Client:
         retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.01), retries=2),
     )
     if cluster:
-        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **common)
-    # The plain asyncio pool raises at its limit; the blocking pool waits (boundedly) for a free connection.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_wait_s, **common
+        client = RedisCluster.from_url(url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common)
+        # Nodes discovered later are built from the manager's kwargs; the startup nodes already exist.
+        manager = client.nodes_manager
+        manager.connection_kwargs["connection_class"] = _hiredis_packing(manager.connection_kwargs["connection_class"])
+        for node in manager.startup_nodes.values():
+            node.connection_class = _hiredis_packing(node.connection_class)
+        return client
+    # FleetStore._call queues steps for one of redis_max_connections slots, so the pool itself never has to wait
+    # (a BlockingConnectionPool's condition and timer cost ~20 us per call); the headroom is for the CloudWatch
+    # publisher, which runs outside those slots.
+    pool = aioredis.ConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common
     )
+    pool.connection_class = _hiredis_packing(pool.connection_class)  # plain, TLS (rediss://) or unix socket
     return aioredis.Redis(connection_pool=pool)
+
+
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis's C packer, as redis-py's sync client already does; its asyncio connections pack
+    in Python, which was ~10% of a hub's CPU under heartbeat load (``Encoder.encode`` and ``pack_command``)."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = self._serializer.pack(*args)
+        return packed
+
+
+_Conn = TypeVar("_Conn", bound=AbstractConnection)
+_PACKING_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def _hiredis_packing(cls: type[_Conn]) -> type[_Conn]:
+    """``cls`` with hiredis packing, one subclass per connection class (plain, TLS, unix socket)."""
+    if issubclass(cls, _HiredisPacking):
+        return cls
+    return _PACKING_CLASSES.setdefault(cls, type(f"HiredisPacking{cls.__name__}", (_HiredisPacking, cls), {}))
 
 
 @asynccontextmanager
@@ -156,15 +191,17 @@ class FleetStore:
         """One step's Redis work: waits (at most ``redis_pool_wait_s``) for a connection slot, and turns
         unavailability into ``StoreUnavailable``.
 
-        The standalone client's blocking pool waits for a free connection by itself, but the cluster client's
-        per-node pools raise at their limit (a 1,000-request burst got 500s); bounding concurrent steps to the
-        pool size gives both the same behaviour: a queue, then a clean 503.
+        Both clients' pools raise at their limit (the cluster's per-node pools made a 1,000-request burst get
+        500s); bounding concurrent steps to the pool size gives both the same behaviour: a queue, then a clean 503.
         """
-        try:
-            async with asyncio.timeout(self.settings.redis_pool_wait_s):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise StoreUnavailable("every connection to the shared store is busy") from exc
+        if self._slots.locked():  # every slot is busy: queue, boundedly (a free slot is taken without a timer)
+            try:
+                async with asyncio.timeout(self.settings.redis_pool_wait_s):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise StoreUnavailable("every connection to the shared store is busy") from exc
+        else:
+            await self._slots.acquire()
         try:
             async with unavailable_as_domain_error():
                 yield
@@ -200,11 +237,12 @@ class FleetStore:
             await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
         return out
 
-    async def heartbeat(self, worker_id: str, secret: str, state: str, status: str, sessions: list[str],
+    async def heartbeat(self, worker_id: str, secret_digest: str, state: str, status: str, sessions: list[str],
                         seq: int | None = None) -> HeartbeatOutcome:
-        """Record a heartbeat. Concurrent heartbeats share Redis round trips (see ``hub.group_commit``)."""
+        """Record a heartbeat (``secret_digest`` is ``shared.auth.digest`` of the worker's secret). Concurrent
+        heartbeats share Redis round trips (see ``hub.group_commit``)."""
         s = self.settings
-        args = [digest(secret), int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
+        args = [secret_digest, int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
                 state, status, "" if seq is None else seq, *sessions]
         return await self._heartbeats.submit(_Beat(worker_id, state, status, args))
 
