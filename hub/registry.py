@@ -13,7 +13,7 @@ from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from hub.tasks import BackgroundTasks
-from shared.auth import new_secret
+from shared.auth import digest, new_secret
 from shared.errors import WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
 from shared.geo import region_location
 from shared.models import (
@@ -63,12 +63,15 @@ class Registry:
                                     ttl_s=self.settings.worker_ttl_s, worker_secret=secret,
                                     state=WorkerState(registered.state))
 
-    async def heartbeat(self, worker_id: str, secret: str | None, hb: Heartbeat) -> HeartbeatReply:
+    async def heartbeat(self, worker_id: str, secret: str | None, hb: Heartbeat, *,
+                        secret_digest: str | None = None) -> HeartbeatReply:
+        """``secret_digest``: the secret's digest when the caller already has it (a channel digests it once)."""
         if not secret:
             self.metrics.heartbeats.labels(result="forbidden").inc()
             raise WorkerCredentialInvalid("heartbeats must carry the worker's X-Worker-Secret")
         status = hb.model_dump_json(exclude={"active_sessions", "state", "seq"})
-        out = await self.store.heartbeat(worker_id, secret, hb.state.value, status, hb.active_sessions, hb.seq)
+        out = await self.store.heartbeat(worker_id, secret_digest or digest(secret), hb.state.value, status,
+                                         hb.active_sessions, hb.seq)
         if out.status == 0:
             self.metrics.heartbeats.labels(result="unknown").inc()
             raise WorkerUnknown(f"worker {worker_id} is not registered; register again")
@@ -82,9 +85,10 @@ class Registry:
             if entry is not None:
                 for sid in out.unknown_sessions:
                     self.background.spawn(self.workers.stop(entry.url, sid), name=f"stop orphan {sid}")
-        return HeartbeatReply(worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used,
-                              max_streams=out.max_streams, heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                              stop_sessions=list(out.unknown_sessions))
+        # Built from values the hub itself produced, so without re-validation (one per heartbeat).
+        return HeartbeatReply.model_construct(
+            worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used, max_streams=out.max_streams,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s, stop_sessions=list(out.unknown_sessions))
 
     async def deregister(self, worker_id: str, secret: str | None) -> None:
         if not secret:

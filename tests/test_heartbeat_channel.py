@@ -13,6 +13,7 @@ from hub.group_commit import GroupCommit
 from hub.main import create_app
 from hub.store import FleetStore, connect
 from shared import keys
+from shared.auth import digest
 from shared.models import WorkerRegistration
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
@@ -113,10 +114,10 @@ async def test_a_burst_of_heartbeats_is_committed_in_few_round_trips(redis_url: 
 
     store._heartbeats._flush = counting  # type: ignore[assignment]
     try:
-        beats = [store.heartbeat(wid, secret, "ready", json.dumps({"cpu_percent": n}), [])
+        beats = [store.heartbeat(wid, digest(secret), "ready", json.dumps({"cpu_percent": n}), [])
                  for n in range(4) for wid, secret in secrets.items()]
-        beats.append(store.heartbeat("w-000", "not-its-secret", "ready", "{}", []))
-        beats.append(store.heartbeat("w-nobody", "x", "ready", "{}", []))
+        beats.append(store.heartbeat("w-000", digest("not-its-secret"), "ready", "{}", []))
+        beats.append(store.heartbeat("w-nobody", digest("x"), "ready", "{}", []))
         outcomes = await asyncio.gather(*beats)
     finally:
         await store.close()
@@ -132,7 +133,7 @@ async def test_heartbeats_survive_redis_losing_its_scripts(redis_url: str) -> No
     try:
         r = sync_redis(redis_url)
         r.script_flush()  # what a restart or a failover to a fresh replica does
-        outcomes = await asyncio.gather(*(store.heartbeat(w, s, "ready", "{}", []) for w, s in secrets.items()))
+        outcomes = await asyncio.gather(*(store.heartbeat(w, digest(s), "ready", "{}", []) for w, s in secrets.items()))
         assert [o.status for o in outcomes] == [1, 1, 1]
     finally:
         await store.close()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from hub.api.deps import HubDep, HubState, require_worker
 from hub.errors import error_responses
-from shared.auth import secret_matches
+from shared.auth import digest, secret_matches
 from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import ErrorBody, Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration
@@ -72,6 +72,7 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
         await websocket.close(code=4401)  # before accept: the handshake is refused with HTTP 403
         return
     await websocket.accept()
+    secret_digest = digest(secret)  # once per channel, not per heartbeat
     try:
         while True:
             message = await websocket.receive()
@@ -92,7 +93,7 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
                 await websocket.close(code=1007, reason=f"invalid heartbeat: {where}: {first['msg']}"[:120])
                 return
             try:
-                reply = await hub.registry.heartbeat(worker_id, secret, beat)
+                reply = await hub.registry.heartbeat(worker_id, secret, beat, secret_digest=secret_digest)
             except StoreUnavailable as exc:
                 await websocket.send_text(ErrorBody(error=exc.code, message=exc.message).model_dump_json())
                 continue
