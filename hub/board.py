@@ -10,6 +10,7 @@ Staleness is safe: the reservation script re-checks liveness, state and capacity
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import random
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.scoring import Factors, Weights, factors, load_factors, partial_score, score
+from hub.scoring import Factors, Weights, distance_factor, factors, load_factors, partial_score
 from hub.store import FleetStore
 from shared.geo import haversine_km
 from shared.models import Policy
@@ -35,7 +36,7 @@ _RANKED_MAX = 8
 GroupKey = tuple[float, float, tuple[tuple[str, str], ...]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: groups find members with list.remove
 class Entry:
     """One worker as this hub last saw it."""
 
@@ -206,8 +207,9 @@ class RoutingBoard:
             self.groups = [*self.groups, group]
         return group
 
-    def _partial(self, e: Entry) -> float:
-        load, latency, capacity = load_factors(e.used, e.max_streams, e.gpu_utilization, e.latency_ms, self.policy)
+    def _partial(self, e: Entry, policy: Policy | None = None) -> float:
+        load, latency, capacity = load_factors(e.used, e.max_streams, e.gpu_utilization, e.latency_ms,
+                                               policy or self.policy)
         return partial_score(load, latency, capacity, self.weights)
 
     def _eligible(self, e: Entry, now_ms: int) -> bool:
@@ -222,13 +224,18 @@ class RoutingBoard:
         e.used = used
         if max_streams is not None:
             e.max_streams = max_streams
-        e.partial = self._partial(e)
+        before, e.partial = e.partial, self._partial(e)
         if e.used >= e.max_streams:
             self._leave_group(e)
-        elif e.worker_id not in self._group_of and self._eligible(e, self.redis_now_ms()):
+            return
+        group = self._group_of.get(e.worker_id)
+        if group is not None:
+            if e.partial != before:  # keep the group in score order: ranking looks only at its head
+                group.members.remove(e)
+                bisect.insort(group.members, e, key=_descending_partial)
+        elif self._eligible(e, self.redis_now_ms()):
             group = self._group_for(e)  # a slot came back: rejoin, in score order
-            group.members.append(e)
-            group.members.sort(key=_by_partial, reverse=True)
+            bisect.insort(group.members, e, key=_descending_partial)
             self._group_of[e.worker_id] = group
 
     def note_unavailable(self, worker_id: str) -> None:
@@ -247,11 +254,18 @@ class RoutingBoard:
 
     def rank(self, lat: float, lon: float, labels: dict[str, str] | None = None, *, policy: Policy | None = None,
              limit: int = _RANKED_MAX, explain: bool = False) -> list[Ranked]:
-        """Best candidates first; the head is randomised among the near-best so many hubs do not herd."""
+        """Best candidates first; the head is randomised among the near-best so many hubs do not herd.
+
+        A member's score is its group's distance term plus its cached partial score (``Entry.partial``, what
+        ``hub.scoring.score`` adds to the distance term), so only the ``limit`` returned get their ``Factors``
+        built: the per-member work of a request is one addition.
+        """
         policy = policy or self.policy
+        cached = policy is self.policy
         now = self.redis_now_ms()
         want = labels or {}
-        scored: list[Ranked] = []
+        w = self.weights
+        scored: list[tuple[float, float, Entry]] = []  # (score, km, entry)
         candidates: list[tuple[Group, float]] = []
         nearest_km = float("inf")
         for group in self.groups:
@@ -263,21 +277,23 @@ class RoutingBoard:
                 nearest_km = km
         if nearest_km == float("inf"):
             nearest_km = 0.0
+        per_group = _TOP_PER_GROUP
         for group, km in candidates:
+            near = w.distance * distance_factor(max(0.0, km - nearest_km))
             taken = 0
             for e in group.members:
-                if taken >= (_TOP_PER_GROUP if not explain else len(group.members)):
+                if taken >= per_group and not explain:
                     break
                 if not self._eligible(e, now):
                     continue
-                f = factors(km, e.used, e.max_streams, e.gpu_utilization, e.latency_ms, policy, nearest_km)
-                scored.append(Ranked(entry=e, score=score(f, self.weights), factors=f))
+                partial = e.partial if cached and e.partial is not None else self._partial(e, policy)
+                scored.append((near + partial, km, e))
                 taken += 1
-        scored.sort(key=lambda r: r.score, reverse=True)
-        if explain:
-            return scored[:limit]
-        scored = scored[:limit]
-        return self._two_choices(scored)
+        scored.sort(key=_by_score, reverse=True)
+        ranked = [Ranked(entry=e, score=s, factors=factors(km, e.used, e.max_streams, e.gpu_utilization,
+                                                              e.latency_ms, policy, nearest_km))
+                  for s, km, e in scored[:limit]]
+        return ranked if explain else self._two_choices(ranked)
 
     def _two_choices(self, ranked: list[Ranked]) -> list[Ranked]:
         """Power of two choices among the near-best: pick two at random, lead with the better."""
@@ -304,5 +320,13 @@ def _apply(mirror: dict[str, str], changes: dict[str, str | None]) -> None:
             mirror[wid] = raw
 
 
+def _by_score(item: tuple[float, float, Entry]) -> float:
+    return item[0]
+
+
 def _by_partial(e: Entry) -> float:
     return e.partial if e.partial is not None else 0.0
+
+
+def _descending_partial(e: Entry) -> float:
+    return -_by_partial(e)
