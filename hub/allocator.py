@@ -125,8 +125,8 @@ class Allocator:
     async def _abandon(self, session_id: str) -> None:
         worker_id = keys.worker_of_session(session_id)
         if worker_id is not None:
-            _, used = await self.store.release(worker_id, session_id)
-            self.board.note_used(worker_id, used)
+            released = await self.store.release(worker_id, session_id)
+            self.board.note_used(worker_id, released.used)
 
     async def _place(self, req: SessionRequest, where: ResolvedLocation) -> SessionConfig:
         """Try the best candidates until one accepts. A reservation refused by the script teaches the board, so
@@ -231,16 +231,17 @@ class Allocator:
         return self._config(session_id, stored.record)
 
     async def end(self, session_id: str) -> None:
-        stored = await self._stored(session_id)
-        worker_id = stored.record["worker_id"]
-        held, used = await self.store.release(worker_id, session_id)
-        if not held:
+        worker_id = keys.worker_of_session(session_id)
+        if worker_id is None:
             raise SessionNotFound()
-        self.board.note_used(worker_id, used)
-        if session_key := stored.record.get("session_key"):
+        released = await self.store.release(worker_id, session_id)
+        if not released.held or released.record is None:
+            raise SessionNotFound()
+        self.board.note_used(worker_id, released.used)
+        if session_key := released.record.get("session_key"):
             await self.store.compare_and_set_claim(session_key, session_id, None, 0)
-        if stored.worker_url:
-            self.background.spawn(self.workers.stop(stored.worker_url, session_id), name=f"stop {session_id}")
+        if released.worker_url:
+            self.background.spawn(self.workers.stop(released.worker_url, session_id), name=f"stop {session_id}")
 
     async def _stored(self, session_id: str) -> StoredSession:
         worker_id = keys.worker_of_session(session_id)

@@ -155,14 +155,17 @@ return {1, redis.call('ZCARD', KEYS[2])}
 """
 
 RELEASE = _PRELUDE + """
--- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch).
+-- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). A session whose lease
+-- has already expired is not held any more: it is purged, not released.
 -- ARGV[1] session id
--- Returns {removed (0|1), used}.
+-- Returns {removed (0|1), used, the session's record or false, the worker's url or false}: ending a session
+-- needs both, and reading them here saves a round trip.
+purge_expired()
+local record = redis.call('HGET', KEYS[4], ARGV[1])
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
-purge_expired()
-return {removed, redis.call('ZCARD', KEYS[2])}
+return {removed, redis.call('ZCARD', KEYS[2]), record, redis.call('HGET', KEYS[1], 'url')}
 """
 
 READ_SESSION = _PRELUDE + """
@@ -267,6 +270,24 @@ for i = 1, #ARGV, 3 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+    note_change(ARGV[i])
+    written = written + 1
+  end
+end
+trim_changes()
+return written
+"""
+
+PUBLISH_BOARD_USED = _BOARD_CHANGES + """
+-- Mirror a batch of slot counts onto the routing board in one call (reservations' and releases' group commit).
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
+-- ARGV[2i+1] worker id, ARGV[2i+2] used streams, for each worker of the batch (a later pair wins)
+-- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
+-- Returns how many workers were written.
+local written = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
     note_change(ARGV[i])
     written = written + 1
   end

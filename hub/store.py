@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from hub.settings import HubSettings
 from shared import keys
 from shared.auth import digest
 from shared.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 Client = aioredis.Redis | RedisCluster
 #: Connections beyond the request slots (``redis_max_connections``), for callers outside ``FleetStore._call``.
@@ -145,6 +148,14 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class Released:
+    held: bool  # False: the session was unknown, or its lease had expired
+    used: int  # the worker's streams in use after
+    record: dict[str, Any] | None  # the session as it was held
+    worker_url: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredSession:
     record: dict[str, Any]
     status: str  # active | pending
@@ -183,8 +194,11 @@ class FleetStore:
         self._bucket = client.register_script(scripts.RATE_LIMIT_BUCKET)
         self._read_board = client.register_script(scripts.READ_BOARD)
         self._publish_statuses = client.register_script(scripts.PUBLISH_BOARD_STATUS)
+        self._publish_used = client.register_script(scripts.PUBLISH_BOARD_USED)
         self._heartbeats: GroupCommit[_Beat, HeartbeatOutcome] = GroupCommit(self._commit_heartbeats,
                                                                               name="heartbeats")
+        self._board_used: GroupCommit[tuple[str, int], None] = GroupCommit(self._commit_board_used,
+                                                                            name="board slots")
 
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
@@ -210,6 +224,7 @@ class FleetStore:
 
     async def close(self) -> None:
         await self._heartbeats.aclose()
+        await self._board_used.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> bool:
@@ -333,8 +348,7 @@ class FleetStore:
         else:
             out = Reservation(ok=False, reason=str(res[1]), used=int(res[2]), max_streams=int(res[3]))
         if out.ok or out.reason == "full":
-            async with self._call():
-                await self._publish_board(worker_id, used=out.used)
+            await self._note_used_on_board(worker_id, out.used)
         return out
 
     async def confirm(self, worker_id: str, session_id: str, accepted_at_seq: int | None = None) -> bool:
@@ -344,12 +358,13 @@ class FleetStore:
                                       args=[session_id, int(self.settings.active_lease_s * 1000), seq])
         return int(res[0]) == 1
 
-    async def release(self, worker_id: str, session_id: str) -> tuple[bool, int]:
-        """(whether the session was held, used streams after)."""
+    async def release(self, worker_id: str, session_id: str) -> Released:
         async with self._call():
             res = await self._release(keys=keys.worker_keys(worker_id).as_list(), args=[session_id])
-            await self._publish_board(worker_id, used=int(res[1]))
-        return int(res[0]) == 1, int(res[1])
+        out = Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
+                       worker_url=str(res[3] or ""))
+        await self._note_used_on_board(worker_id, out.used)
+        return out
 
     async def read_session(self, worker_id: str, session_id: str) -> StoredSession | None:
         async with self._call():
@@ -418,6 +433,20 @@ class FleetStore:
         async with self._call():
             for wid in worker_ids:
                 await self._publish_board(wid, remove=True)
+
+    async def _note_used_on_board(self, worker_id: str, used: int) -> None:
+        """Publish a worker's new slot count for every hub's mirror. Concurrent reservations and releases share
+        one script call. Only a routing hint (the worker's own keys hold the truth), so a failure is logged,
+        not raised: the step it follows has already happened."""
+        try:
+            await self._board_used.submit((worker_id, used))
+        except StoreUnavailable:
+            log.info("could not publish %s's slot count to the board; the next heartbeat will", worker_id)
+
+    async def _commit_board_used(self, batch: list[tuple[str, int]]) -> list[None]:
+        async with self._call():
+            await self._publish_used(keys=keys.BOARD.as_list(), args=[x for pair in batch for x in pair])
+        return [None] * len(batch)
 
     async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
                              remove: bool = False) -> None:

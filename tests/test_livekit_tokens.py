@@ -1,0 +1,74 @@
+"""The hub's LiveKit tokens are the tokens livekit-api's AccessToken mints: same claims, verified by its own
+TokenVerifier."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import jwt
+import pytest
+from livekit import api
+
+from hub.livekit import mint_agent_token, mint_participant_token
+from hub.settings import LiveKitDeployment
+
+SECRET = "a-livekit-secret-of-at-least-32-bytes!"
+DEPLOYMENT = LiveKitDeployment(region="eu-central-1", url="wss://lk.example", lat=50.1, lon=8.7, api_key="APIkey",
+                               api_secret=SECRET)
+
+
+def payload(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+def reference(identity: str, grants: api.VideoGrants, kind: str = "") -> dict[str, Any]:
+    token = api.AccessToken("APIkey", SECRET).with_identity(identity).with_ttl(timedelta(seconds=600))
+    if kind:
+        token = token.with_kind(kind)  # type: ignore[arg-type]
+    return payload(token.with_grants(grants).to_jwt())
+
+
+def test_participant_token_has_access_tokens_claims() -> None:
+    minted = mint_participant_token(DEPLOYMENT, "fleet-room-1", "alice", 600)
+    mine = payload(minted.jwt)
+    theirs = reference("alice", api.VideoGrants(room_join=True, room="fleet-room-1", can_publish=True,
+                                                can_subscribe=True))
+    for claims in (mine, theirs):
+        assert claims.pop("exp") - claims.pop("nbf") == 600
+    assert mine == theirs
+    verified = api.TokenVerifier("APIkey", SECRET).verify(minted.jwt)
+    assert verified.identity == "alice" and verified.video is not None and verified.video.room == "fleet-room-1"
+    assert payload(minted.jwt)["exp"] == int(minted.expires_at.timestamp())
+
+
+def test_agent_token_has_access_tokens_claims() -> None:
+    token = mint_agent_token(DEPLOYMENT, "fleet-room-2", "w-1~abc", 600)
+    mine = payload(token)
+    theirs = reference("agent-w-1~abc", api.VideoGrants(room_join=True, room="fleet-room-2", agent=True,
+                                                         can_publish=True, can_subscribe=True), kind="agent")
+    for claims in (mine, theirs):
+        assert claims.pop("exp") - claims.pop("nbf") == 600
+    assert mine == theirs
+    verified = api.TokenVerifier("APIkey", SECRET).verify(token)
+    assert verified.kind == "agent" and verified.video is not None and verified.video.agent
+
+
+def test_tokens_of_different_rooms_do_not_share_grants() -> None:
+    a = payload(mint_participant_token(DEPLOYMENT, "room-a", "u", 60).jwt)
+    b = payload(mint_participant_token(DEPLOYMENT, "room-b", "u", 60).jwt)
+    assert (a["video"]["room"], b["video"]["room"]) == ("room-a", "room-b")
+
+
+def test_a_token_without_room_or_identity_is_refused() -> None:
+    with pytest.raises(ValueError):
+        mint_participant_token(DEPLOYMENT, "", "alice", 60)
+    with pytest.raises(ValueError):
+        mint_participant_token(DEPLOYMENT, "room", "", 60)
+
+
+def test_a_wrong_secret_does_not_verify() -> None:
+    token = mint_participant_token(DEPLOYMENT, "room", "alice", 60).jwt
+    with pytest.raises(jwt.InvalidSignatureError):
+        api.TokenVerifier("APIkey", "another-secret-of-at-least-32-bytes-long").verify(token)
