@@ -47,6 +47,8 @@ class HubMetrics:
             self.dispatch_failures.labels(reason=reason)
         for result in ("ok", "unknown", "forbidden"):
             self.heartbeats.labels(result=result)
+        #: The per-heartbeat series, looked up once (``labels()`` costs a lock and a dict lookup per call).
+        self.heartbeats_ok = self.heartbeats.labels(result="ok")
         for result in ("ok", "conflict"):
             self.registrations.labels(result=result)
 

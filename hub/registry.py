@@ -78,7 +78,7 @@ class Registry:
         if out.status < 0:
             self.metrics.heartbeats.labels(result="forbidden").inc()
             raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
-        self.metrics.heartbeats.labels(result="ok").inc()
+        self.metrics.heartbeats_ok.inc()
         self.board.note_used(worker_id, out.used, out.max_streams)
         if out.unknown_sessions:
             entry = self.board.entries.get(worker_id)

@@ -278,8 +278,7 @@ class FleetStore:
                                            unknown_sessions=tuple(str(x) for x in res[5:]))
                     outcomes.append(out)
                     drain = out.state == "draining" and beat.state == "ready"
-                    board += [beat.worker_id, _with_fields(beat.status, hb=int(res[4]), state=out.state, drain=drain),
-                              out.used]
+                    board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used]
             if board:
                 await self._publish_statuses(keys=keys.BOARD.as_list(), args=board)
         return outcomes
@@ -472,8 +471,15 @@ def _pairs(raw: str) -> dict[str, str | None]:
     return {str(k): None if v is False else str(v) for k, v in zip(it, it, strict=True)}
 
 
-def _with_fields(obj: str, **fields: Any) -> str:
-    """A JSON object string with ``fields`` added, without parsing it (a heartbeat's board view, per heartbeat)."""
-    extra = json.dumps(fields, separators=(",", ":"))
+_STATES = frozenset({"ready", "draining"})
+
+
+def _with_board_fields(obj: str, hb: int, state: str, drain: bool) -> str:
+    """A heartbeat's figures (a JSON object string) with the board's fields added, without parsing or
+    re-serialising anything: this runs once per heartbeat."""
+    if state not in _STATES:  # always one of two literals; anything else goes through the JSON encoder
+        extra = json.dumps({"hb": hb, "state": state, "drain": drain}, separators=(",", ":"))
+    else:
+        extra = f'{{"hb":{hb},"state":"{state}","drain":{"true" if drain else "false"}}}'
     body = obj.strip()
     return extra if body == "{}" else body[:-1] + "," + extra[1:]

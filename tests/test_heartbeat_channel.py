@@ -11,7 +11,7 @@ import pytest
 
 from hub.group_commit import GroupCommit
 from hub.main import create_app
-from hub.store import FleetStore, connect
+from hub.store import FleetStore, _with_board_fields, connect
 from shared import keys
 from shared.auth import digest
 from shared.models import WorkerRegistration
@@ -242,3 +242,11 @@ async def test_redis_down_is_an_error_message_and_the_channel_stays_open(
         await ws.send_json({})
         closing = await asyncio.wait_for(ws.receive(), 10)
         assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4404
+
+
+@pytest.mark.parametrize("figures", ['{}', '{"gpu_utilization":41.5,"latency_ms":12.0}',
+                                     ' {"note":"a \\"quoted\\" }"} '])
+@pytest.mark.parametrize(("state", "drain"), [("ready", False), ("draining", True), ('odd"state', False)])
+def test_a_heartbeats_board_view_is_its_figures_plus_the_boards_fields(figures: str, state: str, drain: bool) -> None:
+    view = json.loads(_with_board_fields(figures, 1234, state, drain))
+    assert view == {**json.loads(figures), "hb": 1234, "state": state, "drain": drain}
