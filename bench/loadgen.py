@@ -2,7 +2,10 @@
 
 Modes: ``alloc`` (POST /api/v1/sessions then DELETE it; the POST latency is measured), ``health`` (GET /health),
 ``heartbeat`` (POST heartbeats round-robin over the workers in --secrets), ``heartbeat-ws`` (one WebSocket
-heartbeat channel per worker, messages round-robin over them). Prints one JSON line.
+heartbeat channel per worker, one message per visit, round-robin over them; as ``fleet worker`` does, only every
+``ACK_EVERY``-th heartbeat asks for an answer and waits for it). Unanswered heartbeats are counted from the hub's
+own ``fleet_heartbeats_total``, so a message still in flight at the end is not counted as handled; latency is
+that of the answered ones. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+
+from worker.hub_client import ACK_EVERY
+
+#: A request whose latency is not recorded (an unanswered heartbeat).
+_UNMEASURED = -1.0
 
 # Users spread over the world, so every region gets traffic.
 _CITIES = [(40.7, -74.0), (51.5, -0.1), (35.7, 139.7), (-23.5, -46.6), (19.1, 72.9), (1.35, 103.8),
@@ -37,6 +45,7 @@ class Load:
         self.secrets = secrets
         self.next_worker = 0
         self.channels: list[list[aiohttp.ClientWebSocketResponse]] = [[] for _ in range(args.concurrency)]
+        self.sent = [0] * args.concurrency
 
     async def open_channels(self) -> None:
         """heartbeat-ws: one channel per worker, as a real fleet holds them, split over the clients."""
@@ -72,9 +81,23 @@ class Load:
         mine = self.channels[k]
         ws = mine[self.next_worker % len(mine)]
         self.next_worker += 1
-        await ws.send_json(_status(rng))
+        self.sent[k] += 1
+        ack = self.sent[k] % ACK_EVERY == 0
+        t0 = time.perf_counter()
+        await ws.send_json({**_status(rng), "ack": ack})
+        if not ack:
+            return "", _UNMEASURED
         reply = await ws.receive_json()
-        return "" if "worker_id" in reply else str(reply.get("error")), None
+        return "" if "worker_id" in reply else str(reply.get("error")), time.perf_counter() - t0
+
+    async def heartbeats_handled(self) -> int:
+        """The hub's own count of heartbeats it recorded."""
+        async with self.http.get("/metrics") as r:
+            text = await r.text()
+        for line in text.splitlines():
+            if line.startswith('fleet_heartbeats_total{result="ok"}'):
+                return int(float(line.rsplit(" ", 1)[1]))
+        raise RuntimeError("the hub's /metrics has no fleet_heartbeats_total")
 
     async def alloc(self, k: int, rng: random.Random) -> tuple[str, float | None]:
         """Create a session (the measured part), then end it."""
@@ -117,7 +140,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     error, measured = await request(k, rng)
                 except aiohttp.ClientError as exc:
                     error = type(exc).__name__
-                lat_ms.append((time.perf_counter() - t0 if measured is None else measured) * 1000)
+                if measured != _UNMEASURED:
+                    lat_ms.append((time.perf_counter() - t0 if measured is None else measured) * 1000)
                 if error:
                     errors[error] = errors.get(error, 0) + 1
                 else:
@@ -130,12 +154,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         errors.clear()
         done = 0
         hub = psutil.Process(args.hub_pid) if args.hub_pid else None
+        handled_start = await load.heartbeats_handled() if args.mode == "heartbeat-ws" else 0
         cpu_start = _cpu_s(hub)
         t_start = time.perf_counter()
         stop_at = t_start + args.duration
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         elapsed = time.perf_counter() - t_start
         hub_cpu_s = _cpu_s(hub) - cpu_start
+        if args.mode == "heartbeat-ws":  # unanswered heartbeats: what the hub says it recorded
+            done = await load.heartbeats_handled() - handled_start
         await load.close()
     s = sorted(lat_ms)
 

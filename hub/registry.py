@@ -69,7 +69,7 @@ class Registry:
         if not secret:
             self.metrics.heartbeats.labels(result="forbidden").inc()
             raise WorkerCredentialInvalid("heartbeats must carry the worker's X-Worker-Secret")
-        status = hb.model_dump_json(exclude={"active_sessions", "state", "seq"})
+        status = hb.model_dump_json(exclude={"active_sessions", "state", "seq", "ack"})
         out = await self.store.heartbeat(worker_id, secret_digest or digest(secret), hb.state.value, status,
                                          hb.active_sessions, hb.seq)
         if out.status == 0:

@@ -93,6 +93,12 @@ class Heartbeat(Strict):
         description="This heartbeat's number (the worker counts its heartbeats); with the `accepted_at_seq` of "
                     "a session it tells the hub whether this heartbeat was built after the worker took it.",
     )
+    ack: bool = Field(
+        default=True,
+        description="On the heartbeat channel only: whether the hub answers this heartbeat. Without it the hub "
+                    "answers only with news: a state other than the one reported (an SRE drain), sessions to "
+                    "stop, or an error. A POSTed heartbeat is always answered.",
+    )
 
 
 class HeartbeatReply(Strict):

@@ -188,6 +188,31 @@ async def test_the_channel_answers_each_heartbeat_like_the_post_does(make_runnin
         await ws.close()
 
 
+async def test_a_heartbeat_without_ack_is_answered_only_with_news(make_running_hub: Any) -> None:
+    hub = await make_running_hub()
+    secret = await register_over_http(hub, "w-quiet")
+    async with aiohttp.ClientSession() as http, hub.client() as client:
+        ws = await open_channel(http, hub, "w-quiet", secret)
+        for n in range(3):  # nothing new: recorded, not answered
+            await ws.send_json({"ack": False, "gpu_utilization": 10 + n})
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.receive_json(), 0.5)
+        view = (await client.get("/api/v1/workers/w-quiet", headers=ADMIN_AUTH)).json()
+        assert view["alive"] and view["gpu_utilization"] == 12.0  # every one of them was recorded
+
+        await ws.send_json({"ack": False, "active_sessions": ["w-quiet~ghost"]})  # news: a session to stop
+        assert (await asyncio.wait_for(ws.receive_json(), 5))["stop_sessions"] == ["w-quiet~ghost"]
+        assert (await client.post("/api/v1/workers/w-quiet/drain", headers=ADMIN_AUTH)).status_code == 200
+        await ws.send_json({"ack": False})  # news: the hub holds another state than the one reported
+        assert (await asyncio.wait_for(ws.receive_json(), 5))["state"] == "draining"
+        await ws.send_json({"ack": False, "state": "draining"})  # the worker applied it: nothing new any more
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.receive_json(), 0.5)
+        await ws.send_json({"ack": True, "state": "draining"})
+        assert (await asyncio.wait_for(ws.receive_json(), 5))["state"] == "draining"
+        await ws.close()
+
+
 @pytest.mark.parametrize("token, secret", [("wrong-token", "s"), (WORKER_TOKEN, ""), ("", "s")])
 async def test_a_handshake_without_the_credentials_is_refused(make_running_hub: Any, token: str,
                                                               secret: str) -> None:

@@ -20,9 +20,11 @@ import httpx
 import pytest
 from botocore.stub import Stubber
 
+from shared.models import HeartbeatReply
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis
 from worker.agent import WorkerAgent, client_audio_url
+from worker.hub_client import ACK_EVERY
 from worker.lifecycle import Lifecycle
 from worker.settings import WorkerSettings
 
@@ -100,6 +102,29 @@ async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_runn
         assert (await agent.hub.build_heartbeat()).vram_used_mb == 1536, "VRAM accounting of simulated GPUs"
         assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
         assert await worker_sessions(agent) == []
+
+
+async def test_on_the_channel_only_every_fifth_heartbeat_waits_for_an_answer(make_running_hub: Any,
+                                                                             run_agent: Any) -> None:
+    running = await make_running_hub(heartbeat_interval_s=0.1)
+    agent = await run_agent(worker_settings(running))
+    answers: list[HeartbeatReply] = []
+    apply = agent.hub._apply
+
+    async def counting(reply: HeartbeatReply) -> None:
+        answers.append(reply)
+        await apply(reply)
+
+    agent.hub._apply = counting  # type: ignore[method-assign]
+    ok = agent.manager.metrics.heartbeats.labels("ok")
+    start = ok._value.get()
+    await wait_for(lambda: ok._value.get() - start >= 4 * ACK_EVERY, 10, "heartbeats")
+    beats = ok._value.get() - start
+    assert agent.hub.transport == "channel"
+    assert beats // ACK_EVERY - 1 <= len(answers) <= beats // ACK_EVERY + 1, (beats, len(answers))
+    async with running.client() as hub:  # news still comes at once, between the answered heartbeats
+        assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
+        await wait_for(lambda: agent.manager.draining, 1.0, "the drain, as news")
 
 
 async def test_heartbeats_fall_back_to_post_when_the_channel_is_refused(

@@ -6,7 +6,10 @@ and the next heartbeat re-announces the sessions still running.
 
 Heartbeats go over one WebSocket kept open on the heartbeat URL (a message costs the hub a fraction of a POST);
 when it cannot be opened (an old hub, a proxy without upgrades) or drops, that heartbeat is POSTed instead and
-the channel is tried again later.
+the channel is tried again later. On the channel only every ``ACK_EVERY``-th heartbeat, and any that reports a
+new state, asks the hub for an answer; the hub answers the others only with news (an SRE drain, sessions to stop,
+an error), which a reader task queues and the next heartbeat applies. An awaited answer that does not come in
+time means the channel is lost.
 """
 
 from __future__ import annotations
@@ -32,8 +35,16 @@ from worker.sessions import SessionManager
 log = logging.getLogger(__name__)
 
 
+#: On the channel, every ACK_EVERY-th heartbeat asks for an answer: the hub is alive and the channel open.
+ACK_EVERY = 5
+
+
 class HubUnavailable(Exception):
     """No hub answered usefully; retryable."""
+
+
+class _ChannelLost(Exception):
+    """The heartbeat channel closed or stopped answering: this heartbeat goes by POST."""
 
 
 class WorkerForgotten(Exception):
@@ -62,6 +73,10 @@ class HubClient:
         self._channel: aiohttp.ClientWebSocketResponse | None = None
         self._channel_for: tuple[str, str] | None = None  # (hub, secret) the open channel authenticated with
         self._channel_retry_at = 0.0
+        self._channel_inbox: asyncio.Queue[aiohttp.WSMessage] = asyncio.Queue()
+        self._channel_reader: asyncio.Task[None] | None = None
+        self._channel_beats = 0  # heartbeats sent on the open channel
+        self._reported_state: WorkerState | None = None  # the state the last answered heartbeat reported
         #: How the last heartbeat went: ``channel`` or ``post``.
         self.transport = "post"
         #: Called with the hub's state on each reply (the agent reacts to a drain an SRE requested).
@@ -153,16 +168,14 @@ class HubClient:
             state=WorkerState.DRAINING if self.manager.draining else WorkerState.READY,
         )
 
-    async def heartbeat_once(self) -> HeartbeatReply:
+    async def heartbeat_once(self) -> None:
         """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable."""
         if self.hub_url is None or self.secret is None:
             raise WorkerForgotten("not registered")
         beat = await self.build_heartbeat()
-        reply = await self._heartbeat_on_channel(self.hub_url, self.secret, beat) if self.use_channel else None
-        if reply is None:
-            reply = await self._heartbeat_post(self.hub_url, beat)
-        await self._apply(reply)
-        return reply
+        if self.use_channel and await self._heartbeat_on_channel(self.hub_url, self.secret, beat):
+            return
+        await self._apply(await self._heartbeat_post(self.hub_url, beat))
 
     async def _heartbeat_post(self, hub_url: str, beat: Heartbeat) -> HeartbeatReply:
         body = beat.model_dump(mode="json")
@@ -183,42 +196,61 @@ class HubClient:
         self.transport = "post"
         return reply
 
-    async def _heartbeat_on_channel(self, hub_url: str, secret: str, beat: Heartbeat) -> HeartbeatReply | None:
-        """The heartbeat over the channel; None when it has to go by POST this time."""
+    async def _heartbeat_on_channel(self, hub_url: str, secret: str, beat: Heartbeat) -> bool:
+        """The heartbeat over the channel; False when it has to go by POST this time."""
         ws = await self._open_channel(hub_url, secret)
         if ws is None:
-            return None
+            return False
+        ack = self._channel_beats % ACK_EVERY == 0 or beat.state is not self._reported_state
+        self._channel_beats += 1
         try:
-            await ws.send_str(beat.model_dump_json())
-            message = await asyncio.wait_for(ws.receive(), self.timeout.total)
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            await self._take_channel_news()
+            await ws.send_str(beat.model_copy(update={"ack": ack}).model_dump_json())
+            if ack:
+                await self._apply(self._read_answer(await asyncio.wait_for(self._channel_inbox.get(),
+                                                                           self.timeout.total)))
+                self._reported_state = beat.state
+        except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             log.info("heartbeat channel lost (%r); this heartbeat goes by POST", exc)
             await self._close_channel()
-            return None
+            return False
+        except (WorkerForgotten, HubUnavailable):
+            if ws.closed:
+                await self._close_channel()
+            raise
+        self.transport = "channel"
+        return True
+
+    async def _take_channel_news(self) -> None:
+        """Apply what the hub sent since the last heartbeat: news, a late answer, or the channel's end."""
+        while not self._channel_inbox.empty():
+            await self._apply(self._read_answer(self._channel_inbox.get_nowait()))
+
+    def _read_answer(self, message: aiohttp.WSMessage) -> HeartbeatReply:
+        """A message from the hub as a reply; raises for an error answer or a closed channel."""
         if message.type is not aiohttp.WSMsgType.TEXT:
-            code = ws.close_code
-            await self._close_channel()
+            code = message.data if message.type is aiohttp.WSMsgType.CLOSE else None
+            if code is None and self._channel is not None:
+                code = self._channel.close_code
             if code == 4404:
                 raise WorkerForgotten("hub does not know this worker (channel closed 4404)")
             if code == 4403:
                 self.secret = None
                 raise WorkerForgotten("hub refused the worker secret (channel closed 4403)")
-            log.info("heartbeat channel closed (%s %s); this heartbeat goes by POST", code, message.extra)
-            return None
+            raise _ChannelLost(f"channel closed ({code} {message.extra})")
         try:
             data = json.loads(message.data)
             if isinstance(data, dict) and "error" in data:  # e.g. Redis unavailable: the channel stays open
                 raise HubUnavailable(f"hub answered {data['error']}")
-            reply = HeartbeatReply.model_validate(data)
+            return HeartbeatReply.model_validate(data)
         except (ValueError, ValidationError) as exc:
-            await self._close_channel()
-            raise HubUnavailable(f"malformed heartbeat reply: {exc!r}") from None
-        self.transport = "channel"
-        return reply
+            raise _ChannelLost(f"malformed heartbeat reply: {exc!r}") from None
 
     async def _open_channel(self, hub_url: str, secret: str) -> aiohttp.ClientWebSocketResponse | None:
         if self._channel is not None and not self._channel.closed and self._channel_for == (hub_url, secret):
             return self._channel
+        if self._channel is not None and self._channel_for == (hub_url, secret) and not self._channel_inbox.empty():
+            return self._channel  # closed, but its last words (a close code, an error) are still to be read
         await self._close_channel()
         if time.monotonic() < self._channel_retry_at:
             return None
@@ -232,10 +264,28 @@ class HubClient:
             log.info("heartbeat channel unavailable (%r); heartbeats go by POST for %.0f s", exc, _CHANNEL_RETRY_S)
             return None
         self._channel_for = (hub_url, secret)
+        self._channel_beats = 0
+        self._channel_inbox = asyncio.Queue()
+        self._channel_reader = asyncio.create_task(self._read_channel(self._channel, self._channel_inbox),
+                                                   name="heartbeat channel reader")
         return self._channel
+
+    @staticmethod
+    async def _read_channel(ws: aiohttp.ClientWebSocketResponse, inbox: asyncio.Queue[aiohttp.WSMessage]) -> None:
+        """The channel's only reader: queues every message, the closing one last."""
+        while True:
+            message = await ws.receive()
+            inbox.put_nowait(message)
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                return
 
     async def _close_channel(self) -> None:
         channel, self._channel, self._channel_for = self._channel, None, None
+        reader, self._channel_reader = self._channel_reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         if channel is not None and not channel.closed:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ConnectionError):
                 await channel.close()

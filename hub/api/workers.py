@@ -2,8 +2,10 @@
 
 Heartbeats come either as ``POST .../heartbeat`` or as messages on a WebSocket opened on the same URL: a worker
 keeps one channel open and sends a ``Heartbeat`` JSON text message each interval; the hub answers each with a
-``HeartbeatReply`` (or an ``ErrorBody`` when Redis is unavailable, the channel staying open). The channel skips
-HTTP parsing, routing and dependency solving per heartbeat, which is most of a heartbeat's CPU on the hub.
+``HeartbeatReply`` (or an ``ErrorBody`` when Redis is unavailable, the channel staying open). A heartbeat sent
+with ``"ack": false`` is answered only when there is news: the hub holds another state than the one reported (an
+SRE drain), the worker runs sessions the hub does not hold, or an error. The channel skips HTTP parsing, routing
+and dependency solving per heartbeat, and unanswered heartbeats skip the reply, most of a heartbeat's hub CPU.
 Close codes: 1003 binary message, 1007 invalid heartbeat, 1009 too big, 4403 wrong secret, 4404 unknown worker
 (register again). A handshake without the worker token and secret is refused (HTTP 403).
 """
@@ -103,6 +105,7 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
             except WorkerCredentialInvalid:
                 await websocket.close(code=4403, reason="the X-Worker-Secret does not match this worker")
                 return
-            await websocket.send_text(reply.model_dump_json())
+            if beat.ack or reply.stop_sessions or reply.state is not beat.state:
+                await websocket.send_text(reply.model_dump_json())
     except WebSocketDisconnect:
         return
