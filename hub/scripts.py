@@ -77,10 +77,12 @@ HEARTBEAT = _PRELUDE + """
 -- Returns {1, used, max_streams, state, now, unknown ids...}, {0} for an unknown worker, {-1} for a bad secret.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
-purge_expired()
 local reported = {}
 for i = 8, #ARGV do reported[ARGV[i]] = true end
 local extend_to = now + tonumber(ARGV[2])
+-- Renew before purging: a lease that lapsed only because no heartbeat could reach Redis (an outage longer than the
+-- lease) still holds its slot and record, and the worker says it runs the session, so the session goes on. A slot
+-- that any other script has reused since was purged with its record, and its session is told to stop below.
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if reported[sid] then
     -- The worker runs it: a pending lease whose confirmation was lost is adopted here.
@@ -108,6 +110,7 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     end
   end
 end
+purge_expired()
 redis.call('HSET', KEYS[1], 'hb', now, 'worker_state', ARGV[5], 'status', ARGV[6])
 keep(tonumber(ARGV[4]))
 local result = {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')),
@@ -155,30 +158,31 @@ return {1, redis.call('ZCARD', KEYS[2])}
 """
 
 RELEASE = _PRELUDE + """
--- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). A session whose lease
--- has already expired is not held any more: it is purged, not released.
+-- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). It purges nothing else:
+-- the worker's other lapsed leases wait for its next heartbeat, which may still renew them (see HEARTBEAT).
 -- ARGV[1] session id
--- Returns {removed (0|1), used, the session's record or false, the worker's url or false}: ending a session
--- needs both, and reading them here saves a round trip.
-purge_expired()
+-- Returns {removed (0|1), used (unexpired leases), the session's record or false, the worker's url or false}:
+-- ending a session needs both, and reading them here saves a round trip.
 local record = redis.call('HGET', KEYS[4], ARGV[1])
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
-return {removed, redis.call('ZCARD', KEYS[2]), record, redis.call('HGET', KEYS[1], 'url')}
+return {removed, redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'), record, redis.call('HGET', KEYS[1], 'url')}
 """
 
 READ_SESSION = _PRELUDE + """
--- One session as the hub holds it, with its worker's liveness.
+-- One session as the hub holds it, with its worker's liveness. Read-only: a lease that lapsed while its worker
+-- lives is the worker's next heartbeat's to renew or end (see HEARTBEAT); one whose worker is gone is gone.
 -- ARGV[1] session id
 -- ARGV[2] liveness TTL (ms)
 -- Returns {record or false, 'active'|'pending'|'', worker alive (0|1), worker url or false}.
-purge_expired()
 local record = redis.call('HGET', KEYS[4], ARGV[1])
-if not record then return {false, '', 0, false} end
-local status = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 and 'active' or 'pending'
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not record or not expiry then return {false, '', 0, false} end
 local w = redis.call('HMGET', KEYS[1], 'hb', 'url')
 local alive = (w[1] and now - tonumber(w[1]) < tonumber(ARGV[2])) and 1 or 0
+if tonumber(expiry) <= now and alive == 0 then return {false, '', 0, false} end
+local status = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 and 'active' or 'pending'
 return {record, status, alive, w[2]}
 """
 

@@ -149,7 +149,7 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    held: bool  # False: the session was unknown, or its lease had expired
+    held: bool  # False: the hub did not hold the session (never, or not any more)
     used: int  # the worker's streams in use after
     record: dict[str, Any] | None  # the session as it was held
     worker_url: str

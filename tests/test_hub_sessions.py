@@ -172,6 +172,29 @@ async def test_a_stale_heartbeat_cannot_bring_back_an_ended_session(hub: httpx.A
     assert (await hub.get(f"/api/v1/sessions/{sid}")).status_code == 404
 
 
+async def test_a_session_outlives_an_outage_longer_than_its_lease(make_hub, make_worker) -> None:
+    """No heartbeat reached Redis for longer than the active lease (a Redis outage): the first heartbeat after it
+    still reports the session, so it goes on instead of being purged and stopped. A slot reused meanwhile is not
+    given back: that session is told to stop."""
+    hub = await make_hub(active_lease_s=0.4, worker_ttl_s=30)
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    kept, lost = [(await hub.post("/api/v1/sessions", json={})).json()["session_id"] for _ in range(2)]
+    await asyncio.sleep(0.6)  # both leases lapse; no script ran on the worker's slot meanwhile
+    assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200, "reading a session must not purge it"
+    store = hub.app.state.hub.store
+    await store.release("w-1", lost)  # e.g. ended by its user while heartbeats could not get through
+
+    reply = (await heartbeat(hub, "w-1", secret, [kept, lost])).json()
+    assert reply["stop_sessions"] == [lost]
+    assert reply["used_streams"] == 1
+    await asyncio.sleep(0.2)
+    reply = (await heartbeat(hub, "w-1", secret, [kept])).json()  # renewed: it counts, and it is still there
+    assert reply["used_streams"] == 1 and reply["stop_sessions"] == []
+    assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200
+
+
 async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.AsyncClient, make_worker) -> None:
     broken = await make_worker(mode="hang")
     full = await make_worker(mode="full")
