@@ -37,7 +37,7 @@ async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, SessionManager]]:
     engine = SlowStartEngine()
     await engine.start()
     manager = SessionManager(engine, max_streams=5)
-    app = create_worker_app(manager, TOKEN, {"worker_id": "w-test"})
+    app = create_worker_app(manager, TOKEN, lambda: {"worker_id": "w-test"})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
         yield client, manager
     await engine.aclose()

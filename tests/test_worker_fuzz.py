@@ -39,7 +39,7 @@ def live_worker() -> Iterator[tuple[str, SessionManager]]:
     manager = _manager()
     asyncio.run(manager.engine.start())
     port = free_port()
-    app = create_worker_app(manager, TOKEN, {"worker_id": "fuzz-worker"})
+    app = create_worker_app(manager, TOKEN, lambda: {"worker_id": "fuzz-worker"})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

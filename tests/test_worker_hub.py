@@ -156,6 +156,36 @@ async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, 
         assert await place_session(hub) in await worker_sessions(agent)
 
 
+async def test_health_says_unregistered_while_the_worker_registers_again(make_running_hub: Any, run_agent: Any,
+                                                                        redis_url: str) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+
+    async def health() -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            answer: dict[str, Any] = (await client.get(f"http://127.0.0.1:{agent.port}/health")).json()
+        return answer
+
+    before = await health()
+    assert before["registered"] is True and before["hub"] == running.url and before["worker_id"] == "w-agent"
+    gate = asyncio.Event()
+    register_once = agent.hub.register_once
+
+    async def held_back() -> Any:  # the hubs do not take the registration until the gate opens
+        await gate.wait()
+        return await register_once()
+
+    agent.hub.register_once = held_back  # type: ignore[method-assign]
+    flush(sync_redis(redis_url))  # the hub forgets the worker; the next heartbeat learns it
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await health())["registered"]:
+        assert asyncio.get_running_loop().time() < deadline, "/health kept saying registered"
+        await asyncio.sleep(0.05)
+    gate.set()
+    await wait_for(lambda: agent.hub.registrations >= 2, 5, "re-registration")
+    assert (await health())["registered"] is True
+
+
 async def test_a_refused_secret_leads_to_a_fresh_registration(make_running_hub: Any, run_agent: Any) -> None:
     running = await make_running_hub()
     agent = await run_agent(worker_settings(running))

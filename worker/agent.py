@@ -54,7 +54,6 @@ class WorkerAgent:
         self.hub: HubClient | None = None
         self.server: uvicorn.Server | None = None
         self.port = settings.port
-        self.health: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.drain_reason: str | None = None
@@ -113,9 +112,8 @@ class WorkerAgent:
         self.manager = SessionManager(self.engine, cap.max_streams)
         sock = self._bind_port()
         registration = self._registration(cap.max_streams)
-        self.health.update(worker_id=registration.worker_id, url=registration.url, region=registration.region)
         token = s.worker_token.get_secret_value()
-        app = create_worker_app(self.manager, token, self.health)
+        app = create_worker_app(self.manager, token, lambda: self.status(registration))
         self.server = _AgentServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.hub = HubClient(s.hub_urls, token, registration, self.manager, self.gpus, timeout_s=s.hub_timeout_s,
                              backoff_cap_s=s.register_backoff_cap_s, use_channel=s.heartbeat_channel)
@@ -166,8 +164,12 @@ class WorkerAgent:
     async def _register_then_heartbeat(self) -> None:
         assert self.hub is not None
         await self.hub.register()
-        self.health["registered"] = True
         await self.hub.heartbeat_loop()
+
+    def status(self, registration: WorkerRegistration) -> dict[str, Any]:
+        """Who this worker is, and whether a hub holds its registration right now (not while it registers again)."""
+        hub = self.hub.describe() if self.hub is not None else {"registered": False}
+        return {"worker_id": registration.worker_id, "url": registration.url, "region": registration.region, **hub}
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

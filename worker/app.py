@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -27,10 +27,11 @@ def _error(status: int, error: str, message: str, headers: Mapping[str, str] | N
     return JSONResponse(status_code=status, content={"error": error, "message": message}, headers=headers)
 
 
-def create_worker_app(manager: SessionManager, worker_token: str, health: dict[str, Any] | None = None) -> FastAPI:
-    """``health`` is a live dict the agent updates (worker id, registration state), shown by GET /health."""
+def create_worker_app(manager: SessionManager, worker_token: str,
+                      status: Callable[[], Mapping[str, Any]] | None = None) -> FastAPI:
+    """``status`` says what the agent knows at the moment (worker id, whether a hub holds its registration); GET
+    /health shows it with the sessions."""
     app = FastAPI(title="gpu-fleet worker", version="1.0.0")
-    status = health if health is not None else {}
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
         if not secret_matches(bearer_token(authorization), worker_token):
@@ -65,7 +66,8 @@ def create_worker_app(manager: SessionManager, worker_token: str, health: dict[s
 
     @app.get("/health")
     async def get_health() -> dict[str, Any]:
-        return {**status, "state": "draining" if manager.draining else "ready", "engine": manager.engine.name,
+        known = status() if status is not None else {}
+        return {**known, "state": "draining" if manager.draining else "ready", "engine": manager.engine.name,
                 "sessions": len(manager.sessions), "max_streams": manager.max_streams}
 
     @app.get("/metrics", response_class=PlainTextResponse)
