@@ -188,8 +188,10 @@ class FakeChatterbox:
         return FakeTensor((0.5 * np.sin(2 * np.pi * 200 * t))[None, :].astype(np.float32))
 
 
-async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: pytest.MonkeyPatch,
-                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(("setting", "gpu_seen", "device"),
+                         [("auto", True, "cuda"), ("auto", False, "cpu"), ("cuda:1", False, "cuda:1")])
+async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  setting: str, gpu_seen: bool, device: str) -> None:
     import sys
     import types
 
@@ -200,12 +202,15 @@ async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: p
     FakeChatterbox.loads = []
     monkeypatch.setitem(sys.modules, "chatterbox", types.ModuleType("chatterbox"))
     monkeypatch.setitem(sys.modules, "chatterbox.tts", types.SimpleNamespace(ChatterboxTTS=FakeChatterbox))
-    engine = VoiceEngine(VoiceSettings(tts_backend="chatterbox", tts_model_dir=tmp_path, llm_backend="canned"))
+    monkeypatch.setitem(sys.modules, "torch",  # torch at its boundary: whether it sees a CUDA device
+                        types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: gpu_seen)))
+    engine = VoiceEngine(VoiceSettings(tts_backend="chatterbox", tts_model_dir=tmp_path, llm_backend="canned",
+                                       tts_device=setting))
     await engine.start()
     assert engine.backends is not None
     tts = engine.backends.tts
     pcms = await asyncio.gather(*(tts.synthesize("one two three four") for _ in range(3)))  # three sessions
-    assert FakeChatterbox.loads == [(str(tmp_path), "cuda")]
+    assert FakeChatterbox.loads == [(str(tmp_path), device)]
     for pcm in pcms:
         assert len(pcm) == 2 * SAMPLE_RATE // 5  # 0.2 s of 24 kHz audio is 3200 samples at 16 kHz
         samples = np.frombuffer(pcm, dtype=np.int16)

@@ -45,6 +45,8 @@ class VoiceSettings(BaseSettings):
     """TTS backend: espeak-ng offline (CPU) or a Chatterbox GPU model loaded from ``tts_model_dir``."""
     tts_model_dir: Path | None = None
     """Local model folder of the GPU TTS backend."""
+    tts_device: str = "auto"
+    """Chatterbox device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N."""
     tts_voice: str = "en-us"
     """espeak-ng voice name."""
     tts_rate_wpm: int = Field(default=175, ge=80, le=450)

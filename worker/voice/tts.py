@@ -115,7 +115,7 @@ class ChatterboxTTS:
     model_mb = 6500
     per_stream_mb = 600
 
-    def __init__(self, model_dir: Path | None, device: str = "cuda") -> None:
+    def __init__(self, model_dir: Path | None, device: str = "auto") -> None:
         self.model_dir = model_dir
         self.device = device
         self._model: Any = None
@@ -135,7 +135,14 @@ class ChatterboxTTS:
             module = importlib.import_module("chatterbox.tts")
         except ImportError as exc:
             raise RuntimeError("FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package") from exc
-        self._model = module.ChatterboxTTS.from_local(str(self.model_dir), self.device)
+        self._model = module.ChatterboxTTS.from_local(str(self.model_dir), self._resolved_device())
+
+    def _resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # chatterbox's own dependency: present whenever the model loads
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def synthesize_sync(self, text: str) -> bytes:
         self.load()
@@ -150,5 +157,5 @@ class ChatterboxTTS:
 
 def build_tts(settings: VoiceSettings) -> TTS:
     if settings.tts_backend == "chatterbox":
-        return ChatterboxTTS(settings.tts_model_dir)
+        return ChatterboxTTS(settings.tts_model_dir, settings.tts_device)
     return EspeakTTS(settings.tts_voice, settings.tts_rate_wpm)
