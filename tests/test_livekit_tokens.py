@@ -10,7 +10,7 @@ import jwt
 import pytest
 from livekit import api
 
-from hub.livekit import mint_agent_token, mint_participant_token
+from hub.livekit import mint_agent_token, mint_participant_token, sign_hs256
 from hub.settings import LiveKitDeployment
 
 SECRET = "a-livekit-secret-of-at-least-32-bytes!"
@@ -72,3 +72,18 @@ def test_a_wrong_secret_does_not_verify() -> None:
     token = mint_participant_token(DEPLOYMENT, "room", "alice", 60).jwt
     with pytest.raises(jwt.InvalidSignatureError):
         api.TokenVerifier("APIkey", "another-secret-of-at-least-32-bytes-long").verify(token)
+
+
+@pytest.mark.parametrize("claims", [
+    {"sub": "alice", "video": {"room": "r", "roomJoin": True}, "exp": 1, "nbf": 0, "iss": "APIkey"},
+    {"name": "ünïcødé ✓", "n": [1, 2.5, None, False], "nested": {"a": {"b": "c"}}},
+])
+def test_signing_writes_the_bytes_jwt_encode_writes(claims: dict[str, Any]) -> None:
+    assert sign_hs256(claims, SECRET) == jwt.encode(claims, SECRET, algorithm="HS256")
+    assert sign_hs256(claims, SECRET) != jwt.encode(claims, SECRET + "x", algorithm="HS256")
+
+
+def test_a_pem_key_is_refused_as_an_hmac_secret_as_pyjwt_does() -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
+    with pytest.raises(jwt.InvalidKeyError):
+        sign_hs256({"sub": "x"}, pem)
