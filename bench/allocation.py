@@ -24,6 +24,7 @@ from bench.common import (
     PY,
     ROOT,
     Procs,
+    record_printout,
     redis_server,
     register_fleet,
     run_json,
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None)
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args()
+    if not args.quick:
+        record_printout(ROOT / "bench" / "results" / "allocation.txt")
     sizes = [int(x) for x in (args.sizes or ("100,1000" if args.quick else "100,1000,10000")).split(",")]
     duration = args.duration or (1.5 if args.quick else 15.0)
     warmup = "0.5" if args.quick else "2"

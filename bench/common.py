@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 
@@ -146,3 +146,22 @@ def pct(values: list[float], q: float) -> float:
 
 def redis_server() -> EmbeddedRedis:
     return EmbeddedRedis().start()
+
+
+class _Tee:
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def record_printout(path: Path) -> None:
+    """From now on, what the bench prints also goes to ``path``: a full run's .txt beside its JSON."""
+    sys.stdout = _Tee(sys.stdout, path.open("w", buffering=1))  # type: ignore[assignment]

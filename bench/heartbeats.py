@@ -25,6 +25,7 @@ from bench.common import (
     ROOT,
     WORKER_TOKEN,
     Procs,
+    record_printout,
     redis_server,
     register_fleet,
     run_json,
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--interval", type=float, default=3.0)
     args = ap.parse_args()
+    if not args.quick:
+        record_printout(ROOT / "bench" / "results" / "heartbeats.txt")
     n = args.workers or (1000 if args.quick else 10000)
     duration = 1.5 if args.quick else 15.0
     procs = Procs()
