@@ -131,6 +131,15 @@ class HeartbeatOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Step:
+    """One script on one worker's slot, run in a pipeline with the steps of other requests."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _Beat:
     worker_id: str
     state: str  # the state the worker reports
@@ -199,6 +208,7 @@ class FleetStore:
                                                                               name="heartbeats")
         self._board_used: GroupCommit[tuple[str, int], None] = GroupCommit(self._commit_board_used,
                                                                             name="board slots")
+        self._steps: GroupCommit[_Step, Any] = GroupCommit(self._commit_steps, name="session steps")
 
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
@@ -224,6 +234,7 @@ class FleetStore:
 
     async def close(self) -> None:
         await self._heartbeats.aclose()
+        await self._steps.aclose()
         await self._board_used.aclose()
         await self.redis.aclose()
 
@@ -266,8 +277,8 @@ class FleetStore:
         outcomes: list[HeartbeatOutcome | Exception] = []
         board: list[Any] = []
         async with self._call():
-            replies = await self._run_many(self._heartbeat, [(keys.worker_keys(b.worker_id).as_list(), b.args)
-                                                             for b in beats])
+            replies = await self._run_many([_Step(self._heartbeat, keys.worker_keys(b.worker_id).as_list(), b.args)
+                                            for b in beats])
             for beat, res in zip(beats, replies, strict=True):
                 if isinstance(res, Exception):
                     outcomes.append(res)
@@ -283,27 +294,36 @@ class FleetStore:
                 await self._publish_statuses(keys=keys.BOARD.as_list(), args=board)
         return outcomes
 
-    async def _run_many(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """``script`` once per call in one pipeline; per-call errors come back in place of results.
+    async def _run_many(self, steps: list[_Step]) -> list[Any]:
+        """The steps' scripts in one pipeline; per-step errors come back in place of results.
 
-        Loads the script when Redis lost it (a restart or failover), like redis-py does for single calls.
+        Loads a script when Redis lost it (a restart or failover), like redis-py does for single calls.
         """
-        results = await self._evalsha_pipeline(script.sha, calls)
+        results = await self._evalsha_pipeline(steps)
         missing = [i for i, res in enumerate(results) if isinstance(res, NoScriptError)]
         if missing:
-            await self.redis.script_load(script.script)
-            for i, res in zip(missing, await self._evalsha_pipeline(script.sha, [calls[i] for i in missing]),
-                              strict=True):
+            for script in {id(steps[i].script): steps[i].script for i in missing}.values():
+                await self.redis.script_load(script.script)
+            for i, res in zip(missing, await self._evalsha_pipeline([steps[i] for i in missing]), strict=True):
                 results[i] = res
         return results
 
-    async def _evalsha_pipeline(self, sha: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _evalsha_pipeline(self, steps: list[_Step]) -> list[Any]:
         pipe: Pipeline | ClusterPipeline = self.redis.pipeline(transaction=False)
-        for call_keys, args in calls:
+        for step in steps:
             # execute_command, not pipe.evalsha: redis-py blocks the helper in cluster pipelines because it cannot
             # reload a missing script there; _run_many does that itself. The cluster routes by the keys given.
-            pipe.execute_command("EVALSHA", sha, len(call_keys), *call_keys, *args)
+            pipe.execute_command("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _run_step(self, script: AsyncScript, worker_id: str, args: list[Any]) -> Any:
+        """One script on a worker's slot. Concurrent requests' steps share Redis round trips (``hub.group_commit``);
+        each script is as atomic as ever, only the trip is shared."""
+        return await self._steps.submit(_Step(script, keys.worker_keys(worker_id).as_list(), args))
+
+    async def _commit_steps(self, steps: list[_Step]) -> list[Any]:
+        async with self._call():
+            return await self._run_many(steps)
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""
@@ -337,11 +357,8 @@ class FleetStore:
 
     async def reserve(self, worker_id: str, session_id: str, record: dict[str, Any]) -> Reservation:
         s = self.settings
-        async with self._call():
-            res = await self._reserve(
-                keys=keys.worker_keys(worker_id).as_list(),
-                args=[session_id, int(s.pending_lease_s * 1000), s.ttl_ms, json.dumps(record, separators=(",", ":"))],
-            )
+        res = await self._run_step(self._reserve, worker_id, [session_id, int(s.pending_lease_s * 1000), s.ttl_ms,
+                                                              json.dumps(record, separators=(",", ":"))])
         if int(res[0]) == 1:
             out = Reservation(ok=True, reason="", used=int(res[1]), max_streams=int(res[2]), url=str(res[3]))
         else:
@@ -351,15 +368,13 @@ class FleetStore:
         return out
 
     async def confirm(self, worker_id: str, session_id: str, accepted_at_seq: int | None = None) -> bool:
-        async with self._call():
-            seq = "" if accepted_at_seq is None else accepted_at_seq
-            res = await self._confirm(keys=keys.worker_keys(worker_id).as_list(),
-                                      args=[session_id, int(self.settings.active_lease_s * 1000), seq])
+        lease_ms = int(self.settings.active_lease_s * 1000)
+        seq = "" if accepted_at_seq is None else accepted_at_seq
+        res = await self._run_step(self._confirm, worker_id, [session_id, lease_ms, seq])
         return int(res[0]) == 1
 
     async def release(self, worker_id: str, session_id: str) -> Released:
-        async with self._call():
-            res = await self._release(keys=keys.worker_keys(worker_id).as_list(), args=[session_id])
+        res = await self._run_step(self._release, worker_id, [session_id])
         out = Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
                        worker_url=str(res[3] or ""))
         await self._note_used_on_board(worker_id, out.used)

@@ -20,6 +20,8 @@ import uvicorn
 
 from hub.main import create_app
 from hub.settings import HubSettings
+from hub.store import FleetStore, connect
+from shared.models import WorkerRegistration
 from shared.redis_server import EmbeddedRedis, free_port, start_cluster
 from tests.fakes import FakeWorker
 
@@ -160,6 +162,19 @@ def registration(worker_id: str, url: str, region: str = "us-east-1", max_stream
                  **extra: Any) -> dict[str, Any]:
     return {"worker_id": worker_id, "url": url, "region": region, "max_streams": max_streams,
             "gpus": [{"name": "NVIDIA A10G", "vram_total_mb": 24576}], **extra}
+
+
+async def registered_store(redis_url: str, count: int, max_streams: int = 5) -> tuple[FleetStore, dict[str, str]]:
+    """A store of its own over ``count`` workers registered through a hub's registry (secrets by worker id)."""
+    app = create_app(hub_settings(redis_url))
+    secrets: dict[str, str] = {}
+    async with app.router.lifespan_context(app):
+        registry = app.state.hub.registry
+        for i in range(count):
+            reg = WorkerRegistration(**registration(f"w-{i:03d}", f"http://127.0.0.1:1/w{i}", max_streams=max_streams))
+            secrets[reg.worker_id] = (await registry.register(reg, None)).worker_secret
+    settings = hub_settings(redis_url)
+    return FleetStore(connect(settings, redis_url), settings), secrets
 
 
 async def register(hub: httpx.AsyncClient, worker_id: str, worker: FakeWorker, **kwargs: Any) -> dict[str, Any]:

@@ -10,18 +10,16 @@ import aiohttp
 import pytest
 
 from hub.group_commit import GroupCommit
-from hub.main import create_app
-from hub.store import FleetStore, _with_board_fields, connect
+from hub.store import _with_board_fields
 from shared import keys
 from shared.auth import digest
-from shared.models import WorkerRegistration
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
     ADMIN_AUTH,
     WORKER_AUTH,
     WORKER_TOKEN,
     RunningHub,
-    hub_settings,
+    registered_store,
     registration,
     sync_redis,
 )
@@ -89,18 +87,6 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
 
 
 # --- heartbeats through the store, on real Redis ----------------------------------------------------------------
-
-
-async def registered_store(redis_url: str, count: int) -> tuple[FleetStore, dict[str, str]]:
-    app = create_app(hub_settings(redis_url))
-    secrets: dict[str, str] = {}
-    async with app.router.lifespan_context(app):
-        registry = app.state.hub.registry
-        for i in range(count):
-            reg = WorkerRegistration(**registration(f"w-{i:03d}", f"http://127.0.0.1:1/w{i}"))
-            secrets[reg.worker_id] = (await registry.register(reg, None)).worker_secret
-    settings = hub_settings(redis_url)
-    return FleetStore(connect(settings, redis_url), settings), secrets
 
 
 async def test_a_burst_of_heartbeats_is_committed_in_few_round_trips(redis_url: str) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from shared import keys
-from tests.conftest import WORKER_AUTH, registration, sync_redis
+from tests.conftest import WORKER_AUTH, registered_store, registration, sync_redis
 from tests.harness import HubProcess, running_hubs
 
 
@@ -50,3 +51,36 @@ async def test_200_concurrent_requests_over_two_hubs_fill_exactly_100_slots(
     r = sync_redis(redis_url, decode_responses=True)
     for i in range(20):
         assert r.zcard(keys.worker_keys(f"w-{i:02d}").leases) == len(workers[i].sessions)
+
+
+async def test_concurrent_session_steps_share_round_trips_and_never_overbook(redis_url: str) -> None:
+    """Reservations, confirmations and releases of concurrent requests share pipelines; each script stays atomic,
+    so 120 reservations for 40 slots still take exactly 40, whatever batches they land in."""
+    store, _ = await registered_store(redis_url, 8, max_streams=5)
+    batches: list[int] = []
+    commit = store._commit_steps
+
+    async def counting(steps: list[Any]) -> list[Any]:
+        batches.append(len(steps))
+        return await commit(steps)
+
+    store._steps._flush = counting  # type: ignore[assignment]
+    try:
+        taken = await asyncio.gather(*(store.reserve(f"w-{n % 8:03d}", f"w-{n % 8:03d}~s{n:04d}", {"n": n})
+                                       for n in range(120)))
+        won = [(f"w-{n % 8:03d}", f"w-{n % 8:03d}~s{n:04d}") for n, t in enumerate(taken) if t.ok]
+        assert len(won) == 40 and Counter(w for w, _ in won) == dict.fromkeys((f"w-{i:03d}" for i in range(8)), 5)
+        assert {t.reason for t in taken if not t.ok} == {"full"}
+        assert len(batches) < 60, batches  # 120 steps, far fewer round trips
+
+        sync_redis(redis_url).script_flush()  # a restart or failover: every script is gone at once
+        confirmed = await asyncio.gather(*(store.confirm(w, sid) for w, sid in won[:20]))
+        released = await asyncio.gather(*(store.release(w, sid) for w, sid in won[20:]))
+        assert all(confirmed) and all(r.held for r in released)
+        retaken = await asyncio.gather(*(store.reserve(w, f"{w}~again{n}", {}) for n, (w, _) in enumerate(won[20:])))
+        assert all(t.ok for t in retaken)
+    finally:
+        await store.close()
+    r = sync_redis(redis_url, decode_responses=True)
+    assert sum(r.zcard(keys.worker_keys(f"w-{i:03d}").leases) for i in range(8)) == 40
+    assert sum(r.hlen(keys.worker_keys(f"w-{i:03d}").active) for i in range(8)) == 20
