@@ -283,7 +283,7 @@ return written
 """
 
 PUBLISH_BOARD_USED = _BOARD_CHANGES + """
--- Mirror a batch of slot counts onto the routing board in one call (reservations' and releases' group commit).
+-- Mirror a batch of slot counts onto the routing board in one call (after a batch of session steps).
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
 -- ARGV[2i+1] worker id, ARGV[2i+2] used streams, for each worker of the batch (a later pair wins)
 -- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -135,8 +135,14 @@ class _Step:
     """One script on one worker's slot, run in a pipeline with the steps of other requests."""
 
     script: AsyncScript
-    keys: list[str]
+    worker_id: str
     args: list[Any]
+    #: Reads the worker's new slot count, for the routing board, from the script's reply (None: nothing to say).
+    board_used: Callable[[Any], int | None] | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return keys.worker_keys(self.worker_id).as_list()
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +212,6 @@ class FleetStore:
         self._publish_used = client.register_script(scripts.PUBLISH_BOARD_USED)
         self._heartbeats: GroupCommit[_Beat, HeartbeatOutcome] = GroupCommit(self._commit_heartbeats,
                                                                               name="heartbeats")
-        self._board_used: GroupCommit[tuple[str, int], None] = GroupCommit(self._commit_board_used,
-                                                                            name="board slots")
         self._steps: GroupCommit[_Step, Any] = GroupCommit(self._commit_steps, name="session steps")
 
     @asynccontextmanager
@@ -235,7 +239,6 @@ class FleetStore:
     async def close(self) -> None:
         await self._heartbeats.aclose()
         await self._steps.aclose()
-        await self._board_used.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> bool:
@@ -277,8 +280,7 @@ class FleetStore:
         outcomes: list[HeartbeatOutcome | Exception] = []
         board: list[Any] = []
         async with self._call():
-            replies = await self._run_many([_Step(self._heartbeat, keys.worker_keys(b.worker_id).as_list(), b.args)
-                                            for b in beats])
+            replies = await self._run_many([_Step(self._heartbeat, b.worker_id, b.args) for b in beats])
             for beat, res in zip(beats, replies, strict=True):
                 if isinstance(res, Exception):
                     outcomes.append(res)
@@ -316,14 +318,30 @@ class FleetStore:
             pipe.execute_command("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _run_step(self, script: AsyncScript, worker_id: str, args: list[Any]) -> Any:
+    async def _run_step(self, script: AsyncScript, worker_id: str, args: list[Any],
+                        board_used: Callable[[Any], int | None] | None = None) -> Any:
         """One script on a worker's slot. Concurrent requests' steps share Redis round trips (``hub.group_commit``);
         each script is as atomic as ever, only the trip is shared."""
-        return await self._steps.submit(_Step(script, keys.worker_keys(worker_id).as_list(), args))
+        return await self._steps.submit(_Step(script, worker_id, args, board_used))
 
     async def _commit_steps(self, steps: list[_Step]) -> list[Any]:
+        """One pipeline of the steps' scripts, then one board write of the slot counts they changed."""
         async with self._call():
-            return await self._run_many(steps)
+            results = await self._run_many(steps)
+            board: list[Any] = []
+            for step, res in zip(steps, results, strict=True):
+                if step.board_used is not None and not isinstance(res, Exception):
+                    used = step.board_used(res)
+                    if used is not None:
+                        board += [step.worker_id, used]
+            if board:
+                try:
+                    await self._publish_used(keys=keys.BOARD.as_list(), args=board)
+                except _UNAVAILABLE:
+                    # Only a routing hint (the workers' own keys hold the truth, and the steps have happened): the
+                    # next heartbeat of each worker publishes its count again.
+                    log.info("could not publish %d slot counts to the board", len(board) // 2)
+        return results
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""
@@ -358,14 +376,11 @@ class FleetStore:
     async def reserve(self, worker_id: str, session_id: str, record: dict[str, Any]) -> Reservation:
         s = self.settings
         res = await self._run_step(self._reserve, worker_id, [session_id, int(s.pending_lease_s * 1000), s.ttl_ms,
-                                                              json.dumps(record, separators=(",", ":"))])
+                                                              json.dumps(record, separators=(",", ":"))],
+                                   board_used=_used_after_reserve)
         if int(res[0]) == 1:
-            out = Reservation(ok=True, reason="", used=int(res[1]), max_streams=int(res[2]), url=str(res[3]))
-        else:
-            out = Reservation(ok=False, reason=str(res[1]), used=int(res[2]), max_streams=int(res[3]))
-        if out.ok or out.reason == "full":
-            await self._note_used_on_board(worker_id, out.used)
-        return out
+            return Reservation(ok=True, reason="", used=int(res[1]), max_streams=int(res[2]), url=str(res[3]))
+        return Reservation(ok=False, reason=str(res[1]), used=int(res[2]), max_streams=int(res[3]))
 
     async def confirm(self, worker_id: str, session_id: str, accepted_at_seq: int | None = None) -> bool:
         lease_ms = int(self.settings.active_lease_s * 1000)
@@ -374,11 +389,9 @@ class FleetStore:
         return int(res[0]) == 1
 
     async def release(self, worker_id: str, session_id: str) -> Released:
-        res = await self._run_step(self._release, worker_id, [session_id])
-        out = Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
-                       worker_url=str(res[3] or ""))
-        await self._note_used_on_board(worker_id, out.used)
-        return out
+        res = await self._run_step(self._release, worker_id, [session_id], board_used=_used_after_release)
+        return Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
+                        worker_url=str(res[3] or ""))
 
     async def read_session(self, worker_id: str, session_id: str) -> StoredSession | None:
         async with self._call():
@@ -448,20 +461,6 @@ class FleetStore:
             for wid in worker_ids:
                 await self._publish_board(wid, remove=True)
 
-    async def _note_used_on_board(self, worker_id: str, used: int) -> None:
-        """Publish a worker's new slot count for every hub's mirror. Concurrent reservations and releases share
-        one script call. Only a routing hint (the worker's own keys hold the truth), so a failure is logged,
-        not raised: the step it follows has already happened."""
-        try:
-            await self._board_used.submit((worker_id, used))
-        except StoreUnavailable:
-            log.info("could not publish %s's slot count to the board; the next heartbeat will", worker_id)
-
-    async def _commit_board_used(self, batch: list[tuple[str, int]]) -> list[None]:
-        async with self._call():
-            await self._publish_used(keys=keys.BOARD.as_list(), args=[x for pair in batch for x in pair])
-        return [None] * len(batch)
-
     async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
                              remove: bool = False) -> None:
         await self._publish(keys=keys.BOARD.as_list(),
@@ -474,6 +473,17 @@ class FleetStore:
         async with self._call():
             res = await self._bucket(keys=[keys.rate_limit_bucket(client)], args=[capacity, rate_per_s])
         return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
+
+
+def _used_after_reserve(res: Any) -> int | None:
+    """RESERVE's count for the board: taken, or refused as full (the board believed there was room)."""
+    if int(res[0]) == 1:
+        return int(res[1])
+    return int(res[2]) if res[1] == "full" else None
+
+
+def _used_after_release(res: Any) -> int:
+    return int(res[1])
 
 
 def _pairs(raw: str) -> dict[str, str | None]:

@@ -84,3 +84,6 @@ async def test_concurrent_session_steps_share_round_trips_and_never_overbook(red
     r = sync_redis(redis_url, decode_responses=True)
     assert sum(r.zcard(keys.worker_keys(f"w-{i:03d}").leases) for i in range(8)) == 40
     assert sum(r.hlen(keys.worker_keys(f"w-{i:03d}").active) for i in range(8)) == 20
+    # Each batch also wrote the slot counts it changed to the routing board, the last one of each worker winning.
+    assert r.hgetall(keys.BOARD.used) == {f"w-{i:03d}": str(r.zcard(keys.worker_keys(f"w-{i:03d}").leases))
+                                          for i in range(8)}
