@@ -82,7 +82,15 @@ class Group:
 class Ranked:
     entry: Entry
     score: float
-    factors: Factors
+    km: float  # user → worker
+    nearest_km: float  # user → the nearest group with a worker that can take a session
+    policy: Policy
+
+    @property
+    def factors(self) -> Factors:
+        """What the score is made of (for an SRE's explanation; placing a session needs only the score)."""
+        e = self.entry
+        return factors(self.km, e.used, e.max_streams, e.gpu_utilization, e.latency_ms, self.policy, self.nearest_km)
 
 
 class RoutingBoard:
@@ -257,8 +265,8 @@ class RoutingBoard:
         """Best candidates first; the head is randomised among the near-best so many hubs do not herd.
 
         A member's score is its group's distance term plus its cached partial score (``Entry.partial``, what
-        ``hub.scoring.score`` adds to the distance term), so only the ``limit`` returned get their ``Factors``
-        built: the per-member work of a request is one addition.
+        ``hub.scoring.score`` adds to the distance term): the per-member work of a request is one addition, and
+        ``Factors`` are built only when an explanation asks for them.
         """
         policy = policy or self.policy
         cached = policy is self.policy
@@ -290,9 +298,7 @@ class RoutingBoard:
                 scored.append((near + partial, km, e))
                 taken += 1
         scored.sort(key=_by_score, reverse=True)
-        ranked = [Ranked(entry=e, score=s, factors=factors(km, e.used, e.max_streams, e.gpu_utilization,
-                                                              e.latency_ms, policy, nearest_km))
-                  for s, km, e in scored[:limit]]
+        ranked = [Ranked(e, s, km, nearest_km, policy) for s, km, e in scored[:limit]]
         return ranked if explain else self._two_choices(ranked)
 
     def _two_choices(self, ranked: list[Ranked]) -> list[Ranked]:
