@@ -127,6 +127,28 @@ async def test_on_the_channel_only_every_fifth_heartbeat_waits_for_an_answer(mak
         await wait_for(lambda: agent.manager.draining, 1.0, "the drain, as news")
 
 
+async def test_news_is_applied_when_it_comes_not_at_the_next_heartbeat(make_running_hub: Any, run_agent: Any) -> None:
+    """An SRE drain reaches the worker in the answer to its next heartbeat; the heartbeat after that must already
+    report draining (the answer was applied when it came, not queued for the next heartbeat to apply)."""
+    running = await make_running_hub(heartbeat_interval_s=0.5)
+    agent = await run_agent(worker_settings(running))
+    await wait_for(lambda: agent.hub.transport == "channel", 5, "the channel")
+    reported: list[str] = []
+    build = agent.hub.build_heartbeat
+
+    async def recording() -> Any:
+        beat = await build()
+        reported.append(beat.state.value)
+        return beat
+
+    agent.hub.build_heartbeat = recording  # type: ignore[method-assign]
+    async with running.client() as hub:
+        assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
+    await wait_for(lambda: agent.manager.draining, 5, "the drain")
+    await wait_for(lambda: "draining" in reported, 5, "a heartbeat reporting it")
+    assert reported.count("ready") <= 1, reported
+
+
 async def test_heartbeats_fall_back_to_post_when_the_channel_is_refused(
     make_running_hub: Any, run_agent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

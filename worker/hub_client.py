@@ -7,9 +7,9 @@ and the next heartbeat re-announces the sessions still running.
 Heartbeats go over one WebSocket kept open on the heartbeat URL (a message costs the hub a fraction of a POST);
 when it cannot be opened (an old hub, a proxy without upgrades) or drops, that heartbeat is POSTed instead and
 the channel is tried again later. On the channel only every ``ACK_EVERY``-th heartbeat, and any that reports a
-new state, asks the hub for an answer; the hub answers the others only with news (an SRE drain, sessions to stop,
-an error), which a reader task queues and the next heartbeat applies. An awaited answer that does not come in
-time means the channel is lost.
+new state, asks the hub for an answer; the hub answers the others only with news (an SRE drain, sessions to stop).
+A reader task applies every answer the moment it comes, and keeps an error or the channel's end for the next
+heartbeat to raise. An awaited answer that does not come in time means the channel is lost.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class HubClient:
         self._channel: aiohttp.ClientWebSocketResponse | None = None
         self._channel_for: tuple[str, str] | None = None  # (hub, secret) the open channel authenticated with
         self._channel_retry_at = 0.0
-        self._channel_inbox: asyncio.Queue[aiohttp.WSMessage] = asyncio.Queue()
         self._channel_reader: asyncio.Task[None] | None = None
+        self._channel_answered = asyncio.Event()  # set by the reader after each answer (or error) it takes
+        self._channel_error: Exception | None = None  # what the reader found for the next heartbeat to raise
         self._channel_beats = 0  # heartbeats sent on the open channel
         self._reported_state: WorkerState | None = None  # the state the last answered heartbeat reported
         #: How the last heartbeat went: ``channel`` or ``post``.
@@ -204,11 +205,12 @@ class HubClient:
         ack = self._channel_beats % ACK_EVERY == 0 or beat.state is not self._reported_state
         self._channel_beats += 1
         try:
-            await self._take_channel_news()
+            self._raise_channel_error()
+            self._channel_answered.clear()
             await ws.send_str(beat.model_copy(update={"ack": ack}).model_dump_json())
             if ack:
-                await self._apply(self._read_answer(await asyncio.wait_for(self._channel_inbox.get(),
-                                                                           self.timeout.total)))
+                await asyncio.wait_for(self._channel_answered.wait(), self.timeout.total)
+                self._raise_channel_error()
                 self._reported_state = beat.state
         except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             log.info("heartbeat channel lost (%r); this heartbeat goes by POST", exc)
@@ -221,17 +223,17 @@ class HubClient:
         self.transport = "channel"
         return True
 
-    async def _take_channel_news(self) -> None:
-        """Apply what the hub sent since the last heartbeat: news, a late answer, or the channel's end."""
-        while not self._channel_inbox.empty():
-            await self._apply(self._read_answer(self._channel_inbox.get_nowait()))
+    def _raise_channel_error(self) -> None:
+        error, self._channel_error = self._channel_error, None
+        if error is not None:
+            raise error
 
-    def _read_answer(self, message: aiohttp.WSMessage) -> HeartbeatReply:
+    def _read_answer(self, message: aiohttp.WSMessage, ws: aiohttp.ClientWebSocketResponse) -> HeartbeatReply:
         """A message from the hub as a reply; raises for an error answer or a closed channel."""
         if message.type is not aiohttp.WSMsgType.TEXT:
             code = message.data if message.type is aiohttp.WSMsgType.CLOSE else None
-            if code is None and self._channel is not None:
-                code = self._channel.close_code
+            if code is None:
+                code = ws.close_code
             if code == 4404:
                 raise WorkerForgotten("hub does not know this worker (channel closed 4404)")
             if code == 4403:
@@ -249,8 +251,8 @@ class HubClient:
     async def _open_channel(self, hub_url: str, secret: str) -> aiohttp.ClientWebSocketResponse | None:
         if self._channel is not None and not self._channel.closed and self._channel_for == (hub_url, secret):
             return self._channel
-        if self._channel is not None and self._channel_for == (hub_url, secret) and not self._channel_inbox.empty():
-            return self._channel  # closed, but its last words (a close code, an error) are still to be read
+        if self._channel is not None and self._channel_for == (hub_url, secret) and self._channel_error is not None:
+            return self._channel  # closed, but its last words (a close code, an error) are still to be raised
         await self._close_channel()
         if time.monotonic() < self._channel_retry_at:
             return None
@@ -265,23 +267,31 @@ class HubClient:
             return None
         self._channel_for = (hub_url, secret)
         self._channel_beats = 0
-        self._channel_inbox = asyncio.Queue()
-        self._channel_reader = asyncio.create_task(self._read_channel(self._channel, self._channel_inbox),
+        self._channel_error = None
+        self._channel_reader = asyncio.create_task(self._read_channel(self._channel),
                                                    name="heartbeat channel reader")
         return self._channel
 
-    @staticmethod
-    async def _read_channel(ws: aiohttp.ClientWebSocketResponse, inbox: asyncio.Queue[aiohttp.WSMessage]) -> None:
-        """The channel's only reader: queues every message, the closing one last."""
+    async def _read_channel(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The channel's only reader: applies each answer at once (news does not wait for the next heartbeat);
+        an error answer, or the channel's end, is kept for the heartbeat to raise."""
         while True:
             message = await ws.receive()
-            inbox.put_nowait(message)
+            try:
+                await self._apply(self._read_answer(message, ws))
+            except (_ChannelLost, WorkerForgotten, HubUnavailable) as exc:
+                self._channel_error = exc
+            except Exception as exc:  # applying went wrong here, not the channel: say so, go on
+                log.exception("applying the hub's answer failed")
+                self._channel_error = HubUnavailable(f"applying the hub's answer failed: {exc!r}")
+            self._channel_answered.set()
             if message.type is not aiohttp.WSMsgType.TEXT:
                 return
 
     async def _close_channel(self) -> None:
         channel, self._channel, self._channel_for = self._channel, None, None
         reader, self._channel_reader = self._channel_reader, None
+        self._channel_error = None
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
