@@ -2,8 +2,9 @@
 every key through KEYS, and reads time from the Redis server so all hubs share one clock.
 
 Worker keys, always in this order (see ``shared.keys.WorkerKeys``):
-  KEYS[1] info      HASH  registration, heartbeat fields, ``drain`` flag, ``secret`` digest
-  KEYS[2] leases    ZSET  session id -> lease expiry (ms); a lease counts against max_streams until it expires
+  KEYS[1] info      HASH  registration, heartbeat fields (``hb`` last sign of life, ``renewed`` last heartbeat),
+                          ``drain`` flag, ``secret`` digest
+  KEYS[2] leases    ZSET  session id -> lease expiry (ms); a lease counts against max_streams until it is dropped
   KEYS[3] active    HASH  session id -> confirmed-at (ms); a lease without an entry here is pending
   KEYS[4] sessions  HASH  session id -> session record (JSON)
 """
@@ -11,16 +12,26 @@ Worker keys, always in this order (see ``shared.keys.WorkerKeys``):
 from __future__ import annotations
 
 # Shared prelude: the Redis clock, and dropping leases whose time has passed (with their records).
+#
+# A lease is dropped only once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
+# ``purge_expired(judged_up_to())`` elsewhere. One that lapsed since the worker's last heartbeat is the next
+# heartbeat's to renew or drop: it may have lapsed only because no heartbeat could reach Redis (an outage longer
+# than the lease). A dead worker's leases count for nothing (it is out of routing, listings skip expired leases)
+# and go with its keys.
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function purge_expired()
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+local function purge_expired(upto)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto)
   for _, sid in ipairs(gone) do
     redis.call('HDEL', KEYS[3], sid)
     redis.call('HDEL', KEYS[4], sid)
   end
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', upto) end
+end
+-- When the worker's last heartbeat ran (its ``renewed`` field; a registration is not a heartbeat).
+local function judged_up_to()
+  return math.min(now, tonumber(redis.call('HGET', KEYS[1], 'renewed') or 0))
 end
 local function effective_state()
   local st = redis.call('HMGET', KEYS[1], 'drain', 'worker_state')
@@ -58,7 +69,7 @@ local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'secret', ARGV[2], 'hb', now, 'registered_at', now, 'worker_state', 'ready',
            unpack(fields))
-purge_expired()
+purge_expired(judged_up_to())
 keep(tonumber(ARGV[4]))
 return {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')), effective_state(),
         now}
@@ -110,8 +121,8 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     end
   end
 end
-purge_expired()
-redis.call('HSET', KEYS[1], 'hb', now, 'worker_state', ARGV[5], 'status', ARGV[6])
+purge_expired(now)
+redis.call('HSET', KEYS[1], 'hb', now, 'renewed', now, 'worker_state', ARGV[5], 'status', ARGV[6])
 keep(tonumber(ARGV[4]))
 local result = {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')),
                 effective_state(), now}
@@ -131,7 +142,7 @@ local w = redis.call('HMGET', KEYS[1], 'hb', 'max_streams', 'url')
 if not w[1] then return {0, 'unknown', 0, 0} end
 if now - tonumber(w[1]) >= tonumber(ARGV[3]) then return {0, 'stale', 0, tonumber(w[2])} end
 if effective_state() ~= 'ready' then return {0, 'draining', 0, tonumber(w[2])} end
-purge_expired()
+purge_expired(judged_up_to())
 local used = redis.call('ZCARD', KEYS[2])
 if used >= tonumber(w[2]) then return {0, 'full', used, tonumber(w[2])} end
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, 'exists', used, tonumber(w[2])} end
@@ -146,10 +157,10 @@ CONFIRM = _PRELUDE + """
 -- ARGV[1] session id
 -- ARGV[2] active lease duration (ms), renewed by every heartbeat that reports the session
 -- ARGV[3] the worker's accepted_at_seq ('' when it does not number its heartbeats)
--- Returns {1, used} or {0, used} when the pending lease had already expired.
+-- Returns {1, used} or {0, used} when the pending lease is gone or has expired (the caller releases it).
 -- The active hash holds '<confirmed at ms>' or '<confirmed at ms>:<accepted_at_seq>'.
-purge_expired()
-if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, redis.call('ZCARD', KEYS[2])} end
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not expiry or tonumber(expiry) <= now then return {0, redis.call('ZCARD', KEYS[2])} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 if ARGV[3] == '' then redis.call('HSETNX', KEYS[3], ARGV[1], now)
 else redis.call('HSETNX', KEYS[3], ARGV[1], now .. ':' .. ARGV[3]) end

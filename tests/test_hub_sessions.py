@@ -9,7 +9,7 @@ import pytest
 from livekit import api
 
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
-from tests.conftest import ADMIN_AUTH, heartbeat, refresh, register
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration
 
 
 async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: httpx.AsyncClient, make_worker) -> None:
@@ -119,7 +119,8 @@ async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.Asyn
 
 
 async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_worker) -> None:
-    """A hub that dies between reserve and confirm leaves a pending lease: it must return on its own."""
+    """A hub that dies between reserve and confirm leaves a pending lease: it must return on its own, at the
+    worker's first heartbeat after it lapsed (that heartbeat does not report it)."""
     worker = await make_worker(max_streams=1)
     reg = await register(hub, "w-1", worker)
     store = hub.app.state.hub.store
@@ -129,8 +130,8 @@ async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_
     assert not refused.ok and refused.reason == "full"
     assert await store.redis.pttl("fleet:{w:w-1}:leases") > 0  # even the lease set cannot outlive the worker
     for _ in range(6):  # pending_lease_s = 2.5; the worker stays alive and does not report the session
-        await heartbeat(hub, "w-1", reg["worker_secret"], [])
         await asyncio.sleep(0.45)
+        await heartbeat(hub, "w-1", reg["worker_secret"], [])
     assert (await store.reserve("w-1", "w-1~otherlease12", {"worker_id": "w-1"})).ok
 
 
@@ -173,25 +174,32 @@ async def test_a_stale_heartbeat_cannot_bring_back_an_ended_session(hub: httpx.A
 
 
 async def test_a_session_outlives_an_outage_longer_than_its_lease(make_hub, make_worker) -> None:
-    """No heartbeat reached Redis for longer than the active lease (a Redis outage): the first heartbeat after it
-    still reports the session, so it goes on instead of being purged and stopped. A slot reused meanwhile is not
-    given back: that session is told to stop."""
+    """No heartbeat reached Redis for longer than the active lease (a Redis outage). Until the worker's next
+    heartbeat has its say, nothing drops the lapsed leases: not a read, not a re-registration (a worker with
+    several hub URLs tries one), not a reservation. That heartbeat still reports the session, so it goes on; a
+    session ended meanwhile is told to stop."""
     hub = await make_hub(active_lease_s=0.4, worker_ttl_s=30)
-    worker = await make_worker(max_streams=2)
+    worker = await make_worker(max_streams=3)
     secret = (await register(hub, "w-1", worker))["worker_secret"]
     await refresh(hub)
     kept, lost = [(await hub.post("/api/v1/sessions", json={})).json()["session_id"] for _ in range(2)]
-    await asyncio.sleep(0.6)  # both leases lapse; no script ran on the worker's slot meanwhile
-    assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200, "reading a session must not purge it"
+    await asyncio.sleep(0.6)  # both leases lapse; no heartbeat ran meanwhile
+    assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200, "reading a session must not drop it"
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url, max_streams=3),
+                           headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+    assert again.status_code == 200
+    secret = again.json()["worker_secret"]
     store = hub.app.state.hub.store
+    newcomer = await store.reserve("w-1", "w-1~newcomer12345", {"worker_id": "w-1"})
+    assert newcomer.ok and newcomer.used == 3, "the lapsed leases still count until a heartbeat judges them"
     await store.release("w-1", lost)  # e.g. ended by its user while heartbeats could not get through
 
     reply = (await heartbeat(hub, "w-1", secret, [kept, lost])).json()
     assert reply["stop_sessions"] == [lost]
-    assert reply["used_streams"] == 1
+    assert reply["used_streams"] == 2  # kept, renewed, and the newcomer's pending lease
     await asyncio.sleep(0.2)
-    reply = (await heartbeat(hub, "w-1", secret, [kept])).json()  # renewed: it counts, and it is still there
-    assert reply["used_streams"] == 1 and reply["stop_sessions"] == []
+    reply = (await heartbeat(hub, "w-1", secret, [kept, "w-1~newcomer12345"])).json()
+    assert reply["used_streams"] == 2 and reply["stop_sessions"] == []
     assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200
 
 
