@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -402,11 +402,13 @@ class FleetStore:
         return StoredSession(record=json.loads(res[0]), status=str(res[1]), worker_alive=int(res[2]) == 1,
                              worker_url=str(res[3] or ""))
 
-    async def sessions_of(self, worker_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    async def sessions_of(self, worker_ids: list[str],
+                          alive: Collection[str] = ()) -> dict[str, dict[str, dict[str, Any]]]:
         """worker id -> session id -> record with its status; an SRE listing, pipelined.
 
-        Only sessions whose lease is live count: a dead worker's records stay until a script on its slot purges
-        them, and none runs once it stopped heartbeating.
+        A worker in ``alive`` shows every lease it holds (one that lapsed is its next heartbeat's to renew or
+        drop). Another shows only leases that have not lapsed: a dead worker's records stay until its keys
+        expire, as no heartbeat comes to drop them.
         """
         out: dict[str, dict[str, dict[str, Any]]] = {}
         async with self._call():
@@ -419,7 +421,7 @@ class FleetStore:
                     wk = keys.worker_keys(wid)
                     pipe.hgetall(wk.sessions)
                     pipe.hkeys(wk.active)
-                    pipe.zrangebyscore(wk.leases, f"({now_ms}", "+inf")
+                    pipe.zrangebyscore(wk.leases, "-inf" if wid in alive else f"({now_ms}", "+inf")
                 results = await pipe.execute()
                 for i, wid in enumerate(chunk):
                     records, active, live = results[3 * i], set(results[3 * i + 1]), set(results[3 * i + 2])

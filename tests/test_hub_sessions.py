@@ -185,6 +185,8 @@ async def test_a_session_outlives_an_outage_longer_than_its_lease(make_hub, make
     kept, lost = [(await hub.post("/api/v1/sessions", json={})).json()["session_id"] for _ in range(2)]
     await asyncio.sleep(0.6)  # both leases lapse; no heartbeat ran meanwhile
     assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200, "reading a session must not drop it"
+    listed = (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()["sessions"]
+    assert {s["session_id"] for s in listed} == {kept, lost}, "an SRE still sees what the worker may be running"
     again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url, max_streams=3),
                            headers={**WORKER_AUTH, "X-Worker-Secret": secret})
     assert again.status_code == 200
