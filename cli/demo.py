@@ -53,14 +53,26 @@ def _spawn(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Po
                             start_new_session=True)
 
 
-def _wait_ready(url: str, timeout_s: float = 30.0) -> None:
+class DemoFailed(Exception):
+    """A part of the fleet did not start; the message says which and why."""
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc.poll() is not None:  # e.g. its port is taken: say so now, not after the timeout
+            raise DemoFailed(f"{url} exited with code {proc.returncode} while starting: {_tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=0.5).status_code == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not become ready within {timeout_s}s")
+    raise DemoFailed(f"{url} did not become ready within {timeout_s}s: {_tail(log_path)}")
+
+
+def _tail(log_path: str, lines: int = 3) -> str:
+    with contextlib.suppress(OSError), open(log_path, errors="replace") as log:
+        return " | ".join(line.strip() for line in log.readlines()[-lines:]) or "(empty log)"
+    return "(no log)"
 
 
 def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float,
@@ -78,8 +90,8 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
         hub_urls = [f"http://127.0.0.1:{hub_port + i}" for i in range(2)]
         for i in range(len(hub_urls)):
             fleet.hubs.append(_spawn(["hub", "--port", str(hub_port + i)], env, f"{log_dir}/hub-{i}.log"))
-        for url in hub_urls:
-            _wait_ready(f"{url}/ready")
+        for i, (url, hub) in enumerate(zip(hub_urls, fleet.hubs, strict=True)):
+            _wait_ready(f"{url}/ready", hub, f"{log_dir}/hub-{i}.log")
         for i in range(workers):
             region, gpu = regions[i % len(regions)], GPUS[(i // len(regions)) % len(GPUS)]
             worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}",

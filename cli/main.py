@@ -81,10 +81,14 @@ def demo(
     log_dir: str = typer.Option(".fleet/demo-logs", help="Where hub and worker logs go."),
 ) -> None:
     """A whole local fleet in one command: embedded Redis, two hubs, workers in three regions, synthetic users."""
-    from cli.demo import run_demo
+    from cli.demo import DemoFailed, run_demo
 
-    code = run_demo(workers, [r.strip() for r in regions.split(",") if r.strip()], hub_port, worker_port,
-                    users_per_min, mean_session_s, duration, log_dir)
+    try:
+        code = run_demo(workers, [r.strip() for r in regions.split(",") if r.strip()], hub_port, worker_port,
+                        users_per_min, mean_session_s, duration, log_dir)
+    except DemoFailed as exc:
+        typer.echo(f"fleet demo: {exc}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 

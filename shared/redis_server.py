@@ -45,6 +45,17 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports, below the kernel's ephemeral range (so no port the kernel
+    hands out meanwhile, e.g. to a redis-server started on ``free_port()``, can land inside the run)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 30000 - count)
+        if all(_port_is_free(port + i) for i in range(count)):
+            return port
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def free_cluster_port() -> int:
     """A port whose cluster bus port (port + 10000) is free too and still a valid port."""
     rng = random.Random()
