@@ -28,6 +28,7 @@ from redis.exceptions import (
     MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import (
@@ -53,6 +54,19 @@ _UNAVAILABLE = (
     RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, MasterDownError,
     ReadOnlyError, TryAgainError, MaxConnectionsError, OSError,
 )
+#: Error replies that say the store cannot serve right now rather than that the call was wrong. redis-py maps them
+#: to the classes above for a plain command, but when a script's write meets one (a failover's READONLY), the reply
+#: comes back as "Error running script ... -READONLY ...", a plain ResponseError.
+_UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM")
+
+
+def _store_cannot_serve(exc: BaseException) -> bool:
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        return text.startswith(_UNAVAILABLE_REPLIES) or any(f"-{reply} " in text for reply in _UNAVAILABLE_REPLIES)
+    return False
 
 
 def connect(settings: HubSettings, url: str) -> Client:
@@ -110,8 +124,16 @@ def _hiredis_packing(cls: type[_Conn]) -> type[_Conn]:
 async def unavailable_as_domain_error() -> AsyncIterator[None]:
     try:
         yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable("the shared store is unreachable") from exc
+    except Exception as exc:
+        if not _store_cannot_serve(exc):
+            raise
+        raise _as_domain_error(exc) from exc
+
+
+def _as_domain_error(exc: BaseException) -> StoreUnavailable:
+    error = StoreUnavailable("the shared store is unreachable")
+    error.__cause__ = exc
+    return error
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,14 +330,18 @@ class FleetStore:
                 await self.redis.script_load(script.script)
             for i, res in zip(missing, await self._evalsha_pipeline([steps[i] for i in missing]), strict=True):
                 results[i] = res
-        return results
+        # A step's own error reply can say the store is not usable right now (LOADING after a restart, READONLY
+        # during a failover): that is the same clean 503 a failed round trip gives, not a server error.
+        return [_as_domain_error(res) if isinstance(res, Exception) and _store_cannot_serve(res) else res
+                for res in results]
 
     async def _evalsha_pipeline(self, steps: list[_Step]) -> list[Any]:
         pipe: Pipeline | ClusterPipeline = self.redis.pipeline(transaction=False)
         for step in steps:
             # execute_command, not pipe.evalsha: redis-py blocks the helper in cluster pipelines because it cannot
             # reload a missing script there; _run_many does that itself. The cluster routes by the keys given.
-            pipe.execute_command("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+            step_keys = step.keys
+            pipe.execute_command("EVALSHA", step.script.sha, len(step_keys), *step_keys, *step.args)
         return list(await pipe.execute(raise_on_error=False))
 
     async def _run_step(self, script: AsyncScript, worker_id: str, args: list[Any],
@@ -337,7 +363,9 @@ class FleetStore:
             if board:
                 try:
                     await self._publish_used(keys=keys.BOARD.as_list(), args=board)
-                except _UNAVAILABLE:
+                except Exception as exc:
+                    if not _store_cannot_serve(exc):
+                        raise
                     # Only a routing hint (the workers' own keys hold the truth, and the steps have happened): the
                     # next heartbeat of each worker publishes its count again.
                     log.info("could not publish %d slot counts to the board", len(board) // 2)

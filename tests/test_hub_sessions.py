@@ -6,9 +6,11 @@ import asyncio
 
 import httpx
 import pytest
+import redis
 from livekit import api
 
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
+from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration
 
 
@@ -239,6 +241,29 @@ async def test_redis_down_answers_503_and_recovers(hub: httpx.AsyncClient, make_
     assert (await hub.get("/ready")).status_code == 200
     await register(hub, "w-1", worker)
     await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+
+
+@pytest.mark.standalone_redis
+async def test_a_read_only_store_answers_503_and_a_writable_one_serves_again(hub: httpx.AsyncClient, make_worker,
+                                                                           redis_server) -> None:
+    """Mid-failover the old primary refuses writes (READONLY) per command, inside the pipeline that session steps
+    share: that is a clean 503, not a server error."""
+    worker = await make_worker()
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    admin = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a primary that never answers
+    try:
+        refused = await hub.post("/api/v1/sessions", json={})
+        assert refused.status_code == 503 and refused.json()["error"] == "store_unavailable", refused.text
+        assert "Retry-After" in refused.headers and worker.sessions == {}
+        beat = await heartbeat(hub, "w-1", secret, [])
+        assert beat.status_code == 503 and beat.json()["error"] == "store_unavailable", beat.text
+        again = await hub.post("/api/v1/workers", json=registration("w-2", worker.url), headers=WORKER_AUTH)
+        assert again.status_code == 503 and again.json()["error"] == "store_unavailable", again.text
+    finally:
+        admin.execute_command("REPLICAOF", "NO", "ONE")
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
 
 
