@@ -274,35 +274,19 @@ if ARGV[3] ~= '' or ARGV[4] ~= '' then note_change(ARGV[1]) end
 return 1
 """
 
-PUBLISH_BOARD_STATUS = _BOARD_CHANGES + """
--- Mirror a batch of heartbeats onto the routing board in one call (the heartbeats' group commit).
+PUBLISH_BOARD_BATCH = _BOARD_CHANGES + """
+-- Mirror a batch of workers' figures onto the routing board in one call: a batch of heartbeats (status and slot
+-- count), or the slot counts a batch of session steps changed (status '': the status view is left as it is).
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
--- ARGV[3i+1] worker id, ARGV[3i+2] status JSON, ARGV[3i+3] used streams, for each worker of the batch
+-- ARGV[3i+1] worker id, ARGV[3i+2] status JSON or '', ARGV[3i+3] used streams, for each worker of the batch (a
+-- later triple wins)
 -- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
 -- Returns how many workers were written.
 local written = 0
 for i = 1, #ARGV, 3 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
-    note_change(ARGV[i])
-    written = written + 1
-  end
-end
-trim_changes()
-return written
-"""
-
-PUBLISH_BOARD_USED = _BOARD_CHANGES + """
--- Mirror a batch of slot counts onto the routing board in one call (after a batch of session steps).
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
--- ARGV[2i+1] worker id, ARGV[2i+2] used streams, for each worker of the batch (a later pair wins)
--- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
--- Returns how many workers were written.
-local written = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
     note_change(ARGV[i])
     written = written + 1
   end

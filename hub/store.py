@@ -230,8 +230,7 @@ class FleetStore:
         self._publish = client.register_script(scripts.PUBLISH_BOARD)
         self._bucket = client.register_script(scripts.RATE_LIMIT_BUCKET)
         self._read_board = client.register_script(scripts.READ_BOARD)
-        self._publish_statuses = client.register_script(scripts.PUBLISH_BOARD_STATUS)
-        self._publish_used = client.register_script(scripts.PUBLISH_BOARD_USED)
+        self._publish_batch = client.register_script(scripts.PUBLISH_BOARD_BATCH)
         self._heartbeats: GroupCommit[_Beat, HeartbeatOutcome] = GroupCommit(self._commit_heartbeats,
                                                                               name="heartbeats")
         self._steps: GroupCommit[_Step, Any] = GroupCommit(self._commit_steps, name="session steps")
@@ -315,7 +314,7 @@ class FleetStore:
                     drain = out.state == "draining" and beat.state == "ready"
                     board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used]
             if board:
-                await self._publish_statuses(keys=keys.BOARD.as_list(), args=board)
+                await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
         return outcomes
 
     async def _run_many(self, steps: list[_Step]) -> list[Any]:
@@ -359,16 +358,16 @@ class FleetStore:
                 if step.board_used is not None and not isinstance(res, Exception):
                     used = step.board_used(res)
                     if used is not None:
-                        board += [step.worker_id, used]
+                        board += [step.worker_id, "", used]  # '': the status view stays
             if board:
                 try:
-                    await self._publish_used(keys=keys.BOARD.as_list(), args=board)
+                    await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
                 except Exception as exc:
                     if not _store_cannot_serve(exc):
                         raise
                     # Only a routing hint (the workers' own keys hold the truth, and the steps have happened): the
                     # next heartbeat of each worker publishes its count again.
-                    log.info("could not publish %d slot counts to the board", len(board) // 2)
+                    log.info("could not publish %d slot counts to the board", len(board) // 3)
         return results
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:

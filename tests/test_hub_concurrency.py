@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -87,3 +88,4 @@ async def test_concurrent_session_steps_share_round_trips_and_never_overbook(red
     # Each batch also wrote the slot counts it changed to the routing board, the last one of each worker winning.
     assert r.hgetall(keys.BOARD.used) == {f"w-{i:03d}": str(r.zcard(keys.worker_keys(f"w-{i:03d}").leases))
                                           for i in range(8)}
+    assert all(json.loads(v)["state"] == "ready" for v in r.hgetall(keys.BOARD.status).values()), "status kept"
