@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -48,22 +49,22 @@ def _port_is_free(port: int) -> bool:
 def free_port_run(count: int) -> int:
     """The first of ``count`` consecutive free ports, below the kernel's ephemeral range (so no port the kernel
     hands out meanwhile, e.g. to a redis-server started on ``free_port()``, can land inside the run)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(20000, 30000 - count)
-        if all(_port_is_free(port + i) for i in range(count)):
-            return port
-    raise RuntimeError(f"no {count} consecutive free ports")
+    return _random_free_port(range(count), highest=30000 - count)
 
 
 def free_cluster_port() -> int:
     """A port whose cluster bus port (port + 10000) is free too and still a valid port."""
+    return _random_free_port((0, 10000), highest=29999)
+
+
+def _random_free_port(offsets: Sequence[int], highest: int) -> int:
+    """A port in 20000..``highest`` such that ``port + offset`` is free for every offset."""
     rng = random.Random()
     for _ in range(200):
-        port = rng.randint(20000, 29999)
-        if _port_is_free(port) and _port_is_free(port + 10000):
+        port = rng.randint(20000, highest)
+        if all(_port_is_free(port + offset) for offset in offsets):
             return port
-    raise RuntimeError("no free port pair for a cluster node")
+    raise RuntimeError(f"no free ports at offsets {list(offsets)}")
 
 
 class EmbeddedRedis:
