@@ -172,13 +172,14 @@ RELEASE = _PRELUDE + """
 -- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). It purges nothing else:
 -- the worker's other lapsed leases wait for its next heartbeat, which may still renew them (see HEARTBEAT).
 -- ARGV[1] session id
--- Returns {removed (0|1), used (unexpired leases), the session's record or false, the worker's url or false}:
--- ending a session needs both, and reading them here saves a round trip.
+-- Returns {removed (0|1), used, the session's record or false, the worker's url or false}: ending a session needs
+-- the last two, and reading them here saves a round trip. ``used`` counts every lease not yet dropped, as RESERVE
+-- does, so the board believes what the next reservation will enforce.
 local record = redis.call('HGET', KEYS[4], ARGV[1])
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
-return {removed, redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'), record, redis.call('HGET', KEYS[1], 'url')}
+return {removed, redis.call('ZCARD', KEYS[2]), record, redis.call('HGET', KEYS[1], 'url')}
 """
 
 READ_SESSION = _PRELUDE + """

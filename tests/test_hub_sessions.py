@@ -196,7 +196,8 @@ async def test_a_session_outlives_an_outage_longer_than_its_lease(make_hub, make
     store = hub.app.state.hub.store
     newcomer = await store.reserve("w-1", "w-1~newcomer12345", {"worker_id": "w-1"})
     assert newcomer.ok and newcomer.used == 3, "the lapsed leases still count until a heartbeat judges them"
-    await store.release("w-1", lost)  # e.g. ended by its user while heartbeats could not get through
+    released = await store.release("w-1", lost)  # e.g. ended by its user while heartbeats could not get through
+    assert released.held and released.used == 2, "the board hears the count the next reservation enforces"
 
     reply = (await heartbeat(hub, "w-1", secret, [kept, lost])).json()
     assert reply["stop_sessions"] == [lost]
