@@ -7,10 +7,12 @@ outage that must not disturb running sessions, SIGTERM draining in a real proces
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -128,25 +130,24 @@ async def test_on_the_channel_only_every_fifth_heartbeat_waits_for_an_answer(mak
 
 
 async def test_news_is_applied_when_it_comes_not_at_the_next_heartbeat(make_running_hub: Any, run_agent: Any) -> None:
-    """An SRE drain reaches the worker in the answer to its next heartbeat; the heartbeat after that must already
-    report draining (the answer was applied when it came, not queued for the next heartbeat to apply)."""
+    """An SRE drain reaches the worker in the answer to its next heartbeat; by the heartbeat after that the worker
+    must already refuse sessions (the answer was applied when it came, not queued for the next heartbeat)."""
     running = await make_running_hub(heartbeat_interval_s=0.5)
     agent = await run_agent(worker_settings(running))
     await wait_for(lambda: agent.hub.transport == "channel", 5, "the channel")
-    reported: list[str] = []
+    refusing: list[bool] = []  # at each heartbeat built
     build = agent.hub.build_heartbeat
 
     async def recording() -> Any:
-        beat = await build()
-        reported.append(beat.state.value)
-        return beat
+        refusing.append(agent.manager.draining)
+        return await build()
 
     agent.hub.build_heartbeat = recording  # type: ignore[method-assign]
     async with running.client() as hub:
         assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
     await wait_for(lambda: agent.manager.draining, 5, "the drain")
-    await wait_for(lambda: "draining" in reported, 5, "a heartbeat reporting it")
-    assert reported.count("ready") <= 1, reported
+    await wait_for(lambda: True in refusing, 5, "a heartbeat built while draining")
+    assert refusing.count(False) <= 1, refusing
 
 
 async def test_heartbeats_fall_back_to_post_when_the_channel_is_refused(
@@ -162,6 +163,48 @@ async def test_heartbeats_fall_back_to_post_when_the_channel_is_refused(
     assert agent.hub.transport == "post" and agent.manager.metrics.heartbeats.labels("failed")._value.get() == 0
     async with running.client() as hub:
         assert await place_session(hub) in await worker_sessions(agent)
+
+
+async def test_a_refused_upgrade_never_puts_the_worker_token_or_secret_in_the_logs(
+    make_running_hub: Any, run_agent: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's handshake error carries the request's headers in its repr: the bearer token and the secret."""
+    from aiohttp.client_reqrep import RequestInfo
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    async def refuse(self: Any, url: str, *, headers: dict[str, str], **kwargs: Any) -> None:
+        info = RequestInfo(URL(url), "GET", CIMultiDictProxy(CIMultiDict(headers)), URL(url))
+        raise aiohttp.WSServerHandshakeError(info, (), status=403, message="Invalid response status")
+
+    monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", refuse)
+    caplog.set_level("DEBUG")
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    await wait_for(lambda: agent.manager.metrics.heartbeats.labels("ok")._value.get() >= 1, 5, "a heartbeat")
+    assert "heartbeat channel unavailable" in caplog.text
+    assert WORKER_TOKEN not in caplog.text and agent.hub.secret and agent.hub.secret not in caplog.text
+
+
+async def test_an_unexpected_heartbeat_failure_does_not_stop_the_heartbeats(make_running_hub: Any,
+                                                                            run_agent: Any) -> None:
+    running = await make_running_hub(heartbeat_interval_s=0.2)
+    agent = await run_agent(worker_settings(running))
+    build = agent.hub.build_heartbeat
+    failures = 2
+
+    async def broken_probe() -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ValueError("cannot convert float NaN to integer")  # e.g. a GPU probe's bad reading
+        return await build()
+
+    agent.hub.build_heartbeat = broken_probe  # type: ignore[method-assign]
+    ok = agent.manager.metrics.heartbeats.labels("ok")
+    start = ok._value.get()
+    await wait_for(lambda: ok._value.get() >= start + 2, 5, "heartbeats after the failures")
+    assert failures == 0 and agent.manager.metrics.heartbeats.labels("failed")._value.get() >= 2
 
 
 async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, run_agent: Any,
@@ -237,12 +280,19 @@ async def test_hub_outage_keeps_sessions_and_the_worker_comes_back(make_running_
     assert await worker_sessions(agent) == [sid]
 
 
-async def test_sre_drain_through_the_hub_reaches_the_worker(make_running_hub: Any, run_agent: Any) -> None:
-    running = await make_running_hub()
+async def test_sre_drain_and_resume_through_the_hub_reach_the_worker(make_running_hub: Any, run_agent: Any) -> None:
+    running = await make_running_hub(heartbeat_interval_s=0.3)
     agent = await run_agent(worker_settings(running))
     async with running.client() as hub:
         assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
-    await wait_for(lambda: agent.manager.draining, 5, "the worker to learn it is draining")
+        await wait_for(lambda: agent.manager.draining, 5, "the worker to learn it is draining")
+        await asyncio.sleep(1.0)  # heartbeats go on while drained; none may pin the hub's state at draining
+        assert (await hub.post("/api/v1/workers/w-agent/resume", headers=ADMIN_AUTH)).json()["state"] == "ready"
+        await wait_for(lambda: not agent.manager.draining, 5, "the worker to learn it may take sessions again")
+        await asyncio.sleep(1.0)
+        view = await worker_view(hub)
+        assert view and view["state"] == "ready" and not view["drain_requested"]
+        assert await place_session(hub) in await worker_sessions(agent)
 
 
 async def test_sigterm_drains_deregisters_and_exits_zero(make_running_hub: Any) -> None:
@@ -332,14 +382,16 @@ async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any,
     import worker.agent
 
     monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
-    meta = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
+    meta: dict[str, str | bytes] = {"instance-id": "i-0spot", "placement/region": "us-east-1",
+                                    "local-ipv4": "127.0.0.1"}
 
     async def token(_: web.Request) -> web.Response:
         return web.Response(text="t")
 
     async def get(request: web.Request) -> web.Response:
         value = meta.get(request.match_info["path"])
-        return web.Response(text=value) if value else web.Response(status=404)
+        return web.Response(body=value.encode() if isinstance(value, str) else value) if value else \
+            web.Response(status=404)
 
     app = web.Application()
     app.router.add_put("/latest/api/token", token)
@@ -350,14 +402,26 @@ async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any,
     await web.TCPSite(runner, "127.0.0.1", imds_port).start()
     try:
         running = await make_running_hub()
-        settings = worker_settings(running, worker_id=None, imds_url=f"http://127.0.0.1:{imds_port}")
+        # The configured drain would wait a minute for sessions; the notice leaves two (here: 2 s past the margin).
+        settings = worker_settings(running, worker_id=None, imds_url=f"http://127.0.0.1:{imds_port}",
+                                   drain_timeout_s=60)
         agent = WorkerAgent(settings, install_signals=False)
         task = asyncio.create_task(agent.run())
         await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
         assert agent.hub.worker_id == "i-0spot", "on EC2 the instance id is the worker id"
-        meta["spot/instance-action"] = '{"action": "terminate", "time": "2026-11-23T11:00:00Z"}'
+        async with running.client() as hub:
+            await place_session(hub)
+        meta["spot/instance-action"] = b"\xff\xfe not text"  # one bad answer must not end the watch
+        await asyncio.sleep(0.3)
+        assert not task.done() and agent.drain_reason is None
+        deadline = datetime.now(UTC) + timedelta(seconds=worker.agent.SPOT_MARGIN_S + 2)
+        meta["spot/instance-action"] = json.dumps({"action": "terminate",
+                                                   "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        started = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(task, 10) == 0
+        assert asyncio.get_running_loop().time() - started < 8, "the drain ends before the instance does"
         assert agent.drain_reason and "spot" in agent.drain_reason
+        assert agent.manager.sessions == {}, "what still ran was stopped"
         async with running.client() as hub:
             assert await worker_view(hub, "i-0spot") is None
     finally:

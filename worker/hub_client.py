@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -78,10 +77,9 @@ class HubClient:
         self._channel_error: Exception | None = None  # what the reader found for the next heartbeat to raise
         self._channel_beats = 0  # heartbeats sent on the open channel
         self._reported_state: WorkerState | None = None  # the state the last answered heartbeat reported
+        self._beating = asyncio.Lock()
         #: How the last heartbeat went: ``channel`` or ``post``.
         self.transport = "post"
-        #: Called with the hub's state on each reply (the agent reacts to a drain an SRE requested).
-        self.on_state: Callable[[WorkerState], None] | None = None
         psutil.cpu_percent(None)  # prime: the first non-blocking reading is otherwise meaningless
 
     @property
@@ -135,7 +133,7 @@ class HubClient:
                     elif resp.status in (401, 422):
                         log.error("hub %s refused the registration (%s): %s", url, resp.status, payload)
             except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
-                last = f"{url}: {type(exc).__name__}: {exc}"
+                last = f"{url}: {_describe(exc)}"
         raise HubUnavailable(last)
 
     async def register(self) -> RegistrationAccepted:
@@ -166,17 +164,21 @@ class HubClient:
             vram_used_mb=max(0, vram),
             latency_ms=min(3_600_000.0, max(0.0, stats.latency_ms)),
             error_rate=min(1.0, max(0.0, stats.error_rate)),
-            state=WorkerState.DRAINING if self.manager.draining else WorkerState.READY,
+            # Only the worker's own drain: one an SRE asked for is the hub's to lift (a resume), and a heartbeat
+            # reporting it would hold the hub's state at draining for good.
+            state=WorkerState.DRAINING if self.manager.leaving else WorkerState.READY,
         )
 
     async def heartbeat_once(self) -> None:
-        """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable."""
-        if self.hub_url is None or self.secret is None:
-            raise WorkerForgotten("not registered")
-        beat = await self.build_heartbeat()
-        if self.use_channel and await self._heartbeat_on_channel(self.hub_url, self.secret, beat):
-            return
-        await self._apply(await self._heartbeat_post(self.hub_url, beat))
+        """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable. One at a time: the drain's
+        own heartbeat must not share the channel, and its answer, with the loop's."""
+        async with self._beating:
+            if self.hub_url is None or self.secret is None:
+                raise WorkerForgotten("not registered")
+            beat = await self.build_heartbeat()
+            if self.use_channel and await self._heartbeat_on_channel(self.hub_url, self.secret, beat):
+                return
+            await self._apply(await self._heartbeat_post(self.hub_url, beat))
 
     async def _heartbeat_post(self, hub_url: str, beat: Heartbeat) -> HeartbeatReply:
         body = beat.model_dump(mode="json")
@@ -193,7 +195,7 @@ class HubClient:
                     raise HubUnavailable(f"hub answered {resp.status}")
                 reply = HeartbeatReply.model_validate(await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
-            raise HubUnavailable(repr(exc)) from None
+            raise HubUnavailable(_describe(exc)) from None
         self.transport = "post"
         return reply
 
@@ -213,7 +215,7 @@ class HubClient:
                 self._raise_channel_error()
                 self._reported_state = beat.state
         except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            log.info("heartbeat channel lost (%r); this heartbeat goes by POST", exc)
+            log.info("heartbeat channel lost (%s); this heartbeat goes by POST", _describe(exc))
             await self._close_channel()
             return False
         except (WorkerForgotten, HubUnavailable):
@@ -246,7 +248,7 @@ class HubClient:
                 raise HubUnavailable(f"hub answered {data['error']}")
             return HeartbeatReply.model_validate(data)
         except (ValueError, ValidationError) as exc:
-            raise _ChannelLost(f"malformed heartbeat reply: {exc!r}") from None
+            raise _ChannelLost(f"malformed heartbeat reply: {_describe(exc)}") from None
 
     async def _open_channel(self, hub_url: str, secret: str) -> aiohttp.ClientWebSocketResponse | None:
         if self._channel is not None and not self._channel.closed and self._channel_for == (hub_url, secret):
@@ -263,7 +265,8 @@ class HubClient:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # An old hub or a proxy without upgrades: POST, and try the channel again in a minute.
             self._channel_retry_at = time.monotonic() + _CHANNEL_RETRY_S
-            log.info("heartbeat channel unavailable (%r); heartbeats go by POST for %.0f s", exc, _CHANNEL_RETRY_S)
+            log.info("heartbeat channel unavailable (%s); heartbeats go by POST for %.0f s", _describe(exc),
+                     _CHANNEL_RETRY_S)
             return None
         self._channel_for = (hub_url, secret)
         self._channel_beats = 0
@@ -283,7 +286,7 @@ class HubClient:
                 self._channel_error = exc
             except Exception as exc:  # applying went wrong here, not the channel: say so, go on
                 log.exception("applying the hub's answer failed")
-                self._channel_error = HubUnavailable(f"applying the hub's answer failed: {exc!r}")
+                self._channel_error = HubUnavailable(f"applying the hub's answer failed: {_describe(exc)}")
             self._channel_answered.set()
             if message.type is not aiohttp.WSMsgType.TEXT:
                 return
@@ -303,34 +306,47 @@ class HubClient:
     async def _apply(self, reply: HeartbeatReply) -> None:
         self.last_reply = reply
         self.interval_s = reply.heartbeat_interval_s
-        if reply.state is WorkerState.DRAINING and not self.manager.draining:
-            self.manager.set_draining(True)  # an SRE drained us through the hub
-        if self.on_state is not None:
-            self.on_state(reply.state)
+        # The hub's state is draining when an SRE drained this worker (or it reported its own drain): follow it
+        # both ways, so a resume there takes effect here.
+        self.manager.set_drained_by_hub(reply.state is WorkerState.DRAINING)
         for session_id in reply.stop_sessions:
             log.info("hub does not hold session %s; stopping it", session_id)
             await self.manager.stop(session_id)
 
     async def heartbeat_loop(self) -> None:
-        """Heartbeat at the hub's interval forever; re-register when forgotten, back off when hubs fail."""
+        """Heartbeat at the hub's interval forever; re-register when forgotten, back off when hubs fail. Nothing
+        ends the loop but cancellation: a worker that stopped heartbeating would leave routing with its sessions
+        still running."""
         delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
+        forgotten = 0  # in a row: a hub that forgets the worker again at once must not make it spin
         while True:
             try:
                 await self.heartbeat_once()
                 self.manager.metrics.heartbeats.labels("ok").inc()
                 delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
+                forgotten = 0
                 await asyncio.sleep(self.interval_s)
             except WorkerForgotten as exc:
                 self.manager.metrics.heartbeats.labels("forgotten").inc()
                 log.warning("hub forgot worker %s (%s); registering again", self.worker_id, exc)
+                if forgotten:
+                    await asyncio.sleep(min(next(delays), self.interval_s))
+                forgotten += 1
                 await self._reregister()
             except HubUnavailable as exc:
                 self.manager.metrics.heartbeats.labels("failed").inc()
-                delay = min(next(delays), self.interval_s)
-                log.warning("heartbeat failed (%s); sessions keep running; retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+                await self._back_off(f"heartbeat failed ({exc})", next(delays))
                 if len(self.hub_urls) > 1:
                     await self._reregister_elsewhere()
+            except Exception as exc:  # a bug or a broken probe (NVML, the engine's stats): log it, keep beating
+                self.manager.metrics.heartbeats.labels("failed").inc()
+                log.exception("heartbeat could not be built or applied")
+                await self._back_off(f"heartbeat failed ({_describe(exc)})", next(delays))
+
+    async def _back_off(self, what: str, delay: float) -> None:
+        delay = min(delay, self.interval_s)
+        log.warning("%s; sessions keep running; retrying in %.2fs", what, delay)
+        await asyncio.sleep(delay)
 
     async def _reregister(self) -> None:
         # Our secret is presented, so a hub that still holds us accepts at once; then heartbeat immediately.
@@ -354,7 +370,7 @@ class HubClient:
                         log.info("deregistered %s", self.worker_id)
                         return True
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("deregistration via %s failed: %r", url, exc)
+                log.warning("deregistration via %s failed: %s", url, _describe(exc))
         return False
 
     def describe(self) -> dict[str, Any]:
@@ -364,3 +380,9 @@ class HubClient:
 
 #: After the heartbeat channel could not be opened, how long heartbeats go by POST before trying again.
 _CHANNEL_RETRY_S = 60.0
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for logs and messages. Never ``repr``: aiohttp's response errors carry the request's headers there,
+    and those hold the worker token and secret."""
+    return f"{type(exc).__name__}: {exc}"

@@ -61,7 +61,8 @@ class SessionManager:
         self.metrics = metrics or Metrics()
         self.metrics.max_streams.set(max_streams)
         self.sessions: dict[str, WorkerSessionInfo] = {}
-        self._draining = False
+        self._leaving = False  # the worker's own drain (SIGTERM, a spot notice, scale-in): it will exit
+        self._drained_by_hub = False  # an SRE drained it through the hub; a resume there lifts it
         # Held across the engine's start so concurrent dispatches cannot overbook a slot.
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -70,13 +71,30 @@ class SessionManager:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        """New sessions are refused, for either reason."""
+        return self._leaving or self._drained_by_hub
+
+    @property
+    def leaving(self) -> bool:
+        """The worker drains on its own account and will exit; this is the state its heartbeats report."""
+        return self._leaving
 
     def set_draining(self, value: bool) -> None:
-        if value != self._draining:
-            log.info("worker %s", "draining: no new sessions" if value else "ready again")
-        self._draining = value
-        self.metrics.draining.set(1 if value else 0)
+        """The worker's own drain (the agent's signal handlers and EC2 watchers)."""
+        was = self.draining
+        self._leaving = value
+        self._log_change(was)
+
+    def set_drained_by_hub(self, value: bool) -> None:
+        """Follow the state the hub holds: an SRE's drain, then its resume."""
+        was = self.draining
+        self._drained_by_hub = value
+        self._log_change(was)
+
+    def _log_change(self, was: bool) -> None:
+        if self.draining != was:
+            log.info("worker %s", "draining: no new sessions" if self.draining else "ready again")
+        self.metrics.draining.set(1 if self.draining else 0)
 
     def ids(self) -> list[str]:
         return list(self.sessions)
@@ -96,7 +114,7 @@ class SessionManager:
 
     async def start(self, spec: SessionDispatch) -> WorkerSessionInfo:
         async with self._lock:
-            if self._draining:
+            if self.draining:
                 self._refuse("draining", "worker is draining")
             if spec.session_id in self.sessions:
                 self._refuse("duplicate", f"session {spec.session_id} already runs here")
@@ -127,10 +145,14 @@ class SessionManager:
             self._notify()
 
     async def stop(self, session_id: str) -> bool:
+        """Stop a session; False when it does not run here. An engine that fails to stop it is logged: the slot is
+        free either way, as the hub already believes."""
         if self.sessions.pop(session_id, None) is None:
             return False
         try:
             await self.engine.stop_session(session_id)
+        except Exception:
+            log.exception("the engine failed to stop session %s", session_id)
         finally:
             self._notify()
         return True
