@@ -85,6 +85,16 @@ def test_gputil_is_the_fallback_when_nvml_cannot_load(monkeypatch: pytest.Monkey
     assert (l4.name, l4.vram_total_mb, l4.vram_used_mb, l4.utilization) == ("NVIDIA L4", 23034, 512, 25.0)
 
 
+def test_gputil_readings_nvidia_smi_lacks_read_as_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi prints ``[N/A]`` for some figures on some boards; GPUtil turns that into NaN."""
+    no_nvml(monkeypatch)
+    nan = float("nan")
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: [SimpleNamespace(name="NVIDIA T4", memoryTotal=15360.0,
+                                                                    memoryUsed=nan, load=nan)])
+    [t4] = gpus.detect_gpus()
+    assert (t4.vram_total_mb, t4.vram_used_mb, t4.utilization) == (15360, 0, 0.0)
+
+
 def test_no_gpu_at_all_is_cpu_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     no_nvml(monkeypatch)
     no_gputil(monkeypatch)

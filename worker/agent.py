@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 WATCH_INTERVAL_S = 5.0
+#: A spot drain ends this long before the notice's termination time, to stop the rest and deregister.
+SPOT_MARGIN_S = 15.0
 
 
 class WorkerAgent:
@@ -57,12 +60,16 @@ class WorkerAgent:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.drain_reason: str | None = None
+        self._drain_within_s: float | None = None  # a spot notice's deadline shortens the drain
         self._hub_task: asyncio.Task[Any] | None = None
 
     # --- start ---------------------------------------------------------------------------------------------
 
-    def request_drain(self, reason: str) -> None:
-        """Begin draining (idempotent); safe to call from signal handlers and watchers."""
+    def request_drain(self, reason: str, within_s: float | None = None) -> None:
+        """Begin draining (idempotent); safe to call from signal handlers and watchers. ``within_s`` bounds the
+        wait for sessions below ``drain_timeout_s`` (a spot instance has two minutes)."""
+        if within_s is not None:
+            self._drain_within_s = min(within_s, self._drain_within_s or within_s)
         if self.drain_reason is None:
             self.drain_reason = reason
             log.info("drain requested: %s", reason)
@@ -101,7 +108,33 @@ class WorkerAgent:
         )
 
     async def run(self) -> int:
-        """Run until drained; returns the exit code."""
+        """Run until drained; returns the exit code. Whatever fails, what it started is closed."""
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self._start(tasks)
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            if self.server is not None:
+                self.server.should_exit = True
+            for task in tasks:
+                if task.get_name() != "http":
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.engine.aclose()
+            if self.hub is not None:
+                await self.hub.aclose()
+            await self.imds.aclose()
+            if self.install_signals:
+                self._remove_signals()
+            if self._lifecycle is not None and self.settings.lifecycle_hook_name and self.drain_reason is not None:
+                # Even when the drain went wrong: the instance is leaving either way, and an uncompleted hook
+                # keeps the ASG waiting for its timeout.
+                await asyncio.to_thread(self._lifecycle.complete, "CONTINUE")
+        return 0
+
+    async def _start(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Engine, HTTP server, then registration and heartbeats and the watchers, as tasks added to ``tasks``."""
         s = self.settings
         self.identity = await self.imds.identity()
         self.gpus = await asyncio.to_thread(detect_gpus, s.simulate_gpu)
@@ -125,36 +158,17 @@ class WorkerAgent:
             self.manager.on_change = lifecycle.sessions_changed
         if self.install_signals:
             self._install_signals()
-        tasks: list[asyncio.Task[Any]] = []
-        try:
-            tasks.append(self._spawn(self.server.serve(sockets=[sock]), "http"))
-            while not self.server.started:  # uvicorn exposes a flag, not an event
-                if tasks[0].done():
-                    raise RuntimeError("the worker's HTTP server failed to start")
-                await asyncio.sleep(0.01)
-            self._hub_task = self._spawn(self._register_then_heartbeat(), "hub")
-            tasks.append(self._hub_task)
-            if self.identity is not None:
-                tasks.append(self._spawn(self._watch_ec2(), "ec2-watch"))
-            if lifecycle is not None and s.protect_from_scale_in:
-                tasks.append(self._spawn(lifecycle.protection_loop(), "scale-in-protection"))
-            await self._stop.wait()
-            await self._drain()
-        finally:
-            if self.server is not None:
-                self.server.should_exit = True
-            for task in tasks:
-                if task.get_name() != "http":
-                    task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.engine.aclose()
-            await self.hub.aclose()
-            await self.imds.aclose()
-            if self.install_signals:
-                self._remove_signals()
-        if lifecycle is not None and s.lifecycle_hook_name:
-            await asyncio.to_thread(lifecycle.complete, "CONTINUE")
-        return 0
+        tasks.append(self._spawn(self.server.serve(sockets=[sock]), "http"))
+        while not self.server.started:  # uvicorn exposes a flag, not an event
+            if tasks[0].done():
+                raise RuntimeError("the worker's HTTP server failed to start")
+            await asyncio.sleep(0.01)
+        self._hub_task = self._spawn(self._register_then_heartbeat(), "hub")
+        tasks.append(self._hub_task)
+        if self.identity is not None:
+            tasks.append(self._spawn(self._watch_ec2(), "ec2-watch"))
+        if lifecycle is not None and s.protect_from_scale_in:
+            tasks.append(self._spawn(lifecycle.protection_loop(), "scale-in-protection"))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -184,17 +198,27 @@ class WorkerAgent:
                 loop.remove_signal_handler(sig)
 
     async def _watch_ec2(self) -> None:
-        """Spot interruption and ASG scale-in both reach the instance through IMDS: start draining early."""
+        """Spot interruption and ASG scale-in (or an SRE's Standby/Detach) reach the instance through IMDS: start
+        draining early. A failed look is logged and retried; the watch ends only with a drain."""
         while not self._stop.is_set():
-            notice = await self.imds.spot_action()
-            if notice:
-                self.request_drain(f"spot interruption notice: {notice}")
-                return
-            state = await self.imds.target_lifecycle_state()
-            if state and state != "InService" and not state.startswith("Warmed"):
-                self.request_drain(f"ASG target lifecycle state {state}")
-                return
+            try:
+                if await self._look_at_ec2():
+                    return
+            except Exception:
+                log.exception("watching EC2 for interruptions failed; trying again")
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _look_at_ec2(self) -> bool:
+        """One look at the spot notice and the ASG's target state; True when it started a drain."""
+        notice = await self.imds.spot_action()
+        if notice:
+            self.request_drain(f"spot interruption notice: {notice}", within_s=_seconds_until(notice.get("time")))
+            return True
+        state = await self.imds.target_lifecycle_state()
+        if state and state != "InService" and not state.startswith("Warmed"):
+            self.request_drain(f"ASG target lifecycle state {state}")
+            return True
+        return False
 
     async def _drain(self) -> None:
         """Report draining at once, wait for sessions, stop the rest, deregister."""
@@ -203,7 +227,10 @@ class WorkerAgent:
         if self.hub.registered.is_set():
             with contextlib.suppress(Exception):
                 await self.hub.heartbeat_once()  # the hub stops routing to us now, not at the next beat
-        waiting = asyncio.create_task(self.manager.wait_empty(self.settings.drain_timeout_s))
+        timeout_s = self.settings.drain_timeout_s
+        if self._drain_within_s is not None:
+            timeout_s = max(0.0, min(timeout_s, self._drain_within_s - SPOT_MARGIN_S))
+        waiting = asyncio.create_task(self.manager.wait_empty(timeout_s))
         forced = asyncio.create_task(self._force.wait())
         await asyncio.wait({waiting, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
@@ -213,10 +240,10 @@ class WorkerAgent:
             log.warning("drain timeout: stopping %d sessions", len(self.manager.sessions))
         await self.manager.stop_all()
         if self._hub_task is not None:
-            # A heartbeat after deregistration would get 404 and register us again.
+            # A heartbeat after deregistration would get 404 and register us again. The task may have failed
+            # already (its failure was logged): gather, so its exception does not end the drain here.
             self._hub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._hub_task
+            await asyncio.gather(self._hub_task, return_exceptions=True)
         if self.hub.registered.is_set():
             with contextlib.suppress(Exception):
                 await self.hub.deregister()
@@ -233,6 +260,19 @@ class _AgentServer(uvicorn.Server):
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def _seconds_until(timestamp: str | None) -> float | None:
+    """Seconds from now until an IMDS timestamp (``2026-11-23T08:22:00Z``); None when there is none to read."""
+    if not timestamp:
+        return None
+    try:
+        when = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds()
 
 
 def client_audio_url(base: str, path: str | None) -> str | None:

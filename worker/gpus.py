@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -92,8 +93,18 @@ def _probe_gputil() -> list[Gpu] | None:
     except Exception as exc:  # noqa: BLE001 - GPUtil shells out to nvidia-smi, which may be missing
         log.debug("GPUtil unavailable: %s", exc)
         return None
-    return [Gpu(index=i, name=str(g.name), vram_total_mb=int(g.memoryTotal), vram_used_mb=int(g.memoryUsed),
-                utilization=float(g.load) * 100.0) for i, g in enumerate(found)]
+    return [Gpu(index=i, name=str(g.name), vram_total_mb=int(_reading(g.memoryTotal)),
+                vram_used_mb=int(_reading(g.memoryUsed)), utilization=_reading(g.load) * 100.0)
+            for i, g in enumerate(found)]
+
+
+def _reading(value: object) -> float:
+    """A GPUtil figure, or 0 where it has none: it gives NaN where nvidia-smi prints ``[N/A]``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def detect_gpus(simulate: str | None = None) -> list[Gpu]:

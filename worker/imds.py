@@ -56,8 +56,8 @@ class Imds:
                 if resp.status != 200:
                     return None
                 self._token = await resp.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.debug("IMDS token unavailable: %r", exc)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("IMDS token unavailable: %s", type(exc).__name__)
             return None
         self._token_expires = time.monotonic() + TOKEN_TTL_S - 60
         return self._token
@@ -76,8 +76,8 @@ class Imds:
                 if resp.status != 200:
                     return None
                 return (await resp.text()).strip()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.debug("IMDS %s unavailable: %r", path, exc)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: undecodable text
+            log.debug("IMDS %s unavailable: %s", path, type(exc).__name__)
             return None
 
     async def identity(self) -> InstanceIdentity | None:
