@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from shared.geo import AWS_REGIONS, region_location
 from shared.redis_server import EmbeddedRedis
 
 #: (city, lat, lon, relative weight ~ metro population in millions)
@@ -48,9 +49,11 @@ class Fleet:
 
 
 def _spawn(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child for its whole life
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=log,
-                            start_new_session=True)
+    # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the fleet in order. The child keeps
+    # its own copy of the log's descriptor.
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
 
 
 class DemoFailed(Exception):
@@ -77,10 +80,14 @@ def _tail(log_path: str, lines: int = 3) -> str:
 
 def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float,
              mean_session_s: float, duration_s: float | None, log_dir: str) -> int:
+    """Run the fleet until Ctrl-C, SIGTERM or ``duration_s``; returns the exit code (130 when interrupted while
+    starting). Whatever happens, nothing it started is left running."""
+    _check_regions(regions)
     os.makedirs(log_dir, exist_ok=True)
     admin_token, worker_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     fleet = Fleet()
     stop = asyncio.Event()
+    signal.signal(signal.SIGTERM, _interrupt)  # while starting, SIGTERM stops the demo as Ctrl-C does
     try:
         fleet.redis = EmbeddedRedis().start()
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -106,8 +113,22 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
               "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'")
         print(f"  logs:        {log_dir}/   — Ctrl-C stops everything\n", flush=True)
         return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop))
+    except KeyboardInterrupt:
+        return 130
     finally:
         _shutdown(fleet)
+
+
+def _check_regions(regions: list[str]) -> None:
+    if not regions:
+        raise DemoFailed("--regions names no region")
+    unknown = [r for r in regions if region_location(r) is None]
+    if unknown:
+        raise DemoFailed(f"unknown region {', '.join(unknown)}; known: {', '.join(sorted(AWS_REGIONS))}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: float, duration_s: float | None,
@@ -161,18 +182,33 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
 
 
 def _shutdown(fleet: Fleet) -> None:
-    """Workers first (they drain and deregister), then hubs, then Redis; nothing is left running."""
-    print("stopping: workers drain, then hubs and Redis stop", flush=True)
-    for group, grace in ((fleet.workers, 30.0), (fleet.hubs, 10.0)):
-        for proc in group:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in group:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    if fleet.redis is not None:
-        fleet.redis.cleanup()
+    """Workers first (they drain and deregister), then hubs, then Redis; nothing is left running. A second Ctrl-C
+    (or SIGTERM) stops the rest at once instead of waiting for drains."""
+    hurry = False
+
+    def at_once(signum: int, frame: object) -> None:
+        nonlocal hurry
+        if not hurry:
+            print("stopping the rest now", flush=True)
+        hurry = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, at_once)
+    try:
+        print("stopping: workers drain, then hubs and Redis stop", flush=True)
+        for group, grace in ((fleet.workers, 30.0), (fleet.hubs, 10.0)):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for proc in group:
+                while proc.poll() is None and not hurry and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if fleet.redis is not None:
+            fleet.redis.cleanup()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

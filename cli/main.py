@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 
 import typer
+from pydantic import ValidationError
 
 from cli import admin
+from shared.settings import describe_invalid
 
 app = typer.Typer(help="gpu-fleet: control plane for GPU workers serving real-time AI sessions.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -29,7 +31,11 @@ def hub(
 
     from hub.settings import HubSettings
 
-    settings = HubSettings()  # fail fast on bad or unsafe configuration, before binding
+    try:
+        settings = HubSettings()  # fail fast on bad or unsafe configuration, before binding
+    except ValidationError as exc:
+        typer.echo(f"fleet hub: {describe_invalid(exc)}", err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level=settings.log_level.lower(), access_log=False, ws_max_size=settings.max_body_bytes)

@@ -12,7 +12,8 @@ from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
 
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Stable worker id, e.g. the EC2 instance id.")]
 SessionKey = Annotated[str, Field(pattern=SESSION_KEY_PATTERN, description="The caller's id for the conversation.")]
-Region = Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", max_length=32, description="AWS region name.")]
+REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
+Region = Annotated[str, Field(pattern=REGION_PATTERN, max_length=32, description="AWS region name.")]
 LabelMap = Annotated[
     dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], Annotated[str, Field(max_length=128)]],
     Field(max_length=32),
@@ -115,7 +116,8 @@ class HeartbeatReply(Strict):
 class SessionDispatch(Strict):
     """What the hub sends to ``POST {worker.url}/sessions``."""
 
-    session_id: str = Field(max_length=200)
+    session_id: str = Field(pattern=r"^[A-Za-z0-9._~-]{1,200}$",
+                            description="The hub's `<worker_id>~<random>`; URL-safe, as the worker's routes take it.")
     session_key: str | None = Field(default=None, max_length=128)
     room: str = Field(max_length=256)
     livekit_url: str = Field(max_length=512)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.auth import DEFAULT_WORKER_TOKEN
@@ -30,3 +30,13 @@ class FleetSettings(BaseSettings):
     @property
     def is_prod(self) -> bool:
         return self.env is Env.PROD
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A settings error as one line per problem, naming the variable and never echoing the value (it may be a
+    secret)."""
+    lines = []
+    for error in exc.errors():
+        where = "_".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"FLEET_{where}: {error['msg']}" if where else str(error["msg"]))
+    return "invalid configuration: " + "; ".join(lines)

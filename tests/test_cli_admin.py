@@ -208,3 +208,24 @@ def test_unreachable_hub_and_unavailable_redis_exit_5(redis_server: EmbeddedRedi
         down = fleet(hub, "capacity")
     assert down.exit_code == admin.EXIT_UNAVAILABLE, down.output
     assert "unavailable" in down.output and "Traceback" not in down.output
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["worker", "--engine", "bogus"], "unknown engine 'bogus'"),
+    (["worker", "calibrate", "--engine", "bogus"], "unknown engine 'bogus'"),
+    (["worker", "--simulate-gpu", "bogus"], "FLEET_SIMULATE_GPU: Value error, unknown GPU 'bogus'"),
+    (["worker", "--region", "moon"], "FLEET_REGION: String should match pattern"),
+])
+def test_a_worker_refused_for_its_options_says_why_in_one_line(args: list[str], said: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_hub_refused_for_its_configuration_says_why_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_ENV", "prod")
+    monkeypatch.setenv("FLEET_ADMIN_TOKEN", "s3cret-but-too-short")
+    result = runner.invoke(app, ["hub"])
+    assert result.exit_code == 2 and result.stderr.startswith("fleet hub: invalid configuration: "), result.output
+    assert "s3cret-but-too-short" not in result.output

@@ -114,7 +114,7 @@ def test_an_engine_without_a_load_probe_is_refused(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(worker.engines, "load_engine", lambda *_, **__: Opaque())
     assert cli_calibrate(engine="synthetic", max_concurrency=2, seconds=0.1) == 2
-    assert "cannot be calibrated" in capsys.readouterr().out
+    assert "cannot be calibrated" in capsys.readouterr().err
 
 
 def test_calibration_uses_the_configured_llm_else_the_canned_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
+
+from pydantic import ValidationError
+
+from shared.settings import describe_invalid
+
+#: Exit code of a command refused for its options or configuration.
+EXIT_USAGE = 2
 
 
 def _settings(**overrides: Any) -> Any:
@@ -13,6 +21,11 @@ def _settings(**overrides: Any) -> Any:
     return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _refuse(message: str) -> int:
+    print(f"fleet worker: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def run_worker(host: str | None = None, port: int | None = None, advertise_url: str | None = None,
                region: str | None = None, simulate_gpu: str | None = None, max_streams: int | None = None,
                engine: str | None = None) -> int:
@@ -20,11 +33,19 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
     import asyncio
 
     from worker.agent import WorkerAgent
+    from worker.engines import EngineUnavailable
 
-    settings = _settings(host=host, port=port, advertise_url=advertise_url, region=region,
-                         simulate_gpu=simulate_gpu, max_streams=max_streams, engine=engine)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(WorkerAgent(settings).run())
+    try:
+        settings = _settings(host=host, port=port, advertise_url=advertise_url, region=region,
+                             simulate_gpu=simulate_gpu, max_streams=max_streams, engine=engine)
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        agent = WorkerAgent(settings)
+    except ValidationError as exc:
+        return _refuse(describe_invalid(exc))
+    except EngineUnavailable as exc:
+        return _refuse(str(exc))
+    return asyncio.run(agent.run())
 
 
 def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int | None = None,
@@ -37,14 +58,18 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     from worker.calibrate import DEFAULT_MAX_CONCURRENCY, CalibrationFailed, run
     from worker.capacity import compute_capacity
     from worker.engine import Calibratable
-    from worker.engines import load_engine
+    from worker.engines import EngineUnavailable, load_engine
     from worker.gpus import detect_gpus
 
-    settings = _settings(engine=engine, simulate_gpu=simulate_gpu)
-    loaded = load_engine(settings.engine, settings, for_calibration=True)
+    try:
+        settings = _settings(engine=engine, simulate_gpu=simulate_gpu)
+        loaded = load_engine(settings.engine, settings, for_calibration=True)
+    except ValidationError as exc:
+        return _refuse(describe_invalid(exc))
+    except EngineUnavailable as exc:
+        return _refuse(str(exc))
     if not isinstance(loaded, Calibratable):
-        print(f"engine {loaded.name!r} has no load probe (load_probe()), so it cannot be calibrated")
-        return 2
+        return _refuse(f"engine {loaded.name!r} has no load probe (load_probe()), so it cannot be calibrated")
     gpus = detect_gpus(settings.simulate_gpu)
     formula = compute_capacity(gpus, loaded.profile)
     print(f"GPUs: {[g.name for g in gpus] or 'none'}; VRAM/CPU/RAM formula: {formula.max_streams} streams "

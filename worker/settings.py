@@ -10,7 +10,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from shared.auth import DEFAULT_WORKER_TOKEN
+from shared.keys import WORKER_ID_PATTERN
+from shared.models import REGION_PATTERN
 from shared.settings import FleetSettings
+from worker.gpus import parse_simulated
 
 
 class WorkerSettings(FleetSettings):
@@ -23,8 +26,10 @@ class WorkerSettings(FleetSettings):
         default_factory=lambda: ["http://127.0.0.1:8000"],
         description="Hubs to register with, tried in turn: comma-separated or a JSON list.",
     )
-    worker_id: str | None = Field(default=None, description="Stable id; else the EC2 instance id, else hostname-port.")
-    region: str | None = Field(default=None, description="AWS region; else from IMDS, else us-east-1.")
+    worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN,
+                                  description="Stable id; else the EC2 instance id, else hostname-port.")
+    region: str | None = Field(default=None, pattern=REGION_PATTERN,
+                               description="AWS region; else from IMDS, else us-east-1.")
     zone: str | None = Field(default=None, description="Availability zone; else from IMDS.")
     location_lat: float | None = Field(default=None, ge=-90, le=90, description="Override of the region's latitude.")
     location_lon: float | None = Field(default=None, ge=-180, le=180, description="Override of the region's longitude.")
@@ -62,6 +67,13 @@ class WorkerSettings(FleetSettings):
                                   "the hub or a proxy refuses it); false: POST every heartbeat.",
     )
 
+    @field_validator("simulate_gpu")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        if value:
+            parse_simulated(value)  # a ValueError names the GPUs it knows
+        return value
+
     @field_validator("hub_urls", mode="before")
     @classmethod
     def _split_hub_urls(cls, value: Any) -> Any:
@@ -86,6 +98,8 @@ class WorkerSettings(FleetSettings):
         return self
 
     def fallback_worker_id(self, port: int) -> str:
-        """hostname-port, trimmed to the id pattern: for machines without IMDS."""
-        host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()) or "worker"
-        return f"{host.lstrip('._-') or 'worker'}-{port}"[:64]
+        """hostname-port, trimmed to the id pattern (the host, not the port: workers on one host stay apart):
+        for machines without IMDS."""
+        host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()).lstrip("._-")
+        suffix = f"-{port}"
+        return f"{(host or 'worker')[:64 - len(suffix)]}{suffix}"
