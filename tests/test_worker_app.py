@@ -73,6 +73,8 @@ async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
     assert bad.status_code == 401 and set(bad.json()) == {"error", "message"}
     invalid = await client.post("/sessions", json={"session_id": "x"}, headers=AUTH)
     assert invalid.status_code == 422 and invalid.json()["error"] == "invalid_request"
+    unroutable = await client.post("/sessions", json=dispatch("a/b"), headers=AUTH)  # DELETE could never reach it
+    assert unroutable.status_code == 422 and unroutable.json()["error"] == "invalid_request"
     assert (await client.post("/sessions", json=dispatch("a"), headers=AUTH)).status_code == 201
     dup = await client.post("/sessions", json=dispatch("a"), headers=AUTH)
     assert dup.status_code == 409 and dup.json()["error"] == "duplicate"
@@ -136,3 +138,16 @@ def test_load_engine_by_name() -> None:
     assert engine.name == "synthetic" and engine.profile.per_stream_mb == 2048
     with pytest.raises(EngineUnavailable, match="unknown engine"):
         load_engine("nope", settings)
+
+
+async def test_an_engine_that_fails_to_stop_a_session_still_frees_its_slot(worker: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    client, manager = worker
+    assert (await client.post("/sessions", json=dispatch("stuck"), headers=AUTH)).status_code == 201
+
+    async def broken_stop(session_id: str) -> None:
+        raise RuntimeError("the GPU context is gone")
+
+    monkeypatch.setattr(manager.engine, "stop_session", broken_stop)
+    assert (await client.delete("/sessions/stuck", headers=AUTH)).status_code == 204
+    assert manager.ids() == []

@@ -105,10 +105,14 @@ def build_router(engine: VoiceEngine) -> APIRouter:
         if session.ws_attached:
             await ws.close(CLOSE_BUSY, "session already has an audio connection")
             return
-        await ws.accept()
+        session.ws_attached = True  # taken before the first await, so a second connection meanwhile is refused
+        try:
+            await ws.accept()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            session.ws_attached = False
+            return
         transport = WebSocketTransport(ws)
         conversation = session.attach(transport)
-        session.ws_attached = True
         try:
             await transport.send_event({"type": "ready", "session_id": session_id, "sample_rate": 16000})
             code, reason = await _serve(ws, conversation)
