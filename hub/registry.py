@@ -8,11 +8,9 @@ import time
 from typing import Any
 
 from hub.board import Entry, RoutingBoard
-from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.store import FleetStore
-from hub.tasks import BackgroundTasks
 from shared.auth import digest, new_secret
 from shared.errors import WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
 from shared.geo import region_location
@@ -33,14 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, workers: WorkerClient,
-                 metrics: HubMetrics, background: BackgroundTasks) -> None:
+    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, metrics: HubMetrics) -> None:
         self.settings = settings
         self.store = store
         self.board = board
-        self.workers = workers
         self.metrics = metrics
-        self.background = background
 
     async def register(self, reg: WorkerRegistration, presented_secret: str | None) -> RegistrationAccepted:
         loc = reg.location or _region_center(reg.region)
@@ -80,11 +75,8 @@ class Registry:
             raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
         self.metrics.heartbeats_ok.inc()
         self.board.note_used(worker_id, out.used, out.max_streams)
-        if out.unknown_sessions:
-            entry = self.board.entries.get(worker_id)
-            if entry is not None:
-                for sid in out.unknown_sessions:
-                    self.background.spawn(self.workers.stop(entry.url, sid), name=f"stop orphan {sid}")
+        # Sessions the worker runs that the hub does not hold go back in the reply's stop_sessions (on the channel
+        # too: they are news), so the worker stops them without a call per session from here.
         # Built from values the hub itself produced, so without re-validation (one per heartbeat).
         return HeartbeatReply.model_construct(
             worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used, max_streams=out.max_streams,

@@ -61,8 +61,11 @@ REGISTER = _PRELUDE + """
 -- ARGV[4] retention of the worker's keys after its last sign of life (ms)
 -- ARGV[5..] field, value pairs of the registration (url, region, lat, lon, max_streams, static, ...)
 -- Returns {1, used, max_streams, state, now} or {-1} when a live worker holds the id with another secret.
+-- Safe to run twice (a client's resend after a lost reply): the new secret is random, so finding it stored means
+-- this very registration already ran.
 local info = redis.call('HMGET', KEYS[1], 'secret', 'hb')
-if info[1] and info[2] and now - tonumber(info[2]) < tonumber(ARGV[3]) and info[1] ~= ARGV[1] then
+if info[1] and info[2] and now - tonumber(info[2]) < tonumber(ARGV[3]) and info[1] ~= ARGV[1]
+   and info[1] ~= ARGV[2] then
   return {-1}
 end
 local fields = {}
@@ -137,15 +140,18 @@ RESERVE = _PRELUDE + """
 -- ARGV[2] pending lease duration (ms): the time the hub has to dispatch and confirm
 -- ARGV[3] liveness TTL (ms)
 -- ARGV[4] session record (JSON)
--- Returns {1, used, max_streams, url} or {0, reason, used, max_streams}.
+-- Returns {1, used, max_streams, url} or {0, reason, used, max_streams}. Safe to run twice: session ids are
+-- random, so a lease already held under this one is this reservation's own (a client's resend).
 local w = redis.call('HMGET', KEYS[1], 'hb', 'max_streams', 'url')
 if not w[1] then return {0, 'unknown', 0, 0} end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  return {1, redis.call('ZCARD', KEYS[2]), tonumber(w[2]), w[3]}
+end
 if now - tonumber(w[1]) >= tonumber(ARGV[3]) then return {0, 'stale', 0, tonumber(w[2])} end
 if effective_state() ~= 'ready' then return {0, 'draining', 0, tonumber(w[2])} end
 purge_expired(judged_up_to())
 local used = redis.call('ZCARD', KEYS[2])
 if used >= tonumber(w[2]) then return {0, 'full', used, tonumber(w[2])} end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0, 'exists', used, tonumber(w[2])} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
 inherit_ttl()
@@ -158,12 +164,19 @@ CONFIRM = _PRELUDE + """
 -- ARGV[2] active lease duration (ms), renewed by every heartbeat that reports the session
 -- ARGV[3] the worker's accepted_at_seq ('' when it does not number its heartbeats)
 -- Returns {1, used} or {0, used} when the pending lease is gone or has expired (the caller releases it).
--- The active hash holds '<confirmed at ms>' or '<confirmed at ms>:<accepted_at_seq>'.
+-- The active hash holds '<confirmed at ms>' or '<confirmed at ms>:<accepted_at_seq>'. A heartbeat may have
+-- adopted the lease first (without a number): the worker's number is added, so the numbered rule still applies.
 local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not expiry or tonumber(expiry) <= now then return {0, redis.call('ZCARD', KEYS[2])} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-if ARGV[3] == '' then redis.call('HSETNX', KEYS[3], ARGV[1], now)
-else redis.call('HSETNX', KEYS[3], ARGV[1], now .. ':' .. ARGV[3]) end
+local confirmed = redis.call('HGET', KEYS[3], ARGV[1])
+if not confirmed then
+  confirmed = tostring(now)
+  redis.call('HSET', KEYS[3], ARGV[1], confirmed)
+end
+if ARGV[3] ~= '' and not string.find(confirmed, ':', 1, true) then
+  redis.call('HSET', KEYS[3], ARGV[1], confirmed .. ':' .. ARGV[3])
+end
 inherit_ttl()
 return {1, redis.call('ZCARD', KEYS[2])}
 """
@@ -202,7 +215,7 @@ READ_WORKER = _PRELUDE + """
 -- Everything the hub holds for one worker, with the Redis clock for heartbeat ages.
 -- Returns {now, used, field, value, field, value, ...} or {now, -1} when unknown.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {now, -1} end
-local used = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local used = redis.call('ZCARD', KEYS[2])  -- as RESERVE counts: lapsed leases hold until a heartbeat judges them
 local result = {now, used}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do result[#result + 1] = v end
 return result
@@ -234,8 +247,10 @@ COMPARE_AND_SET = """
 -- ARGV[1] expected current value ('' = must be absent)
 -- ARGV[2] new value ('' = delete)
 -- ARGV[3] TTL of the new value (ms)
--- Returns 1 when swapped, else the current value (false when absent).
+-- Returns 1 when swapped, else the current value (false when absent). Safe to run twice: finding the new value
+-- already there counts as swapped (claims are random, session ids too).
 local current = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and current == ARGV[2] then return 1 end
 if (current or '') ~= ARGV[1] then return current end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1
@@ -281,19 +296,21 @@ PUBLISH_BOARD_BATCH = _BOARD_CHANGES + """
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
 -- ARGV[3i+1] worker id, ARGV[3i+2] status JSON or '', ARGV[3i+3] used streams, for each worker of the batch (a
 -- later triple wins)
--- A worker no longer on the board (deregistered meanwhile) is skipped: a late batch brings back no ghost.
--- Returns how many workers were written.
-local written = 0
+-- A worker no longer on the board (deregistered meanwhile, or its registration view lost in a failover) is skipped:
+-- a late batch brings back no ghost.
+-- Returns the ids of the workers skipped.
+local skipped = {}
 for i = 1, #ARGV, 3 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
     if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
     note_change(ARGV[i])
-    written = written + 1
+  else
+    skipped[#skipped + 1] = ARGV[i]
   end
 end
 trim_changes()
-return written
+return skipped
 """
 
 RATE_LIMIT_BUCKET = """

@@ -314,7 +314,12 @@ class FleetStore:
                     drain = out.state == "draining" and beat.state == "ready"
                     board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used]
             if board:
-                await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
+                off_board = await self._publish_board_batch(board)
+                if off_board:
+                    # Live, but not on the routing board (its registration view was lost, e.g. in a failover): the
+                    # worker would heartbeat forever unseen by routing. Answering "unknown" makes it register again.
+                    outcomes = [HeartbeatOutcome(status=0) if isinstance(o, HeartbeatOutcome) and
+                                b.worker_id in off_board else o for b, o in zip(beats, outcomes, strict=True)]
         return outcomes
 
     async def _run_many(self, steps: list[_Step]) -> list[Any]:
@@ -360,15 +365,21 @@ class FleetStore:
                     if used is not None:
                         board += [step.worker_id, "", used]  # '': the status view stays
             if board:
-                try:
-                    await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
-                except Exception as exc:
-                    if not _store_cannot_serve(exc):
-                        raise
-                    # Only a routing hint (the workers' own keys hold the truth, and the steps have happened): the
-                    # next heartbeat of each worker publishes its count again.
-                    log.info("could not publish %d slot counts to the board", len(board) // 3)
+                await self._publish_board_batch(board)
         return results
+
+    async def _publish_board_batch(self, board: list[Any]) -> set[str]:
+        """Write a batch's figures to the routing board; the ids of the workers not on it. The board is only a
+        routing hint (the workers' own keys hold the truth, and the batch's scripts have run): when the store
+        cannot take the write, the next heartbeat of each worker publishes its figures again."""
+        try:
+            skipped = await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
+        except Exception as exc:
+            if not _store_cannot_serve(exc):
+                raise
+            log.info("could not publish %d workers' figures to the board", len(board) // 3)
+            return set()
+        return {str(worker_id) for worker_id in skipped}
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from hub.group_commit import GroupCommit
 from hub.store import _with_board_fields
@@ -130,9 +131,37 @@ async def test_a_late_board_write_cannot_bring_back_a_deregistered_worker(redis_
     try:
         assert await store.deregister("w-000", secrets["w-000"]) == 1
         # A batch whose HEARTBEAT scripts ran just before the deregistration writes the board just after it.
-        written = await store._publish_batch(keys=keys.BOARD.as_list(), args=["w-000", "{}", 0, "w-001", "{}", 0])
-        assert written == 1
+        skipped = await store._publish_batch(keys=keys.BOARD.as_list(), args=["w-000", "{}", 0, "w-001", "{}", 0])
+        assert skipped == ["w-000"]
         assert set(sync_redis(redis_url, decode_responses=True).hkeys(keys.BOARD.status)) == {"w-001"}
+    finally:
+        await store.close()
+
+
+async def test_a_worker_the_board_lost_is_told_to_register_again(redis_url: str) -> None:
+    """Its keys survived but its registration view on the board did not (a failover can lose a write): heartbeats
+    alone would keep it live and unseen by routing for good."""
+    store, secrets = await registered_store(redis_url, 2)
+    try:
+        sync_redis(redis_url).hdel(keys.BOARD.static, "w-000")
+        beats = (store.heartbeat(w, digest(s), "ready", "{}", []) for w, s in secrets.items())
+        lost, kept = await asyncio.gather(*beats)
+        assert (lost.status, kept.status) == (0, 1)
+    finally:
+        await store.close()
+
+
+async def test_heartbeats_are_answered_when_only_the_board_write_fails(redis_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeats' scripts ran; their answers (sessions to stop among them) must not be lost to a failed hint."""
+    store, secrets = await registered_store(redis_url, 1)
+    try:
+        async def board_down(*args: Any, **kwargs: Any) -> None:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+        monkeypatch.setattr(store, "_publish_batch", board_down)
+        outcome = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", ["w-000~notheldhere1"])
+        assert outcome.status == 1 and outcome.unknown_sessions == ("w-000~notheldhere1",)
     finally:
         await store.close()
 

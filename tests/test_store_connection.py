@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from typing import Any
 
 import pytest
 
 from hub import store as store_module
-from hub.store import connect
+from hub.store import FleetStore, connect
+from shared.auth import digest
 from tests.conftest import hub_settings
 
 
@@ -37,3 +41,78 @@ async def test_commands_are_packed_by_hiredis_and_round_trip(redis_url: str, mon
         await client.aclose()
     assert any(args[:1] == ("SET",) and args[1] == "{t}:text" for args in packed), "the C packer was bypassed"
     assert any(args[:1] == ("EVAL",) for args in packed), "pipelined commands were packed in Python"
+
+
+class _SlowReplyProxy:
+    """A TCP proxy in front of Redis that, when armed, holds the next reply past the client's socket timeout: the
+    command has run, its reply comes late, and redis-py's retry sends it again on a new connection."""
+
+    def __init__(self, upstream_port: int, hold_s: float) -> None:
+        self.upstream_port, self.hold_s = upstream_port, hold_s
+        self.armed = False
+        self.held = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> _SlowReplyProxy:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _connect(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for pipe in (self._pipe(client_r, up_w, replies=False), self._pipe(up_r, client_w, replies=True)):
+            task = asyncio.create_task(pipe)
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if replies and self.armed:
+                    self.armed = False
+                    self.held += 1
+                    await asyncio.sleep(self.hold_s)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+@pytest.mark.standalone_redis
+async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -> None:
+    """Registering, reserving and claiming are each safe to run twice: redis-py resends a command whose reply
+    timed out, though Redis already ran it."""
+    proxy = await _SlowReplyProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]), hold_s=0.7).start()
+    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=0.5)
+    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
+    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
+                         "max_streams": 2})
+    try:
+        assert await store.register("w-1", None, "secret-a", fields, static) is not None
+        await store.reserve("w-1", "w-1~warmupwarmup", {})  # scripts loaded: the resend is of EVALSHA itself
+        await store.release("w-1", "w-1~warmupwarmup")
+        await store.compare_and_set_claim("warm", None, "x", 1)
+
+        proxy.armed = True  # a worker restarts and registers again with its secret
+        assert await store.register("w-1", "secret-a", "secret-b", fields, static) is not None, "no 409"
+        proxy.armed = True
+        reservation = await store.reserve("w-1", "w-1~resentreserve", {"worker_id": "w-1"})
+        assert reservation.ok and reservation.used == 1, "the resend found its own lease"
+        proxy.armed = True
+        swapped, _ = await store.compare_and_set_claim("conv-1", None, "pending:mine", 10)
+        assert swapped, "the resend found its own claim"
+        assert proxy.held == 3, "each step's first reply was held past the timeout"
+        beat = await store.heartbeat("w-1", digest("secret-b"), "ready", "{}", ["w-1~resentreserve"])
+        assert beat.status == 1 and beat.used == 1
+    finally:
+        await store.close()
+        await proxy.close()
