@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -18,7 +19,8 @@ from hub.settings import HubSettings, LiveKitDeployment
 from hub.store import FleetStore, StoredSession
 from hub.tasks import BackgroundTasks
 from shared import keys
-from shared.errors import NoCapacity, SessionNotFound, SessionPending
+from shared.backoff import backoff_delays
+from shared.errors import NoCapacity, SessionNotFound, SessionPending, StoreUnavailable
 from shared.geo import region_location
 from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatch, SessionRequest, WorkerRef
 
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 _PENDING = "pending:"
 #: Reservation attempts per request; each is one Lua call, refused ones cost ~0.1 ms.
 _MAX_RESERVATIONS = 64
+#: Tries to release a reservation whose placement failed (the store may be what failed).
+_UNDO_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +114,13 @@ class Allocator:
         except BaseException:
             await self.store.compare_and_set_claim(session_key, claim, None, 0)
             raise
-        await self.store.compare_and_set_claim(session_key, claim, config.session_id, self.settings.affinity_ttl_s)
+        swapped, _ = await self.store.compare_and_set_claim(session_key, claim, config.session_id,
+                                                            self.settings.affinity_ttl_s)
+        if not swapped:
+            # The claim lapsed while a slow store held this placement up, and another request took the key: one
+            # session per conversation, so this one goes and the caller, retrying, gets the other.
+            self.background.spawn(self._undo(config.worker.id, config.session_id), name=f"undo {config.session_id}")
+            raise SessionPending()
         return config, True
 
     async def _live_session(self, session_id: str) -> StoredSession | None:
@@ -179,17 +189,24 @@ class Allocator:
                 self.board.note_unavailable(entry.worker_id)
             return None, 0
         self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
-        agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
-        dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
-            session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
-            token=agent_token))
-        outcome = dispatched.outcome
-        if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
-                                                                            dispatched.accepted_at_seq):
-            return self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at), 1
-        # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
-        self.metrics.dispatch_failures.labels(reason=outcome.value).inc()
-        await self.store.release(entry.worker_id, session_id)
+        try:
+            agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
+            dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
+                session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
+                token=agent_token))
+            outcome = dispatched.outcome
+            if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
+                                                                                dispatched.accepted_at_seq):
+                return self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at), 1
+            # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
+            self.metrics.dispatch_failures.labels(reason=outcome.value).inc()
+            await self.store.release(entry.worker_id, session_id)
+        except BaseException:
+            # The store failed mid-step, or the request was cancelled: the worker may run the session, and its next
+            # heartbeat would adopt the pending lease (a slot no client knows of). Undo it where this request's
+            # failure cannot reach, then fail as before.
+            self.background.spawn(self._undo(entry.worker_id, session_id, reservation.url), name=f"undo {session_id}")
+            raise
         if outcome is DispatchOutcome.FULL:
             self.board.note_used(entry.worker_id, reservation.max_streams)
         else:
@@ -198,6 +215,24 @@ class Allocator:
             # The worker may hold it after all; stop it rather than wait for heartbeat reconciliation.
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
         return None, 1
+
+    async def _undo(self, worker_id: str, session_id: str, worker_url: str | None = None) -> None:
+        """Stop a session on its worker and release its slot, retrying the store a few times. With the worker's URL
+        at hand the stop comes first: a session the worker no longer runs loses its lease at a heartbeat even if
+        the store stays down."""
+        if worker_url:
+            await self.workers.stop(worker_url, session_id)
+        for delay in itertools.islice(backoff_delays(base_s=0.1, cap_s=2.0), _UNDO_ATTEMPTS):
+            try:
+                released = await self.store.release(worker_id, session_id)
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                continue
+            self.board.note_used(worker_id, released.used)
+            if worker_url is None and released.worker_url:
+                await self.workers.stop(released.worker_url, session_id)
+            return
+        log.warning("could not release %s; its lease lapses at the worker's heartbeats", session_id)
 
     def _config(self, session_id: str, record: dict[str, Any], *, token: str | None = None,
                 expires_at: datetime | None = None) -> SessionConfig:

@@ -10,6 +10,7 @@ import redis
 from livekit import api
 
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
+from shared.errors import StoreUnavailable
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration
 
@@ -313,3 +314,82 @@ async def test_a_numbered_heartbeat_without_the_session_frees_it_at_once(make_hu
     worker.sessions.clear()  # the session ended by itself on the worker
     seq, running = worker.snapshot()
     assert (await heartbeat(hub, "w-ends", secret, running, seq=seq)).json()["used_streams"] == 0
+
+
+async def test_a_confirmation_after_a_heartbeat_adopted_the_lease_keeps_the_workers_number(make_hub,
+                                                                                          make_worker) -> None:
+    """The worker's heartbeat reported the session before the hub's confirmation ran (it adopted the pending lease,
+    with no number). The confirmation still records the worker's accepted_at_seq, so the numbered rule decides."""
+    hub = await make_hub(absent_grace_s=30, worker_ttl_s=30)
+    worker = await make_worker()
+    secret = (await register(hub, "w-adopt", worker))["worker_secret"]
+    store = hub.app.state.hub.store
+    sid = "w-adopt~adoptedfirst1"
+    assert (await store.reserve("w-adopt", sid, {"worker_id": "w-adopt"})).ok
+    seq, _ = worker.snapshot()
+    assert (await heartbeat(hub, "w-adopt", secret, [sid], seq=seq)).json()["used_streams"] == 1  # adopted
+    assert await store.confirm("w-adopt", sid, seq)
+    seq, _ = worker.snapshot()  # built after the worker took it, without it: it ended
+    assert (await heartbeat(hub, "w-adopt", secret, [], seq=seq)).json()["used_streams"] == 0
+
+
+async def test_a_placement_that_fails_after_its_reservation_leaves_no_slot_behind(
+    hub: httpx.AsyncClient, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker took the session, then the store failed to confirm it: the client gets 503, and neither the worker
+    nor its next heartbeat (which adopts pending leases it reports) may keep a slot no client knows of."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+
+    async def store_fails(*args: object, **kwargs: object) -> bool:
+        raise StoreUnavailable("the shared store is unreachable")
+
+    monkeypatch.setattr(store, "confirm", store_fails)
+    failed = await hub.post("/api/v1/sessions", json={})
+    assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
+    for _ in range(50):  # the undo runs in the background
+        if worker.stopped:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.stopped and not worker.sessions, "the worker was told to stop the session"
+    reply = (await heartbeat(hub, "w-1", secret, list(worker.sessions))).json()
+    assert reply["used_streams"] == 0, "the slot was released"
+
+
+async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that_took_it(
+    make_hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow store held a placement up past its claim's lifetime; another request for the same conversation then
+    placed a session of its own. One conversation keeps one session: the late one is undone, not returned."""
+    hub = await make_hub(dispatch_timeout_s=0.2, max_dispatch_attempts=1, worker_ttl_s=30,
+                         pending_lease_s=8)  # the claim lives 2.2 s, the pending lease longer
+    worker = await make_worker(max_streams=3)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    confirm = store.confirm
+    slowed = asyncio.Event()
+
+    async def slow_once(*args: object, **kwargs: object) -> bool:
+        if not slowed.is_set():
+            slowed.set()
+            await asyncio.sleep(2.6)
+        return await confirm(*args, **kwargs)
+
+    monkeypatch.setattr(store, "confirm", slow_once)
+    late = asyncio.create_task(hub.post("/api/v1/sessions", json={"session_key": "lesson-7"}))
+    await slowed.wait()
+    await asyncio.sleep(2.4)  # past the claim
+    taker = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
+    assert taker.status_code == 201, taker.text
+    lost = await late
+    assert lost.status_code == 503 and lost.json()["error"] == "session_pending"
+    again = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
+    assert again.status_code == 200 and again.json()["session_id"] == taker.json()["session_id"]
+    for _ in range(50):
+        if len(worker.sessions) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
