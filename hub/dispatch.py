@@ -57,7 +57,7 @@ class WorkerClient:
                     seq = _accepted_at_seq(await resp.read())
         except TimeoutError:
             return Dispatched(DispatchOutcome.TIMEOUT)
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a URL the client cannot use
             log.info("dispatch to %s failed: %s", worker_url, type(exc).__name__)
             return Dispatched(DispatchOutcome.UNREACHABLE)
         if status == 201:
@@ -75,7 +75,7 @@ class WorkerClient:
                 return resp.status in (200, 204, 404)
         except TimeoutError:
             return False
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.info("stopping %s on %s failed: %s", session_id, worker_url, type(exc).__name__)
             return False
 

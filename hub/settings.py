@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import cached_property
 from pathlib import Path
 from typing import Self
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
 from shared.models import Policy
@@ -91,6 +92,30 @@ class HubSettings(FleetSettings):
     cloudwatch_namespace: str = Field(default="GpuFleet", description="CloudWatch namespace of capacity metrics.")
     cloudwatch_interval_s: float = Field(default=60.0, gt=0, description="At most one publication per interval.")
     cloudwatch_region: str | None = Field(default=None, description="AWS region of the CloudWatch API.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or CIDR") from None
+        return value
+
+    @model_validator(mode="after")
+    def _readable_livekit_regions(self) -> Self:
+        """Read the deployments now: a missing file or a bad entry stops the hub at start, not each request."""
+        try:
+            deployments = self.livekit_deployments
+        except ValidationError as exc:  # its text would echo the entry, secret included
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"FLEET_LIVEKIT_REGIONS has an invalid deployment: {problems}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"FLEET_LIVEKIT_REGIONS cannot be read: {type(exc).__name__}: {exc}") from None
+        if not deployments:
+            raise ValueError("FLEET_LIVEKIT_REGIONS lists no LiveKit deployment")
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Self:

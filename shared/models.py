@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from ipaddress import ip_address
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from yarl import URL
 
 from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
 
@@ -18,7 +20,9 @@ LabelMap = Annotated[
     dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], Annotated[str, Field(max_length=128)]],
     Field(max_length=32),
 ]
-SessionIdList = Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=1024)]
+#: The most streams one worker may offer: every heartbeat lists the sessions it runs, and the list has this bound.
+MAX_STREAMS_PER_WORKER = 1024
+SessionIdList = Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=MAX_STREAMS_PER_WORKER)]
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 
 
@@ -58,7 +62,7 @@ class WorkerRegistration(Strict):
     region: Region
     zone: str | None = Field(default=None, max_length=32)
     location: Location | None = Field(default=None, description="Else the region's coordinates.")
-    max_streams: int = Field(ge=0, le=10_000)
+    max_streams: int = Field(ge=0, le=MAX_STREAMS_PER_WORKER)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
     instance_type: str | None = Field(default=None, max_length=64)
     labels: LabelMap = Field(default_factory=dict)
@@ -68,6 +72,23 @@ class WorkerRegistration(Strict):
         description="Where a client streams a session's audio over a WebSocket, `{session_id}` standing for the "
                     "session, for engines that serve one (e.g. `wss://w1.example.com/sessions/{session_id}/audio`).",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _dispatchable(cls, value: str) -> str:
+        """A URL the hub's HTTP client can call: a host it can encode, no credentials (the hub sends its own)."""
+        url = URL(value)
+        if url.user is not None or url.password is not None:
+            raise ValueError("must not carry credentials")
+        host = url.host or ""
+        try:
+            ip_address(host.strip("[]"))
+        except ValueError:
+            try:
+                host.encode("idna")
+            except UnicodeError:
+                raise ValueError("the host is not a valid host name") from None
+        return value
 
 
 class RegistrationAccepted(Strict):

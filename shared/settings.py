@@ -18,7 +18,10 @@ class Env(StrEnum):
 class FleetSettings(BaseSettings):
     """Base of HubSettings and WorkerSettings."""
 
-    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", env_nested_delimiter="__")
+    # hide_input_in_errors: a refused configuration's error would otherwise print every value it was given, tokens
+    # and passwords included, wherever it is logged.
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", env_nested_delimiter="__",
+                                      hide_input_in_errors=True)
 
     env: Env = Field(default=Env.DEV, description="`prod` refuses default secrets and embedded services.")
     worker_token: SecretStr = Field(

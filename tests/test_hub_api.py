@@ -125,6 +125,9 @@ async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> N
 def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
     with pytest.raises(ValidationError, match=r"FLEET_REDIS_URL.*FLEET_WORKER_TOKEN.*FLEET_ADMIN_TOKEN.*LIVEKIT"):
         HubSettings(env="prod")
+    with pytest.raises(ValidationError) as refused:  # the error names what is wrong, never the values it was given
+        HubSettings(env="prod", worker_token="w-secret-" * 4, admin_token="a-secret-" * 4)
+    assert "w-secret-" not in str(refused.value) and "a-secret-" not in str(refused.value)
     dev_secret = json.dumps([{**LIVEKIT[0], "api_secret": "secret"}])
     with pytest.raises(ValidationError, match="LiveKit API secrets"):
         HubSettings(env="prod", redis_url=redis_url, worker_token="w" * 32, admin_token="a" * 32,
@@ -133,6 +136,26 @@ def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
                      admin_token="a" * 32, livekit_regions=json.dumps(LIVEKIT))
     for secret in ("s1-0123", "w" * 32, "a" * 32, "redis-auth-token"):
         assert secret not in repr(ok) and secret not in str(ok)  # secrets never print
+
+
+def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_path) -> None:
+    secret_entry = json.dumps([{**LIVEKIT[0], "lat": "north", "api_secret": "do-not-print-me"}])
+    for livekit_regions, said in (("[]", "lists no LiveKit deployment"),
+                                  (str(tmp_path / "gone.yaml"), "cannot be read"),
+                                  (secret_entry, "invalid deployment: lat: Input should be a valid number")):
+        with pytest.raises(ValidationError, match=said) as refused:
+            HubSettings(livekit_regions=livekit_regions)
+        assert "do-not-print-me" not in str(refused.value)
+    with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or CIDR"):
+        HubSettings(trusted_proxies=["10.0.0.0/8", "proxy.internal"])
+
+
+async def test_a_worker_url_the_hub_could_not_call_is_refused_at_registration(hub: httpx.AsyncClient) -> None:
+    """Once registered, such a URL turned every placement that ranked the worker first into a 500."""
+    for url in ("http://user:pass@10.0.0.5:8000", "http://a..b:8000", f"http://{'a' * 70}.example.com"):
+        resp = await hub.post("/api/v1/workers", json=registration("w-bad", url), headers=WORKER_AUTH)
+        assert resp.status_code == 422 and resp.json()["error"] == "invalid_request", (url, resp.text)
+        assert "pass@" not in resp.text
 
 
 async def test_livekit_region_minimises_the_media_path_and_location_sources(
@@ -175,7 +198,7 @@ async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) 
 
 
 async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:
-    hub = await make_hub(rate_limit_per_s=1, rate_limit_burst=3, trusted_proxies=["127.0.0.1", "testclient"])
+    hub = await make_hub(rate_limit_per_s=1, rate_limit_burst=3, trusted_proxies=["127.0.0.1"])
     codes = [(await hub.post("/api/v1/sessions", json={})).status_code for _ in range(4)]
     assert codes[:3] == [503, 503, 503]  # allowed through to placement (no workers)
     limited = await hub.post("/api/v1/sessions", json={})

@@ -20,6 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from hub.main import create_app
+from shared.models import MAX_STREAMS_PER_WORKER
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, hub_settings, registration
 
@@ -62,7 +63,7 @@ def live_hub() -> Iterator[str]:
             except httpx.HTTPError:
                 time.sleep(0.05)
         reg = httpx.post(f"{url}/api/v1/workers", headers=WORKER_AUTH, json=registration(
-            "fuzz-worker", f"http://127.0.0.1:{worker.server_address[1]}", max_streams=10_000))
+            "fuzz-worker", f"http://127.0.0.1:{worker.server_address[1]}", max_streams=MAX_STREAMS_PER_WORKER))
         assert reg.status_code == 200
         yield url
         worker.shutdown()

@@ -69,7 +69,7 @@ class WorkerAgent:
         """Begin draining (idempotent); safe to call from signal handlers and watchers. ``within_s`` bounds the
         wait for sessions below ``drain_timeout_s`` (a spot instance has two minutes)."""
         if within_s is not None:
-            self._drain_within_s = min(within_s, self._drain_within_s or within_s)
+            self._drain_within_s = within_s if self._drain_within_s is None else min(within_s, self._drain_within_s)
         if self.drain_reason is None:
             self.drain_reason = reason
             log.info("drain requested: %s", reason)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from shared.models import MAX_STREAMS_PER_WORKER
 from worker.engine import VramProfile
 from worker.gpus import Gpu
 
@@ -57,4 +58,4 @@ def compute_capacity(
     if gpu_streams is not None:
         candidates["vram"] = gpu_streams
     reason = min(candidates, key=lambda k: candidates[k])
-    return Capacity(min(10_000, candidates[reason]), gpu_streams, cpu_cap, ram_cap, reason)
+    return Capacity(min(MAX_STREAMS_PER_WORKER, candidates[reason]), gpu_streams, cpu_cap, ram_cap, reason)

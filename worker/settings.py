@@ -11,7 +11,7 @@ from pydantic_settings import NoDecode
 
 from shared.auth import DEFAULT_WORKER_TOKEN
 from shared.keys import WORKER_ID_PATTERN
-from shared.models import REGION_PATTERN
+from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN
 from shared.settings import FleetSettings
 from worker.gpus import parse_simulated
 
@@ -36,7 +36,8 @@ class WorkerSettings(FleetSettings):
     simulate_gpu: str | None = Field(
         default=None, description="Pretend to have GPUs, e.g. `t4`, `a10gx4`, `h100x8` (dev and tests)."
     )
-    max_streams: int | None = Field(default=None, ge=0, description="Explicit capacity; wins over the VRAM formula.")
+    max_streams: int | None = Field(default=None, ge=0, le=MAX_STREAMS_PER_WORKER,
+                                    description="Explicit capacity; wins over the VRAM formula.")
     engine: str = Field(default="synthetic", description="`synthetic` (simulator) or `voice`.")
     model_mb: int | None = Field(default=None, ge=0, description="Override of the engine's model VRAM per GPU.")
     per_stream_mb: int | None = Field(default=None, gt=0, description="Override of the engine's VRAM per stream.")
