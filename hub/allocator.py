@@ -146,12 +146,14 @@ class Allocator:
         dispatches = reservations = 0
         refreshed = False
         while dispatches < self.settings.max_dispatch_attempts and reservations < _MAX_RESERVATIONS:
+            looked = time.monotonic()
             ranked = [r for r in self.board.rank(loc.lat, loc.lon, req.labels) if r.entry.worker_id not in tried]
             if not ranked:
                 if refreshed:
                     break
-                # A worker may have registered, or slots returned, since the last refresh (maybe via another hub).
-                await self.board.refresh(if_older_than_s=0.05)
+                # A worker may have registered, or slots returned, since the last refresh (maybe via another hub):
+                # read the board once more, or share a read that began after this request looked.
+                await self.board.refresh(unless_read_since=looked)
                 refreshed = True
                 continue
             for candidate in ranked:

@@ -107,6 +107,7 @@ class RoutingBoard:
         self.groups: list[Group] = []
         self.now_ms = 0  # Redis clock at the last refresh
         self._mono_at_refresh = 0.0
+        self._read_began = float("-inf")  # monotonic time the last read of the board began
         self._changes_since_ms: int | None = None  # the next refresh reads only what changed since
         self._static: dict[str, dict[str, Any]] = {}
         self._status_raw: dict[str, str] = {}
@@ -125,10 +126,16 @@ class RoutingBoard:
         """The Redis clock, extrapolated from the last refresh with the local monotonic clock."""
         return self.now_ms + int((time.monotonic() - self._mono_at_refresh) * 1000)
 
-    async def refresh(self, *, if_older_than_s: float = 0.0) -> None:
+    async def refresh(self, *, if_older_than_s: float = 0.0, unless_read_since: float | None = None) -> None:
+        """Read what changed on the board. ``if_older_than_s``: skip when the mirror is younger. ``unless_read_since``
+        (a ``time.monotonic()``): skip when a read began after it; a request that found no candidate needs a read
+        that began after it looked, and concurrent ones share it."""
         async with self._lock:
             if self.age_s < if_older_than_s:
                 return  # another request refreshed while we waited
+            if unless_read_since is not None and self._read_began >= unless_read_since:
+                return
+            self._read_began = time.monotonic()
             read = await self.store.read_board(self._changes_since_ms)
             if read.complete:
                 self._static = {wid: json.loads(raw) for wid, raw in read.static.items() if raw is not None}

@@ -209,6 +209,15 @@ async def test_a_session_outlives_an_outage_longer_than_its_lease(make_hub, make
     assert (await hub.get(f"/api/v1/sessions/{kept}")).status_code == 200
 
 
+async def test_a_worker_registered_just_after_a_refresh_is_found(hub: httpx.AsyncClient, make_worker) -> None:
+    """No 503 while a live worker has room, even right after a board read that missed it."""
+    worker = await make_worker()
+    await refresh(hub)  # the fleet is empty, and the mirror has just read so
+    await register(hub, "w-new", worker)  # e.g. through another hub: this mirror has not seen it
+    resp = await hub.post("/api/v1/sessions", json={})
+    assert resp.status_code == 201, resp.text
+
+
 async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.AsyncClient, make_worker) -> None:
     broken = await make_worker(mode="hang")
     full = await make_worker(mode="full")
