@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,13 +48,27 @@ def metric_data(capacity: FleetCapacity, timestamp: datetime) -> list[dict[str, 
     return data
 
 
+def with_regions(capacity: FleetCapacity, regions: Iterable[str]) -> FleetCapacity:
+    """``capacity`` with an empty entry for each of ``regions`` it lacks (no live worker there)."""
+    missing = [r for r in dict.fromkeys(regions) if r not in {c.region for c in capacity.regions}]
+    if not missing:
+        return capacity
+    empty = [RegionCapacity(region=r, workers=0, ready_workers=0, max_streams=0, used_streams=0, free_streams=0)
+             for r in missing]
+    return FleetCapacity(regions=sorted([*capacity.regions, *empty], key=lambda c: c.region), total=capacity.total)
+
+
 class CapacityPublisher:
     """Publishes per-region capacity to CloudWatch, at most once per interval across all hubs."""
 
     def __init__(self, redis: Any, capacity: Callable[[], Awaitable[FleetCapacity]], namespace: str,
                  interval_s: float, cloudwatch: Any,
-                 cloudwatch_for_region: Callable[[str], Any] | None = None) -> None:
+                 cloudwatch_for_region: Callable[[str], Any] | None = None,
+                 worker_regions: Iterable[str] = ()) -> None:
         self.redis = redis  # redis.asyncio.Redis or RedisCluster
+        # Regions whose worker group tracks these metrics: each gets its datapoints even with no live worker (a
+        # ratio of 0), or a group scaled to zero would never scale out (target tracking waits for data).
+        self.worker_regions = tuple(worker_regions)
         self.capacity = capacity
         self.namespace = namespace
         self.interval_s = interval_s
@@ -72,7 +86,7 @@ class CapacityPublisher:
         try:
             if not await self._take_lock():
                 return False
-            capacity = await self.capacity()
+            capacity = with_regions(await self.capacity(), self.worker_regions)
             now = datetime.now(UTC)
             per_client: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
             for region in capacity.regions:

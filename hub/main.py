@@ -73,7 +73,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             publisher = CapacityPublisher(
                 store.redis, app.state.hub.registry.capacity, settings.cloudwatch_namespace,
                 settings.cloudwatch_interval_s, make_cloudwatch_client(settings.cloudwatch_region),
-                cloudwatch_for_region=regional_clients())
+                cloudwatch_for_region=regional_clients(), worker_regions=settings.cloudwatch_worker_regions)
             loops.append(asyncio.create_task(publisher.run(), name="cloudwatch capacity"))
         # Everything built so far (modules, routes, schemas, clients) lives as long as the process. Moved out of the
         # collector's generations, full collections stop re-scanning it: at 10,000 workers this took an

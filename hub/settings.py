@@ -92,6 +92,11 @@ class HubSettings(FleetSettings):
     cloudwatch_namespace: str = Field(default="GpuFleet", description="CloudWatch namespace of capacity metrics.")
     cloudwatch_interval_s: float = Field(default=60.0, gt=0, description="At most one publication per interval.")
     cloudwatch_region: str | None = Field(default=None, description="AWS region of the CloudWatch API.")
+    cloudwatch_worker_regions: list[str] = Field(
+        default_factory=list,
+        description="Regions of the worker groups that scale on these metrics (JSON list): each gets a datapoint even "
+                    "with no live worker (a free-slot ratio of 0), so a group at zero scales out.",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -100,6 +100,18 @@ async def test_metrics_land_per_region(aws: None, redis_client: aioredis.Redis) 
     assert latest(cloudwatch, "FreeSlotRatio", "eu-west-1") == [0.0]
 
 
+async def test_a_worker_region_with_no_live_worker_still_gets_a_datapoint(aws: None,
+                                                                          redis_client: aioredis.Redis) -> None:
+    """A group scaled to zero has no worker to count: without a datapoint, target tracking never scales it out."""
+    cloudwatch = boto3.client("cloudwatch", region_name="us-east-1")
+    capacity = fleet(region("us-east-1", max_streams=10, used=4, free=6))
+    pub = publisher(redis_client, capacity, cloudwatch, worker_regions=["us-east-1", "ap-northeast-1"])
+    assert await pub.publish_once() is True
+    assert latest(cloudwatch, "FreeSlotRatio", "ap-northeast-1") == [0.0]
+    assert latest(cloudwatch, "FreeStreams", "ap-northeast-1") == [0.0]
+    assert latest(cloudwatch, "FreeSlotRatio", "us-east-1") == [0.6]
+
+
 async def test_racing_hubs_publish_once_per_interval(aws: None, redis_client: aioredis.Redis,
                                                      redis_url: str) -> None:
     spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
