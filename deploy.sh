@@ -5,6 +5,7 @@
 #   ./deploy.sh plan    --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json
 #   ./deploy.sh deploy  --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json \
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
+#                       [--engine synthetic]   (the only engine the worker stack can run; see docs/deploy.md)
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
 #
 # The first region is the home region (network, secrets, Redis, hubs); every region gets a network and a GPU
@@ -117,8 +118,14 @@ require_env_and_regions() {
   done
 }
 
+# Engines the worker stack can run. Not voice: it needs the [voice] extras, the LiveKit keys and a client-reachable
+# audio URL, which gpu-workers.yaml does not provide (docs/deploy.md); its Engine parameter allows the same list.
+DEPLOYABLE_ENGINES=(synthetic)
+
 require_deploy_inputs() {
   [[ -n $DOMAIN ]] || die "--domain is required"
+  [[ " ${DEPLOYABLE_ENGINES[*]} " == *" $ENGINE "* ]] || die "--engine $ENGINE cannot be deployed" \
+    "(choices: ${DEPLOYABLE_ENGINES[*]}); the voice engine is for local/dev use, see docs/deploy.md"
   [[ -n $LIVEKIT_REGIONS_FILE ]] || die "--livekit-regions FILE is required (JSON list of {region,url,lat,lon})"
   [[ -f $LIVEKIT_REGIONS_FILE ]] || die "no such file: $LIVEKIT_REGIONS_FILE"
   LIVEKIT_REGIONS_JSON="$(python3 - "$LIVEKIT_REGIONS_FILE" <<'PY'
@@ -201,38 +208,45 @@ stack_output() {  # region stack output-key
     --query "Stacks[0].Outputs[?OutputKey=='$3'].OutputValue | [0]" --output text
 }
 
-# Parameters of one stack, one Key=Value per line. Only names, ARNs and settings: never a secret.
+# Sets OUTPUT to one stack output, or says which output of which stack is missing and returns 1. A failed lookup
+# (no such stack or output yet, no permission) answers empty or None: as a parameter it would silently deploy a
+# worker stack without the hub ingress, or make "None" a peering id.
+require_output() {  # region stack output-key
+  OUTPUT="$(stack_output "$1" "$2" "$3")" || OUTPUT=""
+  if [[ -z $OUTPUT || $OUTPUT == None ]]; then
+    echo "deploy.sh: stack $2 in $1 has no output $3 (not deployed yet, or the lookup failed)" >&2
+    return 1
+  fi
+}
+
+# Sets PARAMS to the parameters of one stack, Key=Value each. Only names, ARNs and settings: never a secret.
+# Returns 1 when an output of another stack it needs is missing (require_output said which).
+# Runs in the calling shell, not a subshell, so that a missing output cannot be lost in a pipe.
 stack_parameters() {  # template region index
   local template="$1" region="$2" index="$3"
-  echo "EnvName=$ENV_NAME"
+  PARAMS=("EnvName=$ENV_NAME")
   case "$template" in
     network)
-      echo "VpcCidr=$(vpc_cidr "$index")"
+      PARAMS+=("VpcCidr=$(vpc_cidr "$index")")
       if [[ $region != "$HOME_REGION" ]]; then
-        echo "PeerVpcId=$(stack_output "$HOME_REGION" "$(stack_name network)" VpcId)"
-        echo "PeerRegion=$HOME_REGION"
+        require_output "$HOME_REGION" "$(stack_name network)" VpcId || return 1
+        PARAMS+=("PeerVpcId=$OUTPUT" "PeerRegion=$HOME_REGION")
       fi
       ;;
     hub)
-      echo "DomainName=$DOMAIN"
-      echo "HostedZoneId=$HOSTED_ZONE_ID"
-      echo "CertificateArn=$CERTIFICATE_ARN"
-      echo "CloudFrontCertificateArn=$CLOUDFRONT_CERTIFICATE_ARN"
-      echo "ArtifactBucket=$BUCKET"
-      echo "ArtifactKey=$ARTIFACT_KEY"
-      echo "LiveKitRegions=$LIVEKIT_REGIONS_JSON"
+      PARAMS+=("DomainName=$DOMAIN" "HostedZoneId=$HOSTED_ZONE_ID" "CertificateArn=$CERTIFICATE_ARN"
+               "CloudFrontCertificateArn=$CLOUDFRONT_CERTIFICATE_ARN" "ArtifactBucket=$BUCKET"
+               "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON")
       ;;
     gpu-workers)
-      echo "HubUrl=https://$DOMAIN"
-      echo "HomeRegion=$HOME_REGION"
-      echo "WorkerTokenSecretArn=$(stack_output "$HOME_REGION" "$(stack_name secrets)" WorkerTokenSecretArn)"
-      echo "ArtifactBucket=$BUCKET"
-      echo "ArtifactKey=$ARTIFACT_KEY"
-      echo "Engine=$ENGINE"
+      PARAMS+=("HubUrl=https://$DOMAIN" "HomeRegion=$HOME_REGION")
+      require_output "$HOME_REGION" "$(stack_name secrets)" WorkerTokenSecretArn || return 1
+      PARAMS+=("WorkerTokenSecretArn=$OUTPUT" "ArtifactBucket=$BUCKET" "ArtifactKey=$ARTIFACT_KEY" "Engine=$ENGINE")
       if [[ $region == "$HOME_REGION" ]]; then
-        echo "HubSecurityGroupId=$(stack_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId)"
+        require_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId || return 1
+        PARAMS+=("HubSecurityGroupId=$OUTPUT")
       else
-        echo "HubCidr=$(vpc_cidr 0)"
+        PARAMS+=("HubCidr=$(vpc_cidr 0)")
       fi
       ;;
   esac
@@ -241,16 +255,20 @@ stack_parameters() {  # template region index
 # Accepts the peering a regional network stack requested and routes both VPCs' private subnets to each other,
 # so hubs reach workers' private IPs on port 8000. Idempotent: accepting twice fails harmlessly, routes are replaced.
 peer_with_home() {  # region index
-  local region="$1" index="$2" pcx
-  pcx="$(stack_output "$region" "$(stack_name network)" PeeringConnectionId)"
+  local region="$1" index="$2" pcx home_tables tables
+  require_output "$region" "$(stack_name network)" PeeringConnectionId || die "cannot peer $region with $HOME_REGION"
+  pcx="$OUTPUT"
+  require_output "$HOME_REGION" "$(stack_name network)" PrivateRouteTableIds || die "cannot route to $region"
+  home_tables="$OUTPUT"
+  require_output "$region" "$(stack_name network)" PrivateRouteTableIds || die "cannot route to $HOME_REGION"
+  tables="$OUTPUT"
   log "peering $region with $HOME_REGION ($pcx)"
   aws_run ec2 accept-vpc-peering-connection --region "$HOME_REGION" --vpc-peering-connection-id "$pcx" \
     --query VpcPeeringConnection.Status.Code --output text || true
   aws_run ec2 wait vpc-peering-connection-exists --region "$HOME_REGION" --vpc-peering-connection-ids "$pcx" \
     --filters Name=status-code,Values=active
-  add_routes "$HOME_REGION" "$(stack_output "$HOME_REGION" "$(stack_name network)" PrivateRouteTableIds)" \
-    "$(vpc_cidr "$index")" "$pcx"
-  add_routes "$region" "$(stack_output "$region" "$(stack_name network)" PrivateRouteTableIds)" "$(vpc_cidr 0)" "$pcx"
+  add_routes "$HOME_REGION" "$home_tables" "$(vpc_cidr "$index")" "$pcx"
+  add_routes "$region" "$tables" "$(vpc_cidr 0)" "$pcx"
 }
 
 add_routes() {  # region comma-separated-route-tables cidr pcx
@@ -311,22 +329,33 @@ cmd_plan() {
   cmd_validate >&2
   resolve_names
   build_wheel
-  local template region index stack change_set type
+  local template region index stack change_set type status
   change_set="plan-$(date -u +%Y%m%d%H%M%S)"
   PARAMS_FILE="$(mktemp)"
   trap 'rm -f "$PARAMS_FILE"' EXIT
   while read -r template region index <&3; do
     stack="$(stack_name "$template")"
     log "change set $change_set of $stack in $region"
+    # A stack in REVIEW_IN_PROGRESS has no resources: it is what deleting a CREATE change set leaves behind (an
+    # earlier plan). It takes another CREATE change set, never an UPDATE one.
+    status=""
     if [[ $DRY_RUN -eq 1 ]]; then
-      aws_run cloudformation describe-stacks --region "$region" --stack-name "$stack" --query 'Stacks[0].StackStatus'
-      type=CREATE
-    elif aws cloudformation describe-stacks --region "$region" --stack-name "$stack" >/dev/null 2>&1; then
-      type=UPDATE
-    else
-      type=CREATE
+      aws_run cloudformation describe-stacks --region "$region" --stack-name "$stack" --query 'Stacks[0].StackStatus' \
+        --output text
+    else  # fails when the stack does not exist
+      status="$(aws cloudformation describe-stacks --region "$region" --stack-name "$stack" \
+        --query 'Stacks[0].StackStatus' --output text 2>/dev/null)" || status=""
     fi
-    stack_parameters "$template" "$region" "$index" | python3 -c '
+    if [[ -z $status || $status == None || $status == REVIEW_IN_PROGRESS ]]; then
+      type=CREATE
+    else
+      type=UPDATE
+    fi
+    if ! stack_parameters "$template" "$region" "$index"; then
+      log "no change set for $stack in $region: it needs that output (expected until the stacks it uses exist)"
+      continue
+    fi
+    printf '%s\n' "${PARAMS[@]}" | python3 -c '
 import json, sys
 print(json.dumps([{"ParameterKey": k, "ParameterValue": v}
                   for k, v in (line.rstrip("\n").split("=", 1) for line in sys.stdin)]))' >"$PARAMS_FILE"
@@ -359,15 +388,14 @@ cmd_deploy() {
   build_wheel
   upload_wheel
   local template region index stack
-  local -a params
   while read -r template region index <&3; do
     stack="$(stack_name "$template")"
-    mapfile -t params < <(stack_parameters "$template" "$region" "$index")
+    stack_parameters "$template" "$region" "$index" || die "stopping before $stack in $region"
     log "deploying $stack in $region"
     aws_run cloudformation deploy --region "$region" --stack-name "$stack" \
       --template-file "$TEMPLATES/$template.yaml" --capabilities CAPABILITY_IAM \
       --no-fail-on-empty-changeset --tags "gpu-fleet:env=$ENV_NAME" \
-      --parameter-overrides "${params[@]}"
+      --parameter-overrides "${PARAMS[@]}"
     if [[ $template == network && $region != "$HOME_REGION" ]]; then
       peer_with_home "$region" "$index"
     fi

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +116,7 @@ def test_hub_group_alb_dns_and_cloudfront() -> None:
     assert asg["HealthCheckType"] == "ELB"
     assert "Fn::Split" in asg["VPCZoneIdentifier"]  # the three private subnets
     tg = one(t, "AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]
-    assert tg["HealthCheckPath"] == "/ready"
+    assert tg["HealthCheckPath"] == "/health"  # see test_hub_health_check_survives_a_redis_failover
     assert tg["Port"] == 8080
     listeners = [r["Properties"] for r in resources(t, "AWS::ElasticLoadBalancingV2::Listener")]
     https = [lst for lst in listeners if lst["Protocol"] == "HTTPS"]
@@ -167,7 +170,8 @@ def test_worker_group_mixes_spot_and_on_demand_with_rebalance_hook_and_warm_pool
     assert mixed["InstancesDistribution"]["OnDemandPercentageAboveBaseCapacity"] == 0
     assert asg["CapacityRebalance"] == {"Fn::If": ["UseSpotMix", True, False]}
     hooks = asg["LifecycleHookSpecificationList"]
-    assert [h["LifecycleTransition"] for h in hooks] == ["autoscaling:EC2_INSTANCE_TERMINATING"]
+    assert [h["LifecycleTransition"] for h in hooks] == ["autoscaling:EC2_INSTANCE_TERMINATING",
+                                                         "autoscaling:EC2_INSTANCE_LAUNCHING"]
     warm = one(t, "AWS::AutoScaling::WarmPool")
     assert warm["Condition"] == "UseWarmPool"
     assert t["Parameters"]["ImageId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
@@ -206,3 +210,218 @@ def test_worker_user_data_sets_the_worker_environment() -> None:
     hook = asg["LifecycleHookSpecificationList"][0]["LifecycleHookName"]["Fn::Sub"]
     assert f'"FLEET_LIFECYCLE_HOOK_NAME": "{hook}"' in script
     assert f'"FLEET_AUTOSCALING_GROUP": "{asg["AutoScalingGroupName"]["Fn::Sub"]}"' in script
+
+
+def test_hub_health_check_survives_a_redis_failover() -> None:
+    """The target group's check is the ASG's (HealthCheckType ELB): it must not depend on Redis, or a long failover
+    replaces every hub at once. /health answers while Redis is down; /ready does not."""
+    t = load("hub")
+    assert one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]["HealthCheckType"] == "ELB"
+    tg = one(t, "AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]
+    assert tg["HealthCheckPath"] == "/health"
+    ops = (ROOT / "hub" / "api" / "ops.py").read_text()
+    health = ops.split('@router.get("/health")')[1].split("@router")[0]
+    assert "store" not in health and "ping" not in health  # the route really is Redis-free
+
+
+def test_a_release_does_not_reset_the_hub_group_size() -> None:
+    asg = one(load("hub"), "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert "DesiredCapacity" not in asg
+    assert asg["MinSize"] == {"Ref": "MinSize"}
+
+
+def test_redis_admits_only_the_hubs_security_group() -> None:
+    redis, hub = load("redis"), load("hub")
+    group = one(redis, "AWS::EC2::SecurityGroup")["Properties"]
+    assert "SecurityGroupIngress" not in group
+    assert "CidrIp" not in str(redis["Resources"])
+    assert resources(redis, "AWS::EC2::SecurityGroupIngress") == []
+    export = redis["Outputs"]["SecurityGroupId"]
+    assert export["Value"] == {"Ref": "SecurityGroup"}
+    assert export["Export"]["Name"] == {"Fn::Sub": "${EnvName}-redis-SecurityGroupId"}
+    [rule] = [r["Properties"] for r in resources(hub, "AWS::EC2::SecurityGroupIngress")
+              if r["Properties"]["GroupId"] == {"Fn::ImportValue": {"Fn::Sub": "${EnvName}-redis-SecurityGroupId"}}]
+    hub_group = next(name for name, r in hub["Resources"].items() if r["Type"] == "AWS::EC2::SecurityGroup"
+                     and "Hubs" in r["Properties"]["GroupDescription"])
+    assert rule["SourceSecurityGroupId"] == {"Ref": hub_group}
+    assert one(hub, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["SecurityGroupIds"] == [
+        {"Ref": hub_group}]
+    port = {"Fn::ImportValue": {"Fn::Sub": "${EnvName}-redis-Port"}}
+    assert rule["FromPort"] == port and rule["ToPort"] == port
+    assert "CidrIp" not in rule
+
+
+def test_workers_only_run_an_engine_the_stack_can_configure() -> None:
+    engine = load("gpu-workers")["Parameters"]["Engine"]
+    assert engine["AllowedValues"] == ["synthetic"]  # voice needs extras, LiveKit keys and a public audio URL
+    assert engine["Default"] == "synthetic"
+
+
+def test_worker_group_has_a_launch_hook_that_abandons_by_default() -> None:
+    t = load("gpu-workers")
+    asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    [hook] = [h for h in asg["LifecycleHookSpecificationList"]
+              if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING"]
+    assert hook["DefaultResult"] == "ABANDON"
+    assert hook["HeartbeatTimeout"] >= 900  # apt (with its 300 s lock wait), venv, pip
+    # The instance role may complete it: CompleteLifecycleAction is scoped to this very group.
+    lifecycle = {s["Sid"]: s for s in _statements(t)}["OwnGroupLifecycle"]
+    assert "autoscaling:CompleteLifecycleAction" in lifecycle["Action"]
+    assert lifecycle["Resource"]["Fn::Sub"].endswith("autoScalingGroupName/" + asg["AutoScalingGroupName"]["Fn::Sub"])
+
+
+def _worker_script() -> str:
+    script: str = one(load("gpu-workers"), "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"][
+        "UserData"]["Fn::Base64"]["Fn::Sub"]
+    return script
+
+
+def test_worker_unit_is_not_restarted_after_a_clean_drain_and_apt_waits_for_the_lock() -> None:
+    script = _worker_script()
+    assert "Restart=on-failure" in script
+    assert "Restart=always" not in script
+    apt = [line.strip() for line in script.splitlines() if re.match(r"\s*apt-get\b", line)]
+    assert apt and all("-o DPkg::Lock::Timeout=300" in line for line in apt), apt
+    # add-apt-repository would run its own `apt-get update` without the timeout.
+    assert all("--no-update" in line for line in script.splitlines() if "add-apt-repository" in line)
+
+
+# --- The worker user data, run against fake commands (aws, curl, systemctl, apt, python3.11) -------------------
+
+SUB_VALUES = {"AWS::Region": "eu-west-1", "EnvName": "prod", "HomeRegion": "us-east-1", "Engine": "synthetic",
+              "HubUrl": "https://fleet.example.com", "ArtifactBucket": "bucket",
+              "ArtifactKey": "artifacts/prod/0123/gpu_fleet-0.1.0-py3-none-any.whl",
+              "WorkerTokenSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/gpu-fleet/wt"}
+BASH = shutil.which("bash") or "/bin/bash"
+INSTANCE_ID = "i-0123456789abcdef0"
+
+FAKES = {
+    "aws": """[[ -z "${FAKE_AWS_FAIL:-}" ]] || exit 254""",
+    "systemctl": """[[ "$1 $2" != "${FAKE_SYSTEMCTL_FAIL:-}" ]] || exit 1""",
+    "curl": f"""case "${{@: -1}}" in
+  */latest/api/token) echo TOKEN ;;
+  */meta-data/instance-id) echo {INSTANCE_ID} ;;
+  */meta-data/autoscaling/target-lifecycle-state)
+    [[ -n "${{FAKE_TARGET_STATE:-}}" ]] || exit 22
+    echo "$FAKE_TARGET_STATE" ;;
+  *) exit 22 ;;
+esac""",
+    # The venv's pip and python are copies of the two fakes below.
+    "python3.11": """[[ "$1 $2" != "-m venv" ]] || { mkdir -p "$3/bin"; cp "${0%/*}"/{pip,python} "$3/bin/"; }""",
+    "pip": """[[ -z "${FAKE_PIP_FAIL:-}" ]]""",
+    "python": "cat > /dev/null",  # reads its heredoc, downloads nothing
+    "apt-get": "", "add-apt-repository": "", "sleep": "",
+}
+
+
+def _sub(script: str) -> str:
+    """What Fn::Sub makes of the script: ${Param} replaced, ${!literal} unescaped; an unknown name fails."""
+    return re.sub(r"\$\{(!?)([^}]+)\}", lambda m: "${" + m[2] + "}" if m[1] else SUB_VALUES[m[2]], script)
+
+
+def _run_bootstrap(tmp_path: Path, *, script: str | None = None, aws: bool = True,
+                   env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], list[list[str]], Path]:
+    root = tmp_path / "root"
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    text = _sub(script if script is not None else _worker_script())
+    for path in ("/opt/fleet", "/etc/systemd/system", "/var/lib/fleet"):
+        text = text.replace(path, f"{root}{path}")
+    (tmp_path / "user-data.sh").write_text(text)
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    for name, body in FAKES.items():
+        if name == "aws" and not aws:
+            continue
+        (fakes / name).write_text(f"#!{BASH}\n(IFS=$'\\x1f'; echo \"{name}\"$'\\x1f'\"$*\") >> \"$FAKE_LOG\"\n{body}\n")
+        (fakes / name).chmod(0o755)
+    tools = tmp_path / "tools"  # only these real commands: no real aws, curl or systemctl can be reached
+    tools.mkdir()
+    for tool in ("mkdir", "cat", "chmod", "touch", "rm", "cp"):
+        found = shutil.which(tool)
+        assert found
+        (tools / tool).symlink_to(found)
+    log = tmp_path / "calls"
+    proc = subprocess.run([BASH, str(tmp_path / "user-data.sh")], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{fakes}:{tools}", "FAKE_LOG": str(log), **env})
+    calls = [line.split("\x1f") for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls, root
+
+
+def _hook_completions(calls: list[list[str]]) -> list[str]:
+    """The lifecycle-action results the script sent, after checking each targets this instance's launch hook."""
+    template = load("gpu-workers")
+    asg = one(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    [hook] = [h for h in asg["LifecycleHookSpecificationList"]
+              if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING"]
+    results = []
+    for call in calls:
+        if call[:3] != ["aws", "autoscaling", "complete-lifecycle-action"]:
+            continue
+        arg = dict(zip(call[3::2], call[4::2], strict=True))
+        assert arg["--lifecycle-hook-name"] == _sub(hook["LifecycleHookName"]["Fn::Sub"])
+        assert arg["--auto-scaling-group-name"] == _sub(asg["AutoScalingGroupName"]["Fn::Sub"])
+        assert arg["--instance-id"] == INSTANCE_ID
+        assert arg["--region"] == "eu-west-1"
+        results.append(arg["--lifecycle-action-result"])
+    return results
+
+
+def test_worker_bootstrap_completes_the_launch_hook_after_starting_the_worker(tmp_path: Path) -> None:
+    proc, calls, root = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "InService"})
+    assert proc.returncode == 0, proc.stderr
+    assert _hook_completions(calls) == ["CONTINUE"]
+    names = [c[0] if c[0] != "systemctl" else " ".join(c[:3]) for c in calls]
+    assert names.index("systemctl start fleet-worker.service") < names.index("aws")
+    assert names.index("pip") < names.index("aws")
+    unit = (root / "etc/systemd/system/fleet-worker.service").read_text()
+    assert "Restart=on-failure" in unit
+    assert not (root / "var/lib/fleet/warmed").exists()
+
+
+def test_worker_bootstrap_into_the_warm_pool_completes_the_hook_at_both_launches(tmp_path: Path) -> None:
+    proc, calls, root = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "Warmed:Stopped"})
+    assert proc.returncode == 0, proc.stderr
+    assert _hook_completions(calls) == ["CONTINUE"]
+    assert ["systemctl", "start", "fleet-worker.service"] not in calls  # the instance is about to be stopped
+    enabled = [c for c in calls if c[:2] == ["systemctl", "enable"]]
+    assert enabled and {"fleet-launch-hook.service", "fleet-worker.service"} <= set(enabled[0])
+    marker = root / "var/lib/fleet/warmed"
+    assert marker.exists()
+    # Leaving the warm pool the hook pauses the instance again and user data does not rerun: the unit completes it.
+    unit = (root / "etc/systemd/system/fleet-launch-hook.service").read_text()
+    assert f"ConditionPathExists={marker}" in unit
+    assert "Before=fleet-worker.service" in unit
+    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    (tmp_path / "calls").unlink()
+    path = f"{tmp_path / 'fakes'}:{tmp_path / 'tools'}"
+    again = subprocess.run(exec_start.split(), capture_output=True, text=True, timeout=30,
+                           env={"PATH": path, "FAKE_LOG": str(tmp_path / "calls")})
+    assert again.returncode == 0, again.stderr
+    assert _hook_completions([line.split("\x1f") for line in (tmp_path / "calls").read_text().splitlines()]) == [
+        "CONTINUE"]
+
+
+@pytest.mark.parametrize("failure", [{"FAKE_PIP_FAIL": "1"}, {"FAKE_SYSTEMCTL_FAIL": "start fleet-worker.service"}],
+                         ids=["pip", "worker-start"])
+def test_a_failed_worker_bootstrap_abandons_the_launch(tmp_path: Path, failure: dict[str, str]) -> None:
+    proc, calls, _ = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "InService", **failure})
+    assert proc.returncode != 0
+    assert _hook_completions(calls) == ["ABANDON"]
+    assert "bootstrap failed" in proc.stderr
+
+
+def test_worker_bootstrap_without_an_aws_cli_fails_clearly(tmp_path: Path) -> None:
+    proc, calls, _ = _run_bootstrap(tmp_path, aws=False, env={"FAKE_TARGET_STATE": "InService"})
+    assert proc.returncode != 0
+    assert "aws CLI" in proc.stderr
+    assert not [c for c in calls if c[0] in ("apt-get", "pip", "systemctl")]
+
+
+def test_the_bootstrap_harness_does_see_a_script_that_never_completes_the_hook(tmp_path: Path) -> None:
+    """Guards the tests above: a script that installs and starts the worker but has no hook call is caught."""
+    script = _worker_script()
+    cut = script[:script.index("/opt/fleet/launch-hook.sh CONTINUE\ntrap - ERR")]
+    proc, calls, _ = _run_bootstrap(tmp_path, script=cut, env={"FAKE_TARGET_STATE": "InService"})
+    assert proc.returncode == 0, proc.stderr
+    assert ["systemctl", "start", "fleet-worker.service"] in calls
+    assert _hook_completions(calls) == []

@@ -23,12 +23,43 @@ FAKE_AWS = f"""#!{BASH}
 # Records each call as one line of \x1f-separated args, answers what deploy.sh asks.
 (IFS=$'\x1f'; echo "aws"$'\x1f'"$*") >> "$FAKE_LOG"
 args="$*"
+all=("$@")
+arg() {{  # the value after option $1
+  local i
+  for i in "${{!all[@]}}"; do [[ ${{all[$i]}} != "$1" ]] || {{ echo "${{all[$((i + 1))]}}"; return; }}; done
+}}
 case "$args" in
   "sts get-caller-identity"*) echo 123456789012 ;;
   "route53 "*) echo /hostedzone/ZFAKE123 ;;
   "acm "*) echo arn:aws:acm:us-east-1:123456789012:certificate/fake ;;
   "secretsmanager "*) echo {SECRET} ;;
-  *"describe-stacks"*OutputKey*) echo "output-of-$(echo "$args" | sed -n "s/.*OutputKey=='\\([A-Za-z]*\\)'.*/\\1/p")" ;;
+  *"describe-stacks"*OutputKey*)
+    key="$(echo "$args" | sed -n "s/.*OutputKey=='\\([A-Za-z]*\\)'.*/\\1/p")"
+    # FAKE_OUTPUTS_EMPTY / _NONE / _FAIL: space-separated output keys answered empty, None, or with an error.
+    case " ${{FAKE_OUTPUTS_EMPTY:-}} " in *" $key "*) echo; exit 0 ;; esac
+    case " ${{FAKE_OUTPUTS_NONE:-}} " in *" $key "*) echo None; exit 0 ;; esac
+    case " ${{FAKE_OUTPUTS_FAIL:-}} " in *" $key "*) echo "An error occurred (AccessDenied)" >&2; exit 254 ;; esac
+    echo "output-of-$key" ;;
+  # With FAKE_STATE_DIR, stacks have a status (one file per region and stack) as CloudFormation keeps it: a CREATE
+  # change set makes a REVIEW_IN_PROGRESS stack, which refuses UPDATE change sets.
+  "cloudformation describe-stacks"*)
+    if [[ -n "${{FAKE_STATE_DIR:-}}" ]]; then
+      state="$FAKE_STATE_DIR/$(arg --region)-$(arg --stack-name)"
+      if [[ ! -f $state ]]; then
+        echo "An error occurred (ValidationError): Stack with id $(arg --stack-name) does not exist" >&2
+        exit 254
+      fi
+      cat "$state"
+    fi ;;
+  "cloudformation create-change-set"*)
+    if [[ -n "${{FAKE_STATE_DIR:-}}" ]]; then
+      state="$FAKE_STATE_DIR/$(arg --region)-$(arg --stack-name)"
+      if [[ $(arg --change-set-type) == UPDATE && "$(cat "$state" 2>/dev/null)" == REVIEW_IN_PROGRESS ]]; then
+        echo "An error occurred (ValidationError): Stack is in REVIEW_IN_PROGRESS state and can not be updated." >&2
+        exit 254
+      fi
+      [[ -f $state ]] || echo REVIEW_IN_PROGRESS > "$state"
+    fi ;;
   *"describe-change-set"*) echo "| Add | LoadBalancer | AWS::ElasticLoadBalancingV2::LoadBalancer |" ;;
 esac
 exit 0
@@ -163,6 +194,7 @@ def test_deploy_runs_in_order_idempotently_and_never_handles_a_secret(env: dict[
     assert "WorkerTokenSecretArn=output-of-WorkerTokenSecretArn" in workers[0]
     assert "HubSecurityGroupId=output-of-HubSecurityGroupId" in workers[0]
     assert "HubCidr=10.40.0.0/16" in workers[1]
+    assert all("Engine=synthetic" in c for c in workers)  # the default engine
     # Hubs reach workers of other regions over a peering the regional network stack requests and deploy.sh accepts.
     regional_net = next(c for c in deploys if "gpu-fleet-prod-network" in c and "eu-west-1" in c)
     assert "PeerVpcId=output-of-VpcId" in regional_net and "PeerRegion=us-east-1" in regional_net
@@ -220,3 +252,79 @@ def test_bad_arguments_fail_with_a_message(env: dict[str, str]) -> None:
     assert missing_env.rc != 0 and "--env is required" in missing_env.out
     bad_region = run(env, "deploy", "--env", "prod", "--regions", "mars-1", "--domain", "d")
     assert bad_region.rc != 0 and "not an AWS region" in bad_region.out
+
+
+def test_plan_twice_before_the_first_deploy(env: dict[str, str], tmp_path: Path) -> None:
+    """Deleting a CREATE change set leaves the stack in REVIEW_IN_PROGRESS: the next plan must CREATE again."""
+    state = tmp_path / "stacks"
+    state.mkdir()
+    args = ["plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"]]
+    first = run(env, *args, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert first.rc == 0, first.out
+    assert sorted(p.read_text().strip() for p in state.iterdir()) == ["REVIEW_IN_PROGRESS"] * 7
+    Path(env["FAKE_LOG"]).unlink()
+    second = run(env, *args, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert second.rc == 0, second.out
+    created = second.aws("cloudformation", "create-change-set")
+    assert [c[c.index("--change-set-type") + 1] for c in created] == ["CREATE"] * 7
+
+
+def test_plan_updates_a_stack_that_exists(env: dict[str, str], tmp_path: Path) -> None:
+    state = tmp_path / "stacks"
+    state.mkdir()
+    (state / "us-east-1-gpu-fleet-prod-hub").write_text("UPDATE_COMPLETE\n")
+    result = run(env, "plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_STATE_DIR": str(state)})
+    assert result.rc == 0, result.out
+    types = {c[c.index("--stack-name") + 1] + "@" + c[c.index("--region") + 1]: c[c.index("--change-set-type") + 1]
+             for c in result.aws("cloudformation", "create-change-set")}
+    assert types.pop("gpu-fleet-prod-hub@us-east-1") == "UPDATE"
+    assert set(types.values()) == {"CREATE"}
+
+
+@pytest.mark.parametrize("answer", ["EMPTY", "NONE", "FAIL"])
+@pytest.mark.parametrize(("output", "stack", "stops_before"), [
+    ("HubSecurityGroupId", "gpu-fleet-prod-hub", ("gpu-fleet-prod-gpu-workers", "us-east-1")),
+    ("WorkerTokenSecretArn", "gpu-fleet-prod-secrets", ("gpu-fleet-prod-gpu-workers", "us-east-1")),
+    ("VpcId", "gpu-fleet-prod-network", ("gpu-fleet-prod-network", "eu-west-1")),
+])
+def test_deploy_stops_on_a_missing_stack_output(env: dict[str, str], output: str, stack: str,
+                                                 stops_before: tuple[str, str], answer: str) -> None:
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={f"FAKE_OUTPUTS_{answer}": output})
+    assert result.rc != 0
+    assert f"stack {stack} in us-east-1 has no output {output}" in result.out
+    assert f"stopping before {stops_before[0]} in {stops_before[1]}" in result.out
+    deployed = [(c[c.index("--stack-name") + 1], c[c.index("--region") + 1])
+                for c in result.aws("cloudformation", "deploy")]
+    assert stops_before not in deployed
+    for call in result.aws("cloudformation", "deploy"):
+        assert not {"HubSecurityGroupId=", "WorkerTokenSecretArn=", "PeerVpcId="} & set(call)
+        assert not any(a.endswith("=None") for a in call)
+
+
+def test_deploy_does_not_peer_with_a_missing_peering_id(env: dict[str, str]) -> None:
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_OUTPUTS_NONE": "PeeringConnectionId"})
+    assert result.rc != 0
+    assert "stack gpu-fleet-prod-network in eu-west-1 has no output PeeringConnectionId" in result.out
+    assert not result.aws("ec2")
+
+
+def test_plan_skips_a_stack_whose_inputs_do_not_exist_yet(env: dict[str, str]) -> None:
+    result = run(env, "plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_OUTPUTS_FAIL": "HubSecurityGroupId"})
+    assert result.rc == 0, result.out
+    assert "no change set for gpu-fleet-prod-gpu-workers in us-east-1" in result.out
+    assert "has no output HubSecurityGroupId" in result.out
+    created = [(c[c.index("--stack-name") + 1], c[c.index("--region") + 1])
+               for c in result.aws("cloudformation", "create-change-set")]
+    assert len(created) == 6 and ("gpu-fleet-prod-gpu-workers", "us-east-1") not in created
+
+
+def test_the_voice_engine_is_refused_before_any_aws_call(env: dict[str, str]) -> None:
+    for command in ("deploy", "plan"):
+        result = run(env, command, *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice")
+        assert result.rc != 0
+        assert "--engine voice cannot be deployed" in result.out and "local/dev" in result.out
+        assert not result.aws("cloudformation") and not result.aws("s3")
