@@ -236,7 +236,7 @@ stack_parameters() {  # template region index
     hub)
       PARAMS+=("DomainName=$DOMAIN" "HostedZoneId=$HOSTED_ZONE_ID" "CertificateArn=$CERTIFICATE_ARN"
                "CloudFrontCertificateArn=$CLOUDFRONT_CERTIFICATE_ARN" "ArtifactBucket=$BUCKET"
-               "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON")
+               "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON" "WorkerRegions=$REGIONS")
       ;;
     gpu-workers)
       PARAMS+=("HubUrl=https://$DOMAIN" "HomeRegion=$HOME_REGION")

@@ -140,6 +140,10 @@ def test_hub_user_data_runs_the_wheel_in_prod_with_secrets_from_secrets_manager(
     assert "get_secret_value" in script
     assert "${ArtifactKey}" in script
     assert data["MetadataOptions"]["HttpTokens"] == "required"
+    # Every worker group's region gets capacity datapoints, so a group at zero scales out.
+    assert '"FLEET_CLOUDWATCH_WORKER_REGIONS": json.dumps([r for r in "${WorkerRegionList}".split(",") if r])' in script
+    variables = data["UserData"]["Fn::Base64"]["Fn::Sub"][1]
+    assert variables["WorkerRegionList"] == {"Fn::Join": [",", {"Ref": "WorkerRegions"}]}
 
 
 def _statements(template: dict[str, Any]) -> list[dict[str, Any]]:

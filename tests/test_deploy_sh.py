@@ -188,6 +188,7 @@ def test_deploy_runs_in_order_idempotently_and_never_handles_a_secret(env: dict[
     key = uploads[0][3].split("/", 3)[3]
     hub = next(c for c in deploys if "gpu-fleet-prod-hub" in c)
     assert f"ArtifactKey={key}" in hub
+    assert f"WorkerRegions={REGIONS}" in hub
     assert "HostedZoneId=ZFAKE123" in hub
     assert "CertificateArn=arn:aws:acm:us-east-1:123456789012:certificate/fake" in hub
     workers = [c for c in deploys if "gpu-fleet-prod-gpu-workers" in c]
