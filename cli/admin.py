@@ -6,10 +6,13 @@ Every failure ends in one line on stderr and a distinct exit code, never a trace
 
 from __future__ import annotations
 
+import functools
 import json as jsonlib
 import os
+import re
 import time
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -17,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.auth import DEFAULT_ADMIN_TOKEN
+from shared.keys import WORKER_ID_PATTERN
 
 EXIT_ERROR, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4, 5
 DEFAULT_HUB = "http://127.0.0.1:8080"
@@ -45,7 +49,11 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
             resp = client.request(method, url, params=query, headers={"Authorization": f"Bearer {token}"})
     except httpx.TimeoutException:
         _fail(f"the hub at {hub} did not answer in time", EXIT_UNAVAILABLE)
-    except httpx.HTTPError as exc:  # connection refused, DNS, bad URL…
+    except httpx.InvalidURL as exc:
+        _fail(f"--hub {hub!r} is not a usable URL: {exc}", EXIT_ERROR)
+    except UnicodeError:
+        _fail("the admin token must be ASCII (it travels in an HTTP header)", EXIT_ERROR)
+    except httpx.HTTPError as exc:  # connection refused, DNS…
         _fail(f"cannot reach the hub at {hub}: {exc.__class__.__name__}: {exc}", EXIT_UNAVAILABLE)
     if resp.is_success:
         try:
@@ -61,9 +69,33 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
         _fail(f"the hub refused the admin token (set FLEET_ADMIN_TOKEN or --token): {message}", EXIT_AUTH)
     if resp.status_code == 404:
         _fail(message, EXIT_NOT_FOUND)
-    if resp.status_code == 503:
+    if resp.status_code in (502, 503, 504):  # 502/504: a load balancer with no hub behind it
         _fail(f"the hub is unavailable: {message}", EXIT_UNAVAILABLE)
     _fail(f"the hub answered {resp.status_code}: {message}", EXIT_ERROR)
+
+
+def _worker_path(worker_id: str) -> str:
+    """The worker's path segment; an id no worker can have is unknown here, before it can reach a URL."""
+    if not re.fullmatch(WORKER_ID_PATTERN, worker_id):
+        _fail(f"no worker can have the id {worker_id!r} (letters, digits, '.', '_', '-'; at most 64)",
+              EXIT_NOT_FOUND)
+    return f"/api/v1/workers/{worker_id}"
+
+
+_Command = TypeVar("_Command", bound=Callable[..., None])
+
+
+def _tolerant(command: _Command) -> _Command:
+    """A hub's success answer of an unexpected shape (an older or newer hub, a proxy's page) is one line, not a
+    traceback."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            _fail(f"the hub's answer lacks what this command reads ({type(exc).__name__}: {exc})", EXIT_ERROR)
+
+    return run  # type: ignore[return-value]
 
 
 def _print_json(data: Any) -> None:
@@ -103,11 +135,12 @@ def workers_table(workers: list[dict[str, Any]], title: str | None = None) -> Ta
     return table
 
 
+@_tolerant
 def show_worker(worker_id: str, hub: str = DEFAULT_HUB, json: bool = False,
                 token: str | None = None) -> None:
     """``fleet worker ID``: one worker in full. The token defaults to FLEET_ADMIN_TOKEN, then the dev token."""
     token = token or os.environ.get("FLEET_ADMIN_TOKEN") or DEFAULT_ADMIN_TOKEN
-    w = call(hub, token, "GET", f"/api/v1/workers/{worker_id}")
+    w = call(hub, token, "GET", _worker_path(worker_id))
     if json:
         _print_json(w)
         return
@@ -144,9 +177,15 @@ def workers(
 
 
 def _steer(worker_id: str, hub: str, token: str, action: str) -> None:
-    w = call(hub, token, "POST", f"/api/v1/workers/{worker_id}/{action}")
-    verb = "draining: no new sessions, running ones finish" if action == "drain" else "ready: taking sessions again"
-    _out.print(f"{w['worker_id']} is {verb} ({w['used_streams']}/{w['max_streams']} streams in use)")
+    w = call(hub, token, "POST", f"{_worker_path(worker_id)}/{action}")
+    streams = f"({w['used_streams']}/{w['max_streams']} streams in use)"
+    if w["state"] == "ready":
+        _out.print(f"{w['worker_id']} is ready: taking sessions again {streams}")
+    elif action == "drain":
+        _out.print(f"{w['worker_id']} is draining: no new sessions, running ones finish {streams}")
+    else:  # the hub lifted the SRE drain, but the worker drains on its own account (it is leaving)
+        _fail(f"{w['worker_id']} is still draining: it drains on its own (leaving), not at an SRE's request "
+              f"{streams}", EXIT_ERROR)
 
 
 def drain(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt, token: str = TokenOpt) -> None:
@@ -230,4 +269,4 @@ def explain(
 def register(app: typer.Typer) -> None:
     """Add the SRE commands to the ``fleet`` app."""
     for command in (workers, drain, resume, sessions, capacity, explain):
-        app.command()(command)
+        app.command()(_tolerant(command))

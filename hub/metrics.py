@@ -67,7 +67,8 @@ class _BoardCollector(Collector):
                                      labels=["region", "state"])
         used = GaugeMetricFamily("fleet_streams_used", "Stream slots in use on live workers.", labels=["region"])
         free = GaugeMetricFamily("fleet_streams_free", "Free stream slots on live, ready workers.", labels=["region"])
-        capacity = GaugeMetricFamily("fleet_streams_max", "Stream slots of live, ready workers (used + free).",
+        capacity = GaugeMetricFamily("fleet_streams_max",
+                                     "Stream slots of live, ready workers; fullness is 1 - free / max.",
                                      labels=["region"])
         age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds", "Oldest heartbeat among live workers.",
                                 labels=["region"])

@@ -188,6 +188,10 @@ def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
 @pytest.mark.parametrize(("args", "token", "code", "words"), [
     (["drain", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker no-such-worker"),
     (["workers"], "wrong-token", admin.EXIT_AUTH, "FLEET_ADMIN_TOKEN"),
+    # httpx would resolve '..' and drain another worker, or show another route's answer
+    (["drain", "x/../gpu-use1-b"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker can have the id"),
+    (["sessions", "--worker", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "not registered"),
+    (["workers"], "tökén", admin.EXIT_ERROR, "must be ASCII"),
 ])
 def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str], token: str, code: int,
                                               words: str) -> None:
@@ -195,6 +199,44 @@ def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str]
     assert result.exit_code == code, result.output
     assert words in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_says_when_the_worker_still_drains_on_its_own(live_hub: LiveHub) -> None:
+    """The hub lifts an SRE's drain only; a worker leaving on its own (scale-in, spot) stays draining."""
+    live_hub.heartbeat("gpu-use1-b", state="draining")
+    resumed = fleet(live_hub, "resume", "gpu-use1-b")
+    assert resumed.exit_code == admin.EXIT_ERROR and "still draining" in resumed.output, resumed.output
+    assert "ready" not in resumed.output
+
+
+@pytest.mark.parametrize(("status", "body", "code"), [
+    (502, "<html>Bad Gateway</html>", admin.EXIT_UNAVAILABLE),  # a load balancer with no hub behind it
+    (504, "", admin.EXIT_UNAVAILABLE),
+    (200, "{}", admin.EXIT_ERROR),  # a success of an unexpected shape
+    (200, "[]", admin.EXIT_ERROR),
+])
+def test_odd_answers_are_one_line_and_an_exit_code(status: int, body: str, code: int) -> None:
+    import http.server
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for args in (["workers"], ["capacity"], ["worker", "w-1"]):
+            result = runner.invoke(app, [*args, "--hub", f"http://127.0.0.1:{server.server_address[1]}"])
+            assert result.exit_code == code, (args, result.output)
+            assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.standalone_redis

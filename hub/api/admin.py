@@ -61,9 +61,9 @@ async def fleet_capacity(hub: HubDep) -> FleetCapacity:
 @router.get("/sessions", response_model=SessionList)
 async def list_sessions(hub: HubDep, worker_id: Annotated[str | None, Query(pattern=WORKER_ID_PATTERN)] = None,
                         region: Annotated[str | None, Query(max_length=32)] = None) -> SessionList:
-    workers = [w for w in await hub.registry.list(region=region) if worker_id in (None, w.worker_id)]
-    alive = {w.worker_id for w in workers if w.alive}
-    held = await hub.store.sessions_of([w.worker_id for w in workers], alive=alive)
+    liveness = await hub.registry.liveness(region=region, worker_id=worker_id)
+    alive = {wid for wid, is_alive in liveness.items() if is_alive}
+    held = await hub.store.sessions_of(list(liveness), alive=alive)
     sessions = [
         SessionSummary(session_id=sid, session_key=r.get("session_key"), worker_id=r["worker_id"],
                        worker_region=r["worker_region"], livekit_region=r["livekit_region"], room=r["room"],

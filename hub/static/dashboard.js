@@ -125,11 +125,13 @@ function drawWorkers() {
               el("td", `${w.used_streams}/${w.max_streams}`), el("td", `${Math.round(load(w) * 100)}%`),
               el("td", `${Math.round(w.gpu_utilization)}%`), el("td", `${Math.round(w.latency_ms)} ms`),
               el("td", age(w.heartbeat_age_s)));
-    const draining = w.state === "draining";
-    const button = el("button", draining ? "Resume" : "Drain", draining ? "resume" : "drain");
+    // Resume lifts an SRE's drain only; a worker draining on its own account is leaving and cannot be resumed.
+    const resumable = w.drain_requested;
+    const leaving = w.state === "draining" && !resumable;
+    const button = el("button", leaving ? "Leaving" : resumable ? "Resume" : "Drain", resumable ? "resume" : "drain");
     button.type = "button";
-    button.disabled = state.busy.has(w.worker_id);
-    button.addEventListener("click", () => steer(w.worker_id, draining ? "resume" : "drain"));
+    button.disabled = leaving || state.busy.has(w.worker_id);
+    button.addEventListener("click", () => steer(w.worker_id, resumable ? "resume" : "drain"));
     const cell = el("td");
     cell.append(button);
     tr.append(cell);
