@@ -38,6 +38,10 @@ local function effective_state()
   if st[1] == '1' or st[2] == 'draining' then return 'draining' end
   return 'ready'
 end
+-- Whether an SRE drained the worker (1) or not (0), whatever the worker reports itself.
+local function drain_requested()
+  return redis.call('HGET', KEYS[1], 'drain') == '1' and 1 or 0
+end
 -- Keys a script creates outlive the worker no longer than its info hash does.
 local function inherit_ttl()
   local ttl = redis.call('PTTL', KEYS[1])
@@ -60,7 +64,8 @@ REGISTER = _PRELUDE + """
 -- ARGV[3] liveness TTL (ms)
 -- ARGV[4] retention of the worker's keys after its last sign of life (ms)
 -- ARGV[5..] field, value pairs of the registration (url, region, lat, lon, max_streams, static, ...)
--- Returns {1, used, max_streams, state, now} or {-1} when a live worker holds the id with another secret.
+-- Returns {1, used, max_streams, state, now, drain requested (0|1)} or {-1} when a live worker holds the id with
+-- another secret.
 -- Safe to run twice (a client's resend after a lost reply): the new secret is random, so finding it stored means
 -- this very registration already ran.
 local info = redis.call('HMGET', KEYS[1], 'secret', 'hb')
@@ -75,7 +80,7 @@ redis.call('HSET', KEYS[1], 'secret', ARGV[2], 'hb', now, 'registered_at', now, 
 purge_expired(judged_up_to())
 keep(tonumber(ARGV[4]))
 return {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')), effective_state(),
-        now}
+        now, drain_requested()}
 """
 
 HEARTBEAT = _PRELUDE + """
@@ -88,7 +93,8 @@ HEARTBEAT = _PRELUDE + """
 -- ARGV[6] heartbeat metrics (JSON, stored as is)
 -- ARGV[7] the heartbeat's number ('' when the worker does not number them)
 -- ARGV[8..] ids of the sessions the worker runs
--- Returns {1, used, max_streams, state, now, unknown ids...}, {0} for an unknown worker, {-1} for a bad secret.
+-- Returns {1, used, max_streams, state, now, drain requested (0|1), unknown ids...}, {0} for an unknown worker, {-1}
+-- for a bad secret.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
 local reported = {}
@@ -128,7 +134,7 @@ purge_expired(now)
 redis.call('HSET', KEYS[1], 'hb', now, 'renewed', now, 'worker_state', ARGV[5], 'status', ARGV[6])
 keep(tonumber(ARGV[4]))
 local result = {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')),
-                effective_state(), now}
+                effective_state(), now, drain_requested()}
 -- Sessions the hub does not hold (never confirmed, expired or ended): the worker must stop them.
 for sid, _ in pairs(reported) do result[#result + 1] = sid end
 return result

@@ -133,6 +133,9 @@ class HubSettings(FleetSettings):
             problems.append("FLEET_WORKER_TOKEN must not be the dev default")
         if self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
             problems.append("FLEET_ADMIN_TOKEN must not be the dev default")
+        if self.admin_token.get_secret_value() == self.worker_token.get_secret_value():
+            # Hubs send the worker token to every worker they dispatch to: every GPU host would be an SRE.
+            problems.append("FLEET_ADMIN_TOKEN must differ from FLEET_WORKER_TOKEN")
         if not self.livekit_regions:
             problems.append("FLEET_LIVEKIT_REGIONS must list the LiveKit deployments")
         elif any(d.api_secret.get_secret_value() == DEV_LIVEKIT_SECRET for d in self.livekit_deployments):

@@ -170,7 +170,6 @@ class _Step:
 @dataclass(frozen=True, slots=True)
 class _Beat:
     worker_id: str
-    state: str  # the state the worker reports
     status: str  # the heartbeat's figures, a JSON object
     args: list[Any]
 
@@ -283,7 +282,7 @@ class FleetStore:
             if int(res[0]) != 1:
                 return None
             out = Registered(used=int(res[1]), max_streams=int(res[2]), state=str(res[3]))
-            status = {"hb": int(res[4]), "state": out.state, "drain": False}
+            status = {"hb": int(res[4]), "state": out.state, "drain": int(res[5]) == 1}
             await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
         return out
 
@@ -294,7 +293,7 @@ class FleetStore:
         s = self.settings
         args = [secret_digest, int(s.active_lease_s * 1000), int(s.absent_grace_s * 1000), int(s.retention_s * 1000),
                 state, status, "" if seq is None else seq, *sessions]
-        return await self._heartbeats.submit(_Beat(worker_id, state, status, args))
+        return await self._heartbeats.submit(_Beat(worker_id, status, args))
 
     async def _commit_heartbeats(self, beats: list[_Beat]) -> list[HeartbeatOutcome | Exception]:
         """One pipeline of HEARTBEAT scripts (one per worker slot), then one board write for the whole batch."""
@@ -309,9 +308,9 @@ class FleetStore:
                     outcomes.append(HeartbeatOutcome(status=int(res[0])))
                 else:
                     out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
-                                           unknown_sessions=tuple(str(x) for x in res[5:]))
+                                           unknown_sessions=tuple(str(x) for x in res[6:]))
                     outcomes.append(out)
-                    drain = out.state == "draining" and beat.state == "ready"
+                    drain = int(res[5]) == 1  # an SRE's drain, also while the worker drains on its own
                     board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used]
             if board:
                 off_board = await self._publish_board_batch(board)

@@ -125,6 +125,9 @@ async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> N
 def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
     with pytest.raises(ValidationError, match=r"FLEET_REDIS_URL.*FLEET_WORKER_TOKEN.*FLEET_ADMIN_TOKEN.*LIVEKIT"):
         HubSettings(env="prod")
+    with pytest.raises(ValidationError, match="FLEET_ADMIN_TOKEN must differ from FLEET_WORKER_TOKEN"):
+        HubSettings(env="prod", redis_url=redis_url, worker_token="s" * 32, admin_token="s" * 32,
+                    livekit_regions=json.dumps(LIVEKIT))
     with pytest.raises(ValidationError) as refused:  # the error names what is wrong, never the values it was given
         HubSettings(env="prod", worker_token="w-secret-" * 4, admin_token="a-secret-" * 4)
     assert "w-secret-" not in str(refused.value) and "a-secret-" not in str(refused.value)

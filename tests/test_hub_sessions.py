@@ -121,6 +121,26 @@ async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.Asyn
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
 
 
+async def test_the_list_and_the_worker_view_agree_on_an_sre_drain(hub: httpx.AsyncClient, make_worker) -> None:
+    """Also while the worker drains on its own, and after it registers again."""
+    worker = await make_worker()
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    assert (await hub.post("/api/v1/workers/w-1/drain", headers=ADMIN_AUTH)).status_code == 200
+
+    async def both() -> tuple[bool, bool]:
+        await refresh(hub)
+        [listed] = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+        one = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
+        return listed["drain_requested"], one["drain_requested"]
+
+    await heartbeat(hub, "w-1", secret, [], state="draining")  # and it is leaving on its own
+    assert await both() == (True, True)
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url),
+                           headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+    assert again.status_code == 200
+    assert await both() == (True, True)
+
+
 async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_worker) -> None:
     """A hub that dies between reserve and confirm leaves a pending lease: it must return on its own, at the
     worker's first heartbeat after it lapsed (that heartbeat does not report it)."""
