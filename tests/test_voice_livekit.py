@@ -204,8 +204,8 @@ async def test_user_leaving_ends_the_session(engine: VoiceEngine, sources: list[
     engine.settings = engine.settings.model_copy(update={"livekit_transport": True})
     import worker.voice.engine as engine_module
 
-    async def fake_run(url: str, token: str, attach: Any, detach: Any, timeout: float) -> str:
-        return await run_livekit(url, token, attach, detach, timeout, room=room)
+    async def fake_run(url: str, token: str, attach: Any, detach: Any, timeout: float, **kwargs: Any) -> str:
+        return await run_livekit(url, token, attach, detach, timeout, room=room, **kwargs)
 
     monkey = pytest.MonkeyPatch()
     monkey.setattr(engine_module, "run_livekit", fake_run)
@@ -282,3 +282,69 @@ async def test_livekit_transport_publishes_audio_and_events() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert room.disconnected and detached == ["conversation"]
+
+
+class LeavingRoom(FakeRoom):
+    """The user is in the room at join and leaves while the agent publishes its track."""
+
+    def __init__(self, tell: bool) -> None:
+        super().__init__({"user": Remote()})
+        self.tell = tell  # whether the room reports the departure as an event (else only the room is empty after)
+        self.local_participant.publish_track = self.leave_while_publishing  # type: ignore[method-assign]
+
+    async def leave_while_publishing(self, track: Any) -> None:
+        self.remote_participants.clear()
+        if self.tell and "participant_disconnected" in self.handlers:
+            self.handlers["participant_disconnected"](object())
+
+
+@pytest.mark.parametrize("tell", [True, False])
+async def test_a_user_who_leaves_while_the_agent_publishes_is_not_missed(sources: list[RecordingSource],
+                                                                         tell: bool) -> None:
+    room = LeavingRoom(tell)
+    presence: list[bool] = []
+
+    async def detach(conversation: Any) -> None:
+        return None
+
+    run = run_livekit("ws://lk", "tok", lambda _: "conversation", detach, 1.0, room=room, on_presence=presence.append)
+    assert await asyncio.wait_for(run, 2) == "participant_left"
+    assert presence and presence[-1] is False
+
+
+async def livekit_session(engine: VoiceEngine, room: FakeRoom, ended: list[tuple[str, str]]) -> None:
+    import worker.voice.engine as engine_module
+
+    async def fake_run(url: str, token: str, attach: Any, detach: Any, timeout: float, **kwargs: Any) -> str:
+        return await run_livekit(url, token, attach, detach, timeout, room=room, **kwargs)
+
+    engine.settings = engine.settings.model_copy(update={"livekit_transport": True, "unattended_s": 0.3})
+    spec = SessionDispatch(session_id="lk-3", room="room-3", livekit_url="ws://lk", token="agent-token")
+    with pytest.MonkeyPatch.context() as monkey:
+        monkey.setattr(engine_module, "run_livekit", fake_run)
+        await engine.start_session(spec, lambda sid, reason: ended.append((sid, reason)))
+        await asyncio.sleep(0.05)  # the LiveKit task has started with the fake
+
+
+async def test_a_livekit_room_nobody_joins_ends_unattended(engine: VoiceEngine,
+                                                          sources: list[RecordingSource]) -> None:
+    room = FakeRoom()
+    ended: list[tuple[str, str]] = []
+    await livekit_session(engine, room, ended)
+    await wait_until(lambda: ended, 3)
+    assert ended == [("lk-3", "unattended")] and room.disconnected and "lk-3" not in engine.sessions
+
+
+async def test_a_livekit_user_keeps_the_session_attended(engine: VoiceEngine, sources: list[RecordingSource]) -> None:
+    """The agent alone in the room is no client; a user who joins later is, for as long as they stay."""
+    room = FakeRoom()
+    ended: list[tuple[str, str]] = []
+    await livekit_session(engine, room, ended)
+    room.remote_participants["user"] = Remote()
+    room.handlers["participant_connected"](object())
+    await asyncio.sleep(0.6)
+    assert not ended and "lk-3" in engine.sessions
+    room.remote_participants.clear()
+    room.handlers["participant_disconnected"](object())
+    await wait_until(lambda: ended, 3)
+    assert ended == [("lk-3", "participant_left")]

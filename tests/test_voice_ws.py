@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Harness:
     engine: VoiceEngine
     base: str
     ended: list[tuple[str, str]]
+    port: int = 0
 
     async def session(self, session_id: str = "s1", room: str = "room-1") -> SessionDispatch:
         spec = SessionDispatch(
@@ -108,7 +110,8 @@ MakeHarness = Callable[..., Awaitable[Harness]]
 async def make_harness(fake_llm: FakeLLM) -> AsyncIterator[MakeHarness]:
     servers: list[tuple[uvicorn.Server, asyncio.Task[None], VoiceEngine]] = []
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(sndbuf: int | None = None, **overrides: Any) -> Harness:
+        """``sndbuf``: the server's socket send buffer, small to make a client that stops reading block it soon."""
         values: dict[str, Any] = {"llm_base_url": fake_llm.url, "llm_timeout_s": 5} | overrides
         settings = VoiceSettings(**values)
         engine = VoiceEngine(settings)
@@ -118,12 +121,17 @@ async def make_harness(fake_llm: FakeLLM) -> AsyncIterator[MakeHarness]:
         assert router is not None
         app.include_router(router)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        task = asyncio.create_task(server.serve())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # accepted connections inherit it
+        sock.bind(("127.0.0.1", port))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             await asyncio.sleep(0.01)
         servers.append((server, task, engine))
-        return Harness(engine, f"ws://127.0.0.1:{port}", [])
+        return Harness(engine, f"ws://127.0.0.1:{port}", [], port)
 
     yield make
     for server, task, engine in servers:
@@ -328,3 +336,78 @@ async def test_worker_metrics_export_the_voice_stages() -> None:
         text = (await client.get("/metrics")).text
     assert 'worker_engine_stage_latency_ms{stage="stt_ms"} 70.0' in text
     assert 'worker_engine_stage_latency_ms{stage="e2e_ms"} 415.0' in text
+
+
+async def wait_until(check: Callable[[], object], timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+async def test_a_client_that_stops_reading_cannot_wedge_the_session_end(make_harness: MakeHarness) -> None:
+    """The client keeps its TCP connection open but reads nothing, so sends to it block: stopping the session
+    still returns within ``close_timeout_s`` and the connection is cut off."""
+    h = await make_harness(sndbuf=4096, close_timeout_s=0.3)
+    await h.session()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", h.port))
+    ws = await websockets.connect(h.url(), sock=raw, max_queue=1)  # max_queue=1: it stops reading at once
+    session = h.engine.sessions["s1"]
+    await wait_until(lambda: session.conversations)
+    transport = next(iter(session.conversations)).transport
+    sent = 0
+
+    async def reply_audio() -> None:  # what a reply sends, and this client no longer takes
+        nonlocal sent
+        while True:
+            await transport.send_audio(b"\0" * 32000)
+            sent += 1
+
+    sending = asyncio.create_task(reply_audio())
+    last = -1
+    while sent != last:  # until the sends block
+        last = sent
+        await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await asyncio.wait_for(h.engine.stop_session("s1"), 5)
+    assert time.monotonic() - started < 2
+    await asyncio.wait_for(asyncio.gather(sending, return_exceptions=True), 2)  # cut off: the blocked send fails
+    assert "s1" not in h.engine.sessions
+    ws.transport.abort()
+
+
+async def test_a_session_nobody_connects_to_ends_unattended(make_harness: MakeHarness) -> None:
+    h = await make_harness(unattended_s=0.3)
+    await h.session()
+    await wait_until(lambda: h.ended, 3)
+    assert h.ended == [("s1", "unattended")]
+    assert "s1" not in h.engine.sessions and h.engine.stats().active_sessions == 0
+
+
+async def test_a_client_that_went_away_frees_the_slot(make_harness: MakeHarness) -> None:
+    """While connected the session stays, however long; after the client leaves, the grace runs out."""
+    h = await make_harness(unattended_s=0.3)
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.wait_for("ready")
+        await asyncio.sleep(0.6)
+        assert not h.ended
+    await wait_until(lambda: h.ended, 3)
+    assert h.ended == [("s1", "unattended")]
+
+
+async def test_the_client_end_message_ends_the_session(make_harness: MakeHarness) -> None:
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.wait_for("ready")
+        await ws.send(json.dumps({"type": "end"}))
+        end = await client.wait_for("session_end")
+        await asyncio.wait_for(client._reader, 5)
+    assert end["reason"] == "client_ended"
+    assert ws.close_code == 1000
+    assert h.ended == [("s1", "client_ended")] and "s1" not in h.engine.sessions

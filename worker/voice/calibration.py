@@ -95,6 +95,9 @@ class LoadTransport:
     async def close(self, reason: str) -> None:
         return None
 
+    def abort(self) -> None:
+        return None
+
 
 @functools.lru_cache(maxsize=4)
 def utterance(text: str, pause_ms: int, voice: str) -> Utterance:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
@@ -31,37 +31,81 @@ _PRIMING_TEXT = "Hello, can you help me please? What is the weather like today?"
 
 
 class VoiceSession:
-    def __init__(self, spec: SessionDispatch, engine: VoiceEngine) -> None:
+    def __init__(self, spec: SessionDispatch, engine: VoiceEngine, on_end: SessionEnded) -> None:
         self.spec = spec
         self.engine = engine
+        self.on_end = on_end
         self.started_at = time.monotonic()
         self.history = History(engine.settings.max_history_turns)
         self.conversations: set[Conversation] = set()
         self.ws_attached = False
         self.tasks: set[asyncio.Task[None]] = set()
+        # Who keeps the session attended: attached client conversations, and ``livekit`` while the room has a user.
+        self._present: set[object] = set()
+        self._presence_changed = asyncio.Event()  # set, then replaced, whenever the session gains/loses its last one
 
-    def attach(self, transport: Transport) -> Conversation:
+    @property
+    def attended(self) -> bool:
+        return bool(self._present)
+
+    def presence(self, who: object, here: bool) -> None:
+        """``who`` (a conversation, ``livekit``) came or went; the unattended watchdog hears of the change."""
+        before = self.attended
+        if here:
+            self._present.add(who)
+        else:
+            self._present.discard(who)
+        if self.attended != before:
+            self._presence_changed.set()
+            self._presence_changed = asyncio.Event()
+
+    async def wait_presence_change(self) -> None:
+        await self._presence_changed.wait()
+
+    def attach(self, transport: Transport, *, client: bool = True) -> Conversation:
+        """``client``: the transport is a client of its own (an audio WebSocket), so the session is attended while
+        it is attached. The LiveKit agent's conversation is not: the room counts once a user is in it."""
         e = self.engine
         assert e.backends is not None, "start() first"
         conversation = Conversation(self.spec.session_id, e.backends, e.settings, transport, e.metrics, self.history)
         self.conversations.add(conversation)
+        if client:
+            self.presence(conversation, True)
         return conversation
 
     async def detach(self, conversation: Conversation) -> None:
         self.conversations.discard(conversation)
+        self.presence(conversation, False)
         await conversation.aclose()
 
     async def close(self, reason: str) -> None:
+        """Say goodbye to every client and stop every task. Each goodbye is bounded (``close_timeout_s``): a client
+        that keeps its connection open but stopped reading is cut off rather than wedging the close."""
         for conversation in list(self.conversations):
-            with contextlib.suppress(Exception):
-                await conversation.transport.send_event({"type": "session_end", "reason": reason})
-            await self.detach(conversation)
-            await conversation.transport.close(reason)
+            transport = conversation.transport
+            if not await self._bounded(transport.send_event({"type": "session_end", "reason": reason})):
+                transport.abort()
+            await self.detach(conversation)  # cancels a turn that may be blocked sending to that client
+            if not await self._bounded(transport.close(reason)):
+                transport.abort()
         current = asyncio.current_task()
         for task in self.tasks:
             if task is not current:
                 task.cancel()
         await asyncio.gather(*(t for t in self.tasks if t is not current), return_exceptions=True)
+
+    async def _bounded(self, goodbye: Coroutine[Any, Any, None]) -> bool:
+        """Await one goodbye to a client for at most ``close_timeout_s``; False if the client did not take it."""
+        timeout = self.engine.settings.close_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await goodbye
+        except TimeoutError:
+            log.warning("voice session %s: a client took no goodbye in %ss; cut off", self.spec.session_id, timeout)
+            return False
+        except Exception:  # the client is already gone; closing goes on
+            log.debug("voice session %s: goodbye failed", self.spec.session_id, exc_info=True)
+        return True
 
 
 class VoiceEngine:
@@ -91,10 +135,11 @@ class VoiceEngine:
         self._router = build_router(self)
 
     @classmethod
-    def from_settings(cls, _worker: WorkerSettings, *, for_calibration: bool = False) -> VoiceEngine:
-        """From ``FLEET_VOICE_*``. For calibration: no LiveKit room to join, and the canned local responder
-        unless an LLM is configured explicitly."""
-        settings = VoiceSettings()
+    def from_settings(cls, worker: WorkerSettings, *, for_calibration: bool = False) -> VoiceEngine:
+        """From ``FLEET_VOICE_*``, in the worker's ``FLEET_ENV`` (prod refuses the dev LiveKit credentials). For
+        calibration: no LiveKit room to join, and the canned local responder unless an LLM is configured
+        explicitly."""
+        settings = VoiceSettings(env=worker.env)
         if for_calibration:
             update: dict[str, Any] = {"livekit_transport": False}
             if not settings.llm_configured:
@@ -126,39 +171,64 @@ class VoiceEngine:
             raise RuntimeError("voice engine not started")
         if spec.session_id in self.sessions:
             return
-        session = VoiceSession(spec, self)
+        session = VoiceSession(spec, self, on_end)
         self.sessions[spec.session_id] = session
-        self._spawn(session, self._time_limit(session, on_end))
+        self._spawn(session, self._time_limit(session))
+        self._spawn(session, self._unattended(session))
         if self.settings.livekit_transport:
-            self._spawn(session, self._livekit(session, on_end))
+            self._spawn(session, self._livekit(session))
 
     def _spawn(self, session: VoiceSession, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         session.tasks.add(task)
         task.add_done_callback(session.tasks.discard)
 
-    async def _time_limit(self, session: VoiceSession, on_end: SessionEnded) -> None:
+    async def _time_limit(self, session: VoiceSession) -> None:
         await asyncio.sleep(self.settings.session_max_s)
-        await self._end(session, "time_limit", on_end)
+        await self.end_session(session, "time_limit")
 
-    async def _livekit(self, session: VoiceSession, on_end: SessionEnded) -> None:
+    async def _unattended(self, session: VoiceSession) -> None:
+        """End the session once it has had no client for ``unattended_s`` in a row: nobody connected, or the
+        client went away and did not come back. Without this its slot would stay taken until the time limit."""
+        grace = self.settings.unattended_s
+        while True:
+            if session.attended:
+                await session.wait_presence_change()
+                continue
+            try:
+                async with asyncio.timeout(grace):
+                    await session.wait_presence_change()
+            except TimeoutError:
+                break
+        await self.end_session(session, "unattended")
+
+    async def _livekit(self, session: VoiceSession) -> None:
         spec = session.spec
+
+        def attach(transport: Transport) -> Conversation:
+            return session.attach(transport, client=False)  # the agent in the room is not a client; its users are
+
         try:
             reason = await run_livekit(
-                spec.livekit_url, spec.token, session.attach, session.detach, self.settings.livekit_connect_timeout_s
+                spec.livekit_url, spec.token, attach, session.detach, self.settings.livekit_connect_timeout_s,
+                on_presence=lambda here: session.presence("livekit", here),
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the session ends; the worker tells the hub
             log.warning("voice session %s: LiveKit transport failed: %r", spec.session_id, exc)
             reason = "livekit_failed"
-        await self._end(session, reason, on_end)  # the user left or the room closed: free the slot
+        await self.end_session(session, reason)  # the user left or the room closed: free the slot
 
-    async def _end(self, session: VoiceSession, reason: str, on_end: SessionEnded) -> None:
+    async def end_session(self, session: VoiceSession, reason: str) -> None:
+        """The session ends by itself (time limit, unattended, the client ended it, the room closed): close it and
+        tell the worker, which frees the slot. ``on_end`` runs whatever happens to the close."""
         if self.sessions.pop(session.spec.session_id, None) is None:
             return
-        await session.close(reason)
-        on_end(session.spec.session_id, reason)
+        try:
+            await session.close(reason)
+        finally:
+            session.on_end(session.spec.session_id, reason)
 
     async def stop_session(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)

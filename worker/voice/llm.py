@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -74,52 +75,106 @@ class OpenAICompatLLM:
 
 
 class BedrockLLM:
-    """Bedrock ``converse_stream``; boto3 is blocking, so the event stream is read in a thread."""
+    """Bedrock ``converse_stream``; boto3 is blocking, so the event stream is read in a thread.
+
+    The client has explicit timeouts and few retries (botocore's defaults: a 60 s read timeout and retries a
+    waiting user would sit through). A turn that is cancelled (barge-in, the session ends) stops its reader
+    thread: the thread checks a stop flag between events and closes the stream, which the cancelled side also
+    closes to unblock a read in progress."""
 
     name = "bedrock"
 
-    def __init__(self, model_id: str, region: str = "us-east-1", max_tokens: int = 256, client: Any = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        region: str = "us-east-1",
+        max_tokens: int = 256,
+        client: Any = None,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 20.0,
+        max_attempts: int = 2,
+    ) -> None:
         self.model_id = model_id
         self.max_tokens = max_tokens
         if client is None:
             import boto3
+            from botocore.config import Config
 
-            client = boto3.client("bedrock-runtime", region_name=region)
+            config = Config(
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            )
+            client = boto3.client("bedrock-runtime", region_name=region, config=config)
         self.client = client
 
-    def _run(self, system: str, messages: list[Message], loop: asyncio.AbstractEventLoop, queue: Any) -> None:
+    def _run(
+        self,
+        system: str,
+        messages: list[Message],
+        loop: asyncio.AbstractEventLoop,
+        queue: Any,
+        stop: threading.Event,
+        opened: list[Any],
+    ) -> None:
         def put(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            if not stop.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        events: Any = None
         try:
+            if stop.is_set():
+                return
             resp = self.client.converse_stream(
                 modelId=self.model_id,
                 system=[{"text": system}],
                 messages=[{"role": m["role"], "content": [{"text": m["content"]}]} for m in messages],
                 inferenceConfig={"maxTokens": self.max_tokens},
             )
-            for event in resp["stream"]:
+            events = resp["stream"]
+            opened.append(events)
+            for event in events:
+                if stop.is_set():
+                    return
                 text = event.get("contentBlockDelta", {}).get("delta", {}).get("text")
                 if text:
                     put(str(text))
             put(None)
         except Exception as exc:  # noqa: BLE001 - every failure reaches the session as a BackendError
             put(BackendError("llm", f"{type(exc).__name__}: {exc}"))
+        finally:
+            _close_quietly(events)
 
     async def stream(self, system: str, messages: list[Message]) -> AsyncIterator[str]:
         queue: asyncio.Queue[str | BackendError | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        threading.Thread(target=self._run, args=(system, messages, loop, queue), daemon=True).start()
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BackendError):
-                raise item
-            yield item
+        stop = threading.Event()
+        opened: list[Any] = []
+        threading.Thread(target=self._run, args=(system, messages, loop, queue, stop, opened), daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BackendError):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # the turn is over (done, failed or cancelled): the thread stops reading
+            for events in opened:
+                _close_quietly(events)  # unblocks a read in progress
 
     async def aclose(self) -> None:
         return None
+
+
+def _close_quietly(events: Any) -> None:
+    close = getattr(events, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):  # already closed, or being read right now (a generator)
+            close()
 
 
 class CannedLLM:
@@ -144,5 +199,13 @@ def build_llm(settings: VoiceSettings) -> LLM:
     if settings.llm_backend == "canned":
         return CannedLLM()
     if settings.llm_backend == "bedrock":
-        return BedrockLLM(settings.llm_model, settings.bedrock_region, settings.max_tokens)
-    return OpenAICompatLLM(settings.llm_base_url, settings.llm_model, settings.llm_api_key, settings.max_tokens)
+        return BedrockLLM(
+            settings.llm_model,
+            settings.bedrock_region,
+            settings.max_tokens,
+            connect_timeout_s=settings.bedrock_connect_timeout_s,
+            read_timeout_s=settings.llm_timeout_s,
+            max_attempts=settings.bedrock_max_attempts,
+        )
+    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
+    return OpenAICompatLLM(settings.llm_base_url, settings.llm_model, api_key, settings.max_tokens)

@@ -38,7 +38,11 @@ class Transport(Protocol):
     async def send_event(self, event: dict[str, Any]) -> None: ...
 
     async def close(self, reason: str) -> None:
-        """The session ended on the worker's side."""
+        """The session ended on the worker's side. Must not hang on a client that stopped reading."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the client at once, without a goodbye: it stopped taking what is sent to it."""
         ...
 
 
@@ -53,12 +57,25 @@ class Backends:
 
 @dataclass
 class History:
+    """The conversation so far, always valid for chat APIs that demand it (Bedrock Converse refuses anything else):
+    it starts with a user message and alternates user/assistant.
+
+    A turn cut off before its first sentence (barge-in, a failed turn) leaves a user message with no answer; the
+    next one is merged into it. Trimming drops the oldest messages and then any assistant message left in front,
+    so whole user/assistant pairs go together."""
+
     max_turns: int
     messages: list[Message] = field(default_factory=list)
 
     def add(self, role: str, content: str) -> None:
-        self.messages.append({"role": role, "content": content})
+        if self.messages and self.messages[-1]["role"] == role:
+            last = self.messages[-1]["content"]
+            self.messages[-1] = {"role": role, "content": f"{last} {content}"}  # a new dict: a request may hold the old
+        else:
+            self.messages.append({"role": role, "content": content})
         del self.messages[: max(0, len(self.messages) - 2 * self.max_turns)]
+        while self.messages and self.messages[0]["role"] != "user":
+            del self.messages[0]
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:
@@ -100,7 +117,8 @@ class Conversation:
         self.transport = transport
         self.metrics = metrics
         self.history = history
-        self.vad = EndpointDetector(settings.vad_aggressiveness, settings.vad_silence_ms, settings.vad_min_speech_ms)
+        self.vad = EndpointDetector(settings.vad_aggressiveness, settings.vad_silence_ms, settings.vad_min_speech_ms,
+                                    max_speech_ms=int(settings.max_utterance_s * 1000))
         self._pending = b""
         self._preroll: deque[bytes] = deque(maxlen=_PREROLL_FRAMES)
         self._stt: STTStream | None = None
@@ -159,11 +177,13 @@ class Conversation:
             except BackendError as exc:
                 error = exc
                 await self._fail(exc, speech_ended, timings)
-            if "stt_ms" in timings:
+            if "stt_ms" in timings or error is not None:  # a turn, or an utterance STT failed on (it counts too)
                 self.metrics.record_turn(timings, error is not None)
                 await self.transport.send_event(
                     {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
                 )
+        except Exception as exc:  # noqa: BLE001 - not a backend failure: sending to the client failed (it left)
+            log.info("voice session %s: turn stopped, the client cannot be reached: %r", self.session_id, exc)
         finally:
             if reply:
                 self.history.add("assistant", " ".join(reply))
@@ -189,32 +209,44 @@ class Conversation:
 
     async def _reply(self, speech_ended: float, timings: dict[str, float], reply: list[str]) -> None:
         t_llm = time.perf_counter()
-        first_token = True
-
-        async def tokens() -> AsyncIterator[str]:
-            nonlocal first_token
-            async for chunk in self.backends.llm.stream(self.settings.system_prompt, list(self.history.messages)):
-                if first_token:
-                    timings["llm_first_token_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
-                    first_token = False
-                yield chunk
-
-        try:
-            async with asyncio.timeout(self.settings.llm_timeout_s):
-                async for sentence in sentences(tokens()):
-                    if not reply:
-                        timings["llm_first_sentence_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
-                    reply.append(sentence)
-                    await self.transport.send_event({"type": "reply_text", "text": sentence})
-                    await self._speak(sentence, speech_ended, timings)
-        except TimeoutError:
-            raise BackendError("llm", f"no complete reply within {self.settings.llm_timeout_s}s") from None
-        except BackendError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a broken stream is a backend failure, not a dead session
-            raise BackendError("llm", f"{type(exc).__name__}: {exc}") from None
+        async for sentence in sentences(self._tokens(timings, t_llm)):
+            if not reply:
+                timings["llm_first_sentence_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
+            reply.append(sentence)
+            await self.transport.send_event({"type": "reply_text", "text": sentence})
+            await self._speak(sentence, speech_ended, timings)
         if not reply:
             raise BackendError("llm", "empty reply")
+
+    async def _tokens(self, timings: dict[str, float], t0: float) -> AsyncIterator[str]:
+        """The LLM's reply stream, each read bounded by ``llm_timeout_s`` (the first token, then every next one).
+
+        Only the LLM is timed: while a sentence is spoken and played the stream is not read, and that time is not
+        the LLM's. Any failure of the stream becomes a ``BackendError("llm")``."""
+        timeout = self.settings.llm_timeout_s
+        stream = self.backends.llm.stream(self.settings.system_prompt, list(self.history.messages))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    which = "first token" if "llm_first_token_ms" not in timings else "next token"
+                    raise BackendError("llm", f"no {which} within {timeout}s") from None
+                except BackendError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a broken stream is a backend failure, not a dead session
+                    raise BackendError("llm", f"{type(exc).__name__}: {exc}") from None
+                if "llm_first_token_ms" not in timings:
+                    timings["llm_first_token_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+                yield chunk
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     async def _speak(self, text: str, speech_ended: float | None, timings: dict[str, float]) -> None:
         t0 = time.perf_counter()

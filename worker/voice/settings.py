@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import Env
+
+#: LiveKit's documented dev-mode credentials (what ``livekit-server --dev`` accepts); refused when FLEET_ENV=prod.
+DEV_LIVEKIT_KEY = "devkey"
+DEV_LIVEKIT_SECRET = "secret"  # noqa: S105 - LiveKit's dev-mode default, refused in prod
 
 
 class VoiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_VOICE_", extra="ignore")
+    # hide_input_in_errors: a refused configuration must not print the secrets it was given wherever it is logged.
+    # populate_by_name: ``env`` reads FLEET_ENV (shared with the worker's settings), yet can be passed as ``env=``.
+    model_config = SettingsConfigDict(env_prefix="FLEET_VOICE_", extra="ignore", hide_input_in_errors=True,
+                                      populate_by_name=True, use_attribute_docstrings=True)
+
+    env: Env = Field(default=Env.DEV, validation_alias="FLEET_ENV")
+    """The fleet's ``FLEET_ENV`` (not ``FLEET_VOICE_ENV``): ``prod`` refuses the dev LiveKit key and secret."""
 
     stt_backend: Literal["pocketsphinx", "whisper"] | None = None
     """STT backend; None picks whisper when ``whisper_model_dir`` is set, else pocketsphinx."""
@@ -26,7 +38,7 @@ class VoiceSettings(BaseSettings):
     ``canned``: a fixed local reply, no model at all (what calibration uses when no LLM is configured)."""
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     """OpenAI-compatible base URL (``/chat/completions`` is appended)."""
-    llm_api_key: str | None = None
+    llm_api_key: SecretStr | None = None
     """Bearer token for the OpenAI-compatible server, if it needs one."""
     llm_model: str = "llama3.2"
     """Model name (OpenAI-compatible) or model id (Bedrock)."""
@@ -35,7 +47,13 @@ class VoiceSettings(BaseSettings):
     system_prompt: str = "You are a helpful voice assistant. Answer briefly in plain spoken sentences."
     """System prompt of every conversation."""
     llm_timeout_s: float = Field(default=20.0, gt=0)
-    """Longest wait for the whole reply stream of one turn."""
+    """Longest wait for the LLM's first token, and then for each next one. Only the LLM stream is timed: speaking
+    and playing a long reply (TTS, real-time pacing) does not count against it."""
+    bedrock_connect_timeout_s: float = Field(default=5.0, gt=0)
+    """Bedrock: bound on opening the connection (its socket read timeout is ``llm_timeout_s``)."""
+    bedrock_max_attempts: int = Field(default=2, ge=1)
+    """Bedrock: attempts per request, the first one included (botocore's default would retry for a long time
+    while the user waits)."""
     max_history_turns: int = Field(default=20, ge=1)
     """User/assistant turn pairs kept per session."""
     max_tokens: int = Field(default=256, ge=1)
@@ -60,16 +78,28 @@ class VoiceSettings(BaseSettings):
     """Shorter bursts of speech are ignored (clicks, the false start at stream start)."""
     barge_in_ms: int = Field(default=200, ge=20)
     """User speech this long while a reply plays stops the reply."""
+    max_utterance_s: float = Field(default=30.0, gt=0)
+    """An utterance is cut here: the end of speech is forced, so noise that keeps the VAD in speech cannot make
+    one utterance's buffered audio grow without bound."""
 
     session_max_s: float = Field(default=3600.0, gt=0)
     """A session ends cleanly after this long."""
+    unattended_s: float = Field(default=30.0, gt=0)
+    """A session with no client (no audio WebSocket, no user in its LiveKit room) for this long ends itself
+    (reason ``unattended``), so a client that never connects or went away does not hold a slot until
+    ``session_max_s``."""
+    close_timeout_s: float = Field(default=2.0, gt=0)
+    """When a session or connection ends: longest wait for the client to take each goodbye (``session_end``, the
+    close frame). A client that keeps its connection open but stopped reading is then cut off, so ending a session
+    (and freeing its slot) never hangs on it."""
     stt_timeout_s: float = Field(default=10.0, gt=0)
     """Longest wait for a final transcript."""
 
-    livekit_api_key: str = "devkey"
-    """Key the WebSocket client's LiveKit participant token is verified with."""
-    livekit_api_secret: str = "secret"  # noqa: S105 - LiveKit's dev-mode default
-    """Secret the WebSocket client's LiveKit participant token is verified with."""
+    livekit_api_key: str = DEV_LIVEKIT_KEY
+    """Key the WebSocket client's LiveKit participant token is verified with (the dev default is refused in prod)."""
+    livekit_api_secret: SecretStr = SecretStr(DEV_LIVEKIT_SECRET)
+    """Secret the WebSocket client's LiveKit participant token is verified with (the dev default is refused in
+    prod: anyone could sign a token with it)."""
     livekit_transport: bool = False
     """Also join each session's LiveKit room as the agent (needs a reachable LiveKit server)."""
     livekit_connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -85,6 +115,19 @@ class VoiceSettings(BaseSettings):
     calibration_e2e_budget_ms: float = Field(default=1000.0, gt=0)
     """Calibration: p95 of end of speech → first reply audio must stay within this (it includes the VAD's
     ``vad_silence_ms``; raise it by your LLM's time to first sentence when calibrating with a real LLM)."""
+
+    @model_validator(mode="after")
+    def _refuse_dev_credentials_in_prod(self) -> Self:
+        if self.env is not Env.PROD:
+            return self
+        problems = []
+        if self.livekit_api_key == DEV_LIVEKIT_KEY:
+            problems.append("FLEET_VOICE_LIVEKIT_API_KEY must not be the dev default")
+        if self.livekit_api_secret.get_secret_value() == DEV_LIVEKIT_SECRET:
+            problems.append("FLEET_VOICE_LIVEKIT_API_SECRET must not be the dev default")
+        if problems:
+            raise ValueError("refusing to start in prod: " + "; ".join(problems))
+        return self
 
     @property
     def llm_configured(self) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,9 @@ class LiveKitTransport:
     async def close(self, reason: str) -> None:
         return None  # the room is left when the session's LiveKit task is cancelled
 
+    def abort(self) -> None:
+        return None  # likewise: leaving the room is the LiveKit task's job
+
 
 def to_pipeline_pcm(frame: Any) -> bytes:
     """PCM16 mono 16 kHz from an ``rtc.AudioFrame``, whatever rate and layout it arrived in."""
@@ -67,61 +71,93 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.warning("LiveKit audio pump %s failed: %r", task.get_name(), task.exception())
 
 
+class _Pumps:
+    """One audio pump per subscribed remote audio track, keyed by track sid."""
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def subscribed(self, track: Any, *_: Any) -> None:
+        from livekit import rtc
+
+        key = str(getattr(track, "sid", id(track)))
+        if getattr(track, "kind", None) == rtc.TrackKind.KIND_AUDIO and key not in self.tasks:
+            task = asyncio.create_task(pump_track(track, self.conversation), name=f"pump-{key}")
+            self.tasks[key] = task
+            task.add_done_callback(_log_failure)
+            task.add_done_callback(lambda done: self.tasks.pop(key) if self.tasks.get(key) is done else None)
+
+    def unsubscribed(self, track: Any, *_: Any) -> None:
+        task = self.tasks.pop(str(getattr(track, "sid", id(track))), None)
+        if task is not None:
+            task.cancel()
+
+    async def stop(self) -> None:
+        running = list(self.tasks.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 async def run_livekit(
-    url: str, token: str, attach: Any, detach: Any, connect_timeout_s: float, room: Any = None
+    url: str,
+    token: str,
+    attach: Any,
+    detach: Any,
+    connect_timeout_s: float,
+    room: Any = None,
+    on_presence: Callable[[bool], None] | None = None,
 ) -> str:
     """Join, serve until the user leaves, the room closes or the task is cancelled; always leave.
 
     Returns why it ended: ``participant_left`` (the last other participant left) or ``room_disconnected``.
-    ``room`` may be injected (tests use a fake)."""
+    ``on_presence(bool)`` hears whether anyone besides the agent is in the room, at join and on every change (the
+    engine ends a session nobody joins). ``room`` may be injected (tests use a fake)."""
     from livekit import rtc
 
     room = room if room is not None else rtc.Room()
     await asyncio.wait_for(room.connect(url, token), connect_timeout_s)
     source = rtc.AudioSource(SAMPLE_RATE, 1)
-    pumps: dict[str, asyncio.Task[None]] = {}
     ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     conversation: Conversation = attach(LiveKitTransport(room, source))
+    pumps = _Pumps(conversation)
+    joined_with_users = bool(room.remote_participants)
 
     def end(reason: str) -> None:
         if not ended.done():
             ended.set_result(reason)
 
+    def presence() -> None:
+        if on_presence is not None:
+            on_presence(bool(room.remote_participants))
+
     try:
-        track = rtc.LocalAudioTrack.create_audio_track("agent-voice", source)
-        await room.local_participant.publish_track(track)
-
-        def on_track(track: Any, *_: Any) -> None:
-            key = str(getattr(track, "sid", id(track)))
-            if getattr(track, "kind", None) == rtc.TrackKind.KIND_AUDIO and key not in pumps:
-                task = asyncio.create_task(pump_track(track, conversation), name=f"pump-{key}")
-                pumps[key] = task
-                task.add_done_callback(_log_failure)
-                task.add_done_callback(lambda done: pumps.pop(key) if pumps.get(key) is done else None)
-
-        def on_unsubscribed(track: Any, *_: Any) -> None:
-            task = pumps.pop(str(getattr(track, "sid", id(track))), None)
-            if task is not None:
-                task.cancel()
 
         def on_participant_left(*_: Any) -> None:
+            presence()
             if not room.remote_participants:
                 end("participant_left")
 
-        room.on("track_subscribed", on_track)
-        room.on("track_unsubscribed", on_unsubscribed)
+        # Handlers first, then publish: a user who leaves (or publishes) while the track is being published is
+        # heard rather than missed.
+        room.on("track_subscribed", pumps.subscribed)
+        room.on("track_unsubscribed", pumps.unsubscribed)
+        room.on("participant_connected", lambda *_: presence())
         room.on("participant_disconnected", on_participant_left)
         room.on("disconnected", lambda *_: end("room_disconnected"))
-        for participant in room.remote_participants.values():
+        track = rtc.LocalAudioTrack.create_audio_track("agent-voice", source)
+        await room.local_participant.publish_track(track)
+        presence()
+        if joined_with_users and not room.remote_participants:
+            end("participant_left")  # the user was here at join and left before the handlers could hear it
+        for participant in list(room.remote_participants.values()):
             for publication in participant.track_publications.values():
                 if publication.track is not None:
-                    on_track(publication.track)
+                    pumps.subscribed(publication.track)
         return await ended
     finally:
-        running = list(pumps.values())
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await pumps.stop()
         await detach(conversation)
         with contextlib.suppress(Exception):
             await room.disconnect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,11 +28,39 @@ CLOSE_TOO_BIG = 1009
 CLOSE_BUSY = 4409  # the session already has an audio connection
 CLOSE_UNKNOWN_SESSION = 4404
 MAX_FRAME_BYTES = 32_000  # one second of audio
+CLIENT_ENDED = "client_ended"  # why a session ends when its client sends {"type": "end"}
+
+
+def _socket_of(send: Any) -> asyncio.Transport | None:
+    """The asyncio transport under an ASGI ``send`` callable, or None.
+
+    ASGI has no way to drop a connection without a goodbye, and a goodbye is what a client that stopped reading
+    never takes. The server's connection is found through the wrappers instead: Starlette's exception-handling
+    closure holds uvicorn's protocol's bound ``send``, whose protocol holds the transport."""
+    todo: list[Any] = [send]
+    seen: set[int] = set()
+    while todo and len(seen) < 32:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        transport = getattr(obj, "transport", None)
+        if isinstance(transport, asyncio.Transport):
+            return transport
+        owner = getattr(obj, "__self__", None)
+        if owner is not None:
+            todo.append(owner)
+        for cell in getattr(obj, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    todo.append(cell.cell_contents)
+    return None
 
 
 class WebSocketTransport:
-    def __init__(self, ws: WebSocket) -> None:
+    def __init__(self, ws: WebSocket, close_timeout_s: float = 2.0) -> None:
         self.ws = ws
+        self.close_timeout_s = close_timeout_s
 
     async def send_audio(self, pcm: bytes) -> None:
         await self.ws.send_bytes(pcm)
@@ -39,9 +68,34 @@ class WebSocketTransport:
     async def send_event(self, event: dict[str, Any]) -> None:
         await self.ws.send_text(json.dumps(event))
 
-    async def close(self, reason: str) -> None:
-        with contextlib.suppress(Exception):  # already closed
-            await self.ws.close(CLOSE_NORMAL, reason)
+    async def close(self, reason: str, code: int = CLOSE_NORMAL) -> None:
+        """Send the close frame, waiting at most ``close_timeout_s`` for the client to take it, else cut it off."""
+        try:
+            async with asyncio.timeout(self.close_timeout_s):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.abort()
+        except Exception:  # noqa: BLE001, S110 - already closed
+            pass
+
+    async def goodbye(self, code: int, reason: str) -> None:
+        """``session_end`` then the close frame, each bounded like ``close``."""
+        try:
+            async with asyncio.timeout(self.close_timeout_s):
+                await self.send_event({"type": "session_end", "reason": reason})
+        except TimeoutError:
+            self.abort()
+            return
+        except Exception:  # noqa: BLE001 - already gone
+            return
+        await self.close(reason, code)
+
+    def abort(self) -> None:
+        transport = _socket_of(getattr(self.ws, "_send", None))
+        if transport is None:
+            log.warning("cannot find the connection under this ASGI server to cut off a client that stopped reading")
+            return
+        transport.abort()
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -86,7 +140,7 @@ async def _serve(ws: WebSocket, conversation: Conversation) -> tuple[int, str]:
         if not isinstance(control, dict):
             return CLOSE_UNSUPPORTED, "text frames must be JSON control messages"
         if control.get("type") == "end":
-            return CLOSE_NORMAL, "client ended"
+            return CLOSE_NORMAL, CLIENT_ENDED
 
 
 def build_router(engine: VoiceEngine) -> APIRouter:
@@ -99,7 +153,8 @@ def build_router(engine: VoiceEngine) -> APIRouter:
             await ws.close(CLOSE_UNKNOWN_SESSION, "unknown session")
             return
         s = engine.settings
-        if verify_token(_token(ws), session.spec.room, s.livekit_api_key, s.livekit_api_secret) is None:
+        secret = s.livekit_api_secret.get_secret_value()
+        if verify_token(_token(ws), session.spec.room, s.livekit_api_key, secret) is None:
             await ws.close(CLOSE_POLICY, "invalid token for this session's room")
             return
         if session.ws_attached:
@@ -111,21 +166,20 @@ def build_router(engine: VoiceEngine) -> APIRouter:
         except (WebSocketDisconnect, RuntimeError, OSError):
             session.ws_attached = False
             return
-        transport = WebSocketTransport(ws)
+        transport = WebSocketTransport(ws, s.close_timeout_s)
         conversation = session.attach(transport)
         try:
             await transport.send_event({"type": "ready", "session_id": session_id, "sample_rate": 16000})
             code, reason = await _serve(ws, conversation)
-            if code < 0:
-                return
-        except WebSocketDisconnect:
-            return
-        except RuntimeError:  # the session was stopped and closed the socket under us
-            return
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: the session was stopped and closed the socket
+            code, reason = -1, "disconnected"
         finally:
             session.ws_attached = False
             await session.detach(conversation)
-        await transport.send_event({"type": "session_end", "reason": reason})
-        await ws.close(code, reason)
+        if code == CLOSE_NORMAL:
+            # The client's {"type": "end"}: the session is over, not just this connection; the worker frees the slot.
+            await engine.end_session(session, reason)
+        if code >= 0:
+            await transport.goodbye(code, reason)
 
     return router

@@ -1,0 +1,265 @@
+"""One conversation's turn logic with fake backends (no sockets, no models): LLM timing, history, errors, the VAD cap,
+and the Bedrock reader thread."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.voice.audio import FRAME_BYTES
+from worker.voice.errors import BackendError
+from worker.voice.llm import BedrockLLM, build_llm
+from worker.voice.metrics import VoiceMetrics
+from worker.voice.pipeline import Backends, Conversation, History
+from worker.voice.settings import VoiceSettings
+from worker.voice.vad import EndpointDetector, VadEvent
+
+
+class FakeStream:
+    """An STT stream: records what it is fed; ``finish`` returns ``text`` or raises ``error``."""
+
+    def __init__(self, text: str = "hello", error: Exception | None = None) -> None:
+        self.text, self.error, self.fed = text, error, 0
+
+    def feed(self, pcm: bytes) -> None:
+        self.fed += len(pcm)
+
+    def finish(self) -> str:
+        if self.error is not None:
+            raise self.error
+        return self.text
+
+
+class FakeSTT:
+    name, model_mb, per_stream_mb = "fake", 0, 0
+
+    def __init__(self) -> None:
+        self.streams: list[FakeStream] = []
+
+    def load(self, priming_pcm: bytes | None = None) -> None:
+        return None
+
+    def new_stream(self) -> FakeStream:
+        self.streams.append(FakeStream())
+        return self.streams[-1]
+
+
+class ScriptedLLM:
+    """Streams ``chunks``; ``None`` in the script is a pause of ``pause_s``."""
+
+    name = "scripted"
+
+    def __init__(self, *chunks: str | None, pause_s: float = 10.0) -> None:
+        self.chunks, self.pause_s = chunks, pause_s
+        self.requests: list[list[dict[str, str]]] = []
+
+    async def stream(self, system: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+        self.requests.append(messages)
+        for chunk in self.chunks:
+            if chunk is None:
+                await asyncio.sleep(self.pause_s)
+            else:
+                yield chunk
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SlowTTS:
+    """Takes ``delay_s`` per sentence and returns 100 ms of audio: the reply's speaking time, not the LLM's."""
+
+    name, model_mb, per_stream_mb = "slow", 0, 0
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def load(self) -> None:
+        return None
+
+    async def synthesize(self, text: str) -> bytes:
+        await asyncio.sleep(self.delay_s)
+        return b"\x10\x00" * 1600
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def send_audio(self, pcm: bytes) -> None:
+        return None
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    async def close(self, reason: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+def conversation(llm: Any, tts: Any = None, stt: Any = None, **settings: Any) -> tuple[Conversation, Events]:
+    s = VoiceSettings(**settings)
+    out = Events()
+    backends = Backends(stt or FakeSTT(), llm, tts or SlowTTS(0))
+    return Conversation("s1", backends, s, out, VoiceMetrics(), History(s.max_history_turns)), out
+
+
+async def turn(c: Conversation, stream: FakeStream) -> None:
+    await c._run_turn(stream, time.perf_counter(), 0.0)  # type: ignore[arg-type]
+
+
+async def test_llm_timeout_does_not_count_speaking_the_reply() -> None:
+    """Tokens arrive at once; speaking each sentence takes longer than llm_timeout_s. Not an LLM timeout."""
+    c, out = conversation(ScriptedLLM("First sentence here. ", "Second one."), SlowTTS(0.3), llm_timeout_s=0.2)
+    await turn(c, FakeStream("hello"))
+    assert [e["text"] for e in out.of("reply_text")] == ["First sentence here.", "Second one."]
+    assert out.of("error") == [] and out.of("reply_end")[0]["error"] is None
+    assert c.metrics.error_rate == 0
+
+
+async def test_llm_stalling_between_tokens_times_out() -> None:
+    c, out = conversation(ScriptedLLM("Hello there. ", None, "never"), llm_timeout_s=0.2)
+    started = time.perf_counter()
+    await turn(c, FakeStream("hello"))
+    assert time.perf_counter() - started < 2
+    error = out.of("error")[0]
+    assert error["stage"] == "llm" and "next token" in error["message"] and "0.2" in error["message"]
+    assert out.of("reply_end")[0]["error"] == "llm"
+
+
+async def test_stt_failure_counts_towards_error_rate() -> None:
+    c, out = conversation(ScriptedLLM("Unused."))
+    await turn(c, FakeStream(error=RuntimeError("decoder crashed")))
+    assert out.of("error")[0]["stage"] == "stt"
+    assert out.of("reply_end")[0]["error"] == "stt"
+    assert c.metrics.errors == 1 and c.metrics.error_rate == 1.0
+
+
+async def test_nothing_heard_is_not_a_turn() -> None:
+    c, out = conversation(ScriptedLLM("Unused."))
+    await turn(c, FakeStream(""))
+    assert out.of("reply_end") == [] and c.metrics.turns == 0
+
+
+def test_history_merges_unanswered_user_messages() -> None:
+    h = History(5)
+    h.add("user", "book a table")  # barge-in before the first sentence: no assistant message
+    h.add("user", "for two tonight")
+    assert h.messages == [{"role": "user", "content": "book a table for two tonight"}]
+    h.add("assistant", "Done.")
+    h.add("user", "thanks")
+    assert [m["role"] for m in h.messages] == ["user", "assistant", "user"]
+
+
+def test_history_trims_in_pairs_and_never_starts_with_the_assistant() -> None:
+    h = History(3)
+    for n in range(1, 6):
+        h.add("user", f"u{n}")
+        h.add("assistant", f"a{n}")
+        roles = [m["role"] for m in h.messages]
+        assert roles[0] == "user" and all(a != b for a, b in itertools.pairwise(roles)), roles
+    h.add("user", "u6")  # what a turn adds before calling the LLM
+    assert h.messages[0] == {"role": "user", "content": "u4"} and h.messages[-1]["content"] == "u6"
+    assert len(h.messages) <= 6
+
+
+async def test_barge_in_before_the_first_sentence_keeps_the_request_alternating() -> None:
+    """A turn cut before its first sentence leaves no assistant message; the next request still alternates."""
+    llm = ScriptedLLM(None, "Too late.", pause_s=10)
+    c, _ = conversation(llm)
+    first = asyncio.create_task(turn(c, FakeStream("book a table")))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    llm.chunks = ("Sure.",)
+    await turn(c, FakeStream("for two tonight"))
+    assert [m["role"] for m in llm.requests[-1]] == ["user"]
+    assert llm.requests[-1][0]["content"] == "book a table for two tonight"
+
+
+def noise(seconds: float) -> bytes:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(int(16000 * seconds)) * 8000).clip(-32768, 32767).astype(np.int16).tobytes()
+
+
+def test_vad_forces_the_end_of_speech_at_the_cap() -> None:
+    """White noise keeps webrtcvad in speech; the cap ends each utterance anyway."""
+    vad = EndpointDetector(2, 300, 200, max_speech_ms=1000)
+    pcm = noise(3.5)
+    ends = [i * 20 for i in range(len(pcm) // FRAME_BYTES)
+            if vad.process(pcm[i * FRAME_BYTES : (i + 1) * FRAME_BYTES]) is VadEvent.SPEECH_END]
+    assert len(ends) >= 2 and ends[0] <= 1300
+
+
+async def test_an_utterance_of_noise_is_not_buffered_without_bound() -> None:
+    stt = FakeSTT()
+    c, out = conversation(ScriptedLLM("Okay."), stt=stt, max_utterance_s=1.0)
+    await c.feed(noise(3.5))
+    assert out.of("speech_end")  # forced, though the noise never stops
+    assert stt.streams and max(s.fed for s in stt.streams) <= 32000 * 1.0 + 15 * FRAME_BYTES  # + the pre-roll
+    await c.aclose()
+
+
+def test_bedrock_client_has_explicit_timeouts_and_bounded_retries() -> None:
+    llm = build_llm(VoiceSettings(llm_backend="bedrock", llm_model="m", llm_timeout_s=7, bedrock_connect_timeout_s=3,
+                                  bedrock_max_attempts=2))
+    assert isinstance(llm, BedrockLLM)
+    config = llm.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (3, 7)
+    assert config.retries == {"total_max_attempts": 2, "mode": "standard"}
+
+
+async def test_cancelled_bedrock_turn_stops_its_reader_thread() -> None:
+    read: list[int] = []
+    closed = threading.Event()
+
+    class Events:
+        def __iter__(self) -> Any:
+            for i in range(200):
+                time.sleep(0.01)
+                read.append(i)
+                yield {"contentBlockDelta": {"delta": {"text": f"w{i} "}}}
+
+        def close(self) -> None:
+            closed.set()
+
+    class Client:
+        def converse_stream(self, **_: Any) -> dict[str, Any]:
+            return {"stream": Events()}
+
+    llm = BedrockLLM("m", client=Client())
+
+    async def consume() -> None:
+        async for _ in llm.stream("sys", [{"role": "user", "content": "hi"}]):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    at_stop = len(read)
+    await asyncio.sleep(0.2)
+    assert len(read) == at_stop < 50, "the reader thread went on reading a cancelled turn's stream"
+    assert closed.wait(1)
+
+
+async def test_bedrock_failure_still_reaches_the_turn() -> None:
+    class Client:
+        def converse_stream(self, **_: Any) -> dict[str, Any]:
+            raise RuntimeError("throttled")
+
+    with pytest.raises(BackendError, match="throttled"):
+        async for _ in BedrockLLM("m", client=Client()).stream("sys", [{"role": "user", "content": "hi"}]):
+            pass

@@ -1,0 +1,130 @@
+"""Voice sessions' ends and settings, with fake backends: a goodbye that hangs, the prod credential check."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from shared.models import SessionDispatch
+from worker.settings import WorkerSettings
+from worker.voice.engine import VoiceEngine
+from worker.voice.llm import CannedLLM, OpenAICompatLLM, build_llm
+from worker.voice.settings import VoiceSettings
+from worker.voice.transport_ws import verify_token
+
+from .test_voice_pipeline import FakeSTT, SlowTTS
+
+
+class WedgedTransport:
+    """A client that keeps its connection open and reads nothing: every send hangs until it is cut off."""
+
+    def __init__(self) -> None:
+        self.aborted = asyncio.Event()
+
+    async def send_audio(self, pcm: bytes) -> None:
+        await self.aborted.wait()
+        raise ConnectionResetError
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await self.aborted.wait()
+        raise ConnectionResetError
+
+    async def close(self, reason: str) -> None:
+        await self.send_event({})
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+async def engine(**settings: Any) -> VoiceEngine:
+    voice = VoiceEngine(VoiceSettings(llm_backend="canned", **settings), stt=FakeSTT(), llm=CannedLLM(),
+                        tts=SlowTTS(0))
+    await voice.start()
+    return voice
+
+
+def spec(session_id: str = "s1") -> SessionDispatch:
+    return SessionDispatch(session_id=session_id, room="room-1", livekit_url="ws://lk", token="agent-token")
+
+
+@pytest.fixture
+async def voice() -> AsyncIterator[VoiceEngine]:
+    e = await engine(session_max_s=0.2, close_timeout_s=0.1)
+    yield e
+    await e.aclose()
+
+
+async def test_time_limit_frees_the_slot_though_the_goodbye_hangs(voice: VoiceEngine) -> None:
+    ended: list[tuple[str, str]] = []
+    await voice.start_session(spec(), lambda sid, reason: ended.append((sid, reason)))
+    wedged = WedgedTransport()
+    voice.sessions["s1"].attach(wedged)
+    async with asyncio.timeout(3):
+        while not ended:
+            await asyncio.sleep(0.02)
+    assert ended == [("s1", "time_limit")] and wedged.aborted.is_set()
+    assert voice.stats().active_sessions == 0
+
+
+async def test_stop_session_returns_though_the_goodbye_hangs(voice: VoiceEngine) -> None:
+    voice.settings = voice.settings.model_copy(update={"session_max_s": 60})
+    await voice.start_session(spec(), lambda *_: None)
+    wedged = WedgedTransport()
+    voice.sessions["s1"].attach(wedged)
+    await asyncio.wait_for(voice.stop_session("s1"), 2)
+    assert wedged.aborted.is_set() and "s1" not in voice.sessions
+
+
+async def test_on_end_is_called_even_if_closing_fails(voice: VoiceEngine) -> None:
+    ended: list[tuple[str, str]] = []
+    await voice.start_session(spec(), lambda sid, reason: ended.append((sid, reason)))
+    session = voice.sessions["s1"]
+
+    async def broken(reason: str) -> None:
+        raise RuntimeError("close failed")
+
+    session.close = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await voice.end_session(session, "time_limit")
+    assert ended == [("s1", "time_limit")]
+
+
+def test_prod_refuses_the_dev_livekit_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError) as refused:
+        VoiceSettings(env="prod")
+    problems = str(refused.value)
+    assert "FLEET_VOICE_LIVEKIT_API_SECRET" in problems and "FLEET_VOICE_LIVEKIT_API_KEY" in problems
+    with pytest.raises(ValidationError, match="LIVEKIT_API_SECRET"):
+        VoiceSettings(env="prod", livekit_api_key="prodkey")
+    monkeypatch.setenv("FLEET_ENV", "prod")  # the fleet's variable, not FLEET_VOICE_ENV
+    with pytest.raises(ValidationError):
+        VoiceSettings()
+    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_API_KEY", "prodkey")
+    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_API_SECRET", "a-long-production-secret")
+    assert VoiceSettings().env == "prod"
+
+
+def test_the_engine_takes_the_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = WorkerSettings(env="prod", worker_token="a-real-worker-token")
+    with pytest.raises(ValidationError):
+        VoiceEngine.from_settings(worker, for_calibration=True)
+    assert VoiceSettings(env="dev").livekit_api_key == "devkey"
+
+
+def test_secrets_are_secret_str_and_still_work() -> None:
+    settings = VoiceSettings(livekit_api_key="k", livekit_api_secret="livekit-s3cret", llm_api_key="llm-s3cret")
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+    with pytest.raises(ValidationError) as invalid:
+        VoiceSettings(llm_api_key="llm-s3cret", max_tokens=0)
+    assert "s3cret" not in str(invalid.value)
+    llm = build_llm(settings)
+    assert isinstance(llm, OpenAICompatLLM) and llm.api_key == "llm-s3cret"
+    from livekit.api import AccessToken, VideoGrants
+
+    grants = VideoGrants(room_join=True, room="r")
+    token = AccessToken("k", "livekit-s3cret").with_identity("u").with_grants(grants).to_jwt()
+    assert verify_token(token, "r", settings.livekit_api_key, settings.livekit_api_secret.get_secret_value()) == "u"
