@@ -58,7 +58,7 @@ async def fleet_capacity(hub: HubDep) -> FleetCapacity:
     return await hub.registry.capacity()
 
 
-@router.get("/sessions", response_model=SessionList)
+@router.get("/sessions", response_model=SessionList, responses={404: {"model": ErrorBody}})
 async def list_sessions(hub: HubDep, worker_id: Annotated[str | None, Query(pattern=WORKER_ID_PATTERN)] = None,
                         region: Annotated[str | None, Query(max_length=32)] = None) -> SessionList:
     liveness = await hub.registry.liveness(region=region, worker_id=worker_id)
