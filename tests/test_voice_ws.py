@@ -234,7 +234,8 @@ async def test_barge_in_stops_reply_and_history_carries(make_harness: MakeHarnes
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user"]
 
 
-async def test_llm_failure_apologises_and_session_survives(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+async def test_llm_failure_apologises_and_session_survives(make_harness: MakeHarness, fake_llm: FakeLLM,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     fake_llm.mode = "fail"
     h = await make_harness()
     await h.session()
@@ -243,7 +244,8 @@ async def test_llm_failure_apologises_and_session_survives(make_harness: MakeHar
         client = Client(ws)
         await client.say(pcm)
         error = await client.wait_for("error")
-        assert error["stage"] == "llm" and "500" in error["message"]
+        assert error["stage"] == "llm" and "500" in caplog.text
+        assert "500" not in error["message"] and "127.0.0.1" not in error["message"], "backend detail stays in the log"
         await client.wait_for("first_audio")
         assert rms(b"".join(c for _, c in client.audio)) > 500  # the apology is spoken
         end = await client.wait_for("reply_end")
@@ -255,7 +257,8 @@ async def test_llm_failure_apologises_and_session_survives(make_harness: MakeHar
     assert APOLOGY
 
 
-async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_llm: FakeLLM) -> None:
+async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_llm: FakeLLM,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     fake_llm.mode = "hang"
     h = await make_harness(llm_timeout_s=0.5)
     await h.session()
@@ -263,7 +266,7 @@ async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_l
         client = Client(ws)
         await client.say(speech(QUESTION))
         error = await client.wait_for("error")
-        assert error["stage"] == "llm" and "0.5" in error["message"]
+        assert error["stage"] == "llm" and "0.5" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,13 @@ from worker.voice.vad import EndpointDetector, VadEvent
 
 log = logging.getLogger(__name__)
 
+#: What the client is told when a stage fails; the backend's own words stay in the worker's log.
+_CLIENT_ERRORS = {
+    "stt": "speech recognition failed for this turn",
+    "llm": "the language model did not answer in time or failed",
+    "tts": "speech synthesis failed for this turn",
+}
+
 APOLOGY = "Sorry, I had a problem answering that. Please try again."
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _PREROLL_FRAMES = 15  # audio kept from before the VAD fired, so STT hears the first syllable
@@ -273,8 +280,10 @@ class Conversation:
                 await self.transport.send_event({"type": "first_audio", "e2e_ms": timings["e2e_ms"]})
 
     async def _fail(self, exc: BackendError, speech_ended: float, timings: dict[str, float]) -> None:
+        # The detail (a backend's HTTP body, an internal host name) goes to the log; the client learns the stage.
         log.warning("voice session %s: %s", self.session_id, exc)
-        await self.transport.send_event({"type": "error", "stage": exc.stage, "message": str(exc)})
+        message = _CLIENT_ERRORS.get(exc.stage, "this turn failed")
+        await self.transport.send_event({"type": "error", "stage": exc.stage, "message": message})
         with contextlib.suppress(BackendError):
             await self._speak(APOLOGY, speech_ended, timings)
 
