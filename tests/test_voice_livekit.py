@@ -239,6 +239,22 @@ async def test_room_disconnect_ends_run_livekit(sources: list[RecordingSource]) 
     assert detached == ["conversation"]
 
 
+async def test_a_stuck_leave_does_not_hold_the_end(sources: list[RecordingSource]) -> None:
+    class StuckLeave(FakeRoom):
+        async def disconnect(self) -> None:
+            await asyncio.sleep(60)
+
+    room = StuckLeave()
+
+    async def detach(conversation: Any) -> None:
+        pass
+
+    task = asyncio.create_task(run_livekit("ws://lk", "tok", lambda _: "conversation", detach, 0.2, room=room))
+    await wait_until(lambda: "disconnected" in room.handlers)
+    room.handlers["disconnected"]("SERVER_SHUTDOWN")
+    assert await asyncio.wait_for(task, 2) == "room_disconnected"
+
+
 class HangingRoom:
     """A room whose server never answers (a real failing connect can take 30 s)."""
 

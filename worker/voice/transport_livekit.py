@@ -159,6 +159,8 @@ async def run_livekit(
     finally:
         await pumps.stop()
         await detach(conversation)
-        with contextlib.suppress(Exception):
-            await room.disconnect()
+        try:  # leaving is best effort, and bounded: a stuck leave must not hold the session's end (and its slot)
+            await asyncio.wait_for(room.disconnect(), connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("leaving the LiveKit room failed: %s", type(exc).__name__)
         await source.aclose()
