@@ -24,6 +24,7 @@ DOMAIN=""
 HOSTED_ZONE_ID=""
 CERTIFICATE_ARN=""
 CLOUDFRONT_CERTIFICATE_ARN=""
+CLOUDFRONT_PREFIX_LIST_ID=""
 LIVEKIT_REGIONS_FILE=""
 BUCKET=""
 ENGINE="synthetic"
@@ -167,6 +168,14 @@ resolve_names() {
       --output text)"
     [[ -n $CERTIFICATE_ARN && $CERTIFICATE_ARN != None ]] || die "no ISSUED ACM certificate for $DOMAIN in $HOME_REGION; pass --certificate-arn"
   fi
+  if [[ -n $CLOUDFRONT_CERTIFICATE_ARN ]]; then
+    # Behind CloudFront the ALB admits CloudFront only, so the viewer address it forwards cannot be forged.
+    CLOUDFRONT_PREFIX_LIST_ID="$(aws_query pl-dryrun ec2 describe-managed-prefix-lists --region "$HOME_REGION" \
+      --filters Name=prefix-list-name,Values=com.amazonaws.global.cloudfront.origin-facing \
+      --query 'PrefixLists[0].PrefixListId' --output text)"
+    [[ -n $CLOUDFRONT_PREFIX_LIST_ID && $CLOUDFRONT_PREFIX_LIST_ID != None ]] \
+      || die "no CloudFront origin-facing prefix list in $HOME_REGION"
+  fi
 }
 
 # Builds the wheel; ARTIFACT_KEY embeds its hash, so an unchanged build leaves every stack unchanged.
@@ -236,7 +245,8 @@ stack_parameters() {  # template region index
     hub)
       PARAMS+=("DomainName=$DOMAIN" "HostedZoneId=$HOSTED_ZONE_ID" "CertificateArn=$CERTIFICATE_ARN"
                "CloudFrontCertificateArn=$CLOUDFRONT_CERTIFICATE_ARN" "ArtifactBucket=$BUCKET"
-               "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON" "WorkerRegions=$REGIONS")
+               "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON" "WorkerRegions=$REGIONS"
+               "CloudFrontPrefixListId=$CLOUDFRONT_PREFIX_LIST_ID")
       ;;
     gpu-workers)
       PARAMS+=("HubUrl=https://$DOMAIN" "HomeRegion=$HOME_REGION")

@@ -87,6 +87,13 @@ class HubSettings(FleetSettings):
     trusted_proxies: list[str] = Field(
         default_factory=list, description="Peers whose X-Forwarded-For is believed (CIDRs or addresses)."
     )
+    client_address_header: str | None = Field(
+        default=None, max_length=64,
+        description="A header a trusted proxy sets to the viewer's `ip:port`, believed before X-Forwarded-For: "
+                    "`CloudFront-Viewer-Address` behind CloudFront, whose own hop would otherwise be the client "
+                    "(every viewer behind one edge would share a rate limit). Only safe when nothing but the CDN "
+                    "reaches the trusted proxy.",
+    )
 
     cloudwatch_enabled: bool = Field(default=False, description="Publish per-region capacity to CloudWatch.")
     cloudwatch_namespace: str = Field(default="GpuFleet", description="CloudWatch namespace of capacity metrics.")

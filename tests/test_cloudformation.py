@@ -127,7 +127,23 @@ def test_hub_group_alb_dns_and_cloudfront() -> None:
     dist = one(t, "AWS::CloudFront::Distribution")
     assert dist["Condition"] == "UseCloudFront"
     policy = one(t, "AWS::CloudFront::OriginRequestPolicy")["Properties"]["OriginRequestPolicyConfig"]
-    assert {"CloudFront-Viewer-Latitude", "CloudFront-Viewer-Longitude"} <= set(policy["HeadersConfig"]["Headers"])
+    assert {"CloudFront-Viewer-Latitude", "CloudFront-Viewer-Longitude", "CloudFront-Viewer-Address"} <= set(
+        policy["HeadersConfig"]["Headers"])
+
+
+def test_behind_cloudfront_only_cloudfront_reaches_the_alb_and_hubs_believe_its_viewer_address() -> None:
+    t = load("hub")
+    only_cf, open_rules = t["Resources"]["AlbSecurityGroup"]["Properties"]["SecurityGroupIngress"]["Fn::If"][1:]
+    assert t["Resources"]["AlbSecurityGroup"]["Properties"]["SecurityGroupIngress"]["Fn::If"][0] == "OnlyCloudFront"
+    assert only_cf == [{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+                        "SourcePrefixListId": {"Ref": "CloudFrontPrefixListId"},
+                        "Description": "HTTPS from CloudFront only"}]
+    assert {r.get("CidrIp") for r in open_rules} == {"0.0.0.0/0"}
+    data = one(t, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
+    script, variables = data["UserData"]["Fn::Base64"]["Fn::Sub"]
+    # The header is believed only where the ALB admits nothing but CloudFront.
+    assert variables["ClientAddressHeader"] == {"Fn::If": ["OnlyCloudFront", "CloudFront-Viewer-Address", ""]}
+    assert 'env["FLEET_CLIENT_ADDRESS_HEADER"] = "${ClientAddressHeader}"' in script
 
 
 def test_hub_user_data_runs_the_wheel_in_prod_with_secrets_from_secrets_manager() -> None:

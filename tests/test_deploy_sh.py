@@ -32,6 +32,7 @@ case "$args" in
   "sts get-caller-identity"*) echo 123456789012 ;;
   "route53 "*) echo /hostedzone/ZFAKE123 ;;
   "acm "*) echo arn:aws:acm:us-east-1:123456789012:certificate/fake ;;
+  "ec2 describe-managed-prefix-lists"*) echo "${{FAKE_PREFIX_LIST-pl-fake123}}" ;;
   "secretsmanager "*) echo {SECRET} ;;
   *"describe-stacks"*OutputKey*)
     key="$(echo "$args" | sed -n "s/.*OutputKey=='\\([A-Za-z]*\\)'.*/\\1/p")"
@@ -329,3 +330,25 @@ def test_the_voice_engine_is_refused_before_any_aws_call(env: dict[str, str]) ->
         assert result.rc != 0
         assert "--engine voice cannot be deployed" in result.out and "local/dev" in result.out
         assert not result.aws("cloudformation") and not result.aws("s3")
+
+
+def test_behind_cloudfront_the_alb_admits_only_cloudfront(env: dict[str, str]) -> None:
+    """The hubs then believe CloudFront-Viewer-Address as the client's address: only safe when nothing else gets
+    through to the ALB."""
+    cloudfront = ["--cloudfront-certificate-arn", "arn:aws:acm:us-east-1:123456789012:certificate/cf"]
+    result = run(env, "deploy", *DEPLOY_ARGS, *cloudfront, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    [lookup] = result.aws("ec2", "describe-managed-prefix-lists")
+    assert "Name=prefix-list-name,Values=com.amazonaws.global.cloudfront.origin-facing" in lookup
+    hub = next(c for c in result.aws("cloudformation", "deploy") if "gpu-fleet-prod-hub" in c)
+    assert "CloudFrontPrefixListId=pl-fake123" in hub
+
+    Path(env["FAKE_LOG"]).unlink()  # each run's calls on their own
+    missing = run(env, "deploy", *DEPLOY_ARGS, *cloudfront, "--livekit-regions", env["LIVEKIT"],
+                  extra_env={"FAKE_PREFIX_LIST": "None"})
+    assert missing.rc != 0 and "no CloudFront origin-facing prefix list" in missing.out
+    assert missing.aws("cloudformation", "deploy") == []
+
+    Path(env["FAKE_LOG"]).unlink()
+    without = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert without.aws("ec2", "describe-managed-prefix-lists") == []

@@ -64,17 +64,36 @@ def _hub_of(request: Request) -> HubState:
     return hub
 
 
-def client_address(request: Request, trusted_proxies: list[str]) -> str:
-    """The caller's IP: X-Forwarded-For is believed only when the peer is a trusted proxy."""
+def client_address(request: Request, trusted_proxies: list[str], address_header: str | None = None) -> str:
+    """The caller's IP: X-Forwarded-For (or ``address_header``, a CDN's own header naming the viewer, such as
+    CloudFront-Viewer-Address) is believed only when the peer is a trusted proxy."""
     peer = request.client.host if request.client else "unknown"
+    if not _is_trusted(peer, trusted_proxies):
+        return peer
+    if address_header and (named := _address_of(request.headers.get(address_header))):
+        return named
     forwarded = request.headers.get("x-forwarded-for")
-    if not forwarded or not _is_trusted(peer, trusted_proxies):
+    if not forwarded:
         return peer
     # Walk from the right: the first address not of a trusted proxy is the client.
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
         if not _is_trusted(hop, trusted_proxies):
             return hop
     return peer
+
+
+def _address_of(value: str | None) -> str | None:
+    """The IP of ``ip:port`` (``198.51.100.10:46532``, ``2001:db8::1:443``, ``[2001:db8::1]:443``) or a bare IP;
+    None when it is neither. The port goes first: ``2001:db8::1:443`` is also a valid address on its own."""
+    if not value:
+        return None
+    text = value.strip()
+    for candidate in (text.rpartition(":")[0], text):
+        try:
+            return str(ipaddress.ip_address(candidate.strip("[]")))
+        except ValueError:
+            continue
+    return None
 
 
 def _is_trusted(address: str, trusted: list[str]) -> bool:

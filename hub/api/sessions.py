@@ -41,7 +41,7 @@ async def create_session(request: Request, response: Response, hub: HubDep,
     """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full."""
     settings = hub.settings
     if settings.rate_limit_per_s > 0:
-        client = client_address(request, settings.trusted_proxies)
+        client = client_address(request, settings.trusted_proxies, settings.client_address_header)
         wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
         if wait > 0:
             raise RateLimited(wait)
