@@ -129,7 +129,7 @@ class Registry:
         per: dict[str, RegionCapacity] = {}
         total = _empty_capacity("all")
         for e in self.board.entries.values():
-            if not _alive(e, now, ttl):
+            if not _alive(e.heartbeat_ms, now, ttl):
                 continue
             for cap in (per.setdefault(e.region, _empty_capacity(e.region)), total):
                 cap.workers += 1
@@ -149,13 +149,13 @@ class Registry:
             entry = self.board.entries.get(worker_id)
             if entry is None or region not in (None, entry.region):
                 raise WorkerUnknown(f"worker {worker_id} is not registered")
-            return {worker_id: _alive(entry, now, ttl)}
-        return {e.worker_id: _alive(e, now, ttl) for e in self.board.entries.values()
+            return {worker_id: _alive(entry.heartbeat_ms, now, ttl)}
+        return {e.worker_id: _alive(e.heartbeat_ms, now, ttl) for e in self.board.entries.values()
                 if region in (None, e.region)}
 
 
-def _alive(e: Entry, now_ms: int, ttl_ms: int) -> bool:
-    return e.heartbeat_ms > 0 and now_ms - e.heartbeat_ms < ttl_ms
+def _alive(heartbeat_ms: int, now_ms: int, ttl_ms: int) -> bool:
+    return heartbeat_ms > 0 and now_ms - heartbeat_ms < ttl_ms
 
 
 def _empty_capacity(region: str) -> RegionCapacity:
@@ -180,7 +180,7 @@ def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:
 def _view(static: dict[str, Any], status: dict[str, Any], *, used: int, state: str, drain: bool, heartbeat_ms: int,
           now_ms: int, ttl_ms: int) -> WorkerView:
     max_streams = int(static.get("max_streams", 0))
-    alive = heartbeat_ms > 0 and now_ms - heartbeat_ms < ttl_ms
+    alive = _alive(heartbeat_ms, now_ms, ttl_ms)
     return WorkerView(
         worker_id=static["worker_id"], url=static["url"], region=static["region"], zone=static.get("zone"),
         location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state), drain_requested=drain,
