@@ -156,6 +156,44 @@ async def test_whisper_with_no_audio_is_an_empty_transcript(fake_whisper: Path) 
     assert stt.new_stream().finish() == "" and FakeWhisperModel.calls == []
 
 
+async def test_a_transcription_nobody_waits_for_does_not_hold_the_model(fake_whisper: Path) -> None:
+    """One session's transcription is slow; another's times out waiting behind it. Once the model is free it goes
+    to the third session, not to the one whose turn is gone."""
+    import threading
+    import time
+
+    from worker.voice.stt import transcribe
+
+    stt = WhisperSTT(fake_whisper, "cpu")
+    stt.load()
+    release = threading.Event()
+    slow = stt.new_stream()
+    slow.feed(b"\x01\x00" * 1600)
+    model = stt._model
+    original = model.transcribe
+
+    def first_call_waits(audio: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not FakeWhisperModel.calls:
+            release.wait(5)
+        return original(audio, **kwargs)
+
+    model.transcribe = first_call_waits
+    first = asyncio.create_task(transcribe(slow, 5))
+    await asyncio.sleep(0.05)
+    gone, waiting = stt.new_stream(), stt.new_stream()
+    for stream in (gone, waiting):
+        stream.feed(b"\x02\x00" * 1600)
+    with pytest.raises(TimeoutError):
+        await transcribe(gone, 0.1)
+    await asyncio.sleep(0.1)  # its thread now waits for the model lock
+    third = asyncio.create_task(transcribe(waiting, 5))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == await third == "What is the weather like today?"
+    time.sleep(0.1)
+    assert len(FakeWhisperModel.calls) == 2  # the abandoned stream never ran the model
+
+
 class FakeTensor:
     def __init__(self, array: Any) -> None:
         self.array = array

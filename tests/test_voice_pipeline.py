@@ -17,37 +17,45 @@ from worker.voice.audio import FRAME_BYTES
 from worker.voice.errors import BackendError
 from worker.voice.llm import BedrockLLM, build_llm
 from worker.voice.metrics import VoiceMetrics
-from worker.voice.pipeline import Backends, Conversation, History
+from worker.voice.pipeline import Backends, Conversation, History, Turn
 from worker.voice.settings import VoiceSettings
 from worker.voice.vad import EndpointDetector, VadEvent
 
 
 class FakeStream:
-    """An STT stream: records what it is fed; ``finish`` returns ``text`` or raises ``error``."""
+    """An STT stream: records what it is fed; ``finish`` takes ``delay_s``, then gives ``text`` or raises ``error``."""
 
-    def __init__(self, text: str = "hello", error: Exception | None = None) -> None:
-        self.text, self.error, self.fed = text, error, 0
+    def __init__(self, text: str = "hello", error: Exception | None = None, delay_s: float = 0.0) -> None:
+        self.text, self.error, self.delay_s, self.fed, self.finished = text, error, delay_s, 0, False
 
     def feed(self, pcm: bytes) -> None:
         self.fed += len(pcm)
 
     def finish(self) -> str:
+        time.sleep(self.delay_s)
+        self.finished = True
         if self.error is not None:
             raise self.error
         return self.text
 
+    def abandon(self) -> None:
+        return None
+
 
 class FakeSTT:
+    """Hands out a stream per utterance: the scripted ones first, then ``FakeStream()``s."""
+
     name, model_mb, per_stream_mb = "fake", 0, 0
 
-    def __init__(self) -> None:
+    def __init__(self, *scripted: FakeStream) -> None:
+        self.scripted = list(scripted)
         self.streams: list[FakeStream] = []
 
     def load(self, priming_pcm: bytes | None = None) -> None:
         return None
 
     def new_stream(self) -> FakeStream:
-        self.streams.append(FakeStream())
+        self.streams.append(self.scripted.pop(0) if self.scripted else FakeStream())
         return self.streams[-1]
 
 
@@ -88,6 +96,21 @@ class SlowTTS:
         return b"\x10\x00" * 1600
 
 
+class LongTTS:
+    """Returns ``seconds`` of audio for each sentence at once: a reply that plays for a while."""
+
+    name, model_mb, per_stream_mb = "long", 0, 0
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def load(self) -> None:
+        return None
+
+    async def synthesize(self, text: str) -> bytes:
+        return b"\x10\x00" * int(16000 * self.seconds)
+
+
 class Events:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
@@ -116,7 +139,7 @@ def conversation(llm: Any, tts: Any = None, stt: Any = None, **settings: Any) ->
 
 
 async def turn(c: Conversation, stream: FakeStream) -> None:
-    await c._run_turn(stream, time.perf_counter(), 0.0)  # type: ignore[arg-type]
+    await c._run_turn(Turn(), stream, time.perf_counter(), 0.0)  # type: ignore[arg-type]
 
 
 async def test_llm_timeout_does_not_count_speaking_the_reply() -> None:
@@ -191,6 +214,45 @@ async def test_barge_in_before_the_first_sentence_keeps_the_request_alternating(
 def noise(seconds: float) -> bytes:
     rng = np.random.default_rng(0)
     return (rng.standard_normal(int(16000 * seconds)) * 8000).clip(-32768, 32767).astype(np.int16).tobytes()
+
+
+SILENCE = b"\x00\x00" * 16000
+
+
+async def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        assert time.perf_counter() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_speech_during_transcription_is_answered_together_with_it() -> None:
+    """The user pauses, then goes on while the first part is still being transcribed: nothing they said is lost,
+    and one reply answers both parts."""
+    stt = FakeSTT(FakeStream("book a table", delay_s=0.5), FakeStream("for two tonight"))
+    llm = ScriptedLLM("Done.")
+    c, out = conversation(llm, stt=stt)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])  # first utterance ends; its STT takes 0.5 s
+    assert out.of("speech_end") and not stt.streams[0].finished
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])  # second utterance while the first is transcribed
+    await wait_until(lambda: out.of("reply_end"))
+    await asyncio.sleep(0.1)
+    assert llm.requests == [[{"role": "user", "content": "book a table for two tonight"}]]
+    assert len(out.of("reply_end")) == 1 and out.of("barge_in") == []
+    await c.aclose()
+
+
+async def test_short_speech_over_the_reply_does_not_stop_it_but_barge_in_ms_of_it_does() -> None:
+    llm = ScriptedLLM("Here is a long answer.")
+    c, out = conversation(llm, tts=LongTTS(4.0), barge_in_ms=600, vad_min_speech_ms=200)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])  # a short "mm-hm" while the reply plays
+    await asyncio.sleep(0.2)
+    assert out.of("barge_in") == [] and c.speaking and len(llm.requests) == 1
+    await c.feed(noise(0.8))  # the user really talks over it
+    assert len(out.of("barge_in")) == 1 and not c.speaking
+    await c.aclose()
 
 
 def test_vad_forces_the_end_of_speech_at_the_cap() -> None:

@@ -53,6 +53,9 @@ class SlowSTT:
             def finish(self) -> str:
                 return stream.finish()
 
+            def abandon(self) -> None:
+                stream.abandon()
+
         return Stream()
 
 

@@ -94,6 +94,12 @@ async def cancel_and_wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait([task])
 
 
+async def _discard(stream: STTStream) -> None:
+    """End an utterance nobody will answer (it returns a pooled decoder)."""
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(stream.finish)
+
+
 async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """Regroup streamed text into sentences, so TTS can start before the reply is complete."""
     buf = ""
@@ -106,6 +112,18 @@ async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         buf = parts[-1]
     if buf.strip():
         yield buf.strip()
+
+
+@dataclass(eq=False)
+class Turn:
+    """One utterance and the reply to it. ``heard``: its words are in the history (or there were none), so
+    cancelling it loses nothing the user said. ``superseded``: the user went on talking before it was
+    transcribed; its words are kept and the next turn answers both."""
+
+    continues: Turn | None = None
+    task: asyncio.Task[None] = field(init=False)
+    heard: bool = False
+    superseded: bool = False
 
 
 class Conversation:
@@ -130,7 +148,8 @@ class Conversation:
         self._preroll: deque[bytes] = deque(maxlen=_PREROLL_FRAMES)
         self._stt: STTStream | None = None
         self._last_voiced = 0.0
-        self._turn: asyncio.Task[None] | None = None
+        self._turn: Turn | None = None
+        self._chores: set[asyncio.Task[Any]] = set()
         self.speaking = False
 
     async def feed(self, pcm: bytes) -> None:
@@ -155,11 +174,31 @@ class Conversation:
             await self._on_speech_start()
         elif event is VadEvent.SPEECH_END:
             await self._on_speech_end(now)
+        if self.vad.in_speech:
+            await self._barge_in_if_due()
+
+    def _replying(self) -> Turn | None:
+        """The turn whose reply is under way (its words are in the history), if any."""
+        turn = self._turn
+        if turn is None or turn.task.done() or not turn.heard or turn.superseded:
+            return None
+        return turn
+
+    async def _barge_in_if_due(self) -> None:
+        """The user talks over a reply: stop it. While reply audio plays, only after ``barge_in_ms`` of speech (a
+        short "mm-hm" or a cough does not cut the assistant off); before it plays, at once."""
+        turn = self._replying()
+        if turn is None or (self.speaking and self.vad.voiced_ms < self.settings.barge_in_ms):
+            return
+        await cancel_and_wait(turn.task)
+        await self.transport.send_event({"type": "barge_in"})
 
     async def _on_speech_start(self) -> None:
-        if self._turn is not None and not self._turn.done():
-            await cancel_and_wait(self._turn)  # barge-in: the user talks over the reply (or before it started)
-            await self.transport.send_event({"type": "barge_in"})
+        turn = self._turn
+        if turn is not None and not turn.task.done() and not turn.heard:
+            # The user goes on talking while the last utterance is still being transcribed: let it finish, and
+            # answer both together (the next turn adds its words after these, then replies).
+            turn.superseded = True
         self._stt = self.backends.stt.new_stream()
         for frame in self._preroll:
             self._stt.feed(frame)
@@ -170,35 +209,45 @@ class Conversation:
         stream, self._stt = self._stt, None
         if stream is None:
             return
-        vad_ms = (now - self._last_voiced) * 1000 + FRAME_MS
         await self.transport.send_event({"type": "speech_end"})
-        self._turn = asyncio.create_task(self._run_turn(stream, self._last_voiced - FRAME_MS / 1000, vad_ms))
+        if self._replying() is not None:
+            # Speech too short to barge in while the reply plays: not a turn of its own.
+            chore = asyncio.create_task(_discard(stream))
+            self._chores.add(chore)
+            chore.add_done_callback(self._chores.discard)
+            return
+        vad_ms = (now - self._last_voiced) * 1000 + FRAME_MS
+        turn = Turn(continues=self._turn if self._turn is not None and not self._turn.task.done() else None)
+        turn.task = asyncio.create_task(self._run_turn(turn, stream, self._last_voiced - FRAME_MS / 1000, vad_ms))
+        self._turn = turn
 
-    async def _run_turn(self, stream: STTStream, speech_ended: float, vad_ms: float) -> None:
+    async def _run_turn(self, turn: Turn, stream: STTStream, speech_ended: float, vad_ms: float) -> None:
         timings: dict[str, float] = {"vad_ms": round(vad_ms, 1)}
         reply: list[str] = []
         error: BackendError | None = None
         try:
             try:
-                await self._answer(stream, speech_ended, timings, reply)
+                await self._hear(turn, stream, timings)
+                if turn.superseded or "stt_ms" not in timings:
+                    return  # answered with the next utterance, or nothing was heard
+                await self._reply(speech_ended, timings, reply)
             except BackendError as exc:
                 error = exc
-                await self._fail(exc, speech_ended, timings)
-            if "stt_ms" in timings or error is not None:  # a turn, or an utterance STT failed on (it counts too)
-                self.metrics.record_turn(timings, error is not None)
-                await self.transport.send_event(
-                    {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
-                )
+                await self._fail(exc, speech_ended, timings, apologise=not turn.superseded)
+            self.metrics.record_turn(timings, error is not None)
+            await self.transport.send_event(
+                {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
+            )
         except Exception as exc:  # noqa: BLE001 - not a backend failure: sending to the client failed (it left)
             log.info("voice session %s: turn stopped, the client cannot be reached: %r", self.session_id, exc)
         finally:
+            turn.heard = True
             if reply:
                 self.history.add("assistant", " ".join(reply))
             self.speaking = False
 
-    async def _answer(
-        self, stream: STTStream, speech_ended: float, timings: dict[str, float], reply: list[str]
-    ) -> None:
+    async def _hear(self, turn: Turn, stream: STTStream, timings: dict[str, float]) -> None:
+        """Transcribe the utterance and add it to the history, after the words of the turn it continues."""
         t0 = time.perf_counter()
         try:
             text = await transcribe(stream, self.settings.stt_timeout_s)
@@ -206,13 +255,16 @@ class Conversation:
             raise BackendError("stt", "timed out") from None
         except Exception as exc:  # noqa: BLE001 - any backend failure becomes an evented apology
             raise BackendError("stt", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if turn.continues is not None:
+                await asyncio.wait([turn.continues.task])  # its words go first (bounded by its own STT timeout)
         timings["stt_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         await self.transport.send_event({"type": "transcript", "text": text, "stt_ms": timings["stt_ms"]})
         if not text.strip():
             del timings["stt_ms"]  # nothing heard: not a turn
             return
         self.history.add("user", text)
-        await self._reply(speech_ended, timings, reply)
+        turn.heard = True
 
     async def _reply(self, speech_ended: float, timings: dict[str, float], reply: list[str]) -> None:
         t_llm = time.perf_counter()
@@ -279,17 +331,24 @@ class Conversation:
                 timings["e2e_ms"] = round((time.perf_counter() - speech_ended) * 1000, 1)
                 await self.transport.send_event({"type": "first_audio", "e2e_ms": timings["e2e_ms"]})
 
-    async def _fail(self, exc: BackendError, speech_ended: float, timings: dict[str, float]) -> None:
+    async def _fail(
+        self, exc: BackendError, speech_ended: float, timings: dict[str, float], *, apologise: bool = True
+    ) -> None:
         # The detail (a backend's HTTP body, an internal host name) goes to the log; the client learns the stage.
         log.warning("voice session %s: %s", self.session_id, exc)
         message = _CLIENT_ERRORS.get(exc.stage, "this turn failed")
         await self.transport.send_event({"type": "error", "stage": exc.stage, "message": message})
-        with contextlib.suppress(BackendError):
-            await self._speak(APOLOGY, speech_ended, timings)
+        if apologise:  # not over a user who is already talking again
+            with contextlib.suppress(BackendError):
+                await self._speak(APOLOGY, speech_ended, timings)
 
     async def aclose(self) -> None:
-        if self._turn is not None and not self._turn.done():
-            await cancel_and_wait(self._turn)
+        turn = self._turn
+        while turn is not None:  # the current turn and the ones it continues
+            await cancel_and_wait(turn.task)
+            turn = turn.continues
+        if self._chores:
+            await asyncio.wait(self._chores)
         if self._stt is not None:
             stream, self._stt = self._stt, None
             with contextlib.suppress(Exception):

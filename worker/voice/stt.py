@@ -68,6 +68,11 @@ class STTStream(Protocol):
         """End the utterance and return its transcript (blocking; call from a thread)."""
         ...
 
+    def abandon(self) -> None:
+        """Nobody waits for the transcript any more (its turn timed out or was cancelled): a ``finish`` that has
+        not started its work yet may skip it."""
+        ...
+
 
 class STT(Protocol):
     name: str
@@ -90,7 +95,12 @@ class SphinxStream:
         self._decoder.start_utt()
 
     def feed(self, pcm: bytes) -> None:
+        # On the event loop: ~27 ms of CPU per second of audio. A thread would not help, since process_raw holds
+        # the GIL throughout (measured); whisper, the production backend, does its work in finish.
         self._decoder.process_raw(pcm, False, False)
+
+    def abandon(self) -> None:
+        return None  # finish is quick, and it returns the decoder to the pool
 
     def finish(self) -> str:
         try:
@@ -174,9 +184,13 @@ class WhisperStream:
         self._model = model
         self._lock = lock
         self._chunks: list[bytes] = []
+        self._abandoned = False
 
     def feed(self, pcm: bytes) -> None:
         self._chunks.append(pcm)
+
+    def abandon(self) -> None:
+        self._abandoned = True
 
     def finish(self) -> str:
         pcm = b"".join(self._chunks)
@@ -184,6 +198,8 @@ class WhisperStream:
             return ""  # faster-whisper fails on an empty array; nothing was said
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
         with self._lock:
+            if self._abandoned:
+                return ""  # its turn is gone: do not keep the model from the sessions still waiting on it
             segments, _info = self._model.transcribe(audio, language="en", beam_size=1, vad_filter=False)
             return " ".join(s.text.strip() for s in segments).strip()
 
@@ -227,4 +243,8 @@ def build_stt(settings: VoiceSettings) -> STT:
 
 
 async def transcribe(stream: STTStream, timeout_s: float) -> str:
-    return await asyncio.wait_for(asyncio.to_thread(stream.finish), timeout_s)
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(stream.finish), timeout_s)
+    except BaseException:  # a timeout or a cancelled turn: the thread runs on, but may skip the model
+        stream.abandon()
+        raise
