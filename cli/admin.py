@@ -233,21 +233,32 @@ def capacity(hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt) -> 
     _out.print(table)
 
 
+LabelOpt = typer.Option(None, help="key=value: only workers with this label, as in a session request (repeat for "
+                                    "several).")
+
+
 def explain(
     lat: float | None = typer.Option(None, min=-90, max=90, help="User latitude."),
     lon: float | None = typer.Option(None, min=-180, max=180, help="User longitude."),
     region: str | None = typer.Option(None, help="Use this region's coordinates instead of --lat/--lon."),
     policy: str | None = typer.Option(None, help="spread or pack (else the hub's policy)."),
     limit: int = typer.Option(10, min=1, max=100, help="How many candidates."),
+    label: list[str] | None = LabelOpt,
     hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt,
 ) -> None:
-    """Why this worker: the ranked candidates for a user at a location, with every score factor."""
+    """Why this worker: the ranked candidates for a user at a location, with every score factor.
+
+    A placement leads with one of the near-best candidates (marked *), chosen at random so that many hubs do not
+    all pick the same worker."""
     if (lat is None) != (lon is None):
         _fail("give both --lat and --lon (or --region)", EXIT_ERROR)
     if policy is not None and policy not in ("spread", "pack"):
         _fail(f"--policy must be spread or pack, not {policy!r}", EXIT_ERROR)
+    label = label or []
+    if any("=" not in pair for pair in label):
+        _fail("--label takes key=value", EXIT_ERROR)
     data = call(hub, token, "GET", "/api/v1/route/explain",
-                {"lat": lat, "lon": lon, "region": region, "policy": policy, "limit": limit})
+                {"lat": lat, "lon": lon, "region": region, "policy": policy, "limit": limit, "label": label})
     if json:
         _print_json(data)
         return
@@ -258,7 +269,8 @@ def explain(
                   "capacity", "streams", title="candidates, best first")
     for i, c in enumerate(data["candidates"], 1):
         f = c["factors"]
-        table.add_row(str(i), c["worker_id"], c["region"], f"{c['score']:.4f}", f"{f['distance_km']:.0f}",
+        table.add_row(f"{i}{' *' if c.get('near_best') else ''}", c["worker_id"], c["region"], f"{c['score']:.4f}",
+                      f"{f['distance_km']:.0f}",
                       f"{f['rtt_ms']:.1f}", f"{f['distance']:.4f}", f"{f['load']:.4f}", f"{f['latency']:.4f}",
                       f"{f['capacity']:.4f}", f"{c['used_streams']}/{c['max_streams']}")
     _out.print(table)

@@ -308,12 +308,16 @@ class RoutingBoard:
         ranked = [Ranked(e, s, km, nearest_km, policy) for s, km, e in scored[:limit]]
         return ranked if explain else self._two_choices(ranked)
 
+    def near_best(self, ranked: list[Ranked]) -> list[Ranked]:
+        """The candidates a placement may lead with: the top few within ``near_best_margin`` of the best."""
+        if not ranked:
+            return []
+        best = ranked[0].score
+        return [r for r in ranked[:4] if best - r.score <= self.near_best_margin]
+
     def _two_choices(self, ranked: list[Ranked]) -> list[Ranked]:
         """Power of two choices among the near-best: pick two at random, lead with the better."""
-        if len(ranked) < 2:
-            return ranked
-        best = ranked[0].score
-        near = [r for r in ranked[:4] if best - r.score <= self.near_best_margin]
+        near = self.near_best(ranked)
         if len(near) < 2:
             return ranked
         a, b = self.rng.sample(near, 2)

@@ -283,6 +283,9 @@ class Candidate(Strict):
     factors: ScoreFactors
     used_streams: int
     max_streams: int
+    near_best: bool = Field(
+        description="A placement leads with one of the near-best candidates, chosen at random (power of two "
+                    "choices), so that many hubs do not all pick the same worker.")
 
 
 class RouteExplanation(Strict):

@@ -170,6 +170,27 @@ def test_explain_ranks_candidates_with_every_factor(live_hub: LiveHub) -> None:
     assert table.exit_code == 0 and "gpu-euc1-a" in table.output and "distance km" in table.output
 
 
+def test_explain_takes_labels_and_marks_the_near_best(live_hub: LiveHub) -> None:
+    live_hub.register("gpu-euc1-tts", region="eu-central-1", location={"lat": 50.1, "lon": 8.7},
+                      labels={"engine": "tts"})
+    with live_hub.admin() as client:
+        for _ in range(50):
+            if len(client.get("/api/v1/route/explain", params={"lat": 50, "lon": 8}).json()["candidates"]) == 4:
+                break
+            time.sleep(0.05)
+        only = client.get("/api/v1/route/explain", params={"lat": 50, "lon": 8, "label": ["engine=tts"]}).json()
+        assert [c["worker_id"] for c in only["candidates"]] == ["gpu-euc1-tts"]
+        everyone = client.get("/api/v1/route/explain", params={"lat": 50, "lon": 8}).json()["candidates"]
+        assert len(everyone) == 4 and everyone[0]["near_best"] and not everyone[-1]["near_best"]  # Virginia
+        for bad in (["engine"], ["bad key!=x"], [f"k{i}=v" for i in range(33)]):
+            resp = client.get("/api/v1/route/explain", params={"lat": 50, "lon": 8, "label": bad})
+            assert resp.status_code == 422 and resp.json()["error"] == "invalid_request", (bad, resp.text)
+    table = fleet(live_hub, "explain", "--lat", "50", "--lon", "8", "--label", "engine=tts")
+    assert table.exit_code == 0 and "gpu-euc1-tts" in table.output and "gpu-euc1-a" not in table.output
+    assert "1 *" in table.output
+    assert fleet(live_hub, "explain", "--label", "engine").exit_code == admin.EXIT_ERROR
+
+
 def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
     one = typer.Typer()
 

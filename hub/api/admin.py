@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from hub.allocator import resolve_location
 from hub.api.deps import HubDep, require_admin
@@ -14,6 +16,7 @@ from shared.models import (
     Candidate,
     ErrorBody,
     FleetCapacity,
+    LabelMap,
     Location,
     Policy,
     RouteExplanation,
@@ -82,13 +85,17 @@ async def explain_route(
     region: Annotated[str | None, Query(max_length=32)] = None,
     policy: Policy | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    label: Annotated[list[str] | None, Query(max_length=32, description="`key=value`, as in a session request's "
+                                                                         "labels; repeat for several.")] = None,
 ) -> RouteExplanation:
     """The ranked candidates for a user here, with every factor of their score: why this worker."""
     given = Location(lat=lat, lon=lon) if lat is not None and lon is not None else None
     where = resolve_location(given, None, region, hub.settings.default_region)
+    labels = _labels(label or [])
     await hub.board.refresh(if_older_than_s=0.5)
     loc = where.location
-    ranked = hub.board.rank(loc.lat, loc.lon, policy=policy, limit=limit, explain=True)
+    ranked = hub.board.rank(loc.lat, loc.lon, labels, policy=policy, limit=limit, explain=True)
+    near = {id(r) for r in hub.board.near_best(ranked)}
     livekit = None
     if ranked:
         head = ranked[0].entry
@@ -101,7 +108,26 @@ async def explain_route(
                       factors=ScoreFactors(distance_km=round(r.factors.distance_km, 1),
                                            rtt_ms=round(r.factors.rtt_ms, 2), distance=round(r.factors.distance, 6),
                                            load=round(r.factors.load, 6), latency=round(r.factors.latency, 6),
-                                           capacity=round(r.factors.capacity, 6)))
+                                           capacity=round(r.factors.capacity, 6)),
+                      near_best=id(r) in near)
             for r in ranked
         ],
     )
+
+
+_LABELS: TypeAdapter[dict[str, str]] = TypeAdapter(LabelMap)
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """``key=value`` query values as a session request's label map (same rules), or a 422."""
+    raw: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RequestValidationError([{"loc": ("query", "label"), "msg": "a label is key=value",
+                                           "type": "value_error"}])
+        raw[key] = value
+    try:
+        return _LABELS.validate_python(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("query", "label", *e["loc"])} for e in exc.errors()]) from None
