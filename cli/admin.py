@@ -55,6 +55,8 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
         _fail("the admin token must be ASCII (it travels in an HTTP header)", EXIT_ERROR)
     except httpx.HTTPError as exc:  # connection refused, DNS…
         _fail(f"cannot reach the hub at {hub}: {exc.__class__.__name__}: {exc}", EXIT_UNAVAILABLE)
+    if resp.status_code == 204:
+        return None
     if resp.is_success:
         try:
             return resp.json()
@@ -198,6 +200,13 @@ def resume(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt
     _steer(worker_id, hub, token, "resume")
 
 
+def forget(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt, token: str = TokenOpt) -> None:
+    """Remove a stale worker (its instance is gone) and what it held, instead of waiting for retention (1 h).
+    Refused while the worker is live."""
+    call(hub, token, "POST", f"{_worker_path(worker_id)}/forget")
+    _out.print(f"{worker_id} forgotten")
+
+
 def sessions(
     worker: str | None = typer.Option(None, help="Only the sessions of this worker."),
     region: str | None = typer.Option(None, help="Only workers of this region."),
@@ -280,5 +289,5 @@ def explain(
 
 def register(app: typer.Typer) -> None:
     """Add the SRE commands to the ``fleet`` app."""
-    for command in (workers, drain, resume, sessions, capacity, explain):
+    for command in (workers, drain, resume, forget, sessions, capacity, explain):
         app.command()(_tolerant(command))

@@ -12,7 +12,7 @@ from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from shared.auth import digest, new_secret
-from shared.errors import WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
+from shared.errors import WorkerAlive, WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
 from shared.geo import region_location
 from shared.models import (
     FleetCapacity,
@@ -91,6 +91,16 @@ class Registry:
         if result < 0:
             raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
         log.info("worker %s deregistered", worker_id)
+
+    async def forget(self, worker_id: str) -> None:
+        """An SRE removes a worker that stopped heartbeating (its instance is gone) before retention would."""
+        result = await self.store.deregister(worker_id, None)
+        if result == 0:
+            raise WorkerUnknown(f"no worker {worker_id}")
+        if result == -2:
+            raise WorkerAlive(f"worker {worker_id} is live: it would register again at its next heartbeat; stop "
+                              "its process first")
+        log.info("worker %s forgotten by an SRE", worker_id)
 
     async def set_drain(self, worker_id: str, drain: bool) -> WorkerView:
         if await self.store.set_drain(worker_id, drain) is None:

@@ -240,9 +240,16 @@ return 'ready'
 DEREGISTER = """
 -- Remove a worker and everything it holds.
 -- ARGV[1] digest of the per-worker secret presented, or '*' for an SRE removal
--- Returns 1, 0 when unknown, -1 for a bad secret.
+-- ARGV[2] liveness TTL (ms): an SRE removal of a worker heard from within it is refused (a live worker would
+--         register again at its next heartbeat, and the sessions it runs would be told to stop)
+-- Returns 1, 0 when unknown, -1 for a bad secret, -2 when an SRE removal finds the worker live.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '*' and redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return -1 end
+if ARGV[1] == '*' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now - tonumber(redis.call('HGET', KEYS[1], 'hb') or 0) < tonumber(ARGV[2]) then return -2 end
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 1
 """

@@ -381,10 +381,11 @@ class FleetStore:
         return {str(worker_id) for worker_id in skipped}
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
-        """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal."""
+        """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal, refused (-2) while the worker
+        is live."""
         async with self._call():
             res = int(await self._deregister(keys=keys.worker_keys(worker_id).as_list(),
-                                             args=[digest(secret) if secret is not None else "*"]))
+                                             args=[digest(secret) if secret is not None else "*", self.settings.ttl_ms]))
             if res == 1:
                 await self._publish_board(worker_id, remove=True)
         return res

@@ -43,6 +43,12 @@ class WorkerConflict(FleetError):
     code = "worker_conflict"
 
 
+class WorkerAlive(FleetError):
+    """The worker is live: it would register again at its next heartbeat. Stop its process (or drain it) first."""
+
+    code = "worker_alive"
+
+
 class WorkerCredentialInvalid(FleetError):
     """The per-worker secret is missing or wrong."""
 

@@ -222,6 +222,26 @@ def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str]
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_forget_removes_a_stale_worker_and_refuses_a_live_one(redis_url: str) -> None:
+    with LiveHub(redis_url, worker_ttl_s=1.0, heartbeat_interval_s=0.3) as hub:
+        hub.register("gpu-use1-a")
+        refused = fleet(hub, "forget", "gpu-use1-a")
+        assert refused.exit_code == admin.EXIT_ERROR and "worker_alive" in refused.output, refused.output
+        time.sleep(1.2)  # no heartbeat for the TTL: stale
+        with hub.admin() as client:
+            assert client.get("/api/v1/workers/gpu-use1-a").json()["alive"] is False
+        forgotten = fleet(hub, "forget", "gpu-use1-a")
+        assert forgotten.exit_code == 0 and "gpu-use1-a forgotten" in forgotten.output, forgotten.output
+        with hub.admin() as client:
+            assert client.get("/api/v1/workers/gpu-use1-a").status_code == 404
+            for _ in range(50):  # the board drops it too, so listings and the stale gauge do
+                if client.get("/api/v1/workers").json()["workers"] == []:
+                    break
+                time.sleep(0.05)
+            assert client.get("/api/v1/workers").json()["workers"] == []
+        assert fleet(hub, "forget", "gpu-use1-a").exit_code == admin.EXIT_NOT_FOUND
+
+
 def test_resume_says_when_the_worker_still_drains_on_its_own(live_hub: LiveHub) -> None:
     """The hub lifts an SRE's drain only; a worker leaving on its own (scale-in, spot) stays draining."""
     live_hub.heartbeat("gpu-use1-b", state="draining")

@@ -108,3 +108,32 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
             assert errors == []
         finally:
             browser.close()
+
+
+def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    with LiveHub(redis_url, worker_ttl_s=1.0, heartbeat_interval_s=0.3) as hub, \
+            sync_api.sync_playwright() as pw:
+        hub.register("gpu-use1-gone")
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{hub.url}/dashboard")
+            page.fill("#token", ADMIN_TOKEN)
+            page.click("#login-button")
+            row = page.locator('#workers tr[data-worker="gpu-use1-gone"]')
+            deadline = time.monotonic() + 15
+            while (row.count() == 0 or row.locator("button").text_content() != "Drain"):  # live: no Forget
+                assert time.monotonic() < deadline, "the live worker was never offered Drain"
+                hub.heartbeat("gpu-use1-gone")
+                time.sleep(0.2)
+            sync_api.expect(row.locator(".state")).to_have_text("stale", timeout=10_000)  # heartbeats stopped
+            sync_api.expect(row.locator("button")).to_have_text("Forget")
+            row.locator("button.forget").click()
+            sync_api.expect(page.locator("#workers tbody tr")).to_have_count(0)
+            with hub.admin() as client:
+                assert client.get("/api/v1/workers/gpu-use1-gone").status_code == 404
+        finally:
+            browser.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
@@ -53,6 +53,15 @@ async def drain_worker(worker_id: WorkerIdPath, hub: HubDep) -> WorkerView:
 @router.post("/workers/{worker_id}/resume", response_model=WorkerView, responses={404: {"model": ErrorBody}})
 async def resume_worker(worker_id: WorkerIdPath, hub: HubDep) -> WorkerView:
     return await hub.registry.set_drain(worker_id, False)
+
+
+@router.post("/workers/{worker_id}/forget", status_code=204, responses={404: {"model": ErrorBody},
+                                                                        409: {"model": ErrorBody}})
+async def forget_worker(worker_id: WorkerIdPath, hub: HubDep) -> Response:
+    """Remove a worker that stopped heartbeating (its instance is gone) and what it held, before retention would.
+    Refused (409 ``worker_alive``) while the worker is live: it would register again at its next heartbeat."""
+    await hub.registry.forget(worker_id)
+    return Response(status_code=204)
 
 
 @router.get("/fleet", response_model=FleetCapacity)

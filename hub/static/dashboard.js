@@ -126,12 +126,15 @@ function drawWorkers() {
               el("td", `${Math.round(w.gpu_utilization)}%`), el("td", `${Math.round(w.latency_ms)} ms`),
               el("td", age(w.heartbeat_age_s)));
     // Resume lifts an SRE's drain only; a worker draining on its own account is leaving and cannot be resumed.
+    // A stale worker (its instance is gone) can only be forgotten; the hub refuses that while it is live.
     const resumable = w.drain_requested;
     const leaving = w.state === "draining" && !resumable;
-    const button = el("button", leaving ? "Leaving" : resumable ? "Resume" : "Drain", resumable ? "resume" : "drain");
+    const action = !w.alive ? "forget" : resumable ? "resume" : "drain";
+    const label = { forget: "Forget", resume: "Resume", drain: leaving ? "Leaving" : "Drain" }[action];
+    const button = el("button", label, action);
     button.type = "button";
-    button.disabled = leaving || state.busy.has(w.worker_id);
-    button.addEventListener("click", () => steer(w.worker_id, resumable ? "resume" : "drain"));
+    button.disabled = (leaving && action === "drain") || state.busy.has(w.worker_id);
+    button.addEventListener("click", () => steer(w.worker_id, action));
     const cell = el("td");
     cell.append(button);
     tr.append(cell);
