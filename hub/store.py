@@ -384,8 +384,9 @@ class FleetStore:
         """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal, refused (-2) while the worker
         is live."""
         async with self._call():
+            presented = digest(secret) if secret is not None else "*"
             res = int(await self._deregister(keys=keys.worker_keys(worker_id).as_list(),
-                                             args=[digest(secret) if secret is not None else "*", self.settings.ttl_ms]))
+                                             args=[presented, self.settings.ttl_ms]))
             if res == 1:
                 await self._publish_board(worker_id, remove=True)
         return res
