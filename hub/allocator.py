@@ -72,7 +72,7 @@ class Allocator:
         outcome = "error"
         try:
             if req.session_key is None:
-                config = await self._place(req, where)
+                config, _ = await self._place(req, where)
                 outcome = "created"
                 return config, True
             result = await self._create_with_affinity(req, where, req.session_key)
@@ -110,16 +110,21 @@ class Allocator:
                     await self._abandon(current)  # its worker is gone: the conversation moves
                 break
         try:
-            config = await self._place(req, where)
+            config, worker_url = await self._place(req, where)
         except BaseException:
             await self.store.compare_and_set_claim(session_key, claim, None, 0)
             raise
-        swapped, _ = await self.store.compare_and_set_claim(session_key, claim, config.session_id,
-                                                            self.settings.affinity_ttl_s)
+        try:
+            swapped, _ = await self.store.compare_and_set_claim(session_key, claim, config.session_id,
+                                                                self.settings.affinity_ttl_s)
+        except BaseException:
+            # Placed, but the key cannot point at it: no client would ever learn of this session.
+            self._spawn_undo(config.worker.id, config.session_id, worker_url)
+            raise
         if not swapped:
             # The claim lapsed while a slow store held this placement up, and another request took the key: one
             # session per conversation, so this one goes and the caller, retrying, gets the other.
-            self.background.spawn(self._undo(config.worker.id, config.session_id), name=f"undo {config.session_id}")
+            self._spawn_undo(config.worker.id, config.session_id, worker_url)
             raise SessionPending()
         return config, True
 
@@ -138,8 +143,8 @@ class Allocator:
             released = await self.store.release(worker_id, session_id)
             self.board.note_used(worker_id, released.used)
 
-    async def _place(self, req: SessionRequest, where: ResolvedLocation) -> SessionConfig:
-        """Try the best candidates until one accepts. A reservation refused by the script teaches the board, so
+    async def _place(self, req: SessionRequest, where: ResolvedLocation) -> tuple[SessionConfig, str]:
+        """(config, the worker's URL): try the best candidates until one accepts. A reservation refused by the script teaches the board, so
         re-ranking finds the workers that really have room; 503 only once none is left (no false rejects)."""
         loc = where.location
         tried: set[str] = set()
@@ -159,16 +164,17 @@ class Allocator:
             for candidate in ranked:
                 tried.add(candidate.entry.worker_id)
                 reservations += 1
-                config, dispatched = await self._try(candidate, req, loc)
-                if config is not None:
-                    return config
+                placed, dispatched = await self._try(candidate, req, loc)
+                if placed is not None:
+                    return placed
                 dispatches += dispatched
                 if dispatched:
                     break  # re-rank: the board has learned from the failure
         raise NoCapacity()
 
-    async def _try(self, candidate: Ranked, req: SessionRequest, loc: Location) -> tuple[SessionConfig | None, int]:
-        """(config or None, 1 if a dispatch was attempted)."""
+    async def _try(self, candidate: Ranked, req: SessionRequest,
+                   loc: Location) -> tuple[tuple[SessionConfig, str] | None, int]:
+        """((config, worker URL) or None, 1 if a dispatch was attempted)."""
         entry = candidate.entry
         random_part = secrets.token_urlsafe(12)
         session_id = keys.make_session_id(entry.worker_id, random_part)
@@ -199,7 +205,8 @@ class Allocator:
             outcome = dispatched.outcome
             if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
                                                                                 dispatched.accepted_at_seq):
-                return self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at), 1
+                config = self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at)
+                return (config, reservation.url), 1
             # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
             self.metrics.dispatch_failures.labels(reason=outcome.value).inc()
             await self.store.release(entry.worker_id, session_id)
@@ -207,7 +214,7 @@ class Allocator:
             # The store failed mid-step, or the request was cancelled: the worker may run the session, and its next
             # heartbeat would adopt the pending lease (a slot no client knows of). Undo it where this request's
             # failure cannot reach, then fail as before.
-            self.background.spawn(self._undo(entry.worker_id, session_id, reservation.url), name=f"undo {session_id}")
+            self._spawn_undo(entry.worker_id, session_id, reservation.url)
             raise
         if outcome is DispatchOutcome.FULL:
             self.board.note_used(entry.worker_id, reservation.max_streams)
@@ -218,12 +225,14 @@ class Allocator:
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
         return None, 1
 
-    async def _undo(self, worker_id: str, session_id: str, worker_url: str | None = None) -> None:
-        """Stop a session on its worker and release its slot, retrying the store a few times. With the worker's URL
-        at hand the stop comes first: a session the worker no longer runs loses its lease at a heartbeat even if
-        the store stays down."""
-        if worker_url:
-            await self.workers.stop(worker_url, session_id)
+    def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str) -> None:
+        self.background.spawn(self._undo(worker_id, session_id, worker_url), name=f"undo {session_id}")
+
+    async def _undo(self, worker_id: str, session_id: str, worker_url: str) -> None:
+        """Stop a session on its worker, then release its slot, retrying the store a few times. The stop comes
+        first: a session the worker no longer runs loses its lease at the worker's next heartbeat even if the store
+        stays down."""
+        await self.workers.stop(worker_url, session_id)
         for delay in itertools.islice(backoff_delays(base_s=0.1, cap_s=2.0), _UNDO_ATTEMPTS):
             try:
                 released = await self.store.release(worker_id, session_id)
@@ -231,10 +240,9 @@ class Allocator:
                 await asyncio.sleep(delay)
                 continue
             self.board.note_used(worker_id, released.used)
-            if worker_url is None and released.worker_url:
-                await self.workers.stop(released.worker_url, session_id)
             return
-        log.warning("could not release %s; its lease lapses at the worker's heartbeats", session_id)
+        log.warning("could not release %s; the worker was told to stop it, so its next heartbeat frees the slot",
+                    session_id)
 
     def _config(self, session_id: str, record: dict[str, Any], *, token: str | None = None,
                 expires_at: datetime | None = None) -> SessionConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
@@ -422,3 +423,74 @@ async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that
             break
         await asyncio.sleep(0.02)
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
+
+
+async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_it(
+    make_hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the store fails every release while the late session is undone: the worker is told to stop it
+    first, so its next heartbeat frees the slot and the conversation keeps one session."""
+    hub = await make_hub(dispatch_timeout_s=0.2, max_dispatch_attempts=1, worker_ttl_s=30, pending_lease_s=8)
+    worker = await make_worker(max_streams=3)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    confirm, release = store.confirm, store.release
+    slowed = asyncio.Event()
+
+    async def slow_once(*args: object, **kwargs: object) -> bool:
+        if not slowed.is_set():
+            slowed.set()
+            await asyncio.sleep(2.6)
+        return await confirm(*args, **kwargs)
+
+    async def release_fails(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("the shared store is unreachable")
+
+    monkeypatch.setattr(store, "confirm", slow_once)
+    late = asyncio.create_task(hub.post("/api/v1/sessions", json={"session_key": "lesson-7"}))
+    await slowed.wait()
+    await asyncio.sleep(2.4)
+    taker = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
+    assert taker.status_code == 201, taker.text
+    monkeypatch.setattr(store, "release", release_fails)
+    assert (await late).status_code == 503
+    for _ in range(100):
+        if len(worker.sessions) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
+    monkeypatch.setattr(store, "release", release)
+    seq, running = worker.snapshot()
+    reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
+    assert reply["used_streams"] == 1
+
+
+async def test_a_placement_whose_final_claim_write_fails_is_undone(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session is placed and confirmed, then the store fails the write that points the conversation at it: the
+    client gets a 503, and no session stays behind that no client could ever learn of."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    real = store.compare_and_set_claim
+
+    async def final_write_fails(session_key: str, expected: str | None, new: str | None, ttl_s: float) -> Any:
+        if new is not None and not new.startswith("pending:"):
+            raise StoreUnavailable("the shared store is unreachable")
+        return await real(session_key, expected, new, ttl_s)
+
+    monkeypatch.setattr(store, "compare_and_set_claim", final_write_fails)
+    resp = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
+    assert resp.status_code == 503 and resp.json()["error"] == "store_unavailable"
+    monkeypatch.setattr(store, "compare_and_set_claim", real)
+    for _ in range(100):
+        if worker.stopped:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.sessions == {} and len(worker.stopped) == 1, "the placed session was stopped"
+    seq, running = worker.snapshot()
+    reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
+    assert reply["used_streams"] == 0
