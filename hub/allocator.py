@@ -144,8 +144,9 @@ class Allocator:
             self.board.note_used(worker_id, released.used)
 
     async def _place(self, req: SessionRequest, where: ResolvedLocation) -> tuple[SessionConfig, str]:
-        """(config, the worker's URL): try the best candidates until one accepts. A reservation refused by the script teaches the board, so
-        re-ranking finds the workers that really have room; 503 only once none is left (no false rejects)."""
+        """(config, the worker's URL): try the best candidates until one accepts. A reservation refused by the
+        script teaches the board, so re-ranking finds the workers that really have room; 503 only once none is left
+        (no false rejects)."""
         loc = where.location
         tried: set[str] = set()
         dispatches = reservations = 0
