@@ -37,7 +37,11 @@ class Registry:
         self.board = board
         self.metrics = metrics
 
-    async def register(self, reg: WorkerRegistration, presented_secret: str | None) -> RegistrationAccepted:
+    async def register(self, reg: WorkerRegistration, presented_secret: str | None,
+                       proposed_secret: str | None = None) -> RegistrationAccepted:
+        """``proposed_secret``: the new secret the worker chose, so that resending a registration whose answer was
+        lost is the same registration (the script finds its digest stored), not a second one that the worker's
+        current secret can no longer take over."""
         loc = reg.location or _region_center(reg.region)
         static = {
             "worker_id": reg.worker_id, "url": reg.url, "region": reg.region, "zone": reg.zone,
@@ -46,7 +50,7 @@ class Registry:
             "labels": reg.labels, "engine": reg.engine, "audio_url": reg.audio_url, "registered_at": time.time(),
         }
         fields = {"url": reg.url, "region": reg.region, "max_streams": str(reg.max_streams)}
-        secret = new_secret()
+        secret = proposed_secret or new_secret()
         registered = await self.store.register(reg.worker_id, presented_secret, secret, fields,
                                                json.dumps(static, separators=(",", ":")))
         if registered is None:

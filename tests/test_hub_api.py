@@ -64,6 +64,28 @@ async def test_a_worker_can_act_only_as_itself(hub: httpx.AsyncClient, make_work
     assert (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).status_code == 404
 
 
+async def test_a_registration_whose_answer_was_lost_can_be_sent_again(hub: httpx.AsyncClient, make_worker) -> None:
+    """A re-registration ran, but its answer (with the new secret) never reached the worker. Sent again with the
+    same new secret the worker chose, it is the same registration, not a lock-out until the TTL lapses."""
+    worker = await make_worker()
+    old = (await register(hub, "w-1", worker))["worker_secret"]
+    chosen = "n" * 20 + "0123456789abcdef"
+    headers = {**WORKER_AUTH, "X-Worker-Secret": old, "X-Worker-New-Secret": chosen}
+    lost = await hub.post("/api/v1/workers", json=registration("w-1", worker.url), headers=headers)
+    assert lost.status_code == 200  # ...but the worker never hears of it
+    assert (await heartbeat(hub, "w-1", old, [])).status_code == 403
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url), headers=headers)
+    assert again.status_code == 200 and again.json()["worker_secret"] == chosen
+    assert (await heartbeat(hub, "w-1", chosen, [])).status_code == 200
+    # Without the old secret, knowing a chosen secret is not enough to take the id over.
+    other = {**WORKER_AUTH, "X-Worker-New-Secret": "x" * 40}
+    assert (await hub.post("/api/v1/workers", json=registration("w-1", "http://evil:1"),
+                           headers=other)).status_code == 409
+    short = {**WORKER_AUTH, "X-Worker-Secret": chosen, "X-Worker-New-Secret": "too-short"}
+    refused = await hub.post("/api/v1/workers", json=registration("w-1", worker.url), headers=short)
+    assert refused.status_code == 422 and "too-short" not in refused.text
+
+
 @pytest.mark.parametrize("body", [
     {"location": {"lat": 91, "lon": 0}},
     {"location": {"lat": 0, "lon": -180.5}},

@@ -42,10 +42,18 @@ WorkerSecret = Annotated[str | None, Header(alias="X-Worker-Secret", max_length=
                                             description="The secret this worker's registration returned.")]
 
 
+NewSecret = Annotated[str | None, Header(
+    alias="X-Worker-New-Secret", min_length=32, max_length=256, pattern=r"^[\x21-\x7e]+$",
+    description="A secret the worker chose for this registration (else the hub makes one). A retry with the same "
+                "one, after an answer that never arrived, is the same registration: the worker is not locked out of "
+                "an id whose new secret it never learned.")]
+
+
 @router.post("", response_model=RegistrationAccepted, responses={409: {"model": ErrorBody}})
-async def register_worker(body: WorkerRegistration, hub: HubDep, secret: WorkerSecret = None) -> RegistrationAccepted:
+async def register_worker(body: WorkerRegistration, hub: HubDep, secret: WorkerSecret = None,
+                          new_secret: NewSecret = None) -> RegistrationAccepted:
     """Register or re-register a worker. A live worker's id can only be taken again with its own secret."""
-    return await hub.registry.register(body, secret)
+    return await hub.registry.register(body, secret, new_secret)
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatReply, responses={404: {"model": ErrorBody}})
