@@ -28,7 +28,9 @@ from redis.exceptions import (
     MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import (
@@ -60,9 +62,16 @@ _UNAVAILABLE = (
 _UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM")
 
 
+#: The cluster client's own exception, raised when it cannot reach any node or find a slot's owner (it wraps the
+#: connection error). Its other uses are programming errors (a cross-slot command) and stay 500s.
+_CLUSTER_UNREACHABLE = ("Redis Cluster cannot be connected", "startup_nodes could not agree")
+
+
 def _store_cannot_serve(exc: BaseException) -> bool:
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, (*_UNAVAILABLE, SlotNotCoveredError)):
         return True
+    if isinstance(exc, RedisClusterException):
+        return str(exc).startswith(_CLUSTER_UNREACHABLE)
     if isinstance(exc, ResponseError):
         text = str(exc)
         return text.startswith(_UNAVAILABLE_REPLIES) or any(f"-{reply} " in text for reply in _UNAVAILABLE_REPLIES)

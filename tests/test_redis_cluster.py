@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from hub.main import create_app
-from shared.redis_server import EmbeddedRedis
-from tests.conftest import ADMIN_AUTH, heartbeat, hub_settings, refresh, register
+from shared.redis_server import EmbeddedRedis, start_cluster
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, hub_settings, refresh, register
 
 
 @pytest.fixture
@@ -55,3 +55,39 @@ async def test_every_flow_runs_on_a_cluster(cluster_hub: httpx.AsyncClient, make
     assert fleet["total"]["used_streams"] == 7
     assert (await hub.get("/ready")).status_code == 200
     await asyncio.sleep(0)
+
+
+async def test_a_cluster_that_cannot_be_reached_answers_503_and_recovers(make_worker) -> None:
+    """Every node down: the cluster client raises its own exception ("cannot be connected"), not a connection
+    error. That is the store being unavailable (503 with Retry-After, the channel stays open), not a hub bug."""
+    nodes = start_cluster(3)
+    try:
+        app = create_app(hub_settings(f"redis+cluster://127.0.0.1:{nodes[0].port}"))
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as hub:
+            worker = await make_worker()
+            secret = (await register(hub, "w-1", worker))["worker_secret"]
+            for node in nodes:
+                node.stop()
+            try:
+                for method, path, kwargs in [
+                    ("POST", "/api/v1/sessions", {"json": {}}),
+                    ("GET", "/api/v1/fleet", {"headers": ADMIN_AUTH}),
+                    ("POST", "/api/v1/workers/w-1/heartbeat",
+                     {"json": {}, "headers": {**WORKER_AUTH, "X-Worker-Secret": secret}}),
+                ]:
+                    resp = await hub.request(method, path, **kwargs)
+                    assert resp.status_code == 503, (path, resp.text)
+                    assert resp.json()["error"] == "store_unavailable" and "Retry-After" in resp.headers
+                assert (await hub.get("/ready")).status_code == 503
+            finally:
+                for node in nodes:
+                    node.start()
+            for _ in range(100):
+                if (await hub.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await hub.get("/ready")).status_code == 200
+    finally:
+        for node in nodes:
+            node.cleanup()
