@@ -7,6 +7,7 @@ import logging
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from cli import admin
 from shared.settings import describe_invalid
@@ -33,12 +34,15 @@ def hub(
 
     try:
         settings = HubSettings()  # fail fast on bad or unsafe configuration, before binding
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         typer.echo(f"fleet hub: {describe_invalid(exc)}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Never below INFO for uvicorn: at DEBUG it logs every WebSocket handshake's headers, tokens and secrets.
+    server_level = max(logging.INFO, logging.getLevelNamesMapping()[settings.log_level])
     uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=settings.log_level.lower(), access_log=False, ws_max_size=settings.max_body_bytes)
+                log_level=logging.getLevelName(server_level).lower(), access_log=False,
+                ws_max_size=settings.max_body_bytes)
 
 
 @app.command()

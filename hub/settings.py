@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 
 from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
 from shared.models import Policy
-from shared.settings import FleetSettings
+from shared.settings import MIN_PROD_SECRET_CHARS, FleetSettings
 
 DEV_LIVEKIT_URL = "ws://localhost:7880"
 DEV_LIVEKIT_KEY = "devkey"
@@ -123,23 +123,29 @@ class HubSettings(FleetSettings):
         except ValidationError as exc:  # its text would echo the entry, secret included
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"FLEET_LIVEKIT_REGIONS has an invalid deployment: {problems}") from None
+        except yaml.YAMLError as exc:  # its text quotes the offending line, which may hold an api_secret
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"FLEET_LIVEKIT_REGIONS is not valid YAML{where}: "
+                             f"{getattr(exc, 'problem', None) or type(exc).__name__}") from None
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"FLEET_LIVEKIT_REGIONS cannot be read: {type(exc).__name__}: {exc}") from None
         if not deployments:
             raise ValueError("FLEET_LIVEKIT_REGIONS lists no LiveKit deployment")
         return self
 
-    @model_validator(mode="after")
-    def _refuse_unsafe_production(self) -> Self:
-        if not self.is_prod:
-            return self
+    def unsafe_in_production(self) -> list[str]:
         problems = []
         if not self.redis_url:
             problems.append("FLEET_REDIS_URL must be set (the embedded Redis is for a single local hub)")
         if self.worker_token.get_secret_value() == DEFAULT_WORKER_TOKEN:
             problems.append("FLEET_WORKER_TOKEN must not be the dev default")
+        else:
+            problems += super().unsafe_in_production()
         if self.admin_token.get_secret_value() == DEFAULT_ADMIN_TOKEN:
             problems.append("FLEET_ADMIN_TOKEN must not be the dev default")
+        elif len(self.admin_token.get_secret_value()) < MIN_PROD_SECRET_CHARS:
+            problems.append(f"FLEET_ADMIN_TOKEN must have at least {MIN_PROD_SECRET_CHARS} characters")
         if self.admin_token.get_secret_value() == self.worker_token.get_secret_value():
             # Hubs send the worker token to every worker they dispatch to: every GPU host would be an SRE.
             problems.append("FLEET_ADMIN_TOKEN must differ from FLEET_WORKER_TOKEN")
@@ -147,9 +153,9 @@ class HubSettings(FleetSettings):
             problems.append("FLEET_LIVEKIT_REGIONS must list the LiveKit deployments")
         elif any(d.api_secret.get_secret_value() == DEV_LIVEKIT_SECRET for d in self.livekit_deployments):
             problems.append("LiveKit API secrets must not be the dev default")
-        if problems:
-            raise ValueError("refusing to start in prod: " + "; ".join(problems))
-        return self
+        elif any(len(d.api_secret.get_secret_value()) < MIN_PROD_SECRET_CHARS for d in self.livekit_deployments):
+            problems.append(f"LiveKit API secrets must have at least {MIN_PROD_SECRET_CHARS} characters")
+        return problems
 
     @cached_property
     def livekit_deployments(self) -> list[LiveKitDeployment]:

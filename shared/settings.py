@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from shared.auth import DEFAULT_WORKER_TOKEN
+
+#: The shortest token or signing secret production accepts (the deployment generates 48).
+MIN_PROD_SECRET_CHARS = 32
 
 
 class Env(StrEnum):
@@ -28,16 +33,42 @@ class FleetSettings(BaseSettings):
         default=SecretStr(DEFAULT_WORKER_TOKEN),
         description="Shared fleet token workers present to hubs, and hubs to workers when dispatching.",
     )
-    log_level: str = Field(default="INFO", description="Python logging level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Python logging level (any case).")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def is_prod(self) -> bool:
         return self.env is Env.PROD
 
+    def unsafe_in_production(self) -> list[str]:
+        """What makes this configuration unfit for prod (subclasses add theirs to these)."""
+        if len(self.worker_token.get_secret_value()) < MIN_PROD_SECRET_CHARS:
+            return [f"FLEET_WORKER_TOKEN must have at least {MIN_PROD_SECRET_CHARS} characters"]
+        return []
 
-def describe_invalid(exc: ValidationError) -> str:
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Self:
+        if self.is_prod and (problems := self.unsafe_in_production()):
+            raise ValueError("refusing to start in prod: " + "; ".join(problems))
+        return self
+
+
+#: What pydantic-settings says when a variable of a structured type (a list, a map) is not JSON.
+_NOT_JSON = re.compile(r'error parsing value for field "(\w+)"')
+
+
+def describe_invalid(exc: ValidationError | SettingsError) -> str:
     """A settings error as one line per problem, naming the variable and never echoing the value (it may be a
     secret)."""
+    if isinstance(exc, SettingsError):
+        found = _NOT_JSON.search(str(exc))
+        name = f"FLEET_{found.group(1).upper()}" if found else "a FLEET_ variable"
+        return f"invalid configuration: {name}: not valid JSON (this setting takes a JSON list or object)"
     lines = []
     for error in exc.errors():
         where = "_".join(str(part) for part in error["loc"]).upper()

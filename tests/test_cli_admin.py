@@ -312,3 +312,31 @@ def test_a_hub_refused_for_its_configuration_says_why_without_echoing_it(monkeyp
     result = runner.invoke(app, ["hub"])
     assert result.exit_code == 2 and result.stderr.startswith("fleet hub: invalid configuration: "), result.output
     assert "s3cret-but-too-short" not in result.output
+
+
+@pytest.mark.parametrize(("variable", "value", "said"), [
+    ("FLEET_TRUSTED_PROXIES", "10.0.0.0/8", "FLEET_TRUSTED_PROXIES: not valid JSON"),
+    ("FLEET_CLOUDWATCH_WORKER_REGIONS", "us-east-1", "FLEET_CLOUDWATCH_WORKER_REGIONS: not valid JSON"),
+    ("FLEET_LOG_LEVEL", "LOUD", "FLEET_LOG_LEVEL: Input should be"),
+])
+def test_a_hub_refused_for_a_malformed_variable_names_it_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    result = runner.invoke(app, ["hub"])
+    assert result.exit_code == 2 and said in result.stderr, result.output
+    assert "Traceback" not in result.output and value not in result.stderr
+
+
+def test_uvicorn_never_logs_below_info_whatever_the_hub_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At DEBUG, uvicorn logs each WebSocket handshake's headers: the worker token and secret."""
+    import uvicorn
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("FLEET_LOG_LEVEL", "debug")
+    assert runner.invoke(app, ["hub"]).exit_code == 0
+    assert seen["log_level"] == "info"
+    monkeypatch.setenv("FLEET_LOG_LEVEL", "warning")
+    assert runner.invoke(app, ["hub"]).exit_code == 0
+    assert seen["log_level"] == "warning"

@@ -52,6 +52,7 @@ def test_the_shell_and_assets_load_without_auth_and_data_needs_it(live_hub: Live
             assert client.get(f"/dashboard/static/{asset}").status_code == 200, asset
         assert client.get("/dashboard/static/../main.py").status_code == 404
         assert client.get("/dashboard/static/%2e%2e/api/dashboard.py").status_code in (404, 422)
+        assert client.get(f"/dashboard/static/{'a' * 300}.js").status_code == 422  # the OS would refuse the name
         assert client.get("/dashboard/api/livekit").status_code == 401
         regions = client.get("/dashboard/api/livekit", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     assert [r["region"] for r in regions["regions"]] == ["us-east-1", "eu-central-1", "ap-northeast-1"]

@@ -255,6 +255,9 @@ async def test_bad_messages_close_the_channel_with_a_clear_code(make_running_hub
     code, reason = await close_code_after(hub, "w-ws", secret, '{"cpu_percent": "lots"}')
     assert code == 1007 and "cpu_percent" in reason
     assert (await close_code_after(hub, "w-ws", secret, "{not json"))[0] == 1007
+    # The reason names the field; a long non-ASCII one is cut to the 123 bytes a close frame allows, not sent whole.
+    code, reason = await close_code_after(hub, "w-ws", secret, '{"' + "é" * 60 + '": 1}')
+    assert code == 1007 and reason.startswith("invalid heartbeat") and len(reason.encode()) <= 123
     assert (await close_code_after(hub, "w-ws", secret, b"\x00\x01"))[0] == 1003
     assert (await close_code_after(hub, "w-ws", secret, "[" * 70_000))[0] == 1009
     async with hub.client() as client:  # nothing above changed the worker

@@ -161,6 +161,14 @@ def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
                      admin_token="a" * 32, livekit_regions=json.dumps(LIVEKIT))
     for secret in ("s1-0123", "w" * 32, "a" * 32, "redis-auth-token"):
         assert secret not in repr(ok) and secret not in str(ok)  # secrets never print
+    short_lk = json.dumps([{**LIVEKIT[0], "api_secret": "x" * 31}])
+    for kwargs, said in (({"worker_token": "w" * 31}, "FLEET_WORKER_TOKEN must have at least 32"),
+                         ({"admin_token": "a" * 31}, "FLEET_ADMIN_TOKEN must have at least 32"),
+                         ({"livekit_regions": short_lk}, "LiveKit API secrets must have at least 32")):
+        good = {"redis_url": redis_url, "worker_token": "w" * 32, "admin_token": "a" * 32,
+                "livekit_regions": json.dumps(LIVEKIT)}
+        with pytest.raises(ValidationError, match=said):  # guessable in seconds
+            HubSettings(env="prod", **{**good, **kwargs})
 
 
 def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_path) -> None:
@@ -173,6 +181,11 @@ def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_
         assert "do-not-print-me" not in str(refused.value)
     with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or CIDR"):
         HubSettings(trusted_proxies=["10.0.0.0/8", "proxy.internal"])
+    typo = tmp_path / "livekit.yaml"  # a YAML error quotes the line it stopped at: here, the secret's
+    typo.write_text("- region: eu\n  url: wss://lk\n  api_secret: `do-not-print-me-either\n")
+    with pytest.raises(ValidationError, match="not valid YAML at line 3") as refused:
+        HubSettings(livekit_regions=str(typo))
+    assert "do-not-print-me-either" not in str(refused.value)
 
 
 async def test_a_worker_url_the_hub_could_not_call_is_refused_at_registration(hub: httpx.AsyncClient) -> None:

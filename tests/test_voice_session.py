@@ -109,7 +109,7 @@ def test_prod_refuses_the_dev_livekit_credentials(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_engine_takes_the_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    worker = WorkerSettings(env="prod", worker_token="a-real-worker-token")
+    worker = WorkerSettings(env="prod", worker_token="a-real-worker-token-of-32-characters")
     with pytest.raises(ValidationError):
         VoiceEngine.from_settings(worker, for_calibration=True)
     assert VoiceSettings(env="dev").livekit_api_key == "devkey"

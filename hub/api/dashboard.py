@@ -36,7 +36,8 @@ async def dashboard_slash() -> RedirectResponse:
 
 
 @router.get("/dashboard/static/{name:path}")
-async def static_file(name: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*\.[a-z]+$")],
+async def static_file(name: Annotated[str, PathParam(max_length=128,
+                                                     pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*\.[a-z]+$")],
                       ) -> FileResponse:
     """Files under hub/static only: the pattern and the resolved-path check keep ``..`` out."""
     path = (STATIC_DIR / name).resolve()

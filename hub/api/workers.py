@@ -100,7 +100,7 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
-                await websocket.close(code=1007, reason=f"invalid heartbeat: {where}: {first['msg']}"[:120])
+                await websocket.close(code=1007, reason=_close_reason(f"invalid heartbeat: {where}: {first['msg']}"))
                 return
             try:
                 reply = await hub.registry.heartbeat(worker_id, secret, beat, secret_digest=secret_digest)
@@ -117,3 +117,8 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
                 await websocket.send_text(reply.model_dump_json())
     except WebSocketDisconnect:
         return
+
+
+def _close_reason(text: str) -> str:
+    """A close frame's reason is at most 123 bytes of UTF-8 (a longer one breaks the connection instead)."""
+    return text.encode()[:123].decode(errors="ignore")
