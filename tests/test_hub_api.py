@@ -255,6 +255,12 @@ def test_openapi_documents_the_contract() -> None:
                          ("/api/v1/route/explain", "get"), ("/ready", "get"), ("/metrics", "get")]:
         assert method in paths[path], (path, method)
     assert "503" in paths["/api/v1/sessions"]["post"]["responses"]
+    # Every 422 is the hub's own error body, never FastAPI's {"detail": [...]}.
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            if "422" in operation["responses"]:
+                body = operation["responses"]["422"]["content"]["application/json"]["schema"]
+                assert body == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, body)
 
 
 async def test_a_405_names_every_method_of_the_path(hub: httpx.AsyncClient) -> None:

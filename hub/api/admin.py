@@ -10,6 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from hub.allocator import resolve_location
 from hub.api.deps import HubDep, require_admin
+from hub.errors import error_responses
 from hub.livekit import choose_deployment
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
@@ -28,7 +29,7 @@ from shared.models import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[Depends(require_admin)],
-                   responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+                   responses=error_responses(401, 422, 503))
 
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 
