@@ -244,6 +244,21 @@ def test_hub_health_check_survives_a_redis_failover() -> None:
     assert "store" not in health and "ping" not in health  # the route really is Redis-free
 
 
+def test_the_public_load_balancer_never_serves_metrics() -> None:
+    """/metrics has no auth: the HTTPS listener answers it with a 404 before any forward, and only an optional
+    scraper CIDR reaches the hubs' port directly."""
+    t = load("hub")
+    rule = one(t, "AWS::ElasticLoadBalancingV2::ListenerRule")["Properties"]
+    assert rule["ListenerArn"] == {"Ref": "HttpsListener"} and rule["Priority"] == 1
+    paths = {"Values": ["/metrics", "/metrics/*"]}
+    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": paths}]
+    assert [a["Type"] for a in rule["Actions"]] == ["fixed-response"]
+    assert rule["Actions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
+    scraper = t["Resources"]["MetricsScraperToHubs"]
+    assert scraper["Condition"] == "HasMetricsScraper" and scraper["Properties"]["FromPort"] == 8080
+    assert t["Parameters"]["MetricsScraperCidr"]["Default"] == ""
+
+
 def test_a_release_does_not_reset_the_hub_group_size() -> None:
     asg = one(load("hub"), "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     assert "DesiredCapacity" not in asg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,18 +18,100 @@ from worker.settings import WorkerSettings
 MB = 1024 * 1024
 
 
-def fake_nvml(monkeypatch: pytest.MonkeyPatch, devices: list[tuple[str, int, int, int]]) -> list[str]:
-    """Replace the pynvml calls the probe makes with a fake machine: (name, total MB, used MB, util %)."""
+@pytest.fixture(autouse=True)
+def _all_devices_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine running the tests may set CUDA_VISIBLE_DEVICES; the fakes assume it is unset unless told."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+@dataclass
+class Slice:
+    """One MIG instance: its profile, memory and UUID."""
+
+    profile: str
+    total_mb: int
+    uuid: str
+    used_mb: int = 0
+
+
+@dataclass
+class Board:
+    """A physical GPU as NVML shows it; ``mig`` holds its MIG slots (None: an empty slot), None when MIG is off."""
+
+    name: str | bytes
+    total_mb: int
+    used_mb: int = 0
+    util: int = 0
+    uuid: str = ""
+    mig: list[Slice | None] | None = None
+
+
+def nvml_error(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)  # pynvml turns the code into its subclass, e.g. NVMLError_NotFound
+
+
+def fake_machine(monkeypatch: pytest.MonkeyPatch, boards: list[Board]) -> list[str]:
+    """Replace the pynvml calls the probe makes with a fake machine.
+
+    A GPU's handle is its index; a MIG device's handle is ``(index, slot)``. As on real drivers, a MIG device has
+    its own memory, UUID and name ("<parent> MIG <profile>") and no utilisation, nor has a GPU in MIG mode.
+    """
     calls: list[str] = []
+
+    def part(handle: Any) -> Board | Slice:
+        if isinstance(handle, tuple):
+            found: Slice | None = (boards[handle[0]].mig or [])[handle[1]]
+            assert found is not None, "a MIG handle NVML never gave out"
+            return found
+        return boards[int(handle)]
+
+    def name(handle: Any) -> str | bytes:
+        found = part(handle)
+        return f"{boards[handle[0]].name!s} MIG {found.profile}" if isinstance(found, Slice) else found.name
+
+    def utilization(handle: Any) -> Any:
+        found = part(handle)
+        if isinstance(found, Slice) or found.mig is not None:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return SimpleNamespace(gpu=found.util)
+
+    def mig_mode(handle: int) -> list[int]:
+        on = pynvml.NVML_DEVICE_MIG_ENABLE if boards[handle].mig is not None else pynvml.NVML_DEVICE_MIG_DISABLE
+        return [on, on]
+
+    def mig_handle(handle: int, slot: int) -> tuple[int, int]:
+        mig = boards[handle].mig
+        if mig is None or slot >= len(mig):
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if mig[slot] is None:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_FOUND)
+        return (handle, slot)
+
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(devices))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(boards))
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: i)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: devices[h][0])
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", name)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda h: part(h).uuid)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo",
-                        lambda h: SimpleNamespace(total=devices[h][1] * MB, used=devices[h][2] * MB))
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: SimpleNamespace(gpu=devices[h][3]))
+                        lambda h: SimpleNamespace(total=part(h).total_mb * MB, used=part(h).used_mb * MB))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", utilization)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigMode", mig_mode)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxMigDeviceCount", lambda h: len(boards[h].mig or []))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigDeviceHandleByIndex", mig_handle)
     return calls
+
+
+def fake_nvml(monkeypatch: pytest.MonkeyPatch, devices: list[tuple[str, int, int, int]]) -> list[str]:
+    """A fake machine without MIG: (name, total MB, used MB, util %) per GPU."""
+    return fake_machine(monkeypatch, [Board(name, total, used, util, f"GPU-{i}") for i, (name, total, used, util)
+                                      in enumerate(devices)])
+
+
+def a100_in_mig_mode(uuid: str = "GPU-a100", slices: int = 7) -> Board:
+    """An A100-80GB split into 1g.10gb instances (9856 MiB each: 3 streams of the synthetic profile, not 50)."""
+    mig: list[Slice | None] = [Slice("1g.10gb", 9856, f"MIG-{uuid[4:]}-{slot}") for slot in range(slices)]
+    return Board("NVIDIA A100-SXM4-80GB", 81920, uuid=uuid, mig=mig + [None] * (7 - slices))
 
 
 def no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +157,150 @@ def test_nvml_four_gpus_bytes_names_and_missing_utilisation(monkeypatch: pytest.
     assert [g.name for g in found] == ["NVIDIA A10G", "NVIDIA A10G", "NVIDIA H100 80GB HBM3", "NVIDIA A10G"]
     assert [g.utilization for g in found] == [0.0, 50.0, 5.0, 0.0]
     assert sum(g.vram_total_mb for g in found) == 3 * 23028 + 81559
+
+
+def test_mig_a100_with_seven_1g_10gb_slices_is_one_10gb_gpu_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the parent's 80 GB was advertised (50 streams), while a CUDA process gets one MIG instance."""
+    calls = fake_machine(monkeypatch, [a100_in_mig_mode()])
+    [one] = gpus.detect_gpus()
+    assert (one.name, one.vram_total_mb, one.uuid) == ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 9856, "MIG-a100-0")
+    assert (one.index, one.utilization, one.simulated) == (0, 0.0, False), "no utilisation on MIG"
+    cap = compute_capacity([one], DEFAULT_PROFILE, cpu_cores=96, ram_mb=1_000_000)
+    assert streams_per_gpu(9856, DEFAULT_PROFILE) == 3
+    assert (cap.gpu_streams, cap.max_streams, cap.reason) == (3, 3, "vram")
+    assert calls == ["init", "shutdown"]
+
+
+def test_mig_on_one_of_two_gpus_with_empty_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the GPU in MIG mode is split; empty MIG slots (NVML_ERROR_NOT_FOUND) are skipped."""
+    split = Board("NVIDIA A100-SXM4-80GB", 81920, uuid="GPU-bbbb",
+                  mig=[Slice("3g.40gb", 40192, "MIG-b0"), None, None, None, Slice("2g.20gb", 19968, "MIG-b4", 500),
+                       None, None])
+    fake_machine(monkeypatch, [Board("NVIDIA A100-SXM4-80GB", 81920, 1000, 40, "GPU-aaaa"), split])
+    found = gpus.detect_gpus()
+    assert [(g.index, g.name, g.vram_total_mb, g.vram_used_mb, g.utilization, g.uuid) for g in found] == [
+        (0, "NVIDIA A100-SXM4-80GB", 81920, 1000, 40.0, "GPU-aaaa"),
+        (1, "NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40192, 0, 0.0, "MIG-b0"),  # the first instance only
+    ]
+    assert compute_capacity(found, DEFAULT_PROFILE, cpu_cores=96, ram_mb=1_000_000).gpu_streams == 50 + 22
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-b4")
+    assert [(g.vram_total_mb, g.vram_used_mb) for g in gpus.detect_gpus()] == [(19968, 500)]
+
+
+def test_mig_device_without_its_own_name_is_called_after_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver that cannot name a MIG device (or names it like the parent) still gets a name saying it is a slice."""
+    fake_machine(monkeypatch, [a100_in_mig_mode(slices=2)])
+    named = pynvml.nvmlDeviceGetName
+
+    def no_mig_names(handle: Any) -> Any:
+        if isinstance(handle, tuple) and handle[1] == 0:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return "NVIDIA A100-SXM4-80GB" if isinstance(handle, tuple) else named(handle)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", no_mig_names)
+    for slot in (0, 1):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"MIG-a100-{slot}")
+        assert [g.name for g in gpus.detect_gpus()] == ["NVIDIA A100-SXM4-80GB MIG"]
+
+
+@pytest.mark.parametrize(("visible", "expected"), [
+    ("1", [1]),
+    ("2,0", [2, 0]),  # CUDA enumerates in the order given
+    ("0, 2", [0, 2]),
+    ("0,-1,1", [0]),  # CUDA ignores everything from the first entry it cannot resolve
+    ("0,7,1", [0]),
+    ("", []),  # set but empty: no GPU at all
+])
+def test_cuda_visible_devices_by_index(monkeypatch: pytest.MonkeyPatch, visible: str, expected: list[int]) -> None:
+    """Only the GPUs a CUDA process may use count; NVML's answer stands, GPUtil is not asked to overrule it."""
+    fake_nvml(monkeypatch, [("NVIDIA A10G", 23028, 0, i) for i in range(3)])
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: pytest.fail("NVML answered; GPUtil must not be asked"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert [g.index for g in gpus.detect_gpus()] == expected
+
+
+def test_cuda_visible_devices_index_of_a_gpu_in_mig_mode_means_its_first_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_machine(monkeypatch, [Board("NVIDIA A100-SXM4-80GB", 81920, uuid="GPU-aaaa"), a100_in_mig_mode(slices=3)])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert [g.uuid for g in gpus.detect_gpus()] == ["MIG-a100-0"]
+
+
+def test_cuda_visible_devices_by_gpu_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full or abbreviated GPU UUIDs, as CUDA accepts them; a GPU in MIG mode stands for its slices."""
+    fake_machine(monkeypatch, [Board("NVIDIA A100-SXM4-80GB", 81920, uuid="GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"),
+                               Board("NVIDIA A100-SXM4-80GB", 81920, uuid="GPU-5c0e1bd4-1c5b-4f36-9b7c-3f1e2d0a9b8c"),
+                               a100_in_mig_mode("GPU-77aa", slices=2)])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5c0e1bd4-1c5b-4f36-9b7c-3f1e2d0a9b8c")
+    assert [(g.index, g.vram_total_mb) for g in gpus.detect_gpus()] == [(1, 81920)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-77aa,GPU-8932f937")
+    assert [g.uuid for g in gpus.detect_gpus()] == ["MIG-77aa-0", "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ffff")
+    assert gpus.detect_gpus() == []
+
+
+def test_cuda_visible_devices_by_mig_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual MIG deployment: one process per instance, pinned by its MIG UUID, advertises one slice's streams."""
+    fake_machine(monkeypatch, [a100_in_mig_mode()])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a100-3")
+    [one] = gpus.detect_gpus()
+    assert (one.uuid, one.vram_total_mb) == ("MIG-a100-3", 9856)
+    assert compute_capacity([one], DEFAULT_PROFILE, cpu_cores=96, ram_mb=1_000_000).max_streams == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a100-5,MIG-a100-1")
+    assert [g.uuid for g in gpus.detect_gpus()] == ["MIG-a100-5"]  # CUDA enumerates one instance per process
+
+
+@pytest.mark.parametrize("missing", ["attribute", "function", "not-supported"])
+def test_old_driver_without_mig_calls_describes_whole_gpus(monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+    """An nvidia-ml-py without the MIG calls, a driver without the symbol, or a GPU without MIG: whole GPUs."""
+    fake_machine(monkeypatch, [Board("Tesla T4", 15360, 300, 12, "GPU-t4-0"),
+                               Board("Tesla T4", 15360, uuid="GPU-t4-1")])
+    if missing == "attribute":
+        for name in ("nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount", "nvmlDeviceGetMigDeviceHandleByIndex"):
+            monkeypatch.delattr(pynvml, name)
+    else:
+        code = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND if missing == "function" else pynvml.NVML_ERROR_NOT_SUPPORTED
+
+        def fail(*_: Any) -> Any:
+            raise nvml_error(code)
+
+        for name in ("nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount", "nvmlDeviceGetMigDeviceHandleByIndex"):
+            monkeypatch.setattr(pynvml, name, fail)
+    found = gpus.detect_gpus()
+    assert [(g.name, g.vram_total_mb, g.vram_used_mb, g.utilization, g.uuid) for g in found] == [
+        ("Tesla T4", 15360, 300, 12.0, "GPU-t4-0"), ("Tesla T4", 15360, 0, 0.0, "GPU-t4-1")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-t4-1")
+    assert [g.uuid for g in gpus.detect_gpus()] == ["GPU-t4-1"]
+
+
+def test_heartbeat_refresh_rereads_mig_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """refresh() re-probes every heartbeat: MIG slices keep their own memory, used VRAM is live, utilisation 0."""
+    board = a100_in_mig_mode(slices=2)
+    fake_machine(monkeypatch, [board])
+    found = gpus.detect_gpus()
+    assert board.mig and board.mig[0]
+    board.mig[0].used_mb = 6000
+    live = gpus.refresh(found, vram_used_by_engine_mb=123)
+    assert [(g.name, g.vram_total_mb, g.vram_used_mb, g.utilization) for g in live] == [
+        ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 9856, 6000, 0.0)]
+
+
+def test_gpu_in_mig_mode_without_instances_is_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA cannot use a GPU in MIG mode with no instance; GPUtil (nvidia-smi) would report its whole 80 GB."""
+    fake_machine(monkeypatch, [a100_in_mig_mode(slices=0)])
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: [SimpleNamespace(id=0, uuid="GPU-a100", name="NVIDIA A100-SXM4-80GB",
+                                                                    memoryTotal=81920.0, memoryUsed=0.0, load=0.0)])
+    assert gpus.detect_gpus() == []
+
+
+def test_gputil_fallback_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_nvml(monkeypatch)
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: [
+        SimpleNamespace(id=i, uuid=f"GPU-l4-{i}", name="NVIDIA L4", memoryTotal=23034.0, memoryUsed=0.0, load=0.0)
+        for i in range(2)])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-l4-1")
+    assert [(g.index, g.uuid) for g in gpus.detect_gpus()] == [(1, "GPU-l4-1")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpus.detect_gpus() == []
 
 
 def test_gputil_is_the_fallback_when_nvml_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,4 +367,4 @@ def test_settings_parse_hub_urls_and_refuse_default_token_in_prod(monkeypatch: p
     assert (s.hub_urls, s.lifecycle_hook_name, s.protect_from_scale_in) == (["http://c:1"], "drain-hook", True)
     with pytest.raises(ValueError, match="FLEET_WORKER_TOKEN"):
         WorkerSettings(env="prod")
-    assert WorkerSettings(env="prod", worker_token="s3cret").is_prod
+    assert WorkerSettings(env="prod", worker_token="s3cret-of-at-least-32-characters").is_prod

@@ -1,12 +1,19 @@
-"""GPU discovery: NVML (nvidia-ml-py) first, GPUtil as a fallback, else none (CPU mode); or simulated GPUs."""
+"""GPU discovery: NVML (nvidia-ml-py) first, GPUtil as a fallback, else none (CPU mode); or simulated GPUs.
+
+Only what a CUDA process here can use counts: the MIG instances of a GPU in MIG mode rather than the whole GPU,
+and only the devices CUDA_VISIBLE_DEVICES names when it is set.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from shared.models import GpuInfo
 
@@ -22,11 +29,15 @@ KNOWN_GPUS: dict[str, tuple[str, int]] = {
     "h100": ("NVIDIA H100 80GB HBM3", 80 * 1024),
 }
 _SIMULATE_RE = re.compile(r"^(?P<kind>[a-z0-9-]+?)(?:x(?P<count>\d+))?$")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class Gpu:
-    """One GPU and its live figures (used/utilisation are 0 for simulated or unreadable GPUs)."""
+    """One GPU, or one MIG instance of a GPU, and its live figures (used/utilisation 0 where unknown).
+
+    ``index`` is NVML's index of the physical GPU (shared by its MIG instances); ``uuid`` is ``GPU-…`` or ``MIG-…``.
+    """
 
     index: int
     name: str
@@ -34,6 +45,7 @@ class Gpu:
     vram_used_mb: int = 0
     utilization: float = 0.0
     simulated: bool = False
+    uuid: str = ""
 
     def info(self) -> GpuInfo:
         return GpuInfo(name=self.name, vram_total_mb=self.vram_total_mb, simulated=self.simulated)
@@ -55,8 +67,115 @@ def _mb(value: int) -> int:
     return int(value // (1024 * 1024))
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Device:
+    """What a CUDA process can be given: a whole GPU, or one MIG instance (which answers to its parent's ids too)."""
+
+    handle: Any
+    index: int
+    name: str
+    uuids: tuple[str, ...]
+    mig: bool = False
+
+
+def _answers_to(entry: str, index: int, uuids: tuple[str, ...]) -> bool:
+    """Whether one CUDA_VISIBLE_DEVICES entry names this device: its index, or a UUID CUDA lets you abbreviate."""
+    if entry.isdigit():
+        return int(entry) == index
+    return entry.startswith(("GPU-", "MIG-")) and any(uuid.startswith(entry) for uuid in uuids if uuid)
+
+
+def _visible(devices: list[_T], ids: Callable[[_T], tuple[int, tuple[str, ...]]]) -> list[_T]:
+    """The devices CUDA_VISIBLE_DEVICES leaves a CUDA process (all when unset), in its order.
+
+    Indices are NVML's, i.e. PCI bus order: CUDA's own order agrees on machines of one GPU model (every AWS GPU
+    instance) or with CUDA_DEVICE_ORDER=PCI_BUS_ID. Like CUDA, the first entry naming nothing ends the list.
+    """
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return devices
+    chosen: dict[int, _T] = {}
+    for entry in (part.strip() for part in spec.split(",")):
+        found = {i: d for i, d in enumerate(devices) if _answers_to(entry, *ids(d))}
+        if not found:
+            break
+        chosen |= {i: d for i, d in found.items() if i not in chosen}
+    return list(chosen.values())
+
+
+def _mig_handles(pynvml: Any, parent: Any) -> list[Any] | None:
+    """The MIG devices of a GPU in MIG mode; None when it is not, or NVML cannot tell (whole GPU, as before MIG)."""
+    try:
+        current, _pending = pynvml.nvmlDeviceGetMigMode(parent)
+    except (AttributeError, pynvml.NVMLError):  # old nvidia-ml-py, a pre-R450 driver, a GPU without MIG
+        return None
+    if current != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return None
+    handles = []
+    try:
+        for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(parent)):
+            try:
+                handles.append(pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot))
+            except pynvml.NVMLError_NotFound:
+                continue  # no instance in this slot
+    except (AttributeError, pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound) as exc:
+        log.warning("GPU in MIG mode but its MIG devices cannot be listed (%s): counting the whole GPU", exc)
+        return None
+    return handles
+
+
+def _one_mig_instance(devices: list[_Device]) -> list[_Device]:
+    """A CUDA process enumerates a single MIG instance (the first visible one), however many CUDA_VISIBLE_DEVICES
+    names: the others are for other processes. To use every instance, run one worker per instance, each with its
+    own ``CUDA_VISIBLE_DEVICES=MIG-…`` and port."""
+    migs = [d for d in devices if d.mig]
+    if len(migs) > 1:
+        log.info("%d MIG instances visible; a CUDA process uses only the first (%s)", len(migs), migs[0].uuids[0])
+    return [d for d in devices if not d.mig or d is migs[0]]
+
+
+def _optional(read: Callable[[Any], object], handle: Any) -> str:
+    try:
+        return _text(read(handle))
+    except Exception:  # noqa: BLE001 - a name or UUID NVML will not give is not worth losing the GPU over
+        return ""
+
+
+def _nvml_devices(pynvml: Any, index: int) -> list[_Device]:
+    """GPU ``index`` as CUDA sees it: the GPU itself, or its MIG instances when it is in MIG mode."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    name = _text(pynvml.nvmlDeviceGetName(handle))
+    uuid = _optional(pynvml.nvmlDeviceGetUUID, handle)
+    migs = _mig_handles(pynvml, handle)
+    if migs is None:
+        return [_Device(handle, index, name, (uuid,))]
+    if not migs:
+        log.warning("GPU %d (%s) is in MIG mode without MIG instances: CUDA cannot use it", index, name)
+    devices = []
+    for mig in migs:
+        # Drivers name a MIG device "<GPU> MIG <profile>" (e.g. "NVIDIA A100-SXM4-80GB MIG 1g.10gb")
+        mig_name = _optional(pynvml.nvmlDeviceGetName, mig)
+        devices.append(_Device(mig, index, mig_name if " MIG" in mig_name else f"{name} MIG",
+                               (_optional(pynvml.nvmlDeviceGetUUID, mig), uuid), mig=True))
+    return devices
+
+
+def _read(pynvml: Any, device: _Device) -> Gpu:
+    memory = pynvml.nvmlDeviceGetMemoryInfo(device.handle)
+    try:
+        util = float(pynvml.nvmlDeviceGetUtilizationRates(device.handle).gpu)
+    except pynvml.NVMLError:
+        util = 0.0  # some virtualised GPUs, and every MIG device, do not expose utilisation
+    return Gpu(index=device.index, name=device.name, vram_total_mb=_mb(memory.total), vram_used_mb=_mb(memory.used),
+               utilization=util, uuid=device.uuids[0])
+
+
 def _probe_nvml() -> list[Gpu] | None:
-    """GPUs by NVML, or None when NVML is unavailable (no driver, no library)."""
+    """The GPUs a CUDA process here may use, by NVML, or None when NVML is unavailable (no driver, no library)."""
     try:
         import pynvml
 
@@ -65,18 +184,8 @@ def _probe_nvml() -> list[Gpu] | None:
         log.debug("NVML unavailable: %s", exc)
         return None
     try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except pynvml.NVMLError:
-                util = 0.0  # some virtualised GPUs do not expose utilisation
-            gpus.append(Gpu(index=index, name=name.decode() if isinstance(name, bytes) else str(name),
-                            vram_total_mb=_mb(memory.total), vram_used_mb=_mb(memory.used), utilization=util))
-        return gpus
+        devices = [d for index in range(pynvml.nvmlDeviceGetCount()) for d in _nvml_devices(pynvml, index)]
+        return [_read(pynvml, d) for d in _one_mig_instance(_visible(devices, lambda d: (d.index, d.uuids)))]
     except Exception as exc:  # noqa: BLE001
         log.warning("NVML query failed: %s", exc)
         return None
@@ -86,16 +195,21 @@ def _probe_nvml() -> list[Gpu] | None:
 
 
 def _probe_gputil() -> list[Gpu] | None:
+    """GPUs by nvidia-smi, which sees whole GPUs only (no MIG): for when NVML cannot be loaded from Python."""
     try:
         import GPUtil
 
+        # GPUtil runs nvidia-smi with no timeout, and a wedged driver can hang it: the caller bounds the probe
+        # (it runs in a thread, under a deadline in hub_client).
         found = GPUtil.getGPUs()
     except Exception as exc:  # noqa: BLE001 - GPUtil shells out to nvidia-smi, which may be missing
         log.debug("GPUtil unavailable: %s", exc)
         return None
-    return [Gpu(index=i, name=str(g.name), vram_total_mb=int(_reading(g.memoryTotal)),
-                vram_used_mb=int(_reading(g.memoryUsed)), utilization=_reading(g.load) * 100.0)
-            for i, g in enumerate(found)]
+    every = [Gpu(index=i, name=str(g.name), vram_total_mb=int(_reading(g.memoryTotal)),
+                 vram_used_mb=int(_reading(g.memoryUsed)), utilization=_reading(g.load) * 100.0,
+                 uuid=str(getattr(g, "uuid", "")))
+             for i, g in enumerate(found)]
+    return _visible(every, lambda g: (g.index, (g.uuid,)))
 
 
 def _reading(value: object) -> float:
@@ -111,11 +225,10 @@ def detect_gpus(simulate: str | None = None) -> list[Gpu]:
     """The machine's GPUs (NVML → GPUtil → none), or the simulated set when ``simulate`` is given."""
     if simulate:
         return parse_simulated(simulate)
-    for probe in (_probe_nvml, _probe_gputil):
-        gpus = probe()
-        if gpus:
-            return gpus
-    return []
+    found = _probe_nvml()
+    if found is None:  # when NVML answers, nvidia-smi (NVML underneath) cannot know better, and knows no MIG
+        found = _probe_gputil()
+    return found or []
 
 
 def refresh(gpus: list[Gpu], vram_used_by_engine_mb: int = 0) -> list[Gpu]:
