@@ -81,6 +81,9 @@ class Allocator:
         except NoCapacity:
             outcome = "no_capacity"
             raise
+        except SessionPending:
+            outcome = "pending"  # the client retries; not a failure of the hub
+            raise
         finally:
             self.metrics.allocations.labels(outcome=outcome).inc()
             self.metrics.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from hub.board import RoutingBoard
 
 
-ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "error")
+ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "pending", "error")
 # hub.dispatch.DispatchOutcome values; "accepted" counts here when the worker took the session but its lease
 # could not be confirmed (it expired meanwhile).
 DISPATCH_FAILURE_REASONS = ("accepted", "full", "refused", "timeout", "unreachable")
@@ -23,8 +23,8 @@ class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.allocations = Counter(
-            "fleet_allocations", "Session requests by outcome (created, reused, no_capacity, error).", ["outcome"],
-            registry=self.registry)
+            "fleet_allocations", "Session requests by outcome (created, reused, no_capacity, pending, error).",
+            ["outcome"], registry=self.registry)
         self.allocation_seconds = Histogram(
             "fleet_allocation_seconds", "Time to answer a session request, by outcome.", ["outcome"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

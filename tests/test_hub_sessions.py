@@ -416,6 +416,9 @@ async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that
     assert taker.status_code == 201, taker.text
     lost = await late
     assert lost.status_code == 503 and lost.json()["error"] == "session_pending"
+    metrics = (await hub.get("/metrics")).text  # a retry the client makes, not an error of the hub
+    assert 'fleet_allocations_total{outcome="pending"} 1.0' in metrics
+    assert 'fleet_allocations_total{outcome="error"} 0.0' in metrics
     again = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
     assert again.status_code == 200 and again.json()["session_id"] == taker.json()["session_id"]
     for _ in range(50):
