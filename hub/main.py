@@ -19,7 +19,7 @@ from hub.board import RoutingBoard
 from hub.cloudwatch import CapacityPublisher, make_cloudwatch_client, regional_clients
 from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
-from hub.middleware import BodySizeLimit
+from hub.middleware import BodySizeLimit, HeadAsGet
 from hub.registry import Registry
 from hub.scoring import Weights
 from hub.settings import HubSettings
@@ -95,6 +95,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     errors.install(app)
     for router in (sessions.router, workers.router, workers.channel_router, admin.router, ops.router, dashboard.router):
         app.include_router(router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -261,6 +262,20 @@ def test_openapi_documents_the_contract() -> None:
             if "422" in operation["responses"]:
                 body = operation["responses"]["422"]["content"]["application/json"]["schema"]
                 assert body == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, body)
+
+
+async def test_head_is_answered_wherever_get_is(make_running_hub: Any) -> None:
+    """Over real HTTP (uvicorn): headers as for GET, no body; auth and 404s as for GET; POST-only paths stay 405."""
+    running = await make_running_hub()
+    async with httpx.AsyncClient(base_url=running.url, timeout=5) as client:
+        get, head = await client.get("/health"), await client.head("/health")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"] != "0"
+        assert (await client.head("/dashboard")).status_code == 200
+        assert (await client.head("/api/v1/workers")).status_code == 401
+        assert (await client.head("/api/v1/workers", headers=ADMIN_AUTH)).status_code == 200
+        assert (await client.head("/api/v1/sessions/w-1~abcdefghijkl")).status_code == 404
+        assert (await client.head("/api/v1/workers/w-1/heartbeat")).status_code == 405
 
 
 async def test_a_405_names_every_method_of_the_path(hub: httpx.AsyncClient) -> None:
