@@ -22,6 +22,9 @@ class FakeWorker:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)
     dispatches: int = 0
+    #: Dispatches refused because this worker was full: the hub sent more sessions than its slots. A fake that only
+    #: refused them would hide the overbooking from ``peak`` (the hub just tries another worker).
+    refused_full: int = 0
     peak: int = 0
     port: int = 0
     heartbeat_seq: int = 0
@@ -61,7 +64,10 @@ class FakeWorker:
             await asyncio.sleep(3600)
         if self.mode == "error":
             return web.json_response({"error": "boom"}, status=500)
-        if self.mode == "full" or len(self.sessions) >= self.max_streams:
+        if self.mode == "full":
+            return web.json_response({"error": "worker_full"}, status=409)
+        if len(self.sessions) >= self.max_streams:
+            self.refused_full += 1
             return web.json_response({"error": "worker_full"}, status=409)
         self.sessions[body["session_id"]] = body
         self.peak = max(self.peak, len(self.sessions))

@@ -76,6 +76,7 @@ async def test_burst_of_1000_across_three_hubs_fills_exactly_the_free_capacity(
     assert {a.json()["error"] for a in refusals} <= {"no_capacity", "store_unavailable"}
     assert all(int(a.headers["Retry-After"]) >= 1 for a in refusals)
     assert all(w.peak <= w.max_streams for w in workers)  # the workers' own lists, not only Redis
+    assert [w.refused_full for w in workers] == [0] * len(workers)  # never sent more than a worker's slots
     r = sync_redis(redis_url)
     assert sum(r.zcard(keys.worker_keys(f"w-{i:03d}").leases) for i in range(20)) == 100
 

@@ -48,6 +48,7 @@ async def test_200_concurrent_requests_over_two_hubs_fill_exactly_100_slots(
     assert len({p["session_id"] for p in placed}) == 100
     # The workers' own view, not only Redis: nobody ever ran more than max_streams.
     assert all(w.peak <= 5 for w in workers)
+    assert [w.refused_full for w in workers] == [0] * 20  # the hub never sent a worker more than its slots
     assert sum(len(w.sessions) for w in workers) == 100
     r = sync_redis(redis_url, decode_responses=True)
     for i in range(20):

@@ -428,6 +428,21 @@ async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
 
 
+async def test_a_worker_the_script_finds_full_is_passed_over_for_one_with_room(make_hub, make_worker) -> None:
+    """No 503 while a live worker has room: another hub took the nearest worker's only slot since this hub's board
+    read, so the script refuses it, and the request goes on to the next worker instead of giving up."""
+    hub = await make_hub(snapshot_refresh_s=60)  # this hub's mirror does not re-read on its own during the test
+    near, far = await make_worker(max_streams=1), await make_worker(max_streams=1)
+    await register(hub, "w-near", near, region="us-east-1")
+    await register(hub, "w-far", far, region="eu-central-1")
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    assert (await store.reserve("w-near", "w-near~takenelsewhere", {"worker_id": "w-near"})).ok
+    resp = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74.0}})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["worker"]["id"] == "w-far" and near.dispatches == 0
+
+
 async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_it(
     make_hub, make_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,8 +88,8 @@ class _SlowReplyProxy:
 
 @pytest.mark.standalone_redis
 async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -> None:
-    """Registering, reserving and claiming are each safe to run twice: redis-py resends a command whose reply
-    timed out, though Redis already ran it."""
+    """Registering, reserving, confirming and claiming are each safe to run twice: redis-py resends a command
+    whose reply timed out, though Redis already ran it."""
     proxy = await _SlowReplyProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]), hold_s=0.7).start()
     settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=0.5)
     store = FleetStore(connect(settings, settings.redis_url or ""), settings)
@@ -107,10 +107,13 @@ async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -
         proxy.armed = True
         reservation = await store.reserve("w-1", "w-1~resentreserve", {"worker_id": "w-1"})
         assert reservation.ok and reservation.used == 1, "the resend found its own lease"
+        await store.confirm("w-1", "w-1~warmupwarmup")  # loads the script
+        proxy.armed = True
+        assert await store.confirm("w-1", "w-1~resentreserve", 3), "the resend found its own confirmation"
         proxy.armed = True
         swapped, _ = await store.compare_and_set_claim("conv-1", None, "pending:mine", 10)
         assert swapped, "the resend found its own claim"
-        assert proxy.held == 3, "each step's first reply was held past the timeout"
+        assert proxy.held == 4, "each step's first reply was held past the timeout"
         beat = await store.heartbeat("w-1", digest("secret-b"), "ready", "{}", ["w-1~resentreserve"])
         assert beat.status == 1 and beat.used == 1
     finally:
