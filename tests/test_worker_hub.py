@@ -106,8 +106,8 @@ async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_runn
         assert await worker_sessions(agent) == []
 
 
-async def test_on_the_channel_only_every_fifth_heartbeat_waits_for_an_answer(make_running_hub: Any,
-                                                                             run_agent: Any) -> None:
+async def test_on_the_channel_every_second_heartbeat_waits_for_an_answer(make_running_hub: Any,
+                                                                        run_agent: Any) -> None:
     running = await make_running_hub(heartbeat_interval_s=0.1)
     agent = await run_agent(worker_settings(running))
     answers: list[HeartbeatReply] = []

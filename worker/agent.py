@@ -1,18 +1,21 @@
 """The worker agent: engine → HTTP server → registration → heartbeats, watchers, and a clean drain on SIGTERM.
 
 Drain (SIGTERM/SIGINT, a spot notice or an ASG scale-in): report ``draining`` to the hub at once, refuse new
-sessions, wait up to ``drain_timeout_s`` for sessions to end, stop the rest, deregister, complete the ASG
-lifecycle action if a hook is configured, and return so the process exits 0.
+sessions, wait up to ``drain_timeout_s`` for sessions to end (a spot notice, even one that comes during the drain,
+brings the end forward), stop the rest, deregister, complete the ASG lifecycle action if a hook is configured,
+and return so the process exits 0. Each closing step runs even when one before it failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Awaitable, Coroutine, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +27,7 @@ from worker.app import create_worker_app
 from worker.capacity import compute_capacity
 from worker.engine import Engine
 from worker.gpus import Gpu, detect_gpus
-from worker.hub_client import HubClient
+from worker.hub_client import HubClient, describe_error
 from worker.imds import Imds, InstanceIdentity
 from worker.lifecycle import Lifecycle
 from worker.sessions import SessionManager
@@ -36,6 +39,10 @@ DEFAULT_REGION = "us-east-1"
 WATCH_INTERVAL_S = 5.0
 #: A spot drain ends this long before the notice's termination time, to stop the rest and deregister.
 SPOT_MARGIN_S = 15.0
+
+
+class CannotListen(Exception):
+    """The worker's HTTP API cannot bind its host and port: a configuration the start refuses."""
 
 
 class WorkerAgent:
@@ -60,16 +67,23 @@ class WorkerAgent:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.drain_reason: str | None = None
-        self._drain_within_s: float | None = None  # a spot notice's deadline shortens the drain
+        self._drain_deadline: float | None = None  # monotonic time a spot notice leaves the drain, margin taken
+        self._drain_changed = asyncio.Event()  # a running drain looks again at its deadline and the force flag
         self._hub_task: asyncio.Task[Any] | None = None
 
     # --- start ---------------------------------------------------------------------------------------------
 
     def request_drain(self, reason: str, within_s: float | None = None) -> None:
-        """Begin draining (idempotent); safe to call from signal handlers and watchers. ``within_s`` bounds the
-        wait for sessions below ``drain_timeout_s`` (a spot instance has two minutes)."""
+        """Begin draining (idempotent); safe to call from signal handlers and watchers. ``within_s``: the instance
+        ends in this many seconds (a spot instance has two minutes), so the wait for sessions ends ``SPOT_MARGIN_S``
+        earlier, below ``drain_timeout_s``, even in a drain already running."""
         if within_s is not None:
-            self._drain_within_s = within_s if self._drain_within_s is None else min(within_s, self._drain_within_s)
+            deadline = time.monotonic() + within_s - SPOT_MARGIN_S
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+                if self.drain_reason is not None:
+                    log.warning("%s during the drain: sessions get %.0f s more at most", reason,
+                                max(0.0, within_s - SPOT_MARGIN_S))
         if self.drain_reason is None:
             self.drain_reason = reason
             log.info("drain requested: %s", reason)
@@ -78,13 +92,20 @@ class WorkerAgent:
             self._force.set()
         if self.manager is not None:
             self.manager.set_draining(True)
+        self._drain_changed.set()
         self._stop.set()
 
     def _bind_port(self) -> socket.socket:
         """Bind before registering so the advertised URL is right even with port 0."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.settings.host, self.settings.port))
+        host, port = self.settings.host, self.settings.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            variable = "FLEET_PORT" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "FLEET_HOST"
+            raise CannotListen(f"{variable}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.port = sock.getsockname()[1]
         return sock
 
@@ -115,23 +136,28 @@ class WorkerAgent:
             await self._stop.wait()
             await self._drain()
         finally:
-            if self.server is not None:
-                self.server.should_exit = True
-            for task in tasks:
-                if task.get_name() != "http":
-                    task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.engine.aclose()
-            if self.hub is not None:
-                await self.hub.aclose()
-            await self.imds.aclose()
-            if self.install_signals:
-                self._remove_signals()
-            if self._lifecycle is not None and self.settings.lifecycle_hook_name and self.drain_reason is not None:
-                # Even when the drain went wrong: the instance is leaving either way, and an uncompleted hook
-                # keeps the ASG waiting for its timeout.
-                await asyncio.to_thread(self._lifecycle.complete, "CONTINUE")
+            await self._close(tasks)
         return 0
+
+    async def _close(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Stop the tasks and close what was opened, each step on its own: one that fails is logged and the next
+        still runs (a failing engine must not leave the lifecycle hook uncompleted)."""
+        if self.server is not None:
+            self.server.should_exit = True
+        for task in tasks:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _step("closing the engine", self.engine.aclose())
+        if self.hub is not None:
+            await _step("closing the hub client", self.hub.aclose())
+        await _step("closing the IMDS client", self.imds.aclose())
+        if self.install_signals:
+            self._remove_signals()
+        if self._lifecycle is not None and self.settings.lifecycle_hook_name and self.drain_reason is not None:
+            # Even when the drain went wrong: the instance is leaving either way, and an uncompleted hook
+            # keeps the ASG waiting for its timeout.
+            await _step("completing the lifecycle action", asyncio.to_thread(self._lifecycle.complete, "CONTINUE"))
 
     async def _start(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Engine, HTTP server, then registration and heartbeats and the watchers, as tasks added to ``tasks``."""
@@ -170,6 +196,38 @@ class WorkerAgent:
         if lifecycle is not None and s.protect_from_scale_in:
             tasks.append(self._spawn(lifecycle.protection_loop(), "scale-in-protection"))
 
+    async def _wait_for_sessions(self) -> bool:
+        """Wait for the sessions to end; False when some still run at the drain's end: ``drain_timeout_s``, a spot
+        notice's deadline (one that comes while waiting brings the end forward), or a second signal."""
+        assert self.manager is not None
+        timeout_at = time.monotonic() + self.settings.drain_timeout_s
+        while True:
+            self._drain_changed.clear()  # before reading what it guards: a change from now on wakes us again
+            if self._force.is_set():
+                return not self.manager.sessions
+            end = timeout_at if self._drain_deadline is None else min(timeout_at, self._drain_deadline)
+            waiting = asyncio.create_task(self.manager.wait_empty(max(0.0, end - time.monotonic())))
+            changed = asyncio.create_task(self._drain_changed.wait())
+            await asyncio.wait({waiting, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            if waiting.done():
+                return bool(waiting.result())
+            waiting.cancel()
+
+    async def _unless_forced(self, work: Awaitable[Any], timeout_s: float, what: str) -> None:
+        """Await ``work`` for up to ``timeout_s``, less if a second signal comes; a failure is logged."""
+        task = asyncio.ensure_future(work)
+        forced = asyncio.create_task(self._force.wait())
+        done, _ = await asyncio.wait({task, forced}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if task not in done:
+            task.cancel()
+            log.warning("%s %s; going on without it", what, "cut short" if self._force.is_set() else
+                        f"took more than {timeout_s:.1f}s")
+        failure = (await asyncio.gather(task, return_exceptions=True))[0]
+        if isinstance(failure, Exception):
+            log.warning("%s failed: %s", what, describe_error(failure))
+
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(_log_failure)
@@ -199,8 +257,9 @@ class WorkerAgent:
 
     async def _watch_ec2(self) -> None:
         """Spot interruption and ASG scale-in (or an SRE's Standby/Detach) reach the instance through IMDS: start
-        draining early. A failed look is logged and retried; the watch ends only with a drain."""
-        while not self._stop.is_set():
+        draining early. A drain goes on watching for a spot notice, which may leave it less time than it has. A
+        failed look is logged and retried; the watch ends with a spot notice, or with the agent."""
+        while True:
             try:
                 if await self._look_at_ec2():
                     return
@@ -209,15 +268,16 @@ class WorkerAgent:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def _look_at_ec2(self) -> bool:
-        """One look at the spot notice and the ASG's target state; True when it started a drain."""
+        """One look at the spot notice and, until a drain starts, the ASG's target state; True after a spot notice
+        (there is nothing more to learn)."""
         notice = await self.imds.spot_action()
         if notice:
             self.request_drain(f"spot interruption notice: {notice}", within_s=_seconds_until(notice.get("time")))
             return True
-        state = await self.imds.target_lifecycle_state()
-        if state and state != "InService" and not state.startswith("Warmed"):
-            self.request_drain(f"ASG target lifecycle state {state}")
-            return True
+        if self.drain_reason is None:
+            state = await self.imds.target_lifecycle_state()
+            if state and state != "InService" and not state.startswith("Warmed"):
+                self.request_drain(f"ASG target lifecycle state {state}")
         return False
 
     async def _drain(self) -> None:
@@ -225,18 +285,10 @@ class WorkerAgent:
         assert self.manager is not None and self.hub is not None
         self.manager.set_draining(True)
         if self.hub.registered.is_set():
-            with contextlib.suppress(Exception):
-                await self.hub.heartbeat_once()  # the hub stops routing to us now, not at the next beat
-        timeout_s = self.settings.drain_timeout_s
-        if self._drain_within_s is not None:
-            timeout_s = max(0.0, min(timeout_s, self._drain_within_s - SPOT_MARGIN_S))
-        waiting = asyncio.create_task(self.manager.wait_empty(timeout_s))
-        forced = asyncio.create_task(self._force.wait())
-        await asyncio.wait({waiting, forced}, return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        emptied = waiting.done() and waiting.result()
-        waiting.cancel()
-        if not emptied:
+            # The hub stops routing to us now, not at the next beat; but a hub that does not answer (or a second
+            # signal) must not hold the drain.
+            await self._unless_forced(self.hub.heartbeat_once(), self.settings.hub_timeout_s, "the drain's heartbeat")
+        if not await self._wait_for_sessions():
             log.warning("drain timeout: stopping %d sessions", len(self.manager.sessions))
         await self.manager.stop_all()
         if self._hub_task is not None:
@@ -255,6 +307,14 @@ class _AgentServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def _step(what: str, work: Awaitable[Any]) -> None:
+    """One step of closing down: a failure is logged, never raised, so the steps after it still run."""
+    try:
+        await work
+    except Exception:
+        log.exception("%s failed; closing down goes on", what)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -32,7 +32,7 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
     """Run the worker agent until it is drained; returns the process exit code."""
     import asyncio
 
-    from worker.agent import WorkerAgent
+    from worker.agent import CannotListen, WorkerAgent
     from worker.engines import EngineUnavailable
 
     try:
@@ -45,7 +45,10 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
         return _refuse(describe_invalid(exc))
     except EngineUnavailable as exc:
         return _refuse(str(exc))
-    return asyncio.run(agent.run())
+    try:
+        return asyncio.run(agent.run())
+    except CannotListen as exc:  # known only once the agent binds, after the engine started
+        return _refuse(str(exc))
 
 
 def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int | None = None,

@@ -6,20 +6,26 @@ and the next heartbeat re-announces the sessions still running.
 
 Heartbeats go over one WebSocket kept open on the heartbeat URL (a message costs the hub a fraction of a POST);
 when it cannot be opened (an old hub, a proxy without upgrades) or drops, that heartbeat is POSTed instead and
-the channel is tried again later. On the channel only every ``ACK_EVERY``-th heartbeat, and any that reports a
-new state, asks the hub for an answer; the hub answers the others only with news (an SRE drain, sessions to stop).
-A reader task applies every answer the moment it comes, and keeps an error or the channel's end for the next
-heartbeat to raise. An awaited answer that does not come in time means the channel is lost.
+the channel is tried again later. On the channel a heartbeat asks the hub for an answer when the one before it did
+not (so every second heartbeat), when it reports a new state, and while the hub holds the worker drained (its
+resume is news only the worker can ask for); the hub answers the others only with news (an SRE drain, sessions to
+stop). A reader task applies every answer the moment it comes, and keeps an error or the channel's end for the
+next heartbeat to raise. An awaited answer that does not come within half an interval means the channel is lost:
+it is dropped without a closing handshake and that heartbeat is POSTed, so a hub that froze holding the channel
+misses at most two and a half intervals of heartbeats, within its TTL of three.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import psutil
@@ -32,10 +38,14 @@ from worker.gpus import Gpu
 from worker.sessions import SessionManager
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-#: On the channel, every ACK_EVERY-th heartbeat asks for an answer: the hub is alive and the channel open.
-ACK_EVERY = 5
+#: On the channel, at least every ACK_EVERY-th heartbeat asks for an answer: the hub is alive and the channel open.
+#: Two: a frozen hub is noticed two intervals and an answer's wait after its last heartbeat, inside its TTL.
+ACK_EVERY = 2
+#: The shortest wait for an awaited answer on the channel, whatever the interval: a busy host, not a lost hub.
+MIN_ANSWER_WAIT_S = 0.25
 
 
 class HubUnavailable(Exception):
@@ -59,6 +69,7 @@ class HubClient:
         self.registration = registration
         self.manager = manager
         self.gpus = gpus or []
+        self.timeout_s = timeout_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.backoff_cap_s = backoff_cap_s
         self.secret: str | None = None
@@ -75,9 +86,11 @@ class HubClient:
         self._channel_reader: asyncio.Task[None] | None = None
         self._channel_answered = asyncio.Event()  # set by the reader after each answer (or error) it takes
         self._channel_error: Exception | None = None  # what the reader found for the next heartbeat to raise
-        self._channel_beats = 0  # heartbeats sent on the open channel
+        self._unanswered = 0  # heartbeats sent on the open channel without asking for an answer, in a row
         self._reported_state: WorkerState | None = None  # the state the last answered heartbeat reported
         self._beating = asyncio.Lock()
+        self._gpu_probe: asyncio.Future[list[Gpu]] | None = None  # a probe whose answer is not yet taken
+        self._gpu_probe_hung = False  # warned that it does not answer; heartbeats carry the last reading
         #: How the last heartbeat went: ``channel`` or ``post``.
         self.transport = "post"
         psutil.cpu_percent(None)  # prime: the first non-blocking reading is otherwise meaningless
@@ -119,6 +132,10 @@ class HubClient:
                     if resp.status == 200:
                         accepted = RegistrationAccepted.model_validate(payload)
                         self.secret = accepted.worker_secret
+                        if self._channel_for is not None and self._channel_for[1] != self.secret:
+                            # The hub refuses the old secret from now on: a heartbeat still on its way there would
+                            # be closed with 4403, which must not be read as a refusal of the new one.
+                            await self._close_channel(abandon=True)
                         self.interval_s = accepted.heartbeat_interval_s
                         self.hub_url = url
                         self.registrations += 1
@@ -133,7 +150,7 @@ class HubClient:
                     elif resp.status in (401, 422):
                         log.error("hub %s refused the registration (%s): %s", url, resp.status, payload)
             except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
-                last = f"{url}: {_describe(exc)}"
+                last = f"{url}: {describe_error(exc)}"
         raise HubUnavailable(last)
 
     async def register(self) -> RegistrationAccepted:
@@ -150,9 +167,7 @@ class HubClient:
 
     async def build_heartbeat(self) -> Heartbeat:
         stats = self.manager.engine.stats()
-        # NVML can block for a while on a busy driver: probe off the event loop; the rest reads loop-owned state.
-        live = await asyncio.to_thread(gpu_probe.refresh, self.gpus, stats.vram_used_mb)
-        self.gpus = live
+        live = self.gpus = await self._probe_gpus(stats.vram_used_mb)
         util = sum(g.utilization for g in live) / len(live) if live else 0.0
         vram = sum(g.vram_used_mb for g in live) if live else stats.vram_used_mb
         seq, running = self.manager.snapshot()
@@ -168,6 +183,32 @@ class HubClient:
             # reporting it would hold the hub's state at draining for good.
             state=WorkerState.DRAINING if self.manager.leaving else WorkerState.READY,
         )
+
+    async def _probe_gpus(self, vram_used_by_engine_mb: int) -> list[Gpu]:
+        """Live GPU figures, probed off the event loop (NVML can block on a busy driver) and within half the shorter
+        of the interval and the hub timeout: a hung probe (nvidia-smi has no timeout, nvmlInit can block) must not
+        stop the heartbeats. Until it answers, heartbeats carry the last reading and no second probe starts; a late
+        answer is the next heartbeat's reading."""
+        probe = self._gpu_probe
+        if probe is None:
+            probe = self._gpu_probe = _in_daemon_thread(gpu_probe.refresh, self.gpus, vram_used_by_engine_mb)
+            bound_s = min(self.interval_s, self.timeout_s) / 2
+            await asyncio.wait({probe}, timeout=bound_s)  # neither cancels nor raises: a thread cannot be stopped
+            if not probe.done() and not self._gpu_probe_hung:
+                self._gpu_probe_hung = True
+                log.warning("the GPU probe has not answered in %.2fs (a hung nvidia-smi or NVML?); heartbeats carry "
+                            "the last GPU reading until it does", bound_s)
+        if not probe.done():
+            return self.gpus
+        self._gpu_probe = None
+        if self._gpu_probe_hung:
+            self._gpu_probe_hung = False
+            log.info("the GPU probe answers again")
+        return probe.result()
+
+    def _answer_wait_s(self) -> float:
+        """How long an awaited answer on the channel may take before the channel counts as lost."""
+        return min(self.timeout_s, max(self.interval_s / 2, MIN_ANSWER_WAIT_S))
 
     async def heartbeat_once(self) -> None:
         """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable. One at a time: the drain's
@@ -195,7 +236,7 @@ class HubClient:
                     raise HubUnavailable(f"hub answered {resp.status}")
                 reply = HeartbeatReply.model_validate(await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
-            raise HubUnavailable(_describe(exc)) from None
+            raise HubUnavailable(describe_error(exc)) from None
         self.transport = "post"
         return reply
 
@@ -204,19 +245,22 @@ class HubClient:
         ws = await self._open_channel(hub_url, secret)
         if ws is None:
             return False
-        ack = self._channel_beats % ACK_EVERY == 0 or beat.state is not self._reported_state
-        self._channel_beats += 1
+        # While the hub holds the worker drained, each heartbeat reports `ready` and the hub has no news to send
+        # when an SRE resumes it: only an awaited answer tells the worker it may take sessions again.
+        ack = (self._unanswered >= ACK_EVERY - 1 or beat.state is not self._reported_state
+               or self.manager.drained_by_hub)
+        self._unanswered = 0 if ack else self._unanswered + 1
         try:
             self._raise_channel_error()
             self._channel_answered.clear()
             await ws.send_str(beat.model_copy(update={"ack": ack}).model_dump_json())
             if ack:
-                await asyncio.wait_for(self._channel_answered.wait(), self.timeout.total)
+                await asyncio.wait_for(self._channel_answered.wait(), self._answer_wait_s())
                 self._raise_channel_error()
                 self._reported_state = beat.state
         except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            log.info("heartbeat channel lost (%s); this heartbeat goes by POST", _describe(exc))
-            await self._close_channel()
+            log.info("heartbeat channel lost (%s); this heartbeat goes by POST", describe_error(exc))
+            await self._close_channel(abandon=True)
             return False
         except (WorkerForgotten, HubUnavailable):
             if ws.closed:
@@ -230,8 +274,10 @@ class HubClient:
         if error is not None:
             raise error
 
-    def _read_answer(self, message: aiohttp.WSMessage, ws: aiohttp.ClientWebSocketResponse) -> HeartbeatReply:
-        """A message from the hub as a reply; raises for an error answer or a closed channel."""
+    def _read_answer(self, message: aiohttp.WSMessage, ws: aiohttp.ClientWebSocketResponse,
+                     secret: str) -> HeartbeatReply:
+        """A message from the hub as a reply, on a channel opened with ``secret``; raises for an error answer or a
+        closed channel."""
         if message.type is not aiohttp.WSMsgType.TEXT:
             code = message.data if message.type is aiohttp.WSMsgType.CLOSE else None
             if code is None:
@@ -239,7 +285,8 @@ class HubClient:
             if code == 4404:
                 raise WorkerForgotten("hub does not know this worker (channel closed 4404)")
             if code == 4403:
-                self.secret = None
+                if self.secret == secret:  # not a newer one, from a registration made since the channel opened
+                    self.secret = None
                 raise WorkerForgotten("hub refused the worker secret (channel closed 4403)")
             raise _ChannelLost(f"channel closed ({code} {message.extra})")
         try:
@@ -248,7 +295,7 @@ class HubClient:
                 raise HubUnavailable(f"hub answered {data['error']}")
             return HeartbeatReply.model_validate(data)
         except (ValueError, ValidationError) as exc:
-            raise _ChannelLost(f"malformed heartbeat reply: {_describe(exc)}") from None
+            raise _ChannelLost(f"malformed heartbeat reply: {describe_error(exc)}") from None
 
     async def _open_channel(self, hub_url: str, secret: str) -> aiohttp.ClientWebSocketResponse | None:
         if self._channel is not None and not self._channel.closed and self._channel_for == (hub_url, secret):
@@ -265,33 +312,35 @@ class HubClient:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # An old hub or a proxy without upgrades: POST, and try the channel again in a minute.
             self._channel_retry_at = time.monotonic() + _CHANNEL_RETRY_S
-            log.info("heartbeat channel unavailable (%s); heartbeats go by POST for %.0f s", _describe(exc),
+            log.info("heartbeat channel unavailable (%s); heartbeats go by POST for %.0f s", describe_error(exc),
                      _CHANNEL_RETRY_S)
             return None
         self._channel_for = (hub_url, secret)
-        self._channel_beats = 0
+        self._unanswered = ACK_EVERY  # the first heartbeat on a channel asks for an answer
         self._channel_error = None
-        self._channel_reader = asyncio.create_task(self._read_channel(self._channel),
+        self._channel_reader = asyncio.create_task(self._read_channel(self._channel, secret),
                                                    name="heartbeat channel reader")
         return self._channel
 
-    async def _read_channel(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read_channel(self, ws: aiohttp.ClientWebSocketResponse, secret: str) -> None:
         """The channel's only reader: applies each answer at once (news does not wait for the next heartbeat);
         an error answer, or the channel's end, is kept for the heartbeat to raise."""
         while True:
             message = await ws.receive()
             try:
-                await self._apply(self._read_answer(message, ws))
+                await self._apply(self._read_answer(message, ws, secret))
             except (_ChannelLost, WorkerForgotten, HubUnavailable) as exc:
                 self._channel_error = exc
             except Exception as exc:  # applying went wrong here, not the channel: say so, go on
                 log.exception("applying the hub's answer failed")
-                self._channel_error = HubUnavailable(f"applying the hub's answer failed: {_describe(exc)}")
+                self._channel_error = HubUnavailable(f"applying the hub's answer failed: {describe_error(exc)}")
             self._channel_answered.set()
             if message.type is not aiohttp.WSMsgType.TEXT:
                 return
 
-    async def _close_channel(self) -> None:
+    async def _close_channel(self, abandon: bool = False) -> None:
+        """Close the channel; ``abandon``: without waiting for the hub's side of the closing handshake (a hub that
+        froze would hold it for the whole close timeout)."""
         channel, self._channel, self._channel_for = self._channel, None, None
         reader, self._channel_reader = self._channel_reader, None
         self._channel_error = None
@@ -301,7 +350,9 @@ class HubClient:
                 await reader
         if channel is not None and not channel.closed:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ConnectionError):
-                await channel.close()
+                # A timeout cancels the wait for the hub's close frame, and aiohttp then drops the connection.
+                async with asyncio.timeout(0 if abandon else None):
+                    await channel.close()
 
     async def _apply(self, reply: HeartbeatReply) -> None:
         self.last_reply = reply
@@ -341,7 +392,7 @@ class HubClient:
             except Exception as exc:  # a bug or a broken probe (NVML, the engine's stats): log it, keep beating
                 self.manager.metrics.heartbeats.labels("failed").inc()
                 log.exception("heartbeat could not be built or applied")
-                await self._back_off(f"heartbeat failed ({_describe(exc)})", next(delays))
+                await self._back_off(f"heartbeat failed ({describe_error(exc)})", next(delays))
 
     async def _back_off(self, what: str, delay: float) -> None:
         delay = min(delay, self.interval_s)
@@ -370,7 +421,7 @@ class HubClient:
                         log.info("deregistered %s", self.worker_id)
                         return True
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("deregistration via %s failed: %s", url, _describe(exc))
+                log.warning("deregistration via %s failed: %s", url, describe_error(exc))
         return False
 
     def describe(self) -> dict[str, Any]:
@@ -378,11 +429,31 @@ class HubClient:
                 "heartbeats_by": self.transport}
 
 
+def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` in a thread of its own, as a future of the running loop. A daemon thread: one that hangs (a
+    wedged nvidia-smi) must not hold the process's exit after the drain, as a thread of asyncio's executor would."""
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the heartbeat, which logs it
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, name="gpu-probe", daemon=True).start()
+    return asyncio.wrap_future(outcome)
+
+
 #: After the heartbeat channel could not be opened, how long heartbeats go by POST before trying again.
 _CHANNEL_RETRY_S = 60.0
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """An error for logs and messages. Never ``repr``: aiohttp's response errors carry the request's headers there,
-    and those hold the worker token and secret."""
+    and those hold the worker token and secret. Nor a validation error's text: it quotes the input, and a
+    registration answer holds the worker secret."""
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'answer'}: {error['msg']}"
+                             for error in exc.errors(include_url=False, include_input=False, include_context=False))
+        return f"{type(exc).__name__}: {problems}"
     return f"{type(exc).__name__}: {exc}"

@@ -79,6 +79,11 @@ class SessionManager:
         """The worker drains on its own account and will exit; this is the state its heartbeats report."""
         return self._leaving
 
+    @property
+    def drained_by_hub(self) -> bool:
+        """An SRE drained the worker through the hub, and no resume has reached it yet."""
+        return self._drained_by_hub
+
     def set_draining(self, value: bool) -> None:
         """The worker's own drain (the agent's signal handlers and EC2 watchers)."""
         was = self.draining

@@ -6,12 +6,13 @@ import json
 import socket
 from typing import Annotated, Any, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import NoDecode
 
 from shared.auth import DEFAULT_WORKER_TOKEN
 from shared.keys import WORKER_ID_PATTERN
-from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN
+from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration
 from shared.settings import FleetSettings
 from worker.gpus import parse_simulated
 
@@ -53,7 +54,8 @@ class WorkerSettings(FleetSettings):
     protect_from_scale_in: bool = Field(
         default=False, description="Hold ASG scale-in protection while sessions run (FLEET_PROTECT_FROM_SCALE_IN)."
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Routing labels (JSON object).")
+    labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                        description="Routing labels (JSON object).")
     imds_url: str = Field(default="http://169.254.169.254", description="EC2 instance metadata endpoint.")
     imds_timeout_s: float = Field(default=0.3, gt=0, description="Per-call IMDS timeout: off EC2 this fails fast.")
     hub_timeout_s: float = Field(default=3.0, gt=0, description="Timeout of every call to a hub.")
@@ -73,6 +75,32 @@ class WorkerSettings(FleetSettings):
     def _known_gpu(cls, value: str | None) -> str | None:
         if value:
             parse_simulated(value)  # a ValueError names the GPUs it knows
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError("must be a JSON object, e.g. {\"tier\": \"premium\"}") from None
+        return value
+
+    @field_validator("advertise_url", "zone", "labels")
+    @classmethod
+    def _registrable(cls, value: Any, info: ValidationInfo) -> Any:
+        """What the registration will carry passes its rules now: a bad value stops the start with the variable's
+        name, instead of every registration failing."""
+        if value is None:
+            return value
+        field = _REGISTRATION_FIELDS[info.field_name or ""]
+        try:
+            WorkerRegistration.__pydantic_validator__.validate_assignment(WorkerRegistration.model_construct(), field,
+                                                                          value)
+        except ValidationError as exc:
+            problems = "; ".join(_problem(error) for error in exc.errors(include_url=False, include_input=False))
+            raise PydanticCustomError("registration_field", "{problems}", {"problems": problems}) from None
         return value
 
     @field_validator("hub_urls", mode="before")
@@ -104,3 +132,13 @@ class WorkerSettings(FleetSettings):
         host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()).lstrip("._-")
         suffix = f"-{port}"
         return f"{(host or 'worker')[:64 - len(suffix)]}{suffix}"
+
+
+#: Settings the registration carries as they are, by the name of the registration's field.
+_REGISTRATION_FIELDS = {"advertise_url": "url", "zone": "zone", "labels": "labels"}
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One problem of a registration field, without the value (a label may hold what should not be logged)."""
+    where = ".".join(str(part) for part in error["loc"][1:])  # the part inside the field: a label's key
+    return f"{where}: {error['msg']}" if where else error["msg"]

@@ -1,0 +1,218 @@
+"""The worker's heartbeat channel against hubs that fail in its way: a hub that freezes holding it, a resume that is
+news only when asked for, a late close on a channel of the previous registration, an answer the worker cannot read.
+
+The frozen hub and the unreadable answer are small aiohttp fakes (a real hub cannot be frozen inside the test's own
+event loop); the rest run against a real hub and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shared.models import Heartbeat, WorkerRegistration
+from shared.redis_server import free_port
+from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
+from tests.test_worker_drain import running
+from tests.test_worker_hub import wait_for, worker_settings
+from worker.agent import WorkerAgent
+from worker.engines.synthetic import SyntheticEngine
+from worker.hub_client import HubClient, HubUnavailable, WorkerForgotten
+from worker.sessions import SessionManager
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def registration() -> WorkerRegistration:
+    return WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=2)
+
+
+@pytest.fixture
+async def fake_hub() -> AsyncIterator[Callable[[Handler, Handler], Awaitable[str]]]:
+    """Serves a registration handler and a heartbeat handler (POST and WebSocket) for worker w1; returns the URL."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(register: Handler, beat: Handler) -> str:
+        app = web.Application()
+        app.router.add_post("/api/v1/workers", register)
+        app.router.add_route("*", "/api/v1/workers/w1/heartbeat", beat)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_hub_that_freezes_holding_the_channel_loses_no_heartbeat_beyond_its_ttl(fake_hub: Any) -> None:
+    """The hub's process stops (SIGSTOP, a paused VM) with the channel's TCP connection still open, at the worst
+    moment: just after answering a heartbeat. The worker must notice and POST (behind the deployment's one URL a
+    healthy hub takes it) before the hub's TTL of three intervals lapses: it asks for an answer at least every
+    second heartbeat, and does not wait for a closing handshake the frozen hub will never send. Guards against
+    acks every fifth heartbeat, which left ~6 intervals without a heartbeat and the live worker out of routing."""
+    interval = 0.5
+    received: list[tuple[float, str]] = []
+    frozen = asyncio.Event()
+
+    def reply() -> dict[str, Any]:
+        return {"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
+                "heartbeat_interval_s": interval, "stop_sessions": []}
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": interval, "ttl_s": 3 * interval,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            received.append((time.monotonic(), "post"))  # a fresh request reaches a healthy hub
+            return web.json_response(reply())
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if frozen.is_set():
+                await asyncio.sleep(3600)  # frozen: reads nothing, answers nothing, closes nothing
+            received.append((time.monotonic(), "channel"))
+            if Heartbeat.model_validate_json(message.data).ack:
+                await ws.send_json(reply())
+                if len(received) >= 4:
+                    frozen.set()
+        return ws
+
+    url = await fake_hub(register, beat)
+    manager = SessionManager(SyntheticEngine(), 2)
+    # The hub timeout equal to the interval, as in the defaults (3 s and 3 s, TTL 9 s).
+    client = HubClient([url], WORKER_TOKEN, registration(), manager, timeout_s=interval)
+    await client.register()
+    loop = asyncio.create_task(client.heartbeat_loop())
+    try:
+        await wait_for(frozen.is_set, 10, "the hub to freeze")
+        await asyncio.sleep(10 * interval)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await client.aclose()
+    times = [t for t, _ in received]
+    worst = max(later - earlier for earlier, later in itertools.pairwise(times))
+    assert any(how == "post" for _, how in received), received
+    assert worst < 3 * interval, f"{worst / interval:.1f} intervals without a heartbeat; the TTL is 3"
+
+
+async def test_a_resume_reaches_a_worker_drained_by_the_hub_at_its_next_heartbeat(
+        make_running_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an SRE keeps it drained, the worker reports `ready` (the drain is the hub's), so the hub has no news to
+    send when it is resumed: each heartbeat must ask for an answer, or the worker refuses sessions the hub already
+    routes to it until its next answered heartbeat. Guards against a worker that learnt of a resume up to four
+    intervals late."""
+    interval = 0.5
+    hub = await make_running_hub(heartbeat_interval_s=interval)
+    agent = WorkerAgent(worker_settings(hub), install_signals=False)
+    sent: list[tuple[bool, bool]] = []  # (refusing sessions when sent, asked for an answer)
+    send_str = aiohttp.ClientWebSocketResponse.send_str
+
+    async def recording(self: aiohttp.ClientWebSocketResponse, data: str, *args: Any, **kwargs: Any) -> None:
+        sent.append((agent.manager is not None and agent.manager.draining, json.loads(data).get("ack", True)))
+        await send_str(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientWebSocketResponse, "send_str", recording)
+    lags = []
+    async with running(agent), hub.client() as client:
+        for attempt in range(3):
+            assert (await client.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
+            await wait_for(lambda: agent.manager.draining, 5, "the drain")
+            await asyncio.sleep(0.3 + 0.37 * attempt)  # a resume at different moments between heartbeats
+            resumed = await client.post("/api/v1/workers/w-agent/resume", headers=ADMIN_AUTH)
+            assert resumed.json()["state"] == "ready"
+            at = time.monotonic()
+            await wait_for(lambda: not agent.manager.draining, 5, "the resume")
+            lags.append(time.monotonic() - at)
+        assert agent.hub.transport == "channel"
+        assert all(ack for drained, ack in sent if drained) and (True, True) in sent, sent
+    assert max(lags) < 1.5 * interval, lags
+
+
+async def test_a_late_refusal_on_the_channel_of_the_old_secret_spares_the_new_one(make_running_hub: Any) -> None:
+    """A heartbeat sent on the channel before a re-registration but handled by the hub after it is refused with
+    4403 (the secret changed). Guards against that close wiping the new secret: the worker then registered without
+    one and was refused (409) until its own registration's TTL lapsed."""
+    running = await make_running_hub()
+    manager = SessionManager(SyntheticEngine(), max_streams=2)
+    client = HubClient([running.url], WORKER_TOKEN, registration(), manager, timeout_s=1.0)
+    try:
+        await client.register_once()
+        await client.heartbeat_once()
+        assert client.transport == "channel"
+        old_channel = client._channel
+        assert old_channel is not None
+        late = (await client.build_heartbeat()).model_copy(update={"ack": False}).model_dump_json()
+        await client.register_once()  # e.g. after a heartbeat failed: a new secret
+        new_secret = client.secret
+        if not old_channel.closed:  # the heartbeat that was on its way arrives now
+            await old_channel.send_str(late)
+            await asyncio.sleep(0.5)
+        assert client.secret == new_secret and new_secret is not None
+        await client.heartbeat_once()
+        assert client.transport == "channel" and old_channel.closed
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreadable_registration_answer_never_puts_the_worker_secret_in_the_logs(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hub of another version (a rolling deploy) answers the registration with a field missing. Guards against
+    the validation error's text, which quotes the answer, part of the worker secret included, reaching the log."""
+    secret = "wsec-7f3a9c1e2b4d6f8091a2b3c4d5e6f708"
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 3.0, "ttl_s": 9.0,
+                                  "worker_secret": secret})  # no `state`
+
+    async def beat(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    url = await fake_hub(register, beat)
+    caplog.set_level("DEBUG")
+    client = HubClient([url], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0)
+    try:
+        with pytest.raises(HubUnavailable) as refused:
+            await client.register_once()
+        task = asyncio.create_task(client.register())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await client.aclose()
+    assert "registration failed" in caplog.text
+    pieces = {secret[i:i + 10] for i in range(len(secret) - 9)}  # pydantic shortens a long input in the middle
+    assert not any(piece in caplog.text or piece in str(refused.value) for piece in pieces), caplog.text
+    assert "state: Field required" in str(refused.value), "where the answer was wrong is still said"
+
+
+async def test_a_refusal_of_another_secret_leaves_the_current_one(make_running_hub: Any) -> None:
+    """The channel's reader clears the secret on 4403 only when it is still the one the channel was opened with."""
+    running = await make_running_hub()
+    client = HubClient([running.url], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2))
+    try:
+        await client.register_once()
+        await client.heartbeat_once()
+        assert client._channel is not None and client.secret is not None
+        closed = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, 4403, "the X-Worker-Secret does not match this worker")
+        with pytest.raises(WorkerForgotten):
+            client._read_answer(closed, client._channel, "an-older-secret")
+        assert client.secret is not None
+        with pytest.raises(WorkerForgotten):
+            client._read_answer(closed, client._channel, client.secret)
+        assert client.secret is None
+    finally:
+        await client.aclose()

@@ -1,0 +1,73 @@
+"""`fleet worker` refusing its configuration: one line naming the variable, exit code 2, never a traceback.
+
+Guards the values the worker only used to check when it registered (FLEET_ADVERTISE_URL, FLEET_ZONE, FLEET_LABELS)
+or bound its port (FLEET_HOST, FLEET_PORT), which crashed with a traceback and exit code 1.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from shared.redis_server import free_port
+from worker.cli import EXIT_USAGE, run_worker
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nowhere to register and no IMDS: a worker that got as far as running would retry forever."""
+    monkeypatch.setenv("FLEET_HUB_URLS", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_TIMEOUT_S", "0.1")
+    monkeypatch.setenv("FLEET_SIMULATE_GPU", "t4")
+
+
+def refusal(capsys: pytest.CaptureFixture[str], **options: str | int) -> str:
+    code = run_worker(**options)  # type: ignore[arg-type]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE, err
+    assert len(err) == 1 and err[0].startswith("fleet worker: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(("variable", "value", "said"), [
+    ("FLEET_ADVERTISE_URL", "10.0.0.5:8100", "FLEET_ADVERTISE_URL: String should match pattern"),
+    ("FLEET_ADVERTISE_URL", "http://user:pw@10.0.0.5:8100", "FLEET_ADVERTISE_URL: Value error, must not carry"),
+    ("FLEET_ZONE", "z" * 40, "FLEET_ZONE: String should have at most 32 characters"),
+    ("FLEET_LABELS", '{"tier": "premium", "bad key": "x"}', "FLEET_LABELS: bad key.[key]: String should match"),
+    ("FLEET_LABELS", "tier=premium", "FLEET_LABELS: Value error, must be a JSON object"),
+])
+def test_a_value_the_registration_would_refuse_stops_the_start(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str], variable: str,
+                                                                value: str, said: str) -> None:
+    monkeypatch.setenv(variable, value)
+    line = refusal(capsys)
+    assert said in line and "invalid configuration" in line, line
+    assert "user:pw" not in line
+
+
+def test_an_advertised_url_passed_as_an_option_is_checked_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "FLEET_ADVERTISE_URL: String should match pattern" in refusal(capsys, advertise_url="worker-1:8100")
+
+
+def test_a_host_it_cannot_listen_on_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    line = refusal(capsys, host="999.1.1.1", port=0)
+    assert line.startswith("fleet worker: FLEET_HOST: cannot listen on 999.1.1.1:0"), line
+
+
+def test_a_port_in_use_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = refusal(capsys, host="127.0.0.1", port=port)
+    assert line.startswith(f"fleet worker: FLEET_PORT: cannot listen on 127.0.0.1:{port}"), line
+
+
+def test_good_values_pass_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_LABELS", '{"tier": "premium"}')
+    settings = WorkerSettings(advertise_url="https://w1.example.com:8443", zone="us-east-1a")
+    assert (settings.advertise_url, settings.zone, settings.labels) == ("https://w1.example.com:8443", "us-east-1a",
+                                                                       {"tier": "premium"})
