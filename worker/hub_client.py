@@ -31,6 +31,7 @@ import aiohttp
 import psutil
 from pydantic import ValidationError
 
+from shared.auth import new_secret
 from shared.backoff import backoff_delays
 from shared.models import Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration, WorkerState
 from worker import gpus as gpu_probe
@@ -73,6 +74,7 @@ class HubClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.backoff_cap_s = backoff_cap_s
         self.secret: str | None = None
+        self._next_secret: str | None = None  # the secret the registration under way proposes
         self.interval_s = 3.0
         self.hub_url: str | None = None
         self.registered = asyncio.Event()
@@ -122,16 +124,22 @@ class HubClient:
         return list(self.hub_urls)
 
     async def register_once(self) -> RegistrationAccepted:
-        """One pass over the hubs; raises HubUnavailable if none accepted."""
+        """One pass over the hubs; raises HubUnavailable if none accepted.
+
+        The worker chooses its next secret and sends it until a registration is accepted: a registration the hub
+        ran but whose answer was lost is then simply sent again, where a secret of the hub's making (which the
+        worker never learned) would lock it out of its own id until its TTL lapsed."""
         body = self.registration.model_dump(mode="json")
+        self._next_secret = self._next_secret or new_secret()
+        headers = {**self._headers(), "X-Worker-New-Secret": self._next_secret}
         last = "no hub configured"
         for url in self._ordered_hubs():
             try:
-                async with self._session().post(f"{url}/api/v1/workers", json=body, headers=self._headers()) as resp:
+                async with self._session().post(f"{url}/api/v1/workers", json=body, headers=headers) as resp:
                     payload = await resp.json(content_type=None) if resp.status < 500 else None
                     if resp.status == 200:
                         accepted = RegistrationAccepted.model_validate(payload)
-                        self.secret = accepted.worker_secret
+                        self.secret, self._next_secret = accepted.worker_secret, None
                         if self._channel_for is not None and self._channel_for[1] != self.secret:
                             # The hub refuses the old secret from now on: a heartbeat still on its way there would
                             # be closed with 4403, which must not be read as a refusal of the new one.

@@ -24,7 +24,7 @@ class WorkerSettings(FleetSettings):
         default=None, description="URL hubs dispatch to; else http://<EC2 private IP or hostname>:<port>."
     )
     hub_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://127.0.0.1:8000"],
+        default_factory=lambda: ["http://127.0.0.1:8080"],
         description="Hubs to register with, tried in turn: comma-separated or a JSON list.",
     )
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN,
