@@ -13,7 +13,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -60,9 +62,11 @@ class DemoFailed(Exception):
     """A part of the fleet did not start; the message says which and why."""
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str, timeout_s: float = 30.0) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str, step: Callable[[], None],
+                timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        step()
         if proc.poll() is not None:  # e.g. its port is taken: say so now, not after the timeout
             raise DemoFailed(f"{url} exited with code {proc.returncode} while starting: {_tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
@@ -87,9 +91,20 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
     admin_token, worker_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     fleet = Fleet()
     stop = asyncio.Event()
-    signal.signal(signal.SIGTERM, _interrupt)  # while starting, SIGTERM stops the demo as Ctrl-C does
+    # While starting, Ctrl-C and SIGTERM are noted and acted on between steps. Raising from the handler could land
+    # inside subprocess.Popen (a child started but never recorded, so never stopped) or inside an exec() of an
+    # import (after which CPython exits by SIGINT whatever the exit code).
+    interrupted = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: interrupted.set())
+
+    def step() -> None:
+        if interrupted.is_set():
+            raise _Interrupted
+
     try:
         fleet.redis = EmbeddedRedis().start()
+        step()
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env = {**base_env, "FLEET_REDIS_URL": fleet.redis.url, "FLEET_ADMIN_TOKEN": admin_token,
                "FLEET_WORKER_TOKEN": worker_token, "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_LOG_LEVEL": "WARNING",
@@ -97,8 +112,9 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
         hub_urls = [f"http://127.0.0.1:{hub_port + i}" for i in range(2)]
         for i in range(len(hub_urls)):
             fleet.hubs.append(_spawn(["hub", "--port", str(hub_port + i)], env, f"{log_dir}/hub-{i}.log"))
+            step()
         for i, (url, hub) in enumerate(zip(hub_urls, fleet.hubs, strict=True)):
-            _wait_ready(f"{url}/ready", hub, f"{log_dir}/hub-{i}.log")
+            _wait_ready(f"{url}/ready", hub, f"{log_dir}/hub-{i}.log", step)
         for i in range(workers):
             region, gpu = regions[i % len(regions)], GPUS[(i // len(regions)) % len(GPUS)]
             worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}",
@@ -106,14 +122,15 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
             fleet.workers.append(_spawn(
                 ["worker", "--host", "127.0.0.1", "--port", str(worker_port + i), "--region", region,
                  "--simulate-gpu", gpu, "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log"))
+            step()
         print(f"\ngpu-fleet demo: {workers} workers in {', '.join(regions)}, hubs {', '.join(hub_urls)}")
         print(f"  dashboard:   {hub_urls[0]}/dashboard   (admin token: {admin_token})")
         print(f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} fleet workers")
         print(f"  a session:   curl -s -X POST {hub_urls[1]}/api/v1/sessions -H 'Content-Type: application/json' "
               "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'")
         print(f"  logs:        {log_dir}/   — Ctrl-C stops everything\n", flush=True)
-        return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop))
-    except KeyboardInterrupt:
+        return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop, interrupted))
+    except _Interrupted:
         return 130
     finally:
         _shutdown(fleet)
@@ -127,15 +144,17 @@ def _check_regions(regions: list[str]) -> None:
         raise DemoFailed(f"unknown region {', '.join(unknown)}; known: {', '.join(sorted(AWS_REGIONS))}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM while the fleet was starting."""
 
 
 async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: float, duration_s: float | None,
-                 stop: asyncio.Event) -> int:
+                 stop: asyncio.Event, interrupted: threading.Event) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if interrupted.is_set():  # a signal that came after the last start-up step, before these handlers
+        stop.set()
     rng = random.Random()
     names, weights = [c[0:3] for c in CITIES], [c[3] for c in CITIES]
     hubs = itertools.cycle(hub_urls)
@@ -164,7 +183,8 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as http:
-        await asyncio.sleep(3)  # let workers register
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 3)  # let workers register
         while not stop.is_set():
             if duration_s is not None and time.monotonic() - started > duration_s:
                 stop.set()

@@ -388,15 +388,15 @@ async def test_a_placement_that_fails_after_its_reservation_leaves_no_slot_behin
     assert reply["used_streams"] == 0, "the slot was released"
 
 
-async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that_took_it(
-    make_hub, make_worker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A slow store held a placement up past its claim's lifetime; another request for the same conversation then
-    placed a session of its own. One conversation keeps one session: the late one is undone, not returned."""
+async def a_late_placement_and_its_taker(
+    make_hub: Any, make_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[httpx.AsyncClient, Any, str, asyncio.Task[httpx.Response], httpx.Response]:
+    """A slow store holds a placement up past its claim's lifetime; another request for the same conversation then
+    places a session of its own. (hub, worker, its secret, the late request, the taker's answer.)"""
     hub = await make_hub(dispatch_timeout_s=0.2, max_dispatch_attempts=1, worker_ttl_s=30,
                          pending_lease_s=8)  # the claim lives 2.2 s, the pending lease longer
     worker = await make_worker(max_streams=3)
-    await register(hub, "w-1", worker)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
     await refresh(hub)
     store = hub.app.state.hub.store
     confirm = store.confirm
@@ -414,6 +414,14 @@ async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that
     await asyncio.sleep(2.4)  # past the claim
     taker = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
     assert taker.status_code == 201, taker.text
+    return hub, worker, secret, late, taker
+
+
+async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that_took_it(
+    make_hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One conversation keeps one session: the late placement is undone, not returned."""
+    hub, worker, _, late, taker = await a_late_placement_and_its_taker(make_hub, make_worker, monkeypatch)
     lost = await late
     assert lost.status_code == 503 and lost.json()["error"] == "session_pending"
     metrics = (await hub.get("/metrics")).text  # a retry the client makes, not an error of the hub
@@ -448,29 +456,13 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
 ) -> None:
     """As above, but the store fails every release while the late session is undone: the worker is told to stop it
     first, so its next heartbeat frees the slot and the conversation keeps one session."""
-    hub = await make_hub(dispatch_timeout_s=0.2, max_dispatch_attempts=1, worker_ttl_s=30, pending_lease_s=8)
-    worker = await make_worker(max_streams=3)
-    secret = (await register(hub, "w-1", worker))["worker_secret"]
-    await refresh(hub)
+    hub, worker, secret, late, taker = await a_late_placement_and_its_taker(make_hub, make_worker, monkeypatch)
     store = hub.app.state.hub.store
-    confirm, release = store.confirm, store.release
-    slowed = asyncio.Event()
-
-    async def slow_once(*args: object, **kwargs: object) -> bool:
-        if not slowed.is_set():
-            slowed.set()
-            await asyncio.sleep(2.6)
-        return await confirm(*args, **kwargs)
+    release = store.release
 
     async def release_fails(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("the shared store is unreachable")
 
-    monkeypatch.setattr(store, "confirm", slow_once)
-    late = asyncio.create_task(hub.post("/api/v1/sessions", json={"session_key": "lesson-7"}))
-    await slowed.wait()
-    await asyncio.sleep(2.4)
-    taker = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
-    assert taker.status_code == 201, taker.text
     monkeypatch.setattr(store, "release", release_fails)
     assert (await late).status_code == 503
     for _ in range(100):
