@@ -237,7 +237,7 @@ if st[1] == '1' or st[2] == 'draining' then return 'draining' end
 return 'ready'
 """
 
-DEREGISTER = """
+DEREGISTER = _PRELUDE + """
 -- Remove a worker and everything it holds.
 -- ARGV[1] digest of the per-worker secret presented, or '*' for an SRE removal
 -- ARGV[2] liveness TTL (ms): an SRE removal of a worker heard from within it is refused (a live worker would
@@ -245,10 +245,8 @@ DEREGISTER = """
 -- Returns 1, 0 when unknown, -1 for a bad secret, -2 when an SRE removal finds the worker live.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '*' and redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return -1 end
-if ARGV[1] == '*' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if now - tonumber(redis.call('HGET', KEYS[1], 'hb') or 0) < tonumber(ARGV[2]) then return -2 end
+if ARGV[1] == '*' and now - tonumber(redis.call('HGET', KEYS[1], 'hb') or 0) < tonumber(ARGV[2]) then
+  return -2
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 1
