@@ -81,34 +81,20 @@ class ScriptedLLM:
 
 
 class SlowTTS:
-    """Takes ``delay_s`` per sentence and returns 100 ms of audio: the reply's speaking time, not the LLM's."""
+    """Takes ``delay_s`` per sentence and returns ``audio_s`` of audio: the reply's speaking time, not the LLM's
+    (a long ``audio_s`` is a reply that plays for a while)."""
 
     name, model_mb, per_stream_mb = "slow", 0, 0
 
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
+    def __init__(self, delay_s: float, audio_s: float = 0.1) -> None:
+        self.delay_s, self.audio_s = delay_s, audio_s
 
     def load(self) -> None:
         return None
 
     async def synthesize(self, text: str) -> bytes:
         await asyncio.sleep(self.delay_s)
-        return b"\x10\x00" * 1600
-
-
-class LongTTS:
-    """Returns ``seconds`` of audio for each sentence at once: a reply that plays for a while."""
-
-    name, model_mb, per_stream_mb = "long", 0, 0
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def load(self) -> None:
-        return None
-
-    async def synthesize(self, text: str) -> bytes:
-        return b"\x10\x00" * int(16000 * self.seconds)
+        return b"\x10\x00" * int(16000 * self.audio_s)
 
 
 class Events:
@@ -244,7 +230,7 @@ async def test_speech_during_transcription_is_answered_together_with_it() -> Non
 
 async def test_short_speech_over_the_reply_does_not_stop_it_but_barge_in_ms_of_it_does() -> None:
     llm = ScriptedLLM("Here is a long answer.")
-    c, out = conversation(llm, tts=LongTTS(4.0), barge_in_ms=600, vad_min_speech_ms=200)
+    c, out = conversation(llm, tts=SlowTTS(0, audio_s=4.0), barge_in_ms=600, vad_min_speech_ms=200)
     await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
     await wait_until(lambda: c.speaking)
     await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])  # a short "mm-hm" while the reply plays

@@ -218,38 +218,35 @@ async def test_a_refusal_of_another_secret_leaves_the_current_one(make_running_h
         await client.aclose()
 
 
-async def test_a_registration_whose_answer_was_lost_is_sent_again_not_locked_out(make_running_hub: Any) -> None:
+async def test_a_registration_whose_answer_was_lost_is_sent_again_not_locked_out(
+    make_running_hub: Any, fake_hub: Any
+) -> None:
     """A re-registration ran on the hub, but its answer never reached the worker (here a proxy in front of the hub
     drops it). The worker sends the same registration again and is accepted; before, the hub had rotated the
     secret to one the worker never learned, and the retry was refused (409) until the TTL lapsed."""
     running = await make_running_hub(worker_ttl_s=30)
-    dropped = 0
+    drop_next, dropped = False, 0
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        nonlocal dropped
+        nonlocal drop_next, dropped
         headers = {k: v for k, v in request.headers.items() if k.lower().startswith(("authorization", "x-worker"))}
-        async with aiohttp.ClientSession() as http, http.post(f"{running.url}/api/v1/workers",
-                                                               data=await request.read(), headers={
-                                                                   **headers, "Content-Type": "application/json"}) as r:
-            body = await r.read()
-        if forward.drop_next:  # type: ignore[attr-defined]
-            forward.drop_next = False  # type: ignore[attr-defined]
-            dropped += 1
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{running.url}/api/v1/workers", data=await request.read(),
+                headers={**headers, "Content-Type": "application/json"}) as answer:
+            body = await answer.read()
+        if drop_next:
+            drop_next, dropped = False, dropped + 1
             return web.json_response({"error": "upstream_timeout", "message": "lost"}, status=504)
-        return web.Response(body=body, status=r.status, content_type="application/json")
+        return web.Response(body=body, status=answer.status, content_type="application/json")
 
-    forward.drop_next = False  # type: ignore[attr-defined]
-    app = web.Application()
-    app.router.add_post("/api/v1/workers", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    manager = SessionManager(SyntheticEngine(), max_streams=2)
-    client = HubClient([f"http://127.0.0.1:{port}"], WORKER_TOKEN, registration(), manager, timeout_s=1.0)
+    async def no_heartbeats(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    proxy = await fake_hub(forward, no_heartbeats)
+    client = HubClient([proxy], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0)
     try:
         await client.register_once()
-        forward.drop_next = True  # type: ignore[attr-defined]
+        drop_next = True
         with pytest.raises(HubUnavailable):
             await client.register_once()  # ran on the hub; the answer is lost
         assert dropped == 1
@@ -259,4 +256,3 @@ async def test_a_registration_whose_answer_was_lost_is_sent_again_not_locked_out
         await client.heartbeat_once()  # the hub knows this secret
     finally:
         await client.aclose()
-        await runner.cleanup()
