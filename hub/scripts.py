@@ -190,14 +190,28 @@ return {1, redis.call('ZCARD', KEYS[2])}
 RELEASE = _PRELUDE + """
 -- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). It purges nothing else:
 -- the worker's other lapsed leases wait for its next heartbeat, which may still renew them (see HEARTBEAT).
+-- KEYS[5] the session's release receipt (STRING, short-lived): '<token>|<record>'
 -- ARGV[1] session id
+-- ARGV[2] this release's token (random per call, no '|'; a client library that resends the call resends it)
+-- ARGV[3] how long the receipt is kept (ms)
 -- Returns {removed (0|1), used, the session's record or false, the worker's url or false}: ending a session needs
 -- the last two, and reading them here saves a round trip. ``used`` counts every lease not yet dropped, as RESERVE
--- does, so the board believes what the next reservation will enforce.
+-- does, so the board believes what the next reservation will enforce. Safe to run twice: a resend finds the
+-- receipt its first run left and answers what that run answered.
 local record = redis.call('HGET', KEYS[4], ARGV[1])
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
+if removed == 1 then
+  redis.call('SET', KEYS[5], ARGV[2] .. '|' .. (record or ''), 'PX', ARGV[3])
+else
+  local receipt = redis.call('GET', KEYS[5])
+  local cut = receipt and string.find(receipt, '|', 1, true)
+  if cut and string.sub(receipt, 1, cut - 1) == ARGV[2] then
+    removed = 1
+    record = cut < #receipt and string.sub(receipt, cut + 1) or false
+  end
+end
 return {removed, redis.call('ZCARD', KEYS[2]), record, redis.call('HGET', KEYS[1], 'url')}
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ from shared.errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 Client = aioredis.Redis | RedisCluster
+#: How long a release leaves its receipt: longer than a resend of the call can come (the client's timeout times its
+#: retries), short enough that ended sessions' receipts stay few.
+RELEASE_RECEIPT_MS = 60_000
 #: Connections beyond the request slots (``redis_max_connections``), for callers outside ``FleetStore._call``.
 _POOL_HEADROOM = 4
 _UNAVAILABLE = (
@@ -170,10 +174,12 @@ class _Step:
     args: list[Any]
     #: Reads the worker's new slot count, for the routing board, from the script's reply (None: nothing to say).
     board_used: Callable[[Any], int | None] | None = None
+    #: Keys after the worker's own four, in the same slot (a script's header names them).
+    extra_keys: tuple[str, ...] = ()
 
     @property
     def keys(self) -> list[str]:
-        return keys.worker_keys(self.worker_id).as_list()
+        return [*keys.worker_keys(self.worker_id).as_list(), *self.extra_keys]
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,10 +363,10 @@ class FleetStore:
         return list(await pipe.execute(raise_on_error=False))
 
     async def _run_step(self, script: AsyncScript, worker_id: str, args: list[Any],
-                        board_used: Callable[[Any], int | None] | None = None) -> Any:
+                        board_used: Callable[[Any], int | None] | None = None, extra_keys: tuple[str, ...] = ()) -> Any:
         """One script on a worker's slot. Concurrent requests' steps share Redis round trips (``hub.group_commit``);
         each script is as atomic as ever, only the trip is shared."""
-        return await self._steps.submit(_Step(script, worker_id, args, board_used))
+        return await self._steps.submit(_Step(script, worker_id, args, board_used, extra_keys))
 
     async def _commit_steps(self, steps: list[_Step]) -> list[Any]:
         """One pipeline of the steps' scripts, then one board write of the slot counts they changed."""
@@ -437,7 +443,11 @@ class FleetStore:
         return int(res[0]) == 1
 
     async def release(self, worker_id: str, session_id: str) -> Released:
-        res = await self._run_step(self._release, worker_id, [session_id], board_used=_used_after_release)
+        """Safe to run twice (a resend of the same call answers as the first did); a second release of the same
+        session by another call finds nothing held."""
+        res = await self._run_step(self._release, worker_id, [session_id, secrets.token_hex(8), RELEASE_RECEIPT_MS],
+                                   board_used=_used_after_release,
+                                   extra_keys=(keys.release_receipt(worker_id, session_id),))
         return Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
                         worker_url=str(res[3] or ""))
 

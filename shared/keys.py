@@ -71,6 +71,11 @@ def session_key_claim(session_key: str) -> str:
     return f"{PREFIX}:{{k:{session_key}}}:session"
 
 
+def release_receipt(worker_id: str, session_id: str) -> str:
+    """STRING, kept briefly, that lets a resent release of a session answer what the first one did."""
+    return f"{PREFIX}:{{w:{worker_id}}}:released:{session_id}"
+
+
 def rate_limit_bucket(client: str) -> str:
     return f"{PREFIX}:{{rl:{client}}}:bucket"
 

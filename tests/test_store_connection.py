@@ -113,9 +113,15 @@ async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -
         proxy.armed = True
         swapped, _ = await store.compare_and_set_claim("conv-1", None, "pending:mine", 10)
         assert swapped, "the resend found its own claim"
-        assert proxy.held == 4, "each step's first reply was held past the timeout"
         beat = await store.heartbeat("w-1", digest("secret-b"), "ready", "{}", ["w-1~resentreserve"])
         assert beat.status == 1 and beat.used == 1
+        proxy.armed = True
+        released = await store.release("w-1", "w-1~resentreserve")
+        assert released.held and released.record == {"worker_id": "w-1"}, "the resend found its own release"
+        assert released.used == 0 and released.worker_url == "http://127.0.0.1:1"
+        assert proxy.held == 5, "each step's first reply was held past the timeout"
+        again = await store.release("w-1", "w-1~resentreserve")
+        assert not again.held and again.record is None, "another call's release finds nothing held"
     finally:
         await store.close()
         await proxy.close()
