@@ -3,8 +3,9 @@
 For each fleet size N: flush Redis, register N workers (4 streams each, 10 regions) through FleetStore.register,
 start ``fleet hub`` (uvicorn), then a separate load-generator process runs C closed-loop clients that create a
 session (POST /api/v1/sessions; the hub reserves, dispatches to a fake worker endpoint, confirms) and end it
-(DELETE). GET /health with the same clients gives the HTTP floor. The original design (bench/baselines) runs at
-the largest N. Workers are kept live by FLEET_WORKER_TTL_S=600 (heartbeat load is measured by bench/heartbeats).
+(DELETE). GET /health with the same clients gives the HTTP floor; at the largest N, creations alone (sessions
+left running, as when workers report their ends) show what the end's request costs. The original design
+(bench/baselines) runs at the largest N. Workers are kept live by FLEET_WORKER_TTL_S=600 (heartbeat load is measured by bench/heartbeats).
 
     .venv/bin/python -m bench.allocation            # N = 100, 1000, 10000
     .venv/bin/python -m bench.allocation --quick    # seconds
@@ -57,6 +58,7 @@ def main() -> None:
     try:
         wport = start_fake_workers(procs)
         health: dict | None = None
+        create: dict | None = None
         for n in sizes:
             redis.Redis.from_url(server.url).flushall()
             t0 = time.perf_counter()
@@ -78,6 +80,12 @@ def main() -> None:
                 health["workers"] = n
                 print(f"health N={n:>6}: {health['per_s']:>8.1f} req/s  p50 {health['p50_ms']} ms"
                       f"  p99 {health['p99_ms']} ms", flush=True)
+                create = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "create", "--concurrency",
+                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
+                                   "--hub-pid", str(hub.pid)])
+                create["workers"] = n
+                print(f"create N={n:>6}: {create['per_s']:>8.1f} creations/s (no end)  p50 {create['p50_ms']} ms"
+                      f"  p99 {create['p99_ms']} ms  errors {create['errors']}", flush=True)
             procs.stop(hub)
         baseline = []
         if not args.no_baseline:
@@ -96,6 +104,7 @@ def main() -> None:
     summary = {
         "scaling_ratio": round(last["per_s"] / first["per_s"], 3),
         "vs_health": round(last["per_s"] / health["per_s"], 3) if health else None,
+        "create_vs_health": round(create["per_s"] / health["per_s"], 3) if health and create else None,
         "vs_baseline": round(last["per_s"] / baseline[0]["per_s"], 1) if baseline and baseline[0]["per_s"] else None,
         "vs_baseline_pipelined": (round(last["per_s"] / baseline[1]["per_s"], 1)
                                   if len(baseline) > 1 and baseline[1]["per_s"] else None),
@@ -104,12 +113,14 @@ def main() -> None:
     print(f"scaling N={last['workers']}/N={first['workers']}: {summary['scaling_ratio']:.0%} (target >= 70%)")
     if summary["vs_health"] is not None:
         print(f"allocation / health floor: {summary['vs_health']:.0%} (target >= 40%)")
+    if summary["create_vs_health"] is not None:
+        print(f"creation alone / health floor: {summary['create_vs_health']:.0%}")
     if summary["vs_baseline"] is not None:
         print(f"vs original design: {summary['vs_baseline']}x (pipelined variant {summary['vs_baseline_pipelined']}x;"
               f" target >= 100x)")
     print(f"p99/p50 at N={last['workers']}: {summary['p99_over_p50']} (target <= 3)")
     out = ROOT / "bench" / "results" / ("allocation.json" if kind == "full" else f"allocation_{kind}.json")
-    out.write_text(json.dumps({"rows": rows, "health": health, "baseline": baseline,
+    out.write_text(json.dumps({"rows": rows, "health": health, "create": create, "baseline": baseline,
                                "summary": summary,
                                "concurrency": args.concurrency, "duration_s": duration}, indent=2))
 

@@ -1,6 +1,7 @@
 """Closed-loop HTTP load generator, run as its own process: C concurrent clients for D seconds.
 
-Modes: ``alloc`` (POST /api/v1/sessions then DELETE it; the POST latency is measured), ``health`` (GET /health),
+Modes: ``alloc`` (POST /api/v1/sessions then DELETE it; the POST latency is measured), ``create`` (the POST alone:
+sessions are left running, so the fleet needs room for all of them), ``health`` (GET /health),
 ``heartbeat`` (POST heartbeats round-robin over the workers in --secrets), ``heartbeat-ws`` (one WebSocket
 heartbeat channel per worker, one message per visit, round-robin over them; as ``fleet worker`` does, only every
 ``ACK_EVERY``-th heartbeat asks for an answer and waits for it). Unanswered heartbeats are counted from the hub's
@@ -110,7 +111,14 @@ class Load:
             return str(r.status), measured
         async with self.http.delete(f"/api/v1/sessions/{json.loads(body)['session_id']}") as r2:
             await r2.read()
-        return "", measured
+        return "" if r2.status == 204 else f"end {r2.status}", measured
+
+    async def create(self, k: int, rng: random.Random) -> tuple[str, float | None]:
+        """Create a session and leave it running (as if the worker will report its end)."""
+        lat, lon = rng.choice(_CITIES)
+        async with self.http.post("/api/v1/sessions", json={"location": {"lat": lat, "lon": lon}}) as r:
+            await r.read()
+        return "" if r.status == 201 else str(r.status), None
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -126,7 +134,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                      connector=aiohttp.TCPConnector(limit=0, force_close=False)) as http:
         load = Load(http, args, secrets)
         request = {"health": load.health, "heartbeat": load.heartbeat, "heartbeat-ws": load.heartbeat_ws,
-                   "alloc": load.alloc}[args.mode]
+                   "alloc": load.alloc, "create": load.create}[args.mode]
         if args.mode == "heartbeat-ws":
             await load.open_channels()
 
@@ -191,7 +199,7 @@ def _cpu_s(process: psutil.Process | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
-    ap.add_argument("--mode", choices=["alloc", "health", "heartbeat", "heartbeat-ws"], default="alloc")
+    ap.add_argument("--mode", choices=["alloc", "create", "health", "heartbeat", "heartbeat-ws"], default="alloc")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=1.0)

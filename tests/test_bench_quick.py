@@ -24,8 +24,12 @@ def _run(module: str) -> str:
 def test_allocation_quick() -> None:
     out = _run("bench.allocation")
     for needle in ("alloc N=   100:", "alloc N=  1000:", "health N=", "baseline N=", "alloc/s", "p99",
-                   "scaling N=", "allocation / health floor", "vs original design"):
+                   "scaling N=", "allocation / health floor", "vs original design", "create N=  1000:",
+                   "creation alone / health floor"):
         assert needle in out, out
+    for line in out.splitlines():
+        if line.startswith(("alloc N=", "create N=")):
+            assert line.endswith("errors {}"), line  # every create, and every end, answered as it should
 
 
 def test_heartbeats_quick() -> None:
