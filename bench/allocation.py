@@ -5,7 +5,8 @@ start ``fleet hub`` (uvicorn), then a separate load-generator process runs C clo
 session (POST /api/v1/sessions; the hub reserves, dispatches to a fake worker endpoint, confirms) and end it
 (DELETE). GET /health with the same clients gives the HTTP floor; at the largest N, creations alone (sessions
 left running, as when workers report their ends) show what the end's request costs. The original design
-(bench/baselines) runs at the largest N. Workers are kept live by FLEET_WORKER_TTL_S=600 (heartbeat load is measured by bench/heartbeats).
+(bench/baselines) runs at the largest N. Workers are kept live by FLEET_WORKER_TTL_S=600 (heartbeat load is
+measured by bench/heartbeats).
 
     .venv/bin/python -m bench.allocation            # N = 100, 1000, 10000
     .venv/bin/python -m bench.allocation --quick    # seconds
