@@ -49,7 +49,8 @@ class Registry:
             "gpus": [g.model_dump() for g in reg.gpus], "instance_type": reg.instance_type,
             "labels": reg.labels, "engine": reg.engine, "audio_url": reg.audio_url, "registered_at": time.time(),
         }
-        fields = {"url": reg.url, "region": reg.region, "max_streams": str(reg.max_streams)}
+        fields = {"url": reg.url, "region": reg.region, "max_streams": str(reg.max_streams),
+                  "worker_state": reg.state.value}
         secret = proposed_secret or new_secret()
         registered = await self.store.register(reg.worker_id, presented_secret, secret, fields,
                                                json.dumps(static, separators=(",", ":")))

@@ -63,7 +63,8 @@ REGISTER = _PRELUDE + """
 -- ARGV[2] digest of the new secret to store
 -- ARGV[3] liveness TTL (ms)
 -- ARGV[4] retention of the worker's keys after its last sign of life (ms)
--- ARGV[5..] field, value pairs of the registration (url, region, lat, lon, max_streams, static, ...)
+-- ARGV[5..] field, value pairs of the registration (url, region, max_streams, worker_state, static, ...); they
+--          come after the defaults, so a registration's own worker_state (a leaving worker's 'draining') wins
 -- Returns {1, used, max_streams, state, now, drain requested (0|1)} or {-1} when a live worker holds the id with
 -- another secret.
 -- Safe to run twice (a client's resend after a lost reply): the new secret is random, so finding it stored means

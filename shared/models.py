@@ -67,6 +67,11 @@ class WorkerRegistration(Strict):
     instance_type: str | None = Field(default=None, max_length=64)
     labels: LabelMap = Field(default_factory=dict)
     engine: str | None = Field(default=None, max_length=64)
+    state: WorkerState = Field(
+        default=WorkerState.READY,
+        description="`draining` when a worker that is leaving registers again (the hub had lost it): it takes no "
+                    "new session.",
+    )
     audio_url: str | None = Field(
         default=None, max_length=512, pattern=r"^wss?://[^\s]*\{session_id\}[^\s]*$",
         description="Where a client streams a session's audio over a WebSocket, `{session_id}` standing for the "

@@ -122,6 +122,27 @@ async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.Asyn
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
 
 
+async def test_a_leaving_worker_that_registers_again_stays_out_of_routing(hub: httpx.AsyncClient,
+                                                                       make_worker) -> None:
+    """The hub lost a worker that is draining on its own: its new registration says so, and no session reaches it
+    before its next heartbeat."""
+    worker = await make_worker()
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await heartbeat(hub, "w-1", secret, [], state="draining")
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url, state="draining"),
+                           headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+    assert again.status_code == 200 and again.json()["state"] == "draining"
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+    assert (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()["state"] == "draining"
+    assert worker.sessions == {}
+    back = await hub.post("/api/v1/workers", json=registration("w-1", worker.url),  # a fresh boot is ready
+                          headers={**WORKER_AUTH, "X-Worker-Secret": again.json()["worker_secret"]})
+    assert back.json()["state"] == "ready"
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+
+
 async def test_the_list_and_the_worker_view_agree_on_an_sre_drain(hub: httpx.AsyncClient, make_worker) -> None:
     """Also while the worker drains on its own, and after it registers again."""
     worker = await make_worker()

@@ -221,6 +221,24 @@ async def test_reregisters_when_the_hub_loses_the_worker(make_running_hub: Any, 
         assert await place_session(hub) in await worker_sessions(agent)
 
 
+async def test_a_leaving_worker_registers_again_as_draining(make_running_hub: Any, run_agent: Any,
+                                                            redis_url: str) -> None:
+    running = await make_running_hub()
+    agent = await run_agent(worker_settings(running))
+    agent.manager.set_draining(True)  # its own drain (a spot notice, scale-in) is under way
+    answers: list[Any] = []
+    register_once = agent.hub.register_once
+
+    async def recorded() -> Any:
+        answers.append(await register_once())
+        return answers[-1]
+
+    agent.hub.register_once = recorded  # type: ignore[method-assign]
+    flush(sync_redis(redis_url))  # the hub forgets the worker; the next heartbeat learns it
+    await wait_for(lambda: answers, 5, "re-registration")
+    assert answers[0].state == "draining", "the registration alone keeps it out of routing"
+
+
 async def test_health_says_unregistered_while_the_worker_registers_again(make_running_hub: Any, run_agent: Any,
                                                                         redis_url: str) -> None:
     running = await make_running_hub()

@@ -130,6 +130,8 @@ class HubClient:
         ran but whose answer was lost is then simply sent again, where a secret of the hub's making (which the
         worker never learned) would lock it out of its own id until its TTL lapsed."""
         body = self.registration.model_dump(mode="json")
+        # A worker that is leaving and registers again (the hub had lost it) must not become routable meanwhile.
+        body["state"] = (WorkerState.DRAINING if self.manager.leaving else WorkerState.READY).value
         self._next_secret = self._next_secret or new_secret()
         headers = {**self._headers(), "X-Worker-New-Secret": self._next_secret}
         last = "no hub configured"
