@@ -67,23 +67,19 @@ def main() -> None:
             reg_s = time.perf_counter() - t0
             hub, base = start_hub(procs, server.url, FLEET_WORKER_TTL_S=TTL_S)
             time.sleep(1.5)  # first board refresh
-            res = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "alloc", "--concurrency",
-                            str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
-                            "--hub-pid", str(hub.pid)])
+            loadgen = [PY, "-m", "bench.loadgen", "--url", base, "--concurrency", str(args.concurrency),
+                       "--duration", str(duration), "--warmup", warmup, "--hub-pid", str(hub.pid)]
+            res = run_json([*loadgen, "--mode", "alloc"])
             res.update(workers=n, register_s=round(reg_s, 1))
             rows.append(res)
             print(f"alloc N={n:>6}: {res['per_s']:>8.1f} alloc/s  p50 {res['p50_ms']} ms  p99 {res['p99_ms']} ms"
                   f"  errors {res['errors']}", flush=True)
             if n == sizes[-1]:
-                health = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "health", "--concurrency",
-                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
-                                   "--hub-pid", str(hub.pid)])
+                health = run_json([*loadgen, "--mode", "health"])
                 health["workers"] = n
                 print(f"health N={n:>6}: {health['per_s']:>8.1f} req/s  p50 {health['p50_ms']} ms"
                       f"  p99 {health['p99_ms']} ms", flush=True)
-                create = run_json([PY, "-m", "bench.loadgen", "--url", base, "--mode", "create", "--concurrency",
-                                   str(args.concurrency), "--duration", str(duration), "--warmup", warmup,
-                                   "--hub-pid", str(hub.pid)])
+                create = run_json([*loadgen, "--mode", "create"])  # last: its sessions stay
                 create["workers"] = n
                 print(f"create N={n:>6}: {create['per_s']:>8.1f} creations/s (no end)  p50 {create['p50_ms']} ms"
                       f"  p99 {create['p99_ms']} ms  errors {create['errors']}", flush=True)
