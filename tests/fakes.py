@@ -1,4 +1,5 @@
-"""Test doubles at the network boundary: a fake worker endpoint that accepts dispatches like a real worker."""
+"""Test doubles at the network boundary: a fake worker endpoint that accepts dispatches like a real worker, and
+instance metadata that answers without a server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ from typing import Any
 from aiohttp import web
 
 from shared.redis_server import free_port
+from worker.imds import Imds, InstanceIdentity
+
+
+class StaticImds(Imds):
+    """An EC2 instance's metadata, fixed: its identity, and ``meta`` (path → text) for the watchers' reads."""
+
+    def __init__(self, instance_id: str = "i-1", meta: dict[str, str] | None = None) -> None:
+        super().__init__("http://127.0.0.1:9")
+        self.meta = meta or {}
+        self.ident = InstanceIdentity(instance_id, "g5.xlarge", "us-east-1", "us-east-1a", "127.0.0.1", None)
+
+    async def identity(self, *, required: bool = False) -> InstanceIdentity | None:
+        return self.ident
+
+    async def get(self, path: str) -> str | None:
+        return self.meta.get(path)
 
 
 @dataclass

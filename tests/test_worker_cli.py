@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from shared.redis_server import free_port
+from worker import imds as imds_module
 from worker.cli import EXIT_USAGE, run_worker
 from worker.settings import WorkerSettings
 
@@ -64,6 +65,16 @@ def test_a_port_in_use_is_named(capsys: pytest.CaptureFixture[str]) -> None:
         port = taken.getsockname()[1]
         line = refusal(capsys, host="127.0.0.1", port=port)
     assert line.startswith(f"fleet worker: FLEET_PORT: cannot listen on 127.0.0.1:{port}"), line
+
+
+def test_a_worker_configured_for_ec2_without_instance_metadata_does_not_start(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a lifecycle hook it is meant to run in an ASG: registering as ``host-port`` at a loopback URL, blind to
+    scale-in and spot notices, would be worse than stopping (systemd starts it again)."""
+    monkeypatch.setattr(imds_module, "REQUIRED_ATTEMPTS", 2)
+    monkeypatch.setenv("FLEET_LIFECYCLE_HOOK_NAME", "fleet-worker-drain")
+    line = refusal(capsys, port=0)
+    assert "configured for EC2" in line and "instance metadata did not answer" in line, line
 
 
 def test_good_values_pass_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,11 +110,17 @@ async def test_an_engine_that_fails_to_close_leaves_the_rest_of_the_exit_alone(m
         "InstanceId": "i-1"})
     stub.activate()
     hub = await make_running_hub()
-    agent = WorkerAgent(worker_settings(hub, lifecycle_hook_name="drain-hook"), engine=ClosingFails(),
-                        lifecycle=Lifecycle(client, "i-1", "asg-gpu", "drain-hook"), install_signals=False)
-    async with running(agent) as task:
-        agent.request_drain("ASG target lifecycle state Terminated")
-        assert await asyncio.wait_for(task, 10) == 0
+    port = free_port()
+    imds = await fake_imds({"instance-id": "i-1", "local-ipv4": "127.0.0.1"}, port)
+    try:
+        settings = worker_settings(hub, lifecycle_hook_name="drain-hook", imds_url=f"http://127.0.0.1:{port}")
+        lifecycle = Lifecycle(client, "i-1", "asg-gpu", "drain-hook")
+        agent = WorkerAgent(settings, engine=ClosingFails(), lifecycle=lifecycle, install_signals=False)
+        async with running(agent) as task:
+            agent.request_drain("ASG target lifecycle state Terminated")
+            assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        await imds.cleanup()
     stub.assert_no_pending_responses()
     assert agent.hub._http is not None and agent.hub._http.closed
     assert agent.imds._session is not None and agent.imds._session.closed

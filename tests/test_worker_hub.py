@@ -25,6 +25,7 @@ from botocore.stub import Stubber
 from shared.models import HeartbeatReply
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis
+from tests.fakes import StaticImds
 from worker.agent import WorkerAgent, client_audio_url
 from worker.hub_client import ACK_EVERY
 from worker.lifecycle import Lifecycle
@@ -365,7 +366,7 @@ async def test_scale_in_protection_follows_sessions_and_drain_completes_the_life
     lifecycle = Lifecycle(client, "i-1", "asg-gpu", "drain-hook")
     running = await make_running_hub()
     settings = worker_settings(running, protect_from_scale_in=True, lifecycle_hook_name="drain-hook")
-    agent = WorkerAgent(settings, lifecycle=lifecycle, install_signals=False)
+    agent = WorkerAgent(settings, lifecycle=lifecycle, imds=StaticImds("i-1"), install_signals=False)
     task = asyncio.create_task(agent.run())
     await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
     async with running.client() as hub:

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from shared.redis_server import free_port
-from worker.imds import Imds
+from worker import imds as imds_module
+from worker.imds import Imds, ImdsUnavailable
 
 META = {
     "instance-id": "i-0abc123", "instance-type": "g5.xlarge", "placement/region": "eu-west-1",
@@ -24,6 +25,7 @@ class FakeImds:
         self.meta: dict[str, str] = dict(META)
         self.token_puts = 0
         self.delay_s = 0.0
+        self.failures_left = 0  # metadata reads answered 500 before the service recovers
         self.port = free_port()
 
     async def put_token(self, request: web.Request) -> web.Response:
@@ -36,6 +38,9 @@ class FakeImds:
         await asyncio.sleep(self.delay_s)
         if request.headers.get("X-aws-ec2-metadata-token") != "tok-1":
             return web.Response(status=401)  # IMDSv2-only instance: no token, no answer
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            return web.Response(status=500)
         value = self.meta.get(request.match_info["path"])
         return web.Response(text=value) if value is not None else web.Response(status=404)
 
@@ -91,3 +96,34 @@ async def test_off_ec2_fails_fast() -> None:
     await imds.aclose()
     assert results == [None, None, None]
     assert time.monotonic() - started < 1.5
+
+
+async def test_a_worker_that_must_be_on_ec2_waits_out_a_slow_or_failing_service(fake_imds: FakeImds) -> None:
+    """One try would read a slow first answer, or a failing local-ipv4, as "not on EC2" (a made-up id, a
+    loopback URL, no scale-in or spot watch). Required, each read is retried until it answers."""
+    fake_imds.failures_left = 3
+    imds = Imds(f"http://127.0.0.1:{fake_imds.port}", timeout_s=0.2)
+    try:
+        assert await imds.identity() is None, "one quick try gives up"
+        fake_imds.failures_left = 3
+        ident = await imds.identity(required=True)
+    finally:
+        await imds.aclose()
+    assert ident is not None and ident.instance_id == "i-0abc123" and ident.local_ipv4 == "10.0.0.7"
+    assert ident.public_ipv4 is None, "a 404 is an answer (no public address), not a failure"
+
+
+async def test_a_worker_that_must_be_on_ec2_stops_when_the_service_never_answers(
+        fake_imds: FakeImds, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imds_module, "REQUIRED_ATTEMPTS", 3)
+    fake_imds.failures_left = 1000
+    imds = Imds(f"http://127.0.0.1:{fake_imds.port}", timeout_s=0.2)
+    try:
+        with pytest.raises(ImdsUnavailable, match="answered 500"):
+            await imds.identity(required=True)
+        fake_imds.failures_left = 0
+        del fake_imds.meta["local-ipv4"]
+        with pytest.raises(ImdsUnavailable, match="local-ipv4"):
+            await imds.identity(required=True)
+    finally:
+        await imds.aclose()

@@ -28,7 +28,7 @@ from worker.capacity import compute_capacity
 from worker.engine import Engine
 from worker.gpus import Gpu, detect_gpus
 from worker.hub_client import HubClient, describe_error
-from worker.imds import Imds, InstanceIdentity
+from worker.imds import Imds, ImdsUnavailable, InstanceIdentity
 from worker.lifecycle import Lifecycle
 from worker.sessions import SessionManager
 from worker.settings import WorkerSettings
@@ -41,7 +41,11 @@ WATCH_INTERVAL_S = 5.0
 SPOT_MARGIN_S = 15.0
 
 
-class CannotListen(Exception):
+class CannotStart(Exception):
+    """A start the agent refuses, with a one-line reason (the CLI exits 2; systemd starts it again)."""
+
+
+class CannotListen(CannotStart):
     """The worker's HTTP API cannot bind its host and port: a configuration the start refuses."""
 
 
@@ -162,7 +166,11 @@ class WorkerAgent:
     async def _start(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Engine, HTTP server, then registration and heartbeats and the watchers, as tasks added to ``tasks``."""
         s = self.settings
-        self.identity = await self.imds.identity()
+        try:
+            self.identity = await self.imds.identity(required=s.expects_ec2)
+        except ImdsUnavailable as exc:
+            raise CannotStart(f"configured for EC2 (a lifecycle hook or scale-in protection) but the instance "
+                              f"metadata did not answer: {exc}") from None
         self.gpus = await asyncio.to_thread(detect_gpus, s.simulate_gpu)
         cap = compute_capacity(self.gpus, self.engine.profile, override=s.max_streams)
         log.info("GPUs: %s; capacity %d streams (limited by %s)",

@@ -32,7 +32,7 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
     """Run the worker agent until it is drained; returns the process exit code."""
     import asyncio
 
-    from worker.agent import CannotListen, WorkerAgent
+    from worker.agent import CannotStart, WorkerAgent
     from worker.engines import EngineUnavailable
 
     try:
@@ -47,7 +47,7 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
         return _refuse(str(exc))
     try:
         return asyncio.run(agent.run())
-    except CannotListen as exc:  # known only once the agent binds, after the engine started
+    except CannotStart as exc:  # known only once the agent reads the instance metadata or binds
         return _refuse(str(exc))
 
 

@@ -126,6 +126,11 @@ class WorkerSettings(FleetSettings):
             raise ValueError("FLEET_WORKER_TOKEN must be set in prod (the default dev token is refused)")
         return self
 
+    @property
+    def expects_ec2(self) -> bool:
+        """Configured for an EC2 Auto Scaling group: the instance metadata must answer before the worker starts."""
+        return bool(self.lifecycle_hook_name or self.protect_from_scale_in)
+
     def fallback_worker_id(self, port: int) -> str:
         """hostname-port, trimmed to the id pattern (the host, not the port: workers on one host stay apart):
         for machines without IMDS."""
