@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from shared.models import SessionDispatch
+from worker import sessions as worker_sessions
 from worker.app import create_worker_app
 from worker.engines import EngineUnavailable, load_engine
 from worker.engines.synthetic import SyntheticEngine
@@ -151,3 +152,33 @@ async def test_an_engine_that_fails_to_stop_a_session_still_frees_its_slot(worke
     monkeypatch.setattr(manager.engine, "stop_session", broken_stop)
     assert (await client.delete("/sessions/stuck", headers=AUTH)).status_code == 204
     assert manager.ids() == []
+
+
+async def test_a_stop_that_overtakes_its_dispatch_keeps_the_session_from_starting(worker: Any) -> None:
+    """A hub that gave up on a dispatch stops the session at once; its stop can arrive before the dispatch, or while
+    the engine starts it. Guards against the late dispatch starting a session no client knows of."""
+    client, manager = worker
+    assert (await client.delete("/sessions/early", headers=AUTH)).status_code == 404
+    refused = await client.post("/sessions", json=dispatch("early"), headers=AUTH)
+    assert refused.status_code == 409 and refused.json()["error"] == "stopped"
+
+    starting = asyncio.create_task(client.post("/sessions", json=dispatch("midway"), headers=AUTH))
+    await asyncio.sleep(0.005)  # the engine takes 20 ms to start it
+    assert (await client.delete("/sessions/midway", headers=AUTH)).status_code == 404
+    late = await starting
+    assert late.status_code == 409 and late.json()["error"] == "stopped"
+    assert manager.sessions == {} and manager.engine.stats().active_sessions == 0
+
+    assert (await client.post("/sessions", json=dispatch("other"), headers=AUTH)).status_code == 201
+
+
+async def test_remembered_stops_are_bounded(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, manager = worker
+    monkeypatch.setattr(worker_sessions, "STOPS_REMEMBERED", 3)
+    for i in range(5):
+        await manager.stop(f"unknown-{i}")
+    assert list(manager._stopped_early) == ["unknown-2", "unknown-3", "unknown-4"]
+    monkeypatch.setattr(worker_sessions, "STOP_REMEMBERED_S", -1.0)  # what is remembered from now on has lapsed
+    await manager.stop("unknown-5")
+    assert list(manager._stopped_early) == ["unknown-3", "unknown-4", "unknown-5"]
+    assert (await client.post("/sessions", json=dispatch("unknown-5"), headers=AUTH)).status_code == 201

@@ -15,9 +15,15 @@ from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
+#: How long, and how many, stops of sessions this worker does not run are remembered. A hub that gave up on a
+#: dispatch (a timeout, a failed store) stops the session at once, and that stop can overtake the dispatch it undoes:
+#: the dispatch arriving after it is refused instead of starting a session no client knows of.
+STOP_REMEMBERED_S = 60.0
+STOPS_REMEMBERED = 4096
+
 
 class SessionRefused(Exception):
-    """A dispatch the worker cannot take: ``code`` says why (full, draining, duplicate, engine_error)."""
+    """A dispatch the worker cannot take: ``code`` says why (full, draining, duplicate, stopped, engine_error)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -61,6 +67,7 @@ class SessionManager:
         self.metrics = metrics or Metrics()
         self.metrics.max_streams.set(max_streams)
         self.sessions: dict[str, WorkerSessionInfo] = {}
+        self._stopped_early: dict[str, float] = {}  # session id -> until when (monotonic) its stop is remembered
         self._leaving = False  # the worker's own drain (SIGTERM, a spot notice, scale-in): it will exit
         self._drained_by_hub = False  # an SRE drained it through the hub; a resume there lifts it
         # Held across the engine's start so concurrent dispatches cannot overbook a slot.
@@ -125,6 +132,7 @@ class SessionManager:
                 self._refuse("duplicate", f"session {spec.session_id} already runs here")
             if len(self.sessions) >= self.max_streams:
                 self._refuse("full", f"all {self.max_streams} streams in use")
+            self._refuse_if_stopped(spec.session_id)
             started = time.perf_counter()
             try:
                 await self.engine.start_session(spec, self._ended)
@@ -132,6 +140,9 @@ class SessionManager:
                 log.warning("engine refused session %s: %s", spec.session_id, exc)
                 self._refuse("engine_error", f"engine could not start the session: {exc}")
             self.metrics.start_seconds.observe(time.perf_counter() - started)
+            if spec.session_id in self._stopped_early:  # stopped while the engine started it
+                await self._stop_in_engine(spec.session_id)
+                self._refuse_if_stopped(spec.session_id)
             info = WorkerSessionInfo(session_id=spec.session_id, session_key=spec.session_key, room=spec.room,
                                      started_at=time.time(), accepted_at_seq=self.heartbeat_seq)
             self.sessions[spec.session_id] = info
@@ -143,6 +154,19 @@ class SessionManager:
         self.metrics.dispatches.labels(code).inc()
         raise SessionRefused(code, message)
 
+    def _refuse_if_stopped(self, session_id: str) -> None:
+        until = self._stopped_early.pop(session_id, None)
+        if until is not None and until > time.monotonic():
+            self._refuse("stopped", f"session {session_id} was stopped before it started")
+
+    def _remember_stop(self, session_id: str) -> None:
+        now = time.monotonic()
+        for sid, until in list(self._stopped_early.items()):  # oldest first: drop the lapsed and the surplus
+            if until > now and len(self._stopped_early) < STOPS_REMEMBERED:
+                break
+            del self._stopped_early[sid]
+        self._stopped_early[session_id] = now + STOP_REMEMBERED_S
+
     def _ended(self, session_id: str, reason: str) -> None:
         """Engine callback: a session ended by itself; the next heartbeat no longer reports it."""
         if self.sessions.pop(session_id, None) is not None:
@@ -150,17 +174,23 @@ class SessionManager:
             self._notify()
 
     async def stop(self, session_id: str) -> bool:
-        """Stop a session; False when it does not run here. An engine that fails to stop it is logged: the slot is
-        free either way, as the hub already believes."""
+        """Stop a session; False when it does not run here, and then a dispatch of it that comes later (or is being
+        started) is refused. An engine that fails to stop it is logged: the slot is free either way, as the hub
+        already believes."""
         if self.sessions.pop(session_id, None) is None:
+            self._remember_stop(session_id)
             return False
+        try:
+            await self._stop_in_engine(session_id)
+        finally:
+            self._notify()
+        return True
+
+    async def _stop_in_engine(self, session_id: str) -> None:
         try:
             await self.engine.stop_session(session_id)
         except Exception:
             log.exception("the engine failed to stop session %s", session_id)
-        finally:
-            self._notify()
-        return True
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(sid) for sid in self.ids()), return_exceptions=True)
