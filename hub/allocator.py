@@ -93,15 +93,14 @@ class Allocator:
         claim = f"{_PENDING}{secrets.token_urlsafe(9)}"
         claim_ttl = self.settings.dispatch_timeout_s * self.settings.max_dispatch_attempts + 2.0
         deadline = time.monotonic() + claim_ttl
-        delay = 0.02
+        delays = backoff_delays(base_s=0.02, cap_s=0.25)  # jittered: waiters on one key do not poll in step
         while True:
             current = await self.store.get_claim(session_key)
             if current is not None and current.startswith(_PENDING):
                 # Another request is placing this conversation: wait for its answer rather than take a second slot.
                 if time.monotonic() > deadline:
                     raise SessionPending()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
+                await asyncio.sleep(next(delays))
                 continue
             if current is not None:
                 live = await self._live_session(current)
@@ -224,8 +223,10 @@ class Allocator:
             self.board.note_used(entry.worker_id, reservation.max_streams)
         else:
             self.board.note_unavailable(entry.worker_id)
-        if outcome in (DispatchOutcome.TIMEOUT, DispatchOutcome.ACCEPTED):
-            # The worker may hold it after all; stop it rather than wait for heartbeat reconciliation.
+        if outcome is not DispatchOutcome.FULL:
+            # Unless it said it is full, the worker may hold the session after all (a late answer, a 5xx or a reset
+            # after it took it): stop it rather than wait for heartbeat reconciliation. A stop that overtakes its
+            # dispatch is remembered by the worker, which then refuses the dispatch.
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
         return None, 1
 
@@ -283,14 +284,27 @@ class Allocator:
         worker_id = keys.worker_of_session(session_id)
         if worker_id is None:
             raise SessionNotFound()
-        released = await self.store.release(worker_id, session_id)
+        try:
+            released = await self.store.release(worker_id, session_id)
+        except StoreUnavailable:
+            # The release may have run with its answer lost (a cluster does not resend): the caller's retry would
+            # find nothing. End it where this request's failure cannot reach, then fail as the store did.
+            if (known := self.board.entries.get(worker_id)) is not None:
+                self._spawn_undo(worker_id, session_id, known.url)
+            raise
         if not released.held or released.record is None:
             raise SessionNotFound()
         self.board.note_used(worker_id, released.used)
-        if session_key := released.record.get("session_key"):
-            await self.store.compare_and_set_claim(session_key, session_id, None, 0)
         if released.worker_url:
             self.background.spawn(self.workers.stop(released.worker_url, session_id), name=f"stop {session_id}")
+        if session_key := released.record.get("session_key"):
+            try:
+                await self.store.compare_and_set_claim(session_key, session_id, None, 0)
+            except StoreUnavailable:
+                # The session has ended: the claim left behind points at an ended session, which the next request
+                # for the key finds gone and replaces.
+                log.info("session %s ended; its session_key claim stays until the next request replaces it",
+                         session_id)
 
     async def _stored(self, session_id: str) -> StoredSession:
         worker_id = keys.worker_of_session(session_id)

@@ -79,7 +79,8 @@ class HubSettings(FleetSettings):
     livekit_regions: str | None = Field(
         default=None, repr=False, description="LiveKit deployments: inline JSON list or a path to a JSON/YAML file."
     )
-    livekit_token_ttl_s: int = Field(default=3600, gt=0, description="Lifetime of minted participant tokens.")
+    livekit_token_ttl_s: int = Field(default=3600, gt=0, le=30 * 86400,
+                                     description="Lifetime of minted participant tokens (at most 30 days).")
 
     max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
     rate_limit_per_s: float = Field(default=20.0, ge=0, description="Session requests per client per second; 0 = off.")

@@ -34,7 +34,7 @@ class FakeWorker:
 
     max_streams: int = 5
     token: str = "dev-worker-token"
-    mode: str = "accept"  # accept | full | hang | error
+    mode: str = "accept"  # accept | full | hang | error | accept_then_error (takes the session, then answers 500)
     delay_s: float = 0.0
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)
@@ -88,6 +88,8 @@ class FakeWorker:
             return web.json_response({"error": "worker_full"}, status=409)
         self.sessions[body["session_id"]] = body
         self.peak = max(self.peak, len(self.sessions))
+        if self.mode == "accept_then_error":
+            return web.json_response({"error": "boom"}, status=500)
         return web.json_response({"session_id": body["session_id"], "accepted_at_seq": self.heartbeat_seq},
                                  status=201)
 

@@ -182,6 +182,8 @@ def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_
         assert "do-not-print-me" not in str(refused.value)
     with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or CIDR"):
         HubSettings(trusted_proxies=["10.0.0.0/8", "proxy.internal"])
+    with pytest.raises(ValidationError, match="livekit_token_ttl_s"):  # every token's expiry overflowed: a 500 each
+        HubSettings(livekit_token_ttl_s=10**12)
     typo = tmp_path / "livekit.yaml"  # a YAML error quotes the line it stopped at: here, the secret's
     typo.write_text("- region: eu\n  url: wss://lk\n  api_secret: `do-not-print-me-either\n")
     with pytest.raises(ValidationError, match="not valid YAML at line 3") as refused:

@@ -276,6 +276,24 @@ async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.A
     assert {w["worker_id"]: w["used_streams"] for w in fleet} == {"w-hang": 0, "w-full": 0, "w-good": 1}
 
 
+async def test_a_worker_that_took_the_session_but_answered_500_is_told_to_stop_it(hub: httpx.AsyncClient,
+                                                                                  make_worker) -> None:
+    """Guards against the hub freeing its slot while the worker keeps streaming into an empty room until its next
+    heartbeat: any failed dispatch but a plain "full" is followed by a stop."""
+    flaky = await make_worker(mode="accept_then_error")
+    good = await make_worker()
+    await register(hub, "w-flaky", flaky, region="us-east-1")
+    await register(hub, "w-good", good, region="eu-west-1")  # farther from the user: tried second
+    await refresh(hub)
+    resp = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74.0}})
+    assert resp.status_code == 201 and resp.json()["worker"]["id"] == "w-good", resp.text
+    for _ in range(100):
+        if flaky.dispatches and not flaky.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert flaky.dispatches == 1 and flaky.sessions == {} and len(flaky.stopped) == 1
+
+
 @pytest.mark.standalone_redis
 async def test_redis_down_answers_503_and_recovers(hub: httpx.AsyncClient, make_worker, redis_server) -> None:
     worker = await make_worker()
@@ -525,3 +543,49 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     seq, running = worker.snapshot()
     reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
     assert reply["used_streams"] == 0
+
+
+async def test_ending_a_session_survives_a_failing_claim_cleanup_and_a_lost_release_answer(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE: once the slot is released the session has ended, and the worker is told at once, even when the store
+    then fails the session_key cleanup (204, not a 503 whose retry finds nothing). When the release's own answer is
+    lost (a cluster does not resend), the answer is 503 but the worker is still told to stop and the slot is freed."""
+    worker = await make_worker(max_streams=2)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    real_cas, real_release = store.compare_and_set_claim, store.release
+
+    async def cleanup_fails(session_key: str, expected: str | None, new: str | None, ttl_s: float) -> Any:
+        if new is None:
+            raise StoreUnavailable("the shared store is unreachable")
+        return await real_cas(session_key, expected, new, ttl_s)
+
+    async def answer_lost(worker_id: str, session_id: str) -> Any:
+        await real_release(worker_id, session_id)
+        raise StoreUnavailable("the shared store did not answer in time")
+
+    async def stopped(sid: str) -> bool:
+        for _ in range(100):
+            if sid in worker.stopped:
+                return sid not in worker.sessions
+            await asyncio.sleep(0.02)
+        return False
+
+    first = (await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})).json()["session_id"]
+    monkeypatch.setattr(store, "compare_and_set_claim", cleanup_fails)
+    assert (await hub.delete(f"/api/v1/sessions/{first}")).status_code == 204
+    assert await stopped(first), "the worker was told to stop the ended session"
+    monkeypatch.setattr(store, "compare_and_set_claim", real_cas)
+    second = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
+    assert second.status_code == 201, "the claim left behind points at an ended session and is replaced"
+
+    sid = second.json()["session_id"]
+    monkeypatch.setattr(store, "release", answer_lost)
+    ended = await hub.delete(f"/api/v1/sessions/{sid}")
+    assert ended.status_code == 503 and ended.json()["error"] == "store_unavailable"
+    monkeypatch.setattr(store, "release", real_release)
+    assert await stopped(sid), "the worker was told to stop it all the same"
+    fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert fleet[0]["used_streams"] == 0
