@@ -303,9 +303,12 @@ PUBLISH_BOARD = _BOARD_CHANGES + """
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
 -- ARGV[1] worker id, ARGV[2] registration view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
 -- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board
+-- Returns 1, or for a removal 0 when the worker was not on the board.
 trim_changes()
 if ARGV[5] == '1' then
-  redis.call('HDEL', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1]); redis.call('HDEL', KEYS[3], ARGV[1])
+  local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+  removed = removed + redis.call('HDEL', KEYS[2], ARGV[1]) + redis.call('HDEL', KEYS[3], ARGV[1])
+  if removed == 0 then return 0 end
   note_change('+' .. ARGV[1])
   return 1
 end

@@ -396,14 +396,18 @@ class FleetStore:
         return {str(worker_id) for worker_id in skipped}
 
     async def deregister(self, worker_id: str, secret: str | None) -> int:
-        """1 removed, 0 unknown, -1 bad secret. ``secret=None`` is an SRE removal, refused (-2) while the worker
-        is live."""
+        """1 removed (also when only its routing board view was left), 0 unknown, -1 bad secret. ``secret=None`` is
+        an SRE removal, refused (-2) while the worker is live."""
         async with self._call():
             presented = digest(secret) if secret is not None else "*"
             res = int(await self._deregister(keys=keys.worker_keys(worker_id).as_list(),
                                              args=[presented, self.settings.ttl_ms]))
-            if res == 1:
-                await self._publish_board(worker_id, remove=True)
+            if res in (0, 1):
+                # Its keys are gone either way. A board view left behind (the answer lost and the call resent, or
+                # the board write failed) would be a ghost nothing else removes: removing it completes the removal.
+                on_board = await self._publish_board(worker_id, remove=True)
+                if res == 0 and on_board:
+                    res = 1
         return res
 
     async def set_drain(self, worker_id: str, drain: bool) -> str | None:
@@ -522,9 +526,12 @@ class FleetStore:
                 await self._publish_board(wid, remove=True)
 
     async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
-                             remove: bool = False) -> None:
-        await self._publish(keys=keys.BOARD.as_list(),
-                            args=[worker_id, static, status, "" if used is None else used, "1" if remove else "0"])
+                             remove: bool = False) -> bool:
+        """False when a removal found the worker not on the board."""
+        used_arg = "" if used is None else used
+        res = await self._publish(keys=keys.BOARD.as_list(),
+                                  args=[worker_id, static, status, used_arg, "1" if remove else "0"])
+        return int(res) == 1
 
     # --- rate limiting ------------------------------------------------------------------------------------
 

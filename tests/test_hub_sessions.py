@@ -11,9 +11,10 @@ import redis
 from livekit import api
 
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
+from shared import keys
 from shared.errors import StoreUnavailable
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration, sync_redis
 
 
 async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: httpx.AsyncClient, make_worker) -> None:
@@ -589,3 +590,22 @@ async def test_ending_a_session_survives_a_failing_claim_cleanup_and_a_lost_rele
     assert await stopped(sid), "the worker was told to stop it all the same"
     fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
     assert fleet[0]["used_streams"] == 0
+
+
+async def test_a_removal_whose_answer_was_lost_leaves_no_ghost_on_the_routing_board(hub: httpx.AsyncClient,
+                                                                                    make_worker, redis_url) -> None:
+    """The worker's keys went, but its board view stayed (the answer lost and the call resent, or the board write
+    failed): other hubs kept routing to it and listing it, and nothing could remove it. Removing again completes it."""
+    worker, other = await make_worker(), await make_worker()
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await register(hub, "w-2", other)
+    client = sync_redis(redis_url)
+    for wid in ("w-1", "w-2"):  # as if each removal ran, but only its own keys went
+        client.delete(*keys.worker_keys(wid).as_list())
+    gone = await hub.delete("/api/v1/workers/w-1", headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+    assert gone.status_code == 204
+    assert (await hub.post("/api/v1/workers/w-2/forget", headers=ADMIN_AUTH)).status_code == 204
+    assert client.hkeys(keys.BOARD.static) == []
+    await refresh(hub)
+    assert (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"] == []
+    assert (await hub.post("/api/v1/workers/w-2/forget", headers=ADMIN_AUTH)).status_code == 404
