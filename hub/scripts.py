@@ -94,8 +94,8 @@ HEARTBEAT = _PRELUDE + """
 -- ARGV[6] heartbeat metrics (JSON, stored as is)
 -- ARGV[7] the heartbeat's number ('' when the worker does not number them)
 -- ARGV[8..] ids of the sessions the worker runs
--- Returns {1, used, max_streams, state, now, drain requested (0|1), unknown ids...}, {0} for an unknown worker, {-1}
--- for a bad secret.
+-- Returns {1, used, max_streams, state, now, drain requested (0|1), registered_at, unknown ids...}, {0} for an
+-- unknown worker, {-1} for a bad secret.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
 local reported = {}
@@ -135,7 +135,7 @@ purge_expired(now)
 redis.call('HSET', KEYS[1], 'hb', now, 'renewed', now, 'worker_state', ARGV[5], 'status', ARGV[6])
 keep(tonumber(ARGV[4]))
 local result = {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')),
-                effective_state(), now, drain_requested()}
+                effective_state(), now, drain_requested(), redis.call('HGET', KEYS[1], 'registered_at') or ''}
 -- Sessions the hub does not hold (never confirmed, expired or ended): the worker must stop them.
 for sid, _ in pairs(reported) do result[#result + 1] = sid end
 return result
@@ -300,19 +300,25 @@ BOARD_DELTA_HORIZON_MS = 60_000
 
 PUBLISH_BOARD = _BOARD_CHANGES + """
 -- Mirror a worker onto the routing board that every hub reads in one round trip.
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes, KEYS[5] board registered
 -- ARGV[1] worker id, ARGV[2] registration view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
--- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board
+-- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board,
+-- ARGV[6] with a registration view: when that registration ran (the worker's registered_at)
 -- Returns 1, or for a removal 0 when the worker was not on the board.
 trim_changes()
 if ARGV[5] == '1' then
   local removed = redis.call('HDEL', KEYS[1], ARGV[1])
   removed = removed + redis.call('HDEL', KEYS[2], ARGV[1]) + redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
   if removed == 0 then return 0 end
   note_change('+' .. ARGV[1])
   return 1
 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); note_change('+' .. ARGV[1]) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
+  note_change('+' .. ARGV[1])
+end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
 if ARGV[3] ~= '' or ARGV[4] ~= '' then note_change(ARGV[1]) end
@@ -322,15 +328,18 @@ return 1
 PUBLISH_BOARD_BATCH = _BOARD_CHANGES + """
 -- Mirror a batch of workers' figures onto the routing board in one call: a batch of heartbeats (status and slot
 -- count), or the slot counts a batch of session steps changed (status '': the status view is left as it is).
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
--- ARGV[3i+1] worker id, ARGV[3i+2] status JSON or '', ARGV[3i+3] used streams, for each worker of the batch (a
--- later triple wins)
--- A worker no longer on the board (deregistered meanwhile, or its registration view lost in a failover) is skipped:
--- a late batch brings back no ghost.
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes, KEYS[5] board registered
+-- ARGV[4i+1] worker id, ARGV[4i+2] status JSON or '', ARGV[4i+3] used streams, ARGV[4i+4] the worker's
+-- registered_at ('' = any registration: session steps), for each worker of the batch (a later one wins)
+-- A worker no longer on the board (deregistered meanwhile), or whose view there is another registration's (a
+-- failover lost the board's last writes, not the worker's), is skipped: a late batch brings back no ghost, and the
+-- caller has the worker register again, which writes its view anew for every hub.
 -- Returns the ids of the workers skipped.
 local skipped = {}
-for i = 1, #ARGV, 3 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+for i = 1, #ARGV, 4 do
+  local on_board = redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1
+  if on_board and ARGV[i + 3] ~= '' then on_board = redis.call('HGET', KEYS[5], ARGV[i]) == ARGV[i + 3] end
+  if on_board then
     if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
     note_change(ARGV[i])

@@ -298,7 +298,8 @@ class FleetStore:
                 return None
             out = Registered(used=int(res[1]), max_streams=int(res[2]), state=str(res[3]))
             status = {"hb": int(res[4]), "state": out.state, "drain": int(res[5]) == 1}
-            await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used)
+            await self._publish_board(worker_id, static=static, status=json.dumps(status), used=out.used,
+                                      registered_at=int(res[4]))
         return out
 
     async def heartbeat(self, worker_id: str, secret_digest: str, state: str, status: str, sessions: list[str],
@@ -323,15 +324,16 @@ class FleetStore:
                     outcomes.append(HeartbeatOutcome(status=int(res[0])))
                 else:
                     out = HeartbeatOutcome(status=1, used=int(res[1]), max_streams=int(res[2]), state=str(res[3]),
-                                           unknown_sessions=tuple(str(x) for x in res[6:]))
+                                           unknown_sessions=tuple(str(x) for x in res[7:]))
                     outcomes.append(out)
                     drain = int(res[5]) == 1  # an SRE's drain, also while the worker drains on its own
-                    board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used]
+                    board += [beat.worker_id, _with_board_fields(beat.status, int(res[4]), out.state, drain), out.used,
+                              res[6]]  # its registration: a board view of another one is stale
             if board:
                 off_board = await self._publish_board_batch(board)
                 if off_board:
-                    # Live, but not on the routing board (its registration view was lost, e.g. in a failover): the
-                    # worker would heartbeat forever unseen by routing. Answering "unknown" makes it register again.
+                    # Live, but its routing board view is gone or another registration's (the board's last writes were
+                    # lost in a failover): routing would never see it as it is. "Unknown" makes it register again.
                     outcomes = [HeartbeatOutcome(status=0) if isinstance(o, HeartbeatOutcome) and
                                 b.worker_id in off_board else o for b, o in zip(beats, outcomes, strict=True)]
         return outcomes
@@ -377,7 +379,7 @@ class FleetStore:
                 if step.board_used is not None and not isinstance(res, Exception):
                     used = step.board_used(res)
                     if used is not None:
-                        board += [step.worker_id, "", used]  # '': the status view stays
+                        board += [step.worker_id, "", used, ""]  # '': the status view stays, any registration
             if board:
                 await self._publish_board_batch(board)
         return results
@@ -391,7 +393,7 @@ class FleetStore:
         except Exception as exc:
             if not _store_cannot_serve(exc):
                 raise
-            log.info("could not publish %d workers' figures to the board", len(board) // 3)
+            log.info("could not publish %d workers' figures to the board", len(board) // 4)
             return set()
         return {str(worker_id) for worker_id in skipped}
 
@@ -526,11 +528,13 @@ class FleetStore:
                 await self._publish_board(wid, remove=True)
 
     async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
-                             remove: bool = False) -> bool:
-        """False when a removal found the worker not on the board."""
+                             remove: bool = False, registered_at: int | None = None) -> bool:
+        """False when a removal found the worker not on the board. ``registered_at`` goes with a ``static`` view:
+        when its registration ran, as the worker's info hash records it."""
         used_arg = "" if used is None else used
         res = await self._publish(keys=keys.BOARD.as_list(),
-                                  args=[worker_id, static, status, used_arg, "1" if remove else "0"])
+                                  args=[worker_id, static, status, used_arg, "1" if remove else "0",
+                                        "" if registered_at is None else registered_at])
         return int(res) == 1
 
     # --- rate limiting ------------------------------------------------------------------------------------

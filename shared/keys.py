@@ -50,9 +50,12 @@ class BoardKeys:
     #: ZSET: what changed when (Redis time, ms), so hubs read only that: member ``<id>`` when the worker's status
     #: or used view changed, ``+<id>`` when its registration view changed or it left the board.
     changes: str
+    #: HASH: worker id -> when the registration whose view ``static`` holds ran (Redis time, ms, as the worker's own
+    #: info hash records it): a heartbeat from another registration finds the board's view stale.
+    registered: str
 
     def as_list(self) -> list[str]:
-        return [self.static, self.status, self.used, self.changes]
+        return [self.static, self.status, self.used, self.changes, self.registered]
 
 
 BOARD = BoardKeys(
@@ -60,6 +63,7 @@ BOARD = BoardKeys(
     status=f"{PREFIX}:{{idx}}:status",
     used=f"{PREFIX}:{{idx}}:used",
     changes=f"{PREFIX}:{{idx}}:changes",
+    registered=f"{PREFIX}:{{idx}}:registered",
 )
 
 #: Short lock so only one hub per interval publishes capacity metrics to CloudWatch.

@@ -609,3 +609,29 @@ async def test_a_removal_whose_answer_was_lost_leaves_no_ghost_on_the_routing_bo
     await refresh(hub)
     assert (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"] == []
     assert (await hub.post("/api/v1/workers/w-2/forget", headers=ADMIN_AUTH)).status_code == 404
+
+
+async def test_a_board_that_lost_a_registration_has_the_worker_register_again(make_hub, make_worker,
+                                                                              redis_url) -> None:
+    """A failover of the board's shard lost its last writes: the worker's newer registration (new labels, more
+    streams) while its own keys kept it. Hubs that had read it and hubs started after disagreed for good; the next
+    heartbeat now has the worker register again, which every hub then reads."""
+    hub = await make_hub()
+    worker = await make_worker(max_streams=2)
+    old = await register(hub, "w-1", worker, labels={"gpu": "a10"})
+    client = sync_redis(redis_url)
+    lost = {k: client.hget(k, "w-1") for k in (keys.BOARD.static, keys.BOARD.registered)}
+    new = await hub.post("/api/v1/workers", json=registration("w-1", worker.url, labels={"gpu": "h100"}),
+                         headers={**WORKER_AUTH, "X-Worker-Secret": old["worker_secret"]})
+    assert new.status_code == 200
+    for key, value in lost.items():  # the board's shard comes back without the re-registration's writes
+        client.hset(key, "w-1", value)
+    answer = await heartbeat(hub, "w-1", new.json()["worker_secret"], [])
+    assert answer.status_code == 404, "the board's view is another registration's: register again"
+    again = await hub.post("/api/v1/workers", json=registration("w-1", worker.url, labels={"gpu": "h100"}),
+                           headers={**WORKER_AUTH, "X-Worker-Secret": new.json()["worker_secret"]})
+    assert (await heartbeat(hub, "w-1", again.json()["worker_secret"], [])).status_code == 200
+    later = await make_hub()  # a hub started after the failover
+    await refresh(later)
+    placed = await later.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
+    assert placed.status_code == 201, placed.text
