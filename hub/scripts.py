@@ -78,6 +78,14 @@ local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'secret', ARGV[2], 'hb', now, 'registered_at', now, 'worker_state', 'ready',
            unpack(fields))
+-- A worker that registers may be a new process, numbering its heartbeats from 0 again: the numbers its sessions
+-- were accepted at no longer compare with its heartbeats'. They fall back to the time rule (see HEARTBEAT), which
+-- holds for a restarted worker (its sessions are gone) and for one that only registered again (it reports them).
+local confirmed = redis.call('HGETALL', KEYS[3])
+for i = 1, #confirmed, 2 do
+  local at = string.match(confirmed[i + 1], '^(%d+):')
+  if at then redis.call('HSET', KEYS[3], confirmed[i], at) end
+end
 purge_expired(judged_up_to())
 keep(tonumber(ARGV[4]))
 return {1, redis.call('ZCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'max_streams')), effective_state(),

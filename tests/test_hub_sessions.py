@@ -386,6 +386,26 @@ async def test_a_numbered_heartbeat_without_the_session_frees_it_at_once(make_hu
     assert (await heartbeat(hub, "w-ends", secret, running, seq=seq)).json()["used_streams"] == 0
 
 
+async def test_a_restarted_worker_numbering_its_heartbeats_anew_frees_its_old_sessions(make_hub,
+                                                                                       make_worker) -> None:
+    """A new process numbers its heartbeats from 0 again: its first heartbeat, without the old process's session, has
+    a number below the one that session was accepted at. Once it registers, the time rule judges the session."""
+    hub = await make_hub(absent_grace_s=0.2, worker_ttl_s=30)
+    worker = await make_worker()
+    secret = (await register(hub, "w-restarts", worker))["worker_secret"]
+    for _ in range(5):
+        worker.snapshot()  # the old process has sent a few heartbeats
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+    seq, running = worker.snapshot()
+    assert (await heartbeat(hub, "w-restarts", secret, running, seq=seq)).json()["used_streams"] == 1
+    again = await hub.post("/api/v1/workers", json=registration("w-restarts", worker.url),  # the new process
+                           headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+    await asyncio.sleep(0.3)
+    answer = await heartbeat(hub, "w-restarts", again.json()["worker_secret"], [], seq=1)
+    assert answer.json()["used_streams"] == 0
+
+
 async def test_a_confirmation_after_a_heartbeat_adopted_the_lease_keeps_the_workers_number(make_hub,
                                                                                           make_worker) -> None:
     """The worker's heartbeat reported the session before the hub's confirmation ran (it adopted the pending lease,
