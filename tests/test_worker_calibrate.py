@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,27 @@ def test_calibration_uses_the_configured_llm_else_the_canned_one(monkeypatch: py
     assert load_engine("voice", WorkerSettings()).llm_name == "openai"  # type: ignore[attr-defined]
     monkeypatch.setenv("FLEET_VOICE_LLM_BASE_URL", "http://127.0.0.1:8000/v1")
     assert load_engine("voice", WorkerSettings(), for_calibration=True).llm_name == "openai"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ({"max_concurrency": -5}, "--max-streams must be 1 to 1024"),
+    ({"max_concurrency": 0}, "--max-streams must be 1 to 1024"),  # used to mean 256, silently
+    ({"max_concurrency": 5000}, "--max-streams must be 1 to 1024"),
+    ({"seconds": -1.0}, "--seconds must be a number above 0"),
+    ({"seconds": 0.0}, "--seconds must be a number above 0"),
+    ({"seconds": float("nan")}, "--seconds must be a number above 0"),
+    ({"seconds": float("inf")}, "--seconds must be a number above 0"),
+])
+def test_nonsense_bounds_are_refused_before_measuring(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str], options: dict[str, Any],
+                                                      said: str) -> None:
+    """Regression: ``--max-streams -5`` printed "at least 0 streams" and ``--seconds nan`` measured nothing, both
+    with exit code 0."""
+    import worker.calibrate
+    from worker.cli import EXIT_USAGE
+    from worker.cli import calibrate as cli_calibrate
+
+    monkeypatch.setattr(worker.calibrate, "run", lambda *_: pytest.fail("measured despite nonsense bounds"))
+    assert cli_calibrate(engine="synthetic", **{"max_concurrency": 2, "seconds": 0.1, **options}) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fleet worker: {said}"), err

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -284,6 +287,75 @@ def test_heartbeat_refresh_rereads_mig_slices(monkeypatch: pytest.MonkeyPatch) -
         ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 9856, 6000, 0.0)]
 
 
+_UNEXPECTED = {"no-permission": pynvml.NVML_ERROR_NO_PERMISSION, "unknown": pynvml.NVML_ERROR_UNKNOWN,
+               "gpu-is-lost": pynvml.NVML_ERROR_GPU_IS_LOST}
+
+
+def whole_a100_by_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What GPUtil would say of an A100 in MIG mode: nvidia-smi knows no MIG, so its whole 80 GB (50 streams)."""
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: pytest.fail("NVML is loaded: GPUtil, blind to MIG, is no fallback"))
+
+
+def fail_with(code: int) -> Callable[..., Any]:
+    def fail(*_: Any) -> Any:
+        raise nvml_error(code)
+
+    return fail
+
+
+@pytest.mark.parametrize("call", ["nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount",
+                                  "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetMemoryInfo"])
+@pytest.mark.parametrize("error", list(_UNEXPECTED))
+def test_an_nvml_query_failing_unexpectedly_fails_the_probe(monkeypatch: pytest.MonkeyPatch, call: str,
+                                                            error: str) -> None:
+    """Regression: any NVML error but NotFound/NotSupported/FunctionNotFound fell back to GPUtil, which counted an
+    A100 split into 1g.10gb slices as one 80 GB GPU (50 streams instead of 3)."""
+    calls = fake_machine(monkeypatch, [a100_in_mig_mode()])
+    whole_a100_by_nvidia_smi(monkeypatch)
+    monkeypatch.setattr(pynvml, call, fail_with(_UNEXPECTED[error]))
+    with pytest.raises(gpus.GpuProbeFailed, match=str(nvml_error(_UNEXPECTED[error]))):
+        gpus.detect_gpus()
+    assert calls == ["init", "shutdown"], "NVML must always be shut down"
+
+
+def test_a_gpu_in_mig_mode_whose_instances_cannot_be_listed_fails_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA cannot use the whole of a GPU in MIG mode: not knowing its instances is no reason to count all of it."""
+    fake_machine(monkeypatch, [a100_in_mig_mode()])
+    whole_a100_by_nvidia_smi(monkeypatch)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxMigDeviceCount", fail_with(pynvml.NVML_ERROR_NOT_SUPPORTED))
+    with pytest.raises(gpus.GpuProbeFailed, match="MIG mode"):
+        gpus.detect_gpus()
+
+
+def test_a_heartbeat_probe_that_fails_keeps_the_last_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat re-probes: a failing NVML must neither stop it nor swap the slice for GPUtil's whole GPU."""
+    fake_machine(monkeypatch, [a100_in_mig_mode(slices=2)])
+    whole_a100_by_nvidia_smi(monkeypatch)
+    found = gpus.detect_gpus()
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", fail_with(pynvml.NVML_ERROR_GPU_IS_LOST))
+    assert gpus.refresh(found) == found
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate"])
+def test_a_failing_gpu_probe_stops_the_worker_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """Better no worker, which systemd starts again, than one advertising streams its GPU cannot hold."""
+    from shared.redis_server import free_port
+    from worker.cli import EXIT_USAGE, calibrate, run_worker
+
+    monkeypatch.setenv("FLEET_HUB_URLS", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_TIMEOUT_S", "0.1")
+    fake_machine(monkeypatch, [a100_in_mig_mode()])
+    whole_a100_by_nvidia_smi(monkeypatch)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigDeviceHandleByIndex", fail_with(pynvml.NVML_ERROR_NO_PERMISSION))
+    code = run_worker(port=0) if command == "run" else calibrate(max_concurrency=2, seconds=0.1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE, err
+    assert len(err) == 1 and err[0].startswith("fleet worker: cannot read the GPUs"), err
+    assert "Insufficient Permissions" in err[0], err
+
+
 def test_gpu_in_mig_mode_without_instances_is_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA cannot use a GPU in MIG mode with no instance; GPUtil (nvidia-smi) would report its whole 80 GB."""
     fake_machine(monkeypatch, [a100_in_mig_mode(slices=0)])
@@ -355,6 +427,29 @@ def test_capacity_table_of_the_synthetic_profile() -> None:
     no_vram = compute_capacity(gpus.parse_simulated("t4"), replace(DEFAULT_PROFILE, per_stream_mb=0), cpu_cores=4,
                                ram_mb=65536)
     assert (no_vram.max_streams, no_vram.reason, no_vram.gpu_streams) == (8, "cpu", None)
+
+
+#: The VRAM NVML reports (MiB) on the AWS instances of each GPU (nvidia-smi's "Total"): less than the nominal size.
+REAL_NVML_MIB = {"t4": 15360, "a10g": 23028, "l4": 23034, "a100-40gb": 40960, "a100-80gb": 81920, "h100": 81559}
+README = Path(gpus.__file__).with_name("README.md")
+
+
+def _streams_in(text: str) -> dict[str, int]:
+    return {kind.lower(): int(n) for kind, n in re.findall(r"([A-Z][\w-]*) (\d+)", text)}
+
+
+def test_readme_states_the_streams_of_real_hardware_and_of_simulated_gpus() -> None:
+    """Regression: the README gave the figures of the simulated (nominal) VRAM as what each GPU holds; real NVML
+    totals hold one stream less on a T4, A10G, L4 and H100."""
+    text = " ".join(README.read_text().split())
+    real = re.search(r"Synthetic profile \(.*?\) per GPU[^:]*: (.*?) streams", text)
+    assert real, "the README states what each GPU holds"
+    assert _streams_in(real[1]) == {kind: streams_per_gpu(mib, DEFAULT_PROFILE) for kind, mib in REAL_NVML_MIB.items()}
+    simulated = re.search(r"`--simulate-gpu` presents the nominal VRAM[^:]*: (.*?)\)", text)
+    assert simulated, "the README says how simulated GPUs differ"
+    nominal = {kind: streams_per_gpu(vram, DEFAULT_PROFILE) for kind, (_, vram) in gpus.KNOWN_GPUS.items()}
+    differing = {kind: n for kind, n in nominal.items() if n != streams_per_gpu(REAL_NVML_MIB[kind], DEFAULT_PROFILE)}
+    assert _streams_in(simulated[1]) == differing
 
 
 def test_settings_parse_hub_urls_and_refuse_default_token_in_prod(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any
 
@@ -34,6 +35,7 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
 
     from worker.agent import CannotStart, WorkerAgent
     from worker.engines import EngineUnavailable
+    from worker.gpus import GpuProbeFailed
 
     try:
         settings = _settings(host=host, port=port, advertise_url=advertise_url, region=region,
@@ -49,6 +51,8 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
         return asyncio.run(agent.run())
     except CannotStart as exc:  # known only once the agent reads the instance metadata or binds
         return _refuse(str(exc))
+    except GpuProbeFailed as exc:
+        return _refuse(f"cannot read the GPUs: {exc}")
 
 
 def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int | None = None,
@@ -58,12 +62,18 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     ``max_concurrency`` bounds the search (else ``FLEET_MAX_STREAMS``, else 256); ``seconds`` is the measured
     window of each step (default 2 s for the synthetic engine, 6 s for voice, whose turns take ~4 s).
     """
+    from shared.models import MAX_STREAMS_PER_WORKER
     from worker.calibrate import DEFAULT_MAX_CONCURRENCY, CalibrationFailed, run
     from worker.capacity import compute_capacity
     from worker.engine import Calibratable
     from worker.engines import EngineUnavailable, load_engine
-    from worker.gpus import detect_gpus
+    from worker.gpus import GpuProbeFailed, detect_gpus
 
+    if max_concurrency is not None and not 1 <= max_concurrency <= MAX_STREAMS_PER_WORKER:
+        return _refuse(f"--max-streams must be 1 to {MAX_STREAMS_PER_WORKER} (the most streams tried), "
+                       f"not {max_concurrency}")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        return _refuse(f"--seconds must be a number above 0 (seconds measured per step), not {seconds:g}")
     try:
         settings = _settings(engine=engine, simulate_gpu=simulate_gpu)
         loaded = load_engine(settings.engine, settings, for_calibration=True)
@@ -73,7 +83,10 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
         return _refuse(str(exc))
     if not isinstance(loaded, Calibratable):
         return _refuse(f"engine {loaded.name!r} has no load probe (load_probe()), so it cannot be calibrated")
-    gpus = detect_gpus(settings.simulate_gpu)
+    try:
+        gpus = detect_gpus(settings.simulate_gpu)
+    except GpuProbeFailed as exc:
+        return _refuse(f"cannot read the GPUs: {exc}")
     formula = compute_capacity(gpus, loaded.profile)
     print(f"GPUs: {[g.name for g in gpus] or 'none'}; VRAM/CPU/RAM formula: {formula.max_streams} streams "
           f"(limited by {formula.reason})")

@@ -1,7 +1,9 @@
 """GPU discovery: NVML (nvidia-ml-py) first, GPUtil as a fallback, else none (CPU mode); or simulated GPUs.
 
 Only what a CUDA process here can use counts: the MIG instances of a GPU in MIG mode rather than the whole GPU,
-and only the devices CUDA_VISIBLE_DEVICES names when it is set.
+and only the devices CUDA_VISIBLE_DEVICES names when it is set. GPUtil stands in only when NVML cannot be loaded:
+once NVML is up, a query of it that fails fails the probe (``GpuProbeFailed``), since nvidia-smi knows no MIG and
+would advertise a split GPU whole.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ KNOWN_GPUS: dict[str, tuple[str, int]] = {
 }
 _SIMULATE_RE = re.compile(r"^(?P<kind>[a-z0-9-]+?)(?:x(?P<count>\d+))?$")
 _T = TypeVar("_T")
+
+
+class GpuProbeFailed(RuntimeError):
+    """NVML is loaded but cannot say what CUDA may use here: no GPU count is better than a wrong one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +114,14 @@ def _visible(devices: list[_T], ids: Callable[[_T], tuple[int, tuple[str, ...]]]
 
 
 def _mig_handles(pynvml: Any, parent: Any) -> list[Any] | None:
-    """The MIG devices of a GPU in MIG mode; None when it is not, or NVML cannot tell (whole GPU, as before MIG)."""
+    """The MIG devices of a GPU in MIG mode; None when it is not, or cannot be (bindings or a driver before MIG).
+
+    Raises GpuProbeFailed when the GPU is in MIG mode but its instances cannot be listed: CUDA cannot use the whole
+    GPU then, so counting it whole would advertise streams that do not exist."""
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(parent)
-    except (AttributeError, pynvml.NVMLError):  # old nvidia-ml-py, a pre-R450 driver, a GPU without MIG
-        return None
+    except (AttributeError, pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound):
+        return None  # old nvidia-ml-py, a pre-R450 driver, a GPU without MIG
     if current != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
         return None
     handles = []
@@ -122,9 +131,8 @@ def _mig_handles(pynvml: Any, parent: Any) -> list[Any] | None:
                 handles.append(pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot))
             except pynvml.NVMLError_NotFound:
                 continue  # no instance in this slot
-    except (AttributeError, pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound) as exc:
-        log.warning("GPU in MIG mode but its MIG devices cannot be listed (%s): counting the whole GPU", exc)
-        return None
+    except (AttributeError, pynvml.NVMLError) as exc:
+        raise GpuProbeFailed(f"a GPU is in MIG mode but its MIG instances cannot be listed: {exc}") from None
     return handles
 
 
@@ -175,7 +183,9 @@ def _read(pynvml: Any, device: _Device) -> Gpu:
 
 
 def _probe_nvml() -> list[Gpu] | None:
-    """The GPUs a CUDA process here may use, by NVML, or None when NVML is unavailable (no driver, no library)."""
+    """The GPUs a CUDA process here may use, by NVML, or None when NVML is unavailable (no driver, no library).
+
+    Raises GpuProbeFailed when NVML is loaded but a query fails (NoPermission, GpuIsLost, Unknown, …)."""
     try:
         import pynvml
 
@@ -186,9 +196,10 @@ def _probe_nvml() -> list[Gpu] | None:
     try:
         devices = [d for index in range(pynvml.nvmlDeviceGetCount()) for d in _nvml_devices(pynvml, index)]
         return [_read(pynvml, d) for d in _one_mig_instance(_visible(devices, lambda d: (d.index, d.uuids)))]
-    except Exception as exc:  # noqa: BLE001
-        log.warning("NVML query failed: %s", exc)
-        return None
+    except GpuProbeFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pynvml raises NVMLError subclasses, old bindings AttributeError
+        raise GpuProbeFailed(f"NVML is loaded but a query failed: {exc}") from None
     finally:
         with contextlib.suppress(Exception):  # shutting down a half-initialised NVML is best effort
             pynvml.nvmlShutdown()
@@ -222,21 +233,28 @@ def _reading(value: object) -> float:
 
 
 def detect_gpus(simulate: str | None = None) -> list[Gpu]:
-    """The machine's GPUs (NVML → GPUtil → none), or the simulated set when ``simulate`` is given."""
+    """The machine's GPUs (NVML → GPUtil → none), or the simulated set when ``simulate`` is given.
+
+    Raises GpuProbeFailed when NVML is loaded but cannot be read."""
     if simulate:
         return parse_simulated(simulate)
     found = _probe_nvml()
-    if found is None:  # when NVML answers, nvidia-smi (NVML underneath) cannot know better, and knows no MIG
+    if found is None:  # only without NVML: nvidia-smi (NVML underneath) cannot know better, and knows no MIG
         found = _probe_gputil()
     return found or []
 
 
 def refresh(gpus: list[Gpu], vram_used_by_engine_mb: int = 0) -> list[Gpu]:
-    """Live used VRAM and utilisation; simulated GPUs report the engine's own accounting spread evenly."""
+    """Live used VRAM and utilisation; simulated GPUs report the engine's own accounting spread evenly. A probe
+    that fails leaves the last reading: the capacity was set at the start, a heartbeat only reports load."""
     if not gpus:
         return gpus
     if gpus[0].simulated:
         share = vram_used_by_engine_mb // len(gpus)
         return [replace(g, vram_used_mb=min(g.vram_total_mb, share)) for g in gpus]
-    fresh = detect_gpus()
+    try:
+        fresh = detect_gpus()
+    except GpuProbeFailed as exc:
+        log.warning("GPU probe failed (%s); the heartbeat carries the last reading", exc)
+        return gpus
     return fresh or gpus
