@@ -357,6 +357,8 @@ async def test_scale_in_protection_follows_sessions_and_drain_completes_the_life
         make_running_hub: Any, run_agent: Any) -> None:
     client, stub = stubbed_autoscaling()
     protection = {"InstanceIds": ["i-1"], "AutoScalingGroupName": "asg-gpu"}
+    # The start lifts any protection a crashed predecessor left on, then it follows the session.
+    stub.add_response("set_instance_protection", {}, {**protection, "ProtectedFromScaleIn": False})
     stub.add_response("set_instance_protection", {}, {**protection, "ProtectedFromScaleIn": True})
     stub.add_response("set_instance_protection", {}, {**protection, "ProtectedFromScaleIn": False})
     stub.add_response("complete_lifecycle_action", {}, {

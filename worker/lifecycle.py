@@ -6,6 +6,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from shared.backoff import backoff_delays
+
 if TYPE_CHECKING:
     from worker.imds import InstanceIdentity
     from worker.settings import WorkerSettings
@@ -66,12 +68,24 @@ class Lifecycle:
         self._wanted = count > 0
         self._changed.set()
 
-    async def protection_loop(self, retry_s: float = 5.0) -> None:
-        """Apply the wanted protection off the event loop; changes coalesce, failures retry."""
+    async def protection_loop(self) -> None:
+        """Apply the wanted protection off the event loop; changes coalesce, failures retry with jittered backoff.
+
+        The first pass applies it with no change to wait for: a worker that crashed while protected left the
+        instance protected, which an idle successor must lift."""
+        if not self.group:
+            log.warning("no ASG name known; scale-in protection is not managed")
+            return
+        retries = backoff_delays(base_s=1.0, cap_s=30.0)
+        self._changed.set()
         while True:
             await self._changed.wait()
             self._changed.clear()
             wanted = self._wanted
-            if wanted != self.protected and not await asyncio.to_thread(self.set_protection, wanted):
-                await asyncio.sleep(retry_s)
+            if wanted == self.protected:
+                continue
+            if await asyncio.to_thread(self.set_protection, wanted):
+                retries = backoff_delays(base_s=1.0, cap_s=30.0)
+            else:
+                await asyncio.sleep(next(retries))
                 self._changed.set()
