@@ -88,20 +88,28 @@ _Command = TypeVar("_Command", bound=Callable[..., None])
 
 
 def _tolerant(command: _Command) -> _Command:
-    """A hub's success answer of an unexpected shape (an older or newer hub, a proxy's page) is one line, not a
-    traceback."""
+    """A hub's success answer of an unexpected shape (an older or newer hub, a proxy's page) or with a value of the
+    wrong kind or range (``"n/a"`` for a figure, a time no calendar holds) is one line, not a traceback."""
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         try:
             command(*args, **kwargs)
-        except (KeyError, TypeError, AttributeError, IndexError) as exc:
-            _fail(f"the hub's answer lacks what this command reads ({type(exc).__name__}: {exc})", EXIT_ERROR)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, OverflowError) as exc:
+            _fail(f"the hub's answer is not what this command reads ({type(exc).__name__}: {exc})", EXIT_ERROR)
 
     return run  # type: ignore[return-value]
 
 
 def _print_json(data: Any) -> None:
     typer.echo(jsonlib.dumps(data, indent=2, sort_keys=True))
+
+
+def _utc(timestamp: float) -> str:
+    """Epoch seconds as UTC; a time out of range is an OverflowError however the platform's gmtime says so."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    except OSError:  # EOVERFLOW: within time_t, beyond the C library's calendar
+        raise OverflowError(f"timestamp {timestamp!r} out of range") from None
 
 
 def _age(seconds: float | None) -> str:
@@ -146,7 +154,7 @@ def show_worker(worker_id: str, hub: str = DEFAULT_HUB, json: bool = False,
     if json:
         _print_json(w)
         return
-    _out.print(workers_table([w]))
+    summary = workers_table([w])  # both built before either is printed: an odd value prints nothing but the error
     details = Table.grid(padding=(0, 2))
     details.add_row("url", w["url"])
     details.add_row("zone", w["zone"] or "—")
@@ -158,7 +166,8 @@ def show_worker(worker_id: str, hub: str = DEFAULT_HUB, json: bool = False,
     details.add_row("vram used", f"{w['vram_used_mb']} MB")
     details.add_row("error rate", f"{w['error_rate']:.2%}")
     details.add_row("labels", ", ".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "—")
-    details.add_row("registered", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(w["registered_at"])))
+    details.add_row("registered", _utc(w["registered_at"]))
+    _out.print(summary)
     _out.print(details)
 
 

@@ -340,3 +340,52 @@ def test_uvicorn_never_logs_below_info_whatever_the_hub_logs(monkeypatch: pytest
     monkeypatch.setenv("FLEET_LOG_LEVEL", "warning")
     assert runner.invoke(app, ["hub"]).exit_code == 0
     assert seen["log_level"] == "warning"
+
+
+def _a_worker(**odd: Any) -> dict[str, Any]:
+    """A worker as the hub shows it, with some fields replaced by ``odd``."""
+    return {"worker_id": "w-1", "region": "us-east-1", "gpus": [{"name": "NVIDIA A10G"}], "alive": True,
+            "state": "ready", "used_streams": 1, "max_streams": 4, "gpu_utilization": 30.0, "latency_ms": 41.0,
+            "heartbeat_age_s": 0.5, "url": "http://10.0.0.5:8000", "zone": None, "location": {"lat": 1.0, "lon": 2.0},
+            "drain_requested": False, "instance_type": None, "engine": "synthetic", "cpu_percent": 5.0,
+            "memory_percent": 10.0, "vram_used_mb": 0, "error_rate": 0.0, "labels": {}, "registered_at": 1.7e9,
+            **odd}
+
+
+@pytest.mark.parametrize("odd", [
+    {},  # guards the harness: the same answer, sane, is shown
+    {"gpu_utilization": "n/a"},  # ValueError: a str for an :.0f figure
+    {"used_streams": 10**400},  # OverflowError: too large a number for a float
+    {"registered_at": 1e300},  # OverflowError: beyond the platform's time_t
+    {"registered_at": 1e18},  # OSError (EOVERFLOW) from gmtime on Linux
+], ids=["sane", "str-figure", "huge-int", "huge-time", "far-time"])
+def test_a_worker_with_odd_values_is_one_line_and_an_exit_code(odd: dict[str, Any]) -> None:
+    """Regression: a value of the wrong kind or range gave a traceback from `fleet worker ID`."""
+    import http.server
+
+    body = json.dumps(_a_worker(**odd)).encode()
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = runner.invoke(app, ["worker", "w-1", "--hub", f"http://127.0.0.1:{server.server_address[1]}"])
+    finally:
+        server.shutdown()
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if not odd:
+        assert result.exit_code == 0 and "2023-11-14" in result.output, result.output
+        return
+    assert result.exit_code == admin.EXIT_ERROR, (result.output, result.exception)
+    assert result.stdout == "", "nothing half-shown before the error"
+    assert len(result.stderr.strip().splitlines()) == 1 and "the hub's answer" in result.stderr, result.stderr
