@@ -311,14 +311,127 @@ def _worker_script() -> str:
     return script
 
 
-def test_worker_unit_is_not_restarted_after_a_clean_drain_and_apt_waits_for_the_lock() -> None:
+def test_worker_unit_comes_back_after_a_standby_and_apt_waits_for_the_lock() -> None:
+    """Regression: Restart=on-failure never restarted the worker that drained (exit 0) for a Standby, so the instance
+    came back InService without a worker. worker-env.py, not the unit, keeps a leaving instance from registering."""
     script = _worker_script()
-    assert "Restart=on-failure" in script
-    assert "Restart=always" not in script
+    unit = script[script.index("cat > /etc/systemd/system/fleet-worker.service"):]
+    unit = unit[:unit.index("UNIT\n", unit.index("[Install]"))]
+    assert "\nRestart=always\n" in unit and "Restart=on-failure" not in unit
+    assert re.search(r"\nRestartSec=([1-9]\d*)\n", unit)
+    # The refusals while in Standby must not run into systemd's start limit and leave the unit failed for good.
+    assert "\nStartLimitIntervalSec=0\n" in unit[:unit.index("[Service]")]
+    assert "ExecStartPre=/opt/fleet/bin/python /opt/fleet/worker-env.py" in unit
     apt = [line.strip() for line in script.splitlines() if re.match(r"\s*apt-get\b", line)]
     assert apt and all("-o DPkg::Lock::Timeout=300" in line for line in apt), apt
     # add-apt-repository would run its own `apt-get update` without the timeout.
     assert all("--no-update" in line for line in script.splitlines() if "add-apt-repository" in line)
+
+
+def test_every_imds_call_of_the_user_data_is_bounded_in_time() -> None:
+    """Regression: curl to IMDS had no timeout, so a wedged metadata service hung the bootstrap until the hook's
+    timeout instead of failing it (and retrying a blip first)."""
+    commands = _worker_script().replace("\\\n", " ").splitlines()  # continued lines joined
+    calls = [line.strip() for line in commands if re.search(r"(^|\$\()\s*curl\b", line.strip())]
+    assert len(calls) == 4, calls
+    for call in calls:
+        assert re.search(r"--max-time [1-9]\b", call) and re.search(r"--retry [1-9]\b", call), call
+
+
+# --- worker-env.py, the ExecStartPre of every (re)start, against a fake IMDS and a fake boto3 ------------------
+
+FAKE_BOTO3 = '''
+import os
+
+
+class SecretsManager:
+    def get_secret_value(self, SecretId):
+        with open(os.environ["FAKE_BOTO3_LOG"], "a") as log:
+            log.write(SecretId + "\\n")
+        return {"SecretString": "a-worker-token-of-more-than-32-chars"}
+
+
+def client(service, region_name=None):
+    assert service == "secretsmanager", service
+    return SecretsManager()
+'''
+
+
+def _worker_env_script() -> str:
+    script = _worker_script()
+    start = script.index("cat > /opt/fleet/worker-env.py <<'PY'\n")
+    body = script[script.index("\n", start) + 1:]
+    return _sub(body[:body.index("\nPY\n")] + "\n")
+
+
+def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]]) -> tuple[subprocess.CompletedProcess[str],
+                                                                                    Path, list[str]]:
+    """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404)."""
+    import http.server
+    import sys
+    import threading
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self._answer((200, "TOKEN") if self.path == "/latest/api/token" else (404, ""))
+
+        def do_GET(self) -> None:
+            if self.headers.get("X-aws-ec2-metadata-token") != "TOKEN":
+                self._answer((401, ""))
+                return
+            self._answer(metadata.get(self.path.removeprefix("/latest/meta-data/"), (404, "")))
+
+        def _answer(self, answer: tuple[int, str]) -> None:
+            self.send_response(answer[0])
+            self.send_header("Content-Length", str(len(answer[1])))
+            self.end_headers()
+            self.wfile.write(answer[1].encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    (fakes / "boto3.py").write_text(FAKE_BOTO3)
+    run = tmp_path / "run"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        text = _worker_env_script().replace("http://169.254.169.254", f"http://127.0.0.1:{server.server_address[1]}")
+        (tmp_path / "worker-env.py").write_text(text.replace("/run/fleet", str(run)))
+        log = tmp_path / "secrets-read"
+        proc = subprocess.run([sys.executable, str(tmp_path / "worker-env.py")], capture_output=True, text=True,
+                              timeout=30, env={"PYTHONPATH": str(fakes), "FAKE_BOTO3_LOG": str(log)})
+    finally:
+        server.shutdown()
+    return proc, run / "worker.env", log.read_text().splitlines() if log.exists() else []
+
+
+def test_worker_env_starts_the_worker_of_an_instance_in_service(tmp_path: Path) -> None:
+    proc, env_file, secrets = _run_worker_env(tmp_path, {"autoscaling/target-lifecycle-state": (200, "InService")})
+    assert proc.returncode == 0, proc.stderr
+    assert "FLEET_WORKER_TOKEN='a-worker-token-of-more-than-32-chars'" in env_file.read_text()
+    assert secrets == [SUB_VALUES["WorkerTokenSecretArn"]]
+    assert env_file.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(("metadata", "said"), [
+    ({"autoscaling/target-lifecycle-state": (200, "Standby")}, "Standby"),
+    ({"autoscaling/target-lifecycle-state": (200, "Terminated")}, "Terminated"),
+    ({"autoscaling/target-lifecycle-state": (200, "Detached")}, "Detached"),
+    ({"autoscaling/target-lifecycle-state": (200, "InService"),
+      "spot/instance-action": (200, '{"action": "terminate", "time": "2026-11-23T08:22:00Z"}')}, "spot"),
+    ({"autoscaling/target-lifecycle-state": (500, "")}, "target-lifecycle-state"),
+], ids=["standby", "terminating", "detached", "spot-notice", "imds-failing"])
+def test_worker_env_refuses_a_restart_on_an_instance_that_is_leaving_or_unknown(
+        tmp_path: Path, metadata: dict[str, tuple[int, str]], said: str) -> None:
+    """With Restart=always the worker that drained is started again: on an instance that is leaving (or whose state
+    cannot be read) it must not register, only fail this start and let systemd try again later."""
+    proc, env_file, secrets = _run_worker_env(tmp_path, metadata)
+    assert proc.returncode != 0
+    assert not env_file.exists() and secrets == []
+    assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # --- The worker user data, run against fake commands (aws, curl, systemctl, apt, python3.11) -------------------
@@ -409,7 +522,7 @@ def test_worker_bootstrap_completes_the_launch_hook_after_starting_the_worker(tm
     assert names.index("systemctl start fleet-worker.service") < names.index("aws")
     assert names.index("pip") < names.index("aws")
     unit = (root / "etc/systemd/system/fleet-worker.service").read_text()
-    assert "Restart=on-failure" in unit
+    assert "Restart=always" in unit
     assert not (root / "var/lib/fleet/warmed").exists()
 
 
