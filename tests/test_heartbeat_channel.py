@@ -131,7 +131,8 @@ async def test_a_late_board_write_cannot_bring_back_a_deregistered_worker(redis_
     try:
         assert await store.deregister("w-000", secrets["w-000"]) == 1
         # A batch whose HEARTBEAT scripts ran just before the deregistration writes the board just after it.
-        skipped = await store._publish_batch(keys=keys.BOARD.as_list(), args=["w-000", "{}", 0, "", "w-001", "{}", 0, ""])
+        batch = ["w-000", "{}", 0, "", "w-001", "{}", 0, ""]
+        skipped = await store._publish_batch(keys=keys.BOARD.as_list(), args=batch)
         assert skipped == ["w-000"]
         assert set(sync_redis(redis_url, decode_responses=True).hkeys(keys.BOARD.status)) == {"w-001"}
     finally:
