@@ -68,6 +68,11 @@ class Figures:
             self.errors.append(what)
 
 
+def hold_s(rng: random.Random, mean_s: float) -> float:
+    """How long a user keeps a session: lognormal, sigma 0.5, averaging ``mean_s`` (mu = -sigma^2 / 2)."""
+    return rng.lognormvariate(-0.125, 0.5) * mean_s
+
+
 class Soak:
     def __init__(self, load_s: float, pool: int, initial: int, mean_hold_s: float, churn_every_s: float,
                  seed: int) -> None:
@@ -133,7 +138,7 @@ class Soak:
             return
         self.fig.started += resp.status_code == 201
         self.fig.reused += resp.status_code == 200
-        await asyncio.sleep(self.rng.lognormvariate(0, 0.5) * self.mean_hold_s)
+        await asyncio.sleep(hold_s(self.rng, self.mean_hold_s))
         _, end = await self.call(http, "DELETE", f"/api/v1/sessions/{resp.json()['session_id']}")
         if end is not None and end.status_code == 204:
             self.fig.ended += 1

@@ -44,5 +44,8 @@ def test_routing_quick() -> None:
     out = _run("bench.routing")
     for policy in ("hub-spread", "hub-pack", "original", "nearest", "least-loaded", "round-robin", "random"):
         assert policy in out, out
-    assert "hub spread / optimum mean distance" in out and "hub false rejects: 0" in out, out
+    assert "hub spread / optimum mean distance" in out and "hub false rejects: 0 " in out, out
+    assert "2 hubs refreshing every 1 s, heartbeats every 3 s" in out, out  # the hub's own timings
+    refused = int(out.split("reservations refused on a stale board and re-ranked: ")[1].split()[0])
+    assert refused > 0, out  # the path a false reject would come from is exercised
     assert "GPU-h" in out, out

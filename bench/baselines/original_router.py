@@ -17,19 +17,34 @@ import asyncio
 import json
 import random
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from shared.geo import AWS_REGIONS, haversine_km
 
 PREFIX = "orig:"
+#: Either kind of client: the slot scripts touch one key each (the tests run them on a Redis Cluster too).
+Client = aioredis.Redis | aioredis.RedisCluster
+# KEYS[1] the worker's JSON. Returns 1 when a stream was taken, 0 when the worker is unknown or full.
 _RESERVE = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local w = cjson.decode(raw)
 if w['available_streams'] <= 0 then return 0 end
-w['available_streams'] = w['available_streams'] + tonumber(ARGV[1])
-w['current_load'] = w['current_load'] - tonumber(ARGV[1])
+w['available_streams'] = w['available_streams'] - 1
+w['current_load'] = w['current_load'] + 1
+redis.call('SET', KEYS[1], cjson.encode(w))
+return 1
+"""
+# KEYS[1] the worker's JSON. Returns 1 when a stream was given back, 0 when the worker is unknown or has none taken.
+_RELEASE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local w = cjson.decode(raw)
+if w['available_streams'] >= w['max_streams'] then return 0 end
+w['available_streams'] = w['available_streams'] + 1
+w['current_load'] = w['current_load'] - 1
 redis.call('SET', KEYS[1], cjson.encode(w))
 return 1
 """
@@ -42,15 +57,15 @@ def calculate_distance_score(user: dict[str, float], loc: dict[str, float]) -> f
     return 1.0 - min(haversine_km(user["lat"], user["lon"], loc["lat"], loc["lon"]) / 20015.0, 1.0)
 
 
-def score_worker(user: dict[str, float], w: dict) -> float:
+def score_worker(user: dict[str, float], w: dict[str, Any]) -> float:
     distance_score = calculate_distance_score(user, w["location"])
     load_score = w["current_load"] / w["max_capacity"]
     performance_score = w["avg_response_time_ms"] / 1000
     capacity_score = w["available_streams"] / w["max_streams"]
-    return distance_score * 0.4 + (1 - load_score) * 0.3 + (1 - performance_score) * 0.2 + capacity_score * 0.1
+    return float(distance_score * 0.4 + (1 - load_score) * 0.3 + (1 - performance_score) * 0.2 + capacity_score * 0.1)
 
 
-async def populate(r: aioredis.Redis, n: int, regions: list[str], max_streams: int = 4) -> None:
+async def populate(r: Client, n: int, regions: list[str], max_streams: int = 4) -> None:
     pipe = r.pipeline(transaction=False)
     for i in range(n):
         region = regions[i % len(regions)]
@@ -65,8 +80,8 @@ async def populate(r: aioredis.Redis, n: int, regions: list[str], max_streams: i
     await pipe.execute()
 
 
-async def get_healthy_workers(r: aioredis.Redis, pipelined: bool) -> list[dict]:
-    ids = await r.smembers(f"{PREFIX}active_workers")
+async def get_healthy_workers(r: Client, pipelined: bool) -> list[dict[str, Any]]:
+    ids = [str(wid) for wid in await r.smembers(f"{PREFIX}active_workers")]  # decoded already; str() for mypy
     if pipelined:
         raws = await r.mget([f"{PREFIX}worker:{wid}" for wid in ids])
     else:
@@ -75,14 +90,29 @@ async def get_healthy_workers(r: aioredis.Redis, pipelined: bool) -> list[dict]:
     return [w for raw in raws if raw and now - (w := json.loads(raw))["last_heartbeat"] < 300]
 
 
-async def route(r: aioredis.Redis, reserve, user: dict[str, float], pipelined: bool) -> str | None:
+class Slots:
+    """The baseline's slot scripts on one client: take a stream when a session starts, give it back when it ends."""
+
+    def __init__(self, r: Client) -> None:
+        self._reserve = r.register_script(_RESERVE)
+        self._release = r.register_script(_RELEASE)
+
+    async def take(self, worker_id: str) -> bool:
+        return bool(await self._reserve(keys=[f"{PREFIX}worker:{worker_id}"]))
+
+    async def give(self, worker_id: str) -> bool:
+        """Capacity is checked only when taking: a full worker must get its slot back."""
+        return bool(await self._release(keys=[f"{PREFIX}worker:{worker_id}"]))
+
+
+async def route(r: Client, slots: Slots, user: dict[str, float], pipelined: bool) -> str | None:
     for _ in range(5):  # the seed recurses on a lost race
         workers = await get_healthy_workers(r, pipelined)
         scored = sorted(((score_worker(user, w), w) for w in workers), key=lambda x: x[0], reverse=True)
         best = next((w for _, w in scored if w["available_streams"] > 0), None)
         if best is None:
             return None
-        if await reserve(keys=[f"{PREFIX}worker:{best['worker_id']}"], args=[-1]):
+        if await slots.take(best["worker_id"]):
             return str(best["worker_id"])
     return None
 
@@ -92,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     regions = args.regions.split(",")
     await r.delete(f"{PREFIX}active_workers")
     await populate(r, args.workers, regions)
-    reserve = r.register_script(_RESERVE)
+    slots = Slots(r)
     lat: list[float] = []
     done = 0
     stop_at = time.perf_counter() + args.duration
@@ -103,11 +133,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         while time.perf_counter() < stop_at:
             la, lo = rng.choice(_CITIES)
             t0 = time.perf_counter()
-            wid = await route(r, reserve, {"lat": la, "lon": lo}, args.pipelined)
+            wid = await route(r, slots, {"lat": la, "lon": lo}, args.pipelined)
             lat.append((time.perf_counter() - t0) * 1000)
             if wid:
                 done += 1
-                await reserve(keys=[f"{PREFIX}worker:{wid}"], args=[1])  # the session ends
+                await slots.give(wid)  # the session ends
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(args.concurrency)))
