@@ -158,6 +158,15 @@ async def make_worker() -> AsyncIterator[Callable[..., Awaitable[FakeWorker]]]:
         await worker.stop()
 
 
+
+async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail the test if it has not within ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
 def registration(worker_id: str, url: str, region: str = "us-east-1", max_streams: int = 5,
                  **extra: Any) -> dict[str, Any]:
     return {"worker_id": worker_id, "url": url, "region": region, "max_streams": max_streams,

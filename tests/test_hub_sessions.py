@@ -14,7 +14,16 @@ from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
 from shared import keys
 from shared.errors import StoreUnavailable
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, refresh, register, registration, sync_redis
+from tests.conftest import (
+    ADMIN_AUTH,
+    WORKER_AUTH,
+    heartbeat,
+    refresh,
+    register,
+    registration,
+    sync_redis,
+    wait_for,
+)
 
 
 async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: httpx.AsyncClient, make_worker) -> None:
@@ -288,10 +297,7 @@ async def test_a_worker_that_took_the_session_but_answered_500_is_told_to_stop_i
     await refresh(hub)
     resp = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74.0}})
     assert resp.status_code == 201 and resp.json()["worker"]["id"] == "w-good", resp.text
-    for _ in range(100):
-        if flaky.dispatches and not flaky.sessions:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: flaky.dispatches and not flaky.sessions, 2, "the flaky worker's session stopped")
     assert flaky.dispatches == 1 and flaky.sessions == {} and len(flaky.stopped) == 1
 
 
@@ -525,10 +531,7 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
 
     monkeypatch.setattr(store, "release", release_fails)
     assert (await late).status_code == 503
-    for _ in range(100):
-        if len(worker.sessions) == 1:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: len(worker.sessions) == 1, 2, "the late session stopped")
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
     monkeypatch.setattr(store, "release", release)
     seq, running = worker.snapshot()
@@ -556,10 +559,7 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     resp = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
     assert resp.status_code == 503 and resp.json()["error"] == "store_unavailable"
     monkeypatch.setattr(store, "compare_and_set_claim", real)
-    for _ in range(100):
-        if worker.stopped:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: worker.stopped, 2, "a stop")
     assert worker.sessions == {} and len(worker.stopped) == 1, "the placed session was stopped"
     seq, running = worker.snapshot()
     reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
@@ -587,17 +587,11 @@ async def test_ending_a_session_survives_a_failing_claim_cleanup_and_a_lost_rele
         await real_release(worker_id, session_id)
         raise StoreUnavailable("the shared store did not answer in time")
 
-    async def stopped(sid: str) -> bool:
-        for _ in range(100):
-            if sid in worker.stopped:
-                return sid not in worker.sessions
-            await asyncio.sleep(0.02)
-        return False
-
     first = (await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})).json()["session_id"]
     monkeypatch.setattr(store, "compare_and_set_claim", cleanup_fails)
     assert (await hub.delete(f"/api/v1/sessions/{first}")).status_code == 204
-    assert await stopped(first), "the worker was told to stop the ended session"
+    await wait_for(lambda: first in worker.stopped, 2, "the stop of the ended session")
+    assert first not in worker.sessions, "the worker was told to stop the ended session"
     monkeypatch.setattr(store, "compare_and_set_claim", real_cas)
     second = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
     assert second.status_code == 201, "the claim left behind points at an ended session and is replaced"
@@ -607,7 +601,8 @@ async def test_ending_a_session_survives_a_failing_claim_cleanup_and_a_lost_rele
     ended = await hub.delete(f"/api/v1/sessions/{sid}")
     assert ended.status_code == 503 and ended.json()["error"] == "store_unavailable"
     monkeypatch.setattr(store, "release", real_release)
-    assert await stopped(sid), "the worker was told to stop it all the same"
+    await wait_for(lambda: sid in worker.stopped, 2, "the stop after the lost answer")
+    assert sid not in worker.sessions, "the worker was told to stop it all the same"
     fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
     assert fleet[0]["used_streams"] == 0
 

@@ -17,7 +17,8 @@ from aiohttp import web
 import worker.agent
 import worker.gpus
 from shared.redis_server import free_port
-from tests.test_worker_hub import place_session, stubbed_autoscaling, wait_for, worker_settings
+from tests.conftest import wait_for
+from tests.test_worker_hub import place_session, stubbed_autoscaling, worker_settings
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
 from worker.gpus import Gpu

@@ -24,7 +24,7 @@ from botocore.stub import Stubber
 
 from shared.models import HeartbeatReply
 from shared.redis_server import free_port
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis, wait_for
 from tests.fakes import StaticImds
 from worker.agent import WorkerAgent, client_audio_url
 from worker.hub_client import ACK_EVERY
@@ -59,14 +59,6 @@ async def run_agent() -> AsyncIterator[Callable[..., Awaitable[WorkerAgent]]]:
     for agent, task in running:
         agent.request_drain("test over")
         assert await asyncio.wait_for(task, 10) == 0
-
-
-async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def worker_view(hub: httpx.AsyncClient, worker_id: str = "w-agent") -> dict[str, Any] | None:

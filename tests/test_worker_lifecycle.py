@@ -4,7 +4,7 @@ first moment, and a failed call is retried with jittered backoff."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -13,6 +13,7 @@ from botocore.stub import Stubber
 
 import worker.lifecycle as lifecycle_module
 from shared.backoff import backoff_delays
+from tests.conftest import wait_for
 from worker.lifecycle import Lifecycle
 
 PROTECTION = {"InstanceIds": ["i-1"], "AutoScalingGroupName": "asg-gpu"}
@@ -29,14 +30,6 @@ def expect_protection(stub: Stubber, protected: bool) -> None:
 
 def refuse_protection(stub: Stubber) -> None:
     stub.add_client_error("set_instance_protection", "Throttling", "Rate exceeded")
-
-
-async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def stop(task: asyncio.Task[None]) -> None:
