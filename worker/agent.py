@@ -26,7 +26,7 @@ from shared.models import Location, WorkerRegistration
 from worker.app import create_worker_app
 from worker.capacity import compute_capacity
 from worker.engine import Engine
-from worker.gpus import Gpu, detect_gpus
+from worker.gpus import Gpu, GpuProbeFailed, detect_gpus
 from worker.hub_client import HubClient, describe_error
 from worker.imds import Imds, ImdsUnavailable, InstanceIdentity
 from worker.lifecycle import Lifecycle
@@ -171,7 +171,10 @@ class WorkerAgent:
         except ImdsUnavailable as exc:
             raise CannotStart(f"configured for EC2 (a lifecycle hook or scale-in protection) but the instance "
                               f"metadata did not answer: {exc}") from None
-        self.gpus = await asyncio.to_thread(detect_gpus, s.simulate_gpu)
+        try:
+            self.gpus = await asyncio.to_thread(detect_gpus, s.simulate_gpu)
+        except GpuProbeFailed as exc:
+            raise CannotStart(f"cannot read the GPUs: {exc}") from None
         cap = compute_capacity(self.gpus, self.engine.profile, override=s.max_streams)
         log.info("GPUs: %s; capacity %d streams (limited by %s)",
                  [g.name for g in self.gpus] or "none (CPU mode)", cap.max_streams, cap.reason)

@@ -35,7 +35,6 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
 
     from worker.agent import CannotStart, WorkerAgent
     from worker.engines import EngineUnavailable
-    from worker.gpus import GpuProbeFailed
 
     try:
         settings = _settings(host=host, port=port, advertise_url=advertise_url, region=region,
@@ -49,10 +48,8 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
         return _refuse(str(exc))
     try:
         return asyncio.run(agent.run())
-    except CannotStart as exc:  # known only once the agent reads the instance metadata or binds
+    except CannotStart as exc:  # known only once the agent reads the instance metadata or the GPUs, or binds
         return _refuse(str(exc))
-    except GpuProbeFailed as exc:
-        return _refuse(f"cannot read the GPUs: {exc}")
 
 
 def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_concurrency: int | None = None,

@@ -100,15 +100,13 @@ class Imds:
         """``_read`` retried with backoff and jitter, each try with a longer timeout; raises the last failure."""
         timeout = aiohttp.ClientTimeout(total=max(REQUIRED_TIMEOUT_S, self.timeout.total or 0))
         delays = backoff_delays(base_s=0.2, cap_s=2.0)
-        for attempt in range(REQUIRED_ATTEMPTS):
+        for _ in range(REQUIRED_ATTEMPTS - 1):
             try:
                 return await self._read(path, timeout)
             except ImdsUnavailable as exc:
-                if attempt == REQUIRED_ATTEMPTS - 1:
-                    raise
                 log.warning("instance metadata: %s; retrying", exc)
                 await asyncio.sleep(next(delays))
-        raise AssertionError("unreachable")
+        return await self._read(path, timeout)  # the last try: its failure is the caller's
 
     async def identity(self, *, required: bool = False) -> InstanceIdentity | None:
         """Who and where this instance is, or None when not on EC2 (one quick try).
