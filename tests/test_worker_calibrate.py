@@ -156,3 +156,16 @@ def test_nonsense_bounds_are_refused_before_measuring(monkeypatch: pytest.Monkey
     assert cli_calibrate(engine="synthetic", **{"max_concurrency": 2, "seconds": 0.1, **options}) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fleet worker: {said}"), err
+
+
+def test_a_zero_max_streams_from_the_environment_is_refused_not_taken_as_256(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: ``FLEET_MAX_STREAMS=0`` (a worker that takes nothing) made calibrate search up to 256."""
+    import worker.calibrate
+    from worker.cli import EXIT_USAGE
+    from worker.cli import calibrate as cli_calibrate
+
+    monkeypatch.setenv("FLEET_MAX_STREAMS", "0")
+    monkeypatch.setattr(worker.calibrate, "run", lambda *_: pytest.fail("measured with no bound"))
+    assert cli_calibrate(engine="synthetic", seconds=0.1) == EXIT_USAGE
+    assert "FLEET_MAX_STREAMS=0" in capsys.readouterr().err

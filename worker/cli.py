@@ -90,7 +90,11 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     llm = getattr(loaded, "llm_name", None)  # engines that talk to an LLM say which one answers
     if llm is not None:
         print(f"LLM for calibration: {llm}")
-    limit = max_concurrency or settings.max_streams or DEFAULT_MAX_CONCURRENCY
+    limit = max_concurrency if max_concurrency is not None else settings.max_streams
+    if limit is None:
+        limit = DEFAULT_MAX_CONCURRENCY
+    elif limit < 1:  # FLEET_MAX_STREAMS=0 is a worker that takes nothing: no bound for a search
+        return _refuse("FLEET_MAX_STREAMS=0 bounds no search; pass --max-streams 1 or more")
     try:
         result = run(loaded, limit, seconds or (6.0 if loaded.name == "voice" else 2.0))
     except CalibrationFailed as exc:
