@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,8 @@ class Lifecycle:
         if not self.group:
             log.warning("no ASG name known; scale-in protection is not managed")
             return
-        retries = backoff_delays(base_s=1.0, cap_s=30.0)
+        fresh_retries = functools.partial(backoff_delays, base_s=1.0, cap_s=30.0)
+        retries = fresh_retries()
         self._changed.set()
         while True:
             await self._changed.wait()
@@ -85,7 +87,7 @@ class Lifecycle:
             if wanted == self.protected:
                 continue
             if await asyncio.to_thread(self.set_protection, wanted):
-                retries = backoff_delays(base_s=1.0, cap_s=30.0)
+                retries = fresh_retries()  # the next failure starts again from a short wait
             else:
                 await asyncio.sleep(next(retries))
                 self._changed.set()
