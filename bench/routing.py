@@ -8,7 +8,7 @@ own time zone (quiet at 04:00 local, peak at 20:00), Poisson per minute; session
 What Redis knows, and when (as hub/scripts.py does it): a session ends when its user leaves; the worker's next
 heartbeat (every ``--heartbeat-s``, at a phase of its own drawn from the seed) reports it gone, and only then does
 the RESERVE script's count (``used < max_streams``, applied here in memory) drop and the board in Redis change.
-Every policy reserves against that count. Hub policies run ``--hubs`` hub processes behind a round-robin load
+Every policy reserves against that count. Hub policies (``bench/routing_hubs.py``) run ``--hubs`` hub processes behind a round-robin load
 balancer, each with its own ``RoutingBoard`` mirror that re-reads the Redis board every ``--refresh-s`` (its own
 phase) through the board's own delta rebuild, and learns its own reservations at once through ``note_used``. A hub
 does not see the other hubs' reservations until its next refresh, so its board can offer a worker that is full;
@@ -47,9 +47,7 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 
 from bench.common import record_printout
-from hub.allocator import _MAX_RESERVATIONS
-from hub.board import RoutingBoard
-from hub.scoring import Weights
+from bench.routing_hubs import BoardChange, HubMirror, HubsBehindLoadBalancer
 from hub.settings import HubSettings
 from shared.geo import AWS_REGIONS, haversine_km, rtt_estimate_ms
 from shared.models import Policy
@@ -181,49 +179,6 @@ class Result:
     gpu_hours: float = 0.0
 
 
-#: (sim second, worker index, leases held, sessions running): what the board in Redis hears, in time order.
-BoardChange = tuple[float, int, int, int]
-
-
-class HubMirror:
-    """One hub process's ``RoutingBoard``, refreshed from the Redis board through the board's own delta rebuild."""
-
-    def __init__(self, fleet: list[Worker], policy: Policy, refresh_s: float, phase_s: float, seed: int) -> None:
-        self.fleet = fleet
-        self.refresh_s = refresh_s
-        self.phase_s = phase_s
-        self.read_up_to = 0  # changes already read
-        hs = HUB_DEFAULTS
-        self.board = RoutingBoard(None, ttl_ms=10 ** 12, retention_ms=10 ** 12,  # type: ignore[arg-type]
-                                  policy=policy, weights=Weights(hs.weight_distance, hs.weight_load,
-                                                                 hs.weight_latency, hs.weight_capacity),
-                                  near_best_margin=hs.near_best_margin, rng=random.Random(seed))
-        self.board._static = {x.wid: {"url": "", "region": x.region, "zone": None, "lat": x.lat, "lon": x.lon,
-                                      "labels": {}, "max_streams": x.max_streams} for x in fleet}
-        for x in fleet:
-            self._mirror(x, 0, 0)
-        self.board._rebuild(None, now_ms=1)
-
-    def _mirror(self, x: Worker, used: int, running: int) -> None:
-        self.board._used_raw[x.wid] = str(used)
-        self.board._status_raw[x.wid] = json.dumps({"latency_ms": x.latency_ms,
-                                                    "gpu_utilization": 100.0 * running / x.max_streams})
-
-    def last_refresh(self, now: float) -> float:
-        return self.phase_s + math.floor((now - self.phase_s) / self.refresh_s) * self.refresh_s
-
-    def refresh(self, changes: list[BoardChange], up_to: float) -> None:
-        """Read what changed on the Redis board up to ``up_to`` (as ``RoutingBoard.refresh`` does)."""
-        changed: set[str] = set()
-        while self.read_up_to < len(changes) and changes[self.read_up_to][0] <= up_to:
-            _, i, used, running = changes[self.read_up_to]
-            self._mirror(self.fleet[i], used, running)
-            changed.add(self.fleet[i].wid)
-            self.read_up_to += 1
-        if changed:
-            self.board._rebuild(changed, now_ms=int(up_to * 1000) + 1)
-
-
 class Sim:
     def __init__(self, policy: str, fleet: list[Worker], *, hubs: int, refresh_s: float, heartbeat_s: float,
                  cooldown_s: float, seed: int) -> None:
@@ -243,20 +198,29 @@ class Sim:
         phases = random.Random(seed + 1)  # the same for every policy
         for x in fleet:
             x.heartbeat_phase_s = phases.uniform(0, heartbeat_s)
-        self.changes: list[BoardChange] = []
-        self.hubs: list[HubMirror] = []
-        self.next_hub = itertools.count()
-        self.refused = self.forced_refreshes = 0
+        self.changes: list[BoardChange] = []  # what the board in Redis hears, in time order
+        self.lb: HubsBehindLoadBalancer | None = None
         if policy.startswith("hub-"):
             board_policy = Policy.PACK if policy == "hub-pack" else Policy.SPREAD
-            self.hubs = [HubMirror(fleet, board_policy, refresh_s, phases.uniform(0, refresh_s), seed + h)
-                         for h in range(hubs)]
-            self.by_wid = {x.wid: x for x in fleet}
+            self.lb = HubsBehindLoadBalancer(fleet, self.changes, board_policy, hubs=hubs, refresh_s=refresh_s,
+                                             phases=phases, seed=seed)
+
+    @property
+    def hubs(self) -> list[HubMirror]:
+        return self.lb.hubs if self.lb else []
+
+    @property
+    def refused(self) -> int:
+        return self.lb.refused if self.lb else 0
+
+    @property
+    def forced_refreshes(self) -> int:
+        return self.lb.forced_refreshes if self.lb else 0
 
     # --- policies ---------------------------------------------------------------------------------------------
     def choose(self, now: float, lat: float, lon: float) -> Worker | None:
-        if self.hubs:
-            return self.place(now, lat, lon)
+        if self.lb:
+            return self.lb.place(now, lat, lon)
         if self.free_total == 0:
             return None
         p = self.policy
@@ -285,34 +249,6 @@ class Sim:
                  + avail / self.maxs * 0.1)
         total = np.where(free, total, -np.inf)
         return self.w[int(np.argmax(total))]
-
-    def place(self, now: float, lat: float, lon: float) -> Worker | None:
-        """``Allocator._place`` on the next hub behind the load balancer (every dispatch is accepted here)."""
-        hub = self.hubs[next(self.next_hub) % len(self.hubs)]
-        hub.refresh(self.changes, hub.last_refresh(now))
-        board = hub.board
-        tried: set[str] = set()
-        reservations = 0
-        refreshed = False
-        while reservations < _MAX_RESERVATIONS:
-            ranked = [r for r in board.rank(lat, lon) if r.entry.worker_id not in tried]
-            if not ranked:
-                if refreshed:
-                    break
-                hub.refresh(self.changes, now)  # no candidate left: read the board once more
-                self.forced_refreshes += 1
-                refreshed = True
-                continue
-            for candidate in ranked:
-                x = self.by_wid[candidate.entry.worker_id]
-                tried.add(x.wid)
-                reservations += 1
-                if x.used < x.max_streams:  # the RESERVE script's check
-                    board.note_used(x.wid, x.used + 1, x.max_streams)
-                    return x
-                self.refused += 1
-                board.note_used(x.wid, x.used, x.max_streams)  # the script answers what it counts
-        return None
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def take(self, x: Worker, now: float) -> None:
