@@ -8,13 +8,13 @@ own time zone (quiet at 04:00 local, peak at 20:00), Poisson per minute; session
 What Redis knows, and when (as hub/scripts.py does it): a session ends when its user leaves; the worker's next
 heartbeat (every ``--heartbeat-s``, at a phase of its own drawn from the seed) reports it gone, and only then does
 the RESERVE script's count (``used < max_streams``, applied here in memory) drop and the board in Redis change.
-Every policy reserves against that count. Hub policies (``bench/routing_hubs.py``) run ``--hubs`` hub processes behind a round-robin load
-balancer, each with its own ``RoutingBoard`` mirror that re-reads the Redis board every ``--refresh-s`` (its own
-phase) through the board's own delta rebuild, and learns its own reservations at once through ``note_used``. A hub
-does not see the other hubs' reservations until its next refresh, so its board can offer a worker that is full;
-the reservation refuses it, and the request continues as ``hub.allocator.Allocator._place`` does: try the ranked
-candidates, re-rank without the ones tried, read the board once more when none is left, give up after that read
-or ``_MAX_RESERVATIONS`` reservations.
+Every policy reserves against that count. Hub policies run ``--hubs`` hub processes behind a round-robin load
+balancer (``bench/routing_hubs.py``), each with its own ``RoutingBoard`` mirror that re-reads the Redis board every
+``--refresh-s`` (its own phase) through the board's own delta rebuild, and learns its own reservations at once
+through ``note_used``. A hub does not see the other hubs' reservations until its next refresh, so its board can
+offer a worker that is full; the reservation refuses it, and the request continues as
+``hub.allocator.Allocator._place`` does: try the ranked candidates, re-rank without the ones tried, read the board
+once more when none is left, give up after that read or ``_MAX_RESERVATIONS`` reservations.
 
 Metrics: mean / p95 user->worker great-circle distance and RTT estimate (shared.geo.rtt_estimate_ms); false
 rejects (refused while the reservation script would have given a slot somewhere), full rejects, and among these
