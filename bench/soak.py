@@ -59,7 +59,7 @@ class Figures:
     churn: Counter[str] = field(default_factory=Counter)
     samples: int = 0
     max_drift: int = 0
-    max_live_drift: int = 0
+    max_live_drift: int = 0  # sessions on live workers that one side has and the other not, summed over them
     over_limit: list[str] = field(default_factory=list)
     peak_used: int = 0
 
@@ -377,7 +377,8 @@ def _print(res: dict[str, Any]) -> None:
           f"unexpected errors {len(f['errors'])}")
     print(f"  churn {f['churn']}")
     print(f"  drift over {f['samples']} samples: max |redis used - workers' sessions| {f['max_drift']}, "
-          f"max per-worker mismatch on live workers {f['max_live_drift']}, over max_streams {len(f['over_limit'])}")
+          f"max sessions mismatched on live workers (all of them) {f['max_live_drift']}, "
+          f"over max_streams {len(f['over_limit'])}")
     print(f"  final: redis used {fin['redis_used']} == workers' own {fin['workers_real']} (settled in "
           f"{fin['settle_s']}s); after ending all {fin['ended_at_end']}: redis {fin['after_end_redis_used']}, "
           f"workers {fin['after_end_workers_real']}")
