@@ -137,6 +137,8 @@ class RoutingBoard:
                 return
             self._read_began = time.monotonic()
             read = await self.store.read_board(self._changes_since_ms)
+            if not read.complete and self._clock_went_back(read.now_ms):
+                read = await self.store.read_board(None)
             if read.complete:
                 self._static = {wid: json.loads(raw) for wid, raw in read.static.items() if raw is not None}
                 self._status_raw = {wid: raw for wid, raw in read.status.items() if raw is not None}
@@ -157,6 +159,20 @@ class RoutingBoard:
                          if e.heartbeat_ms and read.now_ms - e.heartbeat_ms > self.retention_ms]
             if forgotten:
                 await self.store.forget_on_board(forgotten)
+
+    def _clock_went_back(self, read_now_ms: int) -> bool:
+        """Whether the Redis clock is behind where the last read left it by more than the delta reads' overlap.
+
+        A failover to a replica whose clock is behind stamps its changes before this hub's cursor, and a delta
+        read would never return them (a registration view is written only once). The estimate extrapolates the last
+        read's clock from when its answer had been applied, so it never runs ahead of the real Redis clock: a
+        healthy server is never taken for a stepped one."""
+        expected_ms = self.now_ms + int((self._read_began - self._mono_at_refresh) * 1000)
+        if read_now_ms >= expected_ms - _CLOCK_STEP_TOLERANCE_MS:
+            return False
+        log.warning("the Redis clock is %d ms behind this hub's last read of the board (a failover?); reading the "
+                    "whole board", expected_ms - read_now_ms)
+        return True
 
     def _rebuild(self, changed: Iterable[str] | None, now_ms: int) -> None:
         """Bring entries up to date: all of them (``changed=None``) or only the workers that changed.
@@ -327,6 +343,9 @@ class RoutingBoard:
 
 #: How far back each delta read reaches before the previous read's Redis time.
 _CHANGE_OVERLAP_MS = 100
+#: A Redis clock found this far behind the last read's (half the overlap, so a step the overlap would not cover is
+#: always caught) makes the hub read the whole board.
+_CLOCK_STEP_TOLERANCE_MS = _CHANGE_OVERLAP_MS // 2
 
 
 def _apply(mirror: dict[str, str], changes: dict[str, str | None]) -> None:

@@ -4,12 +4,16 @@ sees, and a delta carries only what changed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
 import httpx
 
 from hub.board import RoutingBoard
+from hub.scoring import Weights
+from hub.store import BoardRead
+from shared.models import Policy
 from tests.conftest import WORKER_AUTH, heartbeat, register, registration
 
 
@@ -89,3 +93,42 @@ async def test_a_delta_carries_only_what_changed(make_hub: Any, make_worker: Any
 
     stale = await store.read_board(whole.now_ms - 3_600_000)  # older than the change log reaches: everything
     assert stale.complete and set(stale.status) == set(secrets) - {"w-1"}
+
+
+def _views(*wids: str) -> dict[str, str | None]:
+    return {wid: json.dumps({"url": f"http://{wid}", "region": "eu-west-1", "lat": 53.3, "lon": -6.3,
+                             "max_streams": 2}) for wid in wids}
+
+
+class _SteppedClockStore:
+    """The board's store as a failover to a replica whose clock is 2 s behind leaves it: w-2 registered after the
+    failover, so its change is stamped before the hub's cursor and the next delta does not carry it."""
+
+    def __init__(self) -> None:
+        self.reads: list[int | None] = []
+        self.answers = {  # (read number, whole?) -> answer
+            (1, True): BoardRead(static=_views("w-1"), status={}, used={}, now_ms=1_000_000, complete=True),
+            (2, False): BoardRead(static={}, status={}, used={}, now_ms=998_000, complete=False),
+            (3, True): BoardRead(static=_views("w-1", "w-2"), status={}, used={}, now_ms=998_010, complete=True),
+            (4, False): BoardRead(static={}, status={}, used={}, now_ms=999_010, complete=False),
+        }
+
+    async def read_board(self, changed_since_ms: int | None = None) -> BoardRead:
+        self.reads.append(changed_since_ms)
+        return self.answers[len(self.reads), changed_since_ms is None]
+
+
+async def test_a_redis_clock_that_went_back_makes_the_hub_read_the_whole_board() -> None:
+    """Regression: after a failover to a replica whose clock was behind, changes were stamped before each hub's
+    cursor and delta reads missed them for good (a registration view is written once)."""
+    store = _SteppedClockStore()
+    board = RoutingBoard(store, ttl_ms=10_000, retention_ms=60_000,  # type: ignore[arg-type]
+                         policy=Policy.SPREAD, weights=Weights(0.5, 0.2, 0.2, 0.1), near_best_margin=0.02)
+    await board.refresh()
+    assert set(board.entries) == {"w-1"}
+    await board.refresh()
+    assert store.reads == [None, 1_000_000 - 100, None]
+    assert set(board.entries) == {"w-1", "w-2"}
+    await asyncio.sleep(0.2)
+    await board.refresh()  # from the new clock on, deltas again
+    assert store.reads[3] == 998_010 - 100 and set(board.entries) == {"w-1", "w-2"}
