@@ -70,6 +70,7 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{live_hub.url}/dashboard")
+            sync_api.expect(page.locator("#app")).to_be_hidden()  # regression: CSS's display: grid beat `hidden`
 
             page.fill("#token", "not-the-token")
             page.click("#login-button")
@@ -106,6 +107,12 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
             assert shot.stat().st_size > 10_000
             if os.environ.get("UPDATE_DASHBOARD_SCREENSHOT"):
                 shutil.copy(shot, SCREENSHOT)
+
+            page.click("#logout")  # regression: the fleet stayed on screen after signing out
+            sync_api.expect(page.locator("#app")).to_be_hidden()
+            sync_api.expect(page.locator("#login")).to_be_visible()
+            sync_api.expect(rows).to_have_count(0)
+            sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(0)
             assert errors == []
         finally:
             browser.close()

@@ -177,6 +177,7 @@ async function refresh() {
   try {
     const [workers, fleet, sessions, livekit] = await Promise.all([
       api("/api/v1/workers"), api("/api/v1/fleet"), api("/api/v1/sessions"), api("/dashboard/api/livekit")]);
+    if (!sessionStorage.getItem(TOKEN_KEY)) return;  // signed out while this read was on the wire
     state.workers = workers.workers;
     drawWorkers();
     drawCapacity(fleet);
@@ -217,8 +218,18 @@ function showApp(signedIn) {
   }
 }
 
+function forgetFleet() {
+  state.workers = [];
+  for (const id of ["capacity", "links", "livekit", "workers-layer", "sessions-layer", "worker-count", "session-count"]) {
+    $(id).replaceChildren();
+  }
+  $("workers").tBodies[0].replaceChildren();
+  $("sessions").tBodies[0].replaceChildren();
+}
+
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  forgetFleet();  // nothing of the fleet stays on a shared screen, or looks live under a refused token
   $("login-error").textContent = message || "";
   $("status").textContent = "not signed in";
   showApp(false);
