@@ -40,10 +40,17 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: The hub's answers for an id it does not know (any other 404 means the URL is not a hub's API).
+_UNKNOWN_IDS = frozenset({"worker_unknown", "session_not_found"})
+
+
 def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """One admin request; every way it can fail becomes a one-line message and an exit code."""
     url = hub.rstrip("/") + path
     query = {k: v for k, v in (params or {}).items() if v is not None}
+    token = token.strip()  # a token read from a file often ends in a line break
+    if not token.isascii() or not token.isprintable():  # httpx would quote the whole header, token and all
+        _fail("the admin token must be printable ASCII (it travels in an HTTP header)", EXIT_ERROR)
     try:
         with httpx.Client(timeout=TIMEOUT) as client:
             resp = client.request(method, url, params=query, headers={"Authorization": f"Bearer {token}"})
@@ -51,8 +58,8 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
         _fail(f"the hub at {hub} did not answer in time", EXIT_UNAVAILABLE)
     except httpx.InvalidURL as exc:
         _fail(f"--hub {hub!r} is not a usable URL: {exc}", EXIT_ERROR)
-    except UnicodeError:
-        _fail("the admin token must be ASCII (it travels in an HTTP header)", EXIT_ERROR)
+    except httpx.LocalProtocolError as exc:  # the request could not be written; its text may quote a header
+        _fail(f"the request to {hub} could not be sent ({exc.__class__.__name__})", EXIT_ERROR)
     except httpx.HTTPError as exc:  # connection refused, DNS…
         _fail(f"cannot reach the hub at {hub}: {exc.__class__.__name__}: {exc}", EXIT_UNAVAILABLE)
     if resp.status_code == 204:
@@ -62,6 +69,7 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
             return resp.json()
         except ValueError:
             _fail(f"the hub answered {resp.status_code} with a body that is not JSON", EXIT_ERROR)
+    body: Any = None
     try:
         body = resp.json()
         message = f"{body.get('error', resp.status_code)}: {body.get('message', '')}".rstrip(": ")
@@ -70,7 +78,9 @@ def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | 
     if resp.status_code == 401:
         _fail(f"the hub refused the admin token (set FLEET_ADMIN_TOKEN or --token): {message}", EXIT_AUTH)
     if resp.status_code == 404:
-        _fail(message, EXIT_NOT_FOUND)
+        if isinstance(body, dict) and body.get("error") in _UNKNOWN_IDS:
+            _fail(message, EXIT_NOT_FOUND)
+        _fail(f"{hub} has no {path} (is --hub a hub's URL?): {message}", EXIT_ERROR)
     if resp.status_code in (502, 503, 504):  # 502/504: a load balancer with no hub behind it
         _fail(f"the hub is unavailable: {message}", EXIT_UNAVAILABLE)
     _fail(f"the hub answered {resp.status_code}: {message}", EXIT_ERROR)

@@ -212,7 +212,9 @@ def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
     # httpx would resolve '..' and drain another worker, or show another route's answer
     (["drain", "x/../gpu-use1-b"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker can have the id"),
     (["sessions", "--worker", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "not registered"),
-    (["workers"], "tökén", admin.EXIT_ERROR, "must be ASCII"),
+    (["workers"], "tökén", admin.EXIT_ERROR, "must be printable ASCII"),
+    # regression: httpx's error quoted the header, token and all
+    (["workers"], "prod-admin-SECRET\rX", admin.EXIT_ERROR, "must be printable ASCII"),
 ])
 def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str], token: str, code: int,
                                               words: str) -> None:
@@ -220,6 +222,7 @@ def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str]
     assert result.exit_code == code, result.output
     assert words in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert token.strip() not in result.output  # never the secret, even a wrong one
 
 
 def test_forget_removes_a_stale_worker_and_refuses_a_live_one(redis_url: str) -> None:
@@ -389,3 +392,19 @@ def test_a_worker_with_odd_values_is_one_line_and_an_exit_code(odd: dict[str, An
     assert result.exit_code == admin.EXIT_ERROR, (result.output, result.exception)
     assert result.stdout == "", "nothing half-shown before the error"
     assert len(result.stderr.strip().splitlines()) == 1 and "the hub's answer" in result.stderr, result.stderr
+
+
+def test_a_token_read_from_a_crlf_file_works(live_hub: LiveHub) -> None:
+    """Regression: ``FLEET_ADMIN_TOKEN=$(cat token.txt)`` kept a CR, and the error printed the whole header."""
+    result = fleet(live_hub, "workers", "--json", token=ADMIN_TOKEN + "\r\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["workers"]
+
+
+def test_a_hub_url_that_is_not_a_hub_is_not_taken_for_an_unknown_id(live_hub: LiveHub) -> None:
+    """Regression: a --hub answering 404 for every path (a worker, a typo'd prefix) said "unknown id", exit 4,
+    even for `fleet workers`, which takes no id."""
+    result = runner.invoke(app, ["workers"], env={"FLEET_HUB_URL": live_hub.url + "/not-the-api",
+                                                  "FLEET_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"})
+    assert result.exit_code == admin.EXIT_ERROR, result.output
+    assert "is --hub a hub's URL?" in result.output and len(result.output.strip().splitlines()) == 1
