@@ -3,7 +3,11 @@ the worker and the reverse."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 
 import typer
 from pydantic import ValidationError
@@ -25,7 +29,7 @@ def _root() -> None:
 def hub(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8080, help="Port to bind."),
-    workers: int = typer.Option(1, help="Uvicorn worker processes."),
+    workers: int = typer.Option(1, min=1, help="Uvicorn worker processes (their metrics are summed at /metrics)."),
 ) -> None:
     """Run a hub (uvicorn). Configuration comes from FLEET_* settings."""
     import uvicorn
@@ -40,9 +44,27 @@ def hub(
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Never below INFO for uvicorn: at DEBUG it logs every WebSocket handshake's headers, tokens and secrets.
     server_level = max(logging.INFO, logging.getLevelNamesMapping()[settings.log_level])
-    uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=logging.getLevelName(server_level).lower(), access_log=False,
-                ws_max_size=settings.max_body_bytes)
+    with _metrics_shared_by(workers):
+        uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=logging.getLevelName(server_level).lower(), access_log=False,
+                    ws_max_size=settings.max_body_bytes)
+
+
+@contextlib.contextmanager
+def _metrics_shared_by(processes: int) -> Iterator[None]:
+    """Several hub processes count into files one scrape sums (``hub.metrics``); the files go when the hub stops.
+    A ``PROMETHEUS_MULTIPROC_DIR`` set from outside is used as it is, and left alone."""
+    from hub.metrics import MULTIPROCESS_DIR_ENV
+
+    if processes <= 1 or os.environ.get(MULTIPROCESS_DIR_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fleet-hub-metrics-") as shared:
+        os.environ[MULTIPROCESS_DIR_ENV] = shared  # inherited by uvicorn's worker processes, which import anew
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_ENV]
 
 
 @app.command()

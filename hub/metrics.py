@@ -1,12 +1,19 @@
-"""Prometheus metrics of a hub. Fleet gauges are computed at scrape time from the routing board mirror."""
+"""Prometheus metrics of a hub. Fleet gauges are computed at scrape time from the routing board mirror.
+
+A hub run as several processes (``fleet hub --workers N``) counts in prometheus_client's multiprocess mode: each
+process writes its counters to files in ``PROMETHEUS_MULTIPROC_DIR`` (``fleet hub`` makes one), and a scrape of any
+of them sums them all, so ``/metrics`` says what the whole hub did whichever process answers.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -17,6 +24,8 @@ ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "pending", "error")
 # hub.dispatch.DispatchOutcome values; "accepted" counts here when the worker took the session but its lease
 # could not be confirmed (it expired meanwhile).
 DISPATCH_FAILURE_REASONS = ("accepted", "full", "refused", "timeout", "unreachable")
+#: Set (by ``fleet hub --workers N``) before any process imports prometheus_client: counters go to files there.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class HubMetrics:
@@ -52,8 +61,21 @@ class HubMetrics:
         for result in ("ok", "conflict"):
             self.registrations.labels(result=result)
 
+        # What a scrape reads: this process's own registry, or every process's files plus the fleet gauges.
+        self._exposed = self.registry
+        if os.environ.get(MULTIPROCESS_DIR_ENV):
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+
     def watch_board(self, board: RoutingBoard) -> None:
-        self.registry.register(_BoardCollector(board))
+        collector = _BoardCollector(board)
+        self.registry.register(collector)
+        if self._exposed is not self.registry:
+            self._exposed.register(collector)  # the same in every process: each has its own board mirror
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets."""
+        return generate_latest(self._exposed)
 
 
 class _BoardCollector(Collector):

@@ -107,13 +107,14 @@ class FleetProcess:
 class HubProcess(FleetProcess):
     """One `fleet hub` process; ``start()`` returns once /ready answers."""
 
-    def __init__(self, redis_url: str, **settings: Any) -> None:
+    def __init__(self, redis_url: str, *, processes: int = 1, **settings: Any) -> None:
         super().__init__(_child_env(**{
             "redis_url": redis_url, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN, "rate_limit_per_s": 0,
             "snapshot_refresh_s": 0.2, "log_level": "WARNING", **settings}))
+        self.processes = processes
 
     def start(self, timeout_s: float = 20.0) -> HubProcess:
-        self._spawn("hub")
+        self._spawn("hub", "--workers", str(self.processes))
         if self._wait_until(lambda: httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200, timeout_s, "hub"):
             return self
         self.stop()

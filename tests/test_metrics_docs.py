@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.redis_server import EmbeddedRedis
 from tests.conftest import refresh, register
+from tests.harness import running_hubs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 METRIC_NAME = re.compile(r"\bfleet_[a-z_]+\b")
@@ -71,3 +74,30 @@ async def test_every_metric_in_alerts_and_grafana_is_exported_by_a_live_hub(hub:
     base_names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert base_names <= documented, f"undocumented in docs/metrics.md: {sorted(base_names - documented)}"
     assert 'fleet_streams_used{region="us-east-1"} 1.0' in text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: EmbeddedRedis) -> None:
+    """Regression: with ``fleet hub --workers 2`` each process kept its own counters, so a scrape showed whichever
+    process answered it (3 of 6 allocations, every time)."""
+    if not redis_server.running:
+        redis_server.start()
+    before = set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*"))
+    with running_hubs(1, redis_server.url, processes=2) as [hub]:
+        for _ in range(16):
+            with httpx.Client(timeout=5) as client:  # a connection each: the kernel spreads them over the processes
+                assert client.post(f"{hub.url}/api/v1/sessions", json={}).status_code == 503  # no worker
+        for _ in range(6):
+            with httpx.Client(timeout=5) as client:
+                text = client.get(f"{hub.url}/metrics").text
+            assert _sample(text, "fleet_allocations_total", outcome="no_capacity") == 16
+            assert _sample(text, "fleet_allocation_seconds_count", outcome="no_capacity") == 16
+            assert "# TYPE fleet_workers gauge" in text  # the fleet gauges, from the answering process's mirror
+    assert set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*")) == before, "the counters' files outlived the hub"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from hub.api.deps import HubDep
 from hub.errors import error_response
@@ -30,4 +30,4 @@ async def ready(hub: HubDep) -> Response:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(hub: HubDep) -> Response:
-    return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(hub.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
