@@ -100,4 +100,5 @@ def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: E
             assert _sample(text, "fleet_allocations_total", outcome="no_capacity") == 16
             assert _sample(text, "fleet_allocation_seconds_count", outcome="no_capacity") == 16
             assert "# TYPE fleet_workers gauge" in text  # the fleet gauges, from the answering process's mirror
-    assert set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*")) == before, "the counters' files outlived the hub"
+    after = set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*"))
+    assert after == before, "the counters' files outlived the hub"
