@@ -102,3 +102,22 @@ def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: E
             assert "# TYPE fleet_workers gauge" in text  # the fleet gauges, from the answering process's mirror
     after = set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*"))
     assert after == before, "the counters' files outlived the hub"
+
+
+def test_every_worker_metric_and_label_value_is_documented() -> None:
+    """Regression: the worker's /metrics was documented nowhere."""
+    from prometheus_client import generate_latest
+
+    from worker.sessions import DISPATCH_OUTCOMES, HEARTBEAT_OUTCOMES, Metrics
+    from worker.voice.metrics import STAGES
+
+    doc = (DOCS / "metrics.md").read_text()
+    text = generate_latest(Metrics().registry).decode()
+    families = {family.name for family in text_string_to_metric_families(text)
+                if not family.name.endswith("_created")}  # prometheus_client's creation timestamps
+    assert {"worker_sessions_active", "worker_dispatches", "worker_heartbeats"} <= families
+    for family in families:
+        assert f"`{family}" in doc, f"{family} is not in docs/metrics.md"
+    for value in DISPATCH_OUTCOMES + HEARTBEAT_OUTCOMES + STAGES:
+        assert f"`{value}`" in doc, f"label value {value} is not in docs/metrics.md"
+    assert 'worker_dispatches_total{outcome="stopped"} 0.0' in text  # exported from the start

@@ -31,6 +31,12 @@ class SessionRefused(Exception):
         self.message = message
 
 
+#: ``worker_dispatches_total`` outcomes: accepted, or the code of the refusal (docs/metrics.md).
+DISPATCH_OUTCOMES = ("accepted", "full", "draining", "duplicate", "stopped", "engine_error")
+#: ``worker_heartbeats_total`` outcomes: answered, the hub had forgotten the worker, or not delivered.
+HEARTBEAT_OUTCOMES = ("ok", "forgotten", "failed")
+
+
 class Metrics:
     """Prometheus metrics on a registry of their own, so several workers can live in one test process."""
 
@@ -50,6 +56,11 @@ class Metrics:
                                        registry=self.registry)
         self.heartbeats = Counter("worker_heartbeats_total", "Heartbeats by outcome", ["outcome"],
                                   registry=self.registry)
+        # Known label values start at zero so rate() and alerts work before the first event (as the hub's do).
+        for outcome in DISPATCH_OUTCOMES:
+            self.dispatches.labels(outcome)
+        for outcome in HEARTBEAT_OUTCOMES:
+            self.heartbeats.labels(outcome)
 
     def observe(self, engine: Engine) -> None:
         """Scrape-time figures from the engine: its latency, and each stage's for engines that have stages."""
