@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,7 @@ from worker.voice.llm import BedrockLLM, build_llm
 from worker.voice.metrics import VoiceMetrics
 from worker.voice.pipeline import Backends, Conversation, History, Turn
 from worker.voice.settings import VoiceSettings
+from worker.voice.stt import WhisperSTT
 from worker.voice.vad import EndpointDetector, VadEvent
 
 
@@ -27,9 +31,11 @@ class FakeStream:
 
     def __init__(self, text: str = "hello", error: Exception | None = None, delay_s: float = 0.0) -> None:
         self.text, self.error, self.delay_s, self.fed, self.finished = text, error, delay_s, 0, False
+        self.frames: list[bytes] = []
 
     def feed(self, pcm: bytes) -> None:
         self.fed += len(pcm)
+        self.frames.append(pcm)
 
     def finish(self) -> str:
         time.sleep(self.delay_s)
@@ -67,14 +73,19 @@ class ScriptedLLM:
     def __init__(self, *chunks: str | None, pause_s: float = 10.0) -> None:
         self.chunks, self.pause_s = chunks, pause_s
         self.requests: list[list[dict[str, str]]] = []
+        self.open_streams = 0
 
     async def stream(self, system: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
         self.requests.append(messages)
-        for chunk in self.chunks:
-            if chunk is None:
-                await asyncio.sleep(self.pause_s)
-            else:
-                yield chunk
+        self.open_streams += 1
+        try:
+            for chunk in self.chunks:
+                if chunk is None:
+                    await asyncio.sleep(self.pause_s)
+                else:
+                    yield chunk
+        finally:
+            self.open_streams -= 1
 
     async def aclose(self) -> None:
         return None
@@ -98,11 +109,14 @@ class SlowTTS:
 
 
 class Events:
+    """A client: records events, and when each chunk of reply audio arrived."""
+
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.audio: list[tuple[float, float]] = []  # (arrival time, seconds of audio)
 
     async def send_audio(self, pcm: bytes) -> None:
-        return None
+        self.audio.append((time.perf_counter(), len(pcm) / 32000))
 
     async def send_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
@@ -239,6 +253,131 @@ async def test_short_speech_over_the_reply_does_not_stop_it_but_barge_in_ms_of_i
     await c.feed(noise(0.8))  # the user really talks over it
     assert len(out.of("barge_in")) == 1 and not c.speaking
     await c.aclose()
+
+
+@pytest.mark.parametrize("transcribed_before_the_cough_ends", [False, True])
+async def test_a_cough_while_the_question_is_transcribed_does_not_drop_the_question(
+    transcribed_before_the_cough_ends: bool,
+) -> None:
+    """The follow-up "utterance" is noise that STT hears as nothing: the question it superseded is still answered."""
+    stt = FakeSTT(FakeStream("book a table", delay_s=0.2), FakeStream(""))
+    llm = ScriptedLLM("Done.")
+    c, out = conversation(llm, stt=stt)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await c.feed(noise(0.3))  # a cough starts while the question is transcribed
+    if transcribed_before_the_cough_ends:
+        await wait_until(lambda: out.of("transcript"))
+        await asyncio.sleep(0.05)
+    await c.feed(SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: out.of("reply_end"), timeout_s=2)
+    assert llm.requests == [[{"role": "user", "content": "book a table"}]]
+    assert [e["text"] for e in out.of("reply_text")] == ["Done."]
+    await c.aclose()
+
+
+def playback(audio: list[tuple[float, float]]) -> tuple[float, float]:
+    """The client plays each chunk when it arrives or when the one before ends. Returns the longest silence inside
+    the reply, and the most audio the client still had to play when a chunk arrived (what barge-in cannot stop)."""
+    played_until = audio[0][0]
+    longest_gap = buffered = 0.0
+    for arrived, seconds in audio:
+        longest_gap = max(longest_gap, arrived - played_until)
+        buffered = max(buffered, played_until - arrived)
+        played_until = max(played_until, arrived) + seconds
+    return longest_gap, buffered
+
+
+async def test_a_slow_tts_speaks_the_next_sentence_while_one_plays() -> None:
+    """TTS takes 0.6 s a sentence, each plays 0.8 s: synthesised one sentence ahead, the reply has no silences."""
+    llm = ScriptedLLM("One two three. ", "Four five six. ", "Seven eight nine.")
+    c, out = conversation(llm, tts=SlowTTS(0.6, audio_s=0.8))
+    await turn(c, FakeStream("count"))
+    assert len(out.of("reply_text")) == 3 and out.of("reply_end")[0]["error"] is None
+    longest_gap, _ = playback(out.audio)
+    assert longest_gap < 0.05, f"a {longest_gap:.2f} s silence between sentences"
+
+
+async def test_reply_audio_keeps_its_lead_across_sentences() -> None:
+    """The 300 ms lead is over the client's playback of the whole reply, not restarted by every sentence."""
+    llm = ScriptedLLM("One two three. ", "Four five six. ", "Seven eight nine.")
+    c, out = conversation(llm, tts=SlowTTS(0, audio_s=0.6))
+    await turn(c, FakeStream("count"))
+    _, buffered = playback(out.audio)
+    assert buffered <= 0.3 + 0.05, f"{buffered:.2f} s of audio was sent ahead of playback"
+
+
+async def test_barge_in_stops_the_sentence_read_ahead_and_the_llm_stream_at_once() -> None:
+    llm = ScriptedLLM("First sentence. ", "Second sentence. ", "Third sentence. ", None, pause_s=10)
+    c, out = conversation(llm, tts=SlowTTS(0.05, audio_s=2.0))
+    before = asyncio.all_tasks()
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await asyncio.sleep(0.2)  # the next sentence is synthesised meanwhile
+    await c.feed(noise(0.8))
+    assert len(out.of("barge_in")) == 1 and not c.speaking
+    assert llm.open_streams == 0, "the LLM stream was left open"
+    assert asyncio.all_tasks() == before, "a task of the cancelled reply is still running"
+    sent = len(out.audio)
+    await asyncio.sleep(0.2)
+    assert len(out.audio) == sent and [e["text"] for e in out.of("reply_text")] == ["First sentence."]
+    await c.aclose()
+
+
+async def test_speech_over_an_apology_barges_in() -> None:
+    c, out = conversation(ScriptedLLM("Unused."), tts=SlowTTS(0, audio_s=4.0),
+                          stt=FakeSTT(FakeStream(error=RuntimeError("decoder crashed"))))
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)  # the apology plays
+    await c.feed(noise(0.8))
+    assert len(out.of("barge_in")) == 1 and not c.speaking
+    assert c.metrics.errors == 1  # cut off, the failed turn still counts
+    await c.aclose()
+
+
+async def test_the_frame_that_starts_speech_reaches_stt() -> None:
+    stt = FakeSTT()
+    c, _ = conversation(ScriptedLLM("Okay."), stt=stt)
+    speech = noise(0.6)
+    await c.feed(SILENCE[: 32000 * 4 // 10] + speech + SILENCE[: 32000 * 6 // 10])
+    frames = [speech[i : i + FRAME_BYTES] for i in range(0, len(speech), FRAME_BYTES)]
+    missing = [i for i, frame in enumerate(frames) if frame not in stt.streams[0].frames]
+    assert missing == []
+    await c.aclose()
+
+
+class FakeWhisperModel:
+    """``faster_whisper.WhisperModel`` at its boundary: counts the transcriptions it runs."""
+
+    transcriptions = 0
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        FakeWhisperModel.transcriptions = 0
+
+    def transcribe(self, audio: Any, **kwargs: Any) -> tuple[Any, Any]:
+        FakeWhisperModel.transcriptions += 1
+        return iter([types.SimpleNamespace(text="book a table")]), object()
+
+
+def whisper_stt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WhisperSTT:
+    monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    stt = WhisperSTT(tmp_path, "cpu")
+    stt.load()
+    return stt
+
+
+async def test_speech_too_short_to_barge_in_is_never_transcribed(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """A "mm-hm" over the reply is discarded: the shared whisper model does not transcribe it."""
+    stt = whisper_stt(monkeypatch, tmp_path)
+    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=4.0), stt=stt,
+                          barge_in_ms=600)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])
+    assert len(out.of("speech_end")) == 2 and out.of("barge_in") == []
+    await c.aclose()  # waits for the discarded utterance's stream to be returned
+    assert FakeWhisperModel.transcriptions == 1
 
 
 def test_vad_forces_the_end_of_speech_at_the_cap() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from worker.voice.llm import CannedLLM, OpenAICompatLLM, build_llm
 from worker.voice.settings import VoiceSettings
 from worker.voice.transport_ws import verify_token
 
-from .test_voice_pipeline import FakeSTT, SlowTTS
+from .test_voice_pipeline import SILENCE, Events, FakeSTT, FakeWhisperModel, SlowTTS, noise, whisper_stt
 
 
 class WedgedTransport:
@@ -91,6 +92,20 @@ async def test_on_end_is_called_even_if_closing_fails(voice: VoiceEngine) -> Non
     with pytest.raises(RuntimeError):
         await voice.end_session(session, "time_limit")
     assert ended == [("s1", "time_limit")]
+
+
+async def test_stop_session_mid_utterance_does_not_transcribe_it(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Nobody will hear the transcript: the stop neither runs the shared whisper model nor waits for it."""
+    voice = VoiceEngine(VoiceSettings(llm_backend="canned"), stt=whisper_stt(monkeypatch, tmp_path), llm=CannedLLM(),
+                        tts=SlowTTS(0))
+    await voice.start()
+    await voice.start_session(spec(), lambda *_: None)
+    conversation = voice.sessions["s1"].attach(Events())
+    await conversation.feed(SILENCE[:3200] + noise(0.6))  # the user is mid-utterance
+    await voice.stop_session("s1")
+    assert FakeWhisperModel.transcriptions == 0
+    await voice.aclose()
 
 
 def test_prod_refuses_the_dev_livekit_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,7 +85,7 @@ class History:
             del self.messages[0]
 
 
-async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` and wait for it to finish, without swallowing a cancellation of the caller.
 
     (``suppress(CancelledError)`` around ``await task`` would also eat the caller's own cancellation, and a
@@ -95,12 +95,14 @@ async def cancel_and_wait(task: asyncio.Task[None]) -> None:
 
 
 async def _discard(stream: STTStream) -> None:
-    """End an utterance nobody will answer (it returns a pooled decoder)."""
+    """End an utterance nobody will answer without transcribing it: abandoned first, so a whisper stream does not
+    hold the model all sessions share; ``finish`` still returns a pooled decoder."""
     with contextlib.suppress(Exception):
+        stream.abandon()
         await asyncio.to_thread(stream.finish)
 
 
-async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def sentences(chunks: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     """Regroup streamed text into sentences, so TTS can start before the reply is complete."""
     buf = ""
     async for chunk in chunks:
@@ -116,14 +118,25 @@ async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
 
 @dataclass(eq=False)
 class Turn:
-    """One utterance and the reply to it. ``heard``: its words are in the history (or there were none), so
-    cancelling it loses nothing the user said. ``superseded``: the user went on talking before it was
-    transcribed; its words are kept and the next turn answers both."""
+    """One utterance and the reply to it. ``heard``: its words are in the history (or there were none, or STT lost
+    them), so cancelling it loses nothing the user said. ``said``: its transcript was not empty. ``superseded``:
+    the user went on talking before it was transcribed; its words are kept and the next turn answers both."""
 
     continues: Turn | None = None
     task: asyncio.Task[None] = field(init=False)
     heard: bool = False
+    said: bool = False
     superseded: bool = False
+
+    def awaits_answer(self) -> bool:
+        """This utterance, or one it continues, put words in the history (a cough after a question still gets the
+        question answered)."""
+        turn: Turn | None = self
+        while turn is not None:
+            if turn.said:
+                return True
+            turn = turn.continues
+        return False
 
 
 class Conversation:
@@ -150,6 +163,7 @@ class Conversation:
         self._last_voiced = 0.0
         self._turn: Turn | None = None
         self._chores: set[asyncio.Task[Any]] = set()
+        self._played_until = 0.0  # when the client will have played the reply audio sent so far (perf_counter)
         self.speaking = False
 
     async def feed(self, pcm: bytes) -> None:
@@ -162,17 +176,17 @@ class Conversation:
     async def _frame(self, frame: bytes) -> None:
         now = time.perf_counter()
         event = self.vad.process(frame)
+        if event is VadEvent.SPEECH_START:
+            self._last_voiced = now
+            await self._on_speech_start()
         if self.vad.in_speech or event is VadEvent.SPEECH_END:
             if self._stt is not None:
-                self._stt.feed(frame)
+                self._stt.feed(frame)  # the frame that started speech included
         else:
             self._preroll.append(frame)
         if event is None and self.vad.in_speech and self.vad.last_voiced:
             self._last_voiced = now
-        if event is VadEvent.SPEECH_START:
-            self._last_voiced = now
-            await self._on_speech_start()
-        elif event is VadEvent.SPEECH_END:
+        if event is VadEvent.SPEECH_END:
             await self._on_speech_end(now)
         if self.vad.in_speech:
             await self._barge_in_if_due()
@@ -217,7 +231,9 @@ class Conversation:
             chore.add_done_callback(self._chores.discard)
             return
         vad_ms = (now - self._last_voiced) * 1000 + FRAME_MS
-        turn = Turn(continues=self._turn if self._turn is not None and not self._turn.task.done() else None)
+        last = self._turn
+        # A superseded turn may be transcribed already (done), but its words still wait for this turn's reply.
+        turn = Turn(continues=last if last is not None and (last.superseded or not last.task.done()) else None)
         turn.task = asyncio.create_task(self._run_turn(turn, stream, self._last_voiced - FRAME_MS / 1000, vad_ms))
         self._turn = turn
 
@@ -228,12 +244,17 @@ class Conversation:
         try:
             try:
                 await self._hear(turn, stream, timings)
-                if turn.superseded or "stt_ms" not in timings:
+                if turn.superseded or not turn.awaits_answer():
                     return  # answered with the next utterance, or nothing was heard
                 await self._reply(speech_ended, timings, reply)
             except BackendError as exc:
                 error = exc
-                await self._fail(exc, speech_ended, timings, apologise=not turn.superseded)
+                turn.heard = True  # nothing of it is left to lose: speech over the apology stops it
+                try:
+                    await self._fail(exc, speech_ended, timings, apologise=not turn.superseded)
+                except asyncio.CancelledError:
+                    self.metrics.record_turn(timings, True)  # the apology was cut off; the turn still failed
+                    raise
             self.metrics.record_turn(timings, error is not None)
             await self.transport.send_event(
                 {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
@@ -260,28 +281,58 @@ class Conversation:
                 await asyncio.wait([turn.continues.task])  # its words go first (bounded by its own STT timeout)
         timings["stt_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         await self.transport.send_event({"type": "transcript", "text": text, "stt_ms": timings["stt_ms"]})
-        if not text.strip():
-            del timings["stt_ms"]  # nothing heard: not a turn
-            return
-        self.history.add("user", text)
+        if text.strip():
+            self.history.add("user", text)
+            turn.said = True
         turn.heard = True
 
     async def _reply(self, speech_ended: float, timings: dict[str, float], reply: list[str]) -> None:
-        t_llm = time.perf_counter()
-        async for sentence in sentences(self._tokens(timings, t_llm)):
-            if not reply:
-                timings["llm_first_sentence_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
-            reply.append(sentence)
-            await self.transport.send_event({"type": "reply_text", "text": sentence})
-            await self._speak(sentence, speech_ended, timings)
+        """Play the reply sentence by sentence while the next one is read from the LLM and synthesised."""
+        ready: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        ahead = asyncio.create_task(self._synthesize_ahead(timings, ready))
+        try:
+            while (spoken := await ready.get()) is not None:
+                ready.task_done()
+                sentence, pcm = spoken
+                reply.append(sentence)
+                await self.transport.send_event({"type": "reply_text", "text": sentence})
+                await self._play(pcm, speech_ended, timings)
+            failure = await ahead
+        finally:
+            await cancel_and_wait(ahead)  # a barge-in stops the LLM stream and the synthesis ahead with the audio
+        if failure is not None:
+            raise failure
         if not reply:
             raise BackendError("llm", "empty reply")
 
-    async def _tokens(self, timings: dict[str, float], t0: float) -> AsyncIterator[str]:
+    async def _synthesize_ahead(
+        self, timings: dict[str, float], ready: asyncio.Queue[tuple[str, bytes] | None]
+    ) -> BackendError | None:
+        """Read the reply's sentences and synthesise each while the one before plays (not further ahead: a
+        barge-in would waste the work); ``None`` on ``ready`` ends the reply. Returns the failure that ended it
+        early, if any."""
+        t_llm = time.perf_counter()
+        tokens = self._tokens(timings, t_llm)
+        try:
+            # Closed here, not when collected: a cancelled reply must end its LLM stream at once.
+            async with contextlib.aclosing(tokens), contextlib.aclosing(sentences(tokens)) as reading:
+                async for sentence in reading:
+                    if "llm_first_sentence_ms" not in timings:
+                        timings["llm_first_sentence_ms"] = round((time.perf_counter() - t_llm) * 1000, 1)
+                    ready.put_nowait((sentence, await self._synthesize(sentence, timings)))
+                    await ready.join()  # until it starts playing
+        except BackendError as exc:
+            return exc
+        finally:
+            ready.put_nowait(None)
+        return None
+
+    async def _tokens(self, timings: dict[str, float], t0: float) -> AsyncGenerator[str, None]:
         """The LLM's reply stream, each read bounded by ``llm_timeout_s`` (the first token, then every next one).
 
-        Only the LLM is timed: while a sentence is spoken and played the stream is not read, and that time is not
-        the LLM's. Any failure of the stream becomes a ``BackendError("llm")``."""
+        Only the LLM is timed: while the reader waits for a sentence to be synthesised or to start playing, the
+        stream is not read, and that time is not the LLM's. Any failure of the stream becomes a
+        ``BackendError("llm")``."""
         timeout = self.settings.llm_timeout_s
         stream = self.backends.llm.stream(self.settings.system_prompt, list(self.history.messages))
         try:
@@ -307,7 +358,7 @@ class Conversation:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _speak(self, text: str, speech_ended: float | None, timings: dict[str, float]) -> None:
+    async def _synthesize(self, text: str, timings: dict[str, float]) -> bytes:
         t0 = time.perf_counter()
         try:
             pcm = await self.backends.tts.synthesize(text)
@@ -315,18 +366,24 @@ class Conversation:
             raise BackendError("tts", f"{type(exc).__name__}: {exc}") from None
         if "tts_first_ms" not in timings:
             timings["tts_first_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        await self._play(pcm, speech_ended, timings)
+        return pcm
+
+    async def _speak(self, text: str, speech_ended: float | None, timings: dict[str, float]) -> None:
+        await self._play(await self._synthesize(text, timings), speech_ended, timings)
 
     async def _play(self, pcm: bytes, speech_ended: float | None, timings: dict[str, float]) -> None:
-        """Send audio paced at real time plus a small lead, so barge-in can stop what is not yet played."""
+        """Send audio at most ``_LEAD_MS`` ahead of the client's playback, so barge-in can stop what is not yet
+        played. The client plays what it gets back to back, so the lead runs over the whole reply, not per
+        sentence."""
         self.speaking = True
         chunk = SAMPLE_RATE * 2 * _CHUNK_MS // 1000
-        started = time.perf_counter()
-        for i, offset in enumerate(range(0, len(pcm), chunk)):
-            ahead = i * _CHUNK_MS / 1000 - (time.perf_counter() - started)
+        for offset in range(0, len(pcm), chunk):
+            part = pcm[offset : offset + chunk]
+            ahead = self._played_until - time.perf_counter()
             if ahead > _LEAD_MS / 1000:
                 await asyncio.sleep(ahead - _LEAD_MS / 1000)
-            await self.transport.send_audio(pcm[offset : offset + chunk])
+            await self.transport.send_audio(part)
+            self._played_until = max(self._played_until, time.perf_counter()) + len(part) / (SAMPLE_RATE * 2)
             if speech_ended is not None and "e2e_ms" not in timings:
                 timings["e2e_ms"] = round((time.perf_counter() - speech_ended) * 1000, 1)
                 await self.transport.send_event({"type": "first_audio", "e2e_ms": timings["e2e_ms"]})
@@ -351,5 +408,4 @@ class Conversation:
             await asyncio.wait(self._chores)
         if self._stt is not None:
             stream, self._stt = self._stt, None
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(stream.finish)  # returns a pooled decoder
+            await _discard(stream)  # mid-utterance: nobody will hear it
