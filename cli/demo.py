@@ -1,5 +1,6 @@
 """`fleet demo`: a whole local fleet in one command — embedded Redis, two hubs, simulated GPU workers in three
-regions and a trickle of synthetic users from around the world. Ctrl-C / SIGTERM stops everything cleanly."""
+regions and a trickle of synthetic users from around the world. Ctrl-C, SIGTERM or closing the terminal stops
+everything cleanly."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import json
 import os
 import random
 import secrets
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,39 +45,112 @@ DEMO_LIVEKIT = json.dumps([
                            ("lk-tokyo", 35.68, 139.69))
 ])
 GPUS = ["t4", "a10g", "l4"]
+HUBS = 2
+#: Ctrl-C, SIGTERM, and SIGHUP when the terminal closes: the children run in their own sessions and hear none of
+#: them, so the demo stops them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class Part:
+    """A hub or worker process of the fleet."""
+
+    name: str  # "the hub on port 8080", "worker demo-us-east-1-0 on port 9100"
+    proc: subprocess.Popen[bytes]
+    log_path: str
+
+    def check_running(self) -> None:
+        if self.proc.poll() is not None:  # e.g. its port was taken after the check: say so now, not at a timeout
+            raise DemoFailed(f"{self.name} exited with code {self.proc.returncode} while starting: "
+                             f"{_tail(self.log_path)}")
 
 
 @dataclass
 class Fleet:
     redis: EmbeddedRedis | None = None
-    hubs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    hubs: list[Part] = field(default_factory=list)
+    workers: list[Part] = field(default_factory=list)
 
 
-def _spawn(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
+def _spawn(name: str, args: list[str], env: dict[str, str], log_path: str) -> Part:
     # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the fleet in order. The child keeps
     # its own copy of the log's descriptor.
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log, stderr=log,
-                                start_new_session=True)
+        return Part(name, subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log,
+                                           stderr=log, start_new_session=True), log_path)
 
 
 class DemoFailed(Exception):
     """A part of the fleet did not start; the message says which and why."""
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str, step: Callable[[], None],
-                timeout_s: float = 30.0) -> None:
+def _check_ports(hub_ports: range, worker_ports: range) -> None:
+    """Before starting anything: a port already taken would leave this run talking to whatever holds it, another
+    demo's hub most often, and reporting that fleet as its own."""
+    for option, who, ports in (("--hub-port", "hubs", hub_ports), ("--worker-port", "workers", worker_ports)):
+        if ports[0] < 1 or ports[-1] > 65535:
+            raise DemoFailed(f"{option} {ports[0]}: the {who} need ports {_span(ports)}, outside 1-65535")
+    if set(hub_ports) & set(worker_ports):
+        raise DemoFailed(f"the hubs' ports {_span(hub_ports)} and the workers' {_span(worker_ports)} overlap")
+    for port in (*hub_ports, *worker_ports):
+        if not _port_is_free(port):
+            raise DemoFailed(f"port {port} is in use: is another fleet demo running? "
+                             "(--hub-port and --worker-port choose others)")
+
+
+def _span(ports: range) -> str:
+    return f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hubs and workers bind: TIME_WAIT is free
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _listed_workers(hub_url: str, admin_token: str) -> set[str] | None:
+    """The worker ids the hub lists; None unless it is ready and takes this run's admin token, which no other
+    fleet's hub (nor anything else that took its port) does."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+        resp = httpx.get(f"{hub_url}/api/v1/workers", headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
+        if resp.status_code == 200:
+            return {worker["worker_id"] for worker in resp.json()["workers"]}
+    return None
+
+
+def _wait_for_hub(hub_url: str, hub: Part, admin_token: str, step: Callable[[], None],
+                  timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         step()
-        if proc.poll() is not None:  # e.g. its port is taken: say so now, not after the timeout
-            raise DemoFailed(f"{url} exited with code {proc.returncode} while starting: {_tail(log_path)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=0.5).status_code == 200:
-                return
+        hub.check_running()
+        if _listed_workers(hub_url, admin_token) is not None:
+            return
         time.sleep(0.1)
-    raise DemoFailed(f"{url} did not become ready within {timeout_s}s: {_tail(log_path)}")
+    raise DemoFailed(f"{hub.name} did not become ready within {timeout_s:.0f}s: {_tail(hub.log_path)}")
+
+
+def _wait_for_workers(hub_url: str, workers: dict[str, Part], admin_token: str, step: Callable[[], None],
+                      timeout_s: float = 60.0) -> None:
+    """Until the hub lists every worker, so the banner never counts one that did not start."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        step()
+        for worker in workers.values():
+            worker.check_running()
+        missing = sorted(set(workers) - (_listed_workers(hub_url, admin_token) or set()))
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            late = workers[missing[0]]
+            raise DemoFailed(f"{late.name} did not register within {timeout_s:.0f}s"
+                             f"{f' (nor did {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                             f"{_tail(late.log_path)}")
+        time.sleep(0.2)
 
 
 def _tail(log_path: str, lines: int = 3) -> str:
@@ -84,18 +161,20 @@ def _tail(log_path: str, lines: int = 3) -> str:
 
 def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float,
              mean_session_s: float, duration_s: float | None, log_dir: str) -> int:
-    """Run the fleet until Ctrl-C, SIGTERM or ``duration_s``; returns the exit code (130 when interrupted while
-    starting). Whatever happens, nothing it started is left running."""
+    """Run the fleet until Ctrl-C, SIGTERM, SIGHUP or ``duration_s``; returns the exit code (130 when interrupted
+    while starting). Whatever happens, nothing it started is left running."""
     _check_regions(regions)
+    hub_ports, worker_ports = range(hub_port, hub_port + HUBS), range(worker_port, worker_port + workers)
+    _check_ports(hub_ports, worker_ports)
     os.makedirs(log_dir, exist_ok=True)
     admin_token, worker_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     fleet = Fleet()
     stop = asyncio.Event()
-    # While starting, Ctrl-C and SIGTERM are noted and acted on between steps. Raising from the handler could land
+    # While starting, the stop signals are noted and acted on between steps. Raising from the handler could land
     # inside subprocess.Popen (a child started but never recorded, so never stopped) or inside an exec() of an
     # import (after which CPython exits by SIGINT whatever the exit code).
     interrupted = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: interrupted.set())
 
     def step() -> None:
@@ -109,31 +188,51 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
         env = {**base_env, "FLEET_REDIS_URL": fleet.redis.url, "FLEET_ADMIN_TOKEN": admin_token,
                "FLEET_WORKER_TOKEN": worker_token, "FLEET_RATE_LIMIT_PER_S": "0", "FLEET_LOG_LEVEL": "WARNING",
                "FLEET_LIVEKIT_REGIONS": DEMO_LIVEKIT}
-        hub_urls = [f"http://127.0.0.1:{hub_port + i}" for i in range(2)]
-        for i in range(len(hub_urls)):
-            fleet.hubs.append(_spawn(["hub", "--port", str(hub_port + i)], env, f"{log_dir}/hub-{i}.log"))
+        hub_urls = [f"http://127.0.0.1:{port}" for port in hub_ports]
+        for i, port in enumerate(hub_ports):
+            fleet.hubs.append(_spawn(f"the hub on port {port}", ["hub", "--port", str(port)], env,
+                                     f"{log_dir}/hub-{i}.log"))
             step()
-        for i, (url, hub) in enumerate(zip(hub_urls, fleet.hubs, strict=True)):
-            _wait_ready(f"{url}/ready", hub, f"{log_dir}/hub-{i}.log", step)
-        for i in range(workers):
+        for url, hub in zip(hub_urls, fleet.hubs, strict=True):
+            _wait_for_hub(url, hub, admin_token, step)
+        by_id: dict[str, Part] = {}
+        for i, port in enumerate(worker_ports):
             region, gpu = regions[i % len(regions)], GPUS[(i // len(regions)) % len(GPUS)]
-            worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": f"demo-{region}-{i}",
+            worker_id = f"demo-{region}-{i}"
+            worker_env = {**env, "FLEET_HUB_URLS": ",".join(hub_urls), "FLEET_WORKER_ID": worker_id,
                           "FLEET_DRAIN_TIMEOUT_S": "10"}  # demo sessions are synthetic: drain quickly on Ctrl-C
-            fleet.workers.append(_spawn(
-                ["worker", "--host", "127.0.0.1", "--port", str(worker_port + i), "--region", region,
-                 "--simulate-gpu", gpu, "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log"))
+            by_id[worker_id] = _spawn(
+                f"worker {worker_id} on port {port}",
+                ["worker", "--host", "127.0.0.1", "--port", str(port), "--region", region, "--simulate-gpu", gpu,
+                 "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log")
+            fleet.workers.append(by_id[worker_id])
             step()
-        print(f"\ngpu-fleet demo: {workers} workers in {', '.join(regions)}, hubs {', '.join(hub_urls)}")
-        print(f"  dashboard:   {hub_urls[0]}/dashboard   (admin token: {admin_token})")
-        print(f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} fleet workers")
-        print(f"  a session:   curl -s -X POST {hub_urls[1]}/api/v1/sessions -H 'Content-Type: application/json' "
-              "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'")
-        print(f"  logs:        {log_dir}/   — Ctrl-C stops everything\n", flush=True)
+        _wait_for_workers(hub_urls[0], by_id, admin_token, step)
+        _say(f"\ngpu-fleet demo: {workers} workers in {', '.join(regions)}, hubs {', '.join(hub_urls)}\n"
+             f"  dashboard:   {hub_urls[0]}/dashboard   (admin token: {admin_token})\n"
+             f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} {_fleet_command()} workers\n"
+             f"  a session:   curl -s -X POST {hub_urls[1]}/api/v1/sessions -H 'Content-Type: application/json' "
+             "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'\n"
+             f"  logs:        {log_dir}/   — Ctrl-C stops everything\n")
         return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop, interrupted))
     except _Interrupted:
         return 130
     finally:
         _shutdown(fleet)
+
+
+def _fleet_command() -> str:
+    """``fleet`` as the user's shell can run it: `make run` leaves the venv's bin directory off PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "fleet")
+    if not os.access(beside, os.X_OK):
+        return f"{shlex.quote(sys.executable)} -m cli.main"
+    on_path = shutil.which("fleet")
+    return "fleet" if on_path and os.path.samefile(on_path, beside) else shlex.quote(beside)
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):  # the terminal is gone (SIGHUP): stopping the fleet matters more
+        print(text, flush=True)
 
 
 def _check_regions(regions: list[str]) -> None:
@@ -145,13 +244,13 @@ def _check_regions(regions: list[str]) -> None:
 
 
 class _Interrupted(Exception):
-    """Ctrl-C or SIGTERM while the fleet was starting."""
+    """A stop signal while the fleet was starting."""
 
 
 async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: float, duration_s: float | None,
                  stop: asyncio.Event, interrupted: threading.Event) -> int:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     if interrupted.is_set():  # a signal that came after the last start-up step, before these handlers
         stop.set()
@@ -174,17 +273,19 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
             return
         stats["created"] += 1
         body = resp.json()
-        print(f"  + {city:<12} → {body['worker']['id']:<24} livekit {body['livekit']['region']}", flush=True)
+        _say(f"  + {city:<12} → {body['worker']['id']:<24} livekit {body['livekit']['region']}")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), rng.lognormvariate(0, 0.5) * mean_session_s)
-        with contextlib.suppress(httpx.HTTPError):
-            await http.delete(f"{next(hubs)}/api/v1/sessions/{body['session_id']}")
-            stats["ended"] += 1
+        try:
+            resp = await http.delete(f"{next(hubs)}/api/v1/sessions/{body['session_id']}")
+        except httpx.HTTPError:
+            stats["errors"] += 1
+            return
+        # 404: its lease lapsed and the hub freed it already
+        stats["ended" if resp.status_code in (204, 404) else "errors"] += 1
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as http:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 3)  # let workers register
         while not stop.is_set():
             if duration_s is not None and time.monotonic() - started > duration_s:
                 stop.set()
@@ -196,32 +297,35 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
                 await asyncio.wait_for(stop.wait(), rng.expovariate(users_per_min / 60))
         if tasks:
             await asyncio.wait(tasks, timeout=15)
-    print(f"\nsessions created {stats['created']}, ended {stats['ended']}, "
-          f"no capacity {stats['no_capacity']}, errors {stats['errors']}", flush=True)
+    _say(f"\nsessions created {stats['created']}, ended {stats['ended']}, "
+         f"no capacity {stats['no_capacity']}, errors {stats['errors']}")
     return 0 if stats["errors"] == 0 else 1
 
 
 def _shutdown(fleet: Fleet) -> None:
     """Workers first (they drain and deregister), then hubs, then Redis; nothing is left running. A second Ctrl-C
-    (or SIGTERM) stops the rest at once instead of waiting for drains."""
+    (or SIGTERM) stops the rest at once instead of waiting for drains; a SIGHUP (the terminal closed after the
+    first signal) changes nothing."""
     hurry = False
 
     def at_once(signum: int, frame: object) -> None:
         nonlocal hurry
         if not hurry:
-            print("stopping the rest now", flush=True)
+            _say("stopping the rest now")
         hurry = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, at_once)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        print("stopping: workers drain, then hubs and Redis stop", flush=True)
+        _say("stopping: workers drain, then hubs and Redis stop")
         for group, grace in ((fleet.workers, 30.0), (fleet.hubs, 10.0)):
-            for proc in group:
+            procs = [part.proc for part in group]
+            for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + grace
-            for proc in group:
+            for proc in procs:
                 while proc.poll() is None and not hurry and time.monotonic() < deadline:
                     time.sleep(0.05)
                 if proc.poll() is None:
@@ -232,3 +336,4 @@ def _shutdown(fleet: Fleet) -> None:
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -6,15 +6,21 @@ Used by the hub when no Redis URL is configured (single local hub only), by ``fl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def redis_server_binary() -> str:
@@ -95,7 +101,10 @@ class EmbeddedRedis:
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
                      "--cluster-node-timeout", "2000"]
-        self._proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session, so a Ctrl-C in the terminal does not stop the store under the processes still using it:
+        # whoever started it stops it, last (`fleet demo` drains its workers first).
+        self._proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True, preexec_fn=_ended_with_this_process())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -131,6 +140,23 @@ class EmbeddedRedis:
         self.cleanup()
 
 
+def _ended_with_this_process() -> Callable[[], None] | None:
+    """For the child: ask Linux to send it SIGTERM when its parent ends, so a parent killed before its cleanup ran
+    (SIGKILL, or a signal it does not handle) leaves no server behind, as the terminal's signals did before it had
+    its own session. Linux sends it when the starting *thread* ends, so only from the main thread."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent ended before the request took effect
+            os._exit(1)
+
+    return in_child
+
+
 def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
@@ -153,7 +179,7 @@ def start_cluster(masters: int = 3, timeout_s: float = 20.0) -> list[EmbeddedRed
         else:
             _create_cluster_by_hand(nodes)
         _wait_cluster_ok(nodes[0].port, timeout_s)
-    except Exception:
+    except BaseException:  # a Ctrl-C too: the nodes run in their own sessions and never hear it
         for node in nodes:
             node.cleanup()
         raise

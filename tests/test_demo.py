@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
 
+import httpx
 import psutil
+import pytest
 
 from shared.redis_server import free_port_run
 
@@ -19,7 +30,7 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_demo_runs_a_fleet_and_stops_cleanly(tmp_path) -> None:
+def test_demo_runs_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
     # Two hubs and three workers on consecutive ports, clear of the ports the kernel hands out (the demo's own
     # redis-server took the second hub's port once, when these came from free_port()).
     hub_port = free_port_run(2)
@@ -39,23 +50,7 @@ def test_demo_runs_a_fleet_and_stops_cleanly(tmp_path) -> None:
         assert not _listening(port), f"port {port} still served after the demo stopped"
 
 
-def test_demo_says_at_once_why_a_hub_did_not_start(tmp_path) -> None:
-    hub_port, worker_port = free_port_run(2), free_port_run(3)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", hub_port + 1))
-        taken.listen()
-        done = subprocess.run(
-            [sys.executable, "-m", "cli.main", "demo", "--workers", "3", "--duration", "5", "--hub-port",
-             str(hub_port), "--worker-port", str(worker_port), "--log-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=60,
-        )
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert f"127.0.0.1:{hub_port + 1}/ready exited with code" in done.stderr
-    assert "address already in use" in done.stderr
-    assert not _listening(hub_port), "the first hub was left running"
-
-
-def test_sigterm_while_the_fleet_starts_leaves_nothing_running(tmp_path) -> None:
+def test_sigterm_while_the_fleet_starts_leaves_nothing_running(tmp_path: Path) -> None:
     hub_port, worker_port = free_port_run(2), free_port_run(3)
     demo = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "demo", "--workers", "3", "--hub-port", str(hub_port), "--worker-port",
@@ -80,8 +75,301 @@ def test_sigterm_while_the_fleet_starts_leaves_nothing_running(tmp_path) -> None
     assert not _listening(hub_port)
 
 
-def test_a_demo_without_a_known_region_says_so_before_starting_anything(tmp_path) -> None:
+def test_a_demo_without_a_known_region_says_so_before_starting_anything(tmp_path: Path) -> None:
     for regions, said in ((",", "names no region"), ("us-east-1,mars-north-1", "unknown region mars-north-1")):
         done = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--regions", regions, "--log-dir",
                                str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# --- helpers for the tests that run a demo and watch it --------------------------------------------------------
+
+#: PATH as `make run` sees it: the venv's bin directory is not on it.
+PLAIN_PATH = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                             if os.path.realpath(p) != os.path.realpath(os.path.dirname(sys.executable)))
+BANNER_END = "Ctrl-C stops everything"
+
+
+class RunningDemo:
+    """A `fleet demo` in its own session (so the test can signal its whole process group, as a terminal does),
+    with its output collected line by line; whatever it leaves running is killed on close."""
+
+    def __init__(self, tmp_path: Path, *args: str, stdout: int | None = None) -> None:
+        self.tmp = tmp_path / "tmp"
+        self.tmp.mkdir()
+        self.logs = tmp_path / "logs"
+        env = {**os.environ, "PATH": PLAIN_PATH, "TMPDIR": str(self.tmp)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "demo", "--log-dir", str(self.logs), *args],
+            stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True)
+        self.lines: list[str] = []
+        self.children: list[psutil.Process] = []
+        self.kinds: dict[int, str] = {}  # pid: redis, hub or worker
+        if self.proc.stdout is not None:
+            threading.Thread(target=self._collect, args=(self.proc.stdout,), daemon=True).start()
+
+    def _collect(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, found: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not found():
+            assert self.proc.poll() is None, f"the demo exited ({self.proc.returncode}) before {what}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s}s:\n{self.output}"
+            self.note_children()
+            time.sleep(0.02)
+        self.note_children()
+
+    def note_children(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                if child.pid not in self.kinds:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        kind = _kind(child)
+                        if kind is not None:
+                            self.kinds[child.pid] = kind
+                            self.children.append(child)
+
+    def started(self, kind: str) -> list[psutil.Process]:
+        return [c for c in self.children if self.kinds[c.pid] == kind]
+
+    def left_running(self) -> list[str]:
+        return [self.kinds[c.pid] for c in self.children if _alive(c)]
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for child in self.children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        self.proc.wait()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kind(proc: psutil.Process) -> str | None:
+    """redis, hub or worker; None for a child just forked, still showing the demo's command line."""
+    if proc.name() == "redis-server":
+        return "redis"
+    cmd = proc.cmdline()
+    subcommand = cmd[cmd.index("cli.main") + 1] if "cli.main" in cmd[:-1] else None
+    return subcommand if subcommand in ("hub", "worker") else None
+
+
+def _ends(procs: list[psutil.Process], timeout_s: float) -> dict[int, float]:
+    """When each process ended (exited, even if not yet reaped), polling every 10 ms."""
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(ended) < len(procs) and time.monotonic() < deadline:
+        for proc in procs:
+            if proc.pid not in ended and not _alive(proc):
+                ended[proc.pid] = time.monotonic()
+        time.sleep(0.01)
+    return ended
+
+
+def _summary(output: str) -> dict[str, int]:
+    found = re.search(r"sessions created (\d+), ended (\d+), no capacity (\d+), errors (\d+)", output)
+    assert found, output
+    return dict(zip(("created", "ended", "no_capacity", "errors"), map(int, found.groups()), strict=True))
+
+
+# --- the port of another fleet (finding 1) and workers that do not start (finding 4) ------------------------------
+
+
+class _AnswersEverything(http.server.BaseHTTPRequestHandler):
+    """Another fleet's hub, as far as a readiness probe can tell: 200 on every path."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _held(port: int, how: str) -> Iterator[None]:
+    if how == "socket":
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            yield
+        return
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _AnswersEverything)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("how", "which"), [("http", "hub"), ("socket", "second hub"), ("socket", "worker")])
+def test_a_port_in_use_stops_the_demo_at_once_before_it_starts_anything(tmp_path: Path, how: str,
+                                                                        which: str) -> None:
+    """A second demo on a running one's ports once joined that fleet, printed a banner with a token it refused,
+    and exited 0; a taken worker port left the fleet one worker short, silently."""
+    hub_port, worker_port = free_port_run(2), free_port_run(3)
+    port = {"hub": hub_port, "second hub": hub_port + 1, "worker": worker_port + 1}[which]
+    with _held(port, how):
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "demo", "--workers", "3", "--duration", "5", "--hub-port",
+             str(hub_port), "--worker-port", str(worker_port), "--log-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=90,
+        )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.strip() == f"fleet demo: port {port} is in use: is another fleet demo running? " \
+                                  "(--hub-port and --worker-port choose others)"
+    assert "gpu-fleet demo" not in done.stdout
+    assert list(tmp_path.glob("*.log")) == [], "it started part of a fleet it could not finish"
+
+
+@pytest.mark.parametrize("case", ["beyond 65535", "overlapping"])
+def test_ports_the_fleet_cannot_use_are_refused_before_starting_anything(tmp_path: Path, case: str) -> None:
+    hub_port = free_port_run(5)
+    worker_port, said = {
+        "beyond 65535": (65534, "--worker-port 65534: the workers need ports 65534-65536, outside 1-65535"),
+        "overlapping": (hub_port + 1, f"the hubs' ports {hub_port}-{hub_port + 1} and the workers' "
+                                      f"{hub_port + 1}-{hub_port + 3} overlap"),
+    }[case]
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "demo", "--workers", "3", "--duration", "5", "--hub-port", str(hub_port),
+         "--worker-port", str(worker_port), "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.strip() == f"fleet demo: {said}"
+    assert list(tmp_path.glob("*.log")) == []
+
+
+@pytest.mark.parametrize("which", ["hub", "worker"])
+def test_a_port_taken_while_the_demo_starts_fails_it_with_the_reason(tmp_path: Path, which: str) -> None:
+    """The port is free when checked but taken before the fleet binds it (as when two demos start together): a
+    hub's port answered by something else must not pass for this fleet's hub, and a worker that cannot start
+    must not leave the fleet short."""
+    hub_port, worker_port = free_port_run(2), free_port_run(2)
+    port = hub_port if which == "hub" else worker_port + 1
+    demo = RunningDemo(tmp_path, "--workers", "2", "--duration", "5", "--hub-port", str(hub_port),
+                       "--worker-port", str(worker_port))
+    try:
+        # redis-server runs once the ports were checked; the hubs and workers bind theirs seconds later
+        demo.wait_for(lambda: bool(demo.started("redis")), "redis-server")
+        with _held(port, "http" if which == "hub" else "socket"):
+            demo.proc.wait(timeout=90)
+        left = demo.left_running()
+    finally:
+        demo.close()
+    assert left == []
+    out = demo.output
+    assert demo.proc.returncode == 1 and "Traceback" not in out, out
+    assert "gpu-fleet demo" not in out, "it reported a fleet that is not (all) its own"
+    said = out.strip().splitlines()[-1]
+    assert said.startswith("fleet demo: ") and f"port {port}" in said and "already in use" in said.lower(), said
+
+
+# --- Ctrl-C, as a terminal sends it (finding 3), workers up before the banner (4), the banner's command (8b) -----
+
+
+def test_ctrl_c_drains_workers_then_stops_hubs_then_redis(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole foreground process group. redis-server used to be in it, so it
+    stopped first and the workers drained against hubs with no store, while the summary counted every failed
+    end as ended."""
+    hub_port, worker_port = free_port_run(2), free_port_run(2)
+    demo = RunningDemo(tmp_path, "--workers", "2", "--users-per-min", "300", "--mean-session-s", "60",
+                       "--hub-port", str(hub_port), "--worker-port", str(worker_port))
+    try:
+        demo.wait_for(lambda: BANNER_END in demo.output, "banner")
+        token = re.search(r"admin token: ([\w-]+)", demo.output).group(1)  # type: ignore[union-attr]
+        listed = httpx.get(f"http://127.0.0.1:{hub_port}/api/v1/workers",
+                           headers={"Authorization": f"Bearer {token}"}).json()["workers"]
+        assert len(listed) == 2, f"the banner came before the workers registered: {listed}"
+
+        command = demo.output.split("SRE CLI:", 1)[1].splitlines()[0].strip()
+        cli = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": PLAIN_PATH, "COLUMNS": "200"})
+        assert cli.returncode == 0 and "demo-us-east-1-0" in cli.stdout, (command, cli.stdout, cli.stderr)
+
+        demo.wait_for(lambda: demo.output.count("\n  + ") >= 2, "sessions in flight")
+        processes = list(demo.children)
+        assert sorted(demo.kinds.values()) == ["hub", "hub", "redis", "worker", "worker"]
+        os.killpg(demo.proc.pid, signal.SIGINT)
+        ended = _ends(processes, timeout_s=60)
+        left = demo.left_running()
+        demo.proc.wait(timeout=30)
+    finally:
+        demo.close()
+    out = demo.output
+    assert left == []
+    by_kind: dict[str, list[float]] = {}
+    for proc in processes:
+        by_kind.setdefault(demo.kinds[proc.pid], []).append(ended[proc.pid])
+    assert max(by_kind["worker"]) <= min(by_kind["hub"]) and max(by_kind["hub"]) <= by_kind["redis"][0], \
+        {kind: [round(t - min(ended.values()), 2) for t in times] for kind, times in by_kind.items()}
+    assert demo.proc.returncode == 0 and "Traceback" not in out, out
+    summary = _summary(out)
+    assert summary["created"] >= 2 and summary["ended"] == summary["created"] and summary["errors"] == 0, summary
+    complaints = [line for log in sorted(demo.logs.glob("*.log")) for line in log.read_text().splitlines()
+                  if " WARNING " in line or " ERROR " in line]
+    assert complaints == [], "\n".join(complaints)
+
+
+def test_sessions_that_could_not_be_ended_are_counted_as_errors(tmp_path: Path) -> None:
+    """With Redis gone the hubs answer 503 to every DELETE; the summary used to count those as ended."""
+    hub_port, worker_port = free_port_run(2), free_port_run(1)
+    demo = RunningDemo(tmp_path, "--workers", "1", "--users-per-min", "300", "--mean-session-s", "60",
+                       "--duration", "6", "--hub-port", str(hub_port), "--worker-port", str(worker_port))
+    try:
+        demo.wait_for(lambda: "\n  + " in demo.output, "a session")
+        demo.started("redis")[0].kill()
+        demo.proc.wait(timeout=90)
+    finally:
+        demo.close()
+    summary = _summary(demo.output)
+    assert demo.proc.returncode == 1, demo.output
+    assert summary["created"] >= 1 and summary["ended"] == 0 and summary["errors"] >= summary["created"], summary
+
+
+# --- closing the terminal (finding 7) ---------------------------------------------------------------------------
+
+
+def test_closing_the_terminal_stops_the_whole_fleet(tmp_path: Path) -> None:
+    """Closing the terminal hangs it up (its writes now fail) and sends SIGHUP; the children, in their own
+    sessions, never learn of it, so the demo must stop them."""
+    hub_port, worker_port = free_port_run(2), free_port_run(1)
+    terminal, tty = pty.openpty()
+    demo = RunningDemo(tmp_path, "--workers", "1", "--hub-port", str(hub_port), "--worker-port", str(worker_port),
+                       stdout=tty)
+    os.close(tty)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while BANNER_END.encode() not in seen:
+            assert time.monotonic() < deadline and demo.proc.poll() is None, seen.decode(errors="replace")
+            if select.select([terminal], [], [], 0.1)[0]:
+                seen += os.read(terminal, 65536)
+        demo.note_children()
+        assert sorted(demo.kinds.values()) == ["hub", "hub", "redis", "worker"]
+        os.close(terminal)
+        demo.proc.send_signal(signal.SIGHUP)
+        _ends(demo.children, timeout_s=60)
+        left = demo.left_running()
+        demo.proc.wait(timeout=30)
+    finally:
+        demo.close()
+    assert left == []
+    assert demo.proc.returncode >= 0, "it died of the signal instead of stopping the fleet"
+    assert list(demo.tmp.iterdir()) == [], "Redis's temporary directory was left behind"
+    for port in (hub_port, hub_port + 1, worker_port):
+        assert not _listening(port)
