@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
@@ -172,7 +172,7 @@ async def test_a_transcription_nobody_waits_for_does_not_hold_the_model(fake_whi
     model = stt._model
     original = model.transcribe
 
-    def first_call_waits(audio: Any, **kwargs: Any) -> tuple[Any, Any]:
+    def first_call_waits(audio: Any, **kwargs: Any) -> Any:
         if not FakeWhisperModel.calls:
             release.wait(5)
         return original(audio, **kwargs)
@@ -275,3 +275,74 @@ async def test_cancelling_the_caller_during_a_barge_in_is_not_swallowed() -> Non
     with pytest.raises(asyncio.CancelledError):
         await caller
     await asyncio.gather(turn, return_exceptions=True)
+
+
+@pytest.fixture
+async def held_llm() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """An OpenAI-compatible server that sends each reply's first words, then holds the stream open (as a reply
+    stays open while its sentences are spoken) until released."""
+    import json
+
+    from aiohttp import web
+
+    from shared.redis_server import free_port
+
+    release = asyncio.Event()
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"data: {json.dumps({'choices': [{'delta': {'content': 'Sure. '}}]})}\n\n".encode())
+        await release.wait()
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reply)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/v1", release
+    release.set()
+    await runner.cleanup()
+
+
+async def test_openai_replies_are_not_capped_by_a_hidden_connection_pool(
+        held_llm: tuple[str, asyncio.Event]) -> None:
+    """120 sessions reply at once (aiohttp's default pool holds 100 connections, and the 101st reply would wait
+    for one of them to finish speaking): every one gets its first words at once."""
+    from worker.voice.llm import OpenAICompatLLM
+
+    url, release = held_llm
+    llm = OpenAICompatLLM(url, "model")
+    replies = [cast(AsyncGenerator[str, None], llm.stream(SYSTEM, HISTORY)) for _ in range(120)]
+    first = await asyncio.gather(*(asyncio.wait_for(anext(r), 2) for r in replies), return_exceptions=True)
+    late = [f for f in first if not isinstance(f, str)]
+    release.set()
+    for r in replies:
+        await r.aclose()
+    await llm.aclose()
+    assert not late, f"{len(late)} of 120 replies waited for a connection: {late[0]!r}"
+    assert first == ["Sure. "] * 120
+
+
+async def test_openai_connect_has_its_own_timeout() -> None:
+    """A server whose host takes no connections (its accept queue is full) fails the turn after the connect timeout,
+    not after aiohttp's default 30 s of connecting (or the whole LLM timeout)."""
+    import socket
+    import time
+
+    from worker.voice.llm import OpenAICompatLLM
+
+    with socket.socket() as server, socket.socket() as queued:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)  # one connection queued fills it; the next SYN goes unanswered
+        port = server.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+        llm = OpenAICompatLLM(f"http://127.0.0.1:{port}/v1", "model", connect_timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(BackendError) as err:
+            await asyncio.wait_for(anext(llm.stream(SYSTEM, HISTORY)), 3)
+        await llm.aclose()
+    assert err.value.stage == "llm" and time.monotonic() - started < 2

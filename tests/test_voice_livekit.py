@@ -27,9 +27,14 @@ QUESTION = "What is the weather like in Paris today?"
 TRACK_RATE = 48_000
 
 
+MICROPHONE = rtc.TrackSource.SOURCE_MICROPHONE
+
+
 class FakeTrack:
-    def __init__(self, sid: str, pcm48: bytes, kind: Any = rtc.TrackKind.KIND_AUDIO) -> None:
-        self.sid, self.pcm48, self.kind = sid, pcm48, kind
+    """A remote track; ``source`` is what its publication says (kept here to build the fake room in one line)."""
+
+    def __init__(self, sid: str, pcm48: bytes, kind: Any = rtc.TrackKind.KIND_AUDIO, source: Any = MICROPHONE) -> None:
+        self.sid, self.pcm48, self.kind, self.source = sid, pcm48, kind, source
 
 
 class FakeAudioStream:
@@ -84,12 +89,13 @@ class FakeParticipant:
 
 class Publication:
     def __init__(self, track: Any) -> None:
-        self.track = track
+        self.track, self.sid, self.source = track, f"PUB_{track.sid}", track.source
 
 
 class Remote:
-    def __init__(self, *tracks: Any) -> None:
-        self.track_publications = {str(i): Publication(t) for i, t in enumerate(tracks)}
+    def __init__(self, *tracks: Any, identity: str = "user") -> None:
+        self.identity = identity
+        self.track_publications = {f"PUB_{t.sid}": Publication(t) for t in tracks}
 
 
 class FakeRoom:
@@ -99,11 +105,25 @@ class FakeRoom:
         self.handlers: dict[str, Any] = {}
         self.disconnected = False
 
-    async def connect(self, url: str, token: str) -> None:
+    async def connect(self, url: str, token: str, options: Any = None) -> None:
         return None
 
     def on(self, event: str, handler: Any) -> None:
         self.handlers[event] = handler
+
+    def publish(self, identity: str, track: FakeTrack) -> None:
+        """A participant's track is subscribed (``track_subscribed``, as the SDK calls it)."""
+        remote = self.remote_participants.setdefault(identity, Remote(identity=identity))
+        remote.track_publications[f"PUB_{track.sid}"] = publication = Publication(track)
+        self.handlers["track_subscribed"](track, publication, remote)
+
+    def unpublish(self, identity: str, sid: str) -> None:
+        remote = self.remote_participants[identity]
+        publication = remote.track_publications.pop(f"PUB_{sid}")
+        self.handlers["track_unsubscribed"](publication.track, publication, remote)
+
+    def leave(self, identity: str) -> None:
+        self.handlers["participant_disconnected"](self.remote_participants.pop(identity))
 
     async def disconnect(self) -> None:
         self.disconnected = True
@@ -174,8 +194,8 @@ async def test_subscribed_user_track_is_heard_at_16k_and_answered(engine: VoiceE
     fed: list[bytes] = []
     task = await start(engine, room, fed)
     await wait_until(lambda: "track_subscribed" in room.handlers)
-    room.handlers["track_subscribed"](FakeTrack("TR_video", b"", rtc.TrackKind.KIND_VIDEO), None, None)
-    room.handlers["track_subscribed"](FakeTrack("TR_user", resample(pcm16, SAMPLE_RATE, TRACK_RATE)), None, None)
+    room.publish("user", FakeTrack("TR_video", b"", rtc.TrackKind.KIND_VIDEO, rtc.TrackSource.SOURCE_CAMERA))
+    room.publish("user", FakeTrack("TR_user", resample(pcm16, SAMPLE_RATE, TRACK_RATE)))
     await wait_until(lambda: room.events("reply_end"))
 
     assert [s.track.sid for s in FakeAudioStream.made] == ["TR_user"]  # the video track is not pumped
@@ -255,24 +275,57 @@ async def test_a_stuck_leave_does_not_hold_the_end(sources: list[RecordingSource
     assert await asyncio.wait_for(task, 2) == "room_disconnected"
 
 
-class HangingRoom:
-    """A room whose server never answers (a real failing connect can take 30 s)."""
+class SlowRoom:
+    """A room whose connect settles only after the caller's deadline (a real failing one takes 14-35 s)."""
 
-    def __init__(self) -> None:
-        self.disconnected = False
+    def __init__(self, settles_after_s: float, succeeds: bool = True) -> None:
+        self.settles_after_s, self.succeeds = settles_after_s, succeeds
+        self.options: Any = None
+        self.connect_cancelled = self.disconnected = False
 
-    async def connect(self, url: str, token: str) -> None:
-        await asyncio.sleep(60)
+    async def connect(self, url: str, token: str, options: Any = None) -> None:
+        self.options = options
+        try:
+            await asyncio.sleep(self.settles_after_s)
+        except asyncio.CancelledError:
+            self.connect_cancelled = True
+            raise
+        if not self.succeeds:
+            raise rtc.ConnectError("engine: signal failure: transport timed out")
 
     async def disconnect(self) -> None:
         self.disconnected = True
 
 
-async def test_livekit_connect_is_bounded() -> None:
+@pytest.mark.parametrize("gives_up", ["timeout", "cancelled"])
+async def test_a_connect_given_up_on_is_left_once_it_settles(gives_up: str) -> None:
+    """``wait_for`` would only abandon the Python await: the SDK goes on connecting (it retries natively, and
+    nothing in its API stops that), and a join that succeeds late would leave the agent in the room. The SDK is
+    told the bound (``RoomOptions.connect_timeout``), the connect is not cancelled, and the room it joins late is
+    left."""
+    room = SlowRoom(settles_after_s=0.5)
     attached: list[Any] = []
-    with pytest.raises(TimeoutError):
-        await run_livekit("ws://127.0.0.1:1", "tok", attached.append, None, 0.2, room=HangingRoom())
+    started = asyncio.get_running_loop().time()
+    run = asyncio.create_task(run_livekit("ws://127.0.0.1:1", "tok", attached.append, None, 0.3, room=room))
+    if gives_up == "cancelled":  # the session is stopped while the agent joins
+        await asyncio.sleep(0.1)
+        run.cancel()
+    with pytest.raises(TimeoutError if gives_up == "timeout" else asyncio.CancelledError):
+        await run
+    assert asyncio.get_running_loop().time() - started < 0.45  # the caller's bound holds
+    await asyncio.sleep(0.3)  # the connect settles meanwhile
+    assert not room.connect_cancelled, "the connect was cancelled: a real SDK goes on connecting, unseen"
+    await wait_until(lambda: room.disconnected, 2)
+    assert isinstance(room.options, rtc.RoomOptions) and 0 < (room.options.connect_timeout or 0) <= 0.3
     assert attached == []
+
+
+async def test_a_connect_that_fails_late_is_not_left() -> None:
+    room = SlowRoom(settles_after_s=0.3, succeeds=False)
+    with pytest.raises(TimeoutError):
+        await run_livekit("ws://127.0.0.1:1", "tok", lambda _: None, None, 0.1, room=room)
+    await asyncio.sleep(0.4)
+    assert not room.connect_cancelled and not room.disconnected  # nothing was joined, nothing to leave
 
 
 async def test_livekit_transport_publishes_audio_and_events() -> None:
@@ -364,3 +417,67 @@ async def test_a_livekit_user_keeps_the_session_attended(engine: VoiceEngine, so
     room.handlers["participant_disconnected"](object())
     await wait_until(lambda: ended, 3)
     assert ended == [("lk-3", "participant_left")]
+
+
+def pumped() -> list[str]:
+    return [s.track.sid for s in FakeAudioStream.made]
+
+
+async def test_only_the_users_microphone_is_heard(engine: VoiceEngine, sources: list[RecordingSource]) -> None:
+    """Regression: every subscribed audio track was fed into the one conversation, 20 ms frames of each in turn,
+    so a second participant's silent microphone (or the user's screen-share audio) cut the question into pieces
+    ("what is the weather like in paris set a"). One microphone is heard: the first user's."""
+    pcm16 = speech16k()
+    user = Remote(FakeTrack("TR_mic", resample(pcm16, SAMPLE_RATE, TRACK_RATE)),
+                  FakeTrack("TR_screen", bytes(len(pcm16) * 3), source=rtc.TrackSource.SOURCE_SCREENSHARE_AUDIO))
+    listener = Remote(FakeTrack("TR_other", bytes(len(pcm16) * 3)), identity="listener")
+    room = FakeRoom({"user": user, "listener": listener})
+    fed: list[bytes] = []
+    task = await start(engine, room, fed)
+    await wait_until(lambda: FakeAudioStream.made)
+    await asyncio.sleep(0.1)
+    assert pumped() == ["TR_mic"]
+    await wait_until(lambda: room.events("reply_end"))
+    transcript = room.events("transcript")[0]["text"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert all(word in transcript for word in ("weather", "paris", "today")), transcript
+    assert b"".join(fed) == pcm16[: len(b"".join(fed))]  # the user's speech, nothing interleaved
+
+
+async def test_a_device_change_moves_to_the_new_microphone(engine: VoiceEngine,
+                                                          sources: list[RecordingSource]) -> None:
+    """A device change republishes the microphone: the new track is heard once the old one goes, never both at
+    once; another participant's microphone is not heard meanwhile."""
+    room = FakeRoom({"user": Remote(FakeTrack("TR_old", bytes(TRACK_RATE * 2)))})
+    task = await start(engine, room, [])
+    await wait_until(lambda: pumped() == ["TR_old"])
+    room.publish("user", FakeTrack("TR_new", bytes(TRACK_RATE * 2)))
+    room.publish("listener", FakeTrack("TR_listener", bytes(TRACK_RATE * 2)))
+    await asyncio.sleep(0.05)
+    assert pumped() == ["TR_old"]
+    room.unpublish("user", "TR_old")
+    await wait_until(lambda: pumped() == ["TR_old", "TR_new"])
+    assert FakeAudioStream.made[0].closed
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert all(stream.closed for stream in FakeAudioStream.made)
+
+
+async def test_audio_of_unknown_source_is_heard_until_a_microphone_comes(engine: VoiceEngine,
+                                                                         sources: list[RecordingSource]) -> None:
+    """An SDK publisher that sets no source (the Python SDK's default) is still heard; a microphone is preferred,
+    and when the user who is heard leaves, the next participant's microphone is."""
+    room = FakeRoom({"bot": Remote(FakeTrack("TR_bot", bytes(TRACK_RATE * 2), source=rtc.TrackSource.SOURCE_UNKNOWN),
+                                   identity="bot")})
+    task = await start(engine, room, [])
+    await wait_until(lambda: pumped() == ["TR_bot"])
+    room.publish("bot", FakeTrack("TR_bot_mic", bytes(TRACK_RATE * 2)))
+    await wait_until(lambda: pumped() == ["TR_bot", "TR_bot_mic"])
+    room.publish("user", FakeTrack("TR_user", bytes(TRACK_RATE * 2)))
+    await asyncio.sleep(0.05)
+    assert pumped() == ["TR_bot", "TR_bot_mic"]  # another participant's microphone waits its turn
+    room.leave("bot")
+    await wait_until(lambda: pumped() == ["TR_bot", "TR_bot_mic", "TR_user"])
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

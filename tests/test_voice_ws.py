@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -271,7 +272,14 @@ async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_l
 
 @pytest.mark.parametrize(
     ("frame", "code"),
-    [(b"\x00" * 641, 1007), ("not json", 1003), (b"\x00" * 64_000, 1009)],
+    [
+        (b"\x00" * 641, 1007),
+        ("not json", 1003),
+        (b"\x00" * 64_000, 1009),
+        ("[" * 3000, 1003),  # nested too deep for the JSON parser: a RecursionError, not a ValueError
+        (json.dumps({"type": "end", "pad": "x" * 5000}), 1009),  # a control message is small; this one is not
+    ],
+    ids=["odd-bytes", "not-json", "audio-over-1s", "deeply-nested-json", "text-over-4kb"],
 )
 async def test_malformed_input_closes_with_clear_code(make_harness: MakeHarness, frame: Any, code: int) -> None:
     h = await make_harness()
@@ -414,3 +422,110 @@ async def test_the_client_end_message_ends_the_session(make_harness: MakeHarness
     assert end["reason"] == "client_ended"
     assert ws.close_code == 1000
     assert h.ended == [("s1", "client_ended")] and "s1" not in h.engine.sessions
+
+
+async def closed_with(ws: websockets.ClientConnection) -> websockets.ConnectionClosed:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    return closed.value
+
+
+@pytest.fixture
+def audio_fed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes of client audio that reached a conversation, in total (one number, kept in a list)."""
+    from worker.voice import pipeline
+
+    feed = pipeline.Conversation.feed
+    fed = [0]
+
+    async def counted(self: pipeline.Conversation, pcm: bytes) -> None:
+        fed[0] += len(pcm)
+        await feed(self, pcm)
+
+    monkeypatch.setattr(pipeline.Conversation, "feed", counted)
+    return fed
+
+
+async def flood(h: Harness, seconds: int = 20) -> websockets.ConnectionClosed:
+    """Send ``seconds`` of audio in 1 s frames as fast as the socket takes them; how the worker closed."""
+    async with websockets.connect(h.url()) as ws:
+        await ws.recv()  # ready
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for _ in range(seconds):
+                await ws.send(b"\0" * 32_000)
+        return await closed_with(ws)
+
+
+async def test_audio_sent_faster_than_real_time_is_cut_off(make_harness: MakeHarness, audio_fed: list[int]) -> None:
+    """A client that floods its session with audio would take the worker's event loop from every other session
+    (each second of audio is 50 VAD+STT steps): past a short burst, audio faster than real time closes with 1008."""
+    h = await make_harness()
+    await h.session()
+    started = time.monotonic()
+    closed = await flood(h)
+    assert closed.rcvd is not None and closed.rcvd.code == 1008, closed
+    assert "faster than real time" in closed.rcvd.reason, closed.rcvd.reason
+    allowed_s = 3.0 + 1.2 * (time.monotonic() - started)  # the burst, then 1.2x real time
+    assert audio_fed[0] / 32_000 <= allowed_s, f"{audio_fed[0] / 32_000} s of audio reached the pipeline"
+    assert "s1" in h.engine.sessions  # the session survives the bad connection, like any malformed input
+
+
+async def test_a_reconnect_does_not_refill_the_audio_allowance(make_harness: MakeHarness,
+                                                               audio_fed: list[int]) -> None:
+    h = await make_harness()
+    await h.session()
+    first = await flood(h)
+    after_first = audio_fed[0]
+    second = await flood(h)
+    assert first.rcvd is not None and second.rcvd is not None and (first.rcvd.code, second.rcvd.code) == (1008, 1008)
+    assert (audio_fed[0] - after_first) / 32_000 < 1.0  # only what 1.2x real time refilled in between
+
+
+async def test_a_client_sending_at_real_time_is_not_cut_off(make_harness: MakeHarness) -> None:
+    """Half-second frames, each sent when its time has come, with a one-off backlog of 2 s (a network stall)."""
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        client = Client(ws)
+        await client.wait_for("ready")
+        start = time.monotonic()
+        for n in range(8):
+            if 1 <= n <= 4:
+                continue  # held back by the stall: frames 1 to 4 go out with frame 5
+            await asyncio.sleep(max(0.0, start + n * 0.5 - time.monotonic()))
+            for _ in range(5 if n == 5 else 1):
+                await ws.send(b"\0" * 16_000)
+        await asyncio.sleep(0.2)
+        assert not client._reader.done(), ws.close_code
+
+
+async def test_a_long_frame_does_not_hold_the_event_loop(make_harness: MakeHarness,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 s frame is 50 steps of VAD+STT; between them the other sessions on the worker's loop get their turn."""
+    from worker.voice import pipeline
+
+    frame = pipeline.Conversation._frame
+    steps = 0
+
+    async def costly_frame(self: pipeline.Conversation, pcm: bytes) -> None:
+        nonlocal steps
+        time.sleep(0.004)  # what VAD+STT of one 20 ms frame may cost on a loaded host
+        steps += 1
+        await frame(self, pcm)
+
+    monkeypatch.setattr(pipeline.Conversation, "_frame", costly_frame)
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as ws:
+        await ws.recv()
+        gaps: list[float] = []
+        last = time.perf_counter()
+        await ws.send(b"\0" * 32_000)
+        async with asyncio.timeout(5):
+            while steps < 50:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+    assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms (50 steps take ~200 ms)"

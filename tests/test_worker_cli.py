@@ -7,12 +7,14 @@ or bound its port (FLEET_HOST, FLEET_PORT), which crashed with a traceback and e
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shared.redis_server import free_port
 from worker import imds as imds_module
-from worker.cli import EXIT_USAGE, run_worker
+from worker.cli import EXIT_USAGE, calibrate, run_worker
 from worker.settings import WorkerSettings
 
 
@@ -25,8 +27,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_SIMULATE_GPU", "t4")
 
 
-def refusal(capsys: pytest.CaptureFixture[str], **options: str | int) -> str:
-    code = run_worker(**options)  # type: ignore[arg-type]
+def refusal(capsys: pytest.CaptureFixture[str], command: Any = run_worker, **options: str | int | float) -> str:
+    code = command(**options)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USAGE, err
     assert len(err) == 1 and err[0].startswith("fleet worker: "), err
@@ -82,3 +84,34 @@ def test_good_values_pass_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = WorkerSettings(advertise_url="https://w1.example.com:8443", zone="us-east-1a")
     assert (settings.advertise_url, settings.zone, settings.labels) == ("https://w1.example.com:8443", "us-east-1a",
                                                                        {"tier": "premium"})
+
+
+@pytest.mark.parametrize(("variable", "raised_by"), [
+    ("FLEET_VOICE_STT_CORPUS_FILE", "building the engine"),
+    ("FLEET_VOICE_WHISPER_MODEL_DIR", "its start"),
+])
+def test_a_missing_voice_model_is_a_one_line_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str], variable: str,
+                                                     raised_by: str) -> None:
+    """A missing model folder or corpus file names its path and setting, like any other refused configuration,
+    instead of a 50-line traceback, whether the engine raises while it is built or in ``start()``."""
+    missing = tmp_path / "no-such-model"
+    monkeypatch.setenv("FLEET_ENGINE", "voice")
+    monkeypatch.setenv(variable, str(missing))
+    line = refusal(capsys, port=0)
+    assert line == f"fleet worker: model path {missing} does not exist (set by {variable})", (raised_by, line)
+
+
+@pytest.mark.parametrize(("variables", "setting"), [
+    ({"FLEET_VOICE_STT_CORPUS_FILE": "{missing}"}, "FLEET_VOICE_STT_CORPUS_FILE"),
+    ({"FLEET_VOICE_TTS_BACKEND": "chatterbox", "FLEET_VOICE_TTS_MODEL_DIR": "{missing}"}, "FLEET_VOICE_TTS_MODEL_DIR"),
+])
+def test_calibrating_without_the_voice_model_is_a_one_line_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   variables: dict[str, str], setting: str) -> None:
+    missing = tmp_path / "no-such-model"
+    monkeypatch.setenv("FLEET_ENGINE", "voice")
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value.format(missing=missing))
+    line = refusal(capsys, calibrate, max_concurrency=1, seconds=0.5)
+    assert line == f"fleet worker: model path {missing} does not exist (set by {setting})", line

@@ -35,6 +35,7 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
 
     from worker.agent import CannotStart, WorkerAgent
     from worker.engines import EngineUnavailable
+    from worker.voice.errors import VoiceError
 
     try:
         settings = _settings(host=host, port=port, advertise_url=advertise_url, region=region,
@@ -44,11 +45,11 @@ def run_worker(host: str | None = None, port: int | None = None, advertise_url: 
         agent = WorkerAgent(settings)
     except ValidationError as exc:
         return _refuse(describe_invalid(exc))
-    except EngineUnavailable as exc:
+    except (EngineUnavailable, VoiceError) as exc:  # VoiceError: a missing model file, named with its setting
         return _refuse(str(exc))
     try:
         return asyncio.run(agent.run())
-    except CannotStart as exc:  # known only once the agent reads the instance metadata or the GPUs, or binds
+    except (CannotStart, VoiceError) as exc:  # known only once the agent reads the IMDS or GPUs, binds, loads models
         return _refuse(str(exc))
 
 
@@ -65,6 +66,7 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     from worker.engine import Calibratable
     from worker.engines import EngineUnavailable, load_engine
     from worker.gpus import GpuProbeFailed, detect_gpus
+    from worker.voice.errors import VoiceError
 
     if max_concurrency is not None and not 1 <= max_concurrency <= MAX_STREAMS_PER_WORKER:
         return _refuse(f"--max-streams must be 1 to {MAX_STREAMS_PER_WORKER} (the most streams tried), "
@@ -76,7 +78,7 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
         loaded = load_engine(settings.engine, settings, for_calibration=True)
     except ValidationError as exc:
         return _refuse(describe_invalid(exc))
-    except EngineUnavailable as exc:
+    except (EngineUnavailable, VoiceError) as exc:  # VoiceError: a missing model file, named with its setting
         return _refuse(str(exc))
     if not isinstance(loaded, Calibratable):
         return _refuse(f"engine {loaded.name!r} has no load probe (load_probe()), so it cannot be calibrated")
@@ -100,6 +102,8 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     except CalibrationFailed as exc:
         print(f"calibration failed: {exc}")
         return 1
+    except VoiceError as exc:  # a model folder is missing: found when the engine starts
+        return _refuse(str(exc))
     bound = "at least " if result.reached_max else ""
     print(f"real-time limit of this host for the {loaded.name} engine: {bound}{result.capacity} streams")
     return 0

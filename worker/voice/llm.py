@@ -16,6 +16,10 @@ from worker.voice.settings import VoiceSettings
 
 Message = dict[str, str]  # {"role": "user"|"assistant", "content": ...}
 
+#: Longest wait to open a connection to an OpenAI-compatible server (DNS, TCP, TLS): a dead host fails the turn
+#: this soon rather than after aiohttp's 30 s or the whole LLM timeout.
+OPENAI_CONNECT_TIMEOUT_S = 5.0
+
 
 class LLM(Protocol):
     name: str
@@ -32,16 +36,32 @@ class OpenAICompatLLM:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 256) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 256, *,
+                 connect_timeout_s: float = OPENAI_CONNECT_TIMEOUT_S) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
         self.max_tokens = max_tokens
+        self.connect_timeout_s = connect_timeout_s
         self._http: aiohttp.ClientSession | None = None
 
-    async def stream(self, system: str, messages: list[Message]) -> AsyncIterator[str]:
+    def _session(self) -> aiohttp.ClientSession:
+        """One pool for every session on the worker, without a cap on connections.
+
+        A reply's stream stays open while its sentences are spoken, and each session has at most one, so the
+        worker's sessions already bound the connections; aiohttp's default cap of 100 would make the 101st reply
+        wait for another to finish speaking. Only connecting is timed here: reading is bounded per token by the
+        pipeline (``llm_timeout_s``), and not while a sentence plays."""
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            t = self.connect_timeout_s
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=None),
+            )
+        return self._http
+
+    async def stream(self, system: str, messages: list[Message]) -> AsyncIterator[str]:
+        http = self._session()
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {
             "model": self.model,
@@ -50,7 +70,7 @@ class OpenAICompatLLM:
             "messages": [{"role": "system", "content": system}, *messages],
         }
         try:
-            async with self._http.post(self.url, json=body, headers=headers) as resp:
+            async with http.post(self.url, json=body, headers=headers) as resp:
                 if resp.status != 200:
                     raise BackendError("llm", f"HTTP {resp.status}: {(await resp.text())[:200]}")
                 async for raw in resp.content:

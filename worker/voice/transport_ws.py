@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from livekit.api import TokenVerifier
 
+from worker.voice.audio import FRAME_BYTES, SAMPLE_RATE
+
 if TYPE_CHECKING:
-    from worker.voice.engine import VoiceEngine
+    from worker.voice.engine import VoiceEngine, VoiceSession
     from worker.voice.pipeline import Conversation
 
 log = logging.getLogger(__name__)
@@ -23,11 +27,18 @@ AUDIO_PATH = "/sessions/{session_id}/audio"
 CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED = 1003  # a text frame that is not a JSON control message
 CLOSE_INVALID = 1007  # a binary frame that is not whole PCM16 samples
-CLOSE_POLICY = 1008  # missing/invalid token, or a token for another room
+CLOSE_POLICY = 1008  # missing/invalid token, a token for another room, or audio faster than real time
 CLOSE_TOO_BIG = 1009
 CLOSE_BUSY = 4409  # the session already has an audio connection
 CLOSE_UNKNOWN_SESSION = 4404
 MAX_FRAME_BYTES = 32_000  # one second of audio
+MAX_TEXT_CHARS = 4096  # a control message is a few dozen characters
+#: How fast a session's client may send audio: this multiple of real time, plus a backlog of ``AUDIO_BURST_S`` at
+#: once (after a network stall, say). Each second of audio costs 50 VAD+STT steps on the worker's event loop, which
+#: every session shares, and capacity is planned at real time; a client sending faster is cut off with 1008.
+AUDIO_RATE_LIMIT = 1.2
+AUDIO_BURST_S = 3.0
+_BYTES_PER_S = SAMPLE_RATE * 2
 CLIENT_ENDED = "client_ended"  # why a session ends when its client sends {"type": "end"}
 
 
@@ -98,6 +109,26 @@ class WebSocketTransport:
         transport.abort()
 
 
+class AudioAllowance:
+    """A token bucket of seconds of audio: refills at ``rate`` times real time, holds at most ``burst_s``."""
+
+    def __init__(self, rate: float = AUDIO_RATE_LIMIT, burst_s: float = AUDIO_BURST_S) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self._left = burst_s
+        self._at = time.monotonic()
+
+    def take(self, seconds: float) -> bool:
+        """Spend ``seconds`` of audio if the allowance has them; False (nothing spent) if not."""
+        now = time.monotonic()
+        self._left = min(self.burst_s, self._left + (now - self._at) * self.rate)
+        self._at = now
+        if seconds > self._left:
+            return False
+        self._left -= seconds
+        return True
+
+
 def _token(ws: WebSocket) -> str | None:
     auth = ws.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
@@ -119,8 +150,11 @@ def verify_token(token: str | None, room: str, api_key: str, api_secret: str) ->
     return claims.identity or ""
 
 
-async def _serve(ws: WebSocket, conversation: Conversation) -> tuple[int, str]:
-    """Feed the client's frames until it ends, disconnects (code -1) or sends something malformed."""
+async def _serve(ws: WebSocket, conversation: Conversation, allowance: AudioAllowance) -> tuple[int, str]:
+    """Feed the client's frames until it ends, disconnects (code -1) or sends something malformed or too fast.
+
+    Between 20 ms frames the event loop goes to the worker's other sessions: queued messages are received without
+    a pause, and one second of audio is 50 steps of VAD+STT."""
     while True:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
@@ -131,20 +165,31 @@ async def _serve(ws: WebSocket, conversation: Conversation) -> tuple[int, str]:
                 return CLOSE_INVALID, "audio frames must be whole PCM16 samples"
             if len(data) > MAX_FRAME_BYTES:
                 return CLOSE_TOO_BIG, f"audio frames must be at most {MAX_FRAME_BYTES} bytes"
-            await conversation.feed(data)
+            if not allowance.take(len(data) / _BYTES_PER_S):
+                return CLOSE_POLICY, (f"audio faster than real time: at most {allowance.rate:g}x, "
+                                      f"after a burst of {allowance.burst_s:g} s")
+            for offset in range(0, len(data), FRAME_BYTES):
+                await conversation.feed(data[offset : offset + FRAME_BYTES])
+                await asyncio.sleep(0)
             continue
+        text = msg.get("text") or ""
+        if len(text) > MAX_TEXT_CHARS:
+            return CLOSE_TOO_BIG, f"text frames must be at most {MAX_TEXT_CHARS} characters"
         try:
-            control = json.loads(msg.get("text") or "")
-        except ValueError:
+            control = json.loads(text)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse ("[[[[…")
             control = None
         if not isinstance(control, dict):
             return CLOSE_UNSUPPORTED, "text frames must be JSON control messages"
         if control.get("type") == "end":
             return CLOSE_NORMAL, CLIENT_ENDED
+        await asyncio.sleep(0)
 
 
 def build_router(engine: VoiceEngine) -> APIRouter:
     router = APIRouter()
+    # Per session, not per connection: reconnecting must not refill a flooding client's allowance.
+    allowances: weakref.WeakKeyDictionary[VoiceSession, AudioAllowance] = weakref.WeakKeyDictionary()
 
     @router.websocket(AUDIO_PATH)
     async def session_audio(ws: WebSocket, session_id: str) -> None:
@@ -170,7 +215,8 @@ def build_router(engine: VoiceEngine) -> APIRouter:
         conversation = session.attach(transport)
         try:
             await transport.send_event({"type": "ready", "session_id": session_id, "sample_rate": 16000})
-            code, reason = await _serve(ws, conversation)
+            allowance = allowances.setdefault(session, AudioAllowance())
+            code, reason = await _serve(ws, conversation, allowance)
         except (WebSocketDisconnect, RuntimeError):  # RuntimeError: the session was stopped and closed the socket
             code, reason = -1, "disconnected"
         finally:
