@@ -34,6 +34,7 @@ def hub(
     """Run a hub (uvicorn). Configuration comes from FLEET_* settings."""
     import uvicorn
 
+    from hub.main import websocket_max_bytes
     from hub.settings import HubSettings
 
     try:
@@ -47,7 +48,7 @@ def hub(
     with _metrics_shared_by(workers):
         uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=logging.getLevelName(server_level).lower(), access_log=False,
-                    ws_max_size=settings.max_body_bytes)
+                    ws_max_size=websocket_max_bytes(settings))
 
 
 @contextlib.contextmanager

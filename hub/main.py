@@ -25,6 +25,7 @@ from hub.scoring import Weights
 from hub.settings import HubSettings
 from hub.store import FleetStore, connect
 from hub.tasks import BackgroundTasks, run_every
+from shared.models import MAX_HEARTBEAT_BYTES
 from shared.redis_server import EmbeddedRedis
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ Control plane for a fleet of GPU workers serving real-time AI avatar and voice s
 
 Every error body is `{"error": code, "message": text}`.
 """
+
+
+def websocket_max_bytes(settings: HubSettings) -> int:
+    """The largest WebSocket message the server reads (uvicorn's ``ws_max_size``). The heartbeat channel, the one
+    WebSocket route, refuses messages over ``MAX_HEARTBEAT_BYTES`` itself, with a reason; uvicorn's bound sits just
+    above it, so only a larger message is cut without one."""
+    return max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES) + 4096
 
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
@@ -94,7 +102,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                 embedded.cleanup()
 
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)
     errors.install(app)
     for router in (sessions.router, workers.router, workers.channel_router, admin.router, ops.router, dashboard.router):

@@ -22,7 +22,13 @@ LabelMap = Annotated[
 ]
 #: The most streams one worker may offer: every heartbeat lists the sessions it runs, and the list has this bound.
 MAX_STREAMS_PER_WORKER = 1024
-SessionIdList = Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=MAX_STREAMS_PER_WORKER)]
+#: The longest session id: ``<worker id, at most 64>~<random part, at most 64>`` (``shared.keys``).
+MAX_SESSION_ID_CHARS = 129
+SessionIdList = Annotated[list[Annotated[str, Field(max_length=MAX_SESSION_ID_CHARS)]],
+                          Field(max_length=MAX_STREAMS_PER_WORKER)]
+#: The largest heartbeat a worker can need to send: a full worker's sessions, each quoted with its comma, and the
+#: figures beside them. Hubs accept heartbeats this large whatever their limit on other request bodies.
+MAX_HEARTBEAT_BYTES = MAX_STREAMS_PER_WORKER * (MAX_SESSION_ID_CHARS + 3) + 2048
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 
 

@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 import uvicorn
 
-from hub.main import create_app
+from hub.main import create_app, websocket_max_bytes
 from hub.settings import HubSettings
 from hub.store import FleetStore, connect
 from shared.models import WorkerRegistration
@@ -223,8 +223,10 @@ class RunningHub:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> RunningHub:
-        app = create_app(hub_settings(self.redis_url, **self.overrides))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        settings = hub_settings(self.redis_url, **self.overrides)
+        app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    ws_max_size=websocket_max_bytes(settings)))  # as `fleet hub`
         self.task = asyncio.create_task(self.server.serve())
         while not self.server.started:
             await asyncio.sleep(0.01)

@@ -14,6 +14,7 @@ from hub.group_commit import GroupCommit
 from hub.store import _with_board_fields
 from shared import keys
 from shared.auth import digest
+from shared.models import MAX_HEARTBEAT_BYTES, MAX_STREAMS_PER_WORKER
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
     ADMIN_AUTH,
@@ -260,7 +261,7 @@ async def test_bad_messages_close_the_channel_with_a_clear_code(make_running_hub
     code, reason = await close_code_after(hub, "w-ws", secret, '{"' + "é" * 60 + '": 1}')
     assert code == 1007 and reason.startswith("invalid heartbeat") and len(reason.encode()) <= 123
     assert (await close_code_after(hub, "w-ws", secret, b"\x00\x01"))[0] == 1003
-    assert (await close_code_after(hub, "w-ws", secret, "[" * 70_000))[0] == 1009
+    assert (await close_code_after(hub, "w-ws", secret, "[" * (MAX_HEARTBEAT_BYTES + 1)))[0] == 1009
     async with hub.client() as client:  # nothing above changed the worker
         view = (await client.get("/api/v1/workers/w-ws", headers=ADMIN_AUTH)).json()
         assert view["alive"] and view["state"] == "ready"
@@ -293,3 +294,26 @@ async def test_redis_down_is_an_error_message_and_the_channel_stays_open(
 def test_a_heartbeats_board_view_is_its_figures_plus_the_boards_fields(figures: str, state: str, drain: bool) -> None:
     view = json.loads(_with_board_fields(figures, 1234, state, drain))
     assert view == {**json.loads(figures), "hb": 1234, "state": state, "drain": drain}
+
+
+async def test_a_full_worker_with_the_longest_ids_can_heartbeat_by_post_and_channel(make_running_hub: Any) -> None:
+    """Regression: 1,024 sessions of a worker with a 45-character id made a 66 KB heartbeat, over the 64 KiB bound
+    on request bodies and channel messages: 413 and 1009, retried for ever while its leases lapsed."""
+    hub = await make_running_hub()
+    worker_id = "w" * 64
+    secret = await register_over_http(hub, worker_id, max_streams=MAX_STREAMS_PER_WORKER)
+    sessions = [f"{worker_id}~{n:064d}" for n in range(MAX_STREAMS_PER_WORKER)]  # the longest ids there can be
+    beat = {"active_sessions": sessions, "gpu_utilization": 99.5, "latency_ms": 1234.5, "seq": 2**53}
+    assert len(json.dumps(beat)) > 130_000
+    async with hub.client() as client:
+        resp = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json=beat,
+                                 headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+        assert resp.status_code == 200, resp.text[:200]
+        assert len(resp.json()["stop_sessions"]) == MAX_STREAMS_PER_WORKER  # the hub holds none of them
+    async with aiohttp.ClientSession() as http:
+        ws = await open_channel(http, hub, worker_id, secret)
+        await ws.send_str(json.dumps(beat))
+        reply = await asyncio.wait_for(ws.receive(), 5)
+        assert reply.type == aiohttp.WSMsgType.TEXT, (reply.type, reply.data, reply.extra)
+        assert len(json.loads(reply.data)["stop_sessions"]) == MAX_STREAMS_PER_WORKER
+        await ws.close()

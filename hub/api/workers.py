@@ -24,12 +24,19 @@ from hub.errors import error_responses
 from shared.auth import digest, secret_matches
 from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
-from shared.models import ErrorBody, Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration
+from shared.models import (
+    MAX_HEARTBEAT_BYTES,
+    ErrorBody,
+    Heartbeat,
+    HeartbeatReply,
+    RegistrationAccepted,
+    WorkerRegistration,
+)
 
 log = logging.getLogger(__name__)
 
-#: A heartbeat message is small; the same bound as an HTTP body.
-MAX_HEARTBEAT_MESSAGE = 64 * 1024
+#: A heartbeat on the channel: as large as a full worker's can be, whatever the bound on other request bodies.
+MAX_HEARTBEAT_MESSAGE = MAX_HEARTBEAT_BYTES
 _WORKER_ID = re.compile(WORKER_ID_PATTERN)
 
 router = APIRouter(prefix="/api/v1/workers", tags=["workers"], dependencies=[Depends(require_worker)],
