@@ -82,7 +82,8 @@ class HubSettings(FleetSettings):
     livekit_token_ttl_s: int = Field(default=3600, gt=0, le=30 * 86400,
                                      description="Lifetime of minted participant tokens (at most 30 days).")
 
-    max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(default=64 * 1024, gt=0, description=(
+        "Larger request bodies get 413; heartbeats are allowed what a full worker's needs (about 137 KB)."))
     rate_limit_per_s: float = Field(default=20.0, ge=0, description="Session requests per client per second; 0 = off.")
     rate_limit_burst: int = Field(default=40, ge=1, description="Burst size of the per-client limit.")
     trusted_proxies: list[str] = Field(
