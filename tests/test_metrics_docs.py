@@ -121,3 +121,15 @@ def test_every_worker_metric_and_label_value_is_documented() -> None:
     for value in DISPATCH_OUTCOMES + HEARTBEAT_OUTCOMES + STAGES:
         assert f"`{value}`" in doc, f"label value {value} is not in docs/metrics.md"
     assert 'worker_dispatches_total{outcome="stopped"} 0.0' in text  # exported from the start
+
+
+def test_metrics_answer_only_their_plain_path(redis_server: EmbeddedRedis) -> None:
+    """Regression: uvicorn decodes ``/%6detrics`` to ``/metrics`` before routing, while the ALB's rule that keeps
+    /metrics inside compares the path as sent, so the public domain served the fleet's figures."""
+    if not redis_server.running:
+        redis_server.start()
+    with running_hubs(1, redis_server.url) as [hub], httpx.Client(base_url=hub.url, timeout=5) as client:
+        assert client.get("/metrics").status_code == 200
+        for disguised in ("/%6detrics", "/metric%73", "/%6D%65%74%72%69%63%73"):
+            resp = client.get(disguised)
+            assert resp.status_code == 404 and "fleet_" not in resp.text, disguised

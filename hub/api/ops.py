@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hub.api.deps import HubDep
@@ -29,5 +29,12 @@ async def ready(hub: HubDep) -> Response:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(hub: HubDep) -> Response:
+async def metrics(hub: HubDep, request: Request) -> Response:
+    """Prometheus text, under the plain path only: the load balancer's rule that keeps ``/metrics`` inside matches
+    the path as sent, so a percent-encoded one (``/%6detrics``), which the server decodes, must not serve it."""
+    if request.scope.get("raw_path", _METRICS_PATH) != _METRICS_PATH:
+        return error_response(404, "not_found", "Not Found")
     return Response(hub.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+_METRICS_PATH = b"/metrics"
