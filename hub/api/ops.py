@@ -32,7 +32,8 @@ async def ready(hub: HubDep) -> Response:
 async def metrics(hub: HubDep, request: Request) -> Response:
     """Prometheus text, under the plain path only: the load balancer's rule that keeps ``/metrics`` inside matches
     the path as sent, so a percent-encoded one (``/%6detrics``), which the server decodes, must not serve it."""
-    if request.scope.get("raw_path", _METRICS_PATH) != _METRICS_PATH:
+    raw_path: bytes = request.scope.get("raw_path") or _METRICS_PATH
+    if raw_path.split(b"?", 1)[0] != _METRICS_PATH:  # some servers keep the query in raw_path
         return error_response(404, "not_found", "Not Found")
     return Response(hub.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
