@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from hub.board import Ranked, RoutingBoard
 from hub.dispatch import DispatchOutcome, WorkerClient
@@ -26,11 +27,13 @@ from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatc
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 _PENDING = "pending:"
 #: Reservation attempts per request; each is one Lua call, refused ones cost ~0.1 ms.
 _MAX_RESERVATIONS = 64
-#: Tries to release a reservation whose placement failed (the store may be what failed).
-_UNDO_ATTEMPTS = 5
+#: How long an undo keeps trying to reach the store and the worker: longer than a Redis failover takes.
+_UNDO_WINDOW_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Allocator:
         self.metrics = metrics
         self.background = background
         self._deployments = {d.region: d for d in settings.livekit_deployments}
+        self._undoing: set[str] = set()  # sessions this hub is ending because no client can learn of them
 
     # --- create -------------------------------------------------------------------------------------------
 
@@ -108,8 +112,14 @@ class Allocator:
                     return self._fresh_token_config(current, live.record, req.identity), False
             swapped, _ = await self.store.compare_and_set_claim(session_key, current, claim, claim_ttl)
             if swapped:
-                if current is not None:
-                    await self._abandon(current)  # its worker is gone: the conversation moves
+                if current is not None and current not in self._undoing:  # an undo releases its own
+                    try:
+                        await self._abandon(current)  # its worker is gone: the conversation moves
+                    except BaseException:
+                        # Not left pending: the client's retry would wait out the claim for nothing.
+                        with contextlib.suppress(StoreUnavailable):
+                            await self.store.compare_and_set_claim(session_key, claim, current, claim_ttl)
+                        raise
                 break
         try:
             config, worker_url = await self._place(req, where)
@@ -120,8 +130,9 @@ class Allocator:
             swapped, _ = await self.store.compare_and_set_claim(session_key, claim, config.session_id,
                                                                 self.settings.affinity_ttl_s)
         except BaseException:
-            # Placed, but the key cannot point at it: no client would ever learn of this session.
-            self._spawn_undo(config.worker.id, config.session_id, worker_url)
+            # Placed, but the key cannot point at it: no client would ever learn of this session. (The write may have
+            # landed with its answer lost, so the undo clears the claim too.)
+            self._spawn_undo(config.worker.id, config.session_id, worker_url, session_key)
             raise
         if not swapped:
             # The claim lapsed while a slow store held this placement up, and another request took the key: one
@@ -132,7 +143,7 @@ class Allocator:
 
     async def _live_session(self, session_id: str) -> StoredSession | None:
         worker_id = keys.worker_of_session(session_id)
-        if worker_id is None:
+        if worker_id is None or session_id in self._undoing:
             return None
         stored = await self.store.read_session(worker_id, session_id)
         if stored is None or not stored.worker_alive:
@@ -230,24 +241,54 @@ class Allocator:
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
         return None, 1
 
-    def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str) -> None:
-        self.background.spawn(self._undo(worker_id, session_id, worker_url), name=f"undo {session_id}")
+    def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None = None) -> None:
+        self._undoing.add(session_id)  # from now on, no retry of this conversation is handed this session
+        self.background.spawn(self._undo(worker_id, session_id, worker_url, session_key), name=f"undo {session_id}")
 
-    async def _undo(self, worker_id: str, session_id: str, worker_url: str) -> None:
-        """Stop a session on its worker, then release its slot, retrying the store a few times. The stop comes
-        first: a session the worker no longer runs loses its lease at the worker's next heartbeat even if the store
-        stays down."""
-        await self.workers.stop(worker_url, session_id)
-        for delay in itertools.islice(backoff_delays(base_s=0.1, cap_s=2.0), _UNDO_ATTEMPTS):
+    async def _undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None) -> None:
+        """End a session no client can learn of: stop it on its worker, release its slot and, with ``session_key``,
+        the claim that may point at it. The stop comes first: a session the worker no longer runs loses its lease at
+        the worker's next heartbeat even if the store stays down; a released one is stopped by the worker's next
+        heartbeat even if the worker does not answer now. Either is enough, so each is retried (for as long as a
+        Redis failover takes) until it lands: a lease the worker keeps reporting is renewed for good."""
+        try:
+            stopped = await self.workers.stop(worker_url, session_id)
+            if not stopped:
+                self.background.spawn(self._stop_until_delivered(worker_url, session_id), name=f"stop {session_id}")
+            released = await self._until_the_store_answers(lambda: self.store.release(worker_id, session_id))
+            if released is not None:
+                self.board.note_used(worker_id, released.used)
+            if session_key is not None:
+                await self._until_the_store_answers(
+                    lambda: self.store.compare_and_set_claim(session_key, session_id, None, 0))
+            if released is None:
+                log.warning("could not release %s within %.0f s; %s", session_id, _UNDO_WINDOW_S,
+                            "its worker stopped it, so its next heartbeat frees the slot" if stopped
+                            else "its worker is still being told to stop it")
+        finally:
+            self._undoing.discard(session_id)
+
+    async def _until_the_store_answers(self, step: Callable[[], Awaitable[_T]]) -> _T | None:
+        """``step``'s result, retried with backoff while the store is unavailable; None after ``_UNDO_WINDOW_S``."""
+        deadline = time.monotonic() + _UNDO_WINDOW_S
+        for delay in backoff_delays(base_s=0.1, cap_s=5.0):
             try:
-                released = await self.store.release(worker_id, session_id)
+                return await step()
             except StoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    return None
                 await asyncio.sleep(delay)
-                continue
-            self.board.note_used(worker_id, released.used)
-            return
-        log.warning("could not release %s; the worker was told to stop it, so its next heartbeat frees the slot",
-                    session_id)
+        raise AssertionError("backoff_delays is endless")
+
+    async def _stop_until_delivered(self, worker_url: str, session_id: str) -> None:
+        deadline = time.monotonic() + _UNDO_WINDOW_S
+        for delay in backoff_delays(base_s=0.5, cap_s=10.0):
+            if time.monotonic() + delay > deadline:
+                log.warning("could not tell %s to stop %s within %.0f s", worker_url, session_id, _UNDO_WINDOW_S)
+                return
+            await asyncio.sleep(delay)
+            if await self.workers.stop(worker_url, session_id):
+                return
 
     def _config(self, session_id: str, record: dict[str, Any], *, token: str | None = None,
                 expires_at: datetime | None = None) -> SessionConfig:

@@ -650,3 +650,84 @@ async def test_a_board_that_lost_a_registration_has_the_worker_register_again(ma
     await refresh(later)
     placed = await later.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
     assert placed.status_code == 201, placed.text
+
+
+def fails_until(seconds: float, real: Any) -> Any:
+    """``real``, raising StoreUnavailable for the first ``seconds`` (a Redis failover)."""
+    until = asyncio.get_running_loop().time() + seconds
+
+    async def step(*args: Any, **kwargs: Any) -> Any:
+        if asyncio.get_running_loop().time() < until:
+            raise StoreUnavailable("the shared store is unreachable")
+        return await real(*args, **kwargs)
+
+    return step
+
+
+async def test_an_undo_outlasts_a_failover_that_also_hides_the_worker(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the undo tried the release five times (~3 s) and the stop once, ignoring its answer. When both
+    failed, the worker kept reporting the session and its heartbeats renewed the lease for good: a slot held by a
+    session no client knew of, and a log line saying the worker had been told."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    state = hub.app.state.hub
+    store, workers = state.store, state.allocator.workers
+    real_stop, stops = workers.stop, []
+
+    async def stop_unanswered_twice(url: str, session_id: str) -> bool:
+        stops.append(session_id)
+        return False if len(stops) <= 2 else await real_stop(url, session_id)
+
+    async def confirm_fails(*args: object, **kwargs: object) -> bool:
+        raise StoreUnavailable("the shared store is unreachable")
+
+    monkeypatch.setattr(store, "confirm", confirm_fails)
+    monkeypatch.setattr(store, "release", fails_until(4.0, store.release))
+    monkeypatch.setattr(workers, "stop", stop_unanswered_twice)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+    await wait_for(lambda: worker.stopped, 10, "the stop, retried until the worker answered")
+    assert not worker.sessions and len(stops) == 3
+    await wait_for(lambda: not state.allocator._undoing, 12, "the release, retried until the store answered")
+    seq, running = worker.snapshot()
+    assert (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()["used_streams"] == 0
+
+
+async def test_a_retry_is_not_handed_a_session_being_undone(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the final claim write landed but its answer was lost, so the placement was undone (the worker
+    stopped it) while the claim and the lease stayed until a release got through: a retry of the conversation got
+    200 and a token for a room with no agent."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    real_cas = store.compare_and_set_claim
+
+    async def answer_lost(session_key: str, expected: str | None, new: str | None, ttl_s: float) -> Any:
+        result = await real_cas(session_key, expected, new, ttl_s)
+        if new is not None and not new.startswith("pending:"):
+            raise StoreUnavailable("the answer was lost")  # the write itself landed
+        return result
+
+    monkeypatch.setattr(store, "compare_and_set_claim", answer_lost)
+    monkeypatch.setattr(store, "release", fails_until(2.0, store.release))
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-9"})
+    assert first.status_code == 503
+    await wait_for(lambda: worker.stopped, 2, "the undo's stop")
+    monkeypatch.setattr(store, "compare_and_set_claim", real_cas)
+    for _ in range(50):  # the client retries while the store fails (503 store_unavailable)
+        retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-9"})
+        if retry.status_code != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert retry.status_code == 201, retry.text  # a new placement, never 200 with the stopped session
+    assert list(worker.sessions) == [retry.json()["session_id"]]
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 8, "the undo's end")
+    seq, running = worker.snapshot()
+    assert (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()["used_streams"] == 1  # the retry's only
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-9"})
+    assert again.status_code == 200 and again.json()["session_id"] == retry.json()["session_id"]
