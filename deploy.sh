@@ -113,9 +113,11 @@ require_env_and_regions() {
   [[ -n $REGIONS ]] || die "--regions is required (the first one is the home region)"
   IFS=',' read -r -a REGION_LIST <<<"$REGIONS"
   HOME_REGION="${REGION_LIST[0]}"
-  local r
+  local r seen=" "
   for r in "${REGION_LIST[@]}"; do
     [[ $r =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] || die "not an AWS region: $r"
+    [[ $seen != *" $r "* ]] || die "$r is listed twice in --regions (a region has one network and one worker group)"
+    seen+="$r "
   done
 }
 
@@ -147,9 +149,47 @@ stack_name() {
   echo "gpu-fleet-$ENV_NAME-$1"
 }
 
-# Distinct /16 per region (index in --regions) so regional VPCs can be peered with the home one.
+# The VPC CIDR of region number $1 of --regions (set by resolve_vpc_cidrs).
 vpc_cidr() {
-  echo "10.$((40 + $1)).0.0/16"
+  echo "${REGION_CIDRS[$1]}"
+}
+
+# The VpcCidr of the region's network stack; nothing when there is no such stack or it has no VPC (yet): a stack
+# left in REVIEW_IN_PROGRESS by a plan, or one whose creation failed. Any other failure stops the script, since a
+# guessed CIDR would replace a live VPC. In dry-run mode, a placeholder (the lookup is printed, not run).
+deployed_vpc_cidr() {  # region
+  local stack answer
+  stack="$(stack_name network)"
+  local -a lookup=(cloudformation describe-stacks --region "$1" --stack-name "$stack"
+                   --query "Stacks[0].Outputs[?OutputKey=='VpcCidr'].OutputValue | [0]" --output text)
+  if [[ $DRY_RUN -eq 1 ]]; then
+    aws_query "<$stack.VpcCidr-or-a-free-10.N.0.0/16>" "${lookup[@]}"
+    return 0
+  fi
+  if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
+    [[ $answer == *"does not exist"* ]] && return 0
+    die "cannot read the VpcCidr of $stack in $1: $answer"
+  fi
+  [[ -z $answer || $answer == None ]] && return 0
+  [[ $answer =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/16$ ]] || die "the VpcCidr of $stack in $1 is not a /16: $answer"
+  echo "$answer"
+}
+
+# Sets REGION_CIDRS (indexed like REGION_LIST). A region keeps the CIDR its network stack was created with, whatever
+# its place in --regions, since changing it replaces the VPC; a new region gets the first 10.N.0.0/16 (N >= 40) that
+# no region of --regions uses. So regions can be added anywhere after the first, or dropped, without moving others.
+resolve_vpc_cidrs() {
+  local i n
+  REGION_CIDRS=()
+  for i in "${!REGION_LIST[@]}"; do
+    REGION_CIDRS[i]="$(deployed_vpc_cidr "${REGION_LIST[$i]}")" || exit 1
+  done
+  for i in "${!REGION_LIST[@]}"; do
+    [[ -z ${REGION_CIDRS[$i]} ]] || continue
+    n=40
+    while [[ " ${REGION_CIDRS[*]} " == *" 10.$n.0.0/16 "* ]]; do n=$((n + 1)); done
+    REGION_CIDRS[i]="10.$n.0.0/16"
+  done
 }
 
 resolve_names() {
@@ -157,9 +197,11 @@ resolve_names() {
   [[ -n $BUCKET ]] || BUCKET="gpu-fleet-$ENV_NAME-$ACCOUNT_ID-$HOME_REGION"
   if [[ -z $HOSTED_ZONE_ID ]]; then
     HOSTED_ZONE_ID="$(aws_query Z0000000000DRYRUN route53 list-hosted-zones-by-name --dns-name "${DOMAIN#*.}" \
-      --query "HostedZones[?Name=='${DOMAIN#*.}.' || Name=='$DOMAIN.'] | [0].Id" --output text)"
+      --query "HostedZones[?(Name=='${DOMAIN#*.}.' || Name=='$DOMAIN.') && Config.PrivateZone==\`false\`] | [0].Id" \
+      --output text)"
     HOSTED_ZONE_ID="${HOSTED_ZONE_ID##*/}"
-    [[ -n $HOSTED_ZONE_ID && $HOSTED_ZONE_ID != None ]] || die "no hosted zone found for $DOMAIN; pass --hosted-zone-id"
+    [[ -n $HOSTED_ZONE_ID && $HOSTED_ZONE_ID != None ]] \
+      || die "no hosted zone found for $DOMAIN (public zones only); pass --hosted-zone-id"
   fi
   if [[ -z $CERTIFICATE_ARN ]]; then
     CERTIFICATE_ARN="$(aws_query "arn:aws:acm:$HOME_REGION:$ACCOUNT_ID:certificate/dry-run" acm list-certificates \
@@ -178,7 +220,9 @@ resolve_names() {
   fi
 }
 
-# Builds the wheel; ARTIFACT_KEY embeds its hash, so an unchanged build leaves every stack unchanged.
+# Builds the wheel. ARTIFACT_KEY embeds a hash of what it installs (each file's name and bytes), not of the zip,
+# whose bytes carry the build time and the files' mtimes: keyed on those, every deploy of the same source would roll
+# every hub and drain every GPU worker. An unchanged build leaves every stack unchanged.
 build_wheel() {
   local dist="${GPU_FLEET_DIST_DIR:-$ROOT/dist}"
   if [[ $DRY_RUN -eq 1 ]]; then
@@ -192,7 +236,15 @@ build_wheel() {
   python3 -m pip wheel "$ROOT" --no-deps --quiet -w "$dist" >&2
   WHEEL="$(ls "$dist"/gpu_fleet-*.whl)"
   local digest
-  digest="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest()[:16])' "$WHEEL")"
+  digest="$(python3 - "$WHEEL" <<'PY'
+import hashlib, sys, zipfile
+digest = hashlib.sha256()
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for name in sorted(wheel.namelist()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(wheel.read(name)).digest())
+print(digest.hexdigest()[:16])
+PY
+)"
   ARTIFACT_KEY="artifacts/$ENV_NAME/$digest/$(basename "$WHEEL")"
 }
 
@@ -255,8 +307,9 @@ stack_parameters() {  # template region index
       if [[ $region == "$HOME_REGION" ]]; then
         require_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId || return 1
         PARAMS+=("HubSecurityGroupId=$OUTPUT")
-      else
-        PARAMS+=("HubCidr=$(vpc_cidr 0)")
+      else  # the hubs' own subnets: the home VPC also holds the home region's workers
+        require_output "$HOME_REGION" "$(stack_name network)" HubCidr || return 1
+        PARAMS+=("HubCidr=$OUTPUT")
       fi
       ;;
   esac
@@ -338,6 +391,7 @@ cmd_plan() {
   require_deploy_inputs
   cmd_validate >&2
   resolve_names
+  resolve_vpc_cidrs
   build_wheel
   local template region index stack change_set type status
   change_set="plan-$(date -u +%Y%m%d%H%M%S)"
@@ -395,6 +449,7 @@ cmd_deploy() {
   require_deploy_inputs
   cmd_validate >&2
   resolve_names
+  resolve_vpc_cidrs
   build_wheel
   upload_wheel
   local template region index stack
@@ -412,7 +467,7 @@ cmd_deploy() {
   done 3< <(deployment_order)
   log "deployed: https://$DOMAIN"
   if [[ ${#REGION_LIST[@]} -gt 1 ]]; then
-    log "workers outside $HOME_REGION reach hubs over HTTPS; hubs reach them over VPC peering from $(vpc_cidr 0)"
+    log "workers outside $HOME_REGION reach hubs over HTTPS; hubs reach them over VPC peering from their subnets"
   fi
 }
 
@@ -420,7 +475,8 @@ cmd_destroy() {
   check_prerequisites aws
   require_env_and_regions
   if [[ $ASSUME_YES -ne 1 && $DRY_RUN -ne 1 ]]; then
-    die "destroy deletes every stack of '$ENV_NAME' (Redis keeps a final snapshot); re-run with --yes"
+    die "destroy deletes every stack of '$ENV_NAME' (Redis keeps a final snapshot, the secrets are kept:" \
+      "docs/deploy.md says how to delete them); re-run with --yes"
   fi
   local i region stack
   local -a order=()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import pytest
+from botocore.validate import ParamValidator
 from cfnlint.api import ManualArgs, lint_file
 from cfnlint.decode import cfn_yaml
 
@@ -72,7 +75,7 @@ def test_no_secret_is_a_parameter(name: str) -> None:
 def test_network_spans_three_azs_with_nat_and_endpoints() -> None:
     t = load("network")
     subnets = resources(t, "AWS::EC2::Subnet")
-    assert len(subnets) == 6
+    assert len(subnets) == 9  # public, private, and the hubs' (home region only) in each AZ
     assert {s["Properties"]["AvailabilityZone"]["Fn::Select"][0] for s in subnets} == {0, 1, 2}
     assert len(resources(t, "AWS::EC2::NatGateway")) == 3
     services = {e["Properties"]["ServiceName"]["Fn::Sub"].rsplit(".", 1)[1]
@@ -573,3 +576,98 @@ def test_the_bootstrap_harness_does_see_a_script_that_never_completes_the_hook(t
     assert proc.returncode == 0, proc.stderr
     assert ["systemctl", "start", "fleet-worker.service"] in calls
     assert _hook_completions(calls) == []
+
+
+# --- Review findings on the AWS deployment ----------------------------------------------------------------------
+
+def test_secrets_survive_a_destroy_and_a_replacement() -> None:
+    """CloudFormation deletes a secret without any recovery window: the tokens and LiveKit keys would be gone for
+    good with `deploy.sh destroy` (or a replacement). docs/deploy.md says how to delete them on purpose."""
+    for secret in resources(load("secrets"), "AWS::SecretsManager::Secret"):
+        assert secret.get("DeletionPolicy") == "Retain"
+        assert secret.get("UpdateReplacePolicy") == "Retain"
+
+
+def test_a_release_replaces_the_warm_pool_workers_too() -> None:
+    """AutoScalingRollingUpdate replaces InService instances only: stopped warm-pool workers stayed on the old
+    wheel. An instance refresh replaces the warm pool too; skip matching keeps an unchanged deploy a no-op."""
+    t = load("gpu-workers")
+    asg = one(t, "AWS::AutoScaling::AutoScalingGroup")
+    assert one(t, "AWS::AutoScaling::WarmPool")["Properties"]["AutoScalingGroupName"] == {"Ref": "AutoScalingGroup"}
+    policy = asg["UpdatePolicy"]
+    assert "AutoScalingRollingUpdate" not in policy
+    refresh = policy["AutoScalingInstanceRefresh"]
+    assert refresh["Strategy"] == "Rolling"
+    preferences = refresh["Preferences"]
+    assert preferences["SkipMatching"] is True
+    # Busy workers protect themselves from scale-in: waiting for that would fail the refresh (and the stack update);
+    # replacing them goes through the drain lifecycle hook, as the rolling update did.
+    assert preferences["ScaleInProtectedInstances"] == "Refresh"
+    model = botocore.session.get_session().get_service_model("autoscaling")
+    report = ParamValidator().validate({"AutoScalingGroupName": "g", "Preferences": dict(preferences)},
+                                       model.operation_model("StartInstanceRefresh").input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_the_domain_is_one_record_whose_target_follows_cloudfront() -> None:
+    """Two records for one name (one per CloudFront condition) made turning CloudFront on or off fail: the new one
+    is created before the old one is deleted, and Route 53 refuses the duplicate."""
+    t = load("hub")
+    [record] = [r for r in resources(t, "AWS::Route53::RecordSet") if r["Properties"]["Name"] == {"Ref": "DomainName"}]
+    assert "Condition" not in record
+    alias = record["Properties"]["AliasTarget"]
+    assert alias["DNSName"] == {"Fn::If": ["UseCloudFront", {"Fn::GetAtt": ["Distribution", "DomainName"]},
+                                           {"Fn::GetAtt": ["LoadBalancer", "DNSName"]}]}
+    assert alias["HostedZoneId"] == {"Fn::If": ["UseCloudFront", "Z2FDTNDATAQYW2",
+                                                {"Fn::GetAtt": ["LoadBalancer", "CanonicalHostedZoneID"]}]}
+
+
+def _evaluate(expr: Any, params: dict[str, str]) -> Any:
+    """The value of the few intrinsic functions network.yaml uses for its subnets (Ref, Select, Cidr, GetAZs)."""
+    if not isinstance(expr, dict):
+        return expr
+    [(name, arg)] = expr.items()
+    if name == "Ref":
+        return params[arg]
+    if name == "Fn::GetAZs":
+        return ["az-a", "az-b", "az-c"]
+    if name == "Fn::Select":
+        return _evaluate(arg[1], params)[_evaluate(arg[0], params)]
+    if name == "Fn::Cidr":
+        block, count, bits = (_evaluate(a, params) for a in arg)
+        network = ipaddress.ip_network(block)
+        return [str(s) for s in network.subnets(new_prefix=32 - bits)][:count]
+    raise AssertionError(f"cannot evaluate {name}")
+
+
+def test_only_the_hubs_live_in_the_cidr_that_remote_workers_admit() -> None:
+    """Remote workers admitted the whole home VPC on port 8000, where the home region's workers live too (and hold
+    the worker token). The hubs now have their own subnets inside one block, HubCidr, that nothing else uses."""
+    t = load("network")
+    params = {"VpcCidr": t["Parameters"]["VpcCidr"]["Default"]}
+    subnets = {name: r for name, r in t["Resources"].items() if r["Type"] == "AWS::EC2::Subnet"}
+    cidrs = {name: ipaddress.IPv4Network(_evaluate(r["Properties"]["CidrBlock"], params))
+             for name, r in subnets.items()}
+    outputs = t["Outputs"]
+    hub_cidr = ipaddress.IPv4Network(_evaluate(outputs["HubCidr"]["Value"], params))
+    assert outputs["HubCidr"]["Export"]["Name"] == {"Fn::Sub": "${EnvName}-network-HubCidr"}
+    hubs = [ref["Ref"] for ref in outputs["HubSubnetIds"]["Value"]["Fn::Join"][1]]
+    assert len(hubs) == 3
+    assert {_evaluate(subnets[h]["Properties"]["AvailabilityZone"], params) for h in hubs} == {"az-a", "az-b", "az-c"}
+    for name, cidr in cidrs.items():
+        assert cidr.subnet_of(ipaddress.IPv4Network(params["VpcCidr"]))
+        assert cidr.subnet_of(hub_cidr) if name in hubs else not cidr.overlaps(hub_cidr), name
+        assert not any(cidr.overlaps(other) for o, other in cidrs.items() if o != name), name
+    # Only in the home region (no peer), where the hubs run.
+    home = {"Fn::Equals": [{"Ref": "PeerVpcId"}, ""]}
+    assert all(t["Conditions"][subnets[h]["Condition"]] == home for h in hubs)
+    assert t["Conditions"][outputs["HubCidr"]["Condition"]] == home
+    # Routed like the other private subnets, so the peering routes deploy.sh adds reach the hubs.
+    private_tables = [ref["Ref"] for ref in outputs["PrivateRouteTableIds"]["Value"]["Fn::Join"][1]]
+    associations = {r["Properties"]["SubnetId"]["Ref"]: r["Properties"]["RouteTableId"]["Ref"]
+                    for r in resources(t, "AWS::EC2::SubnetRouteTableAssociation")}
+    assert sorted(associations[h] for h in hubs) == sorted(private_tables)
+    # The hub group runs in those subnets and nowhere else.
+    hub_asg = one(load("hub"), "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert hub_asg["VPCZoneIdentifier"] == {"Fn::Split": [",", {"Fn::ImportValue": {
+        "Fn::Sub": outputs["HubSubnetIds"]["Export"]["Name"]["Fn::Sub"]}}]}

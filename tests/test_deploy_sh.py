@@ -30,7 +30,12 @@ arg() {{  # the value after option $1
 }}
 case "$args" in
   "sts get-caller-identity"*) echo 123456789012 ;;
-  "route53 "*) echo /hostedzone/ZFAKE123 ;;
+  "route53 "*)
+    # FAKE_HOSTED_ZONES: a list-hosted-zones-by-name answer (JSON file) that --query is evaluated on, as aws does.
+    [[ -n "${{FAKE_HOSTED_ZONES:-}}" ]] || {{ echo /hostedzone/ZFAKE123; exit 0; }}
+    exec {sys.executable} -c 'import json, sys, jmespath
+found = jmespath.search(sys.argv[2], json.load(open(sys.argv[1])))
+print("None" if found is None else found)' "$FAKE_HOSTED_ZONES" "$(arg --query)" ;;
   "acm "*) echo arn:aws:acm:us-east-1:123456789012:certificate/fake ;;
   "ec2 describe-managed-prefix-lists"*) echo "${{FAKE_PREFIX_LIST-pl-fake123}}" ;;
   "secretsmanager "*) echo {SECRET} ;;
@@ -40,6 +45,14 @@ case "$args" in
     case " ${{FAKE_OUTPUTS_EMPTY:-}} " in *" $key "*) echo; exit 0 ;; esac
     case " ${{FAKE_OUTPUTS_NONE:-}} " in *" $key "*) echo None; exit 0 ;; esac
     case " ${{FAKE_OUTPUTS_FAIL:-}} " in *" $key "*) echo "An error occurred (AccessDenied)" >&2; exit 254 ;; esac
+    if [[ $key == VpcCidr ]]; then
+      # FAKE_VPC_CIDRS: "region=cidr ..." of the network stacks that exist; elsewhere there is no such stack.
+      for deployed in ${{FAKE_VPC_CIDRS:-}}; do
+        [[ ${{deployed%%=*}} != "$(arg --region)" ]] || {{ echo "${{deployed#*=}}"; exit 0; }}
+      done
+      echo "An error occurred (ValidationError): Stack with id $(arg --stack-name) does not exist" >&2
+      exit 254
+    fi
     echo "output-of-$key" ;;
   # With FAKE_STATE_DIR, stacks have a status (one file per region and stack) as CloudFormation keeps it: a CREATE
   # change set makes a REVIEW_IN_PROGRESS stack, which refuses UPDATE change sets.
@@ -72,12 +85,14 @@ FAKE_CFN_LINT = f"""#!{BASH}
 exit "${{FAKE_CFN_LINT_RC:-0}}"
 """
 
-# Stands in for `python3 -m pip wheel` (slow, writes build files) and runs the real python3 otherwise.
+# Stands in for `python3 -m pip wheel` (slow, writes build files) and runs the real python3 otherwise; see
+# test_two_deploys_of_the_same_source_upload_the_same_artifact for the real build.
 FAKE_PYTHON3 = f"""#!{BASH}
 if [[ "$1 $2 $3" == "-m pip wheel" ]]; then
   while [[ $# -gt 0 ]]; do [[ "$1" == "-w" ]] && dist="$2"; shift; done
-  mkdir -p "$dist" && echo wheel > "$dist/gpu_fleet-0.1.0-py3-none-any.whl"
-  exit 0
+  mkdir -p "$dist"
+  exec {sys.executable} -c 'import sys, zipfile
+zipfile.ZipFile(sys.argv[1], "w").writestr("gpu_fleet/__init__.py", "")' "$dist/gpu_fleet-0.1.0-py3-none-any.whl"
 fi
 exec {sys.executable} "$@"
 """
@@ -176,6 +191,7 @@ def test_dry_run_deploy_prints_every_aws_call_and_runs_none(env: dict[str, str])
     assert all("--no-fail-on-empty-changeset" in line for line in deploys)
     assert "+ aws s3 cp " in result.out
     assert "+ python3 -m pip wheel" in result.out
+    assert "VpcCidr=10." not in result.out  # it reads no stack, so it cannot know a region's CIDR: a placeholder
 
 
 def test_deploy_runs_in_order_idempotently_and_never_handles_a_secret(env: dict[str, str]) -> None:
@@ -195,7 +211,7 @@ def test_deploy_runs_in_order_idempotently_and_never_handles_a_secret(env: dict[
     workers = [c for c in deploys if "gpu-fleet-prod-gpu-workers" in c]
     assert "WorkerTokenSecretArn=output-of-WorkerTokenSecretArn" in workers[0]
     assert "HubSecurityGroupId=output-of-HubSecurityGroupId" in workers[0]
-    assert "HubCidr=10.40.0.0/16" in workers[1]
+    assert "HubCidr=output-of-HubCidr" in workers[1]  # the hubs' subnets, not the home VPC and its workers
     assert all("Engine=synthetic" in c for c in workers)  # the default engine
     # Hubs reach workers of other regions over a peering the regional network stack requests and deploy.sh accepts.
     regional_net = next(c for c in deploys if "gpu-fleet-prod-network" in c and "eu-west-1" in c)
@@ -237,6 +253,7 @@ def test_plan_creates_and_describes_change_sets_without_executing(env: dict[str,
 def test_destroy_needs_confirmation_and_deletes_in_reverse(env: dict[str, str]) -> None:
     refused = run(env, "destroy", "--env", "prod", "--regions", REGIONS)
     assert refused.rc != 0 and "--yes" in refused.out
+    assert "secrets are kept" in refused.out  # secrets.yaml retains them; docs/deploy.md says how to delete them
     assert not refused.calls
     result = run(env, "destroy", "--env", "prod", "--regions", REGIONS, "--yes")
     assert result.rc == 0, result.out
@@ -289,6 +306,7 @@ def test_plan_updates_a_stack_that_exists(env: dict[str, str], tmp_path: Path) -
     ("HubSecurityGroupId", "gpu-fleet-prod-hub", ("gpu-fleet-prod-gpu-workers", "us-east-1")),
     ("WorkerTokenSecretArn", "gpu-fleet-prod-secrets", ("gpu-fleet-prod-gpu-workers", "us-east-1")),
     ("VpcId", "gpu-fleet-prod-network", ("gpu-fleet-prod-network", "eu-west-1")),
+    ("HubCidr", "gpu-fleet-prod-network", ("gpu-fleet-prod-gpu-workers", "eu-west-1")),
 ])
 def test_deploy_stops_on_a_missing_stack_output(env: dict[str, str], output: str, stack: str,
                                                  stops_before: tuple[str, str], answer: str) -> None:
@@ -301,7 +319,7 @@ def test_deploy_stops_on_a_missing_stack_output(env: dict[str, str], output: str
                 for c in result.aws("cloudformation", "deploy")]
     assert stops_before not in deployed
     for call in result.aws("cloudformation", "deploy"):
-        assert not {"HubSecurityGroupId=", "WorkerTokenSecretArn=", "PeerVpcId="} & set(call)
+        assert not {"HubSecurityGroupId=", "WorkerTokenSecretArn=", "PeerVpcId=", "HubCidr="} & set(call)
         assert not any(a.endswith("=None") for a in call)
 
 
@@ -352,3 +370,115 @@ def test_behind_cloudfront_the_alb_admits_only_cloudfront(env: dict[str, str]) -
     Path(env["FAKE_LOG"]).unlink()
     without = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
     assert without.aws("ec2", "describe-managed-prefix-lists") == []
+
+
+# --- Review findings on the AWS deployment ----------------------------------------------------------------------
+
+def _artifact_key(result: Run) -> str:
+    assert result.rc == 0, result.out
+    [hub] = [c for c in result.aws("cloudformation", "deploy") if "gpu-fleet-prod-hub" in c]
+    [key] = [a.removeprefix("ArtifactKey=") for a in hub if a.startswith("ArtifactKey=")]
+    return key
+
+
+def test_two_deploys_of_the_same_source_upload_the_same_artifact(env: dict[str, str], tmp_path: Path) -> None:
+    """The real `pip wheel` stamps the build time and the files' mtimes into the wheel: keyed on its bytes, every
+    deploy was a new release that rolled every hub and drained every GPU worker."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "build", "dist", "*.egg-info")
+    source.mkdir()
+    for name in ("deploy.sh", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for package in ("cloudformation", "shared", "hub", "worker", "cli"):
+        shutil.copytree(ROOT / package, source / package, ignore=ignore)
+    (tmp_path / "bin" / "python3").unlink()  # the real build, with the venv's python3 and pip
+    real = {**env, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    args = [BASH, str(source / "deploy.sh"), "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"]]
+
+    def deploy() -> str:
+        Path(env["FAKE_LOG"]).unlink(missing_ok=True)
+        proc = subprocess.run(args, env=real, capture_output=True, text=True, timeout=60, cwd=source)
+        calls = [line.split("\x1f") for line in Path(env["FAKE_LOG"]).read_text().splitlines()]
+        return _artifact_key(Run(proc.returncode, proc.stdout + proc.stderr, calls))
+
+    def fresh_checkout(mtime: int) -> None:
+        """What a new clone of the same commit looks like: no build directory, every file with a new mtime."""
+        for leftover in ("build", "gpu_fleet.egg-info"):
+            shutil.rmtree(source / leftover, ignore_errors=True)
+        for path in source.rglob("*"):
+            os.utime(path, (mtime, mtime))
+
+    first = deploy()
+    fresh_checkout(1_700_000_000)
+    assert deploy() == first
+    module = source / "shared" / "__init__.py"
+    module.write_text(module.read_text() + "\n# a change to what the instances run\n")
+    assert deploy() != first
+
+
+def test_a_region_listed_twice_is_refused(env: dict[str, str]) -> None:
+    """--regions us-east-1,us-east-1 redeployed the home network stack as a "second region", with another CIDR."""
+    result = run(env, "deploy", "--env", "prod", "--regions", "us-east-1,eu-west-1,us-east-1", "--domain",
+                 "fleet.example.com", "--livekit-regions", env["LIVEKIT"])
+    assert result.rc != 0
+    assert "us-east-1 is listed twice in --regions" in result.out
+    assert not result.aws("cloudformation") and not result.aws("s3")
+
+
+def _network_cidrs(result: Run) -> dict[str, str]:
+    assert result.rc == 0, result.out
+    cidrs = {}
+    for call in result.aws("cloudformation", "deploy"):
+        if "gpu-fleet-prod-network" in call:
+            [cidr] = [a.removeprefix("VpcCidr=") for a in call if a.startswith("VpcCidr=")]
+            cidrs[call[call.index("--region") + 1]] = cidr
+    return cidrs
+
+
+def test_a_region_keeps_its_vpc_cidr_when_another_region_is_dropped(env: dict[str, str]) -> None:
+    """The CIDR followed the position in --regions: dropping a region (docs/deploy.md, "Drain a region") gave the
+    regions after it a new CIDR, which CloudFormation applies by replacing their live VPC."""
+    deployed = {"FAKE_VPC_CIDRS": "us-east-1=10.40.0.0/16 eu-west-1=10.41.0.0/16 ap-southeast-1=10.42.0.0/16"}
+    result = run(env, "deploy", "--env", "prod", "--regions", "us-east-1,ap-southeast-1", "--domain",
+                 "fleet.example.com", "--livekit-regions", env["LIVEKIT"], extra_env=deployed)
+    assert _network_cidrs(result) == {"us-east-1": "10.40.0.0/16", "ap-southeast-1": "10.42.0.0/16"}
+    routes = {(c[c.index("--region") + 1], c[c.index("--destination-cidr-block") + 1])
+              for c in result.aws("ec2", "create-route")}
+    assert routes == {("us-east-1", "10.42.0.0/16"), ("ap-southeast-1", "10.40.0.0/16")}
+
+
+def test_a_new_region_takes_a_cidr_that_no_deployed_region_uses(env: dict[str, str]) -> None:
+    deployed = {"FAKE_VPC_CIDRS": "us-east-1=10.40.0.0/16 ap-southeast-1=10.41.0.0/16"}
+    result = run(env, "deploy", "--env", "prod", "--regions", "us-east-1,eu-west-1,ap-southeast-1", "--domain",
+                 "fleet.example.com", "--livekit-regions", env["LIVEKIT"], extra_env=deployed)
+    assert _network_cidrs(result) == {"us-east-1": "10.40.0.0/16", "eu-west-1": "10.42.0.0/16",
+                                      "ap-southeast-1": "10.41.0.0/16"}
+
+
+def test_a_vpc_cidr_that_cannot_be_read_stops_the_deploy(env: dict[str, str]) -> None:
+    """Taking a failed lookup for "no network yet" would pick a CIDR, and replace the VPC if it differs."""
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_OUTPUTS_FAIL": "VpcCidr"})
+    assert result.rc != 0
+    assert "cannot read the VpcCidr of gpu-fleet-prod-network in us-east-1" in result.out
+    assert not result.aws("cloudformation", "deploy")
+
+
+def test_the_hosted_zone_lookup_ignores_private_zones(env: dict[str, str], tmp_path: Path) -> None:
+    """With split-horizon DNS the private zone of the same name can come first; records there are not public."""
+    zones = tmp_path / "zones.json"
+    private = {"Id": "/hostedzone/Z0PRIVATE", "Name": "example.com.", "Config": {"PrivateZone": True}}
+    public = {"Id": "/hostedzone/Z0PUBLIC", "Name": "example.com.", "Config": {"PrivateZone": False}}
+    zones.write_text(json.dumps({"HostedZones": [private, public]}))
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_HOSTED_ZONES": str(zones)})
+    assert result.rc == 0, result.out
+    [hub] = [c for c in result.aws("cloudformation", "deploy") if "gpu-fleet-prod-hub" in c]
+    assert "HostedZoneId=Z0PUBLIC" in hub
+
+    Path(env["FAKE_LOG"]).unlink()
+    zones.write_text(json.dumps({"HostedZones": [private]}))
+    only_private = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                       extra_env={"FAKE_HOSTED_ZONES": str(zones)})
+    assert only_private.rc != 0 and "no hosted zone found for fleet.example.com" in only_private.out
+    assert not only_private.aws("cloudformation", "deploy")
