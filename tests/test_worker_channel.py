@@ -8,6 +8,7 @@ event loop); the rest run against a real hub and Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -18,11 +19,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.models import Heartbeat, WorkerRegistration
+from shared.models import Heartbeat, SessionDispatch, WorkerRegistration
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
 from tests.test_worker_drain import running
 from tests.test_worker_hub import wait_for, worker_settings
+from worker import hub_client
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
 from worker.hub_client import HubClient, HubUnavailable, WorkerForgotten
@@ -256,3 +258,108 @@ async def test_a_registration_whose_answer_was_lost_is_sent_again_not_locked_out
         await client.heartbeat_once()  # the hub knows this secret
     finally:
         await client.aclose()
+
+
+class SlowToStopEngine(SyntheticEngine):
+    """Stops like the voice engine: forgets the session, says goodbye to a client slow to take it (the voice engine
+    waits up to twice its 2 s close timeout), then cancels the session's work."""
+
+    def __init__(self, goodbye_s: float) -> None:
+        super().__init__()
+        self.goodbye_s = goodbye_s
+        self.stops_finished: list[str] = []
+
+    async def stop_session(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        await asyncio.sleep(self.goodbye_s)
+        session.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await session.task
+        self.stops_finished.append(session_id)
+
+
+async def test_a_stop_the_hub_asks_for_runs_to_its_end_whatever_happens_to_the_channel(
+        make_running_hub: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The hub's answer on the channel lists a session it does not hold; the engine takes longer to stop it than
+    the heartbeat waits for an answer, and the worker shuts down before the stop is done. Guards against stops run
+    inside the channel's reader: the answer counted as lost (the channel dropped), closing the channel cancelled
+    the engine's stop half-way, and the session kept running in the engine while the worker counted its slot
+    free."""
+    caplog.set_level("INFO", logger="worker.hub_client")
+    interval = 1.0
+    hub = await make_running_hub(heartbeat_interval_s=interval, worker_ttl_s=3 * interval)
+    engine = SlowToStopEngine(goodbye_s=4 * interval)
+    manager = SessionManager(engine, 2)
+    client = HubClient([hub.url], WORKER_TOKEN, registration(), manager, timeout_s=interval)
+    await client.register()
+    orphan = "w1~orphan0000000001"  # one the hub does not hold (it lost it): its answer says stop
+    await manager.start(SessionDispatch(session_id=orphan, room="r", livekit_url="ws://x", token="t"))
+    work = engine._sessions[orphan].task
+    loop = asyncio.create_task(client.heartbeat_loop())
+    try:
+        await wait_for(lambda: orphan not in manager.ids(), 5, "the hub's stop")
+        await asyncio.sleep(2 * interval)  # past the answer's wait and the next heartbeat
+        assert client.transport == "channel" and "channel lost" not in caplog.text, caplog.text
+        assert not work.done()  # the goodbye still runs
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await client.aclose()  # closes the channel while the engine still stops the session
+    await manager.stop_all()  # what the drain does before the engine closes
+    assert engine.stops_finished == [orphan], "the engine's stop was cut short"
+    assert work.done()
+
+
+async def test_a_refused_channel_is_tried_again_after_a_jittered_delay_that_grows(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that refuses the upgrade (an old hub, a proxy without upgrades) gets heartbeats by POST, and the
+    channel is tried again after a random delay that grows, up to five minutes, while the refusals go on. Guards
+    against a fixed minute: workers refused together (a hub restarting) all came back together a minute later."""
+    upgrades = 0
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(request: web.Request) -> web.Response:
+        nonlocal upgrades
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            upgrades += 1
+            return web.Response(status=405)
+        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
+                                  "heartbeat_interval_s": 1.0, "stop_sessions": []})
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(hub_client, "time", clock)
+    caplog.set_level("INFO", logger="worker.hub_client")
+    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
+                       SessionManager(SyntheticEngine(), 2), timeout_s=1.0)
+    waits: list[float] = []
+    try:
+        await client.register_once()
+        for _ in range(12):
+            before = upgrades
+            await client.heartbeat_once()
+            assert upgrades == before + 1 and client.transport == "post"
+            refusal = [r for r in caplog.records if r.getMessage().startswith("heartbeat channel unavailable")][-1]
+            assert isinstance(refusal.args, tuple)
+            delay = refusal.args[-1]
+            assert isinstance(delay, float)
+            waits.append(delay)
+            clock.now += waits[-1] - 0.5
+            await client.heartbeat_once()
+            assert upgrades == before + 1, "the channel was tried again before its delay was over"
+            clock.now += 1.0
+    finally:
+        await client.aclose()
+    assert len({round(wait, 3) for wait in waits}) > len(waits) // 2, f"no jitter: {waits}"
+    assert waits[0] <= 60 and max(waits[4:]) > 60, f"no backoff: {waits}"
+    assert max(waits) <= 300, f"no cap: {waits}"

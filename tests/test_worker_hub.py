@@ -7,6 +7,7 @@ outage that must not disturb running sessions, SIGTERM draining in a real proces
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -22,13 +23,17 @@ import httpx
 import pytest
 from botocore.stub import Stubber
 
-from shared.models import HeartbeatReply
+from shared import keys
+from shared.models import HeartbeatReply, WorkerRegistration
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis, wait_for
 from tests.fakes import StaticImds
+from tests.harness import running_hubs
 from worker.agent import WorkerAgent, client_audio_url
-from worker.hub_client import ACK_EVERY
+from worker.engines.synthetic import SyntheticEngine
+from worker.hub_client import ACK_EVERY, HubClient
 from worker.lifecycle import Lifecycle
+from worker.sessions import SessionManager
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +111,9 @@ async def test_on_the_channel_every_second_heartbeat_waits_for_an_answer(make_ru
     answers: list[HeartbeatReply] = []
     apply = agent.hub._apply
 
-    async def counting(reply: HeartbeatReply) -> None:
+    def counting(reply: HeartbeatReply) -> None:
         answers.append(reply)
-        await apply(reply)
+        apply(reply)
 
     agent.hub._apply = counting  # type: ignore[method-assign]
     ok = agent.manager.metrics.heartbeats.labels("ok")
@@ -386,6 +391,58 @@ async def test_a_dead_first_hub_url_falls_over_to_the_next(make_running_hub: Any
     dead = f"http://127.0.0.1:{free_port()}"
     agent = await run_agent(worker_settings(running, hub_urls=[dead, running.url]))
     assert agent.hub.hub_url == running.url
+
+
+@pytest.mark.standalone_redis
+@pytest.mark.parametrize("use_channel", [True, False], ids=["channel", "post"])
+async def test_a_frozen_hub_hands_the_heartbeats_to_the_next_url_within_the_ttl(redis_url: str,
+                                                                                 use_channel: bool) -> None:
+    """Two hub processes share Redis; the one the worker heartbeats to freezes (SIGSTOP) holding its connections.
+    The heartbeat that fails there (no answer on the channel, or a POST timing out) must go to the other hub at
+    once, and a registration after it must try the frozen hub last. Guards against a worker that POSTed the lost
+    heartbeat to the frozen hub, backed off and registered there first: 4.7 intervals without a heartbeat against
+    a TTL of 3, so a live worker left routing."""
+    interval = 1.0
+    with running_hubs(2, redis_url, heartbeat_interval_s=interval, worker_ttl_s=3 * interval) as (frozen, other):
+        redis = sync_redis(redis_url)
+        reg = WorkerRegistration(worker_id="w-freeze", url="http://127.0.0.1:1", region="us-east-1", max_streams=2)
+        # The hub timeout equal to the interval, as in the defaults (3 s and 3 s, TTL 9 s).
+        client = HubClient([frozen.url, other.url], WORKER_TOKEN, reg, SessionManager(SyntheticEngine(), 2),
+                           timeout_s=interval, backoff_cap_s=interval, use_channel=use_channel)
+        loop: asyncio.Task[None] | None = None
+        assert frozen.proc is not None
+        try:
+            await client.register()
+            loop = asyncio.create_task(client.heartbeat_loop())
+            await wait_for(lambda: client.manager.metrics.heartbeats.labels("ok")._value.get() >= 2, 5, "heartbeats")
+            assert client.hub_url == frozen.url and client.transport == ("channel" if use_channel else "post")
+
+            def last_heartbeat_ms() -> int:
+                return int(redis.hget(keys.worker_keys("w-freeze").info, "hb") or 0)
+
+            seen = [last_heartbeat_ms()]
+            os.kill(frozen.proc.pid, signal.SIGSTOP)
+            for _ in range(80):  # 4 intervals
+                await asyncio.sleep(interval / 20)
+                if last_heartbeat_ms() != seen[-1]:
+                    seen.append(last_heartbeat_ms())
+            seconds, micros = redis.time()
+            seen.append(seconds * 1000 + micros // 1000)  # and the time since the last one
+            worst = max(later - earlier for earlier, later in itertools.pairwise(seen)) / 1000
+            assert worst < 3 * interval, f"{worst:.2f} s without a heartbeat; the TTL is {3 * interval:.0f} s"
+            assert client.hub_url == other.url
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            started = asyncio.get_running_loop().time()
+            await client.register_once()
+            took = asyncio.get_running_loop().time() - started
+            assert client.hub_url == other.url and took < interval / 2, f"registration took {took:.2f} s"
+        finally:
+            if loop is not None:
+                loop.cancel()
+                await asyncio.gather(loop, return_exceptions=True)
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+            await client.aclose()
 
 
 async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any, run_agent: Any,

@@ -1,18 +1,21 @@
 """Talks to the hubs: register with backoff across FLEET_HUB_URLS, heartbeat, re-register, deregister.
 
-Failures never stop the worker serving its sessions: an unreachable or failing hub is logged and retried with
-capped exponential backoff; a hub that forgot the worker (404) or refuses its secret (403) gets a new registration,
-and the next heartbeat re-announces the sessions still running.
+Failures never stop the worker serving its sessions: a heartbeat or registration that fails on one hub goes to the
+next at once (every hub shares the registry), the hub that just failed last; when every hub fails, it is logged and
+retried with capped exponential backoff and jitter. A hub that forgot the worker (404) or refuses its secret (403)
+gets a new registration, and the next heartbeat re-announces the sessions still running.
 
 Heartbeats go over one WebSocket kept open on the heartbeat URL (a message costs the hub a fraction of a POST);
 when it cannot be opened (an old hub, a proxy without upgrades) or drops, that heartbeat is POSTed instead and
-the channel is tried again later. On the channel a heartbeat asks the hub for an answer when the one before it did
-not (so every second heartbeat), when it reports a new state, and while the hub holds the worker drained (its
-resume is news only the worker can ask for); the hub answers the others only with news (an SRE drain, sessions to
-stop). A reader task applies every answer the moment it comes, and keeps an error or the channel's end for the
-next heartbeat to raise. An awaited answer that does not come within half an interval means the channel is lost:
-it is dropped without a closing handshake and that heartbeat is POSTed, so a hub that froze holding the channel
-misses at most two and a half intervals of heartbeats, within its TTL of three.
+the channel is tried again later, after a random delay that grows while the upgrade keeps failing. On the channel
+a heartbeat asks the hub for an answer when the one before it did not (so every second heartbeat), when it reports
+a new state, and while the hub holds the worker drained (its resume is news only the worker can ask for); the hub
+answers the others only with news (an SRE drain, sessions to stop). A reader task applies every answer the moment
+it comes (the engine's stops run in tasks of their own, which closing the channel does not cut short), and keeps
+an error or the channel's end for the next heartbeat to raise. An awaited answer that does not come within half
+an interval means the channel is lost: it is dropped without a closing handshake and that heartbeat is POSTed, to
+another hub first, so a hub that froze holding the channel costs the worker at most two and a half intervals of
+heartbeats, within its TTL of three.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -47,6 +50,11 @@ T = TypeVar("T")
 ACK_EVERY = 2
 #: The shortest wait for an awaited answer on the channel, whatever the interval: a busy host, not a lost hub.
 MIN_ANSWER_WAIT_S = 0.25
+#: After the heartbeat channel could not be opened, heartbeats go by POST for a while before it is tried again: a
+#: random delay (full jitter) whose ceiling starts here and doubles with each failure in a row, up to the cap. Workers
+#: refused together (a hub restarting) do not come back together; a proxy that never upgrades is asked ever less.
+CHANNEL_RETRY_BASE_S = 30.0
+CHANNEL_RETRY_CAP_S = 300.0
 
 
 class HubUnavailable(Exception):
@@ -76,7 +84,8 @@ class HubClient:
         self.secret: str | None = None
         self._next_secret: str | None = None  # the secret the registration under way proposes
         self.interval_s = 3.0
-        self.hub_url: str | None = None
+        self.hub_url: str | None = None  # the hub that answered last
+        self._failing: list[str] = []  # hubs whose last request failed, the one that failed most recently last
         self.registered = asyncio.Event()
         self.registrations = 0
         self.last_reply: HeartbeatReply | None = None
@@ -84,7 +93,8 @@ class HubClient:
         self.use_channel = use_channel
         self._channel: aiohttp.ClientWebSocketResponse | None = None
         self._channel_for: tuple[str, str] | None = None  # (hub, secret) the open channel authenticated with
-        self._channel_retry_at = 0.0
+        self._channel_retry_at: dict[str, float] = {}  # hub -> when (monotonic) its channel may be tried again
+        self._channel_retry_delays = _channel_retry_delays()
         self._channel_reader: asyncio.Task[None] | None = None
         self._channel_answered = asyncio.Event()  # set by the reader after each answer (or error) it takes
         self._channel_error: Exception | None = None  # what the reader found for the next heartbeat to raise
@@ -118,10 +128,23 @@ class HubClient:
         return headers
 
     def _ordered_hubs(self) -> list[str]:
-        """The hub that last answered first, then the others."""
-        if self.hub_url in self.hub_urls:
-            return [self.hub_url, *(u for u in self.hub_urls if u != self.hub_url)]  # type: ignore[list-item]
-        return list(self.hub_urls)
+        """The hub that last answered first, then the others; those whose last request failed go last, the one
+        that failed most recently at the very end (a frozen hub costs a timeout per request it is sent)."""
+        failing = [url for url in self._failing if url in self.hub_urls]
+        healthy = [url for url in self.hub_urls if url not in failing]
+        if self.hub_url in healthy:
+            healthy = [self.hub_url, *(url for url in healthy if url != self.hub_url)]
+        return healthy + failing
+
+    def _hub_answered(self, url: str) -> None:
+        self.hub_url = url
+        if url in self._failing:
+            self._failing.remove(url)
+
+    def _hub_failed(self, url: str) -> None:
+        if url in self._failing:
+            self._failing.remove(url)
+        self._failing.append(url)
 
     async def register_once(self) -> RegistrationAccepted:
         """One pass over the hubs; raises HubUnavailable if none accepted.
@@ -147,19 +170,22 @@ class HubClient:
                             # be closed with 4403, which must not be read as a refusal of the new one.
                             await self._close_channel(abandon=True)
                         self.interval_s = accepted.heartbeat_interval_s
-                        self.hub_url = url
+                        self._hub_answered(url)
                         self.registrations += 1
                         self.registered.set()
                         log.info("registered %s with %s (heartbeat every %.1fs)", self.worker_id, url,
                                  accepted.heartbeat_interval_s)
                         return accepted
                     last = f"{url} answered {resp.status}"
-                    if resp.status == 409:
+                    if resp.status >= 500:
+                        self._hub_failed(url)
+                    elif resp.status == 409:
                         # A previous incarnation still holds the id until its TTL lapses: retrying will succeed.
                         log.warning("worker id %s still held by a live registration; retrying", self.worker_id)
                     elif resp.status in (401, 422):
                         log.error("hub %s refused the registration (%s): %s", url, resp.status, payload)
             except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
+                self._hub_failed(url)
                 last = f"{url}: {describe_error(exc)}"
         raise HubUnavailable(last)
 
@@ -221,15 +247,34 @@ class HubClient:
         return min(self.timeout_s, max(self.interval_s / 2, MIN_ANSWER_WAIT_S))
 
     async def heartbeat_once(self) -> None:
-        """One heartbeat to the current hub; raises WorkerForgotten or HubUnavailable. One at a time: the drain's
-        own heartbeat must not share the channel, and its answer, with the loop's."""
+        """One heartbeat, to the current hub or, when it fails there, to the others in turn; raises WorkerForgotten
+        or HubUnavailable. One at a time: the drain's own heartbeat must not share the channel, and its answer, with
+        the loop's."""
         async with self._beating:
             if self.hub_url is None or self.secret is None:
                 raise WorkerForgotten("not registered")
             beat = await self.build_heartbeat()
-            if self.use_channel and await self._heartbeat_on_channel(self.hub_url, self.secret, beat):
+            hubs = self._ordered_hubs()
+            if not hubs:
+                raise HubUnavailable("no hub configured")
+            if self.use_channel and await self._heartbeat_on_channel(hubs[0], self.secret, beat):
                 return
-            await self._apply(await self._heartbeat_post(self.hub_url, beat))
+            self._apply(await self._heartbeat_post_to_any(beat))
+
+    async def _heartbeat_post_to_any(self, beat: Heartbeat) -> HeartbeatReply:
+        """POST the heartbeat to each hub in turn until one answers: all share the registry, and a hub that is down
+        or frozen must not cost the worker its TTL while another one answers."""
+        failure = HubUnavailable("no hub configured")
+        for url in self._ordered_hubs():
+            try:
+                reply = await self._heartbeat_post(url, beat)
+            except HubUnavailable as exc:
+                self._hub_failed(url)
+                failure = exc
+                continue
+            self._hub_answered(url)
+            return reply
+        raise failure
 
     async def _heartbeat_post(self, hub_url: str, beat: Heartbeat) -> HeartbeatReply:
         body = beat.model_dump(mode="json")
@@ -243,10 +288,10 @@ class HubClient:
                 if resp.status == 404:
                     raise WorkerForgotten("hub does not know this worker (404)")
                 if resp.status != 200:
-                    raise HubUnavailable(f"hub answered {resp.status}")
+                    raise HubUnavailable(f"{hub_url} answered {resp.status}")
                 reply = HeartbeatReply.model_validate(await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValidationError, ValueError) as exc:
-            raise HubUnavailable(describe_error(exc)) from None
+            raise HubUnavailable(f"{hub_url}: {describe_error(exc)}") from None
         self.transport = "post"
         return reply
 
@@ -268,8 +313,10 @@ class HubClient:
                 await asyncio.wait_for(self._channel_answered.wait(), self._answer_wait_s())
                 self._raise_channel_error()
                 self._reported_state = beat.state
+                self._hub_answered(hub_url)
         except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             log.info("heartbeat channel lost (%s); this heartbeat goes by POST", describe_error(exc))
+            self._hub_failed(hub_url)
             await self._close_channel(abandon=True)
             return False
         except (WorkerForgotten, HubUnavailable):
@@ -313,18 +360,23 @@ class HubClient:
         if self._channel is not None and self._channel_for == (hub_url, secret) and self._channel_error is not None:
             return self._channel  # closed, but its last words (a close code, an error) are still to be raised
         await self._close_channel()
-        if time.monotonic() < self._channel_retry_at:
+        if time.monotonic() < self._channel_retry_at.get(hub_url, 0.0):
             return None
         try:
             self._channel = await self._session().ws_connect(
                 f"{hub_url}/api/v1/workers/{self.worker_id}/heartbeat", headers=self._headers(),
                 timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout.total), max_msg_size=64 * 1024)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            # An old hub or a proxy without upgrades: POST, and try the channel again in a minute.
-            self._channel_retry_at = time.monotonic() + _CHANNEL_RETRY_S
-            log.info("heartbeat channel unavailable (%s); heartbeats go by POST for %.0f s", describe_error(exc),
-                     _CHANNEL_RETRY_S)
+            # An old hub or a proxy without upgrades: POST, and try the channel again later.
+            delay = next(self._channel_retry_delays)
+            self._channel_retry_at[hub_url] = time.monotonic() + delay
+            if not isinstance(exc, aiohttp.WSServerHandshakeError):
+                self._hub_failed(hub_url)  # it did not answer at all: this heartbeat is POSTed to another hub first
+            log.info("heartbeat channel unavailable (%s); heartbeats go by POST for %.1f s", describe_error(exc),
+                     delay)
             return None
+        self._channel_retry_at.pop(hub_url, None)
+        self._channel_retry_delays = _channel_retry_delays()
         self._channel_for = (hub_url, secret)
         self._unanswered = ACK_EVERY  # the first heartbeat on a channel asks for an answer
         self._channel_error = None
@@ -338,7 +390,7 @@ class HubClient:
         while True:
             message = await ws.receive()
             try:
-                await self._apply(self._read_answer(message, ws, secret))
+                self._apply(self._read_answer(message, ws, secret))
             except (_ChannelLost, WorkerForgotten, HubUnavailable) as exc:
                 self._channel_error = exc
             except Exception as exc:  # applying went wrong here, not the channel: say so, go on
@@ -364,7 +416,9 @@ class HubClient:
                 async with asyncio.timeout(0 if abandon else None):
                     await channel.close()
 
-    async def _apply(self, reply: HeartbeatReply) -> None:
+    def _apply(self, reply: HeartbeatReply) -> None:
+        """Follow a hub's answer. Its stops leave the count now; the engine's part runs in tasks of their own: an
+        answer waited on is not held up by a slow goodbye, and closing the channel cannot cut a stop half-way."""
         self.last_reply = reply
         self.interval_s = reply.heartbeat_interval_s
         # The hub's state is draining when an SRE drained this worker (or it reported its own drain): follow it
@@ -372,7 +426,7 @@ class HubClient:
         self.manager.set_drained_by_hub(reply.state is WorkerState.DRAINING)
         for session_id in reply.stop_sessions:
             log.info("hub does not hold session %s; stopping it", session_id)
-            await self.manager.stop(session_id)
+            self.manager.begin_stop(session_id)
 
     async def heartbeat_loop(self) -> None:
         """Heartbeat at the hub's interval forever; re-register when forgotten, back off when hubs fail. Nothing
@@ -415,7 +469,8 @@ class HubClient:
         await self.register()
 
     async def _reregister_elsewhere(self) -> None:
-        """With several hubs, try the registration on any of them; each shares the registry, so any will do."""
+        """With several hubs, try the registration on any of them, those that just failed last; each shares the
+        registry, so any will do."""
         with contextlib.suppress(HubUnavailable):
             await self.register_once()
 
@@ -454,8 +509,8 @@ def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     return asyncio.wrap_future(outcome)
 
 
-#: After the heartbeat channel could not be opened, how long heartbeats go by POST before trying again.
-_CHANNEL_RETRY_S = 60.0
+def _channel_retry_delays() -> Iterator[float]:
+    return backoff_delays(base_s=CHANNEL_RETRY_BASE_S, cap_s=CHANNEL_RETRY_CAP_S)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -84,6 +84,7 @@ class SessionManager:
         # Held across the engine's start so concurrent dispatches cannot overbook a slot.
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._engine_stops: set[asyncio.Task[None]] = set()  # engine stops under way; see begin_stop
         #: Called after every change of the session count (scale-in protection listens here).
         self.on_change: Callable[[int], None] | None = None
 
@@ -184,17 +185,27 @@ class SessionManager:
             log.info("session %s ended: %s", session_id, reason)
             self._notify()
 
-    async def stop(self, session_id: str) -> bool:
-        """Stop a session; False when it does not run here, and then a dispatch of it that comes later (or is being
-        started) is refused. An engine that fails to stop it is logged: the slot is free either way, as the hub
-        already believes."""
+    def begin_stop(self, session_id: str) -> asyncio.Task[None] | None:
+        """Stop a session without waiting for the engine: it leaves the count at once, and the engine's stop runs in
+        a task of its own that no caller's cancellation cuts short (the engine must not keep running a session the
+        worker no longer counts); ``stop_all`` waits for it. None when the session does not run here, and then a
+        dispatch of it that comes later (or is being started) is refused. An engine that fails to stop it is
+        logged: the slot is free either way, as the hub already believes."""
         if self.sessions.pop(session_id, None) is None:
             self._remember_stop(session_id)
+            return None
+        stopping = asyncio.create_task(self._stop_in_engine(session_id), name=f"stopping session {session_id}")
+        self._engine_stops.add(stopping)
+        stopping.add_done_callback(self._engine_stops.discard)
+        stopping.add_done_callback(lambda _: self._notify())
+        return stopping
+
+    async def stop(self, session_id: str) -> bool:
+        """Stop a session and wait for the engine (see ``begin_stop``); False when it does not run here."""
+        stopping = self.begin_stop(session_id)
+        if stopping is None:
             return False
-        try:
-            await self._stop_in_engine(session_id)
-        finally:
-            self._notify()
+        await asyncio.shield(stopping)
         return True
 
     async def _stop_in_engine(self, session_id: str) -> None:
@@ -204,7 +215,12 @@ class SessionManager:
             log.exception("the engine failed to stop session %s", session_id)
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(sid) for sid in self.ids()), return_exceptions=True)
+        """Stop every session and wait for every engine stop under way, those a hub's answer began included: the
+        engine closes after this. Cancelling the wait leaves the stops running."""
+        for session_id in self.ids():
+            self.begin_stop(session_id)
+        if self._engine_stops:
+            await asyncio.wait(set(self._engine_stops))
 
     async def wait_empty(self, timeout_s: float) -> bool:
         """Wait until no session runs, up to ``timeout_s``; True if it emptied."""
