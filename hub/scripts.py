@@ -362,17 +362,22 @@ return skipped
 RATE_LIMIT_BUCKET = """
 -- Per-client token bucket for session creation.
 -- KEYS[1] bucket hash
--- ARGV[1] capacity (tokens), ARGV[2] refill rate (tokens/s)
--- Returns {1, 0} when allowed, {0, retry_after_ms} when not.
+-- ARGV[1] capacity (tokens), ARGV[2] refill rate (tokens/s), ARGV[3] this call's id (a resend carries the same)
+-- Returns {1, 0} when allowed, {0, retry_after_ms} when not. A resend of the last call answers as it did and takes
+-- nothing more (the client's resend after a lost reply must not cost it a second token).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cap, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'call', 'answer')
+if b[3] == ARGV[3] and b[4] then
+  local allowed, wait = string.match(b[4], '^(%d+):(%d+)$')
+  return {tonumber(allowed), tonumber(wait)}
+end
 local tokens, at = tonumber(b[1]) or cap, tonumber(b[2]) or now
 tokens = math.min(cap, tokens + (now - at) * rate / 1000)
 local allowed, wait = 0, 0
 if tokens >= 1 then tokens = tokens - 1; allowed = 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now, 'call', ARGV[3], 'answer', allowed .. ':' .. wait)
 redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
 return {allowed, wait}
 """

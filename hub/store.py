@@ -542,7 +542,8 @@ class FleetStore:
     async def take_token(self, client: str, capacity: int, rate_per_s: float) -> float:
         """0 when allowed, else seconds to wait."""
         async with self._call():
-            res = await self._bucket(keys=[keys.rate_limit_bucket(client)], args=[capacity, rate_per_s])
+            res = await self._bucket(keys=[keys.rate_limit_bucket(client)],
+                                     args=[capacity, rate_per_s, secrets.token_hex(8)])
         return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from hub import store as store_module
 from hub.store import FleetStore, connect
+from shared import keys
 from shared.auth import digest
 from tests.conftest import hub_settings
 
@@ -119,7 +120,12 @@ async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -
         released = await store.release("w-1", "w-1~resentreserve")
         assert released.held and released.record == {"worker_id": "w-1"}, "the resend found its own release"
         assert released.used == 0 and released.worker_url == "http://127.0.0.1:1"
-        assert proxy.held == 5, "each step's first reply was held past the timeout"
+        await store.take_token("client-1", 10, 0.001)  # loads the script
+        proxy.armed = True
+        assert await store.take_token("client-1", 10, 0.001) == 0.0
+        tokens = float(await store.redis.hget(keys.rate_limit_bucket("client-1"), "tokens"))
+        assert 7.9 < tokens < 8.1, f"the resend took a second token ({tokens} of 10 left after two requests)"
+        assert proxy.held == 6, "each step's first reply was held past the timeout"
         again = await store.release("w-1", "w-1~resentreserve")
         assert not again.held and again.record is None, "another call's release finds nothing held"
     finally:
