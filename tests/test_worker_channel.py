@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.models import Heartbeat, SessionDispatch, WorkerRegistration
+from shared.models import MAX_STREAMS_PER_WORKER, Heartbeat, SessionDispatch, WorkerRegistration
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
 from tests.test_worker_drain import running
@@ -363,3 +363,40 @@ async def test_a_refused_channel_is_tried_again_after_a_jittered_delay_that_grow
     assert len({round(wait, 3) for wait in waits}) > len(waits) // 2, f"no jitter: {waits}"
     assert waits[0] <= 60 and max(waits[4:]) > 60, f"no backoff: {waits}"
     assert max(waits) <= 300, f"no cap: {waits}"
+
+
+async def test_the_answer_to_a_full_worker_fits_the_channel(fake_hub: Any) -> None:
+    """Regression: the worker read at most 64 KiB from the channel, while a hub's answer to a full worker (1,024 of
+    the longest session ids to stop, after a Redis that forgot them) is twice that: the channel broke on every such
+    answer and the heartbeat went by POST."""
+    posts: list[str] = []
+    to_stop = [f"{'w' * 64}~{n:064d}" for n in range(MAX_STREAMS_PER_WORKER)]
+    reply = {"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2, "heartbeat_interval_s": 1.0,
+             "stop_sessions": to_stop}
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            posts.append("post")
+            return web.json_response(reply)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if Heartbeat.model_validate_json(message.data).ack:
+                await ws.send_json(reply)
+        return ws
+
+    assert len(json.dumps(reply)) > 128 * 1024
+    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
+                       SessionManager(SyntheticEngine(), 2), timeout_s=2.0)
+    try:
+        await client.register()
+        for _ in range(3):
+            await client.heartbeat_once()
+        assert posts == [] and client.transport == "channel"
+        assert client.last_reply is not None and client.last_reply.stop_sessions == to_stop
+    finally:
+        await client.aclose()

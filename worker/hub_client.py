@@ -36,7 +36,14 @@ from pydantic import ValidationError
 
 from shared.auth import new_secret
 from shared.backoff import backoff_delays
-from shared.models import Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration, WorkerState
+from shared.models import (
+    MAX_HEARTBEAT_BYTES,
+    Heartbeat,
+    HeartbeatReply,
+    RegistrationAccepted,
+    WorkerRegistration,
+    WorkerState,
+)
 from worker import gpus as gpu_probe
 from worker.gpus import Gpu
 from worker.sessions import SessionManager
@@ -365,7 +372,8 @@ class HubClient:
         try:
             self._channel = await self._session().ws_connect(
                 f"{hub_url}/api/v1/workers/{self.worker_id}/heartbeat", headers=self._headers(),
-                timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout.total), max_msg_size=64 * 1024)
+                timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout.total),
+                max_msg_size=MAX_HEARTBEAT_BYTES)  # an answer lists at most the sessions a heartbeat can
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # An old hub or a proxy without upgrades: POST, and try the channel again later.
             delay = next(self._channel_retry_delays)
