@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.auth import DEFAULT_ADMIN_TOKEN
+from shared.errors import SessionNotFound, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
 
 EXIT_ERROR, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4, 5
@@ -41,7 +42,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 #: The hub's answers for an id it does not know (any other 404 means the URL is not a hub's API).
-_UNKNOWN_IDS = frozenset({"worker_unknown", "session_not_found"})
+_UNKNOWN_IDS = frozenset({WorkerUnknown.code, SessionNotFound.code})
 
 
 def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
