@@ -271,14 +271,15 @@ class Allocator:
     async def _until_the_store_answers(self, step: Callable[[], Awaitable[_T]]) -> _T | None:
         """``step``'s result, retried with backoff while the store is unavailable; None after ``_UNDO_WINDOW_S``."""
         deadline = time.monotonic() + _UNDO_WINDOW_S
-        for delay in backoff_delays(base_s=0.1, cap_s=5.0):
+        delays = backoff_delays(base_s=0.1, cap_s=5.0)
+        while True:
             try:
                 return await step()
             except StoreUnavailable:
+                delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     return None
                 await asyncio.sleep(delay)
-        raise AssertionError("backoff_delays is endless")
 
     async def _stop_until_delivered(self, worker_url: str, session_id: str) -> None:
         deadline = time.monotonic() + _UNDO_WINDOW_S
