@@ -202,6 +202,13 @@ async def heartbeat(hub: httpx.AsyncClient, worker_id: str, secret: str, session
                           headers={**WORKER_AUTH, "X-Worker-Secret": secret})
 
 
+async def heartbeat_of(hub: httpx.AsyncClient, worker_id: str, secret: str, worker: FakeWorker) -> dict[str, Any]:
+    """The hub's answer to the heartbeat ``worker`` would send now: what it runs, numbered as it numbers them."""
+    seq, running = worker.snapshot()
+    answer: dict[str, Any] = (await heartbeat(hub, worker_id, secret, running, seq=seq)).json()
+    return answer
+
+
 async def refresh(hub: httpx.AsyncClient) -> None:
     """Make the hub re-read the routing board now instead of waiting for its loop."""
     await hub.app.state.hub.board.refresh()  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from tests.conftest import (
     ADMIN_AUTH,
     WORKER_AUTH,
     heartbeat,
+    heartbeat_of,
     refresh,
     register,
     registration,
@@ -374,8 +375,7 @@ async def test_a_late_heartbeat_snapshot_does_not_end_a_session_confirmed_after_
     await asyncio.sleep(0.5)  # the heartbeat is stuck in the hub's queue for longer than the grace
     late = (await heartbeat(hub, "w-late", secret, early, seq=early_seq)).json()
     assert late["used_streams"] == 1, "a live, confirmed session was released by a heartbeat older than it"
-    seq, running = worker.snapshot()
-    reply = (await heartbeat(hub, "w-late", secret, running, seq=seq)).json()
+    reply = await heartbeat_of(hub, "w-late", secret, worker)
     assert sid in worker.sessions and sid not in reply["stop_sessions"] and reply["used_streams"] == 1
 
 
@@ -388,8 +388,7 @@ async def test_a_numbered_heartbeat_without_the_session_frees_it_at_once(make_hu
     placed = await hub.post("/api/v1/sessions", json={})
     assert placed.status_code == 201
     worker.sessions.clear()  # the session ended by itself on the worker
-    seq, running = worker.snapshot()
-    assert (await heartbeat(hub, "w-ends", secret, running, seq=seq)).json()["used_streams"] == 0
+    assert (await heartbeat_of(hub, "w-ends", secret, worker))["used_streams"] == 0
 
 
 async def test_a_restarted_worker_numbering_its_heartbeats_anew_frees_its_old_sessions(make_hub,
@@ -403,8 +402,7 @@ async def test_a_restarted_worker_numbering_its_heartbeats_anew_frees_its_old_se
         worker.snapshot()  # the old process has sent a few heartbeats
     await refresh(hub)
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
-    seq, running = worker.snapshot()
-    assert (await heartbeat(hub, "w-restarts", secret, running, seq=seq)).json()["used_streams"] == 1
+    assert (await heartbeat_of(hub, "w-restarts", secret, worker))["used_streams"] == 1
     again = await hub.post("/api/v1/workers", json=registration("w-restarts", worker.url),  # the new process
                            headers={**WORKER_AUTH, "X-Worker-Secret": secret})
     await asyncio.sleep(0.3)
@@ -534,8 +532,7 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
     await wait_for(lambda: len(worker.sessions) == 1, 2, "the late session stopped")
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
     monkeypatch.setattr(store, "release", release)
-    seq, running = worker.snapshot()
-    reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
+    reply = await heartbeat_of(hub, "w-1", secret, worker)
     assert reply["used_streams"] == 1
 
 
@@ -561,8 +558,7 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     monkeypatch.setattr(store, "compare_and_set_claim", real)
     await wait_for(lambda: worker.stopped, 2, "a stop")
     assert worker.sessions == {} and len(worker.stopped) == 1, "the placed session was stopped"
-    seq, running = worker.snapshot()
-    reply = (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()
+    reply = await heartbeat_of(hub, "w-1", secret, worker)
     assert reply["used_streams"] == 0
 
 
@@ -691,8 +687,7 @@ async def test_an_undo_outlasts_a_failover_that_also_hides_the_worker(
     await wait_for(lambda: worker.stopped, 10, "the stop, retried until the worker answered")
     assert not worker.sessions and len(stops) == 3
     await wait_for(lambda: not state.allocator._undoing, 12, "the release, retried until the store answered")
-    seq, running = worker.snapshot()
-    assert (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()["used_streams"] == 0
+    assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
 
 
 async def test_a_retry_is_not_handed_a_session_being_undone(
@@ -727,7 +722,6 @@ async def test_a_retry_is_not_handed_a_session_being_undone(
     assert retry.status_code == 201, retry.text  # a new placement, never 200 with the stopped session
     assert list(worker.sessions) == [retry.json()["session_id"]]
     await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 8, "the undo's end")
-    seq, running = worker.snapshot()
-    assert (await heartbeat(hub, "w-1", secret, running, seq=seq)).json()["used_streams"] == 1  # the retry's only
+    assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 1  # the retry's only
     again = await hub.post("/api/v1/sessions", json={"session_key": "conv-9"})
     assert again.status_code == 200 and again.json()["session_id"] == retry.json()["session_id"]
