@@ -77,7 +77,9 @@ class HubSettings(FleetSettings):
 
     default_region: str = Field(default="us-east-1", description="Where users with no location are assumed to be.")
     livekit_regions: str | None = Field(
-        default=None, repr=False, description="LiveKit deployments: inline JSON list or a path to a JSON/YAML file."
+        default=None, repr=False,
+        description="LiveKit deployments, each region name once: an inline JSON list, inline multi-line YAML, "
+                    "or a path to a JSON/YAML file.",
     )
     livekit_token_ttl_s: int = Field(default=3600, gt=0, le=30 * 86400,
                                      description="Lifetime of minted participant tokens (at most 30 days).")
@@ -130,10 +132,18 @@ class HubSettings(FleetSettings):
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ValueError(f"FLEET_LIVEKIT_REGIONS is not valid YAML{where}: "
                              f"{getattr(exc, 'problem', None) or type(exc).__name__}") from None
-        except (OSError, ValueError, TypeError) as exc:
+        except OSError as exc:  # never the value itself: an inline value mistaken for a path holds the secrets
+            raise ValueError(f"FLEET_LIVEKIT_REGIONS names a file that cannot be read: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        except (ValueError, TypeError) as exc:  # json's messages give a position, never the text
             raise ValueError(f"FLEET_LIVEKIT_REGIONS cannot be read: {type(exc).__name__}: {exc}") from None
         if not deployments:
             raise ValueError("FLEET_LIVEKIT_REGIONS lists no LiveKit deployment")
+        names = [d.region for d in deployments]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            # Sessions find their deployment again by region name: two under one name would hand a client one
+            # deployment's URL with the other's token.
+            raise ValueError(f"FLEET_LIVEKIT_REGIONS names a region more than once: {', '.join(twice)}")
         return self
 
     def unsafe_in_production(self) -> list[str]:
@@ -170,11 +180,15 @@ class HubSettings(FleetSettings):
                 )
             ]
         raw = self.livekit_regions.strip()
-        if not raw.startswith("["):
+        if raw.startswith(("[", "{")):
+            data = json.loads(raw)
+        elif "\n" in raw:
+            data = yaml.safe_load(raw)  # inline YAML, as a multi-line environment value
+        else:
             text = Path(raw).read_text()
             data = yaml.safe_load(text) if raw.endswith((".yaml", ".yml")) else json.loads(text)
-        else:
-            data = json.loads(raw)
+        if not isinstance(data, list):
+            raise TypeError("expected a list of deployments")
         return [LiveKitDeployment.model_validate(item) for item in data]
 
     @property

@@ -24,9 +24,10 @@ class FleetSettings(BaseSettings):
     """Base of HubSettings and WorkerSettings."""
 
     # hide_input_in_errors: a refused configuration's error would otherwise print every value it was given, tokens
-    # and passwords included, wherever it is logged.
+    # and passwords included, wherever it is logged. allow_inf_nan: an infinite weight made every score NaN, an
+    # infinite timeout waits for ever.
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", env_nested_delimiter="__",
-                                      hide_input_in_errors=True)
+                                      hide_input_in_errors=True, allow_inf_nan=False)
 
     env: Env = Field(default=Env.DEV, description="`prod` refuses default secrets and embedded services.")
     worker_token: SecretStr = Field(

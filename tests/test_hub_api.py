@@ -182,6 +182,8 @@ def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_
         assert "do-not-print-me" not in str(refused.value)
     with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or CIDR"):
         HubSettings(trusted_proxies=["10.0.0.0/8", "proxy.internal"])
+    with pytest.raises(ValidationError, match="weight_load"):  # every score became NaN; explain showed null
+        HubSettings(weight_load=float("inf"))
     with pytest.raises(ValidationError, match="livekit_token_ttl_s"):  # every token's expiry overflowed: a 500 each
         HubSettings(livekit_token_ttl_s=10**12)
     typo = tmp_path / "livekit.yaml"  # a YAML error quotes the line it stopped at: here, the secret's
@@ -189,6 +191,24 @@ def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_
     with pytest.raises(ValidationError, match="not valid YAML at line 3") as refused:
         HubSettings(livekit_regions=str(typo))
     assert "do-not-print-me-either" not in str(refused.value)
+
+
+def test_an_inline_livekit_value_is_never_echoed_and_each_region_is_named_once() -> None:
+    """A value that is not a list was taken for a path, and the "no such file" error quoted it, secret and all."""
+    entry = {**LIVEKIT[0], "api_secret": "do-not-print-me-" + "s" * 20}
+    one_line_yaml = "region: eu api_secret: " + entry["api_secret"]
+    for livekit_regions, said in ((json.dumps(entry), "expected a list of deployments"),
+                                  (one_line_yaml, "names a file that cannot be read")):
+        with pytest.raises(ValidationError, match=said) as refused:
+            HubSettings(livekit_regions=livekit_regions)
+        assert "do-not-print-me" not in str(refused.value)
+    inline_yaml = "\n".join(f"- {key}: {value}" if n == 0 else f"  {key}: {value}"
+                            for n, (key, value) in enumerate(entry.items()))
+    assert [d.region for d in HubSettings(livekit_regions=inline_yaml).livekit_deployments] == [entry["region"]]
+    # Sessions find their deployment by region name: a second one under the same name got the other's URL.
+    twice = json.dumps([LIVEKIT[0], {**LIVEKIT[1], "region": LIVEKIT[0]["region"]}])
+    with pytest.raises(ValidationError, match=f"names a region more than once: {LIVEKIT[0]['region']}"):
+        HubSettings(livekit_regions=twice)
 
 
 async def test_a_worker_url_the_hub_could_not_call_is_refused_at_registration(hub: httpx.AsyncClient) -> None:
@@ -222,6 +242,8 @@ async def test_livekit_region_minimises_the_media_path_and_location_sources(
     cand = explain.json()["candidates"][0]
     assert cand["worker_id"] == "w-eu" and cand["factors"]["distance_km"] > 8000
     assert set(cand["factors"]) == {"distance_km", "rtt_ms", "distance", "load", "latency", "capacity"}
+    half = await hub.get("/api/v1/route/explain", params={"lat": 52.5}, headers=ADMIN_AUTH)  # was the default region
+    assert half.status_code == 422 and "lat and lon are given together" in half.text
 
 
 async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) -> None:

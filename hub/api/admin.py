@@ -99,6 +99,9 @@ async def explain_route(
                                                                          "labels; repeat for several.")] = None,
 ) -> RouteExplanation:
     """The ranked candidates for a user here, with every factor of their score: why this worker."""
+    if (lat is None) != (lon is None):  # half a location is a typo, not "use the default region"
+        raise RequestValidationError([{"loc": ("query", "lon" if lon is None else "lat"), "type": "missing",
+                                       "msg": "lat and lon are given together"}])
     given = Location(lat=lat, lon=lon) if lat is not None and lon is not None else None
     where = resolve_location(given, None, region, hub.settings.default_region)
     labels = _labels(label or [])

@@ -19,7 +19,7 @@ class VoiceSettings(BaseSettings):
     # hide_input_in_errors: a refused configuration must not print the secrets it was given wherever it is logged.
     # populate_by_name: ``env`` reads FLEET_ENV (shared with the worker's settings), yet can be passed as ``env=``.
     model_config = SettingsConfigDict(env_prefix="FLEET_VOICE_", extra="ignore", hide_input_in_errors=True,
-                                      populate_by_name=True, use_attribute_docstrings=True)
+                                      allow_inf_nan=False, populate_by_name=True, use_attribute_docstrings=True)
 
     env: Env = Field(default=Env.DEV, validation_alias="FLEET_ENV")
     """The fleet's ``FLEET_ENV`` (not ``FLEET_VOICE_ENV``): ``prod`` refuses the dev LiveKit key and secret."""
