@@ -22,7 +22,7 @@ from hub.tasks import BackgroundTasks
 from shared import keys
 from shared.backoff import backoff_delays
 from shared.errors import NoCapacity, SessionNotFound, SessionPending, StoreUnavailable
-from shared.geo import region_location
+from shared.geo import AWS_REGIONS
 from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatch, SessionRequest, WorkerRef
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ def resolve_location(req_location: Location | None, header_location: Location | 
         return ResolvedLocation(req_location, "body")
     if header_location is not None:
         return ResolvedLocation(header_location, "cloudfront")
-    if region and (loc := region_location(region)):
+    # Both names are known: the request's model and the settings refuse a region with no coordinates.
+    if region is not None:
+        loc = AWS_REGIONS[region]
         return ResolvedLocation(Location(lat=loc.lat, lon=loc.lon), "region")
-    loc = region_location(default_region) or region_location("us-east-1")
-    assert loc is not None
+    loc = AWS_REGIONS[default_region]
     return ResolvedLocation(Location(lat=loc.lat, lon=loc.lon), "default")
 
 

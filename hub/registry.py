@@ -13,7 +13,7 @@ from hub.settings import HubSettings
 from hub.store import FleetStore
 from shared.auth import digest, new_secret
 from shared.errors import WorkerAlive, WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
-from shared.geo import region_location
+from shared.geo import AWS_REGIONS
 from shared.models import (
     FleetCapacity,
     GpuInfo,
@@ -182,8 +182,9 @@ def _state_label(v: WorkerView) -> str:
 
 
 def _region_center(region: str) -> Location:
-    loc = region_location(region)
-    return Location(lat=loc.lat, lon=loc.lon) if loc else Location(lat=0.0, lon=0.0)
+    """Where a worker that sent no location stands; its registration was refused if the region is unknown."""
+    loc = AWS_REGIONS[region]
+    return Location(lat=loc.lat, lon=loc.lon)
 
 
 def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:

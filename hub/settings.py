@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
+from shared.geo import must_be_known_region
 from shared.models import Policy
 from shared.settings import MIN_PROD_SECRET_CHARS, FleetSettings
 
@@ -108,6 +109,11 @@ class HubSettings(FleetSettings):
         description="Regions of the worker groups that scale on these metrics (JSON list): each gets a datapoint even "
                     "with no live worker (a free-slot ratio of 0), so a group at zero scales out.",
     )
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        return must_be_known_region(value)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -44,6 +44,13 @@ AWS_REGIONS: dict[str, LatLon] = {
     "ap-northeast-1": LatLon(35.68, 139.69),  # Tokyo
     "ap-northeast-2": LatLon(37.57, 126.98),  # Seoul
     "ap-northeast-3": LatLon(34.69, 135.5),  # Osaka
+    "ap-east-2": LatLon(25.03, 121.57),  # Taipei
+    "ap-southeast-6": LatLon(-36.85, 174.76),  # Auckland
+    "ap-southeast-7": LatLon(13.76, 100.5),  # Bangkok
+    "us-gov-east-1": LatLon(40.0, -83.0),  # Ohio
+    "us-gov-west-1": LatLon(45.6, -121.18),  # Oregon
+    "cn-north-1": LatLon(39.9, 116.4),  # Beijing
+    "cn-northwest-1": LatLon(38.49, 106.23),  # Ningxia
 }
 
 EARTH_RADIUS_KM = 6371.0088
@@ -55,6 +62,13 @@ _BASE_RTT_MS = 5.0
 
 def region_location(region: str) -> LatLon | None:
     return AWS_REGIONS.get(region)
+
+
+def must_be_known_region(region: str) -> str:
+    """A region name whose coordinates we know, or a ValueError that says so (a validator's body)."""
+    if region not in AWS_REGIONS:
+        raise ValueError(f"region {region!r} has no known coordinates")
+    return region
 
 
 def haversine_km(a_lat: float, a_lon: float, b_lat: float, b_lon: float) -> float:

@@ -7,15 +7,18 @@ from enum import StrEnum
 from ipaddress import ip_address
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from yarl import URL
 
+from shared.geo import must_be_known_region
 from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
 
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Stable worker id, e.g. the EC2 instance id.")]
 SessionKey = Annotated[str, Field(pattern=SESSION_KEY_PATTERN, description="The caller's id for the conversation.")]
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 Region = Annotated[str, Field(pattern=REGION_PATTERN, max_length=32, description="AWS region name.")]
+#: A region a user is placed by: an unknown one would silently mean the default region's coordinates.
+KnownRegion = Annotated[Region, AfterValidator(must_be_known_region)]
 LabelMap = Annotated[
     dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], Annotated[str, Field(max_length=128)]],
     Field(max_length=32),
@@ -67,7 +70,8 @@ class WorkerRegistration(Strict):
     url: str = Field(max_length=512, pattern=r"^https?://[^\s]+$", description="Where the hub dispatches sessions.")
     region: Region
     zone: str | None = Field(default=None, max_length=32)
-    location: Location | None = Field(default=None, description="Else the region's coordinates.")
+    location: Location | None = Field(default=None, validate_default=True,
+                                      description="Else the region's coordinates, which must be known.")
     max_streams: int = Field(ge=0, le=MAX_STREAMS_PER_WORKER)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
     instance_type: str | None = Field(default=None, max_length=64)
@@ -78,6 +82,17 @@ class WorkerRegistration(Strict):
         description="`draining` when a worker that is leaving registers again (the hub had lost it): it takes no "
                     "new session.",
     )
+
+    @field_validator("location")
+    @classmethod
+    def _placeable(cls, value: Location | None, info: ValidationInfo) -> Location | None:
+        """A worker the hub cannot place on the map would be ranked as if it stood at some other place."""
+        if value is None and "region" in info.data:  # a region that failed its own checks is reported there
+            try:
+                must_be_known_region(info.data["region"])
+            except ValueError as exc:
+                raise ValueError(f"{exc}: send `location`") from None
+        return value
     audio_url: str | None = Field(
         default=None, max_length=512, pattern=r"^wss?://[^\s]*\{session_id\}[^\s]*$",
         description="Where a client streams a session's audio over a WebSocket, `{session_id}` standing for the "
@@ -174,7 +189,7 @@ class WorkerSessionInfo(Strict):
 class SessionRequest(Strict):
     session_key: SessionKey | None = None
     location: Location | None = None
-    region: Region | None = None
+    region: KnownRegion | None = None
     identity: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
     labels: LabelMap = Field(default_factory=dict)
 

@@ -99,6 +99,7 @@ async def test_a_registration_whose_answer_was_lost_can_be_sent_again(hub: httpx
     {"labels": {"gpu": 3}},
     {"surprise": True},
     {"region": "../../etc"},
+    {"region": "xx-nowhere-1"},  # was silently the default region
     {"identity": "a\x00b"},
     [1, 2, 3],
 ])
@@ -112,7 +113,8 @@ async def test_invalid_session_requests_get_a_clear_422(hub: httpx.AsyncClient, 
 async def test_bad_worker_input_changes_nothing(hub: httpx.AsyncClient) -> None:
     for body in (registration("wörker", "http://x:1"), registration("w{1}", "http://x:1"),
                  registration("w-1", "ftp://x"), registration("w-1", "http://x:1", max_streams=-1),
-                 {**registration("w-1", "http://x:1"), "gpus": "A10G"}):
+                 {**registration("w-1", "http://x:1"), "gpus": "A10G"},
+                 registration("w-1", "http://x:1", region="xx-nowhere-1")):  # was ranked as if it stood at 0, 0
         assert (await hub.post("/api/v1/workers", json=body, headers=WORKER_AUTH)).status_code == 422
     assert (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"] == []
     bad_hb = await hub.post("/api/v1/workers/w-1/heartbeat", json={"cpu_percent": 1e9}, headers=WORKER_AUTH)
@@ -182,6 +184,8 @@ def test_configuration_that_would_fail_every_request_stops_the_hub_at_start(tmp_
         assert "do-not-print-me" not in str(refused.value)
     with pytest.raises(ValidationError, match=r"'proxy\.internal' is not an IP address or CIDR"):
         HubSettings(trusted_proxies=["10.0.0.0/8", "proxy.internal"])
+    with pytest.raises(ValidationError, match="has no known coordinates"):  # every user with no location
+        HubSettings(default_region="xx-nowhere-1")
     with pytest.raises(ValidationError, match="weight_load"):  # every score became NaN; explain showed null
         HubSettings(weight_load=float("inf"))
     with pytest.raises(ValidationError, match="livekit_token_ttl_s"):  # every token's expiry overflowed: a 500 each
@@ -244,6 +248,27 @@ async def test_livekit_region_minimises_the_media_path_and_location_sources(
     assert set(cand["factors"]) == {"distance_km", "rtt_ms", "distance", "load", "latency", "capacity"}
     half = await hub.get("/api/v1/route/explain", params={"lat": 52.5}, headers=ADMIN_AUTH)  # was the default region
     assert half.status_code == 422 and "lat and lon are given together" in half.text
+    nowhere = await hub.get("/api/v1/route/explain", params={"region": "xx-nowhere-1"}, headers=ADMIN_AUTH)
+    assert nowhere.status_code == 422 and "has no known coordinates" in nowhere.text
+
+
+async def test_a_worker_in_a_region_missing_from_the_table_is_placed_where_it_says(make_hub, make_worker) -> None:
+    """A worker in a region with no known coordinates stood at 0, 0: users near it went elsewhere, users near the
+    Gulf of Guinea came to it. Now such a registration must say where it is, and newer regions are known."""
+    hub = await make_hub()
+    bangkok, singapore, elsewhere = await make_worker(), await make_worker(), await make_worker()
+    await register(hub, "w-bkk", bangkok, region="ap-southeast-7")
+    await register(hub, "w-sin", singapore, region="ap-southeast-1")
+    unlisted = registration("w-new", elsewhere.url, region="xx-newplace-1", location={"lat": 52.5, "lon": 13.4})
+    assert (await hub.post("/api/v1/workers", json=unlisted, headers=WORKER_AUTH)).status_code == 200
+    without = registration("w-lost", elsewhere.url, region="xx-newplace-1")
+    refused = await hub.post("/api/v1/workers", json=without, headers=WORKER_AUTH)
+    assert refused.status_code == 422 and "send `location`" in refused.text
+    await refresh(hub)
+    near_bangkok = await hub.get("/api/v1/route/explain", params={"lat": 13.7, "lon": 100.5}, headers=ADMIN_AUTH)
+    assert [c["worker_id"] for c in near_bangkok.json()["candidates"]][:2] == ["w-bkk", "w-sin"]
+    near_berlin = await hub.get("/api/v1/route/explain", params={"lat": 52.5, "lon": 13.4}, headers=ADMIN_AUTH)
+    assert near_berlin.json()["candidates"][0]["worker_id"] == "w-new"
 
 
 async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) -> None:

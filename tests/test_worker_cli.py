@@ -79,6 +79,14 @@ def test_a_worker_configured_for_ec2_without_instance_metadata_does_not_start(
     assert "configured for EC2" in line and "instance metadata did not answer" in line, line
 
 
+def test_a_region_with_no_known_coordinates_needs_a_location(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The hub refuses such a registration: the worker says so at start, not in a retry loop."""
+    monkeypatch.setenv("FLEET_REGION", "xx-newplace-1")
+    line = refusal(capsys, port=0)
+    assert "region xx-newplace-1 has no known coordinates: set FLEET_LOCATION_LAT" in line, line
+
+
 def test_good_values_pass_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_LABELS", '{"tier": "premium"}')
     settings = WorkerSettings(advertise_url="https://w1.example.com:8443", zone="us-east-1a")

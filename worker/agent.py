@@ -123,8 +123,9 @@ class WorkerAgent:
         location = None
         if s.location_lat is not None and s.location_lon is not None:
             location = Location(lat=s.location_lat, lon=s.location_lon)
-        elif region_location(region) is None:
-            log.warning("region %s has no known coordinates; the hub will use its default", region)
+        elif region_location(region) is None:  # the hub would refuse the registration
+            raise CannotStart(f"region {region} has no known coordinates: set FLEET_LOCATION_LAT and "
+                              f"FLEET_LOCATION_LON")
         return WorkerRegistration(
             worker_id=worker_id, url=url, region=region, zone=s.zone or (ident.zone if ident else None),
             location=location, max_streams=max_streams, gpus=[g.info() for g in self.gpus],

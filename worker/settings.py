@@ -32,7 +32,9 @@ class WorkerSettings(FleetSettings):
     region: str | None = Field(default=None, pattern=REGION_PATTERN,
                                description="AWS region; else from IMDS, else us-east-1.")
     zone: str | None = Field(default=None, description="Availability zone; else from IMDS.")
-    location_lat: float | None = Field(default=None, ge=-90, le=90, description="Override of the region's latitude.")
+    location_lat: float | None = Field(default=None, ge=-90, le=90, description=(
+        "Override of the region's latitude; required with FLEET_LOCATION_LON in a region gpu-fleet has no "
+        "coordinates of (`shared/geo.py`)."))
     location_lon: float | None = Field(default=None, ge=-180, le=180, description="Override of the region's longitude.")
     simulate_gpu: str | None = Field(
         default=None, description="Pretend to have GPUs, e.g. `t4`, `a10gx4`, `h100x8` (dev and tests)."

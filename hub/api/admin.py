@@ -12,6 +12,7 @@ from hub.allocator import resolve_location
 from hub.api.deps import HubDep, require_admin
 from hub.errors import error_responses
 from hub.livekit import choose_deployment
+from shared.geo import region_location
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
     Candidate,
@@ -102,6 +103,9 @@ async def explain_route(
     if (lat is None) != (lon is None):  # half a location is a typo, not "use the default region"
         raise RequestValidationError([{"loc": ("query", "lon" if lon is None else "lat"), "type": "missing",
                                        "msg": "lat and lon are given together"}])
+    if region is not None and region_location(region) is None:
+        raise RequestValidationError([{"loc": ("query", "region"), "type": "value_error",
+                                       "msg": f"region {region!r} has no known coordinates"}])
     given = Location(lat=lat, lon=lon) if lat is not None and lon is not None else None
     where = resolve_location(given, None, region, hub.settings.default_region)
     labels = _labels(label or [])
