@@ -17,8 +17,9 @@ from typing import Any, TextIO
 
 import httpx
 
+from hub.redis_client import connect
 from hub.settings import HubSettings
-from hub.store import FleetStore, connect
+from hub.store import FleetStore
 from shared.auth import new_secret
 from shared.geo import AWS_REGIONS
 from shared.redis_server import EmbeddedRedis, free_port

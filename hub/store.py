@@ -1,6 +1,7 @@
-"""The hub's only door to Redis: connection set-up and one method per atomic step.
+"""The hub's door to Redis: one method per atomic step, and the group commits that share round trips.
 
-Connection failures and timeouts become ``StoreUnavailable`` here, so callers never see redis-py errors.
+Connection failures and timeouts become ``StoreUnavailable`` here (``hub/redis_client.py`` tells them apart), so
+callers never see redis-py errors.
 """
 
 from __future__ import annotations
@@ -12,37 +13,16 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
-from redis.connection import HiredisRespSerializer
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    MaxConnectionsError,
-    NoScriptError,
-    ReadOnlyError,
-    RedisClusterException,
-    ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
-    TimeoutError as RedisTimeoutError,
-)
+from redis.exceptions import NoScriptError
 
 from hub import scripts
 from hub.group_commit import GroupCommit
+from hub.redis_client import Client, as_store_unavailable, store_cannot_serve, unavailable_as_store_error
 from hub.settings import HubSettings
 from shared import keys
 from shared.auth import digest
@@ -50,103 +30,9 @@ from shared.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-Client = aioredis.Redis | RedisCluster
 #: How long a release leaves its receipt: longer than a resend of the call can come (the client's timeout times its
 #: retries), short enough that ended sessions' receipts stay few.
 RELEASE_RECEIPT_MS = 60_000
-#: Connections beyond the request slots (``redis_max_connections``), for callers outside ``FleetStore._call``.
-_POOL_HEADROOM = 4
-_UNAVAILABLE = (
-    RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, MasterDownError,
-    ReadOnlyError, TryAgainError, MaxConnectionsError, OSError,
-)
-#: Error replies that say the store cannot serve right now rather than that the call was wrong. redis-py maps them
-#: to the classes above for a plain command, but when a script's write meets one (a failover's READONLY), the reply
-#: comes back as "Error running script ... -READONLY ...", a plain ResponseError.
-_UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM")
-
-
-#: The cluster client's own exception, raised when it cannot reach any node or find a slot's owner (it wraps the
-#: connection error). Its other uses are programming errors (a cross-slot command) and stay 500s.
-_CLUSTER_UNREACHABLE = ("Redis Cluster cannot be connected", "startup_nodes could not agree")
-
-
-def _store_cannot_serve(exc: BaseException) -> bool:
-    if isinstance(exc, (*_UNAVAILABLE, SlotNotCoveredError)):
-        return True
-    if isinstance(exc, RedisClusterException):
-        return str(exc).startswith(_CLUSTER_UNREACHABLE)
-    if isinstance(exc, ResponseError):
-        text = str(exc)
-        return text.startswith(_UNAVAILABLE_REPLIES) or any(f"-{reply} " in text for reply in _UNAVAILABLE_REPLIES)
-    return False
-
-
-def connect(settings: HubSettings, url: str) -> Client:
-    """A client with bounded waits everywhere: socket, connect and pool waits, retried with jitter."""
-    cluster = settings.redis_cluster or "+cluster://" in url
-    url = url.replace("+cluster://", "://")
-    common: dict[str, Any] = dict(
-        decode_responses=True,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.01), retries=2),
-    )
-    if cluster:
-        client = RedisCluster.from_url(url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common)
-        # Nodes discovered later are built from the manager's kwargs; the startup nodes already exist.
-        manager = client.nodes_manager
-        manager.connection_kwargs["connection_class"] = _hiredis_packing(manager.connection_kwargs["connection_class"])
-        for node in manager.startup_nodes.values():
-            node.connection_class = _hiredis_packing(node.connection_class)
-        return client
-    # FleetStore._call queues steps for one of redis_max_connections slots, so the pool itself never has to wait
-    # (a BlockingConnectionPool's condition and timer cost ~20 us per call); the headroom is for the CloudWatch
-    # publisher, which runs outside those slots.
-    pool = aioredis.ConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common
-    )
-    pool.connection_class = _hiredis_packing(pool.connection_class)  # plain, TLS (rediss://) or unix socket
-    return aioredis.Redis(connection_pool=pool)
-
-
-class _HiredisPacking(AbstractConnection):
-    """Commands packed by hiredis's C packer, as redis-py's sync client already does; its asyncio connections pack
-    in Python, which was ~10% of a hub's CPU under heartbeat load (``Encoder.encode`` and ``pack_command``)."""
-
-    _serializer = HiredisRespSerializer()
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        packed: list[bytes] = self._serializer.pack(*args)
-        return packed
-
-
-_Conn = TypeVar("_Conn", bound=AbstractConnection)
-_PACKING_CLASSES: dict[type[Any], type[Any]] = {}
-
-
-def _hiredis_packing(cls: type[_Conn]) -> type[_Conn]:
-    """``cls`` with hiredis packing, one subclass per connection class (plain, TLS, unix socket)."""
-    if issubclass(cls, _HiredisPacking):
-        return cls
-    return _PACKING_CLASSES.setdefault(cls, type(f"HiredisPacking{cls.__name__}", (_HiredisPacking, cls), {}))
-
-
-@asynccontextmanager
-async def unavailable_as_domain_error() -> AsyncIterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        if not _store_cannot_serve(exc):
-            raise
-        raise _as_domain_error(exc) from exc
-
-
-def _as_domain_error(exc: BaseException) -> StoreUnavailable:
-    error = StoreUnavailable("the shared store is unreachable")
-    error.__cause__ = exc
-    return error
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +152,7 @@ class FleetStore:
         else:
             await self._slots.acquire()
         try:
-            async with unavailable_as_domain_error():
+            async with unavailable_as_store_error():
                 yield
         finally:
             self._slots.release()
@@ -352,7 +238,7 @@ class FleetStore:
                 results[i] = res
         # A step's own error reply can say the store is not usable right now (LOADING after a restart, READONLY
         # during a failover): that is the same clean 503 a failed round trip gives, not a server error.
-        return [_as_domain_error(res) if isinstance(res, Exception) and _store_cannot_serve(res) else res
+        return [as_store_unavailable(res) if isinstance(res, Exception) and store_cannot_serve(res) else res
                 for res in results]
 
     async def _evalsha_pipeline(self, steps: list[_Step]) -> list[Any]:
@@ -391,7 +277,7 @@ class FleetStore:
         try:
             skipped = await self._publish_batch(keys=keys.BOARD.as_list(), args=board)
         except Exception as exc:
-            if not _store_cannot_serve(exc):
+            if not store_cannot_serve(exc):
                 raise
             log.info("could not publish %d workers' figures to the board", len(board) // 4)
             return set()

@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from hub.main import create_app, websocket_max_bytes
+from hub.redis_client import connect
 from hub.settings import HubSettings
-from hub.store import FleetStore, connect
+from hub.store import FleetStore
 from shared.models import WorkerRegistration
 from shared.redis_server import EmbeddedRedis, free_port, start_cluster
 from tests.fakes import FakeWorker

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from hub import store as store_module
-from hub.store import FleetStore, connect
+from hub import redis_client
+from hub.redis_client import connect
+from hub.store import FleetStore
 from shared import keys
 from shared.auth import digest
 from tests.conftest import hub_settings
@@ -18,13 +19,13 @@ from tests.conftest import hub_settings
 
 async def test_commands_are_packed_by_hiredis_and_round_trip(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     packed: list[tuple[Any, ...]] = []
-    original = store_module.HiredisRespSerializer.pack
+    original = redis_client.HiredisRespSerializer.pack
 
     def counting(self: Any, *args: Any) -> Any:
         packed.append(args)
         return original(self, *args)
 
-    monkeypatch.setattr(store_module.HiredisRespSerializer, "pack", counting)
+    monkeypatch.setattr(redis_client.HiredisRespSerializer, "pack", counting)
     client = connect(hub_settings(redis_url), redis_url)
     try:
         await client.set("{t}:text", "héllo wörld ✓")
