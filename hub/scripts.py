@@ -1,5 +1,6 @@
-"""Lua scripts, one per atomic step. Every script touches the keys of one worker only (one hash slot), takes
-every key through KEYS, and reads time from the Redis server so all hubs share one clock.
+"""Lua scripts, one per atomic step. Each takes every key through KEYS, all in one hash slot: a worker's scripts
+touch that worker's keys only, the board's scripts the board's (``{idx}``), and ``COMPARE_AND_SET`` and
+``RATE_LIMIT_BUCKET`` one key each. Time comes from the Redis server, so all hubs share one clock.
 
 Worker keys, always in this order (see ``shared.keys.WorkerKeys``):
   KEYS[1] info      HASH  registration, heartbeat fields (``hb`` last sign of life, ``renewed`` last heartbeat),
@@ -11,6 +12,12 @@ Worker keys, always in this order (see ``shared.keys.WorkerKeys``):
 
 from __future__ import annotations
 
+#: The Redis server's clock, in ms (``now``; ``t`` is TIME's seconds and microseconds).
+_CLOCK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 # Shared prelude: the Redis clock, and dropping leases whose time has passed (with their records).
 #
 # A lease is dropped only once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
@@ -18,9 +25,7 @@ from __future__ import annotations
 # heartbeat's to renew or drop: it may have lapsed only because no heartbeat could reach Redis (an outage longer
 # than the lease). A dead worker's leases count for nothing (it is out of routing, listings skip expired leases)
 # and go with its keys.
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_PRELUDE = _CLOCK + """
 local function purge_expired(upto)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto)
   for _, sid in ipairs(gone) do
@@ -250,14 +255,13 @@ for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do result[#result + 1] = v en
 return result
 """
 
-SET_DRAIN = """
+SET_DRAIN = _PRELUDE + """
 -- An SRE drains (ARGV[1] = '1') or resumes (ARGV[1] = '0') a worker.
+-- KEYS[1] the worker's info hash (the prelude's other keys are not used)
 -- Returns the effective state, or false when the worker is unknown.
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'drain', ARGV[1])
-local st = redis.call('HMGET', KEYS[1], 'drain', 'worker_state')
-if st[1] == '1' or st[2] == 'draining' then return 'draining' end
-return 'ready'
+return effective_state()
 """
 
 DEREGISTER = _PRELUDE + """
@@ -290,21 +294,20 @@ if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 """
 
-_BOARD_CHANGES = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+#: How far back a hub may read the board's change log; a hub that last read longer ago reads everything.
+BOARD_DELTA_HORIZON_MS = 60_000
+
+_BOARD_CHANGES = _CLOCK + """
 -- Log a change for hubs' delta reads: '<id>' status or used, '+<id>' registration view (or removal). The log
 -- reaches back twice as far as a delta read may (BOARD_DELTA_HORIZON_MS).
 local function note_change(member)
   redis.call('ZADD', KEYS[4], now, member)
 end
 local function trim_changes()
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 120000)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - """ + str(2 * BOARD_DELTA_HORIZON_MS) + """)
 end
 """
 
-#: How far back a hub may read the board's change log; a hub that last read longer ago reads everything.
-BOARD_DELTA_HORIZON_MS = 60_000
 
 PUBLISH_BOARD = _BOARD_CHANGES + """
 -- Mirror a worker onto the routing board that every hub reads in one round trip.
@@ -365,8 +368,7 @@ RATE_LIMIT_BUCKET = """
 -- ARGV[1] capacity (tokens), ARGV[2] refill rate (tokens/s), ARGV[3] this call's id (a resend carries the same)
 -- Returns {1, 0} when allowed, {0, retry_after_ms} when not. A resend of the last call answers as it did and takes
 -- nothing more (the client's resend after a lost reply must not cost it a second token).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""" + _CLOCK + """
 local cap, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'call', 'answer')
 if b[3] == ARGV[3] and b[4] then
@@ -386,14 +388,14 @@ READ_BOARD = """
 -- What a hub needs to route, in one round trip: everything, or only what changed since its last read.
 -- Views come back as ONE JSON string each: a hub parses a string with the C json module instead of 40,000 RESP
 -- items in Python (at 10,000 workers the RESP parse of HGETALL took ~30% of an idle hub's CPU every refresh).
--- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes
+-- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes (KEYS[5], the board's
+-- registered hash, travels with the others and is not read)
 -- ARGV[1] read only the changes since this Redis time (ms; '' = everything)
 -- ARGV[2] how far back (ms) a delta may reach; a caller that read longer ago gets everything
 -- Returns {static JSON, status JSON, used JSON, seconds, microseconds, complete}, each view a flat
 -- [id, value, ...] array: complete = 1 for whole views; 0 for a delta, where status and used list the workers
 -- changed since ARGV[1], static those whose registration changed, and a value is false for a worker now gone.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""" + _CLOCK + """
 local function flat(key)
   local v = redis.call('HGETALL', key)
   if #v == 0 then return '[]' end
