@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 _TOP_PER_GROUP = 8
 #: Workers kept in the ranked answer (the allocator tries at most ``max_dispatch_attempts`` of them).
 _RANKED_MAX = 8
+#: Random draws among the near-best before listing the eligible ones (a member's heartbeat may lapse between
+#: refreshes; the draws almost always find an eligible one at once).
+_LEAD_DRAWS = 4
 
 
 #: Workers with the same location and labels share a group: (lat, lon, sorted labels).
@@ -285,7 +288,7 @@ class RoutingBoard:
 
     def rank(self, lat: float, lon: float, labels: dict[str, str] | None = None, *, policy: Policy | None = None,
              limit: int = _RANKED_MAX, explain: bool = False) -> list[Ranked]:
-        """Best candidates first; the head is randomised among the near-best so many hubs do not herd.
+        """Best candidates first; the head is drawn from the near-best so many hubs do not herd.
 
         A member's score is its group's distance term plus its cached partial score (``Entry.partial``, what
         ``hub.scoring.score`` adds to the distance term): the per-member work of a request is one addition, and
@@ -298,6 +301,7 @@ class RoutingBoard:
         w = self.weights
         scored: list[tuple[float, float, Entry]] = []  # (score, km, entry)
         candidates: list[tuple[Group, float]] = []
+        reach: list[tuple[Group, float, float]] = []  # (group, km, distance term)
         nearest_km = float("inf")
         for group in self.groups:
             if want and any(group.labels.get(k) != v for k, v in want.items()):
@@ -311,6 +315,7 @@ class RoutingBoard:
         per_group = _TOP_PER_GROUP
         for group, km in candidates:
             near = w.distance * distance_factor(max(0.0, km - nearest_km))
+            reach.append((group, km, near))
             taken = 0
             for e in group.members:
                 if taken >= per_group and not explain:
@@ -322,23 +327,48 @@ class RoutingBoard:
                 taken += 1
         scored.sort(key=_by_score, reverse=True)
         ranked = [Ranked(e, s, km, nearest_km, policy) for s, km, e in scored[:limit]]
-        return ranked if explain else self._two_choices(ranked)
+        if explain or not ranked:
+            return ranked
+        best = ranked[0].score
+        if cached:
+            drawn = self._draw_near_best(best, reach, now)
+        else:  # another policy's scores do not follow the groups' order: draw among those scored
+            drawn = self.rng.choice([item for item in scored if best - item[0] <= self.near_best_margin])
+        score, km, lead = drawn
+        rest = [r for r in ranked if r.entry is not lead]
+        return [Ranked(lead, score, km, nearest_km, policy), *rest[:limit - 1]]
 
     def near_best(self, ranked: list[Ranked]) -> list[Ranked]:
-        """The candidates a placement may lead with: the top few within ``near_best_margin`` of the best."""
+        """The candidates a placement may lead with: all within ``near_best_margin`` of the best."""
         if not ranked:
             return []
         best = ranked[0].score
-        return [r for r in ranked[:4] if best - r.score <= self.near_best_margin]
+        return [r for r in ranked if best - r.score <= self.near_best_margin]
 
-    def _two_choices(self, ranked: list[Ranked]) -> list[Ranked]:
-        """Power of two choices among the near-best: pick two at random, lead with the better."""
-        near = self.near_best(ranked)
-        if len(near) < 2:
-            return ranked
-        a, b = self.rng.sample(near, 2)
-        lead = a if a.score >= b.score else b
-        return [lead] + [r for r in ranked if r is not lead]
+    def _draw_near_best(self, best: float, reach: list[tuple[Group, float, float]],
+                        now: int) -> tuple[float, float, Entry]:
+        """(score, km, entry) of an eligible worker drawn uniformly from all within ``near_best_margin`` of ``best``.
+
+        Uniformly: within the margin the candidates share the traffic (``near_best_margin``), and any lean toward
+        the higher score makes hubs with the same snapshot collide on the same worker again; a clearly better worker
+        still wins, since none outside the margin ever leads. Each group's members are in score order, so its
+        near-best are a prefix found by bisection: the work grows with the groups, not with the idle workers.
+        """
+        margin = self.near_best_margin
+        spans = [(group, km, near, _near_best_count(group.members, near, best, margin)) for group, km, near in reach]
+        total = sum(count for *_, count in spans)
+        for _ in range(_LEAD_DRAWS):  # a member whose heartbeat lapsed since the refresh is drawn again
+            i = self.rng.randrange(total)
+            for group, km, near, count in spans:
+                if i < count:
+                    e = group.members[i]
+                    if self._eligible(e, now):
+                        return near + _by_partial(e), km, e
+                    break
+                i -= count
+        near_best = [(near + _by_partial(e), km, e) for group, km, near, count in spans
+                     for e in group.members[:count] if self._eligible(e, now)]
+        return self.rng.choice(near_best)  # never empty: the best is eligible and within the margin
 
 
 #: How far back each delta read reaches before the previous read's Redis time.
@@ -354,6 +384,11 @@ def _apply(mirror: dict[str, str], changes: dict[str, str | None]) -> None:
             mirror.pop(wid, None)
         else:
             mirror[wid] = raw
+
+
+def _near_best_count(members: list[Entry], near: float, best: float, margin: float) -> int:
+    """How many of a group's members (best partial score first) score within ``margin`` of ``best``."""
+    return bisect.bisect_right(members, margin, key=lambda e: best - (near + _by_partial(e)))
 
 
 def _by_score(item: tuple[float, float, Entry]) -> float:

@@ -4,6 +4,7 @@ from scratch gives, whatever the policy, after any sequence of slot changes."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -66,8 +67,81 @@ def test_ranking_equals_scoring_every_worker_through_slot_changes(board_policy: 
             assert [(r.entry.worker_id, r.score) for r in explained] == expected[:10], f"step {step} {policy}"
             assert all(r.score == score(r.factors, board.weights) for r in explained)
         ranked = board.rank(lat, lon, labels)
-        top = {wid for wid, _ in from_scratch(board, lat, lon, board_policy, labels)[:8]}
-        assert {r.entry.worker_id for r in ranked} == top
+        expected = from_scratch(board, lat, lon, board_policy, labels)
+        lead = ranked[0].entry.worker_id
+        assert expected[0][1] - dict(expected)[lead] <= board.near_best_margin  # the lead is drawn from the near-best
+        assert [(r.entry.worker_id, r.score) for r in ranked[1:]] == [x for x in expected if x[0] != lead][:7]
         # slots change between refreshes, as reservations and releases teach the board
         e = rng.choice(list(board.entries.values()))
         board.note_used(e.worker_id, rng.randrange(e.max_streams + 1))
+
+
+#: (worker id, used, max_streams, labels)
+Idle = tuple[str, int, int, dict[str, str]]
+
+
+def idle_board(workers: list[Idle]) -> RoutingBoard:
+    """Workers (id, used, max_streams, labels) in one place, heard from just now, nothing else differing."""
+    board = RoutingBoard(store=None, ttl_ms=9000, retention_ms=3_600_000, policy=Policy.SPREAD,  # type: ignore[arg-type]
+                         weights=Weights(), near_best_margin=0.05)
+    board.now_ms = 1_000_000
+    for wid, used, max_streams, labels in workers:
+        board.entries[wid] = Entry(worker_id=wid, url=f"http://{wid}", region="us-east-1", zone=None, lat=38.95,
+                                   lon=-77.45, labels=labels, max_streams=max_streams, static={}, used=used,
+                                   heartbeat_ms=board.now_ms - 100)
+    board._regroup()
+    board.redis_now_ms = lambda: board.now_ms  # type: ignore[method-assign]
+    return board
+
+
+CLEARLY_WORSE: Idle = ("w-busy", 4, 5, {})  # 0.19 below an idle worker's score: outside the 0.05 margin
+
+HERDS: dict[str, list[Idle]] = {
+    "two near-best": [("w-a", 0, 5, {}), ("w-b", 1, 5, {})],
+    "three near-best": [("w-a", 0, 10, {}), ("w-b", 1, 10, {}), ("w-c", 2, 10, {})],
+    "20 identical idle": [(f"w-{i:02d}", 0, 5, {}) for i in range(20)],
+    "20 identical idle in 4 groups": [(f"w-{i:02d}", 0, 5, {"pool": str(i % 4)}) for i in range(20)],
+}
+
+
+@pytest.mark.parametrize("herd", HERDS)
+def test_hubs_with_the_same_snapshot_spread_their_leads_over_every_near_best_worker(herd: str) -> None:
+    """Regression: two random picks of the top four, the better one leading, always led with the best of two,
+    never chose the third of three, and never went past the fourth of twenty equally idle workers."""
+    workers = HERDS[herd]
+    board = idle_board([*workers, CLEARLY_WORSE])
+    explained = board.rank(40, -75, limit=len(workers) + 1, explain=True)
+    near_best = {r.entry.worker_id for r in board.near_best(explained)}
+    assert near_best == {wid for wid, *_ in workers}
+    leads: Counter[str] = Counter()
+    for seed in range(1000):  # 1000 hubs, each with its own random generator, ranking the same snapshot
+        board.rng = random.Random(seed)
+        ranked = board.rank(40, -75)
+        leads[ranked[0].entry.worker_id] += 1
+        assert len(ranked) == len({r.entry.worker_id for r in ranked}) <= 8
+    assert set(leads) == near_best  # the clearly worse worker never leads; every near-best one does
+    fair_share = 1000 / len(near_best)
+    assert min(leads.values()) >= fair_share / 2, leads
+
+
+def test_a_worker_whose_heartbeat_lapsed_since_the_refresh_never_leads() -> None:
+    """Regression: only the top four near-best could lead, so the fifth live worker of twenty never did."""
+    board = idle_board([(f"w-{i:02d}", 0, 5, {}) for i in range(20)])
+    for e in list(board.entries.values())[5:]:
+        e.heartbeat_ms = board.now_ms - board.ttl_ms  # still in its group until the next refresh
+    leads: Counter[str] = Counter()
+    for seed in range(1000):
+        board.rng = random.Random(seed)
+        leads[board.rank(40, -75)[0].entry.worker_id] += 1
+    assert set(leads) == {f"w-{i:02d}" for i in range(5)}
+    assert min(leads.values()) >= 1000 / 5 / 2, leads
+
+
+def test_a_policy_other_than_the_boards_draws_the_lead_from_its_own_near_best() -> None:
+    """Its scores do not follow the groups' (spread) order, under which the idle worker is the best."""
+    board = idle_board([("w-a", 8, 10, {}), ("w-b", 7, 10, {}), ("w-idle", 0, 10, {})])
+    leads: Counter[str] = Counter()
+    for seed in range(1000):
+        board.rng = random.Random(seed)
+        leads[board.rank(40, -75, policy=Policy.PACK)[0].entry.worker_id] += 1
+    assert set(leads) == {"w-a", "w-b"} and min(leads.values()) >= 250, leads
