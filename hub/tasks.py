@@ -7,6 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from shared.errors import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,8 @@ class BackgroundTasks:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background task %s failed: %r", task.get_name(), task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("background task %s failed: %s", task.get_name(), describe(exc), exc_info=_traceback(exc))
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -42,8 +44,18 @@ async def run_every(interval_s: float, step: Callable[[], Awaitable[None]], name
             await step()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a loop must outlive one bad step; the error is logged
-            log.warning("%s failed: %s", name, exc)
+        except Exception as exc:  # a loop must outlive one bad step; the error is logged
+            log.warning("%s failed: %s", name, describe(exc), exc_info=_traceback(exc))
         if me is not None and me.cancelling():
             raise asyncio.CancelledError
         await asyncio.sleep(interval_s)
+
+
+def describe(exc: BaseException) -> str:
+    """``KeyError: 'url'`` rather than a bare ``'url'``."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _traceback(exc: BaseException) -> BaseException | None:
+    """A bug's traceback goes to the log; an outage of the store is expected and says enough in one line."""
+    return None if isinstance(exc, StoreUnavailable) else exc
