@@ -19,13 +19,14 @@ from hub.board import RoutingBoard
 from hub.cloudwatch import CapacityPublisher, make_cloudwatch_client, regional_clients
 from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
-from hub.middleware import BodySizeLimit, HeadAsGet
+from hub.middleware import HeadAsGet
 from hub.redis_client import connect
 from hub.registry import Registry
 from hub.scoring import Weights
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from hub.tasks import BackgroundTasks, run_every
+from shared.body_limit import BodySizeLimit
 from shared.models import MAX_HEARTBEAT_BYTES
 from shared.redis_server import EmbeddedRedis
 

@@ -163,8 +163,9 @@ class HeartbeatReply(Strict):
 class SessionDispatch(Strict):
     """What the hub sends to ``POST {worker.url}/sessions``."""
 
-    session_id: str = Field(pattern=r"^[A-Za-z0-9._~-]{1,200}$",
-                            description="The hub's `<worker_id>~<random>`; URL-safe, as the worker's routes take it.")
+    session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS, pattern=r"^[A-Za-z0-9._~-]+$",
+                            description="The hub's `<worker_id>~<random>`; URL-safe, as the worker's routes take it, "
+                                        "and no longer than a heartbeat may list.")
     session_key: str | None = Field(default=None, max_length=128)
     room: str = Field(max_length=256)
     livekit_url: str = Field(max_length=512)
@@ -310,8 +311,8 @@ class Candidate(Strict):
     used_streams: int
     max_streams: int
     near_best: bool = Field(
-        description="A placement leads with one of the near-best candidates, chosen at random (power of two "
-                    "choices), so that many hubs do not all pick the same worker.")
+        description="Within FLEET_NEAR_BEST_MARGIN of the best: a placement leads with one of these, drawn "
+                    "uniformly, so that many hubs do not all pick the same worker.")
 
 
 class RouteExplanation(Strict):

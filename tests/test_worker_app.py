@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.models import SessionDispatch
+from shared.models import MAX_SESSION_ID_CHARS, Heartbeat, SessionDispatch
 from worker import sessions as worker_sessions
-from worker.app import create_worker_app
+from worker.app import MAX_BODY_BYTES, create_worker_app
 from worker.engines import EngineUnavailable, load_engine
 from worker.engines.synthetic import SyntheticEngine
 from worker.sessions import SessionManager
@@ -82,6 +82,50 @@ async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
     assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 204
     assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 404
     assert (await client.delete("/sessions/a")).status_code == 401
+
+
+async def test_a_session_id_no_heartbeat_could_list_is_refused(worker: Any) -> None:
+    """Regression: dispatches took ids of up to 200 characters, heartbeats list ids of at most 129. Once the worker
+    accepted a longer one, no heartbeat could be built and the worker fell out of routing with its sessions running."""
+    client, manager = worker
+    too_long = await client.post("/sessions", json=dispatch("s" * (MAX_SESSION_ID_CHARS + 1)), headers=AUTH)
+    assert too_long.status_code == 422 and too_long.json()["error"] == "invalid_request"
+    assert manager.sessions == {} and manager.engine.stats().active_sessions == 0
+    longest = "s" * MAX_SESSION_ID_CHARS
+    assert (await client.post("/sessions", json=dispatch(longest), headers=AUTH)).status_code == 201
+    seq, running = manager.snapshot()
+    assert Heartbeat(active_sessions=running, seq=seq).active_sessions == [longest]
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(worker: Any) -> None:
+    """Regression: the body was read and parsed before the token was checked, so anyone could make the worker hold
+    hundreds of MiB. Now the client's stream stops being read once it passes the bound, token or not."""
+    client, _ = worker
+    sent = 0
+
+    async def endless_body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(2560):  # 10 MiB, if the worker read it all
+            sent += 4096
+            yield b" " * 4096
+
+    streamed = await client.post("/sessions", content=endless_body(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"] == "body_too_large"
+    assert sent <= MAX_BODY_BYTES + 4096
+    announced = await client.post("/sessions", content=b" " * (MAX_BODY_BYTES + 1),
+                                  headers={**AUTH, "Content-Type": "application/json"})
+    assert announced.status_code == 413
+
+
+async def test_the_largest_dispatch_fits_the_body_bound(worker: Any) -> None:
+    """Every field at its longest, the free-text ones in characters that take the most bytes as JSON."""
+    client, manager = worker
+    largest = {"session_id": "s" * MAX_SESSION_ID_CHARS, "session_key": "\x01" * 128, "room": "\x01" * 256,
+               "livekit_url": "\x01" * 512, "token": "t" * 8192}
+    body = SessionDispatch.model_validate(largest).model_dump_json().encode()  # as the hub sends it
+    assert len(body) > 8192 + 6 * (128 + 256 + 512)
+    answer = await client.post("/sessions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 201 and manager.ids() == [largest["session_id"]]
 
 
 async def test_draining_refuses_new_sessions_and_health_says_so(worker: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
+from annotated_types import MaxLen
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -12,10 +13,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.auth import bearer_token, secret_matches
+from shared.body_limit import BodySizeLimit
 from shared.errors import describe_invalid
 from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
 from shared.routes import allowed_methods
 from worker.sessions import SessionManager, SessionRefused
+
+
+def _longest(field: str) -> int:
+    """The most characters a SessionDispatch takes in ``field``."""
+    return next(m.max_length for m in SessionDispatch.model_fields[field].metadata if isinstance(m, MaxLen))
+
+
+#: The largest body a hub sends a worker: a SessionDispatch with every field at its longest. The id and the token (a
+#: JWT) are ASCII, a byte a character; any other character may take 6 bytes as JSON (``\u001f``); 1 KiB covers the
+#: names and punctuation. About 15 KiB: a larger body is refused unread, before the token is checked.
+MAX_BODY_BYTES = (_longest("session_id") + _longest("token")
+                  + 6 * sum(map(_longest, ("session_key", "room", "livekit_url"))) + 1024)
 
 
 class _ApiError(Exception):
@@ -32,6 +46,7 @@ def create_worker_app(manager: SessionManager, worker_token: str,
     """``status`` says what the agent knows at the moment (worker id, whether a hub holds its registration); GET
     /health shows it with the sessions."""
     app = FastAPI(title="gpu-fleet worker", version="1.0.0")
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
         if not secret_matches(bearer_token(authorization), worker_token):
@@ -41,7 +56,7 @@ def create_worker_app(manager: SessionManager, worker_token: str,
     errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
     @app.post("/sessions", status_code=201, response_model=WorkerSessionInfo, dependencies=[Depends(require_token)],
-              responses={**errors, 400: {"model": ErrorBody}, 409: {"model": ErrorBody},
+              responses={**errors, 400: {"model": ErrorBody}, 409: {"model": ErrorBody}, 413: {"model": ErrorBody},
                          503: {"model": ErrorBody}})
     async def create_session(spec: SessionDispatch) -> WorkerSessionInfo:
         """Start a session if a local slot is free: 409 when full, draining or already running."""
@@ -99,4 +114,5 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette's Allow names only the first route matching the path; GET and POST /sessions are two routes.
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
-        return _error(exc.status_code, "http_error", str(exc.detail), headers)
+        code = "body_too_large" if exc.status_code == 413 else "http_error"  # a streamed body over the bound
+        return _error(exc.status_code, code, str(exc.detail), headers)
