@@ -70,8 +70,25 @@ def describe_invalid(exc: ValidationError | SettingsError) -> str:
         found = _NOT_JSON.search(str(exc))
         name = f"FLEET_{found.group(1).upper()}" if found else "a FLEET_ variable"
         return f"invalid configuration: {name}: not valid JSON (this setting takes a JSON list or object)"
+    variables = _variables(exc.title)
     lines = []
     for error in exc.errors():
-        where = "_".join(str(part) for part in error["loc"]).upper()
-        lines.append(f"FLEET_{where}: {error['msg']}" if where else str(error["msg"]))
+        first, *rest = [str(part) for part in error["loc"]] or [""]
+        where = "_".join([variables.get(first, f"FLEET_{first}"), *rest]).upper()
+        lines.append(f"{where}: {error['msg']}" if first else str(error["msg"]))
     return "invalid configuration: " + "; ".join(lines)
+
+
+def _variables(title: str) -> dict[str, str]:
+    """The variable each field of the settings class named ``title`` reads (a ValidationError's title is its model's
+    name): ``FLEET_VOICE_TTS_RATE_WPM`` for VoiceSettings' ``tts_rate_wpm``, ``FLEET_ENV`` for its aliased ``env``."""
+    pending: list[type[BaseSettings]] = [BaseSettings]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == title:
+            prefix = cls.model_config.get("env_prefix", "")
+            names = {name: field.validation_alias if isinstance(field.validation_alias, str) else prefix + name
+                     for name, field in cls.model_fields.items()}
+            return names | {alias: alias for alias in names.values()}
+        pending += cls.__subclasses__()
+    return {}

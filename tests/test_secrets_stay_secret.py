@@ -17,6 +17,7 @@ from tests.conftest import (
     register,
     registration,
 )
+from worker.settings import WorkerSettings
 
 LIVEKIT_SECRET = "lk-secret-0123456789abcdef0123456789abcdef"
 
@@ -51,3 +52,11 @@ async def test_no_secret_reaches_logs_bodies_or_metrics(make_hub, make_worker,
     for secret in (WORKER_TOKEN, ADMIN_TOKEN, reg["worker_secret"], LIVEKIT_SECRET):
         assert secret not in logged
         assert all(secret not in body for body in bodies)
+
+
+def test_hub_url_credentials_stay_out_of_the_worker_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a hub URL with credentials (``https://user:pw@hub``) was printed whole by repr(settings)."""
+    monkeypatch.setenv("FLEET_HUB_URLS", "https://fleet:hub-pw-0123456789@hub.example")
+    settings = WorkerSettings()
+    assert settings.hub_urls == ["https://fleet:hub-pw-0123456789@hub.example"]
+    assert "hub-pw" not in repr(settings) and "hub-pw" not in str(settings)

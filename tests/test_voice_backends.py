@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,6 +12,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
 from worker.voice.errors import BackendError, ModelMissing
 from worker.voice.llm import BedrockLLM
@@ -90,6 +92,18 @@ def test_profile_aggregates_backend_vram(tmp_path: Path) -> None:
     gpu = VoiceEngine(VoiceSettings(tts_backend="chatterbox", whisper_model_dir=tmp_path))
     assert gpu.profile.model_mb == WhisperSTT.model_mb + ChatterboxTTS.model_mb
     assert gpu.profile.per_stream_mb == WhisperSTT.per_stream_mb + ChatterboxTTS.per_stream_mb
+
+
+def test_the_workers_vram_overrides_apply_to_the_voice_engine() -> None:
+    """Regression: FLEET_MODEL_MB, FLEET_PER_STREAM_MB and FLEET_HEADROOM_MB override the engine's figures (as the
+    synthetic engine's do), yet the voice engine ignored them, so its capacity could not be corrected."""
+    voice = VoiceEngine.from_settings(WorkerSettings(engine="voice", model_mb=20000, per_stream_mb=4000,
+                                                     headroom_mb=2000))
+    assert (voice.profile.model_mb, voice.profile.per_stream_mb, voice.profile.headroom_mb) == (20000, 4000, 2000)
+    own = VoiceEngine(VoiceSettings()).profile
+    assert VoiceEngine.from_settings(WorkerSettings(engine="voice", per_stream_mb=300)).profile == replace(
+        own, per_stream_mb=300)
+    assert VoiceEngine.from_settings(WorkerSettings(engine="voice")).profile == own
 
 
 class FakeSegment:

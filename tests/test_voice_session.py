@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from shared.models import SessionDispatch
+from shared.settings import MIN_PROD_SECRET_CHARS, Env
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
 from worker.voice.llm import CannedLLM, OpenAICompatLLM, build_llm
@@ -119,8 +120,20 @@ def test_prod_refuses_the_dev_livekit_credentials(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValidationError):
         VoiceSettings()
     monkeypatch.setenv("FLEET_VOICE_LIVEKIT_API_KEY", "prodkey")
-    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_API_SECRET", "a-long-production-secret")
+    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_API_SECRET", "a-long-production-secret-of-32-chars")
     assert VoiceSettings().env == "prod"
+
+
+@pytest.mark.parametrize("secret", ["", "x", "s" * (MIN_PROD_SECRET_CHARS - 1)])
+def test_prod_refuses_a_short_livekit_secret(secret: str) -> None:
+    """Regression: prod refused only the dev secret, so an empty one (anyone can sign a token with it) passed. The
+    hub holds LiveKit secrets to the same length."""
+    with pytest.raises(ValidationError, match=f"LIVEKIT_API_SECRET must have at least {MIN_PROD_SECRET_CHARS}"):
+        VoiceSettings(env=Env.PROD, livekit_api_key="prodkey", livekit_api_secret=SecretStr(secret))
+    long_enough = SecretStr("s" * MIN_PROD_SECRET_CHARS)
+    assert VoiceSettings(env=Env.PROD, livekit_api_key="prodkey", livekit_api_secret=long_enough).env is Env.PROD
+    dev = VoiceSettings(env=Env.DEV, livekit_api_secret=SecretStr(secret))
+    assert dev.livekit_api_secret.get_secret_value() == secret, "dev takes any secret"
 
 
 def test_the_engine_takes_the_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:

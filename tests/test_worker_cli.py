@@ -51,6 +51,16 @@ def test_a_value_the_registration_would_refuse_stops_the_start(monkeypatch: pyte
     assert "user:pw" not in line
 
 
+def test_a_voice_setting_is_named_by_its_own_variable(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: voice settings read ``FLEET_VOICE_*``, yet the refusal named FLEET_TTS_RATE_WPM, which does not
+    exist."""
+    monkeypatch.setenv("FLEET_ENGINE", "voice")
+    monkeypatch.setenv("FLEET_VOICE_TTS_RATE_WPM", "10")
+    line = refusal(capsys, port=0)
+    assert "invalid configuration: FLEET_VOICE_TTS_RATE_WPM: Input should be greater than or equal to 80" in line, line
+
+
 def test_an_advertised_url_passed_as_an_option_is_checked_alike(capsys: pytest.CaptureFixture[str]) -> None:
     assert "FLEET_ADVERTISE_URL: String should match pattern" in refusal(capsys, advertise_url="worker-1:8100")
 

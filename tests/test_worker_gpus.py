@@ -336,9 +336,11 @@ def test_a_heartbeat_probe_that_fails_keeps_the_last_reading(monkeypatch: pytest
     assert gpus.refresh(found) == found
 
 
+@pytest.mark.parametrize("failing", ["nvmlDeviceGetMigDeviceHandleByIndex", "nvmlInit"])
 @pytest.mark.parametrize("command", ["run", "calibrate"])
 def test_a_failing_gpu_probe_stops_the_worker_in_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str], command: str) -> None:
+                                                          capsys: pytest.CaptureFixture[str], command: str,
+                                                          failing: str) -> None:
     """Better no worker, which systemd starts again, than one advertising streams its GPU cannot hold."""
     from shared.redis_server import free_port
     from worker.cli import EXIT_USAGE, calibrate, run_worker
@@ -348,12 +350,32 @@ def test_a_failing_gpu_probe_stops_the_worker_in_one_line(monkeypatch: pytest.Mo
     monkeypatch.setenv("FLEET_IMDS_TIMEOUT_S", "0.1")
     fake_machine(monkeypatch, [a100_in_mig_mode()])
     whole_a100_by_nvidia_smi(monkeypatch)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigDeviceHandleByIndex", fail_with(pynvml.NVML_ERROR_NO_PERMISSION))
+    monkeypatch.setattr(pynvml, failing, fail_with(pynvml.NVML_ERROR_NO_PERMISSION))
     code = run_worker(port=0) if command == "run" else calibrate(max_concurrency=2, seconds=0.1)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USAGE, err
     assert len(err) == 1 and err[0].startswith("fleet worker: cannot read the GPUs"), err
     assert "Insufficient Permissions" in err[0], err
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_NO_PERMISSION,
+                                  pynvml.NVML_ERROR_UNKNOWN], ids=["driver-not-loaded", "no-permission", "unknown"])
+def test_nvml_that_is_installed_but_cannot_start_fails_the_probe(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Regression: a GPU host whose driver did not load, or that may not open it, registered as a CPU worker. Only
+    NVML's absence (no library, no such function) means "no GPU here"."""
+    monkeypatch.setattr(pynvml, "nvmlInit", fail_with(code))
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: pytest.fail("nvidia-smi talks to the same broken driver"))
+    with pytest.raises(gpus.GpuProbeFailed, match=re.escape(str(nvml_error(code)))):
+        gpus.detect_gpus()
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND],
+                         ids=["library-not-found", "function-not-found"])
+def test_nvml_that_is_not_there_falls_back_to_gputil(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    monkeypatch.setattr(pynvml, "nvmlInit", fail_with(code))
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: [SimpleNamespace(name="NVIDIA L4", memoryTotal=23034.0,
+                                                                    memoryUsed=0.0, load=0.0)])
+    assert [g.name for g in gpus.detect_gpus()] == ["NVIDIA L4"]
 
 
 def test_gpu_in_mig_mode_without_instances_is_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,10 @@
 """GPU discovery: NVML (nvidia-ml-py) first, GPUtil as a fallback, else none (CPU mode); or simulated GPUs.
 
 Only what a CUDA process here can use counts: the MIG instances of a GPU in MIG mode rather than the whole GPU,
-and only the devices CUDA_VISIBLE_DEVICES names when it is set. GPUtil stands in only when NVML cannot be loaded:
-once NVML is up, a query of it that fails fails the probe (``GpuProbeFailed``), since nvidia-smi knows no MIG and
-would advertise a split GPU whole.
+and only the devices CUDA_VISIBLE_DEVICES names when it is set. GPUtil stands in only when NVML is not installed
+(no library): an NVML that is there but cannot start (the driver is not loaded, no permission) or a query of it
+that fails fails the probe (``GpuProbeFailed``), since nvidia-smi knows no MIG and would advertise a split GPU
+whole, and a GPU host with a broken driver would otherwise register as a CPU worker.
 """
 
 from __future__ import annotations
@@ -183,16 +184,23 @@ def _read(pynvml: Any, device: _Device) -> Gpu:
 
 
 def _probe_nvml() -> list[Gpu] | None:
-    """The GPUs a CUDA process here may use, by NVML, or None when NVML is unavailable (no driver, no library).
+    """The GPUs a CUDA process here may use, by NVML, or None when NVML is not installed (no bindings, no library,
+    or one too old to have nvmlInit).
 
-    Raises GpuProbeFailed when NVML is loaded but a query fails (NoPermission, GpuIsLost, Unknown, …)."""
+    Raises GpuProbeFailed when NVML is installed but cannot start (DriverNotLoaded, NoPermission, …) or a query fails
+    (GpuIsLost, Unknown, …): a GPU host whose driver is broken must not pass for a CPU worker."""
     try:
         import pynvml
-
+    except ImportError as exc:
+        log.debug("NVML bindings unavailable: %s", exc)
+        return None
+    try:
         pynvml.nvmlInit()
-    except Exception as exc:  # noqa: BLE001 - any NVML failure means "try the next probe"
+    except (pynvml.NVMLError_LibraryNotFound, pynvml.NVMLError_FunctionNotFound) as exc:
         log.debug("NVML unavailable: %s", exc)
         return None
+    except Exception as exc:  # noqa: BLE001 - NVMLError subclasses, or an OSError loading a broken library
+        raise GpuProbeFailed(f"NVML is installed but cannot start: {exc}") from None
     try:
         devices = [d for index in range(pynvml.nvmlDeviceGetCount()) for d in _nvml_devices(pynvml, index)]
         return [_read(pynvml, d) for d in _one_mig_instance(_visible(devices, lambda d: (d.index, d.uuids)))]

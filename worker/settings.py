@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from typing import Annotated, Any, Self
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -14,6 +15,7 @@ from shared.auth import DEFAULT_WORKER_TOKEN
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration
 from shared.settings import FleetSettings
+from worker.engine import VramProfile
 from worker.gpus import parse_simulated
 
 
@@ -24,7 +26,7 @@ class WorkerSettings(FleetSettings):
         default=None, description="URL hubs dispatch to; else http://<EC2 private IP or hostname>:<port>."
     )
     hub_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://127.0.0.1:8080"],
+        default_factory=lambda: ["http://127.0.0.1:8080"], repr=False,  # a URL may carry credentials
         description="Hubs to register with, tried in turn: comma-separated or a JSON list.",
     )
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN,
@@ -132,6 +134,11 @@ class WorkerSettings(FleetSettings):
     def expects_ec2(self) -> bool:
         """Configured for an EC2 Auto Scaling group: the instance metadata must answer before the worker starts."""
         return bool(self.lifecycle_hook_name or self.protect_from_scale_in)
+
+    def vram_profile(self, engine_profile: VramProfile) -> VramProfile:
+        """The engine's own figures with FLEET_MODEL_MB, FLEET_PER_STREAM_MB and FLEET_HEADROOM_MB put over them."""
+        overrides = {"model_mb": self.model_mb, "per_stream_mb": self.per_stream_mb, "headroom_mb": self.headroom_mb}
+        return replace(engine_profile, **{name: mb for name, mb in overrides.items() if mb is not None})
 
     def fallback_worker_id(self, port: int) -> str:
         """hostname-port, trimmed to the id pattern (the host, not the port: workers on one host stay apart):

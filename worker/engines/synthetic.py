@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
@@ -63,14 +63,7 @@ class SyntheticEngine:
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, *, for_calibration: bool = False) -> SyntheticEngine:
-        profile = DEFAULT_PROFILE
-        if settings.model_mb is not None:
-            profile = replace(profile, model_mb=settings.model_mb)
-        if settings.per_stream_mb is not None:
-            profile = replace(profile, per_stream_mb=settings.per_stream_mb)
-        if settings.headroom_mb is not None:
-            profile = replace(profile, headroom_mb=settings.headroom_mb)
-        return cls(profile)
+        return cls(settings.vram_profile(DEFAULT_PROFILE))
 
     async def start(self) -> None:
         await asyncio.sleep(0)  # a real engine loads models here

@@ -136,16 +136,18 @@ class VoiceEngine:
 
     @classmethod
     def from_settings(cls, worker: WorkerSettings, *, for_calibration: bool = False) -> VoiceEngine:
-        """From ``FLEET_VOICE_*``, in the worker's ``FLEET_ENV`` (prod refuses the dev LiveKit credentials). For
-        calibration: no LiveKit room to join, and the canned local responder unless an LLM is configured
-        explicitly."""
+        """From ``FLEET_VOICE_*``, in the worker's ``FLEET_ENV`` (prod refuses the dev LiveKit credentials), with the
+        worker's VRAM overrides. For calibration: no LiveKit room to join, and the canned local responder unless an
+        LLM is configured explicitly."""
         settings = VoiceSettings(env=worker.env)
         if for_calibration:
             update: dict[str, Any] = {"livekit_transport": False}
             if not settings.llm_configured:
                 update["llm_backend"] = "canned"
             settings = settings.model_copy(update=update)
-        return cls(settings)
+        engine = cls(settings)
+        engine.profile = worker.vram_profile(engine.profile)
+        return engine
 
     @property
     def llm_name(self) -> str:

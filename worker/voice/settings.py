@@ -8,7 +8,7 @@ from typing import Literal, Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import Env
+from shared.settings import MIN_PROD_SECRET_CHARS, Env
 
 #: LiveKit's documented dev-mode credentials (what ``livekit-server --dev`` accepts); refused when FLEET_ENV=prod.
 DEV_LIVEKIT_KEY = "devkey"
@@ -22,7 +22,8 @@ class VoiceSettings(BaseSettings):
                                       allow_inf_nan=False, populate_by_name=True, use_attribute_docstrings=True)
 
     env: Env = Field(default=Env.DEV, validation_alias="FLEET_ENV")
-    """The fleet's ``FLEET_ENV`` (not ``FLEET_VOICE_ENV``): ``prod`` refuses the dev LiveKit key and secret."""
+    """The fleet's ``FLEET_ENV`` (not ``FLEET_VOICE_ENV``): ``prod`` refuses the dev LiveKit key and a dev or short
+    secret."""
 
     stt_backend: Literal["pocketsphinx", "whisper"] | None = None
     """STT backend; None picks whisper when ``whisper_model_dir`` is set, else pocketsphinx."""
@@ -98,8 +99,8 @@ class VoiceSettings(BaseSettings):
     livekit_api_key: str = DEV_LIVEKIT_KEY
     """Key the WebSocket client's LiveKit participant token is verified with (the dev default is refused in prod)."""
     livekit_api_secret: SecretStr = SecretStr(DEV_LIVEKIT_SECRET)
-    """Secret the WebSocket client's LiveKit participant token is verified with (the dev default is refused in
-    prod: anyone could sign a token with it)."""
+    """Secret the WebSocket client's LiveKit participant token is verified with (prod refuses the dev default and
+    secrets shorter than 32 characters: anyone could sign a token with them)."""
     livekit_transport: bool = False
     """Also join each session's LiveKit room as the agent (needs a reachable LiveKit server)."""
     livekit_connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -123,8 +124,11 @@ class VoiceSettings(BaseSettings):
         problems = []
         if self.livekit_api_key == DEV_LIVEKIT_KEY:
             problems.append("FLEET_VOICE_LIVEKIT_API_KEY must not be the dev default")
-        if self.livekit_api_secret.get_secret_value() == DEV_LIVEKIT_SECRET:
+        secret = self.livekit_api_secret.get_secret_value()
+        if secret == DEV_LIVEKIT_SECRET:
             problems.append("FLEET_VOICE_LIVEKIT_API_SECRET must not be the dev default")
+        elif len(secret) < MIN_PROD_SECRET_CHARS:  # an empty one would verify tokens anyone can sign
+            problems.append(f"FLEET_VOICE_LIVEKIT_API_SECRET must have at least {MIN_PROD_SECRET_CHARS} characters")
         if problems:
             raise ValueError("refusing to start in prod: " + "; ".join(problems))
         return self
