@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from hub.allocator import _MAX_RESERVATIONS
 from hub.board import RoutingBoard
-from hub.scoring import Weights
 from hub.settings import HubSettings
 from shared.models import Policy
 
@@ -39,8 +38,7 @@ class HubMirror:
         self.read_up_to = 0  # changes already read
         hs = HubSettings()
         self.board = RoutingBoard(None, ttl_ms=10 ** 12, retention_ms=10 ** 12,  # type: ignore[arg-type]
-                                  policy=policy, weights=Weights(hs.weight_distance, hs.weight_load,
-                                                                 hs.weight_latency, hs.weight_capacity),
+                                  policy=policy, weights=hs.weights,
                                   near_best_margin=hs.near_best_margin, rng=random.Random(seed))
         self.board._static = {x.wid: {"url": "", "region": x.region, "zone": None, "lat": x.lat, "lon": x.lon,
                                       "labels": {}, "max_streams": x.max_streams} for x in fleet}

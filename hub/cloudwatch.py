@@ -108,12 +108,6 @@ class CapacityPublisher:
             log.exception("publishing capacity metrics to CloudWatch failed")
             return False
 
-    async def run(self) -> None:
-        """Try to publish every interval until cancelled."""
-        while True:
-            await self.publish_once()
-            await asyncio.sleep(self.interval_s)
-
 
 def make_cloudwatch_client(region: str | None) -> Any:
     """A boto3 CloudWatch client (credentials from the instance role in AWS)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -22,10 +21,10 @@ from hub.metrics import HubMetrics
 from hub.middleware import HeadAsGet
 from hub.redis_client import connect
 from hub.registry import Registry
-from hub.scoring import Weights
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from hub.tasks import BackgroundTasks, run_every
+from shared.aio import cancel_and_wait
 from shared.body_limit import BodySizeLimit
 from shared.models import MAX_HEARTBEAT_BYTES
 from shared.redis_server import EmbeddedRedis
@@ -66,8 +65,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         store = FleetStore(connect(settings, url), settings)
         board = RoutingBoard(store, ttl_ms=settings.ttl_ms, retention_ms=int(settings.retention_s * 1000),
                              policy=settings.policy,
-                             weights=Weights(settings.weight_distance, settings.weight_load, settings.weight_latency,
-                                             settings.weight_capacity),
+                             weights=settings.weights,
                              near_best_margin=settings.near_best_margin)
         metrics = HubMetrics()
         metrics.watch_board(board)
@@ -78,13 +76,15 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             registry=Registry(settings, store, board, metrics),
             allocator=Allocator(settings, store, board, worker_client, metrics, background),
         )
-        loops = [asyncio.create_task(run_every(settings.snapshot_refresh_s, board.refresh, "routing board refresh"))]
+        loops = [asyncio.create_task(run_every(settings.snapshot_refresh_s, board.refresh, "routing board refresh"),
+                                     name="routing board refresh")]
         if settings.cloudwatch_enabled:
             publisher = CapacityPublisher(
                 store.redis, app.state.hub.registry.capacity, settings.cloudwatch_namespace,
                 settings.cloudwatch_interval_s, make_cloudwatch_client(settings.cloudwatch_region),
                 cloudwatch_for_region=regional_clients(), worker_regions=settings.cloudwatch_worker_regions)
-            loops.append(asyncio.create_task(publisher.run(), name="cloudwatch capacity"))
+            loops.append(asyncio.create_task(run_every(settings.cloudwatch_interval_s, publisher.publish_once,
+                                                       "cloudwatch capacity"), name="cloudwatch capacity"))
         # Everything built so far (modules, routes, schemas, clients) lives as long as the process. Moved out of the
         # collector's generations, full collections stop re-scanning it: at 10,000 workers this took an
         # allocation's p99 from 119 to 49 ms and its hub CPU from 1.98 to 1.60 ms (BENCHMARKS.md).
@@ -93,10 +93,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             yield
         finally:
             gc.unfreeze()  # an app stopped inside a longer-lived process (tests) leaves nothing uncollectable
-            for loop in loops:
-                loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_and_wait(*loops)
             await background.aclose()
             await worker_client.aclose()
             await store.close()

@@ -11,6 +11,7 @@ from typing import Self
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from hub.scoring import Weights
 from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
 from shared.geo import must_be_known_region
 from shared.models import Policy
@@ -30,6 +31,10 @@ class LiveKitDeployment(BaseModel):
     lon: float = Field(ge=-180, le=180)
     api_key: str
     api_secret: SecretStr
+
+
+#: The scoring's own defaults, so the settings and ``Weights()`` cannot drift apart.
+_WEIGHTS = Weights()
 
 
 class HubSettings(FleetSettings):
@@ -67,10 +72,11 @@ class HubSettings(FleetSettings):
     affinity_ttl_s: float = Field(default=86400.0, gt=0, description="How long a session_key remembers its session.")
 
     policy: Policy = Field(default=Policy.SPREAD, description="`spread` (best experience) or `pack` (fewest GPUs).")
-    weight_distance: float = Field(default=0.6, ge=0, description="Score weight of user→worker distance.")
-    weight_load: float = Field(default=0.2, ge=0, description="Score weight of stream and GPU load.")
-    weight_latency: float = Field(default=0.1, ge=0, description="Score weight of reported inference latency.")
-    weight_capacity: float = Field(default=0.1, ge=0, description="Score weight of free slots.")
+    weight_distance: float = Field(default=_WEIGHTS.distance, ge=0, description="Score weight of user→worker distance.")
+    weight_load: float = Field(default=_WEIGHTS.load, ge=0, description="Score weight of stream and GPU load.")
+    weight_latency: float = Field(default=_WEIGHTS.latency, ge=0,
+                                  description="Score weight of reported inference latency.")
+    weight_capacity: float = Field(default=_WEIGHTS.capacity, ge=0, description="Score weight of free slots.")
     near_best_margin: float = Field(
         default=0.05, ge=0, description="Candidates within this score of the best share the traffic (anti-herding)."
     )
@@ -196,6 +202,10 @@ class HubSettings(FleetSettings):
         if not isinstance(data, list):
             raise TypeError("expected a list of deployments")
         return [LiveKitDeployment.model_validate(item) for item in data]
+
+    @property
+    def weights(self) -> Weights:
+        return Weights(self.weight_distance, self.weight_load, self.weight_latency, self.weight_capacity)
 
     @property
     def ttl_ms(self) -> int:

@@ -32,7 +32,7 @@ class BackgroundTasks:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def run_every(interval_s: float, step: Callable[[], Awaitable[None]], name: str) -> None:
+async def run_every(interval_s: float, step: Callable[[], Awaitable[object]], name: str) -> None:
     """A background loop that survives its step's failures and always yields between steps.
 
     It also stops when a cancellation was requested but swallowed inside a step (some client libraries catch

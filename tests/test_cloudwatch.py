@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio
+from hub.tasks import run_every
 from shared.keys import CLOUDWATCH_LOCK
 from shared.models import FleetCapacity, RegionCapacity
 from tests.conftest import async_redis
@@ -181,7 +182,8 @@ async def test_redis_down_is_not_fatal() -> None:
 
 async def test_run_keeps_publishing_each_interval(aws: None, redis_client: aioredis.Redis) -> None:
     spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
-    task = asyncio.create_task(publisher(redis_client, fleet(region("us-east-1")), spy, interval_s=0.2).run())
+    pub = publisher(redis_client, fleet(region("us-east-1")), spy, interval_s=0.2)
+    task = asyncio.create_task(run_every(pub.interval_s, pub.publish_once, "cloudwatch capacity"))  # as hub.main does
     await asyncio.sleep(0.5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -273,7 +273,7 @@ async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: p
 async def test_cancelling_the_caller_during_a_barge_in_is_not_swallowed() -> None:
     """Regression: barge-in awaited the cancelled reply under ``suppress(CancelledError)``, which also ate the
     caller's own cancellation; a transport loop stopped at that moment then ran on forever."""
-    from worker.voice.pipeline import cancel_and_wait
+    from shared.aio import cancel_and_wait
 
     async def reply_slow_to_stop() -> None:
         try:

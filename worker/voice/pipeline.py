@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.aio import cancel_and_wait
 from worker.voice.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE
 from worker.voice.errors import BackendError
 from worker.voice.llm import LLM, Message
@@ -83,15 +84,6 @@ class History:
         del self.messages[: max(0, len(self.messages) - 2 * self.max_turns)]
         while self.messages and self.messages[0]["role"] != "user":
             del self.messages[0]
-
-
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it to finish, without swallowing a cancellation of the caller.
-
-    (``suppress(CancelledError)`` around ``await task`` would also eat the caller's own cancellation, and a
-    cancelled transport loop would then run on forever.)"""
-    task.cancel()
-    await asyncio.wait([task])
 
 
 async def _discard(stream: STTStream) -> None:
