@@ -195,7 +195,7 @@ class Allocator:
         session_id = keys.make_session_id(entry.worker_id, random_part)
         room = f"fleet-{random_part}"
         deployment = choose_deployment(self.settings.livekit_deployments, (loc.lat, loc.lon), (entry.lat, entry.lon))
-        participant = mint_participant_token(deployment, room, req.identity or f"user-{random_part[:8]}",
+        participant = mint_participant_token(deployment, room, req.identity or _default_identity(session_id),
                                              self.settings.livekit_token_ttl_s)
         record: dict[str, Any] = {
             "session_id": session_id, "session_key": req.session_key, "worker_id": entry.worker_id,
@@ -235,7 +235,6 @@ class Allocator:
             self.board.note_used(entry.worker_id, reservation.max_streams)
         else:
             self.board.note_unavailable(entry.worker_id)
-        if outcome is not DispatchOutcome.FULL:
             # Unless it said it is full, the worker may hold the session after all (a late answer, a 5xx or a reset
             # after it took it): stop it rather than wait for heartbeat reconciliation. A stop that overtakes its
             # dispatch is remembered by the worker, which then refuses the dispatch.
@@ -306,8 +305,8 @@ class Allocator:
     def _fresh_token_config(self, session_id: str, record: dict[str, Any], identity: str | None) -> SessionConfig:
         """The same session with a new participant token: affinity never costs a second slot."""
         deployment = self._deployment(record)
-        identity = identity or f"user-{session_id.rpartition(keys.SESSION_ID_SEPARATOR)[2][:8]}"
-        minted = mint_participant_token(deployment, record["room"], identity, self.settings.livekit_token_ttl_s)
+        minted = mint_participant_token(deployment, record["room"], identity or _default_identity(session_id),
+                                        self.settings.livekit_token_ttl_s)
         return self._config(session_id, record, token=minted.jwt, expires_at=minted.expires_at)
 
     def _deployment(self, record: dict[str, Any]) -> LiveKitDeployment:
@@ -355,3 +354,8 @@ class Allocator:
         if stored is None:
             raise SessionNotFound()
         return stored
+
+
+def _default_identity(session_id: str) -> str:
+    """The participant identity of a user who gave none: the same for every token of one session."""
+    return f"user-{session_id.rpartition(keys.SESSION_ID_SEPARATOR)[2][:8]}"

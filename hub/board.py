@@ -1,7 +1,8 @@
 """Each hub's in-memory mirror of the routing board, and request-time ranking over it.
 
-The mirror is refreshed in the background (``snapshot_refresh_s``), never on the request path, except once when
-a request finds no candidate at all. Workers that share a location and label set form a group whose members are
+The mirror is refreshed in the background (``snapshot_refresh_s``). A session request reads it as it is, except
+once when it finds no candidate at all; SRE reads (listings, capacity, explain) refresh it first, as they must
+show the store as it is now. Workers that share a location and label set form a group whose members are
 ranked once per refresh by everything but distance; a request scores groups by distance and looks only at the
 top of each, so its cost depends on the number of groups (regions x label sets), not on the number of workers.
 Staleness is safe: the reservation script re-checks liveness, state and capacity atomically.
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Members looked at per group per request.
 _TOP_PER_GROUP = 8
-#: Workers kept in the ranked answer (the allocator tries at most ``max_dispatch_attempts`` of them).
+#: Workers kept in the ranked answer (the allocator dispatches to at most ``max_dispatch_attempts`` of them, and
+#: ranks again without the ones tried when a stale board offered a full worker).
 _RANKED_MAX = 8
 #: Random draws among the near-best before listing the eligible ones (a member's heartbeat may lapse between
 #: refreshes; the draws almost always find an eligible one at once).

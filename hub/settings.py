@@ -68,7 +68,9 @@ class HubSettings(FleetSettings):
         default=5.0, ge=0, description="An active session a heartbeat omits is released only after this long."
     )
     retention_s: float = Field(default=3600.0, gt=0, description="Keys of a silent worker are dropped after this.")
-    max_dispatch_attempts: int = Field(default=3, ge=1, description="Workers tried per session request.")
+    max_dispatch_attempts: int = Field(default=3, ge=1, description=(
+        "Dispatches per session request (workers that refuse a reservation on a stale board do not count; at "
+        "most 64 reservations in all)."))
     affinity_ttl_s: float = Field(default=86400.0, gt=0, description="How long a session_key remembers its session.")
 
     policy: Policy = Field(default=Policy.SPREAD, description="`spread` (best experience) or `pack` (fewest GPUs).")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from hub.allocator import resolve_location
-from hub.api.deps import HubDep, require_admin
+from hub.api.deps import HubDep, WorkerIdPath, require_admin
 from hub.errors import error_responses
 from hub.livekit import choose_deployment
 from shared.geo import region_location
@@ -31,9 +31,6 @@ from shared.models import (
 
 router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=error_responses(401, 422, 503))
-
-WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
-
 
 @router.get("/workers", response_model=WorkerList)
 async def list_workers(hub: HubDep, region: Annotated[str | None, Query(max_length=32)] = None,

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hub.allocator import Allocator
@@ -16,6 +16,10 @@ from hub.registry import Registry
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from shared.auth import secret_matches
+from shared.keys import WORKER_ID_PATTERN
+
+#: A worker id in a path, as registrations take it.
+WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 
 
 @dataclass(slots=True)

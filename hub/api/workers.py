@@ -16,12 +16,12 @@ import logging
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Header, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from hub.api.deps import HubDep, HubState, require_worker
+from hub.api.deps import HubDep, HubState, WorkerIdPath, require_worker
 from hub.errors import error_responses
-from shared.auth import digest, secret_matches
+from shared.auth import bearer_token, digest, secret_matches
 from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
@@ -35,8 +35,6 @@ from shared.models import (
 
 log = logging.getLogger(__name__)
 
-#: A heartbeat on the channel: as large as a full worker's can be, whatever the bound on other request bodies.
-MAX_HEARTBEAT_MESSAGE = MAX_HEARTBEAT_BYTES
 _WORKER_ID = re.compile(WORKER_ID_PATTERN)
 
 router = APIRouter(prefix="/api/v1/workers", tags=["workers"], dependencies=[Depends(require_worker)],
@@ -44,7 +42,6 @@ router = APIRouter(prefix="/api/v1/workers", tags=["workers"], dependencies=[Dep
 #: The WebSocket channel authenticates in its own handshake (HTTPBearer does not apply to WebSockets).
 channel_router = APIRouter(prefix="/api/v1/workers")
 
-WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN)]
 WorkerSecret = Annotated[str | None, Header(alias="X-Worker-Secret", max_length=256,
                                             description="The secret this worker's registration returned.")]
 
@@ -81,8 +78,7 @@ async def deregister_worker(worker_id: WorkerIdPath, hub: HubDep, secret: Worker
 async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
     """Heartbeats as messages on one long-lived WebSocket; see the module docstring for the protocol."""
     hub: HubState = websocket.app.state.hub
-    authorization = websocket.headers.get("authorization", "")
-    token = authorization[7:] if authorization[:7].lower() == "bearer " else None
+    token = bearer_token(websocket.headers.get("authorization"))
     secret = websocket.headers.get("x-worker-secret")
     if (not _WORKER_ID.fullmatch(worker_id) or not secret
             or not secret_matches(token, hub.settings.worker_token.get_secret_value())):
@@ -99,8 +95,8 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
             if text is None:
                 await websocket.close(code=1003, reason="heartbeats are JSON text messages")
                 return
-            if len(text) > MAX_HEARTBEAT_MESSAGE:
-                await websocket.close(code=1009, reason=f"a heartbeat is at most {MAX_HEARTBEAT_MESSAGE} bytes")
+            if len(text) > MAX_HEARTBEAT_BYTES:  # as large as a full worker's, whatever bounds other bodies
+                await websocket.close(code=1009, reason=f"a heartbeat is at most {MAX_HEARTBEAT_BYTES} bytes")
                 return
             try:
                 beat = Heartbeat.model_validate_json(text)
