@@ -138,13 +138,6 @@ def run_json(args: list[str], timeout_s: float = 600) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q / 100 * len(s)))]
-
-
 def redis_server() -> EmbeddedRedis:
     return EmbeddedRedis().start()
 

@@ -36,7 +36,6 @@ CITIES = [
     ("Mumbai", 19.08, 72.88, 21), ("Singapore", 1.35, 103.82, 6), ("Tokyo", 35.68, 139.69, 37),
     ("Sydney", -33.87, 151.21, 5), ("Seattle", 47.61, -122.33, 4), ("Miami", 25.76, -80.19, 6),
 ]
-DEFAULT_REGIONS = ["us-east-1", "us-west-2", "eu-central-1"]
 #: LiveKit deployments for the demo (all pointing at a local dev server, with its dev key), so the hub's choice of
 #: region is visible; the hub refuses these dev secrets in prod.
 DEMO_LIVEKIT = json.dumps([

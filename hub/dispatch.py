@@ -17,6 +17,11 @@ from shared.models import SessionDispatch
 
 log = logging.getLogger(__name__)
 
+#: Open connections to workers, in all and per worker: a worker holds a few streams, so a few dispatches and stops
+#: at a time; keep-alive then saves a handshake per call.
+_MAX_CONNECTIONS = 256
+_MAX_CONNECTIONS_PER_WORKER = 32
+
 
 class DispatchOutcome(StrEnum):
     ACCEPTED = "accepted"
@@ -35,11 +40,11 @@ class Dispatched:
 class WorkerClient:
     """Create inside a running event loop (the hub's lifespan); close with ``aclose``."""
 
-    def __init__(self, worker_token: str, timeout_s: float, max_connections: int = 256) -> None:
+    def __init__(self, worker_token: str, timeout_s: float) -> None:
         self._headers = {"Authorization": f"Bearer {worker_token}"}
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 1.0)),
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=32),
+            connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS, limit_per_host=_MAX_CONNECTIONS_PER_WORKER),
         )
 
     async def aclose(self) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import replace
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import NoDecode
 
-from shared.auth import DEFAULT_WORKER_TOKEN
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration
 from shared.settings import FleetSettings
@@ -123,12 +122,6 @@ class WorkerSettings(FleetSettings):
         if not value:
             raise ValueError("at least one hub URL is needed")
         return [url.rstrip("/") for url in value]
-
-    @model_validator(mode="after")
-    def _refuse_defaults_in_prod(self) -> Self:
-        if self.is_prod and self.worker_token.get_secret_value() == DEFAULT_WORKER_TOKEN:
-            raise ValueError("FLEET_WORKER_TOKEN must be set in prod (the default dev token is refused)")
-        return self
 
     @property
     def expects_ec2(self) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,6 @@ class VoiceSession:
         self.spec = spec
         self.engine = engine
         self.on_end = on_end
-        self.started_at = time.monotonic()
         self.history = History(engine.settings.max_history_turns)
         self.conversations: set[Conversation] = set()
         self.ws_attached = False
