@@ -16,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from hub.capacity import alive, capacity_by_region, empty_capacity
+
 if TYPE_CHECKING:
     from hub.board import RoutingBoard
 
@@ -90,33 +92,34 @@ class _BoardCollector(Collector):
         used = GaugeMetricFamily("fleet_streams_used", "Stream slots in use on live workers.", labels=["region"])
         free = GaugeMetricFamily("fleet_streams_free", "Free stream slots on live, ready workers.", labels=["region"])
         capacity = GaugeMetricFamily("fleet_streams_max",
-                                     "Stream slots of live, ready workers; fullness is 1 - free / max.",
-                                     labels=["region"])
+                                     "Stream slots of live workers, draining ones included; fullness is 1 - free / "
+                                     "max.", labels=["region"])
         age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds", "Oldest heartbeat among live workers.",
                                 labels=["region"])
         latency = GaugeMetricFamily("fleet_worker_latency_ms_max", "Highest reported engine latency.",
                                     labels=["region"])
+        entries = list(self.board.entries.values())
         counts: dict[tuple[str, str], int] = {}
-        regions: dict[str, list[float]] = {}
-        for e in self.board.entries.values():
-            alive = now - e.heartbeat_ms < ttl
-            state = e.state if alive else "stale"
-            state = "ready" if state == "unavailable" else state
+        oldest_s: dict[str, float] = {}
+        slowest_ms: dict[str, float] = {}
+        for e in entries:
+            live = alive(e.heartbeat_ms, now, ttl)
+            state = ("draining" if e.state == "draining" else "ready") if live else "stale"
             counts[(e.region, state)] = counts.get((e.region, state), 0) + 1
-            agg = regions.setdefault(e.region, [0.0, 0.0, 0.0, 0.0, 0.0])
-            if alive:
-                agg[0] += e.used
-                if state == "ready":
-                    agg[1] += max(0, e.max_streams - e.used)
-                    agg[4] += e.max_streams
-                agg[2] = max(agg[2], (now - e.heartbeat_ms) / 1000)
-                agg[3] = max(agg[3], e.latency_ms)
+            oldest_s.setdefault(e.region, 0.0)
+            slowest_ms.setdefault(e.region, 0.0)
+            if live:
+                oldest_s[e.region] = max(oldest_s[e.region], (now - e.heartbeat_ms) / 1000)
+                slowest_ms[e.region] = max(slowest_ms[e.region], e.latency_ms)
         for (region, state), n in sorted(counts.items()):
             by_state.add_metric([region, state], n)
-        for region, (u, f, a, lat, m) in sorted(regions.items()):
-            used.add_metric([region], u)
-            free.add_metric([region], f)
-            capacity.add_metric([region], m)
-            age.add_metric([region], a)
-            latency.add_metric([region], lat)
+        # The API's and CloudWatch's own figures; a region whose workers are all stale reports zeros.
+        by_region = {cap.region: cap for cap in capacity_by_region(entries, now, ttl).regions}
+        for region in sorted(oldest_s):
+            cap = by_region.get(region) or empty_capacity(region)
+            used.add_metric([region], cap.used_streams)
+            free.add_metric([region], cap.free_streams)
+            capacity.add_metric([region], cap.max_streams)
+            age.add_metric([region], oldest_s[region])
+            latency.add_metric([region], slowest_ms[region])
         yield from (by_state, used, free, capacity, age, latency)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hub.board import Entry, RoutingBoard
+from hub.capacity import alive, capacity_by_region
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.store import FleetStore
@@ -20,7 +21,6 @@ from shared.models import (
     Heartbeat,
     HeartbeatReply,
     Location,
-    RegionCapacity,
     RegistrationAccepted,
     WorkerRegistration,
     WorkerState,
@@ -140,20 +140,7 @@ class Registry:
         """Per region, from the board's entries as they are (no view per worker: the CloudWatch publisher and the
         dashboard ask often, and at 10,000 workers building views stalled the loop for a third of a second)."""
         await self.board.refresh()
-        now, ttl = self.board.now_ms, self.settings.ttl_ms
-        per: dict[str, RegionCapacity] = {}
-        total = _empty_capacity("all")
-        for e in self.board.entries.values():
-            if not _alive(e.heartbeat_ms, now, ttl):
-                continue
-            for cap in (per.setdefault(e.region, _empty_capacity(e.region)), total):
-                cap.workers += 1
-                cap.max_streams += e.max_streams
-                cap.used_streams += e.used
-                if e.state != "draining":
-                    cap.ready_workers += 1
-                    cap.free_streams += max(0, e.max_streams - e.used)
-        return FleetCapacity(regions=sorted(per.values(), key=lambda c: c.region), total=total)
+        return capacity_by_region(self.board.entries.values(), self.board.now_ms, self.settings.ttl_ms)
 
     async def liveness(self, region: str | None = None, worker_id: str | None = None) -> dict[str, bool]:
         """Whether each registered worker (of ``region``, or just ``worker_id``) is alive; raises WorkerUnknown for
@@ -164,17 +151,9 @@ class Registry:
             entry = self.board.entries.get(worker_id)
             if entry is None or region not in (None, entry.region):
                 raise WorkerUnknown(f"worker {worker_id} is not registered")
-            return {worker_id: _alive(entry.heartbeat_ms, now, ttl)}
-        return {e.worker_id: _alive(e.heartbeat_ms, now, ttl) for e in self.board.entries.values()
+            return {worker_id: alive(entry.heartbeat_ms, now, ttl)}
+        return {e.worker_id: alive(e.heartbeat_ms, now, ttl) for e in self.board.entries.values()
                 if region in (None, e.region)}
-
-
-def _alive(heartbeat_ms: int, now_ms: int, ttl_ms: int) -> bool:
-    return heartbeat_ms > 0 and now_ms - heartbeat_ms < ttl_ms
-
-
-def _empty_capacity(region: str) -> RegionCapacity:
-    return RegionCapacity(region=region, workers=0, ready_workers=0, max_streams=0, used_streams=0, free_streams=0)
 
 
 def _state_label(v: WorkerView) -> str:
@@ -196,12 +175,12 @@ def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:
 def _view(static: dict[str, Any], status: dict[str, Any], *, used: int, state: str, drain: bool, heartbeat_ms: int,
           now_ms: int, ttl_ms: int) -> WorkerView:
     max_streams = int(static.get("max_streams", 0))
-    alive = _alive(heartbeat_ms, now_ms, ttl_ms)
+    live = alive(heartbeat_ms, now_ms, ttl_ms)
     return WorkerView(
         worker_id=static["worker_id"], url=static["url"], region=static["region"], zone=static.get("zone"),
         location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state), drain_requested=drain,
-        alive=alive, max_streams=max_streams, used_streams=used,
-        free_streams=max(0, max_streams - used) if alive and state == "ready" else 0,
+        alive=live, max_streams=max_streams, used_streams=used,
+        free_streams=max(0, max_streams - used) if live and state == "ready" else 0,
         heartbeat_age_s=round(max(0, now_ms - heartbeat_ms) / 1000, 3) if heartbeat_ms else None,
         latency_ms=float(status.get("latency_ms", 0.0)), error_rate=float(status.get("error_rate", 0.0)),
         cpu_percent=float(status.get("cpu_percent", 0.0)), memory_percent=float(status.get("memory_percent", 0.0)),

@@ -184,7 +184,7 @@ async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_
     assert taken.ok
     refused = await store.reserve("w-1", "w-1~otherlease12", {"worker_id": "w-1"})
     assert not refused.ok and refused.reason == "full"
-    assert await store.redis.pttl("fleet:{w:w-1}:leases") > 0  # even the lease set cannot outlive the worker
+    assert await store.redis.pttl(keys.worker_keys("w-1").leases) > 0  # even the lease set cannot outlive the worker
     for _ in range(6):  # pending_lease_s = 2.5; the worker stays alive and does not report the session
         await asyncio.sleep(0.45)
         await heartbeat(hub, "w-1", reg["worker_secret"], [])

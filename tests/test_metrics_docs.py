@@ -13,7 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.redis_server import EmbeddedRedis
-from tests.conftest import refresh, register
+from tests.conftest import ADMIN_AUTH, refresh, register
 from tests.harness import running_hubs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -74,6 +74,22 @@ async def test_every_metric_in_alerts_and_grafana_is_exported_by_a_live_hub(hub:
     base_names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert base_names <= documented, f"undocumented in docs/metrics.md: {sorted(base_names - documented)}"
     assert 'fleet_streams_used{region="us-east-1"} 1.0' in text
+
+
+async def test_metrics_count_capacity_as_the_fleet_api_does(hub: httpx.AsyncClient, make_worker) -> None:
+    """Prometheus counted a draining worker's slots out of ``fleet_streams_max`` while the API, the dashboard and
+    the CloudWatch ratio counted them in: two fullness figures for one region."""
+    await register(hub, "w-1", await make_worker(max_streams=4))
+    await register(hub, "w-2", await make_worker(max_streams=6))
+    assert (await hub.post("/api/v1/workers/w-2/drain", headers=ADMIN_AUTH)).status_code == 200
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+    (region,) = (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).json()["regions"]
+    text = (await hub.get("/metrics")).text
+    assert (region["max_streams"], region["free_streams"], region["used_streams"]) == (10, 3, 1)
+    for name, figure in (("fleet_streams_max", "max_streams"), ("fleet_streams_free", "free_streams"),
+                         ("fleet_streams_used", "used_streams")):
+        assert _sample(text, name, region=region["region"]) == region[figure], name
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
