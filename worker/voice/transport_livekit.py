@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.aio import cancel_and_wait
 from worker.voice.audio import SAMPLE_RATE, resample
 from worker.voice.pipeline import Conversation
 
@@ -67,8 +68,8 @@ async def pump_track(track: Any, conversation: Conversation) -> None:
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("LiveKit audio pump %s failed: %r", task.get_name(), task.exception())
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("LiveKit audio pump %s failed: %s: %s", task.get_name(), type(exc).__name__, exc, exc_info=exc)
 
 
 def _voice_rank(track: Any, publication: Any) -> int:
@@ -153,10 +154,7 @@ class _Microphone:
         await pump_track(track, self.conversation)
 
     async def stop(self) -> None:
-        running = list(self._tasks)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
 
 #: Joins given up on while the SDK still connects, kept until they settle so that a late success can be left.
