@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from worker.hub_client import ACK_EVERY
+from worker.heartbeat_channel import ACK_EVERY
 
 #: A request whose latency is not recorded (an unanswered heartbeat).
 _UNMEASURED = -1.0

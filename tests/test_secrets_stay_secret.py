@@ -6,7 +6,9 @@ import json
 import logging
 
 import pytest
+from pydantic import ValidationError
 
+from shared.models import WorkerRegistration
 from tests.conftest import (
     ADMIN_AUTH,
     ADMIN_TOKEN,
@@ -17,9 +19,13 @@ from tests.conftest import (
     register,
     registration,
 )
+from worker.engines.synthetic import SyntheticEngine
+from worker.hub_client import HubClient
+from worker.sessions import SessionManager
 from worker.settings import WorkerSettings
 
 LIVEKIT_SECRET = "lk-secret-0123456789abcdef0123456789abcdef"
+HUB_URL_PASSWORD = "hub-pw-0123456789"
 
 
 async def test_no_secret_reaches_logs_bodies_or_metrics(make_hub, make_worker,
@@ -54,9 +60,20 @@ async def test_no_secret_reaches_logs_bodies_or_metrics(make_hub, make_worker,
         assert all(secret not in body for body in bodies)
 
 
-def test_hub_url_credentials_stay_out_of_the_worker_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression: a hub URL with credentials (``https://user:pw@hub``) was printed whole by repr(settings)."""
-    monkeypatch.setenv("FLEET_HUB_URLS", "https://fleet:hub-pw-0123456789@hub.example")
-    settings = WorkerSettings()
-    assert settings.hub_urls == ["https://fleet:hub-pw-0123456789@hub.example"]
-    assert "hub-pw" not in repr(settings) and "hub-pw" not in str(settings)
+def test_a_hub_url_with_credentials_is_refused_without_echoing_them() -> None:
+    """Regression: a hub URL with credentials (``http://user:pw@hub``) was logged whole, password included, by every
+    failed registration (aiohttp refuses them next to the worker token's Authorization header, so every one fails).
+    It is now refused at start; neither the refusal nor the settings' repr repeats it."""
+    with pytest.raises(ValidationError, match="a hub URL must not carry credentials") as refused:
+        WorkerSettings(hub_urls=[f"http://fleet:{HUB_URL_PASSWORD}@127.0.0.1:8080"])
+    assert HUB_URL_PASSWORD not in str(refused.value)
+    assert "127.0.0.1:8080" not in repr(WorkerSettings(hub_urls=["http://127.0.0.1:8080"]))
+
+
+def test_a_hub_url_with_credentials_is_described_without_them() -> None:
+    """/health shows the hub that answered last: its URL without the user:password it was configured with."""
+    hub_url = f"https://fleet:{HUB_URL_PASSWORD}@hub.example:8443"
+    reg = WorkerRegistration(worker_id="w-cred", url="http://127.0.0.1:1", region="us-east-1", max_streams=1)
+    client = HubClient([hub_url], WORKER_TOKEN, reg, SessionManager(SyntheticEngine(), 1))
+    client.hub_url = hub_url  # as after a heartbeat it answered
+    assert client.describe()["hub"] == "https://hub.example:8443"

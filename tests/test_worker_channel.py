@@ -24,10 +24,11 @@ from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
 from tests.test_worker_drain import running
 from tests.test_worker_hub import wait_for, worker_settings
-from worker import hub_client
+from worker import heartbeat_channel
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
-from worker.hub_client import HubClient, HubUnavailable, WorkerForgotten
+from worker.hub_client import HubClient
+from worker.hub_errors import HubUnavailable, WorkerForgotten
 from worker.sessions import SessionManager
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -155,7 +156,7 @@ async def test_a_late_refusal_on_the_channel_of_the_old_secret_spares_the_new_on
         await client.register_once()
         await client.heartbeat_once()
         assert client.transport == "channel"
-        old_channel = client._channel
+        old_channel = client._channel._ws
         assert old_channel is not None
         late = (await client.build_heartbeat()).model_copy(update={"ack": False}).model_dump_json()
         await client.register_once()  # e.g. after a heartbeat failed: a new secret
@@ -208,13 +209,13 @@ async def test_a_refusal_of_another_secret_leaves_the_current_one(make_running_h
     try:
         await client.register_once()
         await client.heartbeat_once()
-        assert client._channel is not None and client.secret is not None
+        assert client._channel._ws is not None and client.secret is not None
         closed = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, 4403, "the X-Worker-Secret does not match this worker")
         with pytest.raises(WorkerForgotten):
-            client._read_answer(closed, client._channel, "an-older-secret")
+            client._channel._read_answer(closed, client._channel._ws, "an-older-secret")
         assert client.secret is not None
         with pytest.raises(WorkerForgotten):
-            client._read_answer(closed, client._channel, client.secret)
+            client._channel._read_answer(closed, client._channel._ws, client.secret)
         assert client.secret is None
     finally:
         await client.aclose()
@@ -287,7 +288,7 @@ async def test_a_stop_the_hub_asks_for_runs_to_its_end_whatever_happens_to_the_c
     inside the channel's reader: the answer counted as lost (the channel dropped), closing the channel cancelled
     the engine's stop half-way, and the session kept running in the engine while the worker counted its slot
     free."""
-    caplog.set_level("INFO", logger="worker.hub_client")
+    caplog.set_level("INFO", logger="worker.heartbeat_channel")
     interval = 1.0
     hub = await make_running_hub(heartbeat_interval_s=interval, worker_ttl_s=3 * interval)
     engine = SlowToStopEngine(goodbye_s=4 * interval)
@@ -338,8 +339,8 @@ async def test_a_refused_channel_is_tried_again_after_a_jittered_delay_that_grow
             return self.now
 
     clock = Clock()
-    monkeypatch.setattr(hub_client, "time", clock)
-    caplog.set_level("INFO", logger="worker.hub_client")
+    monkeypatch.setattr(heartbeat_channel, "time", clock)
+    caplog.set_level("INFO", logger="worker.heartbeat_channel")
     client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
                        SessionManager(SyntheticEngine(), 2), timeout_s=1.0)
     waits: list[float] = []
@@ -398,5 +399,24 @@ async def test_the_answer_to_a_full_worker_fits_the_channel(fake_hub: Any) -> No
             await client.heartbeat_once()
         assert posts == [] and client.transport == "channel"
         assert client.last_reply is not None and client.last_reply.stop_sessions == to_stop
+    finally:
+        await client.aclose()
+
+
+async def test_closing_the_channel_passes_on_a_cancellation_of_its_caller(make_running_hub: Any) -> None:
+    """The heartbeat loop is cancelled (the drain stops it) while a heartbeat closes the channel and waits for its
+    reader to end. Guards against waiting under ``suppress(CancelledError)``: it ate the loop's own cancellation
+    too, and the loop went on heartbeating while the drain waited for it to end."""
+    running = await make_running_hub()
+    client = HubClient([running.url], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2))
+    try:
+        await client.register_once()
+        await client.heartbeat_once()
+        assert client.transport == "channel"
+        closing = asyncio.create_task(client._channel.close())
+        await asyncio.sleep(0)  # it has cancelled the reader and waits for it to end
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
     finally:
         await client.aclose()

@@ -41,6 +41,7 @@ def refusal(capsys: pytest.CaptureFixture[str], command: Any = run_worker, **opt
     ("FLEET_ZONE", "z" * 40, "FLEET_ZONE: String should have at most 32 characters"),
     ("FLEET_LABELS", '{"tier": "premium", "bad key": "x"}', "FLEET_LABELS: bad key.[key]: String should match"),
     ("FLEET_LABELS", "tier=premium", "FLEET_LABELS: Value error, must be a JSON object"),
+    ("FLEET_HUB_URLS", "http://fleet:user:pw@10.0.0.9:8080", "FLEET_HUB_URLS: Value error, a hub URL must not carry"),
 ])
 def test_a_value_the_registration_would_refuse_stops_the_start(monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str], variable: str,

@@ -31,7 +31,8 @@ from tests.fakes import StaticImds
 from tests.harness import running_hubs
 from worker.agent import WorkerAgent, client_audio_url
 from worker.engines.synthetic import SyntheticEngine
-from worker.hub_client import ACK_EVERY, HubClient
+from worker.heartbeat_channel import ACK_EVERY
+from worker.hub_client import HubClient
 from worker.lifecycle import Lifecycle
 from worker.sessions import SessionManager
 from worker.settings import WorkerSettings
@@ -109,13 +110,13 @@ async def test_on_the_channel_every_second_heartbeat_waits_for_an_answer(make_ru
     running = await make_running_hub(heartbeat_interval_s=0.1)
     agent = await run_agent(worker_settings(running))
     answers: list[HeartbeatReply] = []
-    apply = agent.hub._apply
+    apply = agent.hub._channel._on_reply
 
     def counting(reply: HeartbeatReply) -> None:
         answers.append(reply)
         apply(reply)
 
-    agent.hub._apply = counting  # type: ignore[method-assign]
+    agent.hub._channel._on_reply = counting
     ok = agent.manager.metrics.heartbeats.labels("ok")
     start = ok._value.get()
     await wait_for(lambda: ok._value.get() - start >= 4 * ACK_EVERY, 10, "heartbeats")
@@ -512,7 +513,8 @@ async def test_a_failing_or_malformed_hub_is_retryable_and_leaves_sessions_alone
 
     from shared.models import SessionDispatch, WorkerRegistration
     from worker.engines.synthetic import SyntheticEngine
-    from worker.hub_client import HubClient, HubUnavailable
+    from worker.hub_client import HubClient
+    from worker.hub_errors import HubUnavailable
     from worker.sessions import SessionManager
 
     answers = iter([web.Response(status=500), web.Response(text="not json"), web.json_response({"worker_id": 1})])

@@ -27,7 +27,8 @@ from worker.app import create_worker_app
 from worker.capacity import compute_capacity
 from worker.engine import Engine
 from worker.gpus import Gpu, GpuProbeFailed, detect_gpus
-from worker.hub_client import HubClient, describe_error
+from worker.hub_client import HubClient
+from worker.hub_errors import describe_error
 from worker.imds import Imds, ImdsUnavailable, InstanceIdentity
 from worker.lifecycle import Lifecycle
 from worker.sessions import SessionManager

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import NoDecode
+from yarl import URL
 
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration
@@ -121,6 +122,9 @@ class WorkerSettings(FleetSettings):
     def _strip_slashes(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one hub URL is needed")
+        if any(URL(url).user is not None or URL(url).password is not None for url in value):
+            # aiohttp refuses URL credentials beside the worker token's Authorization header: it could never register
+            raise ValueError("a hub URL must not carry credentials")
         return [url.rstrip("/") for url in value]
 
     @property

@@ -8,7 +8,6 @@ memory; it accounts ``per_stream_mb`` per stream so simulated GPUs report realis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 
+from shared.aio import cancel_and_wait
 from shared.models import SessionDispatch
 from worker.engine import EngineStats, RealTimeReport, SessionEnded, VramProfile
 
@@ -119,9 +119,7 @@ class SyntheticEngine:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
-        session.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await session.task
+        await cancel_and_wait(session.task)
 
     def stats(self) -> EngineStats:
         recent = list(self._latencies)
