@@ -98,7 +98,10 @@ class HeartbeatChannel:
             self._answered.clear()
             await ws.send_str(beat.model_copy(update={"ack": ask}).model_dump_json())
             if ask:
-                await asyncio.wait_for(self._answered.wait(), self._answer_wait_s(interval_s))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns when the answer comes as a cancel
+                # does, and the cancel is lost (the heartbeat loop then ran on through a drain).
+                async with asyncio.timeout(self._answer_wait_s(interval_s)):
+                    await self._answered.wait()
                 self._raise_error()
                 self._reported_state = beat.state
         except (_ChannelLost, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:

@@ -231,5 +231,6 @@ class SessionManager:
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+                async with asyncio.timeout(min(remaining, 1.0)):  # unlike wait_for, never loses a cancellation
+                    await self._changed.wait()
         return True

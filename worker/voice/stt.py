@@ -244,7 +244,8 @@ def build_stt(settings: VoiceSettings) -> STT:
 
 async def transcribe(stream: STTStream, timeout_s: float) -> str:
     try:
-        return await asyncio.wait_for(asyncio.to_thread(stream.finish), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.to_thread(stream.finish)
     except BaseException:  # a timeout or a cancelled turn: the thread runs on, but may skip the model
         stream.abandon()
         raise

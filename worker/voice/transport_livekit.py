@@ -167,7 +167,8 @@ async def _leave_when_settled(room: Any, connecting: asyncio.Future[None], timeo
         return  # it failed: nothing was joined
     log.info("a LiveKit join given up on succeeded late; leaving the room")
     try:
-        await asyncio.wait_for(room.disconnect(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await room.disconnect()
     except Exception as exc:  # noqa: BLE001
         log.warning("leaving the LiveKit room joined late failed: %s", type(exc).__name__)
 
@@ -253,7 +254,8 @@ async def run_livekit(
         await microphone.stop()
         await detach(conversation)
         try:  # leaving is best effort, and bounded: a stuck leave must not hold the session's end (and its slot)
-            await asyncio.wait_for(room.disconnect(), connect_timeout_s)
+            async with asyncio.timeout(connect_timeout_s):
+                await room.disconnect()
         except Exception as exc:  # noqa: BLE001
             log.warning("leaving the LiveKit room failed: %s", type(exc).__name__)
         await source.aclose()
