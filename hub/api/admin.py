@@ -12,12 +12,12 @@ from hub.allocator import resolve_location
 from hub.api.deps import HubDep, WorkerIdPath, require_admin
 from hub.errors import error_responses
 from hub.livekit import choose_deployment
-from shared.geo import region_location
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
     Candidate,
     ErrorBody,
     FleetCapacity,
+    KnownRegion,
     LabelMap,
     Location,
     Policy,
@@ -90,7 +90,7 @@ async def explain_route(
     hub: HubDep,
     lat: Annotated[float | None, Query(ge=-90, le=90, allow_inf_nan=False)] = None,
     lon: Annotated[float | None, Query(ge=-180, le=180, allow_inf_nan=False)] = None,
-    region: Annotated[str | None, Query(max_length=32)] = None,
+    region: Annotated[KnownRegion | None, Query()] = None,
     policy: Policy | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     label: Annotated[list[str] | None, Query(max_length=32, description="`key=value`, as in a session request's "
@@ -100,9 +100,6 @@ async def explain_route(
     if (lat is None) != (lon is None):  # half a location is a typo, not "use the default region"
         raise RequestValidationError([{"loc": ("query", "lon" if lon is None else "lat"), "type": "missing",
                                        "msg": "lat and lon are given together"}])
-    if region is not None and region_location(region) is None:
-        raise RequestValidationError([{"loc": ("query", "region"), "type": "value_error",
-                                       "msg": f"region {region!r} has no known coordinates"}])
     given = Location(lat=lat, lon=lon) if lat is not None and lon is not None else None
     where = resolve_location(given, None, region, hub.settings.default_region)
     labels = _labels(label or [])
