@@ -62,6 +62,12 @@ class GpuInfo(Strict):
     simulated: bool = False
 
 
+def carries_credentials(url: str) -> bool:
+    """Whether ``url`` holds a user or password (``http://user:pw@host``)."""
+    parsed = URL(url)
+    return parsed.user is not None or parsed.password is not None
+
+
 # --- worker-facing -----------------------------------------------------------------------------------------
 
 
@@ -103,9 +109,9 @@ class WorkerRegistration(Strict):
     @classmethod
     def _dispatchable(cls, value: str) -> str:
         """A URL the hub's HTTP client can call: a host it can encode, no credentials (the hub sends its own)."""
-        url = URL(value)
-        if url.user is not None or url.password is not None:
+        if carries_credentials(value):
             raise ValueError("must not carry credentials")
+        url = URL(value)
         host = url.host or ""
         try:
             ip_address(host.strip("[]"))

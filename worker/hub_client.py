@@ -6,7 +6,8 @@ retried with capped exponential backoff and jitter. A hub that forgot the worker
 gets a new registration, and the next heartbeat re-announces the sessions still running.
 
 Heartbeats go over the heartbeat channel (``heartbeat_channel.py``), a WebSocket kept open to the hub, and are
-POSTed when it cannot carry them. A hub URL may carry credentials: logs and ``describe()`` show it without them.
+POSTed when it cannot carry them. The settings refuse a hub URL with credentials; one handed to ``HubClient``
+directly is still shown without them in logs and ``describe()``.
 """
 
 from __future__ import annotations
@@ -379,6 +380,7 @@ def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
 
 def _shown(url: str) -> str:
-    """A hub URL for logs and answers: without the user:password it may carry (the worker's /health needs no
-    token). The userinfo, up to its last ``@``, holds no ``/``, ``?`` or ``#``."""
+    """A hub URL for logs and answers: without any user:password (the worker's /health needs no token; the settings
+    refuse such a URL, a caller building HubClient itself may not). The userinfo, up to its last ``@``, holds no
+    ``/``, ``?`` or ``#``."""
     return re.sub(r"(?<=//)[^/?#]*@", "", url, count=1)

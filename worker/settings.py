@@ -10,10 +10,9 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import NoDecode
-from yarl import URL
 
 from shared.keys import WORKER_ID_PATTERN
-from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration
+from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration, carries_credentials
 from shared.settings import FleetSettings
 from worker.engine import VramProfile
 from worker.gpus import parse_simulated
@@ -26,7 +25,7 @@ class WorkerSettings(FleetSettings):
         default=None, description="URL hubs dispatch to; else http://<EC2 private IP or hostname>:<port>."
     )
     hub_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["http://127.0.0.1:8080"], repr=False,  # a URL may carry credentials
+        default_factory=lambda: ["http://127.0.0.1:8080"], repr=False,  # kept out of logs, whatever they hold
         description="Hubs to register with, tried in turn: comma-separated or a JSON list.",
     )
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN,
@@ -122,7 +121,7 @@ class WorkerSettings(FleetSettings):
     def _strip_slashes(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one hub URL is needed")
-        if any(URL(url).user is not None or URL(url).password is not None for url in value):
+        if any(map(carries_credentials, value)):
             # aiohttp refuses URL credentials beside the worker token's Authorization header: it could never register
             raise ValueError("a hub URL must not carry credentials")
         return [url.rstrip("/") for url in value]
