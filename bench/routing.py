@@ -12,9 +12,9 @@ Every policy reserves against that count. Hub policies run ``--hubs`` hub proces
 balancer (``bench/routing_hubs.py``), each with its own ``RoutingBoard`` mirror that re-reads the Redis board every
 ``--refresh-s`` (its own phase) through the board's own delta rebuild, and learns its own reservations at once
 through ``note_used``. A hub does not see the other hubs' reservations until its next refresh, so its board can
-offer a worker that is full; the reservation refuses it, and the request continues as
-``hub.allocator.Allocator._place`` does: try the ranked candidates, re-rank without the ones tried, read the board
-once more when none is left, give up after that read or ``_MAX_RESERVATIONS`` reservations.
+offer a worker that is full; the reservation refuses it, and the request goes on through the hub's own placement
+loop (``hub.placement.first_to_accept``): try the ranked candidates, re-rank without the ones tried, read the board
+once more when none is left, give up after that read or ``MAX_RESERVATIONS`` reservations.
 
 Metrics: mean / p95 user->worker great-circle distance and RTT estimate (shared.geo.rtt_estimate_ms); false
 rejects (refused while the reservation script would have given a slot somewhere), full rejects, and among these

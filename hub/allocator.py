@@ -16,6 +16,7 @@ from hub.board import Ranked, RoutingBoard
 from hub.dispatch import DispatchOutcome, WorkerClient
 from hub.livekit import choose_deployment, mint_agent_token, mint_participant_token
 from hub.metrics import HubMetrics
+from hub.placement import first_to_accept
 from hub.settings import HubSettings, LiveKitDeployment
 from hub.store import FleetStore, StoredSession
 from hub.tasks import BackgroundTasks
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _PENDING = "pending:"
-#: Reservation attempts per request; each is one Lua call, refused ones cost ~0.1 ms.
-_MAX_RESERVATIONS = 64
 #: How long an undo keeps trying to reach the store and the worker: longer than a Redis failover takes.
 _UNDO_WINDOW_S = 120.0
 
@@ -158,38 +157,16 @@ class Allocator:
             self.board.note_used(worker_id, released.used)
 
     async def _place(self, req: SessionRequest, where: ResolvedLocation) -> tuple[SessionConfig, str]:
-        """(config, the worker's URL): try the best candidates until one accepts. A reservation refused by the
-        script teaches the board, so re-ranking finds the workers that really have room; 503 only once none is left
-        (no false rejects)."""
+        """(config, the worker's URL) from the best candidate that accepts (``hub.placement``)."""
         loc = where.location
-        tried: set[str] = set()
-        dispatches = reservations = 0
-        refreshed = False
-        while dispatches < self.settings.max_dispatch_attempts and reservations < _MAX_RESERVATIONS:
-            looked = time.monotonic()
-            ranked = [r for r in self.board.rank(loc.lat, loc.lon, req.labels) if r.entry.worker_id not in tried]
-            if not ranked:
-                if refreshed:
-                    break
-                # A worker may have registered, or slots returned, since the last refresh (maybe via another hub):
-                # read the board once more, or share a read that began after this request looked.
-                await self.board.refresh(unless_read_since=looked)
-                refreshed = True
-                continue
-            for candidate in ranked:
-                tried.add(candidate.entry.worker_id)
-                reservations += 1
-                placed, dispatched = await self._try(candidate, req, loc)
-                if placed is not None:
-                    return placed
-                dispatches += dispatched
-                if dispatched:
-                    break  # re-rank: the board has learned from the failure
-        raise NoCapacity()
+        return await first_to_accept(self.board, loc.lat, loc.lon, req.labels,
+                                     lambda candidate: self._try(candidate, req, loc),
+                                     lambda looked: self.board.refresh(unless_read_since=looked),
+                                     max_dispatches=self.settings.max_dispatch_attempts)
 
     async def _try(self, candidate: Ranked, req: SessionRequest,
-                   loc: Location) -> tuple[tuple[SessionConfig, str] | None, int]:
-        """((config, worker URL) or None, 1 if a dispatch was attempted)."""
+                   loc: Location) -> tuple[tuple[SessionConfig, str] | None, bool]:
+        """((config, worker URL) or None, whether a dispatch was attempted)."""
         entry = candidate.entry
         random_part = secrets.token_urlsafe(12)
         session_id = keys.make_session_id(entry.worker_id, random_part)
@@ -210,7 +187,7 @@ class Allocator:
                 self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
             else:
                 self.board.note_unavailable(entry.worker_id)
-            return None, 0
+            return None, False
         self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
         try:
             agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
@@ -221,7 +198,7 @@ class Allocator:
             if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
                                                                                 dispatched.accepted_at_seq):
                 config = self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at)
-                return (config, reservation.url), 1
+                return (config, reservation.url), True
             # Refused, unreachable, timed out, or the pending lease lapsed: free the slot and try the next worker.
             self.metrics.dispatch_failures.labels(reason=outcome.value).inc()
             await self.store.release(entry.worker_id, session_id)
@@ -239,7 +216,7 @@ class Allocator:
             # after it took it): stop it rather than wait for heartbeat reconciliation. A stop that overtakes its
             # dispatch is remembered by the worker, which then refuses the dispatch.
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
-        return None, 1
+        return None, True
 
     def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None = None) -> None:
         self._undoing.add(session_id)  # from now on, no retry of this conversation is handed this session

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.scoring import Factors, Weights, distance_factor, factors, load_factors, partial_score
-from hub.store import FleetStore
+from hub.store import BoardRead, FleetStore
 from shared.geo import haversine_km
 from shared.models import Policy
 
@@ -144,26 +144,30 @@ class RoutingBoard:
             read = await self.store.read_board(self._changes_since_ms)
             if not read.complete and self._clock_went_back(read.now_ms):
                 read = await self.store.read_board(None)
-            if read.complete:
-                self._static = {wid: json.loads(raw) for wid, raw in read.static.items() if raw is not None}
-                self._status_raw = {wid: raw for wid, raw in read.status.items() if raw is not None}
-                self._used_raw = {wid: raw for wid, raw in read.used.items() if raw is not None}
-                self._rebuild(None, read.now_ms)
-            else:
-                for wid, raw in read.static.items():
-                    if raw is None:
-                        self._static.pop(wid, None)
-                    else:
-                        self._static[wid] = json.loads(raw)
-                _apply(self._status_raw, read.status)
-                _apply(self._used_raw, read.used)
-                self._rebuild(read.static.keys() | read.status.keys() | read.used.keys(), read.now_ms)
+            self.apply(read)
             # A little overlap: a change is stamped with the Redis clock of the script that made it.
             self._changes_since_ms = read.now_ms - _CHANGE_OVERLAP_MS
             forgotten = [e.worker_id for e in self.entries.values()
                          if e.heartbeat_ms and read.now_ms - e.heartbeat_ms > self.retention_ms]
             if forgotten:
                 await self.store.forget_on_board(forgotten)
+
+    def apply(self, read: BoardRead) -> None:
+        """Bring the mirror up to a read of the board: the whole board, or (a delta) only the workers it names."""
+        if read.complete:
+            self._static = {wid: json.loads(raw) for wid, raw in read.static.items() if raw is not None}
+            self._status_raw = {wid: raw for wid, raw in read.status.items() if raw is not None}
+            self._used_raw = {wid: raw for wid, raw in read.used.items() if raw is not None}
+            self._rebuild(None, read.now_ms)
+        else:
+            for wid, raw in read.static.items():
+                if raw is None:
+                    self._static.pop(wid, None)
+                else:
+                    self._static[wid] = json.loads(raw)
+            _apply(self._status_raw, read.status)
+            _apply(self._used_raw, read.used)
+            self._rebuild(read.static.keys() | read.status.keys() | read.used.keys(), read.now_ms)
 
     def _clock_went_back(self, read_now_ms: int) -> bool:
         """Whether the Redis clock is behind where the last read left it by more than the delta reads' overlap.
