@@ -48,7 +48,10 @@ def hub(
     with _metrics_shared_by(workers):
         uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=logging.getLevelName(server_level).lower(), access_log=False,
-                    ws_max_size=websocket_max_bytes(settings))
+                    ws_max_size=websocket_max_bytes(settings),
+                    # The peer stays the peer: hub.api.deps.client_address believes X-Forwarded-For only from
+                    # FLEET_TRUSTED_PROXIES (uvicorn's default believes it from any loopback caller).
+                    proxy_headers=False)
 
 
 @contextlib.contextmanager

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
+import redis
 from starlette.requests import Request
 
 from hub.api.deps import client_address
+from shared.redis_server import EmbeddedRedis
+from tests.harness import running_hubs
 
 
 def _request(peer: str, forwarded: str | None) -> Request:
@@ -46,3 +50,15 @@ def test_behind_cloudfront_the_viewer_is_the_client_not_the_edge() -> None:
     assert client_address(_cdn_request("203.0.113.9", "1.1.1.1:1", None), ["10.0.0.0/8"], header) == "203.0.113.9"
     garbled = _cdn_request("10.0.1.5", "not-an-address", "198.51.100.10, 130.176.0.7")
     assert client_address(garbled, ["10.0.0.0/8"], header) == "130.176.0.7"
+
+
+def test_the_real_server_does_not_believe_a_forwarded_for_from_loopback(redis_server: EmbeddedRedis) -> None:
+    """Regression: uvicorn rewrote the peer from X-Forwarded-For for any loopback caller (its own default), before
+    ``client_address`` could judge the peer, so a client beside the hub chose its own rate-limit bucket."""
+    if not redis_server.running:  # a fault test may have stopped it
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()  # no bucket left by another test
+    with running_hubs(1, redis_server.url, rate_limit_per_s=0.001, rate_limit_burst=3) as [hub]:
+        codes = [httpx.post(f"{hub.url}/api/v1/sessions", json={}, timeout=10,
+                            headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(6)]
+    assert codes.count(429) == 3, codes  # one bucket, the peer's: three in the burst, then refused
