@@ -73,7 +73,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         worker_client = WorkerClient(settings.worker_token.get_secret_value(), settings.dispatch_timeout_s)
         app.state.hub = HubState(
             settings=settings, store=store, board=board, metrics=metrics,
-            registry=Registry(settings, store, board, metrics),
+            registry=Registry(settings, store, board, metrics, worker_client, background),
             allocator=Allocator(settings, store, board, worker_client, metrics, background),
         )
         loops = [asyncio.create_task(run_every(settings.snapshot_refresh_s, board.refresh, "routing board refresh"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from hub.board import Entry, RoutingBoard
 from hub.capacity import alive, capacity_by_region
+from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from hub.store import FleetStore
+from hub.tasks import BackgroundTasks
 from shared.auth import digest, new_secret
 from shared.errors import WorkerAlive, WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
 from shared.geo import AWS_REGIONS
@@ -29,13 +32,23 @@ from shared.models import (
 
 log = logging.getLogger(__name__)
 
+#: A session this hub told a worker to stop is not stopped again through its DELETE within this time (its heartbeats
+#: may name it a few more times before the stop lands).
+_STOP_AGAIN_AFTER_S = 30.0
+#: Remembered stops beyond this number make the next stop forget the ones older than ``_STOP_AGAIN_AFTER_S``.
+_STOPS_REMEMBERED = 4096
+
 
 class Registry:
-    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, metrics: HubMetrics) -> None:
+    def __init__(self, settings: HubSettings, store: FleetStore, board: RoutingBoard, metrics: HubMetrics,
+                 workers: WorkerClient, background: BackgroundTasks) -> None:
         self.settings = settings
         self.store = store
         self.board = board
         self.metrics = metrics
+        self.workers = workers
+        self.background = background
+        self._stopped_at: dict[str, float] = {}  # sessions this hub stopped through a worker's DELETE: when
 
     async def register(self, reg: WorkerRegistration, presented_secret: str | None,
                        proposed_secret: str | None = None) -> RegistrationAccepted:
@@ -80,12 +93,33 @@ class Registry:
             raise WorkerCredentialInvalid("the X-Worker-Secret does not match this worker")
         self.metrics.heartbeats_ok.inc()
         self.board.note_used(worker_id, out.used, out.max_streams)
-        # Sessions the worker runs that the hub does not hold go back in the reply's stop_sessions (on the channel
-        # too: they are news), so the worker stops them without a call per session from here.
+        if out.unknown_sessions:
+            self._stop_unknown(worker_id, out.unknown_sessions)
         # Built from values the hub itself produced, so without re-validation (one per heartbeat).
         return HeartbeatReply.model_construct(
             worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used, max_streams=out.max_streams,
             heartbeat_interval_s=self.settings.heartbeat_interval_s, stop_sessions=list(out.unknown_sessions))
+
+    def _stop_unknown(self, worker_id: str, session_ids: Sequence[str]) -> None:
+        """Sessions the worker runs that no hub holds: the heartbeat's answer names them in ``stop_sessions``, and the
+        worker's own ``DELETE /sessions/{id}`` stops them too, so a worker that ignores the answer still keeps no
+        uncounted session. Once per session per ``_STOP_AGAIN_AFTER_S``, one task per heartbeat: after a Redis wipe,
+        when every worker names all its sessions, the calls grow with the workers, not their heartbeats."""
+        entry = self.board.entries.get(worker_id)
+        if entry is None:
+            return  # not on this hub's board yet: the answer's stop_sessions still reaches the worker
+        now = time.monotonic()
+        due = [sid for sid in session_ids if now - self._stopped_at.get(sid, float("-inf")) >= _STOP_AGAIN_AFTER_S]
+        if not due:
+            return
+        if len(self._stopped_at) >= _STOPS_REMEMBERED:
+            self._stopped_at = {sid: at for sid, at in self._stopped_at.items() if now - at < _STOP_AGAIN_AFTER_S}
+        self._stopped_at.update(dict.fromkeys(due, now))
+        self.background.spawn(self._stop_each(entry.url, due), name=f"stop unknown sessions on {worker_id}")
+
+    async def _stop_each(self, worker_url: str, session_ids: list[str]) -> None:
+        for sid in session_ids:
+            await self.workers.stop(worker_url, sid)
 
     async def deregister(self, worker_id: str, secret: str | None) -> None:
         if not secret:
