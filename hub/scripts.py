@@ -20,19 +20,33 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # Shared prelude: the Redis clock, and dropping leases whose time has passed (with their records).
 #
-# A lease is dropped only once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
+# A pending lease (never confirmed) is dropped at its own expiry: no confirmation can take it any more (CONFIRM
+# refuses a lapsed one), so its slot comes back within the lease, heartbeat or not. An active lease is dropped only
+# once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
 # ``purge_expired(judged_up_to())`` elsewhere. One that lapsed since the worker's last heartbeat is the next
 # heartbeat's to renew or drop: it may have lapsed only because no heartbeat could reach Redis (an outage longer
 # than the lease). A dead worker's leases count for nothing (it is out of routing, listings skip expired leases)
 # and go with its keys.
 _PRELUDE = _CLOCK + """
+-- Drop lapsed leases with their records: pending ones up to now, active ones up to ``upto`` (<= now).
 local function purge_expired(upto)
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto)
-  for _, sid in ipairs(gone) do
-    redis.call('HDEL', KEYS[3], sid)
-    redis.call('HDEL', KEYS[4], sid)
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
+  for i = 1, #lapsed, 2 do
+    local sid = lapsed[i]
+    if tonumber(lapsed[i + 1]) <= upto or redis.call('HEXISTS', KEYS[3], sid) == 0 then
+      redis.call('ZREM', KEYS[2], sid)
+      redis.call('HDEL', KEYS[3], sid)
+      redis.call('HDEL', KEYS[4], sid)
+    end
   end
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', upto) end
+end
+-- The leases a reservation counts now, without dropping any: all but the pending ones that lapsed.
+local function held()
+  local n = redis.call('ZCARD', KEYS[2])
+  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+    if redis.call('HEXISTS', KEYS[3], sid) == 0 then n = n - 1 end
+  end
+  return n
 end
 -- When the worker's last heartbeat ran (its ``renewed`` field; a registration is not a heartbeat).
 local function judged_up_to()
@@ -114,17 +128,20 @@ if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
 local reported = {}
 for i = 8, #ARGV do reported[ARGV[i]] = true end
 local extend_to = now + tonumber(ARGV[2])
--- Renew before purging: a lease that lapsed only because no heartbeat could reach Redis (an outage longer than the
--- lease) still holds its slot and record, and the worker says it runs the session, so the session goes on. A slot
--- that any other script has reused since was purged with its record, and its session is told to stop below.
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if reported[sid] then
-    -- The worker runs it: a pending lease whose confirmation was lost is adopted here.
-    redis.call('HSETNX', KEYS[3], sid, now)
+-- Renew before purging: an active lease that lapsed only because no heartbeat could reach Redis (an outage longer
+-- than the lease) still holds its slot and record, and the worker says it runs the session, so the session goes on.
+-- A slot that any other script has reused since was purged with its record, and its session is told to stop below.
+local leases = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+for i = 1, #leases, 2 do
+  local sid = leases[i]
+  local confirmed = redis.call('HGET', KEYS[3], sid)
+  if reported[sid] and (confirmed or tonumber(leases[i + 1]) > now) then
+    -- The worker runs it: a pending lease whose confirmation was lost is adopted here while it lasts (a lapsed one
+    -- can no longer be confirmed: it is dropped below and its session told to stop).
+    if not confirmed then redis.call('HSET', KEYS[3], sid, now) end
     redis.call('ZADD', KEYS[2], extend_to, sid)
     reported[sid] = nil
-  else
-    local confirmed = redis.call('HGET', KEYS[3], sid)
+  elseif not reported[sid] then
     local gone = false
     if confirmed then
       local at, accepted = string.match(confirmed, '^(%d+):?(%d*)$')
@@ -203,7 +220,7 @@ return {1, redis.call('ZCARD', KEYS[2])}
 
 RELEASE = _PRELUDE + """
 -- Free a session's slot at once (ended by the caller, refused or unreachable at dispatch). It purges nothing else:
--- the worker's other lapsed leases wait for its next heartbeat, which may still renew them (see HEARTBEAT).
+-- the worker's other lapsed active leases wait for its next heartbeat, which may still renew them (see HEARTBEAT).
 -- KEYS[5] the session's release receipt (STRING, short-lived): '<token>|<record>'
 -- ARGV[1] session id
 -- ARGV[2] this release's token (random per call, no '|'; a client library that resends the call resends it)
@@ -226,7 +243,7 @@ else
     record = cut < #receipt and string.sub(receipt, cut + 1) or false
   end
 end
-return {removed, redis.call('ZCARD', KEYS[2]), record, redis.call('HGET', KEYS[1], 'url')}
+return {removed, held(), record, redis.call('HGET', KEYS[1], 'url')}
 """
 
 READ_SESSION = _PRELUDE + """
@@ -249,7 +266,7 @@ READ_WORKER = _PRELUDE + """
 -- Everything the hub holds for one worker, with the Redis clock for heartbeat ages.
 -- Returns {now, used, field, value, field, value, ...} or {now, -1} when unknown.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {now, -1} end
-local used = redis.call('ZCARD', KEYS[2])  -- as RESERVE counts: lapsed leases hold until a heartbeat judges them
+local used = held()  -- as RESERVE counts: lapsed active leases hold until a heartbeat judges them
 local result = {now, used}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do result[#result + 1] = v end
 return result

@@ -38,3 +38,55 @@ async def test_a_session_the_hub_holds_is_never_stopped(hub: httpx.AsyncClient, 
     assert reply["stop_sessions"] == [] and reply["used_streams"] == 1
     await asyncio.sleep(0.2)
     assert worker.stopped == [] and sid in worker.sessions
+
+
+async def test_an_unconfirmed_lease_gives_its_slot_back_at_its_own_expiry(make_hub: Any, make_worker: Any) -> None:
+    """Regression: a pending lease nobody confirmed held its slot until the worker's next heartbeat after its
+    expiry (up to a heartbeat interval more than the lease), though no confirmation can take it any more."""
+    hub = await make_hub(pending_lease_s=0.4, worker_ttl_s=30.0, heartbeat_interval_s=10.0)
+    worker = await make_worker(max_streams=1)
+    reg = await register(hub, "w-1", worker)
+    await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    store = hub.app.state.hub.store
+    assert (await store.reserve("w-1", "w-1~neverconfirm1", {"worker_id": "w-1"})).ok  # its hub died
+    assert not (await store.reserve("w-1", "w-1~secondtry123", {"worker_id": "w-1"})).ok  # full while it holds
+    await asyncio.sleep(0.5)  # past the pending lease; no heartbeat since
+    read = await store.read_worker("w-1")
+    assert read is not None and read[1] == 0  # the views count what the next reservation will
+    assert (await store.reserve("w-1", "w-1~secondtry123", {"worker_id": "w-1"})).ok
+    assert not await store.confirm("w-1", "w-1~neverconfirm1")  # and it cannot come back
+
+
+async def test_a_confirmed_lease_that_lapsed_waits_for_a_heartbeat(make_hub: Any, make_worker: Any) -> None:
+    """The other half of the rule: an active lease that lapsed may have lapsed only because heartbeats could not
+    reach Redis; it holds its slot until a heartbeat after its expiry has not renewed it."""
+    hub = await make_hub(pending_lease_s=0.4, active_lease_s=0.4, worker_ttl_s=30.0, heartbeat_interval_s=10.0)
+    worker = await make_worker(max_streams=1)
+    reg = await register(hub, "w-1", worker)
+    await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    store = hub.app.state.hub.store
+    assert (await store.reserve("w-1", "w-1~confirmed123", {"worker_id": "w-1"})).ok
+    assert await store.confirm("w-1", "w-1~confirmed123")
+    await asyncio.sleep(0.5)
+    assert not (await store.reserve("w-1", "w-1~secondtry123", {"worker_id": "w-1"})).ok
+    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~confirmed123"])).json()
+    assert reply["used_streams"] == 1 and reply["stop_sessions"] == []  # renewed: the session goes on
+
+
+async def test_a_heartbeat_does_not_adopt_a_pending_lease_that_lapsed(make_hub: Any, make_worker: Any) -> None:
+    """A lapsed pending lease can no longer be confirmed, so a heartbeat that reports its session (the worker took
+    it, its hub never confirmed) stops it rather than keep a session no client was told of; a pending lease that
+    still lasts is adopted as before."""
+    hub = await make_hub(pending_lease_s=0.4, worker_ttl_s=30.0, heartbeat_interval_s=10.0)
+    worker = await make_worker(max_streams=2)
+    reg = await register(hub, "w-1", worker)
+    await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    store = hub.app.state.hub.store
+    assert (await store.reserve("w-1", "w-1~lapsedlease1", {"worker_id": "w-1"})).ok
+    await asyncio.sleep(0.5)
+    assert (await store.reserve("w-1", "w-1~stillpending", {"worker_id": "w-1"})).ok
+    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~lapsedlease1", "w-1~stillpending"])).json()
+    assert reply["stop_sessions"] == ["w-1~lapsedlease1"] and reply["used_streams"] == 1
+    await asyncio.sleep(0.5)  # past the second one's pending lease too: adopted, so the heartbeat renewed it
+    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~stillpending"])).json()
+    assert reply["stop_sessions"] == [] and reply["used_streams"] == 1

@@ -13,18 +13,22 @@ import pytest
 
 from hub.main import create_app
 from shared.redis_server import EmbeddedRedis, start_cluster
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH, heartbeat, hub_settings, refresh, register
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, flush, heartbeat, hub_settings, refresh, register, sync_redis
 
 
 @pytest.fixture
 async def cluster_hub(redis_cluster: list[EmbeddedRedis]) -> AsyncIterator[httpx.AsyncClient]:
     url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
+    client = sync_redis(url)
+    try:
+        flush(client)  # before the hub starts: its first read of the board must not mirror an earlier test's
+    finally:
+        client.close()
     app = create_app(hub_settings(url, rate_limit_per_s=5, rate_limit_burst=100))
-    async with app.router.lifespan_context(app):
-        await app.state.hub.store.redis.flushall(target_nodes="primaries")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
-            client.app = app  # type: ignore[attr-defined]
-            yield client
+    async with app.router.lifespan_context(app), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
 
 
 async def test_every_flow_runs_on_a_cluster(cluster_hub: httpx.AsyncClient, make_worker) -> None:
