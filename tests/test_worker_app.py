@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,8 +15,11 @@ from worker import sessions as worker_sessions
 from worker.app import MAX_BODY_BYTES, create_worker_app
 from worker.engines import EngineUnavailable, load_engine
 from worker.engines.synthetic import SyntheticEngine
-from worker.sessions import SessionManager
+from worker.sessions import SessionManager, SessionRefused
 from worker.settings import WorkerSettings
+from worker.voice.engine import VoiceEngine
+from worker.voice.pipeline import Backends, Conversation, History, Turn
+from worker.voice.settings import VoiceSettings
 
 TOKEN = "test-worker-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -216,13 +220,74 @@ async def test_a_stop_that_overtakes_its_dispatch_keeps_the_session_from_startin
     assert (await client.post("/sessions", json=dispatch("other"), headers=AUTH)).status_code == 201
 
 
-async def test_remembered_stops_are_bounded(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_replayed_dispatch_is_refused_every_time(worker: Any) -> None:
+    """Issue 6: a replayed dispatch gets a clear 4xx and changes nothing. Regression: only the stop of a session the
+    worker did not run was remembered, and refusing its dispatch forgot it; a dispatch replayed after the hub ended
+    its session, or a second time after such a stop, started a session no hub counts."""
+    client, manager = worker
+    assert (await client.post("/sessions", json=dispatch("ended"), headers=AUTH)).status_code == 201
+    assert (await client.delete("/sessions/ended", headers=AUTH)).status_code == 204
+    assert (await client.delete("/sessions/overtaken", headers=AUTH)).status_code == 404
+    for session_id in ("ended", "overtaken"):
+        for attempt in range(2):
+            replayed = await client.post("/sessions", json=dispatch(session_id), headers=AUTH)
+            assert (replayed.status_code, replayed.json().get("error")) == (409, "stopped"), (session_id, attempt)
+    assert manager.sessions == {} and manager.engine.stats().active_sessions == 0
+    text = (await client.get("/metrics")).text
+    assert 'worker_dispatches_total{outcome="stopped"} 4.0' in text
+
+
+async def test_a_dispatch_of_a_session_that_ended_by_itself_is_refused() -> None:
+    engine = SyntheticEngine(session_duration_s=0.05)
+    manager = SessionManager(engine, max_streams=2)
+    spec = SessionDispatch.model_validate(dispatch("short"))
+    await manager.start(spec)
+    assert await manager.wait_empty(2.0)
+    with pytest.raises(SessionRefused) as refused:
+        await manager.start(spec)
+    assert refused.value.code == "stopped" and manager.ids() == [] and engine.stats().active_sessions == 0
+    await engine.aclose()
+
+
+async def test_remembered_sessions_are_bounded(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     client, manager = worker
     monkeypatch.setattr(worker_sessions, "STOPS_REMEMBERED", 3)
     for i in range(5):
         await manager.stop(f"unknown-{i}")
-    assert list(manager._stopped_early) == ["unknown-2", "unknown-3", "unknown-4"]
+    await manager.stop("unknown-3")  # remembered again: it is now the newest
+    assert list(manager._ended_recently) == ["unknown-2", "unknown-4", "unknown-3"]
     monkeypatch.setattr(worker_sessions, "STOP_REMEMBERED_S", -1.0)  # what is remembered from now on has lapsed
     await manager.stop("unknown-5")
-    assert list(manager._stopped_early) == ["unknown-3", "unknown-4", "unknown-5"]
+    assert list(manager._ended_recently) == ["unknown-4", "unknown-3", "unknown-5"]
     assert (await client.post("/sessions", json=dispatch("unknown-5"), headers=AUTH)).status_code == 201
+
+
+async def test_a_failed_voice_turn_is_counted_on_the_worker_metrics() -> None:
+    """Issue 8: a failed turn gets an apology and an error count. Regression: the count stayed inside the voice
+    engine, and the worker's /metrics exported latencies only."""
+    from tests.test_voice_pipeline import Events, FakeStream, FakeSTT, ScriptedLLM, SlowTTS
+
+    settings = VoiceSettings()
+    backends = Backends(FakeSTT(), ScriptedLLM("Unused."), SlowTTS(0))
+    engine = VoiceEngine(settings, stt=backends.stt, llm=backends.llm, tts=backends.tts)
+    app = create_worker_app(SessionManager(engine, max_streams=1), TOKEN)
+    out = Events()
+    conversation = Conversation("s1", backends, settings, out, engine.metrics, History(settings.max_history_turns))
+
+    async def failed_turn() -> None:
+        await conversation._run_turn(Turn(), FakeStream(error=RuntimeError("decoder crashed")),  # type: ignore[arg-type]
+                                     time.perf_counter(), 0.0)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+        before = (await client.get("/metrics")).text
+        for stage in ("stt", "llm", "tts"):  # from the first scrape, at zero
+            assert f'worker_engine_turn_errors_total{{stage="{stage}"}} 0.0' in before
+        await failed_turn()
+        assert out.of("error")[0]["stage"] == "stt"  # the client was told, and heard the apology
+        assert 'worker_engine_turn_errors_total{stage="stt"} 1.0' in (await client.get("/metrics")).text
+        await failed_turn()
+        await failed_turn()
+        assert 'worker_engine_turn_errors_total{stage="stt"} 3.0' in (await client.get("/metrics")).text
+        after = (await client.get("/metrics")).text  # a scrape adds nothing
+        assert 'worker_engine_turn_errors_total{stage="stt"} 3.0' in after
+        assert 'worker_engine_turn_errors_total{stage="llm"} 0.0' in after

@@ -15,9 +15,9 @@ from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
-#: How long, and how many, stops of sessions this worker does not run are remembered. A hub that gave up on a
-#: dispatch (a timeout, a failed store) stops the session at once, and that stop can overtake the dispatch it undoes:
-#: the dispatch arriving after it is refused instead of starting a session no client knows of.
+#: How long, and how many, sessions that ended or were stopped here are remembered: a dispatch of one is refused. A
+#: hub that gave up on a dispatch (a timeout, a failed store) stops the session at once, and that stop can overtake
+#: the dispatch it undoes; a dispatch replayed after its session ended would start a session no hub counts.
 STOP_REMEMBERED_S = 60.0
 STOPS_REMEMBERED = 4096
 
@@ -56,6 +56,10 @@ class Metrics:
                                        registry=self.registry)
         self.heartbeats = Counter("worker_heartbeats_total", "Heartbeats by outcome", ["outcome"],
                                   registry=self.registry)
+        self.engine_turn_errors = Counter("worker_engine_turn_errors_total",
+                                          "Conversation turns that failed, by the stage that failed them (engines "
+                                          "that have turns)", ["stage"], registry=self.registry)
+        self._turn_errors_counted: dict[str, int] = {}
         # Known label values start at zero so rate() and alerts work before the first event (as the hub's do).
         for outcome in DISPATCH_OUTCOMES:
             self.dispatches.labels(outcome)
@@ -63,11 +67,19 @@ class Metrics:
             self.heartbeats.labels(outcome)
 
     def observe(self, engine: Engine) -> None:
-        """Scrape-time figures from the engine: its latency, and each stage's for engines that have stages."""
+        """Scrape-time figures from the engine: its latency, and each stage's latency and failed turns for engines that
+        have stages."""
         self.engine_latency.set(engine.stats().latency_ms)
         stages: dict[str, float] = getattr(engine, "stage_latency_ms", None) or {}
         for stage, ms in stages.items():
             self.engine_stage_latency.labels(stage=stage).set(ms)
+        # Engines with turns count their failed ones themselves; the counter catches up with them here.
+        failed: dict[str, int] = getattr(engine, "turn_errors", None) or {}
+        for stage, count in failed.items():
+            counter = self.engine_turn_errors.labels(stage=stage)
+            if count > self._turn_errors_counted.get(stage, 0):
+                counter.inc(count - self._turn_errors_counted.get(stage, 0))
+                self._turn_errors_counted[stage] = count
 
 
 class SessionManager:
@@ -78,7 +90,7 @@ class SessionManager:
         self.metrics = metrics or Metrics()
         self.metrics.max_streams.set(max_streams)
         self.sessions: dict[str, WorkerSessionInfo] = {}
-        self._stopped_early: dict[str, float] = {}  # session id -> until when (monotonic) its stop is remembered
+        self._ended_recently: dict[str, float] = {}  # session id -> until when (monotonic) a dispatch of it is refused
         self._leaving = False  # the worker's own drain (SIGTERM, a spot notice, scale-in): it will exit
         self._drained_by_hub = False  # an SRE drained it through the hub; a resume there lifts it
         # Held across the engine's start so concurrent dispatches cannot overbook a slot.
@@ -144,7 +156,8 @@ class SessionManager:
                 self._refuse("duplicate", f"session {spec.session_id} already runs here")
             if len(self.sessions) >= self.max_streams:
                 self._refuse("full", f"all {self.max_streams} streams in use")
-            self._refuse_if_stopped(spec.session_id)
+            if self._remembers(spec.session_id):
+                self._refuse_stopped(spec.session_id)
             started = time.perf_counter()
             try:
                 await self.engine.start_session(spec, self._ended)
@@ -152,9 +165,9 @@ class SessionManager:
                 log.warning("engine refused session %s: %s", spec.session_id, exc)
                 self._refuse("engine_error", f"engine could not start the session: {exc}")
             self.metrics.start_seconds.observe(time.perf_counter() - started)
-            if spec.session_id in self._stopped_early:  # stopped while the engine started it
+            if self._remembers(spec.session_id):  # stopped (or ended) while the engine started it
                 await self._stop_in_engine(spec.session_id)
-                self._refuse_if_stopped(spec.session_id)
+                self._refuse_stopped(spec.session_id)
             info = WorkerSessionInfo(session_id=spec.session_id, session_key=spec.session_key, room=spec.room,
                                      started_at=time.time(), accepted_at_seq=self.heartbeat_seq)
             self.sessions[spec.session_id] = info
@@ -166,21 +179,25 @@ class SessionManager:
         self.metrics.dispatches.labels(code).inc()
         raise SessionRefused(code, message)
 
-    def _refuse_if_stopped(self, session_id: str) -> None:
-        until = self._stopped_early.pop(session_id, None)
-        if until is not None and until > time.monotonic():
-            self._refuse("stopped", f"session {session_id} was stopped before it started")
+    def _remembers(self, session_id: str) -> bool:
+        """The session ended or was stopped here lately. Still remembered after a refusal: a replay may come twice."""
+        return self._ended_recently.get(session_id, 0.0) > time.monotonic()
+
+    def _refuse_stopped(self, session_id: str) -> None:
+        self._refuse("stopped", f"session {session_id} was stopped or has ended here")
 
     def _remember_stop(self, session_id: str) -> None:
         now = time.monotonic()
-        for sid, until in list(self._stopped_early.items()):  # oldest first: drop the lapsed and the surplus
-            if until > now and len(self._stopped_early) < STOPS_REMEMBERED:
+        self._ended_recently.pop(session_id, None)  # remembered again: it moves to the newest end
+        for sid, until in list(self._ended_recently.items()):  # oldest first: drop the lapsed and the surplus
+            if until > now and len(self._ended_recently) < STOPS_REMEMBERED:
                 break
-            del self._stopped_early[sid]
-        self._stopped_early[session_id] = now + STOP_REMEMBERED_S
+            del self._ended_recently[sid]
+        self._ended_recently[session_id] = now + STOP_REMEMBERED_S
 
     def _ended(self, session_id: str, reason: str) -> None:
         """Engine callback: a session ended by itself; the next heartbeat no longer reports it."""
+        self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is not None:
             log.info("session %s ended: %s", session_id, reason)
             self._notify()
@@ -188,11 +205,11 @@ class SessionManager:
     def begin_stop(self, session_id: str) -> asyncio.Task[None] | None:
         """Stop a session without waiting for the engine: it leaves the count at once, and the engine's stop runs in
         a task of its own that no caller's cancellation cuts short (the engine must not keep running a session the
-        worker no longer counts); ``stop_all`` waits for it. None when the session does not run here, and then a
+        worker no longer counts); ``stop_all`` waits for it. None when the session does not run here. Either way a
         dispatch of it that comes later (or is being started) is refused. An engine that fails to stop it is
         logged: the slot is free either way, as the hub already believes."""
+        self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is None:
-            self._remember_stop(session_id)
             return None
         stopping = asyncio.create_task(self._stop_in_engine(session_id), name=f"stopping session {session_id}")
         self._engine_stops.add(stopping)

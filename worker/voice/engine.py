@@ -157,6 +157,11 @@ class VoiceEngine:
         """Recent mean latency per stage (vad, stt, llm first token/sentence, tts, e2e) for the worker to export."""
         return self.metrics.stage_latency_ms
 
+    @property
+    def turn_errors(self) -> dict[str, int]:
+        """Turns failed so far, by the backend stage that failed them (stt, llm, tts), for the worker to export."""
+        return dict(self.metrics.errors_by_stage)
+
     async def start(self) -> None:
         """Load every model once; a missing model file raises ``ModelMissing`` naming the path and setting."""
         if self.backends is not None:

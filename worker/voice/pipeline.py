@@ -245,9 +245,9 @@ class Conversation:
                 try:
                     await self._fail(exc, speech_ended, timings, apologise=not turn.superseded)
                 except asyncio.CancelledError:
-                    self.metrics.record_turn(timings, True)  # the apology was cut off; the turn still failed
+                    self.metrics.record_turn(timings, exc.stage)  # the apology was cut off; the turn still failed
                     raise
-            self.metrics.record_turn(timings, error is not None)
+            self.metrics.record_turn(timings, error.stage if error else None)
             await self.transport.send_event(
                 {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
             )
