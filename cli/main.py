@@ -77,7 +77,9 @@ def worker(
         None, help="Nothing: run the worker agent. `calibrate`: measure capacity. A worker id: show that worker."),
     host: str | None = typer.Option(None, help="Interface to bind (FLEET_HOST)."),
     port: int | None = typer.Option(None, help="Port to bind (FLEET_PORT)."),
-    advertise_url: str | None = typer.Option(None, help="URL the hub dispatches to (default: IMDS IP or bind)."),
+    advertise_url: str | None = typer.Option(
+        None, help="URL the hub dispatches to (default: the EC2 private IP, else the bound host, or the hostname "
+                   "when binding every interface)."),
     region: str | None = typer.Option(None, help="AWS region (default: IMDS, else FLEET_REGION)."),
     simulate_gpu: str | None = typer.Option(None, help="Present a named GPU, e.g. t4, a10g, l4, h100, a10gx4."),
     max_streams: int | None = typer.Option(

@@ -134,3 +134,57 @@ def test_calibrating_without_the_voice_model_is_a_one_line_refusal(monkeypatch: 
         monkeypatch.setenv(variable, value.format(missing=missing))
     line = refusal(capsys, calibrate, max_concurrency=1, seconds=0.5)
     assert line == f"fleet worker: model path {missing} does not exist (set by {setting})", line
+
+
+@pytest.mark.parametrize(("variables", "checkpoints", "said"), [
+    ({"FLEET_VOICE_TTS_BACKEND": "chatterbox", "FLEET_VOICE_TTS_MODEL_DIR": "{models}"}, [],
+     "fleet worker: model path {models}/ve.safetensors does not exist (set by FLEET_VOICE_TTS_MODEL_DIR)"),
+    ({"FLEET_VOICE_TTS_BACKEND": "chatterbox", "FLEET_VOICE_TTS_MODEL_DIR": "{models}"},
+     ["ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt"],
+     "fleet worker: FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package"),
+    ({"FLEET_VOICE_WHISPER_MODEL_DIR": "{models}"}, ["model.bin"],
+     "fleet worker: the whisper STT backend needs the faster-whisper package"),
+    ({"FLEET_VOICE_TTS_VOICE": "xx-nope"}, [], "fleet worker: espeak-ng has no voice 'xx-nope'"),
+], ids=["chatterbox-folder-empty", "chatterbox-not-installed", "faster-whisper-not-installed", "espeak-voice"])
+def test_a_voice_backend_that_cannot_start_is_a_one_line_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 variables: dict[str, str], checkpoints: list[str],
+                                                                 said: str) -> None:
+    """These used to escape the engine's start as a traceback with exit code 1 (FileNotFoundError deep inside
+    chatterbox, RuntimeError, ModuleNotFoundError); the line names the file, the package or the setting."""
+    import sys
+
+    for module in ["chatterbox", "chatterbox.tts", "faster_whisper"]:
+        monkeypatch.setitem(sys.modules, module, None)  # not installed, whatever this host has
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in checkpoints:
+        (models / name).write_bytes(b"weights")
+    monkeypatch.setenv("FLEET_ENGINE", "voice")
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value.format(models=models))
+    line = refusal(capsys, port=0)
+    assert line.startswith(said.format(models=models)), line
+
+
+def test_calibrating_with_an_espeak_voice_it_lacks_is_a_one_line_refusal(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FLEET_ENGINE", "voice")
+    monkeypatch.setenv("FLEET_VOICE_TTS_VOICE", "xx-nope")
+    line = refusal(capsys, calibrate, max_concurrency=1, seconds=0.5)
+    assert line.startswith("fleet worker: espeak-ng has no voice 'xx-nope'"), line
+
+
+def test_a_registration_it_cannot_build_stops_the_start(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a ValidationError of the registration escaped the agent as a 63-line traceback. A 64-character
+    host name (Linux allows it) is one DNS label too long for the advertised URL's host."""
+    monkeypatch.setenv("FLEET_HUB_URLS", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLEET_IMDS_TIMEOUT_S", "0.1")
+    monkeypatch.setenv("FLEET_SIMULATE_GPU", "t4")
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 64)
+    code = run_worker(host="0.0.0.0", port=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and len(err) == 1, err
+    assert err[0].startswith("fleet worker: invalid registration: url: ") and "FLEET_ADVERTISE_URL" in err[0], err

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis, wait_for
 from tests.fakes import StaticImds
 from tests.harness import running_hubs
-from worker.agent import WorkerAgent, client_audio_url
+from worker.agent import WorkerAgent, client_audio_url, default_advertise_url
 from worker.engines.synthetic import SyntheticEngine
 from worker.heartbeat_channel import ACK_EVERY
 from worker.hub_client import HubClient
@@ -479,7 +480,7 @@ async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any,
         agent = WorkerAgent(settings, install_signals=False)
         task = asyncio.create_task(agent.run())
         await wait_for(lambda: agent.hub is not None and agent.hub.registered.is_set(), 10)
-        assert agent.hub.worker_id == "i-0spot", "on EC2 the instance id is the worker id"
+        assert agent.hub is not None and agent.hub.worker_id == "i-0spot", "on EC2 the instance id is the worker id"
         async with running.client() as hub:
             await place_session(hub)
         meta["spot/instance-action"] = b"\xff\xfe not text"  # one bad answer must not end the watch
@@ -554,3 +555,31 @@ def test_the_audio_websocket_is_announced_in_its_public_form() -> None:
     assert client_audio_url("https://w1.example.com/", path) == "wss://w1.example.com/sessions/{session_id}/audio"
     assert client_audio_url("http://10.0.0.5:8081", path) == "ws://10.0.0.5:8081/sessions/{session_id}/audio"
     assert client_audio_url("http://10.0.0.5:8081", None) is None  # the synthetic engine serves no audio
+
+
+@pytest.mark.parametrize(("bound", "private_ip", "url"), [
+    ("0.0.0.0", None, "http://gpu-box-7:8100"),  # every interface: where it is, the machine's name says
+    ("::", None, "http://gpu-box-7:8100"),
+    ("", None, "http://gpu-box-7:8100"),
+    ("0.0.0.0", "10.1.2.3", "http://10.1.2.3:8100"),  # on EC2: the private IP, whatever is bound
+    ("127.0.0.1", None, "http://127.0.0.1:8100"),
+    ("10.0.0.5", None, "http://10.0.0.5:8100"),
+    ("worker-1.internal", None, "http://worker-1.internal:8100"),
+    ("::1", None, "http://[::1]:8100"),
+    ("fd00::5", None, "http://[fd00::5]:8100"),
+])
+def test_the_default_advertised_url(monkeypatch: pytest.MonkeyPatch, bound: str, private_ip: str | None,
+                                    url: str) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box-7")
+    assert default_advertise_url(bound, 8100, private_ip) == url
+
+
+@pytest.mark.parametrize(("bound", "url"), [("0.0.0.0", "http://gpu-box-7:8100"), ("::1", "http://[::1]:8100")])
+def test_the_registration_advertises_where_a_hub_reaches_the_worker(monkeypatch: pytest.MonkeyPatch, bound: str,
+                                                                    url: str) -> None:
+    """Regression: bound to every interface off EC2, the worker advertised 127.0.0.1, so a hub on another machine
+    dispatched to itself; bound to ::1 it advertised http://::1:8100 and crashed at start."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box-7")
+    agent = WorkerAgent(WorkerSettings(host=bound, port=8100, region="us-east-1"), engine=SyntheticEngine(),
+                        install_signals=False)
+    assert agent._registration(4).url == url

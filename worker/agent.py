@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import signal
 import socket
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from shared.geo import region_location
 from shared.models import Location, WorkerRegistration
@@ -118,21 +120,25 @@ class WorkerAgent:
         s, ident = self.settings, self.identity
         worker_id = s.worker_id or (ident.instance_id if ident else None) or s.fallback_worker_id(self.port)
         region = s.region or (ident.region if ident else None) or DEFAULT_REGION
-        local = "127.0.0.1" if s.host in ("0.0.0.0", "127.0.0.1", "::") else s.host
-        host = (ident.local_ipv4 if ident else None) or local
-        url = s.advertise_url or f"http://{host}:{self.port}"
+        url = s.advertise_url or default_advertise_url(s.host, self.port, ident.local_ipv4 if ident else None)
         location = None
         if s.location_lat is not None and s.location_lon is not None:
             location = Location(lat=s.location_lat, lon=s.location_lon)
         elif region_location(region) is None:  # the hub would refuse the registration
             raise CannotStart(f"region {region} has no known coordinates: set FLEET_LOCATION_LAT and "
                               f"FLEET_LOCATION_LON")
-        return WorkerRegistration(
-            worker_id=worker_id, url=url, region=region, zone=s.zone or (ident.zone if ident else None),
-            location=location, max_streams=max_streams, gpus=[g.info() for g in self.gpus],
-            instance_type=ident.instance_type if ident else None, labels=s.labels, engine=self.engine.name,
-            audio_url=client_audio_url(s.public_url or url, getattr(self.engine, "client_audio_path", None)),
-        )
+        try:
+            return WorkerRegistration(
+                worker_id=worker_id, url=url, region=region, zone=s.zone or (ident.zone if ident else None),
+                location=location, max_streams=max_streams, gpus=[g.info() for g in self.gpus],
+                instance_type=ident.instance_type if ident else None, labels=s.labels, engine=self.engine.name,
+                audio_url=client_audio_url(s.public_url or url, getattr(self.engine, "client_audio_path", None)),
+            )
+        except ValidationError as exc:  # a value read from the machine or IMDS: the settings were checked already
+            errors = exc.errors(include_url=False, include_input=False)
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+            hint = f" ({url}; set FLEET_ADVERTISE_URL)" if any(e["loc"][:1] == ("url",) for e in errors) else ""
+            raise CannotStart(f"invalid registration: {problems}{hint}") from None
 
     async def run(self) -> int:
         """Run until drained; returns the exit code. Whatever fails, what it started is closed."""
@@ -346,6 +352,21 @@ def _seconds_until(timestamp: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return (when - datetime.now(UTC)).total_seconds()
+
+
+def default_advertise_url(bound_host: str, port: int, private_ip: str | None = None) -> str:
+    """Where hubs reach a worker without FLEET_ADVERTISE_URL: its EC2 private IP, else the host it binds, or the
+    machine's name when it binds every interface (an address that says nothing of where the worker is)."""
+    host = private_ip or bound_host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if not host or (address is not None and address.is_unspecified):
+        host, address = socket.gethostname(), None
+    if address is not None and address.version == 6:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def client_audio_url(base: str, path: str | None) -> str | None:

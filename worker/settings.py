@@ -22,7 +22,8 @@ class WorkerSettings(FleetSettings):
     host: str = Field(default="0.0.0.0", description="Interface the worker's HTTP API listens on.")
     port: int = Field(default=8100, ge=0, le=65535, description="Port of the worker's HTTP API (0 = any free port).")
     advertise_url: str | None = Field(
-        default=None, description="URL hubs dispatch to; else http://<EC2 private IP or hostname>:<port>."
+        default=None, description="URL hubs dispatch to; else http://<EC2 private IP>:<port>, off EC2 the bound host "
+                                  "or, when it binds every interface (0.0.0.0, ::), the machine's hostname.",
     )
     hub_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8080"], repr=False,  # kept out of logs, whatever they hold
