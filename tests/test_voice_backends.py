@@ -14,7 +14,7 @@ from botocore.stub import Stubber
 
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
-from worker.voice.errors import BackendError, ModelMissing
+from worker.voice.errors import BackendError, ModelMissing, VoiceError
 from worker.voice.llm import BedrockLLM
 from worker.voice.pipeline import sentences
 from worker.voice.settings import VoiceSettings
@@ -222,14 +222,22 @@ class FakeTensor:
         return self.array
 
 
+#: The checkpoints of a Chatterbox model folder: what ``ChatterboxTTS.from_local`` reads (resemble-ai/chatterbox,
+#: src/chatterbox/tts.py), and conds.pt, the built-in voice ``generate(text)`` needs without a voice prompt.
+CHATTERBOX_CHECKPOINTS = ["ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt"]
+
+
 class FakeChatterbox:
-    """``chatterbox.tts.ChatterboxTTS`` at its boundary: a (1, n) float tensor at 24 kHz per generate()."""
+    """``chatterbox.tts.ChatterboxTTS`` at its boundary: reads its checkpoints like the real ``from_local`` (which
+    fails on a missing one with FileNotFoundError), then a (1, n) float tensor at 24 kHz per generate()."""
 
     loads: list[tuple[str, str]] = []
     sr = 24_000
 
     @classmethod
     def from_local(cls, ckpt_dir: str, device: str) -> FakeChatterbox:
+        for name in ["ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json"]:
+            (Path(ckpt_dir) / name).read_bytes()
         cls.loads.append((ckpt_dir, device))
         return cls()
 
@@ -240,22 +248,76 @@ class FakeChatterbox:
         return FakeTensor((0.5 * np.sin(2 * np.pi * 200 * t))[None, :].astype(np.float32))
 
 
-@pytest.mark.parametrize(("setting", "gpu_seen", "device"),
-                         [("auto", True, "cuda"), ("auto", False, "cpu"), ("cuda:1", False, "cuda:1")])
-async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                  setting: str, gpu_seen: bool, device: str) -> None:
+def install_fake_chatterbox(monkeypatch: pytest.MonkeyPatch, gpu_seen: bool = False) -> None:
     import sys
     import types
-
-    import numpy as np
-
-    from worker.voice.audio import SAMPLE_RATE, rms
 
     FakeChatterbox.loads = []
     monkeypatch.setitem(sys.modules, "chatterbox", types.ModuleType("chatterbox"))
     monkeypatch.setitem(sys.modules, "chatterbox.tts", types.SimpleNamespace(ChatterboxTTS=FakeChatterbox))
     monkeypatch.setitem(sys.modules, "torch",  # torch at its boundary: whether it sees a CUDA device
                         types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: gpu_seen)))
+
+
+def write_checkpoints(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"weights")
+
+
+@pytest.mark.parametrize("absent", CHATTERBOX_CHECKPOINTS)
+async def test_a_chatterbox_folder_without_a_checkpoint_fails_at_start_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                                                   tmp_path: Path,
+                                                                                   absent: str) -> None:
+    """Only the folder used to be checked: one without its checkpoints failed deep inside chatterbox
+    (FileNotFoundError: .../ve.safetensors), a traceback instead of the file and the setting that names it."""
+    install_fake_chatterbox(monkeypatch)
+    write_checkpoints(tmp_path, [name for name in CHATTERBOX_CHECKPOINTS if name != absent])
+    engine = VoiceEngine(VoiceSettings(tts_backend="chatterbox", tts_model_dir=tmp_path, llm_backend="canned"))
+    with pytest.raises(ModelMissing) as err:
+        await engine.start()
+    assert str(err.value) == f"model path {tmp_path / absent} does not exist (set by FLEET_VOICE_TTS_MODEL_DIR)"
+    assert FakeChatterbox.loads == []
+
+
+@pytest.mark.parametrize(("settings", "checkpoints", "said"), [
+    ({"tts_backend": "chatterbox", "tts_model_dir": "MODELS"}, CHATTERBOX_CHECKPOINTS, "pip install chatterbox-tts"),
+    ({"whisper_model_dir": "MODELS"}, ["model.bin"], "pip install faster-whisper"),
+], ids=["chatterbox", "faster-whisper"])
+async def test_a_backend_package_not_installed_fails_at_start_saying_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, settings: dict[str, Any], checkpoints: list[str],
+        said: str) -> None:
+    """A missing package used to escape start() as RuntimeError or ModuleNotFoundError, which the worker's CLI
+    does not catch: a traceback and exit code 1 instead of one line naming what to install."""
+    import sys
+
+    for module in ["chatterbox", "chatterbox.tts", "faster_whisper"]:
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ModuleNotFoundError
+    write_checkpoints(tmp_path, checkpoints)
+    values: dict[str, Any] = {name: tmp_path if value == "MODELS" else value for name, value in settings.items()}
+    engine = VoiceEngine(VoiceSettings(**values, llm_backend="canned"))
+    with pytest.raises(VoiceError) as err:
+        await engine.start()
+    assert said in str(err.value), err.value
+
+
+async def test_an_espeak_voice_it_lacks_fails_at_start_naming_the_setting() -> None:
+    """It used to raise RuntimeError, a traceback and exit code 1 at the worker's start."""
+    with pytest.raises(VoiceError) as err:
+        await VoiceEngine(VoiceSettings(tts_voice="xx-nope", llm_backend="canned")).start()
+    assert "'xx-nope'" in str(err.value) and "FLEET_VOICE_TTS_VOICE" in str(err.value), err.value
+
+
+@pytest.mark.parametrize(("setting", "gpu_seen", "device"),
+                         [("auto", True, "cuda"), ("auto", False, "cpu"), ("cuda:1", False, "cuda:1")])
+async def test_chatterbox_adapter_loads_once_and_resamples_to_16k(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  setting: str, gpu_seen: bool, device: str) -> None:
+    import numpy as np
+
+    from worker.voice.audio import SAMPLE_RATE, rms
+
+    install_fake_chatterbox(monkeypatch, gpu_seen)
+    write_checkpoints(tmp_path, CHATTERBOX_CHECKPOINTS)
     engine = VoiceEngine(VoiceSettings(tts_backend="chatterbox", tts_model_dir=tmp_path, llm_backend="canned",
                                        tts_device=setting))
     await engine.start()

@@ -282,15 +282,22 @@ async def test_llm_timeout_is_an_evented_error(make_harness: MakeHarness, fake_l
     ids=["odd-bytes", "not-json", "audio-over-1s", "deeply-nested-json", "text-over-4kb"],
 )
 async def test_malformed_input_closes_with_clear_code(make_harness: MakeHarness, frame: Any, code: int) -> None:
+    """Malformed input closes the connection, not the session: the client is not told ``session_end`` (it used to
+    be, while the session went on holding its slot), and a new connection finds the session running."""
     h = await make_harness()
     await h.session()
     async with websockets.connect(h.url()) as ws:
         await ws.send(frame)
+        received: list[str | bytes] = []
         with pytest.raises(websockets.ConnectionClosed) as closed:
             while True:
-                await ws.recv()
+                received.append(await ws.recv())
     assert closed.value.rcvd is not None and closed.value.rcvd.code == code
-    assert "s1" in h.engine.sessions  # the session survives a bad connection
+    events = [json.loads(m)["type"] for m in received if isinstance(m, str)]
+    assert "session_end" not in events, events
+    assert "s1" in h.engine.sessions and not h.ended  # the session survives a bad connection
+    async with websockets.connect(h.url()) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "ready"
 
 
 async def test_auth_and_unknown_session(make_harness: MakeHarness) -> None:

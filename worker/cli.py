@@ -102,7 +102,7 @@ def calibrate(engine: str | None = None, simulate_gpu: str | None = None, max_co
     except CalibrationFailed as exc:
         print(f"calibration failed: {exc}")
         return 1
-    except VoiceError as exc:  # a model folder is missing: found when the engine starts
+    except VoiceError as exc:  # a model folder or backend package is missing: found when the engine starts
         return _refuse(str(exc))
     bound = "at least " if result.reached_max else ""
     print(f"real-time limit of this host for the {loaded.name} engine: {bound}{result.capacity} streams")

@@ -22,3 +22,12 @@ class BackendError(VoiceError):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(f"{stage}: {message}")
         self.stage = stage
+
+
+class BackendUnavailable(VoiceError):
+    """A configured backend cannot start on this host: its package is not installed, or ``setting`` names something
+    it does not have. Raised at start() like ModelMissing; the message says what to install or change."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.voice.audio import SAMPLE_RATE
-from worker.voice.errors import ModelMissing
+from worker.voice.errors import BackendUnavailable, ModelMissing
 from worker.voice.settings import VoiceSettings
 
 #: Sentences the default pocketsphinx domain language model is built from: a small LM recognises far better
@@ -222,7 +222,12 @@ class WhisperSTT:
             return
         if self.model_dir is None or not (self.model_dir / "model.bin").is_file():
             raise ModelMissing(self.model_dir, "FLEET_VOICE_WHISPER_MODEL_DIR")
-        module = importlib.import_module("faster_whisper")
+        try:
+            module = importlib.import_module("faster_whisper")
+        except ImportError as exc:
+            raise BackendUnavailable(f"the whisper STT backend needs the faster-whisper package ({exc}): "
+                                     f"pip install faster-whisper, or set FLEET_VOICE_STT_BACKEND=pocketsphinx",
+                                     "FLEET_VOICE_STT_BACKEND") from exc
         compute = "int8" if self.device == "cpu" else "default"
         self._model = module.WhisperModel(str(self.model_dir), device=self.device, compute_type=compute)
 

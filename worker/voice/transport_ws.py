@@ -225,7 +225,8 @@ def build_router(engine: VoiceEngine) -> APIRouter:
         if code == CLOSE_NORMAL:
             # The client's {"type": "end"}: the session is over, not just this connection; the worker frees the slot.
             await engine.end_session(session, reason)
-        if code >= 0:
             await transport.goodbye(code, reason)
+        elif code >= 0:  # malformed or too fast: only this connection closes; the session goes on, no session_end
+            await transport.close(reason, code)
 
     return router

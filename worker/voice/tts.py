@@ -12,13 +12,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.voice.audio import SAMPLE_RATE, float_to_pcm16, resample
-from worker.voice.errors import ModelMissing
+from worker.voice.errors import BackendUnavailable, ModelMissing
 from worker.voice.settings import VoiceSettings
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _ESPEAK_CHARS_UTF8 = 1
 _ESPEAK_RATE = 1
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+#: A Chatterbox model folder's files, as chatterbox's ``ChatterboxTTS.from_pretrained`` downloads them
+#: (resemble-ai/chatterbox, src/chatterbox/tts.py): ``from_local`` reads the first four, and conds.pt is the built-in
+#: voice it treats as optional but ``generate(text)`` needs without a voice prompt.
+CHATTERBOX_CHECKPOINTS = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
 
 
 class TTS(Protocol):
@@ -66,7 +70,8 @@ class _EspeakLib:
         with self.lock:
             if self._voice != (voice, rate_wpm):
                 if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                    raise RuntimeError(f"espeak-ng has no voice {voice!r} (FLEET_VOICE_TTS_VOICE)")
+                    raise BackendUnavailable(f"espeak-ng has no voice {voice!r}: set FLEET_VOICE_TTS_VOICE to one "
+                                             f"it has, such as en-us, en-gb, de or fr", "FLEET_VOICE_TTS_VOICE")
                 self.lib.espeak_SetParameter(_ESPEAK_RATE, rate_wpm, 0)
                 self._voice = (voice, rate_wpm)
             self._chunks = []
@@ -131,10 +136,15 @@ class ChatterboxTTS:
             return
         if self.model_dir is None or not self.model_dir.is_dir():
             raise ModelMissing(self.model_dir, "FLEET_VOICE_TTS_MODEL_DIR")
+        for name in CHATTERBOX_CHECKPOINTS:  # else chatterbox fails on the first one missing, with a traceback
+            if not (self.model_dir / name).is_file():
+                raise ModelMissing(self.model_dir / name, "FLEET_VOICE_TTS_MODEL_DIR")
         try:
             module = importlib.import_module("chatterbox.tts")
         except ImportError as exc:
-            raise RuntimeError("FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package") from exc
+            raise BackendUnavailable(f"FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package "
+                                     f"({exc}): pip install chatterbox-tts, or set FLEET_VOICE_TTS_BACKEND=espeak",
+                                     "FLEET_VOICE_TTS_BACKEND") from exc
         self._model = module.ChatterboxTTS.from_local(str(self.model_dir), self._resolved_device())
 
     def _resolved_device(self) -> str:
