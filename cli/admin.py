@@ -11,13 +11,14 @@ import json as jsonlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.cells import cell_len
+from rich.console import Console, RenderableType
+from rich.table import Column, Table
 
 from shared.auth import DEFAULT_ADMIN_TOKEN
 from shared.errors import SessionNotFound, WorkerUnknown
@@ -34,6 +35,22 @@ JsonOpt = typer.Option(False, "--json", help="Print the hub's JSON answer instea
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
+
+
+def _print_table(*tables: RenderableType) -> None:
+    """Fit a terminal; piped (rich would assume 80 columns), print at full width, so every cell can be grepped."""
+    if _out.is_terminal:
+        _out.print(*tables)
+        return
+    unbounded = _out.options.update_width(100_000)
+    width = max(_out.measure(table, options=unbounded).maximum for table in tables)
+    Console(highlight=False, width=max(width, 1)).print(*tables)
+
+
+def _id_column(header: str, ids: Iterable[str]) -> Column:
+    """A column of ids an SRE copies into ``fleet drain ID`` or greps for: never wrapped or cut, the others
+    shrink instead."""
+    return Column(header, no_wrap=True, min_width=max((cell_len(i) for i in ids), default=None))
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -147,8 +164,8 @@ def _load(worker: dict[str, Any]) -> str:
 
 
 def workers_table(workers: list[dict[str, Any]], title: str | None = None) -> Table:
-    table = Table("id", "region", "GPU", "state", "streams", "load", "GPU util", "latency", "heartbeat age",
-                  title=title)
+    table = Table(_id_column("id", (w["worker_id"] for w in workers)), "region", "GPU", "state", "streams", "load",
+                  "GPU util", "latency", "heartbeat age", title=title)
     for w in workers:
         table.add_row(w["worker_id"], w["region"], _gpu(w), _state(w), f"{w['used_streams']}/{w['max_streams']}",
                       _load(w), f"{w['gpu_utilization']:.0f}%", f"{w['latency_ms']:.0f} ms",
@@ -178,8 +195,7 @@ def show_worker(worker_id: str, hub: str = DEFAULT_HUB, json: bool = False,
     details.add_row("error rate", f"{w['error_rate']:.2%}")
     details.add_row("labels", ", ".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "—")
     details.add_row("registered", _utc(w["registered_at"]))
-    _out.print(summary)
-    _out.print(details)
+    _print_table(summary, details)
 
 
 def workers(
@@ -195,7 +211,7 @@ def workers(
         _print_json(data)
     else:
         n = len(data["workers"])
-        _out.print(workers_table(data["workers"], title=f"{n} worker{'s' * (n != 1)}"))
+        _print_table(workers_table(data["workers"], title=f"{n} worker{'s' * (n != 1)}"))
 
 
 def _steer(worker_id: str, hub: str, token: str, action: str) -> None:
@@ -237,14 +253,16 @@ def sessions(
     if json:
         _print_json(data)
         return
-    table = Table("session", "key", "worker", "region", "LiveKit", "status", "age", "origin",
-                  title=f"{len(data['sessions'])} session{'s' * (len(data['sessions']) != 1)}")
+    listed = data["sessions"]
+    # The session id begins with its worker's: the worker column may shrink in a narrow terminal.
+    table = Table(_id_column("session", (s["session_id"] for s in listed)), "key", "worker", "region", "LiveKit",
+                  "status", "age", "origin", title=f"{len(listed)} session{'s' * (len(listed) != 1)}")
     now = time.time()
     for s in data["sessions"]:
         origin = f"{s['location']['lat']:.1f}, {s['location']['lon']:.1f}" if s["location"] else "—"
         table.add_row(s["session_id"], s["session_key"] or "—", s["worker_id"], s["worker_region"],
                       s["livekit_region"], s["status"], _age(max(0.0, now - s["created_at"])), origin)
-    _out.print(table)
+    _print_table(table)
 
 
 def capacity(hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt) -> None:
@@ -259,7 +277,7 @@ def capacity(hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt) -> 
         style = "bold" if r is data["total"] else None
         table.add_row(r["region"], str(r["workers"]), str(r["ready_workers"]), str(r["used_streams"]),
                       str(r["free_streams"]), str(r["max_streams"]), full, style=style)
-    _out.print(table)
+    _print_table(table)
 
 
 LabelOpt = typer.Option(None, help="key=value: only workers with this label, as in a session request (repeat for "
@@ -294,15 +312,16 @@ def explain(
     loc = data["location"]
     _out.print(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({data['location_source']}), policy {data['policy']}, "
                f"LiveKit region {data['livekit_region'] or '—'}")
-    table = Table("#", "worker", "region", "score", "distance km", "rtt ms", "distance", "load", "latency",
-                  "capacity", "streams", title="candidates, best first")
+    table = Table("#", _id_column("worker", (c["worker_id"] for c in data["candidates"])), "region", "score",
+                  "distance km", "rtt ms", "distance", "load", "latency", "capacity", "streams",
+                  title="candidates, best first")
     for i, c in enumerate(data["candidates"], 1):
         f = c["factors"]
         table.add_row(f"{i}{' *' if c.get('near_best') else ''}", c["worker_id"], c["region"], f"{c['score']:.4f}",
                       f"{f['distance_km']:.0f}",
                       f"{f['rtt_ms']:.1f}", f"{f['distance']:.4f}", f"{f['load']:.4f}", f"{f['latency']:.4f}",
                       f"{f['capacity']:.4f}", f"{c['used_streams']}/{c['max_streams']}")
-    _out.print(table)
+    _print_table(table)
     if not data["candidates"]:
         _out.print("no live, ready worker with free capacity")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import typer
 import uvicorn
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cli import admin
@@ -107,8 +109,9 @@ def live_hub(redis_url: str) -> Iterator[LiveHub]:
         yield hub
 
 
-def fleet(hub: LiveHub, *args: str, token: str = ADMIN_TOKEN) -> Any:
-    return runner.invoke(app, [*args], env={"FLEET_HUB_URL": hub.url, "FLEET_ADMIN_TOKEN": token, "COLUMNS": "200"})
+def fleet(hub: LiveHub, *args: str, token: str = ADMIN_TOKEN, columns: int = 200) -> Any:
+    return runner.invoke(app, [*args], env={"FLEET_HUB_URL": hub.url, "FLEET_ADMIN_TOKEN": token,
+                                            "COLUMNS": str(columns)})
 
 
 def test_workers_table_and_json_show_the_registry(live_hub: LiveHub) -> None:
@@ -157,6 +160,41 @@ def test_sessions_lists_placed_sessions_with_their_origin(live_hub: LiveHub) -> 
     assert session["worker_id"] == "gpu-euc1-a" and session["location"] == {"lat": 48.85, "lon": 2.35}
     table = fleet(live_hub, "sessions")
     assert table.exit_code == 0 and "gpu-euc1-a" in table.output and "48.9, 2.4" in table.output
+
+
+def _ids_listed(hub: LiveHub) -> list[str]:
+    """Every worker and session id the hub holds, after adding a worker with an EC2 instance id (19 characters)."""
+    hub.register("i-0a1b2c3d4e5f60718", region="eu-central-1",
+                 gpus=[{"name": "NVIDIA Tesla T4", "vram_total_mb": 15360}])
+    workers = json.loads(fleet(hub, "workers", "--json").output)["workers"]
+    sessions = json.loads(fleet(hub, "sessions", "--json").output)["sessions"]
+    assert sessions and "i-0a1b2c3d4e5f60718" in {w["worker_id"] for w in workers}
+    return [w["worker_id"] for w in workers] + [s["session_id"] for s in sessions]
+
+
+def test_ids_print_whole_when_the_output_is_piped_at_80_columns(live_hub: LiveHub) -> None:
+    """Regression: piped (rich assumes 80 columns) or in an 80-column terminal, ids printed as ``i-0a1…``, which
+    ``fleet drain ID`` cannot take and grep cannot find."""
+    ids = _ids_listed(live_hub)
+    printed = "".join(fleet(live_hub, command, columns=80).output for command in ("workers", "sessions"))
+    for an_id in ids:
+        assert an_id in printed, printed
+    explained = fleet(live_hub, "explain", "--region", "eu-central-1", columns=80).output
+    assert "i-0a1b2c3d4e5f60718" in explained, explained
+
+
+def test_ids_stay_whole_in_an_80_column_terminal_and_the_other_columns_shrink(
+        live_hub: LiveHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = _ids_listed(live_hub)
+    screen = io.StringIO()
+    monkeypatch.setattr(admin, "_out", Console(file=screen, width=80, force_terminal=True, color_system=None,
+                                               highlight=False))
+    for command in ("workers", "sessions"):
+        assert fleet(live_hub, command, columns=80).exit_code == 0
+    printed = screen.getvalue()
+    for an_id in ids:
+        assert an_id in printed, printed
+    assert max(len(line) for line in printed.splitlines()) <= 80, printed
 
 
 def test_explain_ranks_candidates_with_every_factor(live_hub: LiveHub) -> None:
@@ -342,7 +380,7 @@ def test_uvicorn_never_logs_below_info_whatever_the_hub_logs(monkeypatch: pytest
     assert seen["log_level"] == "info"
     monkeypatch.setenv("FLEET_LOG_LEVEL", "warning")
     assert runner.invoke(app, ["hub"]).exit_code == 0
-    assert seen["log_level"] == "warning"
+    assert seen.get("log_level") == "warning"  # get(): mypy took the key for the "info" asserted above
 
 
 def _a_worker(**odd: Any) -> dict[str, Any]:
