@@ -26,6 +26,8 @@ ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "pending", "error")
 # hub.dispatch.DispatchOutcome values; "accepted" counts here when the worker took the session but its lease
 # could not be confirmed (it expired meanwhile).
 DISPATCH_FAILURE_REASONS = ("accepted", "full", "refused", "timeout", "unreachable")
+#: The ``state`` label of ``fleet_workers``: every one is exported for every region on the board, 0 when empty.
+WORKER_STATES = ("ready", "draining", "stale")
 #: Set (by ``fleet hub --workers N``) before any process imports prometheus_client: counters go to files there.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -94,32 +96,39 @@ class _BoardCollector(Collector):
         capacity = GaugeMetricFamily("fleet_streams_max",
                                      "Stream slots of live workers, draining ones included; fullness is 1 - free / "
                                      "max.", labels=["region"])
-        age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds", "Oldest heartbeat among live workers.",
-                                labels=["region"])
+        age = GaugeMetricFamily("fleet_heartbeat_age_max_seconds",
+                                "Oldest heartbeat among live workers; in a region with none live, its latest "
+                                "heartbeat: how long it has been silent.", labels=["region"])
         latency = GaugeMetricFamily("fleet_worker_latency_ms_max", "Highest reported engine latency.",
                                     labels=["region"])
         entries = list(self.board.entries.values())
         counts: dict[tuple[str, str], int] = {}
-        oldest_s: dict[str, float] = {}
+        oldest_live_ms: dict[str, int] = {}
+        latest_heard_ms: dict[str, int] = {}
         slowest_ms: dict[str, float] = {}
         for e in entries:
             live = alive(e.heartbeat_ms, now, ttl)
             state = ("draining" if e.state == "draining" else "ready") if live else "stale"
             counts[(e.region, state)] = counts.get((e.region, state), 0) + 1
-            oldest_s.setdefault(e.region, 0.0)
             slowest_ms.setdefault(e.region, 0.0)
+            if e.heartbeat_ms > 0:
+                latest_heard_ms[e.region] = max(latest_heard_ms.get(e.region, 0), e.heartbeat_ms)
             if live:
-                oldest_s[e.region] = max(oldest_s[e.region], (now - e.heartbeat_ms) / 1000)
+                oldest_live_ms[e.region] = min(oldest_live_ms.get(e.region, e.heartbeat_ms), e.heartbeat_ms)
                 slowest_ms[e.region] = max(slowest_ms[e.region], e.latency_ms)
-        for (region, state), n in sorted(counts.items()):
-            by_state.add_metric([region, state], n)
         # The API's and CloudWatch's own figures; a region whose workers are all stale reports zeros.
         by_region = {cap.region: cap for cap in capacity_by_region(entries, now, ttl).regions}
-        for region in sorted(oldest_s):
+        for region in sorted({e.region for e in entries}):
+            for state in WORKER_STATES:
+                by_state.add_metric([region, state], counts.get((region, state), 0))
             cap = by_region.get(region) or empty_capacity(region)
             used.add_metric([region], cap.used_streams)
             free.add_metric([region], cap.free_streams)
             capacity.add_metric([region], cap.max_streams)
-            age.add_metric([region], oldest_s[region])
+            # Not 0 when every worker went silent: that would read "healthy" just as FleetHeartbeatsLagging should
+            # fire. A region never heard from at all has no age to report.
+            heard_ms = oldest_live_ms.get(region, latest_heard_ms.get(region))
+            if heard_ms is not None:
+                age.add_metric([region], max(0.0, (now - heard_ms) / 1000))
             latency.add_metric([region], slowest_ms[region])
         yield from (by_state, used, free, capacity, age, latency)
