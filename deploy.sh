@@ -6,6 +6,7 @@
 #   ./deploy.sh deploy  --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json \
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
 #                       [--engine synthetic]   (the only engine the worker stack can run; see docs/deploy.md)
+#   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
 #
 # The first region is the home region (network, secrets, Redis, hubs); every region gets a network and a GPU
@@ -33,7 +34,7 @@ COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -129,7 +130,10 @@ require_deploy_inputs() {
   [[ -n $DOMAIN ]] || die "--domain is required"
   [[ " ${DEPLOYABLE_ENGINES[*]} " == *" $ENGINE "* ]] || die "--engine $ENGINE cannot be deployed" \
     "(choices: ${DEPLOYABLE_ENGINES[*]}); the voice engine is for local/dev use, see docs/deploy.md"
-  [[ -n $LIVEKIT_REGIONS_FILE ]] || die "--livekit-regions FILE is required (JSON list of {region,url,lat,lon})"
+  if [[ -z $LIVEKIT_REGIONS_FILE ]]; then
+    LIVEKIT_REGIONS_JSON="$(deployed_livekit_regions)" || exit 1
+    return 0
+  fi
   [[ -f $LIVEKIT_REGIONS_FILE ]] || die "no such file: $LIVEKIT_REGIONS_FILE"
   LIVEKIT_REGIONS_JSON="$(python3 - "$LIVEKIT_REGIONS_FILE" <<'PY'
 import json, sys
@@ -147,6 +151,32 @@ PY
 
 stack_name() {
   echo "gpu-fleet-$ENV_NAME-$1"
+}
+
+# Without --livekit-regions, the LiveKitRegions the hub stack was last deployed with: a re-deploy keeps them. A first
+# deployment has none to keep, so it stops and says what the file is. In dry-run mode, a placeholder.
+deployed_livekit_regions() {
+  local stack answer status value
+  stack="$(stack_name hub)"
+  local -a lookup=(cloudformation describe-stacks --region "$HOME_REGION" --stack-name "$stack" --query
+                   "Stacks[0].[StackStatus, Parameters[?ParameterKey=='LiveKitRegions'].ParameterValue | [0]]"
+                   --output text)
+  if [[ $DRY_RUN -eq 1 ]]; then
+    aws_query "<$stack.LiveKitRegions>" "${lookup[@]}"
+    return 0
+  fi
+  if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
+    [[ $answer == *"does not exist"* ]] || die "cannot read the LiveKitRegions of $stack in $HOME_REGION: $answer"
+    answer=""
+  fi
+  IFS=$'\t' read -r status value <<<"$answer" || true
+  if [[ -z $status || $status == REVIEW_IN_PROGRESS || -z $value || $value == None ]]; then
+    die "--livekit-regions FILE is required on a first deployment ($stack is not deployed in $HOME_REGION yet," \
+      "so there are no LiveKit regions to keep): the LiveKit SFUs the hubs hand sessions to, a JSON list with one" \
+      '{"region", "url", "lat", "lon"} per deployment and no keys (those live in the livekit-keys secret);' \
+      "see docs/deploy.md. Later deploys keep the hub stack's value unless given the flag again."
+  fi
+  echo "$value"
 }
 
 # The VPC CIDR of region number $1 of --regions (set by resolve_vpc_cidrs).

@@ -116,10 +116,9 @@ def test_hub_group_alb_dns_and_cloudfront() -> None:
     t = load("hub")
     asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     assert t["Parameters"]["MinSize"]["MinValue"] >= 2
-    assert asg["HealthCheckType"] == "ELB"
     assert "Fn::Split" in asg["VPCZoneIdentifier"]  # the three private subnets
     tg = one(t, "AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]
-    assert tg["HealthCheckPath"] == "/health"  # see test_hub_health_check_survives_a_redis_failover
+    assert tg["HealthCheckPath"] == "/ready"  # see test_hub_health_check_survives_a_redis_failover
     assert tg["Port"] == 8080
     listeners = [r["Properties"] for r in resources(t, "AWS::ElasticLoadBalancingV2::Listener")]
     https = [lst for lst in listeners if lst["Protocol"] == "HTTPS"]
@@ -236,15 +235,21 @@ def test_worker_user_data_sets_the_worker_environment() -> None:
 
 
 def test_hub_health_check_survives_a_redis_failover() -> None:
-    """The target group's check is the ASG's (HealthCheckType ELB): it must not depend on Redis, or a long failover
-    replaces every hub at once. /health answers while Redis is down; /ready does not."""
+    """The ALB sends traffic only to hubs that reach Redis (/ready), but that check must not be the ASG's: a long
+    Redis failover would mark every hub unhealthy and replace them all at once. The ASG replaces an instance that
+    fails EC2's checks; systemd restarts a hub process that dies."""
     t = load("hub")
-    assert one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]["HealthCheckType"] == "ELB"
+    asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert asg["HealthCheckType"] == "EC2"
     tg = one(t, "AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]
-    assert tg["HealthCheckPath"] == "/health"
+    assert tg["HealthCheckPath"] == "/ready"
     ops = (ROOT / "hub" / "api" / "ops.py").read_text()
-    health = ops.split('@router.get("/health")')[1].split("@router")[0]
-    assert "store" not in health and "ping" not in health  # the route really is Redis-free
+    ready = ops.split('@router.get("/ready"')[1].split("@router")[0]
+    assert "ping" in ready and "503" in ready  # the route really asks Redis, and says why it is not ready
+    script = one(t, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"][
+        "Fn::Sub"][0]
+    unit = script.split("fleet-hub.service <<'UNIT'")[1].split("UNIT")[0]
+    assert "Restart=always" in unit.splitlines() and "RestartSec=2" in unit.splitlines()
 
 
 def test_the_public_load_balancer_never_serves_metrics() -> None:

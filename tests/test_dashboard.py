@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_TOKEN
+from tests.harness import WorkerProcess
 from tests.test_cli_admin import LiveHub, seed
 
 CHROMIUM = "/usr/bin/chromium"
@@ -60,62 +61,73 @@ def test_the_shell_and_assets_load_without_auth_and_data_needs_it(live_hub: Live
 
 
 def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: LiveHub, tmp_path: Path) -> None:
+    """The fleet on screen includes a real `fleet worker` process (synthetic engine, simulated T4) that registered
+    and heartbeats on its own, beside workers registered through the API."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1250})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{live_hub.url}/dashboard")
-            sync_api.expect(page.locator("#app")).to_be_hidden()  # regression: CSS's display: grid beat `hidden`
+    real = WorkerProcess([live_hub.url], "wp-usw2-real", region="us-west-2").spawn()  # starts while Chromium does
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                real.wait_ready()
+                page = browser.new_page(viewport={"width": 1400, "height": 1250})
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{live_hub.url}/dashboard")
+                sync_api.expect(page.locator("#app")).to_be_hidden()  # regression: CSS's display: grid beat `hidden`
 
-            page.fill("#token", "not-the-token")
-            page.click("#login-button")
-            sync_api.expect(page.locator("#login-error")).to_contain_text("refused")
+                page.fill("#token", "not-the-token")
+                page.click("#login-button")
+                sync_api.expect(page.locator("#login-error")).to_contain_text("refused")
 
-            page.fill("#token", ADMIN_TOKEN)
-            page.click("#login-button")
-            rows = page.locator("#workers tbody tr")
-            sync_api.expect(rows).to_have_count(5)
-            sync_api.expect(page.locator('#workers tr[data-worker="gpu-sae1-a"] .state')).to_have_text("draining")
-            sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(3)
-            sync_api.expect(page.locator("#workers-layer circle")).to_have_count(5)
-            sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(3)
-            sync_api.expect(page.locator("#livekit rect")).to_have_count(3)
-            sync_api.expect(page.locator("#land path")).to_have_count(3)
-            sync_api.expect(page.locator('#capacity [data-region="eu-central-1"]')).to_contain_text("3/4 streams")
+                page.fill("#token", ADMIN_TOKEN)
+                page.click("#login-button")
+                rows = page.locator("#workers tbody tr")
+                sync_api.expect(rows).to_have_count(6)
+                sync_api.expect(page.locator('#workers tr[data-worker="gpu-sae1-a"] .state')).to_have_text("draining")
+                the_real_one = page.locator('#workers tr[data-worker="wp-usw2-real"]')
+                sync_api.expect(the_real_one.locator(".state")).to_have_text("ready")
+                sync_api.expect(the_real_one).to_contain_text("us-west-2")
+                sync_api.expect(the_real_one).to_contain_text("T4")
+                sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(3)
+                sync_api.expect(page.locator("#workers-layer circle")).to_have_count(6)
+                sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(3)
+                sync_api.expect(page.locator("#livekit rect")).to_have_count(3)
+                sync_api.expect(page.locator("#land path")).to_have_count(3)
+                sync_api.expect(page.locator('#capacity [data-region="eu-central-1"]')).to_contain_text("3/4 streams")
 
-            page.click('#workers th[data-key="used_streams"]')  # sortable: ascending then descending
-            page.click('#workers th[data-key="used_streams"]')
-            sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-euc1-a")
+                page.click('#workers th[data-key="used_streams"]')  # sortable: ascending then descending
+                page.click('#workers th[data-key="used_streams"]')
+                sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-euc1-a")
 
-            page.click('#workers tr[data-worker="gpu-use1-a"] button.drain')
-            with live_hub.admin() as client:
-                deadline = time.monotonic() + 5
-                while client.get("/api/v1/workers/gpu-use1-a").json()["state"] != "draining":
-                    assert time.monotonic() < deadline, "the drain click did not reach the hub"
-                    time.sleep(0.05)
-            sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-a"] button')).to_have_text("Resume")
+                page.click('#workers tr[data-worker="gpu-use1-a"] button.drain')
+                with live_hub.admin() as client:
+                    deadline = time.monotonic() + 5
+                    while client.get("/api/v1/workers/gpu-use1-a").json()["state"] != "draining":
+                        assert time.monotonic() < deadline, "the drain click did not reach the hub"
+                        time.sleep(0.05)
+                sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-a"] button')).to_have_text("Resume")
 
-            page.reload()  # the token survives a reload (sessionStorage), the refresh loop restarts
-            sync_api.expect(rows).to_have_count(5)
-            shot = tmp_path / "dashboard.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            if os.environ.get("UPDATE_DASHBOARD_SCREENSHOT"):
-                shutil.copy(shot, SCREENSHOT)
+                page.reload()  # the token survives a reload (sessionStorage), the refresh loop restarts
+                sync_api.expect(rows).to_have_count(6)
+                shot = tmp_path / "dashboard.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 10_000
+                if os.environ.get("UPDATE_DASHBOARD_SCREENSHOT"):
+                    shutil.copy(shot, SCREENSHOT)
 
-            page.click("#logout")  # regression: the fleet stayed on screen after signing out
-            sync_api.expect(page.locator("#app")).to_be_hidden()
-            sync_api.expect(page.locator("#login")).to_be_visible()
-            sync_api.expect(rows).to_have_count(0)
-            sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(0)
-            assert errors == []
-        finally:
-            browser.close()
+                page.click("#logout")  # regression: the fleet stayed on screen after signing out
+                sync_api.expect(page.locator("#app")).to_be_hidden()
+                sync_api.expect(page.locator("#login")).to_be_visible()
+                sync_api.expect(rows).to_have_count(0)
+                sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(0)
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        real.stop()
 
 
 def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:

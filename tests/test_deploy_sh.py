@@ -55,7 +55,30 @@ print("None" if found is None else found)' "$FAKE_HOSTED_ZONES" "$(arg --query)"
     fi
     echo "output-of-$key" ;;
   # With FAKE_STATE_DIR, stacks have a status (one file per region and stack) as CloudFormation keeps it: a CREATE
-  # change set makes a REVIEW_IN_PROGRESS stack, which refuses UPDATE change sets.
+  # change set makes a REVIEW_IN_PROGRESS stack, which refuses UPDATE change sets. A deploy records the parameters
+  # it passed (<state>.parameters.json), which a --query on Parameters reads, as aws would.
+  *"describe-stacks"*ParameterKey*)
+    state="${{FAKE_STATE_DIR:-/no-state}}/$(arg --region)-$(arg --stack-name)"
+    if [[ ! -f $state ]]; then
+      echo "An error occurred (ValidationError): Stack with id $(arg --stack-name) does not exist" >&2
+      exit 254
+    fi
+    exec {sys.executable} -c 'import json, os, sys, jmespath
+state, query = sys.argv[1:]
+given = json.load(open(state + ".parameters.json")) if os.path.exists(state + ".parameters.json") else {{}}
+stack = {{"StackStatus": open(state).read().strip(),
+          "Parameters": [{{"ParameterKey": k, "ParameterValue": v}} for k, v in given.items()]}}
+found = jmespath.search(query, {{"Stacks": [stack]}})
+text = lambda value: "None" if value is None else str(value)
+print("\\t".join(map(text, found)) if isinstance(found, list) else text(found))' "$state" "$(arg --query)" ;;
+  "cloudformation deploy"*)
+    if [[ -n "${{FAKE_STATE_DIR:-}}" ]]; then
+      state="$FAKE_STATE_DIR/$(arg --region)-$(arg --stack-name)"
+      [[ -f $state ]] && echo UPDATE_COMPLETE > "$state" || echo CREATE_COMPLETE > "$state"
+      exec {sys.executable} -c 'import json, sys
+given = sys.argv[sys.argv.index("--parameter-overrides") + 1:]
+json.dump(dict(p.split("=", 1) for p in given), open(sys.argv[1] + ".parameters.json", "w"))' "$state" "$@"
+    fi ;;
   "cloudformation describe-stacks"*)
     if [[ -n "${{FAKE_STATE_DIR:-}}" ]]; then
       state="$FAKE_STATE_DIR/$(arg --region)-$(arg --stack-name)"
@@ -482,3 +505,63 @@ def test_the_hosted_zone_lookup_ignores_private_zones(env: dict[str, str], tmp_p
                        extra_env={"FAKE_HOSTED_ZONES": str(zones)})
     assert only_private.rc != 0 and "no hosted zone found for fleet.example.com" in only_private.out
     assert not only_private.aws("cloudformation", "deploy")
+
+
+# --- --livekit-regions on a re-deploy ----------------------------------------------------------------------------
+
+def _hub_livekit_regions(result: Run) -> str:
+    [hub] = [c for c in result.aws("cloudformation", "deploy") if "gpu-fleet-prod-hub" in c]
+    [value] = [a.removeprefix("LiveKitRegions=") for a in hub if a.startswith("LiveKitRegions=")]
+    return value
+
+
+def test_a_redeploy_without_livekit_regions_keeps_the_hub_stacks_value(env: dict[str, str], tmp_path: Path) -> None:
+    """The issue's own command (no --livekit-regions) was refused even when the hubs already had their regions."""
+    state = tmp_path / "stacks"
+    state.mkdir()
+    first = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                extra_env={"FAKE_STATE_DIR": str(state)})
+    assert first.rc == 0, first.out
+    deployed = _hub_livekit_regions(first)
+    assert json.loads(deployed) == json.loads(Path(env["LIVEKIT"]).read_text())
+
+    Path(env["FAKE_LOG"]).unlink()
+    again = run(env, "deploy", "--env", "prod", "--regions", REGIONS, "--domain", "fleet.example.com",
+                extra_env={"FAKE_STATE_DIR": str(state)})
+    assert again.rc == 0, again.out
+    assert _hub_livekit_regions(again) == deployed
+    [lookup] = [c for c in again.aws("cloudformation", "describe-stacks") if "LiveKitRegions" in c[-3]]
+    assert lookup[lookup.index("--region") + 1] == "us-east-1"
+    assert len(again.aws("cloudformation", "deploy")) == 7
+
+    Path(env["FAKE_LOG"]).unlink()
+    planned = run(env, "plan", *DEPLOY_ARGS, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert planned.rc == 0, planned.out
+    assert len(planned.aws("cloudformation", "create-change-set")) == 7
+
+
+def test_a_first_deploy_without_livekit_regions_says_why_it_needs_the_file(env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    state = tmp_path / "stacks"
+    state.mkdir()
+    for command in ("deploy", "plan"):
+        result = run(env, command, *DEPLOY_ARGS, extra_env={"FAKE_STATE_DIR": str(state)})
+        assert result.rc != 0
+        assert "first deployment" in result.out and "--livekit-regions FILE" in result.out, result.out
+        assert '{"region", "url", "lat", "lon"}' in result.out and "gpu-fleet-prod-hub" in result.out
+        assert not result.aws("cloudformation", "deploy") and not result.aws("cloudformation", "create-change-set")
+        assert not result.aws("s3")
+    # A plan's CREATE change set leaves an empty stack in REVIEW_IN_PROGRESS: still a first deployment.
+    (state / "us-east-1-gpu-fleet-prod-hub").write_text("REVIEW_IN_PROGRESS\n")
+    reviewed = run(env, "deploy", *DEPLOY_ARGS, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert reviewed.rc != 0 and "first deployment" in reviewed.out, reviewed.out
+
+
+def test_a_dry_run_without_livekit_regions_prints_the_lookup(env: dict[str, str]) -> None:
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS)
+    assert result.rc == 0, result.out
+    assert [c[0] for c in result.calls] == ["cfn-lint"]
+    assert "+ aws cloudformation describe-stacks --region us-east-1 --stack-name gpu-fleet-prod-hub" in result.out
+    [hub] = [line for line in result.out.splitlines()
+             if line.startswith("+ aws cloudformation deploy") and "--stack-name gpu-fleet-prod-hub " in line]
+    assert "LiveKitRegions=\\<gpu-fleet-prod-hub.LiveKitRegions\\>" in hub
