@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from shared.models import WorkerRegistration
+from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
     ADMIN_AUTH,
     ADMIN_TOKEN,
@@ -19,6 +21,7 @@ from tests.conftest import (
     register,
     registration,
 )
+from tests.harness import WorkerProcess, running_hubs
 from worker.engines.synthetic import SyntheticEngine
 from worker.hub_client import HubClient
 from worker.sessions import SessionManager
@@ -77,3 +80,35 @@ def test_a_hub_url_with_credentials_is_described_without_them() -> None:
     client = HubClient([hub_url], WORKER_TOKEN, reg, SessionManager(SyntheticEngine(), 1))
     client.hub_url = hub_url  # as after a heartbeat it answered
     assert client.describe()["hub"] == "https://hub.example:8443"
+
+
+def test_no_secret_reaches_the_logs_or_metrics_of_real_processes(redis_server: EmbeddedRedis) -> None:
+    """The same search over what real `fleet hub` and `fleet worker` processes write at DEBUG (uvicorn's and the
+    libraries' lines included, which the in-process test above cannot capture) and serve on /metrics and /health,
+    through a session's whole life and the worker's drain."""
+    if not redis_server.running:  # a fault test may have stopped it
+        redis_server.start()
+    livekit = json.dumps([{"region": "eu", "url": "wss://lk", "lat": 50, "lon": 8, "api_key": "key",
+                           "api_secret": LIVEKIT_SECRET}])
+    with running_hubs(1, redis_server.url, log_level="DEBUG", livekit_regions=livekit) as [hub]:
+        worker = WorkerProcess([hub.url], "wp-secrets", log_level="DEBUG").start()
+        try:
+            httpx.get(f"{hub.url}/api/v1/workers", headers=ADMIN_AUTH, timeout=10)  # reads the board afresh
+            created = httpx.post(f"{hub.url}/api/v1/sessions", json={"session_key": "k"}, timeout=10)
+            assert created.status_code == 201, created.text
+            session = created.json()
+            served = [httpx.get(f"{hub.url}/metrics", timeout=10).text,
+                      httpx.get(f"{worker.url}/metrics", timeout=10).text,
+                      httpx.get(f"{worker.url}/health", timeout=10).text,
+                      httpx.get(f"{hub.url}/api/v1/sessions", headers=ADMIN_AUTH, timeout=10).text,
+                      httpx.get(f"{hub.url}/api/v1/workers", headers={"Authorization": "Bearer wrong"},
+                                timeout=10).text]
+            assert httpx.delete(f"{hub.url}/api/v1/sessions/{session['session_id']}", timeout=10).status_code == 204
+        finally:
+            assert worker.stop() == 0  # drains and deregisters, logging as it goes
+        logged = hub.log_tail(10_000_000) + worker.log_tail(10_000_000)
+    # Both processes' own lines, DEBUG ones among them: an empty search would prove nothing.
+    assert all(part in logged for part in (" DEBUG ", "hub.registry", "worker.hub_client", "Uvicorn running")), logged
+    for secret in (WORKER_TOKEN, ADMIN_TOKEN, LIVEKIT_SECRET, session["livekit"]["token"]):
+        assert secret not in logged
+        assert all(secret not in text for text in served)
