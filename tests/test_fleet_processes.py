@@ -1,5 +1,5 @@
-"""Fault injection with REAL processes end to end: a real Redis, three `fleet hub` and eight `fleet worker`
-processes (synthetic engine, simulated T4s, 4 streams each) talking over loopback HTTP.
+"""Fault injection with REAL processes end to end: a real Redis (the single server; the burst and the killed worker
+also on the 3-master cluster), three `fleet hub` and eight `fleet worker` processes (synthetic engine, simulated T4s, 4 streams each) talking over loopback HTTP.
 
 Where tests/test_faults.py uses fake worker endpoints, here every session really runs in a worker process, every
 heartbeat is the agent's own, and the truth about a worker is its own ``GET /sessions`` (worker token auth). The
@@ -26,7 +26,7 @@ import redis
 
 from shared import keys
 from shared.redis_server import EmbeddedRedis
-from tests.conftest import ADMIN_AUTH, WORKER_AUTH
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, flush, sync_redis
 from tests.harness import HubProcess, WorkerProcess, running_hubs, running_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,34 +44,55 @@ WORKERS, STREAMS = 8, 4
 
 @dataclass
 class Fleet:
-    server: EmbeddedRedis
+    redis_url: str
     hubs: list[HubProcess]
     workers: list[WorkerProcess]
+    server: EmbeddedRedis | None  # the standalone server the restart tests stop; None on the cluster
 
     @property
     def capacity(self) -> int:
         return sum(w.max_streams for w in self.workers)
 
-    def store(self) -> redis.Redis:
-        return redis.Redis.from_url(self.server.url, decode_responses=True)
+    def store(self) -> redis.Redis | redis.RedisCluster:
+        return sync_redis(self.redis_url, decode_responses=True)
+
+    @property
+    def standalone(self) -> EmbeddedRedis:
+        assert self.server is not None, "a restart test runs on the standalone server only"
+        return self.server
 
 
-@pytest.fixture(scope="module")
-def fleet_processes(redis_server: EmbeddedRedis) -> Iterator[Fleet]:
-    if not redis_server.running:
-        redis_server.start()
-    redis.Redis.from_url(redis_server.url).flushall()
-    with running_hubs(3, redis_server.url, **HUB_TIMINGS) as hubs, \
+#: Tests that stop and restart the Redis server run on the standalone one only.
+STANDALONE_ONLY = pytest.mark.parametrize("fleet_processes", ["standalone"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def fleet_processes(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> Iterator[Fleet]:
+    """The fleet on the single server or on the 3-master cluster (pytest runs one fleet's tests, then the other's)."""
+    server: EmbeddedRedis | None = None
+    if request.param == "cluster":
+        nodes: list[EmbeddedRedis] = request.getfixturevalue("redis_cluster")
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    else:
+        if not redis_server.running:
+            redis_server.start()
+        server, url = redis_server, redis_server.url
+    client = sync_redis(url)
+    try:
+        flush(client)
+    finally:
+        client.close()
+    with running_hubs(3, url, **HUB_TIMINGS) as hubs, \
             running_workers([h.url for h in hubs], WORKERS, max_streams=STREAMS, drain_timeout_s=2,
                             log_level="INFO") as workers:
-        yield Fleet(redis_server, hubs, workers)
+        yield Fleet(url, hubs, workers, server)
 
 
 @pytest.fixture
 async def fleet(fleet_processes: Fleet) -> Fleet:
     """The shared fleet, reset: Redis up, every worker process running and registered, no session anywhere."""
     f = fleet_processes
-    if not f.server.running:  # a failed outage test
+    if f.server is not None and not f.server.running:  # a failed outage test
         f.server.start()
     for w in f.workers:
         if not w.running:  # a failed kill test
@@ -256,6 +277,7 @@ async def _routable_everywhere(http: httpx.AsyncClient, f: Fleet, worker_id: str
     return True
 
 
+@STANDALONE_ONLY
 @pytest.mark.timeout(60)
 async def test_redis_restart_hubs_refuse_cleanly_recover_and_workers_keep_their_sessions(fleet: Fleet) -> None:
     """Redis stops and comes back with its data (a restart with persistence, or a failover): meanwhile every hub
@@ -268,7 +290,7 @@ async def test_redis_restart_hubs_refuse_cleanly_recover_and_workers_keep_their_
         hub_pids = [h.proc.pid for h in fleet.hubs if h.proc]
 
         fleet.store().save()
-        fleet.server.stop()
+        fleet.standalone.stop()
         outage_started = time.monotonic()
         for hub in fleet.hubs:
             assert_clean_503(await http.get(f"{hub.url}/ready"), {"store_unavailable"})
@@ -276,7 +298,7 @@ async def test_redis_restart_hubs_refuse_cleanly_recover_and_workers_keep_their_
         await asyncio.sleep(max(0.0, TTL_S + 0.5 - (time.monotonic() - outage_started)))  # longer than a TTL
         for w in fleet.workers:  # heartbeats have been failing for a while: sessions keep running
             assert await own_sessions(http, w) == before[w.worker_id]
-        fleet.server.start()
+        fleet.standalone.start()
 
         recovered = await wait_until(lambda: _all_ready(http, fleet), 10, "hubs ready again")
         await wait_until(lambda: redis_matches_workers(http, fleet), 10, "Redis to match every worker again")
@@ -288,6 +310,7 @@ async def test_redis_restart_hubs_refuse_cleanly_recover_and_workers_keep_their_
         assert more.status_code == 201, (more.text, recovered)
 
 
+@STANDALONE_ONLY
 @pytest.mark.timeout(60)
 async def test_redis_restarted_empty_workers_reregister_and_stop_what_it_forgot(fleet: Fleet) -> None:
     """Redis comes back EMPTY (README, "not guaranteed"): each worker is told it is unknown, registers again, and
@@ -299,8 +322,8 @@ async def test_redis_restarted_empty_workers_reregister_and_stop_what_it_forgot(
         r = fleet.store()
         r.flushall()
         r.save()  # the restart below then loads an empty dataset
-        fleet.server.stop()
-        fleet.server.start()
+        fleet.standalone.stop()
+        fleet.standalone.start()
         # Registered again means in Redis: a hub's mirror (and a worker's /health) can still show the worker as it
         # was before the wipe, and a burst routed on that view gets clean 503s until the mirror catches up.
         await wait_until(lambda: _registered_in_redis(fleet), 15, "every worker registered again")
