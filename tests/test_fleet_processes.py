@@ -1,5 +1,6 @@
 """Fault injection with REAL processes end to end: a real Redis (the single server; the burst and the killed worker
-also on the 3-master cluster), three `fleet hub` and eight `fleet worker` processes (synthetic engine, simulated T4s, 4 streams each) talking over loopback HTTP.
+also on the 3-master cluster), three `fleet hub` and eight `fleet worker` processes (synthetic engine, simulated
+T4s, 4 streams each) talking over loopback HTTP.
 
 Where tests/test_faults.py uses fake worker endpoints, here every session really runs in a worker process, every
 heartbeat is the agent's own, and the truth about a worker is its own ``GET /sessions`` (worker token auth). The
