@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 #: A session this hub told a worker to stop is not stopped again through its DELETE within this time (its heartbeats
 #: may name it a few more times before the stop lands).
 _STOP_AGAIN_AFTER_S = 30.0
-#: Remembered stops beyond this number make the next stop forget the ones older than ``_STOP_AGAIN_AFTER_S``.
-_STOPS_REMEMBERED = 4096
 
 
 class Registry:
@@ -48,7 +47,8 @@ class Registry:
         self.metrics = metrics
         self.workers = workers
         self.background = background
-        self._stopped_at: dict[str, float] = {}  # sessions this hub stopped through a worker's DELETE: when
+        #: Sessions this hub stopped through a worker's DELETE, oldest first, and when.
+        self._stopped_at: OrderedDict[str, float] = OrderedDict()
 
     async def register(self, reg: WorkerRegistration, presented_secret: str | None,
                        proposed_secret: str | None = None) -> RegistrationAccepted:
@@ -109,12 +109,13 @@ class Registry:
         if entry is None:
             return  # not on this hub's board yet: the answer's stop_sessions still reaches the worker
         now = time.monotonic()
-        due = [sid for sid in session_ids if now - self._stopped_at.get(sid, float("-inf")) >= _STOP_AGAIN_AFTER_S]
+        stopped = self._stopped_at
+        while stopped and now - next(iter(stopped.values())) >= _STOP_AGAIN_AFTER_S:
+            stopped.popitem(last=False)  # forgotten from the oldest end: the work grows with the stops, not the list
+        due = [sid for sid in session_ids if sid not in stopped]
         if not due:
             return
-        if len(self._stopped_at) >= _STOPS_REMEMBERED:
-            self._stopped_at = {sid: at for sid, at in self._stopped_at.items() if now - at < _STOP_AGAIN_AFTER_S}
-        self._stopped_at.update(dict.fromkeys(due, now))
+        stopped.update(dict.fromkeys(due, now))
         self.background.spawn(self._stop_each(entry.url, due), name=f"stop unknown sessions on {worker_id}")
 
     async def _stop_each(self, worker_url: str, session_ids: list[str]) -> None:

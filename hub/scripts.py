@@ -20,9 +20,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # Shared prelude: the Redis clock, and dropping leases whose time has passed (with their records).
 #
-# A pending lease (never confirmed) is dropped at its own expiry: no confirmation can take it any more (CONFIRM
-# refuses a lapsed one), so its slot comes back within the lease, heartbeat or not. An active lease is dropped only
-# once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
+# A pending lease (never confirmed) that lapsed is dropped by the next reservation, registration or heartbeat on its
+# worker, and counts for nothing meanwhile: no confirmation can take it any more (CONFIRM refuses a lapsed one), so
+# its slot comes back within the lease, heartbeat or not. Until it is dropped, a heartbeat that reports its session
+# adopts it (a failover may have lost the confirmation of a session a client holds). An active lease is dropped
+# only once a heartbeat after its expiry has not renewed it: by the heartbeat itself, or by
 # ``purge_expired(judged_up_to())`` elsewhere. One that lapsed since the worker's last heartbeat is the next
 # heartbeat's to renew or drop: it may have lapsed only because no heartbeat could reach Redis (an outage longer
 # than the lease). A dead worker's leases count for nothing (it is out of routing, listings skip expired leases)
@@ -128,20 +130,18 @@ if redis.call('HGET', KEYS[1], 'secret') ~= ARGV[1] then return {-1} end
 local reported = {}
 for i = 8, #ARGV do reported[ARGV[i]] = true end
 local extend_to = now + tonumber(ARGV[2])
--- Renew before purging: an active lease that lapsed only because no heartbeat could reach Redis (an outage longer
--- than the lease) still holds its slot and record, and the worker says it runs the session, so the session goes on.
+-- Renew before purging: a lease that lapsed only because no heartbeat could reach Redis (an outage longer than the
+-- lease) still holds its slot and record, and the worker says it runs the session, so the session goes on.
 -- A slot that any other script has reused since was purged with its record, and its session is told to stop below.
-local leases = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-for i = 1, #leases, 2 do
-  local sid = leases[i]
-  local confirmed = redis.call('HGET', KEYS[3], sid)
-  if reported[sid] and (confirmed or tonumber(leases[i + 1]) > now) then
-    -- The worker runs it: a pending lease whose confirmation was lost is adopted here while it lasts (a lapsed one
-    -- can no longer be confirmed: it is dropped below and its session told to stop).
-    if not confirmed then redis.call('HSET', KEYS[3], sid, now) end
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if reported[sid] then
+    -- The worker runs it: a pending lease whose confirmation was lost is adopted here, even one that lapsed if no
+    -- other script dropped it first (a failover may have lost the confirmation of a session a client holds).
+    redis.call('HSETNX', KEYS[3], sid, now)
     redis.call('ZADD', KEYS[2], extend_to, sid)
     reported[sid] = nil
-  elseif not reported[sid] then
+  else
+    local confirmed = redis.call('HGET', KEYS[3], sid)
     local gone = false
     if confirmed then
       local at, accepted = string.match(confirmed, '^(%d+):?(%d*)$')

@@ -1,6 +1,6 @@
-"""Reconciliation's other half: a session a worker runs that the hub does not hold is stopped through the worker's
-own ``DELETE /sessions/{id}``, not only named in the heartbeat's answer (a worker that ignores ``stop_sessions``
-must not keep an uncounted session)."""
+"""Reconciliation: a session a worker runs that the hub does not hold is stopped through the worker's own
+``DELETE /sessions/{id}``, not only named in the heartbeat's answer (a worker that ignores ``stop_sessions`` must not
+keep an uncounted session); an unconfirmed lease gives its slot back at its own expiry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
+from hub import registry as registry_module
 from tests.conftest import heartbeat, refresh, register, wait_for
 
 STRANGER = "w-1~strangerxyz1"
@@ -27,6 +29,21 @@ async def test_a_session_the_hub_does_not_hold_is_stopped_through_the_workers_de
     await asyncio.sleep(0.2)  # any DELETE the other heartbeats started has landed by now
     assert worker.stopped == [STRANGER]  # once, not once per heartbeat
     assert STRANGER not in worker.sessions
+
+
+async def test_a_session_still_reported_after_the_window_is_stopped_again(hub: httpx.AsyncClient, make_worker: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "_STOP_AGAIN_AFTER_S", 0.3)
+    worker = await make_worker()
+    reg = await register(hub, "w-1", worker)
+    await refresh(hub)
+    for stranger in (STRANGER, "w-1~strangerxyz2"):
+        await heartbeat(hub, "w-1", reg["worker_secret"], [stranger])
+    await wait_for(lambda: len(worker.stopped) == 2, 5, "both DELETEs")
+    await asyncio.sleep(0.4)  # past the window: the worker (which ignored the stops) reports the first one again
+    await heartbeat(hub, "w-1", reg["worker_secret"], [STRANGER])
+    await wait_for(lambda: len(worker.stopped) == 3, 5, "the DELETE again")
+    assert worker.stopped == [STRANGER, "w-1~strangerxyz2", STRANGER]
 
 
 async def test_a_session_the_hub_holds_is_never_stopped(hub: httpx.AsyncClient, make_worker: Any) -> None:
@@ -73,20 +90,25 @@ async def test_a_confirmed_lease_that_lapsed_waits_for_a_heartbeat(make_hub: Any
     assert reply["used_streams"] == 1 and reply["stop_sessions"] == []  # renewed: the session goes on
 
 
-async def test_a_heartbeat_does_not_adopt_a_pending_lease_that_lapsed(make_hub: Any, make_worker: Any) -> None:
-    """A lapsed pending lease can no longer be confirmed, so a heartbeat that reports its session (the worker took
-    it, its hub never confirmed) stops it rather than keep a session no client was told of; a pending lease that
-    still lasts is adopted as before."""
+async def test_a_lapsed_pending_lease_is_adopted_by_a_heartbeat_unless_a_reservation_dropped_it_first(
+        make_hub: Any, make_worker: Any) -> None:
+    """A failover that lost a confirmation leaves a pending lease for a session a client holds: the worker's heartbeat
+    keeps it, even after the lease lapsed, as long as no reservation has dropped it (and taken its slot) first."""
     hub = await make_hub(pending_lease_s=0.4, worker_ttl_s=30.0, heartbeat_interval_s=10.0)
-    worker = await make_worker(max_streams=2)
+    worker = await make_worker(max_streams=1)
     reg = await register(hub, "w-1", worker)
-    await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    secret = reg["worker_secret"]
+    await heartbeat(hub, "w-1", secret, [])
     store = hub.app.state.hub.store
-    assert (await store.reserve("w-1", "w-1~lapsedlease1", {"worker_id": "w-1"})).ok
+    assert (await store.reserve("w-1", "w-1~confirmlost1", {"worker_id": "w-1"})).ok
     await asyncio.sleep(0.5)
-    assert (await store.reserve("w-1", "w-1~stillpending", {"worker_id": "w-1"})).ok
-    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~lapsedlease1", "w-1~stillpending"])).json()
-    assert reply["stop_sessions"] == ["w-1~lapsedlease1"] and reply["used_streams"] == 1
-    await asyncio.sleep(0.5)  # past the second one's pending lease too: adopted, so the heartbeat renewed it
-    reply = (await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~stillpending"])).json()
-    assert reply["stop_sessions"] == [] and reply["used_streams"] == 1
+    reply = (await heartbeat(hub, "w-1", secret, ["w-1~confirmlost1"])).json()
+    assert reply["stop_sessions"] == [] and reply["used_streams"] == 1  # adopted: the session goes on
+    assert not (await store.reserve("w-1", "w-1~wantsthatslot", {"worker_id": "w-1"})).ok
+
+    assert (await store.release("w-1", "w-1~confirmlost1")).held
+    assert (await store.reserve("w-1", "w-1~confirmlost2", {"worker_id": "w-1"})).ok
+    await asyncio.sleep(0.5)
+    assert (await store.reserve("w-1", "w-1~tookitfirst1", {"worker_id": "w-1"})).ok  # drops the lapsed one
+    reply = (await heartbeat(hub, "w-1", secret, ["w-1~confirmlost2"])).json()
+    assert reply["stop_sessions"] == ["w-1~confirmlost2"] and reply["used_streams"] == 1
