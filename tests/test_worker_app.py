@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -86,6 +87,18 @@ async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
     assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 204
     assert (await client.delete("/sessions/a", headers=AUTH)).status_code == 404
     assert (await client.delete("/sessions/a")).status_code == 401
+
+
+async def test_a_session_started_and_stopped_here_is_in_the_workers_log(worker: Any,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An SRE following one session finds where it ran: its start and its stop are logged, with the slots in use."""
+    client, _ = worker
+    caplog.set_level(logging.INFO, logger="worker.sessions")
+    assert (await client.post("/sessions", json=dispatch("traced"), headers=AUTH)).status_code == 201
+    assert (await client.delete("/sessions/traced", headers=AUTH)).status_code == 204
+    lines = [r.getMessage() for r in caplog.records if "traced" in r.getMessage()]
+    assert lines == ["session traced started (room room-traced); 1 of 5 streams in use",
+                     "session traced stopped; 0 of 5 streams in use"], lines
 
 
 async def test_a_session_id_no_heartbeat_could_list_is_refused(worker: Any) -> None:

@@ -172,6 +172,8 @@ class SessionManager:
                                      started_at=time.time(), accepted_at_seq=self.heartbeat_seq)
             self.sessions[spec.session_id] = info
             self.metrics.dispatches.labels("accepted").inc()
+            log.info("session %s started (room %s); %d of %d streams in use", spec.session_id, spec.room,
+                     len(self.sessions), self.max_streams)
             self._notify()
             return info
 
@@ -211,6 +213,7 @@ class SessionManager:
         self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is None:
             return None
+        log.info("session %s stopped; %d of %d streams in use", session_id, len(self.sessions), self.max_streams)
         stopping = asyncio.create_task(self._stop_in_engine(session_id), name=f"stopping session {session_id}")
         self._engine_stops.add(stopping)
         stopping.add_done_callback(self._engine_stops.discard)
