@@ -30,15 +30,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # than the lease). A dead worker's leases count for nothing (it is out of routing, listings skip expired leases)
 # and go with its keys.
 _PRELUDE = _CLOCK + """
--- Drop lapsed leases with their records: pending ones up to now, active ones up to ``upto`` (<= now).
+-- Drop one lease with its confirmation and record.
+local function drop_lease(sid)
+  redis.call('ZREM', KEYS[2], sid)
+  redis.call('HDEL', KEYS[3], sid)
+  redis.call('HDEL', KEYS[4], sid)
+end
+-- Drop lapsed leases: pending ones up to now, active ones up to ``upto`` (<= now).
 local function purge_expired(upto)
   local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
   for i = 1, #lapsed, 2 do
-    local sid = lapsed[i]
-    if tonumber(lapsed[i + 1]) <= upto or redis.call('HEXISTS', KEYS[3], sid) == 0 then
-      redis.call('ZREM', KEYS[2], sid)
-      redis.call('HDEL', KEYS[3], sid)
-      redis.call('HDEL', KEYS[4], sid)
+    if tonumber(lapsed[i + 1]) <= upto or redis.call('HEXISTS', KEYS[3], lapsed[i]) == 0 then
+      drop_lease(lapsed[i])
     end
   end
 end
@@ -154,11 +157,7 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
         gone = now - tonumber(at) > tonumber(ARGV[3])
       end
     end
-    if gone then
-      redis.call('ZREM', KEYS[2], sid)
-      redis.call('HDEL', KEYS[3], sid)
-      redis.call('HDEL', KEYS[4], sid)
-    end
+    if gone then drop_lease(sid) end
   end
 end
 purge_expired(now)
