@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class VoiceError(Exception):
     """Base of the voice engine's errors."""
@@ -31,3 +34,13 @@ class BackendUnavailable(VoiceError):
     def __init__(self, message: str, setting: str) -> None:
         super().__init__(message)
         self.setting = setting
+
+
+def import_backend(module: str, *, needed_by: str, package: str, setting: str, instead: str) -> ModuleType:
+    """``module``, imported when its backend starts; a missing package is a BackendUnavailable naming what to
+    install, or the setting (``instead``) that picks a backend this host has."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{needed_by} needs the {package} package ({exc}): pip install {package}, or set "
+                                 f"{instead}", setting) from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import io
 import re
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.voice.audio import SAMPLE_RATE
-from worker.voice.errors import BackendUnavailable, ModelMissing
+from worker.voice.errors import ModelMissing, import_backend
 from worker.voice.settings import VoiceSettings
 
 #: Sentences the default pocketsphinx domain language model is built from: a small LM recognises far better
@@ -222,12 +221,8 @@ class WhisperSTT:
             return
         if self.model_dir is None or not (self.model_dir / "model.bin").is_file():
             raise ModelMissing(self.model_dir, "FLEET_VOICE_WHISPER_MODEL_DIR")
-        try:
-            module = importlib.import_module("faster_whisper")
-        except ImportError as exc:
-            raise BackendUnavailable(f"the whisper STT backend needs the faster-whisper package ({exc}): "
-                                     f"pip install faster-whisper, or set FLEET_VOICE_STT_BACKEND=pocketsphinx",
-                                     "FLEET_VOICE_STT_BACKEND") from exc
+        module = import_backend("faster_whisper", needed_by="the whisper STT backend", package="faster-whisper",
+                                setting="FLEET_VOICE_STT_BACKEND", instead="FLEET_VOICE_STT_BACKEND=pocketsphinx")
         compute = "int8" if self.device == "cpu" else "default"
         self._model = module.WhisperModel(str(self.model_dir), device=self.device, compute_type=compute)
 

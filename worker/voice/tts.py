@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import importlib
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.voice.audio import SAMPLE_RATE, float_to_pcm16, resample
-from worker.voice.errors import BackendUnavailable, ModelMissing
+from worker.voice.errors import BackendUnavailable, ModelMissing, import_backend
 from worker.voice.settings import VoiceSettings
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -139,12 +138,9 @@ class ChatterboxTTS:
         for name in CHATTERBOX_CHECKPOINTS:  # else chatterbox fails on the first one missing, with a traceback
             if not (self.model_dir / name).is_file():
                 raise ModelMissing(self.model_dir / name, "FLEET_VOICE_TTS_MODEL_DIR")
-        try:
-            module = importlib.import_module("chatterbox.tts")
-        except ImportError as exc:
-            raise BackendUnavailable(f"FLEET_VOICE_TTS_BACKEND=chatterbox needs the chatterbox-tts package "
-                                     f"({exc}): pip install chatterbox-tts, or set FLEET_VOICE_TTS_BACKEND=espeak",
-                                     "FLEET_VOICE_TTS_BACKEND") from exc
+        module = import_backend("chatterbox.tts", needed_by="FLEET_VOICE_TTS_BACKEND=chatterbox",
+                                package="chatterbox-tts", setting="FLEET_VOICE_TTS_BACKEND",
+                                instead="FLEET_VOICE_TTS_BACKEND=espeak")
         self._model = module.ChatterboxTTS.from_local(str(self.model_dir), self._resolved_device())
 
     def _resolved_device(self) -> str:
