@@ -250,14 +250,16 @@ READ_SESSION = _PRELUDE + """
 -- lives is the worker's next heartbeat's to renew or end (see HEARTBEAT); one whose worker is gone is gone.
 -- ARGV[1] session id
 -- ARGV[2] liveness TTL (ms)
--- Returns {record or false, 'active'|'pending'|'', worker alive (0|1), worker url or false}.
+-- Returns {record or false, 'active'|'pending'|'lapsed'|'', worker alive (0|1), worker url or false}; 'lapsed' is a
+-- pending lease past its expiry, which counts for nothing (see the prelude).
 local record = redis.call('HGET', KEYS[4], ARGV[1])
 local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not record or not expiry then return {false, '', 0, false} end
 local w = redis.call('HMGET', KEYS[1], 'hb', 'url')
 local alive = (w[1] and now - tonumber(w[1]) < tonumber(ARGV[2])) and 1 or 0
 if tonumber(expiry) <= now and alive == 0 then return {false, '', 0, false} end
-local status = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 and 'active' or 'pending'
+local status = 'active'
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then status = tonumber(expiry) <= now and 'lapsed' or 'pending' end
 return {record, status, alive, w[2]}
 """
 

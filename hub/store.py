@@ -27,6 +27,7 @@ from hub.settings import HubSettings
 from shared import keys
 from shared.auth import digest
 from shared.errors import StoreUnavailable
+from shared.models import SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Released:
 @dataclass(frozen=True, slots=True)
 class StoredSession:
     record: dict[str, Any]
-    status: str  # active | pending
+    status: SessionStatus
     worker_alive: bool
     worker_url: str
 
@@ -349,7 +350,7 @@ class FleetStore:
                                            args=[session_id, self.settings.ttl_ms])
         if not res[0]:
             return None
-        return StoredSession(record=json.loads(res[0]), status=str(res[1]), worker_alive=int(res[2]) == 1,
+        return StoredSession(record=json.loads(res[0]), status=SessionStatus(res[1]), worker_alive=int(res[2]) == 1,
                              worker_url=str(res[3] or ""))
 
     async def sessions_of(self, worker_ids: list[str],
@@ -371,12 +372,12 @@ class FleetStore:
                     wk = keys.worker_keys(wid)
                     pipe.hgetall(wk.sessions)
                     pipe.hkeys(wk.active)
-                    pipe.zrangebyscore(wk.leases, "-inf" if wid in alive else f"({now_ms}", "+inf")
+                    pipe.zrangebyscore(wk.leases, "-inf" if wid in alive else f"({now_ms}", "+inf", withscores=True)
                 results = await pipe.execute()
                 for i, wid in enumerate(chunk):
-                    records, active, live = results[3 * i], set(results[3 * i + 1]), set(results[3 * i + 2])
-                    out[wid] = {sid: {**json.loads(raw), "status": "active" if sid in active else "pending"}
-                                for sid, raw in records.items() if sid in live}
+                    records, active, expiries = results[3 * i], set(results[3 * i + 1]), dict(results[3 * i + 2])
+                    out[wid] = {sid: {**json.loads(raw), "status": _lease_status(sid in active, expiries[sid], now_ms)}
+                                for sid, raw in records.items() if sid in expiries}
         return out
 
     # --- session-key affinity ------------------------------------------------------------------------------
@@ -431,6 +432,13 @@ class FleetStore:
             res = await self._bucket(keys=[keys.rate_limit_bucket(client)],
                                      args=[capacity, rate_per_s, secrets.token_hex(8)])
         return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
+
+
+def _lease_status(confirmed: bool, expiry_ms: float, now_ms: int) -> SessionStatus:
+    """As ``READ_SESSION`` judges a lease: a pending one past its expiry has lapsed (its slot counts free)."""
+    if confirmed:
+        return SessionStatus.ACTIVE
+    return SessionStatus.LAPSED if expiry_ms <= now_ms else SessionStatus.PENDING
 
 
 def _used_after_reserve(res: Any) -> int | None:

@@ -51,6 +51,15 @@ class WorkerState(StrEnum):
     DRAINING = "draining"
 
 
+class SessionStatus(StrEnum):
+    """A session's lease as the hub holds it (SRE listings)."""
+
+    ACTIVE = "active"  #: the worker accepted it; heartbeats renew it
+    PENDING = "pending"  #: reserved, being handed over; lapses after ``pending_lease_s`` unless confirmed
+    LAPSED = "lapsed"  #: pending past its lease: its slot counts free; the worker's next heartbeat adopts it if the
+    #: worker runs it (a failover lost the confirmation) or drops it
+
+
 class Policy(StrEnum):
     SPREAD = "spread"
     PACK = "pack"
@@ -291,7 +300,7 @@ class SessionSummary(Strict):
     worker_region: str
     livekit_region: str
     room: str
-    status: str
+    status: SessionStatus
     created_at: float
     location: Location | None
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from hub import registry as registry_module
-from tests.conftest import heartbeat, refresh, register, wait_for
+from tests.conftest import ADMIN_AUTH, heartbeat, refresh, register, wait_for
 
 STRANGER = "w-1~strangerxyz1"
 
@@ -112,3 +112,26 @@ async def test_a_lapsed_pending_lease_is_adopted_by_a_heartbeat_unless_a_reserva
     assert (await store.reserve("w-1", "w-1~tookitfirst1", {"worker_id": "w-1"})).ok  # drops the lapsed one
     reply = (await heartbeat(hub, "w-1", secret, ["w-1~confirmlost2"])).json()
     assert reply["stop_sessions"] == ["w-1~confirmlost2"] and reply["used_streams"] == 1
+
+
+async def test_sre_listings_show_a_lapsed_pending_lease_as_lapsed(make_hub: Any, make_worker: Any) -> None:
+    """Regression: a lapsed pending lease was listed as ``pending`` while ``fleet workers`` counted its slot free."""
+    hub = await make_hub(pending_lease_s=0.4, worker_ttl_s=30.0, heartbeat_interval_s=10.0)
+    worker = await make_worker(max_streams=2)
+    reg = await register(hub, "w-1", worker)
+    await heartbeat(hub, "w-1", reg["worker_secret"], [])
+    store = hub.app.state.hub.store
+    record = {"worker_id": "w-1", "worker_region": "us-east-1", "livekit_region": "us-east-1", "room": "r",
+              "created_at": 1.0, "session_key": None, "location": None}
+    assert (await store.reserve("w-1", "w-1~neverconfirm1", record)).ok
+
+    async def statuses() -> tuple[str, str]:
+        stored = await store.read_session("w-1", "w-1~neverconfirm1")
+        [listed] = (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()["sessions"]
+        return stored.status, listed["status"]
+
+    assert await statuses() == ("pending", "pending")
+    await asyncio.sleep(0.5)  # past the pending lease; no heartbeat or reservation has dropped it yet
+    assert await statuses() == ("lapsed", "lapsed")
+    worker_view = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
+    assert worker_view["used_streams"] == 0  # agrees with the worker's fresh view
