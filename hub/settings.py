@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 
 from hub.scoring import Weights
 from shared.auth import DEFAULT_ADMIN_TOKEN, DEFAULT_WORKER_TOKEN
+from shared.errors import describe_problems
 from shared.geo import must_be_known_region
 from shared.models import Policy
 from shared.settings import MIN_PROD_SECRET_CHARS, FleetSettings
@@ -139,8 +140,8 @@ class HubSettings(FleetSettings):
         try:
             deployments = self.livekit_deployments
         except ValidationError as exc:  # its text would echo the entry, secret included
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"FLEET_LIVEKIT_REGIONS has an invalid deployment: {problems}") from None
+            raise ValueError("FLEET_LIVEKIT_REGIONS has an invalid deployment: "
+                             f"{describe_problems(exc.errors())}") from None
         except yaml.YAMLError as exc:  # its text quotes the offending line, which may hold an api_secret
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -79,11 +79,20 @@ class RateLimited(FleetError):
         self.retry_after_s = retry_after_s
 
 
+def describe_problem(error: Mapping[str, Any]) -> str:
+    """One of pydantic's errors as ``where: why`` (the request's ``body`` is not a place worth naming), never the
+    offending input: it may be huge, binary or a secret, such as the LiveKit token in a dispatch."""
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{where}: {error.get('msg', '')}" if where else str(error.get("msg", ""))
+
+
+def describe_problems(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Every one of pydantic's errors, as ``describe_problem`` writes each, on one line."""
+    return "; ".join(describe_problem(e) for e in errors)
+
+
 def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """A 422 body's message and detail from pydantic's errors: where and why, never the offending input (it may
-    be huge, binary or a secret, such as the LiveKit token in a dispatch)."""
+    """A 422 body's message (the first problem) and detail (the first ten) from pydantic's errors."""
     detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
               for e in errors[:10]]
-    first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
-    return (f"{where}: {first['msg']}" if where else str(first["msg"])), detail
+    return (describe_problem(detail[0]) if detail else "invalid request"), detail

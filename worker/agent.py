@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from shared.errors import describe_problems
 from shared.geo import region_location
 from shared.models import Location, WorkerRegistration
 from worker.app import create_worker_app
@@ -136,7 +137,7 @@ class WorkerAgent:
             )
         except ValidationError as exc:  # a value read from the machine or IMDS: the settings were checked already
             errors = exc.errors(include_url=False, include_input=False)
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+            problems = describe_problems(errors)
             hint = f" ({url}; set FLEET_ADVERTISE_URL)" if any(e["loc"][:1] == ("url",) for e in errors) else ""
             raise CannotStart(f"invalid registration: {problems}{hint}") from None
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from hub.api.deps import HubDep, HubState, WorkerIdPath, require_worker
 from hub.errors import error_responses
 from shared.auth import bearer_token, digest, secret_matches
-from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown
+from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown, describe_problem
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
     MAX_HEARTBEAT_BYTES,
@@ -101,9 +101,8 @@ async def heartbeat_channel(websocket: WebSocket, worker_id: str) -> None:
             try:
                 beat = Heartbeat.model_validate_json(text)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                await websocket.close(code=1007, reason=_close_reason(f"invalid heartbeat: {where}: {first['msg']}"))
+                problem = describe_problem(exc.errors()[0])
+                await websocket.close(code=1007, reason=_close_reason(f"invalid heartbeat: {problem}"))
                 return
             try:
                 reply = await hub.registry.heartbeat(worker_id, secret, beat, secret_digest=secret_digest)
