@@ -191,7 +191,8 @@ class SessionManager:
     def _remember_stop(self, session_id: str) -> None:
         now = time.monotonic()
         self._ended_recently.pop(session_id, None)  # remembered again: it moves to the newest end
-        for sid, until in list(self._ended_recently.items()):  # oldest first: drop the lapsed and the surplus
+        while self._ended_recently:  # oldest first: drop the lapsed and the surplus, looking at no more than those
+            sid, until = next(iter(self._ended_recently.items()))
             if until > now and len(self._ended_recently) < STOPS_REMEMBERED:
                 break
             del self._ended_recently[sid]
