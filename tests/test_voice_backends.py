@@ -14,7 +14,7 @@ from botocore.stub import Stubber
 
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
-from worker.voice.errors import BackendError, ModelMissing, VoiceError
+from worker.voice.errors import BackendError, BackendUnavailable, ModelMissing, VoiceError
 from worker.voice.llm import BedrockLLM
 from worker.voice.pipeline import sentences
 from worker.voice.settings import VoiceSettings
@@ -111,30 +111,84 @@ class FakeSegment:
         self.text = text
 
 
+#: A faster-whisper model folder as the Systran conversions ship it (what ``download_model`` fetches, less the optional
+#: preprocessor_config.json); CTranslate2 reads vocabulary.json or, from older conversions, vocabulary.txt.
+WHISPER_FOLDER = ["model.bin", "config.json", "tokenizer.json", "vocabulary.json"]
+
+
 class FakeWhisperModel:
-    """``faster_whisper.WhisperModel`` at its boundary: records loads and the audio each call gets."""
+    """``faster_whisper.WhisperModel`` at its boundary: records loads and the audio each call gets. It reads the
+    folder as the real one does: CTranslate2 fails without model.bin or a vocabulary, faster-whisper without
+    tokenizer.json fetches one from the Hugging Face Hub (which fails offline), and without config.json it loads,
+    then every transcription fails (CTranslate2 reads ``suppress_ids_begin`` from it)."""
 
     loads: list[tuple[str, dict[str, Any]]] = []
     calls: list[tuple[Any, dict[str, Any]]] = []
 
     def __init__(self, path: str, **kwargs: Any) -> None:
+        folder = Path(path)
+        if not (folder / "model.bin").is_file():
+            raise RuntimeError(f"Unable to open file 'model.bin' in model '{path}'")
+        if not any((folder / name).is_file() for name in ["vocabulary.json", "vocabulary.txt"]):
+            raise RuntimeError("Cannot load the vocabulary from the model directory")
+        if not (folder / "tokenizer.json").is_file():
+            raise OSError("cannot reach https://huggingface.co for openai/whisper-tiny/tokenizer.json")
+        self.configured = (folder / "config.json").is_file()
         FakeWhisperModel.loads.append((path, kwargs))
 
     def transcribe(self, audio: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not self.configured:
+            raise RuntimeError("[json.exception.type_error.305] cannot use operator[] with a string argument with null")
         FakeWhisperModel.calls.append((audio, kwargs))
         # Lazy like the real generator: decoding happens while the caller iterates.
         return (FakeSegment(t) for t in [" What is the weather", " like today? "]), object()
 
 
-@pytest.fixture
-def fake_whisper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def install_fake_whisper(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
 
     FakeWhisperModel.loads, FakeWhisperModel.calls = [], []
     monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
-    (tmp_path / "model.bin").write_bytes(b"weights")
+
+
+@pytest.fixture
+def fake_whisper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    install_fake_whisper(monkeypatch)
+    write_checkpoints(tmp_path, WHISPER_FOLDER)
     return tmp_path
+
+
+@pytest.mark.parametrize(("absent", "named"), [
+    ("model.bin", "{models}/model.bin"),
+    ("config.json", "{models}/config.json"),
+    ("vocabulary.json", "{models}/vocabulary.json or {models}/vocabulary.txt"),
+    ("tokenizer.json", "{models}/tokenizer.json"),
+])
+async def test_a_whisper_folder_without_a_file_it_needs_fails_at_start_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                                                 tmp_path: Path, absent: str,
+                                                                                 named: str) -> None:
+    """Only model.bin used to be checked: a folder without its vocabulary or tokenizer failed inside faster-whisper
+    with a traceback (or a Hub download, never wanted here), and one without config.json started, then failed
+    every turn."""
+    install_fake_whisper(monkeypatch)
+    write_checkpoints(tmp_path, [name for name in WHISPER_FOLDER if name != absent])
+    engine = VoiceEngine(VoiceSettings(whisper_model_dir=tmp_path, llm_backend="canned"))
+    with pytest.raises(ModelMissing) as err:
+        await engine.start()
+    assert str(err.value) == (f"model path {named.format(models=tmp_path)} does not exist "
+                              f"(set by FLEET_VOICE_WHISPER_MODEL_DIR)")
+    assert err.value.setting == "FLEET_VOICE_WHISPER_MODEL_DIR" and FakeWhisperModel.loads == []
+
+
+@pytest.mark.parametrize("vocabulary", ["vocabulary.json", "vocabulary.txt"])
+def test_a_whisper_folder_faster_whisper_loads_is_accepted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           vocabulary: str) -> None:
+    """The check must not refuse what faster-whisper takes: either vocabulary file, no preprocessor_config.json."""
+    install_fake_whisper(monkeypatch)
+    write_checkpoints(tmp_path, ["model.bin", "config.json", "tokenizer.json", vocabulary])
+    WhisperSTT(tmp_path, "cpu").load()
+    assert FakeWhisperModel.loads == [(str(tmp_path), {"device": "cpu", "compute_type": "int8"})]
 
 
 async def test_whisper_adapter_loads_once_and_transcribes_float_audio(fake_whisper: Path) -> None:
@@ -282,7 +336,7 @@ async def test_a_chatterbox_folder_without_a_checkpoint_fails_at_start_naming_it
 
 @pytest.mark.parametrize(("settings", "checkpoints", "said"), [
     ({"tts_backend": "chatterbox", "tts_model_dir": "MODELS"}, CHATTERBOX_CHECKPOINTS, "pip install chatterbox-tts"),
-    ({"whisper_model_dir": "MODELS"}, ["model.bin"], "pip install faster-whisper"),
+    ({"whisper_model_dir": "MODELS"}, WHISPER_FOLDER, "pip install faster-whisper"),
 ], ids=["chatterbox", "faster-whisper"])
 async def test_a_backend_package_not_installed_fails_at_start_saying_what_to_install(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, settings: dict[str, Any], checkpoints: list[str],
@@ -306,6 +360,75 @@ async def test_an_espeak_voice_it_lacks_fails_at_start_naming_the_setting() -> N
     with pytest.raises(VoiceError) as err:
         await VoiceEngine(VoiceSettings(tts_voice="xx-nope", llm_backend="canned")).start()
     assert "'xx-nope'" in str(err.value) and "FLEET_VOICE_TTS_VOICE" in str(err.value), err.value
+
+
+def broken_espeak_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broken: str) -> str:
+    """espeak-ng as a broken install leaves it, from a fresh process (no espeak-ng loaded yet); returns what the
+    refusal must say."""
+    import sys
+    import types
+
+    import espeakng_loader  # type: ignore[import-untyped]
+
+    from worker.voice import tts
+
+    monkeypatch.setattr(tts, "_espeak", None)
+    if broken == "package":
+        monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # importing it raises ModuleNotFoundError
+        return "the espeak TTS backend needs the espeakng-loader package"
+    library, data = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+    if broken == "library":
+        library = str(tmp_path / "libespeak-ng.so")
+        Path(library).write_bytes(b"truncated by a failed download")  # ctypes.CDLL raises OSError
+
+    def data_path() -> str:
+        if broken == "data":  # what espeakng_loader raises when its espeak-ng-data folder is gone
+            raise RuntimeError(f"data path not exists at {tmp_path / 'espeak-ng-data'}")
+        return str(data)
+
+    monkeypatch.setitem(sys.modules, "espeakng_loader",
+                        types.SimpleNamespace(get_library_path=lambda: library, get_data_path=data_path))
+    return {"library": f"espeak-ng's library {library} does not load",
+            "data": f"espeak-ng's data folder is missing (data path not exists at {tmp_path / 'espeak-ng-data'})"}[
+        broken]
+
+
+@pytest.mark.parametrize("broken", ["package", "library", "data"])
+async def test_a_broken_espeak_install_fails_at_start_saying_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path, broken: str) -> None:
+    """espeakng-loader is a core dependency, yet a broken install can lack it, its library or its data: that was an
+    ImportError, OSError or RuntimeError traceback instead of one line naming the package and the other backend."""
+    said = broken_espeak_install(monkeypatch, tmp_path, broken)
+    with pytest.raises(BackendUnavailable) as err:
+        await VoiceEngine(VoiceSettings(llm_backend="canned")).start()
+    assert str(err.value).startswith(said), err.value
+    assert "pip install" in str(err.value) and "espeakng-loader" in str(err.value), err.value
+    assert "FLEET_VOICE_TTS_BACKEND=chatterbox" in str(err.value) and err.value.setting == "FLEET_VOICE_TTS_BACKEND"
+
+
+@pytest.mark.parametrize("broken", ["espeak-package", "espeak-library", "whisper-tokenizer"])
+def test_the_worker_refuses_a_broken_voice_install_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               broken: str) -> None:
+    """The worker's CLI turns these start-up errors into one line and exit code 2, like a missing model folder."""
+    from shared.redis_server import free_port
+    from worker.cli import EXIT_USAGE, run_worker
+
+    for variable, value in {"FLEET_HUB_URLS": f"http://127.0.0.1:{free_port()}", "FLEET_SIMULATE_GPU": "t4",
+                            "FLEET_IMDS_URL": f"http://127.0.0.1:{free_port()}", "FLEET_IMDS_TIMEOUT_S": "0.1",
+                            "FLEET_ENGINE": "voice", "FLEET_VOICE_LLM_BACKEND": "canned"}.items():
+        monkeypatch.setenv(variable, value)
+    if broken == "whisper-tokenizer":
+        install_fake_whisper(monkeypatch)
+        write_checkpoints(tmp_path, [name for name in WHISPER_FOLDER if name != "tokenizer.json"])
+        monkeypatch.setenv("FLEET_VOICE_WHISPER_MODEL_DIR", str(tmp_path))
+        said = f"model path {tmp_path / 'tokenizer.json'} does not exist (set by FLEET_VOICE_WHISPER_MODEL_DIR)"
+    else:
+        said = broken_espeak_install(monkeypatch, tmp_path, broken.removeprefix("espeak-"))
+    code = run_worker(port=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and len(err) == 1, err
+    assert err[0].startswith(f"fleet worker: {said}"), err
 
 
 @pytest.mark.parametrize(("setting", "gpu_seen", "device"),

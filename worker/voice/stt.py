@@ -178,6 +178,13 @@ class PocketSphinxSTT:
         return SphinxStream(self._acquire(), self._release)
 
 
+#: The files faster-whisper needs in a model folder (a tuple of names: any one will do). CTranslate2 cannot load
+#: without model.bin or a vocabulary (vocabulary.txt in older conversions); without config.json it loads, but every
+#: transcription fails (it reads ``suppress_ids_begin`` from it); without tokenizer.json faster-whisper downloads a
+#: whisper-tiny tokenizer from the Hugging Face Hub, which fails offline and does not fit large-v3.
+WHISPER_MODEL_FILES = (("model.bin",), ("config.json",), ("vocabulary.json", "vocabulary.txt"), ("tokenizer.json",))
+
+
 class WhisperStream:
     def __init__(self, model: Any, lock: threading.Lock) -> None:
         self._model = model
@@ -219,10 +226,14 @@ class WhisperSTT:
     def load(self, priming_pcm: bytes | None = None) -> None:
         if self._model is not None:
             return
-        if self.model_dir is None or not (self.model_dir / "model.bin").is_file():
+        if self.model_dir is None or not self.model_dir.is_dir():
             raise ModelMissing(self.model_dir, "FLEET_VOICE_WHISPER_MODEL_DIR")
         module = import_backend("faster_whisper", needed_by="the whisper STT backend", package="faster-whisper",
                                 setting="FLEET_VOICE_STT_BACKEND", instead="FLEET_VOICE_STT_BACKEND=pocketsphinx")
+        for names in WHISPER_MODEL_FILES:  # else faster-whisper fails on the first one missing, with a traceback
+            if not any((self.model_dir / name).is_file() for name in names):
+                raise ModelMissing(" or ".join(str(self.model_dir / name) for name in names),
+                                   "FLEET_VOICE_WHISPER_MODEL_DIR")
         compute = "int8" if self.device == "cpu" else "default"
         self._model = module.WhisperModel(str(self.model_dir), device=self.device, compute_type=compute)
 

@@ -36,19 +36,39 @@ class TTS(Protocol):
         ...
 
 
+#: The other backend, for a host whose espeak-ng install is broken (calibration speaks with espeak-ng regardless).
+_INSTEAD_OF_ESPEAK = "FLEET_VOICE_TTS_BACKEND=chatterbox with FLEET_VOICE_TTS_MODEL_DIR (calibration needs espeak-ng)"
+
+
+def _load_espeak() -> tuple[ctypes.CDLL, str]:
+    """libespeak-ng and its data folder from the espeakng-loader wheel; a broken install is a BackendUnavailable."""
+    loader = import_backend("espeakng_loader", needed_by="the espeak TTS backend", package="espeakng-loader",
+                            setting="FLEET_VOICE_TTS_BACKEND", instead=_INSTEAD_OF_ESPEAK)
+    reinstall = f"pip install --force-reinstall espeakng-loader, or set {_INSTEAD_OF_ESPEAK}"
+    try:
+        data_path = str(loader.get_data_path())
+    except RuntimeError as exc:  # what espeakng_loader raises when its espeak-ng-data folder is gone
+        raise BackendUnavailable(f"espeak-ng's data folder is missing ({exc}): {reinstall}",
+                                 "FLEET_VOICE_TTS_BACKEND") from exc
+    library = loader.get_library_path()
+    try:
+        return ctypes.CDLL(library), data_path
+    except OSError as exc:
+        raise BackendUnavailable(f"espeak-ng's library {library} does not load ({exc}): {reinstall}",
+                                 "FLEET_VOICE_TTS_BACKEND") from exc
+
+
 class _EspeakLib:
     """The process-global libespeak-ng: one initialisation, one callback, one synthesis at a time."""
 
     def __init__(self) -> None:
-        import espeakng_loader  # type: ignore[import-untyped]
-
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib, data_path = _load_espeak()
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
         if rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise (code {rate})")
         self.lib = lib
