@@ -10,15 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from hub import errors
 from hub.allocator import Allocator
-from hub.api import admin, dashboard, ops, sessions, workers
+from hub.api import admin, dashboard, errors, ops, sessions, workers
 from hub.api.deps import HubState
+from hub.api.middleware import HeadAsGet
 from hub.board import RoutingBoard
 from hub.cloudwatch import CapacityPublisher, make_cloudwatch_client, regional_clients
 from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
-from hub.middleware import HeadAsGet
 from hub.redis_client import connect
 from hub.registry import Registry
 from hub.settings import HubSettings

@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from hub.allocator import resolve_location
 from hub.api.deps import HubDep, WorkerIdPath, require_admin
-from hub.errors import error_responses
+from hub.api.errors import error_responses
 from hub.livekit import choose_deployment
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (

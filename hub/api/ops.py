@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hub.api.deps import HubDep
-from hub.errors import error_response
+from hub.api.errors import error_response
 from shared.errors import StoreUnavailable
 
 router = APIRouter(tags=["ops"])

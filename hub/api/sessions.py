@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Request, Response
 
 from hub.allocator import resolve_location
 from hub.api.deps import HubDep, client_address
-from hub.errors import error_responses
+from hub.api.errors import error_responses
 from shared.errors import RateLimited
 from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Header, Response, WebSocket, WebSocketDi
 from pydantic import ValidationError
 
 from hub.api.deps import HubDep, HubState, WorkerIdPath, require_worker
-from hub.errors import error_responses
+from hub.api.errors import error_responses
 from shared.auth import bearer_token, digest, secret_matches
 from shared.errors import StoreUnavailable, WorkerCredentialInvalid, WorkerUnknown, describe_problem
 from shared.keys import WORKER_ID_PATTERN
