@@ -23,8 +23,9 @@ from hub.redis_client import connect
 from hub.settings import HubSettings
 from hub.store import FleetStore
 from shared.models import WorkerRegistration
-from shared.redis_server import EmbeddedRedis, free_port, start_cluster
+from shared.redis_server import EmbeddedRedis, free_port
 from tests.fakes import FakeWorker
+from tests.redis_cluster import start_cluster
 
 WORKER_TOKEN = "test-worker-token"
 ADMIN_TOKEN = "test-admin-token"

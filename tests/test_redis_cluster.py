@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from hub.main import create_app
-from shared.redis_server import EmbeddedRedis, start_cluster
+from shared.redis_server import EmbeddedRedis
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, flush, heartbeat, hub_settings, refresh, register, sync_redis
+from tests.redis_cluster import start_cluster
 
 
 @pytest.fixture
