@@ -19,6 +19,7 @@ import typer
 from rich.cells import cell_len
 from rich.console import Console, RenderableType
 from rich.table import Column, Table
+from rich.text import Text
 
 from shared.auth import DEFAULT_ADMIN_TOKEN
 from shared.errors import SessionNotFound, WorkerUnknown
@@ -33,8 +34,9 @@ TokenOpt = typer.Option(DEFAULT_ADMIN_TOKEN, "--token", envvar="FLEET_ADMIN_TOKE
                         help="Admin bearer token (FLEET_ADMIN_TOKEN; the dev token by default).")
 JsonOpt = typer.Option(False, "--json", help="Print the hub's JSON answer instead of a table.")
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+# No markup: cells and messages carry what workers registered and what the SRE typed ("[/x]" is a valid GPU name).
+_out = Console(highlight=False, markup=False)
+_err = Console(stderr=True, highlight=False, markup=False)
 
 
 def _print_table(*tables: RenderableType) -> None:
@@ -44,7 +46,7 @@ def _print_table(*tables: RenderableType) -> None:
         return
     unbounded = _out.options.update_width(100_000)
     width = max(_out.measure(table, options=unbounded).maximum for table in tables)
-    Console(highlight=False, width=max(width, 1)).print(*tables)
+    Console(highlight=False, markup=False, width=max(width, 1)).print(*tables)
 
 
 def _id_column(header: str, ids: Iterable[str]) -> Column:
@@ -54,7 +56,7 @@ def _id_column(header: str, ids: Iterable[str]) -> Column:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    _err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    _err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -153,10 +155,10 @@ def _gpu(worker: dict[str, Any]) -> str:
     return f"{len(gpus)} x {label}" if len(gpus) > 1 else label
 
 
-def _state(worker: dict[str, Any]) -> str:
+def _state(worker: dict[str, Any]) -> Text:
     if not worker["alive"]:
-        return "[red]stale[/red]"
-    return "[yellow]draining[/yellow]" if worker["state"] == "draining" else "[green]ready[/green]"
+        return Text("stale", style="red")
+    return Text("draining", style="yellow") if worker["state"] == "draining" else Text("ready", style="green")
 
 
 def _load(worker: dict[str, Any]) -> str:

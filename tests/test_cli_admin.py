@@ -129,6 +129,16 @@ def test_workers_table_and_json_show_the_registry(live_hub: LiveHub) -> None:
     assert [w["worker_id"] for w in only_eu["workers"]] == ["gpu-euc1-a"]
 
 
+def test_what_workers_registered_is_printed_as_it_is(live_hub: LiveHub) -> None:
+    """Regression: cells were read as rich markup, so one worker registering a GPU named "[/x]" made ``fleet
+    workers`` a traceback for every SRE."""
+    live_hub.register("gpu-odd-a", gpus=[{"name": "[/x] [bold]odd", "vram_total_mb": 1}])
+    for args in (["workers"], ["worker", "gpu-odd-a"]):
+        result = fleet(live_hub, *args)
+        assert result.exit_code == 0, result.output
+        assert "[/x] [bold]odd" in result.output
+
+
 def test_drain_and_resume_steer_the_worker_and_the_state_filter_sees_it(live_hub: LiveHub) -> None:
     drained = fleet(live_hub, "drain", "gpu-use1-a")
     assert drained.exit_code == 0, drained.output
@@ -253,6 +263,10 @@ def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
     (["workers"], "tökén", admin.EXIT_ERROR, "must be printable ASCII"),
     # regression: httpx's error quoted the header, token and all
     (["workers"], "prod-admin-SECRET\rX", admin.EXIT_ERROR, "must be printable ASCII"),
+    # regression: what the SRE typed was read as rich markup (a traceback, or brackets eaten from the message)
+    (["worker", "[/x]"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "[/x]"),
+    (["explain", "--policy", "[/x]"], ADMIN_TOKEN, admin.EXIT_ERROR, "[/x]"),
+    (["explain", "--region", "mars-1"], ADMIN_TOKEN, admin.EXIT_ERROR, "[a-z]"),
 ])
 def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str], token: str, code: int,
                                               words: str) -> None:
