@@ -292,6 +292,9 @@ async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:
     limited = await hub.post("/api/v1/sessions", json={})
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"] == "rate_limited"
+    metrics = (await hub.get("/metrics")).text  # regression: refusals before placement were never counted
+    assert 'fleet_allocations_total{outcome="rate_limited"} 2.0' in metrics
+    assert 'fleet_allocations_total{outcome="no_capacity"} 3.0' in metrics
 
 
 def test_openapi_documents_the_contract() -> None:

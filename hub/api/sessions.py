@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 
 from hub.allocator import resolve_location
-from hub.api.deps import HubDep, client_address
+from hub.api.deps import HubDep, HubState, client_address
 from hub.api.errors import error_responses
-from shared.errors import RateLimited
+from shared.errors import RateLimited, StoreUnavailable
 from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"],
@@ -33,6 +33,21 @@ def cloudfront_location(request: Request) -> Location | None:
     return Location(lat=la, lon=lo)
 
 
+async def _admit(request: Request, hub: HubState) -> None:
+    """The per-client rate limit. Its refusals (and a store that cannot answer) are allocation outcomes too: an SRE
+    reading ``fleet_allocations_total`` sees every request that got past validation."""
+    settings = hub.settings
+    client = client_address(request, settings.trusted_proxies, settings.client_address_header)
+    try:
+        wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
+    except StoreUnavailable:
+        hub.metrics.allocations.labels(outcome="error").inc()
+        raise
+    if wait > 0:
+        hub.metrics.allocations.labels(outcome="rate_limited").inc()
+        raise RateLimited(wait)
+
+
 @router.post("", response_model=SessionConfig, status_code=201,
              responses={200: {"model": SessionConfig, "description": "The session_key already had a live session."},
                         429: {"model": ErrorBody}})
@@ -41,10 +56,7 @@ async def create_session(request: Request, response: Response, hub: HubDep,
     """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full."""
     settings = hub.settings
     if settings.rate_limit_per_s > 0:
-        client = client_address(request, settings.trusted_proxies, settings.client_address_header)
-        wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
-        if wait > 0:
-            raise RateLimited(wait)
+        await _admit(request, hub)
     req = body or SessionRequest()
     where = resolve_location(req.location, cloudfront_location(request), req.region, settings.default_region)
     config, created = await hub.allocator.create(req, where)
