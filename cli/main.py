@@ -80,7 +80,7 @@ def worker(
     advertise_url: str | None = typer.Option(
         None, help="URL the hub dispatches to (default: the EC2 private IP, else the bound host, or the hostname "
                    "when binding every interface)."),
-    region: str | None = typer.Option(None, help="AWS region (default: IMDS, else FLEET_REGION)."),
+    region: str | None = typer.Option(None, help="AWS region (default: FLEET_REGION, else IMDS, else us-east-1)."),
     simulate_gpu: str | None = typer.Option(None, help="Present a named GPU, e.g. t4, a10g, l4, h100, a10gx4."),
     max_streams: int | None = typer.Option(
         None, help="Override the VRAM-derived capacity (calibrate: the most streams tried)."),
