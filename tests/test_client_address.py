@@ -26,6 +26,15 @@ def test_trusted_proxy_chain_yields_the_first_untrusted_hop_from_the_right() -> 
     assert client_address(req, ["10.0.0.0/8"]) == "198.51.100.7"
 
 
+def test_a_proxy_that_adds_its_own_header_line_is_read_with_the_clients_line() -> None:
+    """Regression: only the first X-Forwarded-For line was read, so behind a proxy that appends a line of its own
+    (HAProxy's ``option forwardfor``) the client's forged line chose its rate-limit bucket (RFC 9110 §5.3: repeated
+    lines are one comma-separated list)."""
+    headers = [(b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-for", b"198.51.100.9")]
+    req = Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": ("10.0.0.2", 5555)})
+    assert client_address(req, ["10.0.0.0/8"]) == "198.51.100.9"
+
+
 def test_garbage_hops_are_not_trusted() -> None:
     assert client_address(_request("10.0.1.5", "not-an-ip"), ["10.0.0.0/8"]) == "not-an-ip"
     assert client_address(_request("10.0.1.5", None), ["10.0.0.0/8"]) == "10.0.1.5"

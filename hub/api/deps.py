@@ -76,7 +76,7 @@ def client_address(request: Request, trusted_proxies: list[str], address_header:
         return peer
     if address_header and (named := _address_of(request.headers.get(address_header))):
         return named
-    forwarded = request.headers.get("x-forwarded-for")
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))  # repeated lines are one list (RFC 9110)
     if not forwarded:
         return peer
     # Walk from the right: the first address not of a trusted proxy is the client.
