@@ -7,6 +7,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 from typing import Self
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -36,6 +37,10 @@ class LiveKitDeployment(BaseModel):
 
 #: The scoring's own defaults, so the settings and ``Weights()`` cannot drift apart.
 _WEIGHTS = Weights()
+
+
+#: What ``hub.redis_client.connect`` takes (``+cluster`` asks for a Redis Cluster client).
+REDIS_URL_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
 
 
 class HubSettings(FleetSettings):
@@ -118,6 +123,25 @@ class HubSettings(FleetSettings):
         description="Regions of the worker groups that scale on these metrics (JSON list): each gets a datapoint even "
                     "with no live worker (a free-slot ratio of 0), so a group at zero scales out.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _readable_redis_url(cls, value: str | None) -> str | None:
+        """Read now, never echoed (it may carry the AUTH token): an unencoded '#', '?' or '/' in the password makes
+        another URL of it, which would fail in the lifespan with a traceback quoting part of the password."""
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # a ValueError when what stands where the port goes is not a number
+        except ValueError:
+            raise ValueError("not a valid Redis URL (percent-encode '#', '?', '/', '@' and ':' in the password)"
+                             ) from None
+        if parts.scheme not in REDIS_URL_SCHEMES:
+            raise ValueError(f"the scheme must be one of {', '.join(REDIS_URL_SCHEMES)}")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("not a valid Redis URL: it names no host")
+        return value
 
     @field_validator("default_region")
     @classmethod

@@ -373,6 +373,10 @@ def test_a_hub_refused_for_its_configuration_says_why_without_echoing_it(monkeyp
     ("FLEET_TRUSTED_PROXIES", "10.0.0.0/8", "FLEET_TRUSTED_PROXIES: not valid JSON"),
     ("FLEET_CLOUDWATCH_WORKER_REGIONS", "us-east-1", "FLEET_CLOUDWATCH_WORKER_REGIONS: not valid JSON"),
     ("FLEET_LOG_LEVEL", "LOUD", "FLEET_LOG_LEVEL: Input should be"),
+    # regression: a password with '#' (allowed in ElastiCache AUTH tokens) failed in the lifespan with a traceback
+    # that quoted the part before it
+    ("FLEET_REDIS_URL", "redis://:TopSecretPart1#Part2@127.0.0.1:6379", "FLEET_REDIS_URL: Value error, not a valid"),
+    ("FLEET_REDIS_URL", "http://127.0.0.1:6379", "FLEET_REDIS_URL: Value error, the scheme must be"),
 ])
 def test_a_hub_refused_for_a_malformed_variable_names_it_in_one_line(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
@@ -381,6 +385,7 @@ def test_a_hub_refused_for_a_malformed_variable_names_it_in_one_line(
     result = runner.invoke(app, ["hub"])
     assert result.exit_code == 2 and said in result.stderr, result.output
     assert "Traceback" not in result.output and value not in result.stderr
+    assert "TopSecret" not in result.output
 
 
 def test_uvicorn_never_logs_below_info_whatever_the_hub_logs(monkeypatch: pytest.MonkeyPatch) -> None:

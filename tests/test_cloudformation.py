@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -676,3 +678,47 @@ def test_only_the_hubs_live_in_the_cidr_that_remote_workers_admit() -> None:
     hub_asg = one(load("hub"), "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     assert hub_asg["VPCZoneIdentifier"] == {"Fn::Split": [",", {"Fn::ImportValue": {
         "Fn::Sub": outputs["HubSubnetIds"]["Export"]["Name"]["Fn::Sub"]}}]}
+
+
+def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_token_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hub-env.py, as the hub's UserData writes it, run against a fake Secrets Manager. Regression: the Redis AUTH
+    token went into the URL unencoded, so a rotated token with '#' or '?' (ElastiCache allows both) made another
+    URL of it and the hub crash-looped, logging part of the token."""
+    from redis.asyncio.connection import parse_url
+
+    from hub.settings import HubSettings
+
+    script = one(load("hub"), "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"]
+    text = script["Fn::Base64"]["Fn::Sub"][0]
+    code = text.split("hub-env.py <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    token = "Tok3n#with?odd/chars:and@more" + "x" * 16
+    secrets = {"arn:redis": token, "arn:worker": "w" * 40, "arn:admin": "a" * 40,
+               "arn:livekit": json.dumps({"api_key": "APIkey", "api_secret": "s" * 40})}
+    values = {"AWS::Region": "us-east-1", "LiveKitArn": "arn:livekit", "RedisArn": "arn:redis",
+              "WorkerArn": "arn:worker", "AdminArn": "arn:admin", "RedisHost": "clustercfg.example.cache.amazonaws.com",
+              "RedisPort": "6379", "VpcCidr": "10.0.0.0/16", "CloudWatchNamespace": "GpuFleet",
+              "WorkerRegionList": "us-east-1,eu-central-1", "ClientAddressHeader": ""}
+    code = re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], code)
+    regions_file, run_dir = tmp_path / "regions.json", tmp_path / "run"
+    regions_file.write_text(json.dumps([{"region": "us-east-1", "url": "wss://lk.example.com", "lat": 38.9,
+                                         "lon": -77.4}]))
+    code = code.replace("/etc/fleet-livekit-regions.json", str(regions_file)).replace("/run/fleet", str(run_dir))
+    (tmp_path / "hub-env.py").write_text(code)
+    fake = tmp_path / "fake" / "boto3"  # a Secrets Manager that answers from FAKE_SECRETS
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import json, os, types\n"
+        "def client(*args, **kwargs):\n"
+        "    secrets = json.loads(os.environ['FAKE_SECRETS'])\n"
+        "    return types.SimpleNamespace(get_secret_value=lambda SecretId: {'SecretString': secrets[SecretId]})\n")
+    subprocess.run([sys.executable, str(tmp_path / "hub-env.py")], check=True, timeout=30,
+                   env={"PYTHONPATH": str(fake.parent), "FAKE_SECRETS": json.dumps(secrets)})
+
+    env = dict(line.split("=", 1) for line in (run_dir / "hub.env").read_text().splitlines())
+    for name, quoted in env.items():
+        monkeypatch.setenv(name, quoted.strip("'"))
+    settings = HubSettings()  # what the hub reads at start, in prod
+    assert settings.redis_url is not None
+    parsed = parse_url(settings.redis_url.replace("+cluster://", "://"))
+    assert parsed["password"] == token and parsed["host"] == values["RedisHost"] and parsed["port"] == 6379
