@@ -22,7 +22,7 @@ from hub.store import FleetStore, StoredSession
 from hub.tasks import BackgroundTasks
 from shared import keys
 from shared.backoff import backoff_delays
-from shared.errors import NoCapacity, SessionNotFound, SessionPending, StoreUnavailable
+from shared.errors import NoCapacity, SessionKeyInUse, SessionNotFound, SessionPending, StoreUnavailable
 from shared.geo import AWS_REGIONS
 from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatch, SessionRequest, WorkerRef
 
@@ -87,6 +87,9 @@ class Allocator:
             raise
         except SessionPending:
             outcome = "pending"  # the client retries; not a failure of the hub
+            raise
+        except SessionKeyInUse:
+            outcome = "conflict"
             raise
         finally:
             self.metrics.allocations.labels(outcome=outcome).inc()
@@ -172,11 +175,12 @@ class Allocator:
         session_id = keys.make_session_id(entry.worker_id, random_part)
         room = f"fleet-{random_part}"
         deployment = choose_deployment(self.settings.livekit_deployments, (loc.lat, loc.lon), (entry.lat, entry.lon))
-        participant = mint_participant_token(deployment, room, req.identity or _default_identity(session_id),
-                                             self.settings.livekit_token_ttl_s)
+        identity = req.identity or _default_identity(session_id)
+        participant = mint_participant_token(deployment, room, identity, self.settings.livekit_token_ttl_s)
         record: dict[str, Any] = {
-            "session_id": session_id, "session_key": req.session_key, "worker_id": entry.worker_id,
-            "worker_region": entry.region, "livekit_region": deployment.region, "room": room,
+            "session_id": session_id, "session_key": req.session_key, "identity": identity,
+            "worker_id": entry.worker_id, "worker_region": entry.region, "livekit_region": deployment.region,
+            "room": room,
             "created_at": time.time(), "expires_at": participant.expires_at.isoformat(),
             "location": loc.model_dump(),
             "audio_url": (entry.static.get("audio_url") or "").replace("{session_id}", session_id) or None,
@@ -280,9 +284,13 @@ class Allocator:
         )
 
     def _fresh_token_config(self, session_id: str, record: dict[str, Any], identity: str | None) -> SessionConfig:
-        """The same session with a new participant token: affinity never costs a second slot."""
+        """The same session with a new participant token, for the participant it was made for: affinity never costs
+        a second slot, and a request naming another identity is refused rather than let into the conversation."""
+        owner = record.get("identity")  # None: made by a hub from before identities were recorded
+        if identity is not None and owner is not None and identity != owner:
+            raise SessionKeyInUse()
         deployment = self._deployment(record)
-        minted = mint_participant_token(deployment, record["room"], identity or _default_identity(session_id),
+        minted = mint_participant_token(deployment, record["room"], owner or identity or _default_identity(session_id),
                                         self.settings.livekit_token_ttl_s)
         return self._config(session_id, record, token=minted.jwt, expires_at=minted.expires_at)
 

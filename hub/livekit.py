@@ -22,6 +22,7 @@ from livekit import api
 
 from hub.settings import LiveKitDeployment
 from shared.geo import haversine_km
+from shared.models import AGENT_IDENTITY_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,7 @@ def mint_participant_token(deployment: LiveKitDeployment, room: str, identity: s
 
 def mint_agent_token(deployment: LiveKitDeployment, room: str, session_id: str, ttl_s: int) -> str:
     """The worker's agent participant for one session."""
-    return _mint(_AGENT_CLAIMS, deployment, room, f"agent-{session_id}", ttl_s).jwt
+    return _mint(_AGENT_CLAIMS, deployment, room, f"{AGENT_IDENTITY_PREFIX}{session_id}", ttl_s).jwt
 
 
 def _mint(template: dict[str, Any], deployment: LiveKitDeployment, room: str, identity: str,

@@ -68,6 +68,12 @@ class SessionPending(FleetError):
     retryable = True
 
 
+class SessionKeyInUse(FleetError):
+    """This session_key's live session belongs to another participant identity."""
+
+    code = "session_key_in_use"
+
+
 class RateLimited(FleetError):
     """Too many session requests from this client; slow down."""
 

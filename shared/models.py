@@ -14,7 +14,21 @@ from shared.geo import must_be_known_region
 from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
 
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Stable worker id, e.g. the EC2 instance id.")]
-SessionKey = Annotated[str, Field(pattern=SESSION_KEY_PATTERN, description="The caller's id for the conversation.")]
+SessionKey = Annotated[str, Field(
+    pattern=SESSION_KEY_PATTERN,
+    description="The caller's id for the conversation, and its credential: whoever presents the key of a live "
+                "session gets a token to join it, so make it unguessable (e.g. 128 random bits, or an HMAC your "
+                "backend derives from the user and the conversation).",
+)]
+
+#: LiveKit identities of the workers' agents (``agent-<session id>``); no user may join as one.
+AGENT_IDENTITY_PREFIX = "agent-"
+
+
+def _not_an_agent(identity: str | None) -> str | None:
+    if identity is not None and identity.startswith(AGENT_IDENTITY_PREFIX):
+        raise ValueError(f"identities beginning with {AGENT_IDENTITY_PREFIX!r} are the workers' agents'")
+    return identity
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 Region = Annotated[str, Field(pattern=REGION_PATTERN, max_length=32, description="AWS region name.")]
 #: A region a user is placed by: an unknown one would silently mean the default region's coordinates.
@@ -206,7 +220,9 @@ class SessionRequest(Strict):
     session_key: SessionKey | None = None
     location: Location | None = None
     region: KnownRegion | None = None
-    identity: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+    identity: Annotated[str | None, AfterValidator(_not_an_agent)] = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="The user's LiveKit participant identity; the same for every token of one session.")
     labels: LabelMap = Field(default_factory=dict)
 
 

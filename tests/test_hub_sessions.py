@@ -85,6 +85,30 @@ async def test_session_key_affinity_reuses_the_slot_with_a_fresh_token(hub: http
     assert len(worker.sessions) == 1
 
 
+async def test_a_session_key_lets_in_only_the_participant_it_was_made_for(hub: httpx.AsyncClient,
+                                                                         make_worker: Any) -> None:
+    """Regression: presenting someone's session_key with another identity, the workers' own ``agent-`` one included,
+    minted a token to join their room as that identity."""
+    worker = await make_worker(max_streams=3)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    verifier = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "lesson-43", "identity": "alice"})
+    assert first.status_code == 201, first.text
+
+    other = await hub.post("/api/v1/sessions", json={"session_key": "lesson-43", "identity": "mallory"})
+    assert other.status_code == 409 and other.json()["error"] == "session_key_in_use"
+    agent = await hub.post("/api/v1/sessions", json={"session_key": "lesson-43",
+                                                     "identity": f"agent-{first.json()['session_id']}"})
+    assert agent.status_code == 422 and "agent-" in agent.json()["message"]
+    # The same conversation asked again without an identity is the same participant's.
+    again = await hub.post("/api/v1/sessions", json={"session_key": "lesson-43"})
+    assert again.status_code == 200 and verifier.verify(again.json()["livekit"]["token"]).identity == "alice"
+    assert len(worker.sessions) == 1
+    metrics = (await hub.get("/metrics")).text
+    assert 'fleet_allocations_total{outcome="conflict"} 1.0' in metrics
+
+
 async def test_concurrent_requests_for_one_session_key_take_one_slot(hub: httpx.AsyncClient, make_worker) -> None:
     worker = await make_worker(max_streams=10, delay_s=0.1)
     await register(hub, "w-1", worker)

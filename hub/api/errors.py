@@ -25,6 +25,7 @@ _STATUS: dict[type[errors.FleetError], int] = {
     errors.SessionNotFound: 404,
     errors.WorkerConflict: 409,
     errors.WorkerAlive: 409,
+    errors.SessionKeyInUse: 409,
     errors.WorkerCredentialInvalid: 403,
     errors.RateLimited: 429,
 }

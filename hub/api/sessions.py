@@ -50,6 +50,8 @@ async def _admit(request: Request, hub: HubState) -> None:
 
 @router.post("", response_model=SessionConfig, status_code=201,
              responses={200: {"model": SessionConfig, "description": "The session_key already had a live session."},
+                        409: {"model": ErrorBody, "description": "The session_key's live session is another "
+                                                                 "identity's (`session_key_in_use`)."},
                         429: {"model": ErrorBody}})
 async def create_session(request: Request, response: Response, hub: HubDep,
                          body: SessionRequest | None = None) -> SessionConfig:
