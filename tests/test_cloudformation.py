@@ -97,7 +97,7 @@ def test_regional_networks_request_a_peering_with_the_hubs_vpc() -> None:
 
 def test_secrets_are_generated() -> None:
     secrets = resources(load("secrets"), "AWS::SecretsManager::Secret")
-    assert len(secrets) == 4
+    assert len(secrets) == 5
     for s in secrets:
         assert "GenerateSecretString" in s["Properties"]
         assert "SecretString" not in s["Properties"]
@@ -148,6 +148,20 @@ def test_behind_cloudfront_only_cloudfront_reaches_the_alb_and_hubs_believe_its_
     # The header is believed only where the ALB admits nothing but CloudFront.
     assert variables["ClientAddressHeader"] == {"Fn::If": ["OnlyCloudFront", "CloudFront-Viewer-Address", ""]}
     assert 'env["FLEET_CLIENT_ADDRESS_HEADER"] = "${ClientAddressHeader}"' in script
+    # The prefix list admits every distribution: the listener forwards only what carries our distribution's secret header.
+    resolved = {"Fn::Sub": "{{resolve:secretsmanager:${EnvName}/gpu-fleet/origin-verify:SecretString}}"}
+    listener = t["Resources"]["HttpsListener"]["Properties"]["DefaultActions"]["Fn::If"]
+    assert listener[0] == "OnlyCloudFront" and [a["Type"] for a in listener[1]] == ["fixed-response"]
+    assert listener[2] == [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+    gate = t["Resources"]["ThroughOurDistributionOnly"]
+    assert gate["Condition"] == "OnlyCloudFront" and gate["Properties"]["Priority"] > 1  # after /metrics' 404
+    assert gate["Properties"]["Conditions"] == [{"Field": "http-header", "HttpHeaderConfig": {
+        "HttpHeaderName": "X-Origin-Verify", "Values": [resolved]}}]
+    origin = one(t, "AWS::CloudFront::Distribution")["Properties"]["DistributionConfig"]["Origins"][0]
+    assert origin["OriginCustomHeaders"]["Fn::If"][:2] == [
+        "OnlyCloudFront", [{"HeaderName": "X-Origin-Verify", "HeaderValue": resolved}]]
+    secret_names = [s["Properties"]["Name"] for s in resources(load("secrets"), "AWS::SecretsManager::Secret")]
+    assert {"Fn::Sub": "${EnvName}/gpu-fleet/origin-verify"} in secret_names
 
 
 def test_hub_user_data_runs_the_wheel_in_prod_with_secrets_from_secrets_manager() -> None:
@@ -258,8 +272,8 @@ def test_the_public_load_balancer_never_serves_metrics() -> None:
     """/metrics has no auth: the HTTPS listener answers it with a 404 before any forward, and only an optional
     scraper CIDR reaches the hubs' port directly."""
     t = load("hub")
-    rule = one(t, "AWS::ElasticLoadBalancingV2::ListenerRule")["Properties"]
-    assert rule["ListenerArn"] == {"Ref": "HttpsListener"} and rule["Priority"] == 1
+    rule = t["Resources"]["MetricsStayInside"]["Properties"]
+    assert rule["ListenerArn"] == {"Ref": "HttpsListener"} and rule["Priority"] == 1  # before any forward
     paths = {"Values": ["/metrics", "/metrics/*"]}
     assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": paths}]
     assert [a["Type"] for a in rule["Actions"]] == ["fixed-response"]
