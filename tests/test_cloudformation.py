@@ -244,6 +244,8 @@ def test_worker_user_data_sets_the_worker_environment() -> None:
         assert f'"{var}"' in script
     assert '"FLEET_PORT": "8000"' in script
     assert "ExecStart=/opt/fleet/bin/fleet worker" in script
+    # The worker's HTTP server does not run as root; only the step that writes its environment file does.
+    assert "\nUser=fleet\n" in script and "ExecStartPre=+/opt/fleet/bin/python /opt/fleet/worker-env.py" in script
     asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     hook = asg["LifecycleHookSpecificationList"][0]["LifecycleHookName"]["Fn::Sub"]
     assert f'"FLEET_LIFECYCLE_HOOK_NAME": "{hook}"' in script
@@ -345,7 +347,7 @@ def test_worker_unit_comes_back_after_a_standby_and_apt_waits_for_the_lock() -> 
     assert re.search(r"\nRestartSec=([1-9]\d*)\n", unit)
     # The refusals while in Standby must not run into systemd's start limit and leave the unit failed for good.
     assert "\nStartLimitIntervalSec=0\n" in unit[:unit.index("[Service]")]
-    assert "ExecStartPre=/opt/fleet/bin/python /opt/fleet/worker-env.py" in unit
+    assert "ExecStartPre=+/opt/fleet/bin/python /opt/fleet/worker-env.py" in unit
     apt = [line.strip() for line in script.splitlines() if re.match(r"\s*apt-get\b", line)]
     assert apt and all("-o DPkg::Lock::Timeout=300" in line for line in apt), apt
     # add-apt-repository would run its own `apt-get update` without the timeout.
