@@ -406,6 +406,29 @@ async def test_a_broken_espeak_install_fails_at_start_saying_what_to_install(mon
     assert "FLEET_VOICE_TTS_BACKEND=chatterbox" in str(err.value) and err.value.setting == "FLEET_VOICE_TTS_BACKEND"
 
 
+def test_an_espeak_data_folder_espeak_cannot_read_is_an_error_not_the_end_of_the_process(tmp_path: Path) -> None:
+    """Regression: espeak_Initialize without espeakINITIALIZE_DONT_EXIT calls exit(1) when its data folder lacks its
+    files, so the worker died with espeak's own message. In a process of its own: the library is process-global."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import espeakng_loader\n"
+        f"espeakng_loader.get_data_path = lambda: {str(tmp_path)!r}  # a folder without phontab, phondata, ...\n"
+        "from worker.voice import tts\n"
+        "from worker.voice.errors import BackendUnavailable\n"
+        "try:\n"
+        "    tts._EspeakLib()\n"
+        "except BackendUnavailable as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"refused: espeak-ng cannot read its data folder {tmp_path}"), done.stdout
+    assert "espeakng-loader" in done.stdout
+
+
 @pytest.mark.parametrize("broken", ["espeak-package", "espeak-library", "whisper-tokenizer"])
 def test_the_worker_refuses_a_broken_voice_install_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str],

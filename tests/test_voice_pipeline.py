@@ -360,7 +360,8 @@ class FakeWhisperModel:
 
 def whisper_stt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WhisperSTT:
     monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
-    (tmp_path / "model.bin").write_bytes(b"weights")
+    for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.json"):  # what load() checks for
+        (tmp_path / name).write_bytes(b"{}")
     stt = WhisperSTT(tmp_path, "cpu")
     stt.load()
     return stt

@@ -15,6 +15,7 @@ from worker.voice.errors import BackendUnavailable, ModelMissing, import_backend
 from worker.voice.settings import VoiceSettings
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # espeakINITIALIZE_DONT_EXIT: else a data folder it cannot read ends the process
 _ESPEAK_CHARS_UTF8 = 1
 _ESPEAK_RATE = 1
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -38,23 +39,23 @@ class TTS(Protocol):
 
 #: The other backend, for a host whose espeak-ng install is broken (calibration speaks with espeak-ng regardless).
 _INSTEAD_OF_ESPEAK = "FLEET_VOICE_TTS_BACKEND=chatterbox with FLEET_VOICE_TTS_MODEL_DIR (calibration needs espeak-ng)"
+_REINSTALL_ESPEAK = f"pip install --force-reinstall espeakng-loader, or set {_INSTEAD_OF_ESPEAK}"
 
 
 def _load_espeak() -> tuple[ctypes.CDLL, str]:
     """libespeak-ng and its data folder from the espeakng-loader wheel; a broken install is a BackendUnavailable."""
     loader = import_backend("espeakng_loader", needed_by="the espeak TTS backend", package="espeakng-loader",
                             setting="FLEET_VOICE_TTS_BACKEND", instead=_INSTEAD_OF_ESPEAK)
-    reinstall = f"pip install --force-reinstall espeakng-loader, or set {_INSTEAD_OF_ESPEAK}"
     try:
         data_path = str(loader.get_data_path())
     except RuntimeError as exc:  # what espeakng_loader raises when its espeak-ng-data folder is gone
-        raise BackendUnavailable(f"espeak-ng's data folder is missing ({exc}): {reinstall}",
+        raise BackendUnavailable(f"espeak-ng's data folder is missing ({exc}): {_REINSTALL_ESPEAK}",
                                  "FLEET_VOICE_TTS_BACKEND") from exc
     library = loader.get_library_path()
     try:
         return ctypes.CDLL(library), data_path
     except OSError as exc:
-        raise BackendUnavailable(f"espeak-ng's library {library} does not load ({exc}): {reinstall}",
+        raise BackendUnavailable(f"espeak-ng's library {library} does not load ({exc}): {_REINSTALL_ESPEAK}",
                                  "FLEET_VOICE_TTS_BACKEND") from exc
 
 
@@ -68,9 +69,10 @@ class _EspeakLib:
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
         if rate <= 0:
-            raise RuntimeError(f"espeak-ng failed to initialise (code {rate})")
+            raise BackendUnavailable(f"espeak-ng cannot read its data folder {data_path} (code {rate}): "
+                                     f"{_REINSTALL_ESPEAK}", "FLEET_VOICE_TTS_BACKEND")
         self.lib = lib
         self.rate = int(rate)
         self.lock = threading.Lock()
