@@ -148,15 +148,20 @@ def test_behind_cloudfront_only_cloudfront_reaches_the_alb_and_hubs_believe_its_
     # The header is believed only where the ALB admits nothing but CloudFront.
     assert variables["ClientAddressHeader"] == {"Fn::If": ["OnlyCloudFront", "CloudFront-Viewer-Address", ""]}
     assert 'env["FLEET_CLIENT_ADDRESS_HEADER"] = "${ClientAddressHeader}"' in script
-    # The prefix list admits every distribution: the listener forwards only what carries our distribution's secret header.
+    # The prefix list admits every distribution: only what carries our distribution's secret header is forwarded.
     resolved = {"Fn::Sub": "{{resolve:secretsmanager:${EnvName}/gpu-fleet/origin-verify:SecretString}}"}
-    listener = t["Resources"]["HttpsListener"]["Properties"]["DefaultActions"]["Fn::If"]
-    assert listener[0] == "OnlyCloudFront" and [a["Type"] for a in listener[1]] == ["fixed-response"]
-    assert listener[2] == [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
-    gate = t["Resources"]["ThroughOurDistributionOnly"]
-    assert gate["Condition"] == "OnlyCloudFront" and gate["Properties"]["Priority"] > 1  # after /metrics' 404
+    forward = [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+    assert t["Resources"]["HttpsListener"]["Properties"]["DefaultActions"] == forward  # without CloudFront: all
+    gate, refuse = t["Resources"]["ThroughOurDistributionOnly"], t["Resources"]["RefuseAnythingElseBehindCloudFront"]
+    assert gate["Condition"] == refuse["Condition"] == "OnlyCloudFront"
+    assert 1 < gate["Properties"]["Priority"] < refuse["Properties"]["Priority"]  # after /metrics' 404
     assert gate["Properties"]["Conditions"] == [{"Field": "http-header", "HttpHeaderConfig": {
-        "HttpHeaderName": "X-Origin-Verify", "Values": [resolved]}}]
+        "HttpHeaderName": "X-Origin-Verify", "Values": [resolved]}}] and gate["Properties"]["Actions"] == forward
+    assert refuse["Properties"]["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["*"]}}]
+    assert refuse["Properties"]["Actions"][0]["FixedResponseConfig"]["StatusCode"] == "403"
+    # Regression: the listener refused everything before the distribution sent the header (a release-long outage).
+    assert gate["DependsOn"] == "Distribution"
+    assert set(refuse["DependsOn"]) == {"Distribution", "ThroughOurDistributionOnly"}
     origin = one(t, "AWS::CloudFront::Distribution")["Properties"]["DistributionConfig"]["Origins"][0]
     assert origin["OriginCustomHeaders"]["Fn::If"][:2] == [
         "OnlyCloudFront", [{"HeaderName": "X-Origin-Verify", "HeaderValue": resolved}]]
