@@ -34,9 +34,10 @@ TokenOpt = typer.Option(DEFAULT_ADMIN_TOKEN, "--token", envvar="FLEET_ADMIN_TOKE
                         help="Admin bearer token (FLEET_ADMIN_TOKEN; the dev token by default).")
 JsonOpt = typer.Option(False, "--json", help="Print the hub's JSON answer instead of a table.")
 
-# No markup: cells and messages carry what workers registered and what the SRE typed ("[/x]" is a valid GPU name).
-_out = Console(highlight=False, markup=False)
-_err = Console(stderr=True, highlight=False, markup=False)
+# No markup or emoji codes: cells and messages carry what workers registered and what the SRE typed ("[/x]" is a
+# valid GPU name, "lesson:100:" a valid session_key).
+_out = Console(highlight=False, markup=False, emoji=False)
+_err = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def _print_table(*tables: RenderableType) -> None:
@@ -46,7 +47,7 @@ def _print_table(*tables: RenderableType) -> None:
         return
     unbounded = _out.options.update_width(100_000)
     width = max(_out.measure(table, options=unbounded).maximum for table in tables)
-    Console(highlight=False, markup=False, width=max(width, 1)).print(*tables)
+    Console(highlight=False, markup=False, emoji=False, width=max(width, 1)).print(*tables)
 
 
 def _id_column(header: str, ids: Iterable[str]) -> Column:

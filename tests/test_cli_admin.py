@@ -131,12 +131,12 @@ def test_workers_table_and_json_show_the_registry(live_hub: LiveHub) -> None:
 
 def test_what_workers_registered_is_printed_as_it_is(live_hub: LiveHub) -> None:
     """Regression: cells were read as rich markup, so one worker registering a GPU named "[/x]" made ``fleet
-    workers`` a traceback for every SRE."""
-    live_hub.register("gpu-odd-a", gpus=[{"name": "[/x] [bold]odd", "vram_total_mb": 1}])
+    workers`` a traceback for every SRE; and ":100:" printed as an emoji."""
+    live_hub.register("gpu-odd-a", gpus=[{"name": "[/x] [bold]odd :100:", "vram_total_mb": 1}])
     for args in (["workers"], ["worker", "gpu-odd-a"]):
         result = fleet(live_hub, *args)
         assert result.exit_code == 0, result.output
-        assert "[/x] [bold]odd" in result.output
+        assert "[/x] [bold]odd :100:" in result.output
 
 
 def test_drain_and_resume_steer_the_worker_and_the_state_filter_sees_it(live_hub: LiveHub) -> None:
