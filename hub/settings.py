@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Self
@@ -131,16 +132,18 @@ class HubSettings(FleetSettings):
         another URL of it, which would fail in the lifespan with a traceback quoting part of the password."""
         if not value:
             return value
+        unreadable = "not a valid Redis URL (percent-encode '#', '?', '/', '@' and ':' in the password)"
         try:
             parts = urlsplit(value)
             _ = parts.port  # a ValueError when what stands where the port goes is not a number
         except ValueError:
-            raise ValueError("not a valid Redis URL (percent-encode '#', '?', '/', '@' and ':' in the password)"
-                             ) from None
+            raise ValueError(unreadable) from None
         if parts.scheme not in REDIS_URL_SCHEMES:
             raise ValueError(f"the scheme must be one of {', '.join(REDIS_URL_SCHEMES)}")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("not a valid Redis URL: it names no host")
+        # What an unencoded '#', '?' or '/' leaves behind: a fragment, an '@' past the host, a path that is no db.
+        if parts.fragment or "@" in parts.path + parts.query or (
+                parts.scheme != "unix" and not re.fullmatch(r"(/\d*)?", parts.path)):
+            raise ValueError(unreadable)
         return value
 
     @field_validator("default_region")

@@ -294,6 +294,7 @@ async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:
     assert limited.json()["error"] == "rate_limited"
     metrics = (await hub.get("/metrics")).text  # regression: refusals before placement were never counted
     assert 'fleet_allocations_total{outcome="rate_limited"} 2.0' in metrics
+    assert 'fleet_allocation_seconds_count{outcome="rate_limited"} 2.0' in metrics  # the histogram agrees
     assert 'fleet_allocations_total{outcome="no_capacity"} 3.0' in metrics
 
 
@@ -342,3 +343,24 @@ async def test_the_start_up_heap_is_frozen_while_a_hub_runs_and_released_after(r
     async with app.router.lifespan_context(app):
         assert gc.get_freeze_count() > 10_000  # modules, routes, schemas: out of the collector's generations
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("url", [
+    "redis://", "redis:///1", "redis://:pw@/0", "redis://[::1]:6379/0", "unix:///run/redis.sock?db=2",
+    "redis://user:pw@h:1/2", "rediss://h:6379?ssl_cert_reqs=none", "redis+cluster://h:7000",
+    "rediss+cluster://:tok%23en@h:6379",
+])
+def test_every_redis_url_redis_py_reads_is_accepted(url: str) -> None:
+    assert HubSettings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:Top#SecretTail@h:6379", "redis://default:4567#SecretTail@127.0.0.1:6379/0", "redis://u:12?x@h:6379",
+    "redis://:ab/cd@h:6379", "redis://h:6379/x", "http://h:6379",
+])
+def test_a_redis_url_with_an_unencoded_password_is_refused_without_echoing_it(url: str) -> None:
+    """Regression: with a username before it, a password starting with digits and holding '#' passed, and the hub
+    went on to connect to a host named after the username."""
+    with pytest.raises(ValidationError) as err:
+        HubSettings(redis_url=url)
+    assert "SecretTail" not in str(err.value) and "Top" not in str(err.value)
