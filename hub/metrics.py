@@ -36,7 +36,7 @@ class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.allocations = Counter(
-            "fleet_allocations", "Session requests by outcome (created, reused, no_capacity, pending, error).",
+            "fleet_allocations", "Session requests by outcome (" + ", ".join(ALLOCATION_OUTCOMES) + ").",
             ["outcome"], registry=self.registry)
         self.allocation_seconds = Histogram(
             "fleet_allocation_seconds", "Time to answer a session request, by outcome.", ["outcome"],

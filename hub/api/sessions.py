@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
@@ -36,16 +37,21 @@ def cloudfront_location(request: Request) -> Location | None:
 async def _admit(request: Request, hub: HubState) -> None:
     """The per-client rate limit. Its refusals (and a store that cannot answer) are allocation outcomes too: an SRE
     reading ``fleet_allocations_total`` sees every request that got past validation."""
-    settings = hub.settings
+    settings, started = hub.settings, time.perf_counter()
     client = client_address(request, settings.trusted_proxies, settings.client_address_header)
     try:
         wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
     except StoreUnavailable:
-        hub.metrics.allocations.labels(outcome="error").inc()
+        _count(hub, "error", started)
         raise
     if wait > 0:
-        hub.metrics.allocations.labels(outcome="rate_limited").inc()
+        _count(hub, "rate_limited", started)
         raise RateLimited(wait)
+
+
+def _count(hub: HubState, outcome: str, started: float) -> None:
+    hub.metrics.allocations.labels(outcome=outcome).inc()
+    hub.metrics.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)
 
 
 @router.post("", response_model=SessionConfig, status_code=201,
