@@ -92,8 +92,7 @@ class Allocator:
             outcome = "conflict"
             raise
         finally:
-            self.metrics.allocations.labels(outcome=outcome).inc()
-            self.metrics.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)
+            self.metrics.count_allocation(outcome, started)
 
     async def _create_with_affinity(self, req: SessionRequest, where: ResolvedLocation,
                                     session_key: str) -> tuple[SessionConfig, bool]:

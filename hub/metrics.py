@@ -8,6 +8,7 @@ of them sums them all, so ``/metrics`` says what the whole hub did whichever pro
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,11 @@ class HubMetrics:
         if os.environ.get(MULTIPROCESS_DIR_ENV):
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+
+    def count_allocation(self, outcome: str, started: float) -> None:
+        """One answer to a session request, with the time since ``started`` (``time.perf_counter()``)."""
+        self.allocations.labels(outcome=outcome).inc()
+        self.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)
 
     def watch_board(self, board: RoutingBoard) -> None:
         collector = _BoardCollector(board)

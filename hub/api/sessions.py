@@ -42,16 +42,11 @@ async def _admit(request: Request, hub: HubState) -> None:
     try:
         wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
     except StoreUnavailable:
-        _count(hub, "error", started)
+        hub.metrics.count_allocation("error", started)
         raise
     if wait > 0:
-        _count(hub, "rate_limited", started)
+        hub.metrics.count_allocation("rate_limited", started)
         raise RateLimited(wait)
-
-
-def _count(hub: HubState, outcome: str, started: float) -> None:
-    hub.metrics.allocations.labels(outcome=outcome).inc()
-    hub.metrics.allocation_seconds.labels(outcome=outcome).observe(time.perf_counter() - started)
 
 
 @router.post("", response_model=SessionConfig, status_code=201,
