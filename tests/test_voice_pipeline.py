@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.test_voice_backends import WHISPER_FOLDER
 from worker.voice.audio import FRAME_BYTES
 from worker.voice.errors import BackendError
 from worker.voice.llm import BedrockLLM, build_llm
@@ -360,7 +361,7 @@ class FakeWhisperModel:
 
 def whisper_stt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WhisperSTT:
     monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
-    for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.json"):  # what load() checks for
+    for name in WHISPER_FOLDER:  # what load() checks for
         (tmp_path / name).write_bytes(b"{}")
     stt = WhisperSTT(tmp_path, "cpu")
     stt.load()
