@@ -38,6 +38,8 @@ from hub.settings import HubSettings
 from shared.errors import StoreUnavailable
 
 Client = aioredis.Redis | RedisCluster
+#: How many times a command is tried (each attempt bounded by ``redis_timeout_s``) before the step is a 503.
+ATTEMPTS = 3
 #: Connections beyond the request slots (``redis_max_connections``), for callers outside ``FleetStore._call``.
 _POOL_HEADROOM = 4
 _UNAVAILABLE = (
@@ -75,8 +77,9 @@ def connect(settings: HubSettings, url: str) -> Client:
         decode_responses=True,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.01), retries=2),
+        # No health_check_interval: its PING runs inside each attempt with the same retries, so a frozen Redis held a
+        # step for 3 x 3 timeouts. A dead pooled connection fails its command within the timeout; the retry reconnects.
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.01), retries=ATTEMPTS - 1),
     )
     if cluster:
         client = RedisCluster.from_url(url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common)

@@ -55,7 +55,10 @@ class HubSettings(FleetSettings):
     )
     redis_cluster: bool = Field(default=False, description="Treat redis_url as a Redis Cluster seed node.")
     redis_max_connections: int = Field(default=64, ge=1, description="Pool size; requests wait for a connection.")
-    redis_timeout_s: float = Field(default=1.0, gt=0, description="Socket and connect timeout of Redis calls.")
+    redis_timeout_s: float = Field(
+        default=1.0, gt=0, description="Socket and connect timeout of Redis calls. A command is tried three times, so "
+                                       "a Redis that does not answer is a 503 after about three times this."
+    )
     redis_pool_wait_s: float = Field(
         default=5.0, gt=0, description="How long a request may queue for a pooled connection during a burst."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hub.redis_client import connect
 from hub.store import FleetStore
 from shared import keys
 from shared.auth import digest
+from shared.errors import StoreUnavailable
 from tests.conftest import hub_settings
 
 
@@ -130,5 +132,59 @@ async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -
         again = await store.release("w-1", "w-1~resentreserve")
         assert not again.held and again.record is None, "another call's release finds nothing held"
     finally:
+        await store.close()
+        await proxy.close()
+
+
+class _FreezableProxy(_SlowReplyProxy):
+    """A TCP proxy in front of Redis that, while frozen, holds every reply (a Redis process stopped by SIGSTOP:
+    the kernel still accepts connections and takes commands, and nothing answers)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port, hold_s=0)
+        self.thawed = asyncio.Event()
+        self.thawed.set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if replies:
+                    await self.thawed.wait()
+                writer.write(data)
+                await writer.drain()
+
+
+@pytest.mark.standalone_redis
+async def test_a_frozen_store_is_a_503_within_three_timeouts_not_nine(redis_url: str) -> None:
+    """redis_timeout_s bounds each attempt and a step makes three, so a stopped Redis is a prompt 503. A connection
+    health check (retried inside every attempt) once made it 3 x 3 timeouts, and the ALB's health check gave up
+    on /ready first."""
+    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    timeout_s = 0.3
+    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=timeout_s)
+    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
+    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
+                         "max_streams": 2})
+    loop = asyncio.get_running_loop()
+    try:
+        assert await store.register("w-1", None, "secret-a", fields, static) is not None
+        assert await store.ping()
+        proxy.thawed.clear()
+
+        async def timed(step: Callable[[], Awaitable[Any]]) -> float:
+            started = loop.time()
+            with pytest.raises(StoreUnavailable):
+                await step()
+            return loop.time() - started
+
+        # Concurrent, as requests are: all but one need a connection opened while Redis is frozen.
+        took = await asyncio.gather(timed(store.ping), timed(lambda: store.reserve("w-1", "w-1~frozenstore1", {})),
+                                    timed(lambda: store.read_board(None)), timed(store.ping))
+        assert max(took) < 3 * timeout_s + 0.4, f"steps against a frozen store took {took} s"
+        proxy.thawed.set()
+        assert await store.ping(), "the store serves again once Redis does"
+    finally:
+        proxy.thawed.set()
         await store.close()
         await proxy.close()
