@@ -114,6 +114,7 @@ class RoutingBoard:
         self._mono_at_refresh = 0.0
         self._read_began = float("-inf")  # monotonic time the last read of the board began
         self._changes_since_ms: int | None = None  # the next refresh reads only what changed since
+        self._epoch: str | None = None  # the board's dataset at the last read (``BoardRead.epoch``)
         self._static: dict[str, dict[str, Any]] = {}
         self._status_raw: dict[str, str] = {}
         self._used_raw: dict[str, str] = {}
@@ -142,15 +143,17 @@ class RoutingBoard:
                 return
             self._read_began = time.monotonic()
             read = await self.store.read_board(self._changes_since_ms)
-            if not read.complete and self._clock_went_back(read.now_ms):
+            if not read.complete and (self._board_replaced(read.epoch) or self._clock_went_back(read.now_ms)):
                 read = await self.store.read_board(None)
             self.apply(read)
+            self._epoch = read.epoch
             # A little overlap: a change is stamped with the Redis clock of the script that made it.
             self._changes_since_ms = read.now_ms - _CHANGE_OVERLAP_MS
             forgotten = [e.worker_id for e in self.entries.values()
                          if e.heartbeat_ms and read.now_ms - e.heartbeat_ms > self.retention_ms]
             if forgotten:
-                await self.store.forget_on_board(forgotten)
+                # One the board no longer holds leaves no change to read: this mirror drops it itself.
+                self._drop(await self.store.forget_on_board(forgotten))
 
     def apply(self, read: BoardRead) -> None:
         """Bring the mirror up to a read of the board: the whole board, or (a delta) only the workers it names."""
@@ -168,6 +171,24 @@ class RoutingBoard:
             _apply(self._status_raw, read.status)
             _apply(self._used_raw, read.used)
             self._rebuild(read.static.keys() | read.status.keys() | read.used.keys(), read.now_ms)
+
+    def _drop(self, worker_ids: Iterable[str]) -> None:
+        """Forget workers the board does not hold, though no read reported them gone."""
+        dropped = [wid for wid in worker_ids if self._static.pop(wid, None) is not None]
+        for wid in dropped:
+            self._status_raw.pop(wid, None)
+            self._used_raw.pop(wid, None)
+            self.entries.pop(wid, None)
+        if dropped:
+            self._regroup()
+
+    def _board_replaced(self, epoch: str) -> bool:
+        """Whether the board is another dataset than at the last read: a Redis that restarted empty (or was flushed)
+        logged no removal of the workers it lost, so a delta read would keep them in this mirror for good."""
+        if self._epoch is None or epoch == self._epoch:
+            return False
+        log.warning("the routing board is not the one this hub last read (Redis restarted empty?); reading it whole")
+        return True
 
     def _clock_went_back(self, read_now_ms: int) -> bool:
         """Whether the Redis clock is behind where the last read left it by more than the delta reads' overlap.

@@ -66,7 +66,8 @@ class Registry:
                   "worker_state": reg.state.value}
         secret = proposed_secret or new_secret()
         registered = await self.store.register(reg.worker_id, presented_secret, secret, fields,
-                                               json.dumps(static, separators=(",", ":")))
+                                               json.dumps(static, separators=(",", ":")),
+                                               drain_requested=reg.drain_requested)
         if registered is None:
             self.metrics.registrations.labels(result="conflict").inc()
             raise WorkerConflict(f"worker {reg.worker_id} is registered and alive; present its X-Worker-Secret")

@@ -87,7 +87,10 @@ REGISTER = _PRELUDE + """
 -- ARGV[2] digest of the new secret to store
 -- ARGV[3] liveness TTL (ms)
 -- ARGV[4] retention of the worker's keys after its last sign of life (ms)
--- ARGV[5..] field, value pairs of the registration (url, region, max_streams, worker_state, static, ...); they
+-- ARGV[5] '1' when the worker says an SRE had drained it and no resume reached it ('0' otherwise): it restores the
+--         drain flag only where the worker's keys are gone (Redis restarted empty); existing keys keep their own
+--         flag, as an SRE's resume since then must win
+-- ARGV[6..] field, value pairs of the registration (url, region, max_streams, worker_state, static, ...); they
 --          come after the defaults, so a registration's own worker_state (a leaving worker's 'draining') wins
 -- Returns {1, used, max_streams, state, now, drain requested (0|1)} or {-1} when a live worker holds the id with
 -- another secret.
@@ -99,7 +102,8 @@ if info[1] and info[2] and now - tonumber(info[2]) < tonumber(ARGV[3]) and info[
   return {-1}
 end
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then fields = {'drain', '1'} end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'secret', ARGV[2], 'hb', now, 'registered_at', now, 'worker_state', 'ready',
            unpack(fields))
 -- A worker that registers may be a new process, numbering its heartbeats from 0 again: the numbers its sessions
@@ -330,6 +334,7 @@ end
 PUBLISH_BOARD = _BOARD_CHANGES + """
 -- Mirror a worker onto the routing board that every hub reads in one round trip.
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes, KEYS[5] board registered
+-- (KEYS[6], the board's epoch, travels with the others and is not used)
 -- ARGV[1] worker id, ARGV[2] registration view JSON ('' = keep), ARGV[3] status JSON ('' = keep),
 -- ARGV[4] used streams ('' = keep), ARGV[5] '1' to remove the worker from the board,
 -- ARGV[6] with a registration view: when that registration ran (the worker's registered_at)
@@ -358,6 +363,7 @@ PUBLISH_BOARD_BATCH = _BOARD_CHANGES + """
 -- Mirror a batch of workers' figures onto the routing board in one call: a batch of heartbeats (status and slot
 -- count), or the slot counts a batch of session steps changed (status '': the status view is left as it is).
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes, KEYS[5] board registered
+-- (KEYS[6], the board's epoch, travels with the others and is not used)
 -- ARGV[4i+1] worker id, ARGV[4i+2] status JSON or '', ARGV[4i+3] used streams, ARGV[4i+4] the worker's
 -- registered_at ('' = any registration: session steps), for each worker of the batch (a later one wins)
 -- A worker no longer on the board (deregistered meanwhile), or whose view there is another registration's (a
@@ -407,20 +413,27 @@ READ_BOARD = """
 -- Views come back as ONE JSON string each: a hub parses a string with the C json module instead of 40,000 RESP
 -- items in Python (at 10,000 workers the RESP parse of HGETALL took ~30% of an idle hub's CPU every refresh).
 -- KEYS[1] board static, KEYS[2] board status, KEYS[3] board used, KEYS[4] board changes (KEYS[5], the board's
--- registered hash, travels with the others and is not read)
+-- registered hash, travels with the others and is not read), KEYS[6] board epoch
 -- ARGV[1] read only the changes since this Redis time (ms; '' = everything)
 -- ARGV[2] how far back (ms) a delta may reach; a caller that read longer ago gets everything
--- Returns {static JSON, status JSON, used JSON, seconds, microseconds, complete}, each view a flat
+-- Returns {static JSON, status JSON, used JSON, seconds, microseconds, complete, epoch}, each view a flat
 -- [id, value, ...] array: complete = 1 for whole views; 0 for a delta, where status and used list the workers
 -- changed since ARGV[1], static those whose registration changed, and a value is false for a worker now gone.
+-- The epoch names the board's dataset, made here when there is none (a new Redis, or one that restarted empty):
+-- a caller that last read another epoch must read everything, as its delta misses removals no log recorded.
 """ + _CLOCK + """
+local epoch = redis.call('GET', KEYS[6])
+if not epoch then
+  epoch = t[1] .. '.' .. t[2]
+  redis.call('SET', KEYS[6], epoch)
+end
 local function flat(key)
   local v = redis.call('HGETALL', key)
   if #v == 0 then return '[]' end
   return cjson.encode(v)
 end
 if ARGV[1] == '' or tonumber(ARGV[1]) < now - tonumber(ARGV[2]) then
-  return {flat(KEYS[1]), flat(KEYS[2]), flat(KEYS[3]), t[1], t[2], 1}
+  return {flat(KEYS[1]), flat(KEYS[2]), flat(KEYS[3]), t[1], t[2], 1, epoch}
 end
 local ids, registered, seen = {}, {}, {}
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')) do
@@ -439,5 +452,5 @@ local function pairs_of(key, list)
   if #out == 0 then return '[]' end
   return cjson.encode(out)
 end
-return {pairs_of(KEYS[1], registered), pairs_of(KEYS[2], ids), pairs_of(KEYS[3], ids), t[1], t[2], 0}
+return {pairs_of(KEYS[1], registered), pairs_of(KEYS[2], ids), pairs_of(KEYS[3], ids), t[1], t[2], 0, epoch}
 """

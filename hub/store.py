@@ -111,6 +111,9 @@ class BoardRead:
     used: dict[str, str | None]
     now_ms: int
     complete: bool
+    #: Which dataset the board is (``keys.BoardKeys.epoch``): another one than at the last read means a Redis that
+    #: restarted empty, whose lost workers no delta reports.
+    epoch: str = ""
 
 
 class FleetStore:
@@ -170,16 +173,18 @@ class FleetStore:
     # --- workers ------------------------------------------------------------------------------------------
 
     async def register(
-        self, worker_id: str, presented_secret: str | None, new_secret: str, fields: dict[str, str], static: str
+        self, worker_id: str, presented_secret: str | None, new_secret: str, fields: dict[str, str], static: str,
+        *, drain_requested: bool = False,
     ) -> Registered | None:
-        """None when a live worker already holds the id and ``presented_secret`` is not its secret."""
+        """None when a live worker already holds the id and ``presented_secret`` is not its secret.
+        ``drain_requested``: the worker says an SRE had drained it, which drains it again if Redis lost its keys."""
         flat = [x for kv in fields.items() for x in kv] + ["static", static]
         s = self.settings
         async with self._call():
             res = await self._register(
                 keys=keys.worker_keys(worker_id).as_list(),
                 args=[digest(presented_secret) if presented_secret else "", digest(new_secret), s.ttl_ms,
-                      int(s.retention_s * 1000), *flat],
+                      int(s.retention_s * 1000), "1" if drain_requested else "0", *flat],
             )
             if int(res[0]) != 1:
                 return None
@@ -406,13 +411,18 @@ class FleetStore:
         async with self._call():
             res = await self._read_board(keys=keys.BOARD.as_list(), args=[since, scripts.BOARD_DELTA_HORIZON_MS])
         return BoardRead(static=_pairs(res[0]), status=_pairs(res[1]), used=_pairs(res[2]),
-                         now_ms=int(res[3]) * 1000 + int(res[4]) // 1000, complete=int(res[5]) == 1)
+                         now_ms=int(res[3]) * 1000 + int(res[4]) // 1000, complete=int(res[5]) == 1,
+                         epoch=str(res[6]))
 
-    async def forget_on_board(self, worker_ids: list[str]) -> None:
-        """Drop long-silent workers from the board (their own keys have expired by retention)."""
+    async def forget_on_board(self, worker_ids: list[str]) -> list[str]:
+        """Drop long-silent workers from the board (their own keys have expired by retention); the ids of those that
+        were not on it (their removal logs no change, so no hub's delta read will report it)."""
+        absent: list[str] = []
         async with self._call():
             for wid in worker_ids:
-                await self._publish_board(wid, remove=True)
+                if not await self._publish_board(wid, remove=True):
+                    absent.append(wid)
+        return absent
 
     async def _publish_board(self, worker_id: str, *, static: str = "", status: str = "", used: int | None = None,
                              remove: bool = False, registered_at: int | None = None) -> bool:

@@ -53,9 +53,12 @@ class BoardKeys:
     #: HASH: worker id -> when the registration whose view ``static`` holds ran (Redis time, ms, as the worker's own
     #: info hash records it): a heartbeat from another registration finds the board's view stale.
     registered: str
+    #: STRING: which dataset the board is, created by the first read that finds none (Redis time): a Redis that
+    #: restarted empty logs no removals, so a hub that finds another epoch than at its last read reads everything.
+    epoch: str
 
     def as_list(self) -> list[str]:
-        return [self.static, self.status, self.used, self.changes, self.registered]
+        return [self.static, self.status, self.used, self.changes, self.registered, self.epoch]
 
 
 BOARD = BoardKeys(
@@ -64,6 +67,7 @@ BOARD = BoardKeys(
     used=f"{PREFIX}:{{idx}}:used",
     changes=f"{PREFIX}:{{idx}}:changes",
     registered=f"{PREFIX}:{{idx}}:registered",
+    epoch=f"{PREFIX}:{{idx}}:epoch",
 )
 
 #: Short lock so only one hub per interval publishes capacity metrics to CloudWatch.

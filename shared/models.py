@@ -111,6 +111,12 @@ class WorkerRegistration(Strict):
         description="`draining` when a worker that is leaving registers again (the hub had lost it): it takes no "
                     "new session.",
     )
+    drain_requested: bool = Field(
+        default=False,
+        description="An SRE had drained this worker through a hub and no resume has reached it. A hub that no longer "
+                    "holds the worker (Redis restarted empty) drains it again; one that still does keeps its own "
+                    "flag (a resume made meanwhile wins).",
+    )
 
     @field_validator("location")
     @classmethod

@@ -13,8 +13,9 @@ import httpx
 from hub.board import RoutingBoard
 from hub.scoring import Weights
 from hub.store import BoardRead
+from shared import keys
 from shared.models import Policy
-from tests.conftest import WORKER_AUTH, heartbeat, register, registration
+from tests.conftest import ADMIN_AUTH, WORKER_AUTH, flush, heartbeat, register, registration, sync_redis
 
 
 def mirror(board: RoutingBoard) -> dict[str, tuple[Any, ...]]:
@@ -132,3 +133,50 @@ async def test_a_redis_clock_that_went_back_makes_the_hub_read_the_whole_board()
     await asyncio.sleep(0.2)
     await board.refresh()  # from the new clock on, deltas again
     assert store.reads[3] == 998_010 - 100 and set(board.entries) == {"w-1", "w-2"}
+
+
+async def test_a_redis_that_restarts_empty_leaves_no_ghost_in_a_running_hubs_mirror(make_hub: Any, make_worker: Any,
+                                                                                    redis_url: str) -> None:
+    """Regression: an emptied Redis logs no removal, so a running hub's delta reads kept a worker that died meanwhile
+    for good (listed as stale, counted in fleet_workers, unknown to `fleet forget`) while a fresh hub saw the truth."""
+    hub: httpx.AsyncClient = await make_hub()
+    board: RoutingBoard = hub.app.state.hub.board  # type: ignore[attr-defined]
+    live = await make_worker()
+    await register(hub, "w-live", live)
+    await register(hub, "w-dead", await make_worker())  # its instance dies: it never heartbeats again
+    await board.refresh()
+    assert set(board.entries) == {"w-live", "w-dead"}
+
+    client = sync_redis(redis_url)
+    try:
+        flush(client)  # Redis restarts empty
+    finally:
+        client.close()
+    await register(hub, "w-live", live)  # the live worker learns it at its next heartbeat and registers again
+    await board.refresh()
+    assert set(board.entries) == {"w-live"}
+    listed = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert [w["worker_id"] for w in listed] == ["w-live"]
+    assert mirror(board) == mirror(await fresh_board(make_hub))
+
+
+async def test_a_worker_past_retention_that_is_not_on_the_board_leaves_the_mirror(make_hub: Any, make_worker: Any,
+                                                                                  redis_url: str) -> None:
+    """A mirror entry whose board view is gone without a logged removal: forgetting it removes nothing on the board,
+    so no delta would ever drop it; the hub drops it itself."""
+    hub: httpx.AsyncClient = await make_hub(retention_s=1.0)
+    board: RoutingBoard = hub.app.state.hub.board  # type: ignore[attr-defined]
+    await register(hub, "w-1", await make_worker())
+    await asyncio.sleep(0.3)  # past the overlap of delta reads: the next no longer carries the worker's changes
+    await board.refresh()
+    assert set(board.entries) == {"w-1"}
+    client = sync_redis(redis_url)
+    try:
+        for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
+            client.hdel(key, "w-1")  # gone from the board, and no change logged
+    finally:
+        client.close()
+    await asyncio.sleep(1.0)  # past retention
+    await board.refresh()
+    await board.refresh()
+    assert board.entries == {}

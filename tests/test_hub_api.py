@@ -87,6 +87,35 @@ async def test_a_registration_whose_answer_was_lost_can_be_sent_again(hub: httpx
     assert refused.status_code == 422 and "too-short" not in refused.text
 
 
+async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(hub: httpx.AsyncClient,
+                                                                                make_worker: Any) -> None:
+    """``drain_requested`` in a registration restores an SRE's drain the hub lost with the worker's keys (Redis
+    restarted empty); a hub that still holds the worker keeps its own flag (a resume made meanwhile wins)."""
+    worker = await make_worker()
+    fresh = await hub.post("/api/v1/workers", json=registration("w-new", worker.url, drain_requested=True),
+                           headers=WORKER_AUTH)
+    assert fresh.status_code == 200 and fresh.json()["state"] == "draining"
+    view = (await hub.get("/api/v1/workers/w-new", headers=ADMIN_AUTH)).json()
+    assert view["state"] == "draining" and view["drain_requested"]
+    assert (await hub.post("/api/v1/workers/w-new/resume", headers=ADMIN_AUTH)).json()["state"] == "ready"
+
+    for resumed in (False, True):  # never drained (no flag stored), and drained then resumed (flag 0)
+        wid = f"w-{int(resumed)}"
+        secret = (await register(hub, wid, worker))["worker_secret"]
+        if resumed:
+            assert (await hub.post(f"/api/v1/workers/{wid}/drain", headers=ADMIN_AUTH)).status_code == 200
+            assert (await hub.post(f"/api/v1/workers/{wid}/resume", headers=ADMIN_AUTH)).status_code == 200
+        again = await hub.post("/api/v1/workers", json=registration(wid, worker.url, drain_requested=True),
+                               headers={**WORKER_AUTH, "X-Worker-Secret": secret})
+        assert again.status_code == 200 and again.json()["state"] == "ready", wid
+        view = (await hub.get(f"/api/v1/workers/{wid}", headers=ADMIN_AUTH)).json()
+        assert view["state"] == "ready" and not view["drain_requested"], wid
+    await refresh(hub)
+    listed = {w["worker_id"]: w["drain_requested"] for w in
+              (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]}
+    assert listed == {"w-new": False, "w-0": False, "w-1": False}
+
+
 @pytest.mark.parametrize("body", [
     {"location": {"lat": 91, "lon": 0}},
     {"location": {"lat": 0, "lon": -180.5}},

@@ -313,6 +313,35 @@ async def test_sre_drain_and_resume_through_the_hub_reach_the_worker(make_runnin
         assert await place_session(hub) in await worker_sessions(agent)
 
 
+async def test_an_sre_drain_outlives_a_redis_that_restarts_empty(make_running_hub: Any, run_agent: Any,
+                                                                 redis_url: str) -> None:
+    """Regression: the worker registered again as `ready` after Redis lost its keys, the hub (no drain flag any more)
+    answered `ready`, and the worker took sessions again though nobody had resumed it."""
+    running = await make_running_hub(heartbeat_interval_s=0.3)
+    agent = await run_agent(worker_settings(running))
+    async with running.client() as hub:
+        assert (await hub.post("/api/v1/workers/w-agent/drain", headers=ADMIN_AUTH)).status_code == 200
+        await wait_for(lambda: agent.manager.drained_by_hub, 5, "the worker to learn it is drained")
+        registrations = agent.hub.registrations
+        client = sync_redis(redis_url)
+        try:
+            flush(client)  # Redis restarts empty
+        finally:
+            client.close()
+        await wait_for(lambda: agent.hub.registrations > registrations, 5, "re-registration")
+        ok = agent.manager.metrics.heartbeats.labels("ok")
+        beats = ok._value.get()
+        await wait_for(lambda: ok._value.get() >= beats + 2, 5, "heartbeats after the registration")
+        view = await worker_view(hub)
+        assert view and view["alive"] and view["state"] == "draining" and view["drain_requested"]
+        assert agent.manager.draining and agent.manager.drained_by_hub
+        refused = await hub.post("/api/v1/sessions", json={"identity": "alice"})
+        assert refused.status_code == 503 and await worker_sessions(agent) == []
+        assert (await hub.post("/api/v1/workers/w-agent/resume", headers=ADMIN_AUTH)).json()["state"] == "ready"
+        await wait_for(lambda: not agent.manager.draining, 5, "the worker to learn it may take sessions again")
+        assert await place_session(hub) in await worker_sessions(agent)
+
+
 async def test_sigterm_drains_deregisters_and_exits_zero(make_running_hub: Any) -> None:
     running = await make_running_hub()
     env = {**os.environ, "FLEET_HUB_URLS": running.url, "FLEET_WORKER_TOKEN": WORKER_TOKEN,

@@ -117,6 +117,11 @@ class HubClient:
         body = self.registration.model_dump(mode="json")
         # A worker that is leaving and registers again (the hub had lost it) must not become routable meanwhile.
         body["state"] = (WorkerState.DRAINING if self.manager.leaving else WorkerState.READY).value
+        # Nor one an SRE drained: a hub that lost its keys (Redis restarted empty) would answer `ready`. Sent only
+        # when set, so a hub that predates the field still takes every other registration.
+        body.pop("drain_requested", None)
+        if self.manager.drained_by_hub:
+            body["drain_requested"] = True
         self._next_secret = self._next_secret or new_secret()
         headers = {**self._headers(), "X-Worker-New-Secret": self._next_secret}
         last = "no hub configured"
