@@ -1,0 +1,66 @@
+"""Each session script's own checks, at the store, against a real Redis.
+
+The routing board is a hint that may be a refresh behind, so the scripts re-check what they act on: a reservation
+the worker's liveness and state, a confirmation that its pending lease is still held. A hub whose board says
+"ready" must still not place a session on a worker that died or was drained a moment ago.
+"""
+
+from __future__ import annotations
+
+import time
+
+from shared import keys
+from shared.auth import digest
+from tests.conftest import registered_store, sync_redis
+
+
+def _redis_now_ms() -> int:
+    return int(time.time() * 1000)  # the test's redis-server runs on this machine's clock
+
+
+async def test_a_reservation_rechecks_liveness_and_state_whatever_the_board_says(redis_url: str) -> None:
+    store, secrets = await registered_store(redis_url, 4, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-000", "w-000~liveready1", {})).ok, "a live, ready worker takes a session"
+
+        # w-001 died: its last sign of life is older than the TTL, though no hub has noticed yet.
+        r.hset(keys.worker_keys("w-001").info, "hb", _redis_now_ms() - store.settings.ttl_ms - 1000)
+        stale = await store.reserve("w-001", "w-001~diedjust01", {})
+        assert (stale.ok, stale.reason) == (False, "stale")
+
+        # w-002 was drained by an SRE a moment ago.
+        assert await store.set_drain("w-002", True) == "draining"
+        drained = await store.reserve("w-002", "w-002~sredrain01", {})
+        assert (drained.ok, drained.reason) == (False, "draining")
+
+        # w-003 drains itself (it is leaving) and said so in its heartbeat.
+        beat = await store.heartbeat("w-003", digest(secrets["w-003"]), "draining", "{}", [])
+        assert beat.status == 1
+        leaving = await store.reserve("w-003", "w-003~leaving001", {})
+        assert (leaving.ok, leaving.reason) == (False, "draining")
+
+        assert await store.set_drain("w-002", False) == "ready"
+        assert (await store.reserve("w-002", "w-002~resumed001", {})).ok, "a resume makes it routable again"
+    finally:
+        await store.close()
+    held = {f"w-{i:03d}": r.zrange(keys.worker_keys(f"w-{i:03d}").leases, 0, -1) for i in range(4)}
+    assert held == {"w-000": ["w-000~liveready1"], "w-001": [], "w-002": ["w-002~resumed001"], "w-003": []}
+
+
+async def test_a_pending_lease_past_its_expiry_cannot_be_confirmed(redis_url: str) -> None:
+    """A dispatch that outlasted its pending lease is not confirmed: the slot counted as free from the lease's
+    expiry on, and the hub stops the session on the worker instead."""
+    store, _ = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    leases = keys.worker_keys("w-000").leases
+    try:
+        assert (await store.reserve("w-000", "w-000~slowdisp01", {})).ok
+        assert (await store.reserve("w-000", "w-000~intime0001", {})).ok
+        r.zadd(leases, {"w-000~slowdisp01": _redis_now_ms() - 1})  # its pending lease lapsed meanwhile
+        assert not await store.confirm("w-000", "w-000~slowdisp01")
+        assert await store.confirm("w-000", "w-000~intime0001")
+    finally:
+        await store.close()
+    assert float(r.zscore(leases, "w-000~slowdisp01") or 0) < _redis_now_ms(), "the lapsed lease was not renewed"
+    assert r.hkeys(keys.worker_keys("w-000").active) == ["w-000~intime0001"]
