@@ -50,6 +50,8 @@ async def test_a_worker_can_act_only_as_itself(hub: httpx.AsyncClient, make_work
     assert (await hub.post("/api/v1/workers/w-1/heartbeat", json={}, headers=WORKER_AUTH)).status_code == 403
     assert (await heartbeat(hub, "w-1", "forged-secret", [])).status_code == 403
     assert (await hub.delete("/api/v1/workers/w-1", headers=WORKER_AUTH)).status_code == 403
+    forged = await hub.delete("/api/v1/workers/w-1", headers={**WORKER_AUTH, "X-Worker-Secret": "forged-secret"})
+    assert forged.status_code == 403
     takeover = await hub.post("/api/v1/workers", json=registration("w-1", "http://evil:1"), headers=WORKER_AUTH)
     assert takeover.status_code == 409 and takeover.json()["error"] == "worker_conflict"
     view = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
