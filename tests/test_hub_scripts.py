@@ -64,3 +64,55 @@ async def test_a_pending_lease_past_its_expiry_cannot_be_confirmed(redis_url: st
         await store.close()
     assert float(r.zscore(leases, "w-000~slowdisp01") or 0) < _redis_now_ms(), "the lapsed lease was not renewed"
     assert r.hkeys(keys.worker_keys("w-000").active) == ["w-000~intime0001"]
+
+
+async def test_a_heartbeat_drops_a_lapsed_pending_lease_and_keeps_a_live_worker(redis_url: str) -> None:
+    """A reservation whose dispatch never confirmed, and that the worker does not report, frees its slot at the next
+    heartbeat: the board then offers it again (a full-looking worker gets no reservation, whose script would purge
+    it). And each heartbeat pushes the worker's keys' expiry back to the full retention."""
+    store, secrets = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    worker = keys.worker_keys("w-000")
+    try:
+        assert (await store.reserve("w-000", "w-000~neverconf1", {})).ok
+        r.zadd(worker.leases, {"w-000~neverconf1": _redis_now_ms() - 1})
+        r.pexpire(worker.info, 5_000)  # as if the worker had been registered for nearly the whole retention
+        beat = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", [])
+        assert (beat.status, beat.used) == (1, 0)
+    finally:
+        await store.close()
+    assert r.zcard(worker.leases) == 0 and r.hlen(worker.sessions) == 0
+    assert r.pttl(worker.info) > store.settings.retention_s * 1000 - 60_000, "a live worker's keys outlive retention"
+
+
+async def test_a_release_counts_only_the_leases_a_reservation_would(redis_url: str) -> None:
+    store, _ = await registered_store(redis_url, 1, max_streams=3)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        for sid in ("w-000~lapsedpend", "w-000~endingnow1"):
+            assert (await store.reserve("w-000", sid, {"sid": sid})).ok
+        r.zadd(keys.worker_keys("w-000").leases, {"w-000~lapsedpend": _redis_now_ms() - 1})
+        released = await store.release("w-000", "w-000~endingnow1")
+        assert released.held and released.record == {"sid": "w-000~endingnow1"}
+        assert released.used == 0, "the board is told what the next reservation will count"
+    finally:
+        await store.close()
+
+
+async def test_a_dead_workers_lapsed_session_is_not_found(redis_url: str) -> None:
+    """GET /api/v1/sessions/{id} of a session whose worker died and whose lease lapsed is a 404, not a session a
+    client would try to join."""
+    store, _ = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    worker = keys.worker_keys("w-000")
+    try:
+        assert (await store.reserve("w-000", "w-000~deadworker", {"room": "r"})).ok
+        assert await store.confirm("w-000", "w-000~deadworker")
+        found = await store.read_session("w-000", "w-000~deadworker")
+        assert found is not None and found.status == "active" and found.worker_alive
+        r.zadd(worker.leases, {"w-000~deadworker": _redis_now_ms() - 1})
+        assert (await store.read_session("w-000", "w-000~deadworker")) is not None, "a live worker may renew it"
+        r.hset(worker.info, "hb", _redis_now_ms() - store.settings.ttl_ms - 1000)
+        assert await store.read_session("w-000", "w-000~deadworker") is None
+    finally:
+        await store.close()
