@@ -116,3 +116,17 @@ async def test_a_dead_workers_lapsed_session_is_not_found(redis_url: str) -> Non
         assert await store.read_session("w-000", "w-000~deadworker") is None
     finally:
         await store.close()
+
+
+async def test_a_deregistration_takes_everything_the_worker_held(redis_url: str) -> None:
+    """A worker that deregisters and comes back under the same id starts with all its slots free."""
+    store, secrets = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-000", "w-000~beforegone", {"room": "r"})).ok
+        assert await store.confirm("w-000", "w-000~beforegone")
+        assert await store.deregister("w-000", "not-its-secret") == -1
+        assert await store.deregister("w-000", secrets["w-000"]) == 1
+    finally:
+        await store.close()
+    assert [r.exists(key) for key in keys.worker_keys("w-000").as_list()] == [0, 0, 0, 0]
