@@ -400,7 +400,7 @@ if b[3] == ARGV[3] and b[4] then
   return {tonumber(allowed), tonumber(wait)}
 end
 local tokens, at = tonumber(b[1]) or cap, tonumber(b[2]) or now
-tokens = math.min(cap, tokens + (now - at) * rate / 1000)
+tokens = math.min(cap, tokens + math.max(0, now - at) * rate / 1000)  -- a clock that went back refills nothing
 local allowed, wait = 0, 0
 if tokens >= 1 then tokens = tokens - 1; allowed = 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now, 'call', ARGV[3], 'answer', allowed .. ':' .. wait)

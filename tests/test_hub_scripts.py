@@ -130,3 +130,17 @@ async def test_a_deregistration_takes_everything_the_worker_held(redis_url: str)
     finally:
         await store.close()
     assert [r.exists(key) for key in keys.worker_keys("w-000").as_list()] == [0, 0, 0, 0]
+
+
+async def test_a_redis_clock_that_went_back_does_not_empty_a_clients_bucket(redis_url: str) -> None:
+    """After a failover to a replica whose clock is behind, a bucket last refilled 'in the future' is not drained by
+    the negative time since: the client keeps the tokens it had."""
+    store, _ = await registered_store(redis_url, 0)
+    r = sync_redis(redis_url, decode_responses=True)
+    bucket = keys.rate_limit_bucket("client-1")
+    try:
+        r.hset(bucket, mapping={"tokens": "5", "at": str(_redis_now_ms() + 5_000)})
+        assert await store.take_token("client-1", 5, 10) == 0.0
+    finally:
+        await store.close()
+    assert 3.9 < float(r.hget(bucket, "tokens")) < 4.1
