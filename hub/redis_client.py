@@ -6,7 +6,7 @@ Every client the hub builds has bounded waits; every error the store cannot serv
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -85,9 +85,10 @@ def connect(settings: HubSettings, url: str) -> Client:
         client = RedisCluster.from_url(url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common)
         # Nodes discovered later are built from the manager's kwargs; the startup nodes already exist.
         manager = client.nodes_manager
-        manager.connection_kwargs["connection_class"] = _hiredis_packing(manager.connection_kwargs["connection_class"])
+        kwargs = manager.connection_kwargs
+        kwargs["connection_class"] = _as_hub_connection(kwargs["connection_class"])
         for node in manager.startup_nodes.values():
-            node.connection_class = _hiredis_packing(node.connection_class)
+            node.connection_class = _as_hub_connection(node.connection_class)
         return client
     # FleetStore._call queues steps for one of redis_max_connections slots, so the pool itself never has to wait
     # (a BlockingConnectionPool's condition and timer cost ~20 us per call); the headroom is for the CloudWatch
@@ -95,13 +96,21 @@ def connect(settings: HubSettings, url: str) -> Client:
     pool = aioredis.ConnectionPool.from_url(
         url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common
     )
-    pool.connection_class = _hiredis_packing(pool.connection_class)  # plain, TLS (rediss://) or unix socket
+    pool.connection_class = _as_hub_connection(pool.connection_class)  # plain, TLS (rediss://) or unix socket
     return aioredis.Redis(connection_pool=pool)
 
 
-class _HiredisPacking(AbstractConnection):
-    """Commands packed by hiredis's C packer, as redis-py's sync client already does; its asyncio connections pack
-    in Python, which was ~10% of a hub's CPU under heartbeat load (``Encoder.encode`` and ``pack_command``)."""
+class _HubConnection(AbstractConnection):
+    """A redis-py asyncio connection as the hub needs it.
+
+    - Commands are packed by hiredis's C packer, as redis-py's sync client already does; its asyncio connections
+      pack in Python, which was ~10% of a hub's CPU under heartbeat load (``Encoder.encode`` and ``pack_command``).
+    - A connection closed beneath a command on its way out is a ``ConnectionError``, which redis-py retries on a new
+      connection. The cluster client closes every node's connections when one command meets CLUSTERDOWN, MOVED
+      re-initialisation or a pipeline's connection error, so in a failover other requests' commands lose theirs
+      mid-send, and redis-py let that through as an ``AttributeError`` (its writer gone) or, on uvloop, a
+      ``RuntimeError`` (the transport's handle closed): 500s.
+    """
 
     _serializer = HiredisRespSerializer()
 
@@ -109,16 +118,31 @@ class _HiredisPacking(AbstractConnection):
         packed: list[bytes] = self._serializer.pack(*args)
         return packed
 
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except (AttributeError, RuntimeError) as exc:
+            if not _closed_beneath(exc):
+                raise
+            raise RedisConnectionError("the connection was closed while a command was being sent") from exc
+
+
+def _closed_beneath(exc: AttributeError | RuntimeError) -> bool:
+    """Whether ``exc`` is a write on a connection that was closed under it (not a programming error)."""
+    if isinstance(exc, AttributeError):
+        return exc.obj is None and exc.name in ("writelines", "write", "drain")  # the writer was set to None
+    return "handler is closed" in str(exc)  # uvloop, writing on a closed transport
+
 
 _Conn = TypeVar("_Conn", bound=AbstractConnection)
-_PACKING_CLASSES: dict[type[Any], type[Any]] = {}
+_HUB_CLASSES: dict[type[Any], type[Any]] = {}
 
 
-def _hiredis_packing(cls: type[_Conn]) -> type[_Conn]:
-    """``cls`` with hiredis packing, one subclass per connection class (plain, TLS, unix socket)."""
-    if issubclass(cls, _HiredisPacking):
+def _as_hub_connection(cls: type[_Conn]) -> type[_Conn]:
+    """``cls`` made a ``_HubConnection``, one subclass per connection class (plain, TLS, unix socket)."""
+    if issubclass(cls, _HubConnection):
         return cls
-    return _PACKING_CLASSES.setdefault(cls, type(f"HiredisPacking{cls.__name__}", (_HiredisPacking, cls), {}))
+    return _HUB_CLASSES.setdefault(cls, type(f"Hub{cls.__name__}", (_HubConnection, cls), {}))
 
 
 @asynccontextmanager

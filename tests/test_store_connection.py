@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
+from redis.asyncio.connection import AbstractConnection
 
 from hub import redis_client
 from hub.redis_client import connect
@@ -188,3 +190,51 @@ async def test_a_frozen_store_is_a_503_within_three_timeouts_not_nine(redis_url:
         proxy.thawed.set()
         await store.close()
         await proxy.close()
+
+
+_LOOPS: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+@pytest.mark.parametrize("loop", sorted(_LOOPS))
+@pytest.mark.parametrize("closed", ["closed", "closing"])
+def test_a_connection_closed_beneath_a_command_is_retried_not_a_500(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, loop: str, closed: str
+) -> None:
+    """redis-py's cluster client closes every node's connections when one command meets CLUSTERDOWN, MOVED
+    re-initialisation or a pipeline's connection error, so during a master's failover other requests' commands were
+    mid-send on connections closed beneath them. redis-py raised AttributeError (its writer gone) or, on uvloop as
+    the hub runs, RuntimeError (the transport's handle closed): 500s. Here the close lands at that moment."""
+    settings = hub_settings(redis_url)
+    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
+    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
+                         "max_streams": 2})
+    original = AbstractConnection._send_packed_command
+    armed = {"left": 0}
+
+    async def closed_beneath(self: AbstractConnection, command: Any) -> None:
+        if armed["left"]:
+            armed["left"] -= 1
+            if closed == "closed":
+                await self.disconnect(nowait=True)  # another coroutine's aclose() finished: no writer left
+            elif self._writer is not None:
+                self._writer.transport.close()  # ... or is under way: the transport closed, the writer still set
+                await asyncio.sleep(0.01)
+        await original(self, command)
+
+    monkeypatch.setattr(AbstractConnection, "_send_packed_command", closed_beneath)
+
+    async def scenario() -> None:
+        store = FleetStore(connect(settings, redis_url), settings)
+        try:
+            assert await store.register("w-1", None, "secret-a", fields, static) is not None
+            await store.ping()
+            armed["left"] = 1
+            assert await store.ping(), "a plain command is sent again"
+            armed["left"] = 1
+            reservation = await store.reserve("w-1", "w-1~closedbeneath", {})  # a pipelined script
+            assert reservation.ok and reservation.used == 1, reservation
+            assert armed["left"] == 0, "the close never landed"
+        finally:
+            await store.close()
+
+    _LOOPS[loop](scenario())
