@@ -144,3 +144,19 @@ async def test_a_redis_clock_that_went_back_does_not_empty_a_clients_bucket(redi
     finally:
         await store.close()
     assert 3.9 < float(r.hget(bucket, "tokens")) < 4.1
+
+
+async def test_a_reservation_refused_as_full_corrects_the_board(redis_url: str) -> None:
+    """A board that shows room the worker does not have (a write lost in a failover, or a hub a refresh behind)
+    would send every request to a full worker until its next heartbeat: the refusal itself writes the true count."""
+    store, _ = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-000", "w-000~fullone001", {})).ok
+        assert (await store.reserve("w-000", "w-000~fulltwo001", {})).ok
+        r.hset(keys.BOARD.used, "w-000", 0)  # the board lost its count
+        refused = await store.reserve("w-000", "w-000~onetoomany", {})
+        assert (refused.ok, refused.reason, refused.used) == (False, "full", 2)
+        assert r.hget(keys.BOARD.used, "w-000") == "2", "the refusal left the board showing room"
+    finally:
+        await store.close()
