@@ -22,7 +22,7 @@ hub: $(STAMP)
 
 test: $(STAMP)
 	sh scripts/ensure-chromium.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

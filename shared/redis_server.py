@@ -52,22 +52,28 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+#: Where ``free_port_run`` and ``free_cluster_port`` pick: below the kernel's ephemeral range (32768 and up), so no
+#: port the kernel hands out meanwhile can land inside a run. Test processes running side by side each narrow it to
+#: their own share (tests/conftest.py), since picking is a check and then a bind.
+PORT_RANGE = range(20000, 30000)
+
+
 def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive free ports, below the kernel's ephemeral range (so no port the kernel
-    hands out meanwhile, e.g. to a redis-server started on ``free_port()``, can land inside the run)."""
-    return _random_free_port(range(count), highest=30000 - count)
+    """The first of ``count`` consecutive free ports in ``PORT_RANGE`` (so no port the kernel hands out meanwhile,
+    e.g. to a redis-server started on ``free_port()``, can land inside the run)."""
+    return _random_free_port(range(count), highest=PORT_RANGE.stop - count)
 
 
 def free_cluster_port() -> int:
     """A port whose cluster bus port (port + 10000) is free too and still a valid port."""
-    return _random_free_port((0, 10000), highest=29999)
+    return _random_free_port((0, 10000), highest=PORT_RANGE.stop - 1)
 
 
 def _random_free_port(offsets: Sequence[int], highest: int) -> int:
-    """A port in 20000..``highest`` such that ``port + offset`` is free for every offset."""
+    """A port in ``PORT_RANGE`` up to ``highest`` such that ``port + offset`` is free for every offset."""
     rng = random.Random()
     for _ in range(200):
-        port = rng.randint(20000, highest)
+        port = rng.randint(PORT_RANGE.start, highest)
         if all(_port_is_free(port + offset) for offset in offsets):
             return port
     raise RuntimeError(f"no free ports at offsets {list(offsets)}")

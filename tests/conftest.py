@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aioredis
 import uvicorn
 
+import shared.redis_server
 from hub.main import create_app, websocket_max_bytes
 from hub.redis_client import connect
 from hub.settings import HubSettings
@@ -46,8 +47,21 @@ REDIS_KINDS = ["standalone", "cluster"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _own_share_of_the_port_range()
     config.addinivalue_line("markers", "standalone_redis: runs on the single redis-server only (it stops or "
                                        "restarts the server to make an outage)")
+
+
+def _own_share_of_the_port_range() -> None:
+    """Under pytest-xdist, each test process picks port runs in its own share of the range: picking is a check and
+    then a bind, and two processes once picked the same run between the two (the demo's hub found its port taken)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw"):
+        return
+    index, count = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    full = shared.redis_server.PORT_RANGE
+    share = len(full) // count
+    shared.redis_server.PORT_RANGE = range(full.start + index * share, full.start + (index + 1) * share)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
