@@ -37,6 +37,12 @@ _RANKED_MAX = 8
 _LEAD_DRAWS = 4
 
 
+#: How often a hub reads the whole board rather than what changed: anything a delta read cannot learn of (an older
+#: snapshot restored, a removal that was never logged) is gone from every mirror within this. At 10,000 workers a
+#: whole read is a few megabytes and parses only the views that differ from the mirror's.
+WHOLE_READ_EVERY_S = 60.0
+
+
 #: Workers with the same location and labels share a group: (lat, lon, sorted labels).
 GroupKey = tuple[float, float, tuple[tuple[str, str], ...]]
 
@@ -115,7 +121,10 @@ class RoutingBoard:
         self._read_began = float("-inf")  # monotonic time the last read of the board began
         self._changes_since_ms: int | None = None  # the next refresh reads only what changed since
         self._epoch: str | None = None  # the board's dataset at the last read (``BoardRead.epoch``)
+        self.whole_read_every_s = WHOLE_READ_EVERY_S
+        self._whole_read_began = float("-inf")  # monotonic time the last whole read began
         self._static: dict[str, dict[str, Any]] = {}
+        self._static_raw: dict[str, str] = {}
         self._status_raw: dict[str, str] = {}
         self._used_raw: dict[str, str] = {}
         self._group_of: dict[str, Group] = {}
@@ -142,9 +151,12 @@ class RoutingBoard:
             if unless_read_since is not None and self._read_began >= unless_read_since:
                 return
             self._read_began = time.monotonic()
-            read = await self.store.read_board(self._changes_since_ms)
+            whole_read_due = self._read_began - self._whole_read_began >= self.whole_read_every_s
+            read = await self.store.read_board(None if whole_read_due else self._changes_since_ms)
             if not read.complete and (self._board_replaced(read.epoch) or self._clock_went_back(read.now_ms)):
                 read = await self.store.read_board(None)
+            if read.complete:
+                self._whole_read_began = self._read_began
             self.apply(read)
             self._epoch = read.epoch
             # A little overlap: a change is stamped with the Redis clock of the script that made it.
@@ -158,16 +170,24 @@ class RoutingBoard:
     def apply(self, read: BoardRead) -> None:
         """Bring the mirror up to a read of the board: the whole board, or (a delta) only the workers it names."""
         if read.complete:
-            self._static = {wid: json.loads(raw) for wid, raw in read.static.items() if raw is not None}
-            self._status_raw = {wid: raw for wid, raw in read.status.items() if raw is not None}
-            self._used_raw = {wid: raw for wid, raw in read.used.items() if raw is not None}
-            self._rebuild(None, read.now_ms)
+            # Only the views that differ from the mirror's are parsed and rebuilt, so a periodic whole read of an
+            # unchanged board costs comparisons, and every worker a delta missed is corrected.
+            static_raw = _present(read.static)
+            status_raw, used_raw = _present(read.status), _present(read.used)
+            changed = (_differing(self._static_raw, static_raw) | _differing(self._status_raw, status_raw)
+                       | _differing(self._used_raw, used_raw))
+            self._static = {wid: self._static[wid] if self._static_raw.get(wid) == raw else json.loads(raw)
+                            for wid, raw in static_raw.items()}
+            self._static_raw, self._status_raw, self._used_raw = static_raw, status_raw, used_raw
+            self._rebuild(changed, read.now_ms)
         else:
             for wid, raw in read.static.items():
                 if raw is None:
                     self._static.pop(wid, None)
+                    self._static_raw.pop(wid, None)
                 else:
                     self._static[wid] = json.loads(raw)
+                    self._static_raw[wid] = raw
             _apply(self._status_raw, read.status)
             _apply(self._used_raw, read.used)
             self._rebuild(read.static.keys() | read.status.keys() | read.used.keys(), read.now_ms)
@@ -176,6 +196,7 @@ class RoutingBoard:
         """Forget workers the board does not hold, though no read reported them gone."""
         dropped = [wid for wid in worker_ids if self._static.pop(wid, None) is not None]
         for wid in dropped:
+            self._static_raw.pop(wid, None)
             self._status_raw.pop(wid, None)
             self._used_raw.pop(wid, None)
             self.entries.pop(wid, None)
@@ -204,24 +225,18 @@ class RoutingBoard:
                     "whole board", expected_ms - read_now_ms)
         return True
 
-    def _rebuild(self, changed: Iterable[str] | None, now_ms: int) -> None:
-        """Bring entries up to date: all of them (``changed=None``) or only the workers that changed.
+    def _rebuild(self, changed: Iterable[str], now_ms: int) -> None:
+        """Bring the entries of the workers that changed up to date.
 
         At 10,000 workers, rebuilding every entry each refresh blocked the event loop for 60-140 ms a second;
         a delta touches only the workers that heartbeated since (a third of them at a 3 s interval and a 1 s
         refresh), and an unchanged status string is never parsed again.
         """
-        if changed is None:
-            old = self.entries
-            self.entries = {}
-            for wid in self._static:
-                self._update(wid, old.get(wid))
-        else:
-            for wid in changed:
-                if wid in self._static:
-                    self._update(wid, self.entries.get(wid))
-                else:
-                    self.entries.pop(wid, None)
+        for wid in changed:
+            if wid in self._static:
+                self._update(wid, self.entries.get(wid))
+            else:
+                self.entries.pop(wid, None)
         self.now_ms = now_ms
         self._mono_at_refresh = time.monotonic()
         self._regroup()
@@ -254,18 +269,21 @@ class RoutingBoard:
             if self._eligible(e, self.now_ms):
                 if e.partial is None:
                     e.partial = self._partial(e)
-                group = self._group_for(e)
+                group = self._group_for(e, listed=False)
                 group.members.append(e)
                 self._group_of[e.worker_id] = group
         for group in self._groups_by_key.values():
             group.members.sort(key=_by_partial, reverse=True)
         self.groups = list(self._groups_by_key.values())
 
-    def _group_for(self, e: Entry) -> Group:
+    def _group_for(self, e: Entry, *, listed: bool = True) -> Group:
+        """``e``'s group, made if it has none. ``listed``: a new group joins ``groups`` now (a new list, as ranking may
+        be iterating the old one), not at the end of a regroup (a copy per new group was quadratic in groups)."""
         group = self._groups_by_key.get(e.group_key)
         if group is None:
             group = self._groups_by_key[e.group_key] = Group(lat=e.lat, lon=e.lon, labels=e.labels, members=[])
-            self.groups = [*self.groups, group]
+            if listed:
+                self.groups = [*self.groups, group]
         return group
 
     def _partial(self, e: Entry, policy: Policy | None = None) -> float:
@@ -411,6 +429,15 @@ def _apply(mirror: dict[str, str], changes: dict[str, str | None]) -> None:
             mirror.pop(wid, None)
         else:
             mirror[wid] = raw
+
+
+def _present(read: dict[str, str | None]) -> dict[str, str]:
+    return {wid: raw for wid, raw in read.items() if raw is not None}
+
+
+def _differing(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    """The workers whose view is not the same in both (added, removed or changed)."""
+    return {wid for wid, raw in after.items() if before.get(wid) != raw} | (before.keys() - after.keys())
 
 
 def _near_best_count(members: list[Entry], near: float, best: float, margin: float) -> int:

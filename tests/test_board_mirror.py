@@ -180,3 +180,33 @@ async def test_a_worker_past_retention_that_is_not_on_the_board_leaves_the_mirro
     await board.refresh()
     await board.refresh()
     assert board.entries == {}
+
+
+async def test_a_periodic_whole_read_corrects_what_no_delta_can_carry(make_hub: Any, make_worker: Any,
+                                                                      redis_url: str) -> None:
+    """Board changes that were never logged (an older snapshot restored under the same epoch, a removal lost in a
+    failover) reach no delta read; the whole read every ``whole_read_every_s`` corrects them, and rebuilds only the
+    workers that differ."""
+    hub: httpx.AsyncClient = await make_hub()
+    board: RoutingBoard = hub.app.state.hub.board  # type: ignore[attr-defined]
+    for wid in ("w-1", "w-2", "w-3"):
+        await register(hub, wid, await make_worker(max_streams=4))
+    await asyncio.sleep(0.3)  # past the overlap of delta reads: the next no longer carries the registrations
+    await board.refresh()
+    before = dict(board.entries)
+    client = sync_redis(redis_url)
+    try:
+        for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
+            client.hdel(key, "w-1")  # gone from the board, and no change logged
+        client.hset(keys.BOARD.used, "w-2", 3)  # a count no change logged either
+    finally:
+        client.close()
+    await board.refresh()
+    assert set(board.entries) == {"w-1", "w-2", "w-3"} and board.entries["w-2"].used == 0, "a delta saw it"
+
+    board.whole_read_every_s = 0.0  # the period is over
+    await board.refresh()
+    assert set(board.entries) == {"w-2", "w-3"} and board.entries["w-2"].used == 3
+    assert mirror(board) == mirror(await fresh_board(make_hub))
+    assert board.entries["w-3"] is before["w-3"] and board.entries["w-3"].static is before["w-3"].static, \
+        "an unchanged worker was parsed and rebuilt again"
