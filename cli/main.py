@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
 from pydantic import ValidationError
@@ -15,6 +16,9 @@ from pydantic_settings import SettingsError
 
 from cli import admin
 from shared.settings import describe_invalid
+
+if TYPE_CHECKING:
+    from hub.settings import HubSettings
 
 app = typer.Typer(help="gpu-fleet: control plane for GPU workers serving real-time AI sessions.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -45,13 +49,34 @@ def hub(
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Never below INFO for uvicorn: at DEBUG it logs every WebSocket handshake's headers, tokens and secrets.
     server_level = max(logging.INFO, logging.getLevelNamesMapping()[settings.log_level])
-    with _metrics_shared_by(workers):
+    with _store_shared_by(workers, settings), _metrics_shared_by(workers):
         uvicorn.run("hub.main:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=logging.getLevelName(server_level).lower(), access_log=False,
                     ws_max_size=websocket_max_bytes(settings),
                     # The peer stays the peer: hub.api.deps.client_address believes X-Forwarded-For only from
                     # FLEET_TRUSTED_PROXIES (uvicorn's default believes it from any loopback caller).
                     proxy_headers=False)
+
+
+@contextlib.contextmanager
+def _store_shared_by(processes: int, settings: HubSettings) -> Iterator[None]:
+    """Several hub processes without ``FLEET_REDIS_URL`` (dev) share one embedded redis-server, started here. Each
+    process would otherwise start its own, and a listing, a heartbeat or a placement would depend on which process
+    the kernel handed the connection to."""
+    if processes <= 1 or settings.redis_url:
+        yield
+        return
+    from shared.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as store:
+        logging.getLogger(__name__).warning(
+            "FLEET_REDIS_URL is unset: started an embedded redis-server on %s for these %d hub processes, for a "
+            "local hub only", store.url, processes)
+        os.environ["FLEET_REDIS_URL"] = store.url  # inherited by uvicorn's worker processes, which import anew
+        try:
+            yield
+        finally:
+            del os.environ["FLEET_REDIS_URL"]
 
 
 @contextlib.contextmanager

@@ -51,7 +51,8 @@ class HubSettings(FleetSettings):
         default=None,
         repr=False,  # may carry the AUTH token
         description="redis://, rediss:// (TLS), or redis+cluster:// / rediss+cluster:// for Redis Cluster. "
-        "Unset in dev: the hub starts an embedded redis-server (single local hub only).",
+        "Unset in dev: the hub starts an embedded redis-server (one local hub; the processes of "
+        "`fleet hub --workers N` share one).",
     )
     redis_cluster: bool = Field(default=False, description="Treat redis_url as a Redis Cluster seed node.")
     redis_max_connections: int = Field(default=64, ge=1, description="Pool size; requests wait for a connection.")

@@ -107,9 +107,11 @@ class FleetProcess:
 class HubProcess(FleetProcess):
     """One `fleet hub` process; ``start()`` returns once /ready answers."""
 
-    def __init__(self, redis_url: str, *, processes: int = 1, **settings: Any) -> None:
+    def __init__(self, redis_url: str | None, *, processes: int = 1, **settings: Any) -> None:
+        """``redis_url=None``: no ``FLEET_REDIS_URL``, so the hub starts an embedded redis-server (dev)."""
+        store = {} if redis_url is None else {"redis_url": redis_url}
         super().__init__(_child_env(**{
-            "redis_url": redis_url, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN, "rate_limit_per_s": 0,
+            **store, "worker_token": WORKER_TOKEN, "admin_token": ADMIN_TOKEN, "rate_limit_per_s": 0,
             "snapshot_refresh_s": 0.2, "log_level": "WARNING", **settings}))
         self.processes = processes
 

@@ -350,3 +350,24 @@ def test_soak_quick_smoke() -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "final check: PASS" in out.stdout, out.stdout
 
+
+
+def test_hub_processes_without_a_redis_url_share_one_embedded_store() -> None:
+    """Regression: `fleet hub --workers 2` in dev (no FLEET_REDIS_URL) started a redis-server per process, so a
+    registration was known only to the process that took it, and listings alternated between it and nothing."""
+    hub = HubProcess(None, processes=2).start()
+    try:
+        with httpx.Client(base_url=hub.url, timeout=5) as client:
+            resp = client.post("/api/v1/workers", json={
+                "worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": 2,
+                "gpus": [{"name": "NVIDIA A10G", "vram_total_mb": 24576}]}, headers=WORKER_AUTH)
+            assert resp.status_code == 200, resp.text
+        listed = []
+        for _ in range(12):
+            with httpx.Client(timeout=5) as client:  # a connection each: the kernel spreads them over the processes
+                workers = client.get(f"{hub.url}/api/v1/workers", headers=ADMIN_AUTH).json()["workers"]
+            listed.append([w["worker_id"] for w in workers])
+        assert listed == [["w-1"]] * 12
+        assert hub.log_tail(20000).count("started an embedded redis-server") == 1, hub.log_tail()
+    finally:
+        hub.stop()
