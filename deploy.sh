@@ -17,6 +17,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEMPLATES="$ROOT/cloudformation"
 TEMPLATE_NAMES=(network secrets redis hub gpu-workers)
+# The first cfn-lint that knows UpdatePolicy.AutoScalingInstanceRefresh (gpu-workers.yaml): older ones fail the
+# templates with E3016, which reads as a template error.
+CFN_LINT_MIN=1.56.0
 
 DRY_RUN=0
 ENV_NAME=""
@@ -79,9 +82,25 @@ check_prerequisites() {
   done
   if [[ ${#missing[@]} -gt 0 ]]; then
     echo "deploy.sh: missing prerequisites: ${missing[*]}" >&2
-    echo "  aws: https://docs.aws.amazon.com/cli/  cfn-lint: pip install cfn-lint  python3: python.org" >&2
+    echo "  aws: https://docs.aws.amazon.com/cli/  cfn-lint: pip install 'cfn-lint>=$CFN_LINT_MIN'  python3: python.org" >&2
     exit 1
   fi
+  if [[ " $* " == *" cfn-lint "* ]]; then check_cfn_lint_version; fi
+}
+
+check_cfn_lint_version() {
+  local version
+  version="$(cfn-lint --version 2>/dev/null | awk '{print $NF}')"
+  if [[ ! $version =~ ^[0-9]+(\.[0-9]+)*$ ]] || ! version_at_least "$version" "$CFN_LINT_MIN"; then
+    echo "deploy.sh: cfn-lint ${version:-of unknown version} is older than $CFN_LINT_MIN, which the templates need:" \
+      "pip install -U 'cfn-lint>=$CFN_LINT_MIN'" >&2
+    exit 1
+  fi
+}
+
+# version_at_least HAVE NEED: whether dotted version HAVE >= NEED.
+version_at_least() {
+  [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" == "$2" ]]
 }
 
 parse_args() {

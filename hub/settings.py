@@ -109,7 +109,8 @@ class HubSettings(FleetSettings):
     rate_limit_per_s: float = Field(default=20.0, ge=0, description="Session requests per client per second; 0 = off.")
     rate_limit_burst: int = Field(default=40, ge=1, description="Burst size of the per-client limit.")
     trusted_proxies: list[str] = Field(
-        default_factory=list, description="Peers whose X-Forwarded-For is believed (CIDRs or addresses)."
+        default_factory=list,
+        description='Peers whose X-Forwarded-For is believed (CIDRs or addresses), as a JSON list: ["10.0.0.0/16"].',
     )
     client_address_header: str | None = Field(
         default=None, max_length=64,

@@ -103,6 +103,7 @@ exit 0
 """
 
 FAKE_CFN_LINT = f"""#!{BASH}
+if [[ "$1" == "--version" ]]; then echo "cfn-lint ${{FAKE_CFN_LINT_VERSION:-1.58.0}}"; exit 0; fi
 (IFS=$'\x1f'; echo "cfn-lint"$'\x1f'"$*") >> "$FAKE_LOG"
 [[ -z "$FAKE_CFN_LINT_RC" ]] || echo "$FAKE_CFN_LINT_FILE:1:1 E0000 something is wrong"
 exit "${{FAKE_CFN_LINT_RC:-0}}"
@@ -173,6 +174,18 @@ def test_validate_fails_when_a_template_does_not_lint(env: dict[str, str]) -> No
     assert "E0000 something is wrong" in result.out
     [call] = result.aws("cfn-lint")
     assert sum(a.endswith(".yaml") for a in call) == 5
+
+
+@pytest.mark.parametrize("version", ["1.51.0", "0.87.4", "unknown"])
+def test_a_cfn_lint_too_old_for_the_templates_is_named_before_any_lint(env: dict[str, str], version: str) -> None:
+    """Regression: cfn-lint 1.51 failed gpu-workers.yaml with E3016 (it predates AutoScalingInstanceRefresh), which
+    read as a broken template."""
+    result = run(env, "validate", extra_env={"FAKE_CFN_LINT_VERSION": version})
+    assert result.rc != 0
+    assert f"cfn-lint {version} is older than 1.56.0" in result.out
+    assert "pip install -U 'cfn-lint>=1.56.0'" in result.out
+    assert result.aws("cfn-lint") == [], "linted anyway"
+    assert run(env, "validate", extra_env={"FAKE_CFN_LINT_VERSION": "1.56.0"}).rc == 0
 
 
 def test_missing_prerequisites_are_named_and_fail(tmp_path: Path) -> None:
