@@ -88,8 +88,18 @@ class RateLimited(FleetError):
 def describe_problem(error: Mapping[str, Any]) -> str:
     """One of pydantic's errors as ``where: why`` (the request's ``body`` is not a place worth naming), never the
     offending input: it may be huge, binary or a secret, such as the LiveKit token in a dispatch."""
-    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    loc, kind = tuple(error.get("loc", ())), error.get("type")
+    if kind == "json_invalid":  # its loc is ("body", <character offset>), which read like a field name
+        at = next((p for p in loc if isinstance(p, int)), None)
+        return "the body is not valid JSON" + (f" (at character {at})" if at is not None else "")
+    if loc == ("body",) and kind in _NOT_AN_OBJECT:  # most often a JSON body sent without its Content-Type
+        return "the body must be a JSON object, sent with Content-Type: application/json"
+    where = ".".join(str(p) for p in loc if p != "body")
     return f"{where}: {error.get('msg', '')}" if where else str(error.get("msg", ""))
+
+
+#: pydantic's error types for a body that is not an object at all.
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
 
 
 def describe_problems(errors: Sequence[Mapping[str, Any]]) -> str:

@@ -168,6 +168,12 @@ async def test_oversized_deep_and_malformed_bodies(hub: httpx.AsyncClient) -> No
     assert 400 <= deep.status_code < 500 and deep.json()["error"]
     broken = await hub.post("/api/v1/sessions", content=b'{"location": ', headers={"Content-Type": "application/json"})
     assert broken.status_code == 422
+    assert broken.json()["message"] == "the body is not valid JSON (at character 13)"
+    untyped = await hub.post("/api/v1/sessions", content=b'{"region": "eu-central-1"}')  # curl -d without -H
+    assert untyped.status_code == 422
+    assert untyped.json()["message"] == "the body must be a JSON object, sent with Content-Type: application/json"
+    listed = await hub.post("/api/v1/sessions", json=[])
+    assert listed.status_code == 422 and "must be a JSON object" in listed.json()["message"]
 
 
 async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> None:
