@@ -290,7 +290,9 @@ LabelOpt = typer.Option(None, help="key=value: only workers with this label, as 
 def explain(
     lat: float | None = typer.Option(None, min=-90, max=90, help="User latitude."),
     lon: float | None = typer.Option(None, min=-180, max=180, help="User longitude."),
-    region: str | None = typer.Option(None, help="Use this region's coordinates instead of --lat/--lon."),
+    region: str | None = typer.Option(
+        None, help="Use this region's coordinates when --lat/--lon are not given (as in a session request, a "
+                   "location wins over a region)."),
     policy: str | None = typer.Option(None, help="spread or pack (else the hub's policy)."),
     limit: int = typer.Option(10, min=1, max=100, help="How many candidates."),
     label: list[str] | None = LabelOpt,

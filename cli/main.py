@@ -96,8 +96,31 @@ def _metrics_shared_by(processes: int) -> Iterator[None]:
             del os.environ[MULTIPROCESS_DIR_ENV]
 
 
+#: Which of ``fleet worker``'s options each of its modes takes: an option given to another is refused, not ignored.
+_WORKER_OPTIONS = {
+    "host": ("run",), "port": ("run",), "advertise_url": ("run",), "region": ("run",),
+    "simulate_gpu": ("run", "calibrate"), "max_streams": ("run", "calibrate"), "engine": ("run", "calibrate"),
+    "seconds": ("calibrate",), "hub_url": ("show",), "token": ("show",), "as_json": ("show",),
+}
+_MODE_NAMES = {"run": "`fleet worker`", "calibrate": "`fleet worker calibrate`", "show": "`fleet worker ID`"}
+
+
+def _refuse_options_not_for(context: typer.Context, mode: str, takes: dict[str, tuple[str, ...]]) -> None:
+    """Exit 2 naming the first option given on the command line that ``mode`` does not take."""
+    for param in context.command.params:
+        name = param.name or ""
+        modes = takes.get(name)
+        source = context.get_parameter_source(name)
+        if modes is None or mode in modes or source is None or source.name != "COMMANDLINE":
+            continue
+        applies = " and ".join(_MODE_NAMES[m] for m in modes)
+        typer.echo(f"fleet worker: {param.opts[0]} applies to {applies} only", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def worker(
+    context: typer.Context,
     target: str | None = typer.Argument(
         None, help="Nothing: run the worker agent. `calibrate`: measure capacity. A worker id: show that worker."),
     host: str | None = typer.Option(None, help="Interface to bind (FLEET_HOST)."),
@@ -118,6 +141,8 @@ def worker(
     as_json: bool = typer.Option(False, "--json", help="`fleet worker ID`: print JSON."),
 ) -> None:
     """Run the GPU worker agent, calibrate its capacity, or (with an id) show one worker to an SRE."""
+    mode = "run" if target is None else "calibrate" if target == "calibrate" else "show"
+    _refuse_options_not_for(context, mode, _WORKER_OPTIONS)
     if target is None:
         from worker.cli import run_worker
 
@@ -140,7 +165,7 @@ def demo(
     worker_port: int = typer.Option(9100, help="First worker's port; the others follow."),
     users_per_min: float = typer.Option(60.0, min=0.1, help="Synthetic users arriving per minute."),
     mean_session_s: float = typer.Option(40.0, min=1, help="Typical session length."),
-    duration: float | None = typer.Option(None, help="Stop by itself after this many seconds."),
+    duration: float | None = typer.Option(None, min=1, help="Stop by itself after this many seconds."),
     log_dir: str = typer.Option(".fleet/demo-logs", help="Where hub and worker logs go."),
 ) -> None:
     """A whole local fleet in one command: embedded Redis, two hubs, workers in three regions, synthetic users."""

@@ -188,3 +188,25 @@ def test_a_registration_it_cannot_build_stops_the_start(monkeypatch: pytest.Monk
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USAGE and len(err) == 1, err
     assert err[0].startswith("fleet worker: invalid registration: url: ") and "FLEET_ADVERTISE_URL" in err[0], err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["calibrate", "--hub", "http://hub:8080"], "--hub applies to `fleet worker ID` only"),
+    (["w-1", "--engine", "voice"], "--engine applies to `fleet worker` and `fleet worker calibrate` only"),
+    (["w-1", "--simulate-gpu", "t4"], "--simulate-gpu applies to `fleet worker` and `fleet worker calibrate` only"),
+    (["calibrate", "--port", "9000"], "--port applies to `fleet worker` only"),
+    (["--seconds", "3"], "--seconds applies to `fleet worker calibrate` only"),
+    (["--json"], "--json applies to `fleet worker ID` only"),
+])
+def test_an_option_the_chosen_mode_does_not_take_is_refused_not_ignored(args: list[str], said: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: `fleet worker calibrate --hub x` ran a 23 s calibration, and `fleet worker ID --engine voice`
+    showed the worker, each ignoring what it was told."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("FLEET_HUB_URL", "http://127.0.0.1:1")  # from the environment, an option is no refusal
+    result = CliRunner().invoke(app, ["worker", *args])
+    assert result.exit_code == 2, result.output
+    assert said in result.output
