@@ -136,7 +136,8 @@ def worker(
     seconds: float | None = typer.Option(
         None, help="calibrate: seconds measured per concurrency step (default: the engine's, 2 s synthetic, 6 s voice)."
     ),
-    hub_url: str | None = typer.Option(None, "--hub", envvar="FLEET_HUB_URL", help="Hub, for `fleet worker ID`."),
+    hub_url: str | None = typer.Option(None, "--hub", envvar="FLEET_HUB_URL",
+                                       help=f"Hub, for `fleet worker ID` (default: {admin.DEFAULT_HUB})."),
     token: str | None = typer.Option(None, envvar="FLEET_ADMIN_TOKEN", help="Admin token, for `fleet worker ID`."),
     as_json: bool = typer.Option(False, "--json", help="`fleet worker ID`: print JSON."),
 ) -> None:
