@@ -228,7 +228,9 @@ class SessionRequest(Strict):
     region: KnownRegion | None = None
     identity: Annotated[str | None, AfterValidator(_not_an_agent)] = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$",
-        description="The user's LiveKit participant identity; the same for every token of one session.")
+        description="The user's LiveKit participant identity; the same for every token of one session.",
+        # The refusal in the contract too (pydantic's regex has no lookahead to say it in the pattern).
+        json_schema_extra={"not": {"type": "string", "pattern": f"^{AGENT_IDENTITY_PREFIX}"}})
     labels: LabelMap = Field(default_factory=dict)
 
 

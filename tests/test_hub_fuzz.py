@@ -113,3 +113,16 @@ def test_hub_api_never_fails_on_any_input(case, live_hub: LiveHub) -> None:  # t
         assert int(response.headers["retry-after"][0]) >= 1  # schemathesis: lower-case names, lists of values
     case.validate_response(response, excluded_checks=[negative_data_rejection,
                                                       positive_data_acceptance, not_a_server_error])
+
+
+def test_the_session_contract_refuses_agent_identities_as_the_hub_does() -> None:
+    """Regression: the OpenAPI schema let `identity: "agent-…"` pass, which the hub refuses (a user must never join
+    as a worker's agent), so a client generated from the contract learned of it only from a 422."""
+    import jsonschema_rs
+
+    spec = create_app(hub_settings("redis://unused")).openapi()
+    validator = jsonschema_rs.validator_for({**spec["components"]["schemas"]["SessionRequest"],
+                                             "components": spec["components"]})
+    assert validator.is_valid({"identity": "alice"}) and validator.is_valid({"identity": None})
+    assert validator.is_valid({"identity": "my-agent-7"})
+    assert not validator.is_valid({"identity": "agent-w-1~abcdefghijkl"})
