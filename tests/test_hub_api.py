@@ -320,6 +320,12 @@ async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) 
     # The body beats the headers.
     body_loc = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74}}, headers=headers)
     assert body_loc.json()["worker"]["id"] == "w-virginia"
+    # Coordinates no place has (a header forged or mangled on the way) are ignored, not a 4xx or 5xx to the user.
+    for bogus in ({"CloudFront-Viewer-Latitude": "123", "CloudFront-Viewer-Longitude": "139.7"},
+                  {"CloudFront-Viewer-Latitude": "35.6", "CloudFront-Viewer-Longitude": "500"},
+                  {"CloudFront-Viewer-Latitude": "nan", "CloudFront-Viewer-Longitude": "inf"}):
+        placed = await hub.post("/api/v1/sessions", json={"region": "us-east-1"}, headers=bogus)
+        assert placed.status_code == 201 and placed.json()["worker"]["id"] == "w-virginia", (bogus, placed.text)
 
 
 async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -139,6 +140,12 @@ async def test_a_dead_workers_conversation_moves_on_the_next_request(hub: httpx.
     assert moved.json()["session_id"] != first.json()["session_id"]
     assert dead_reg["worker_secret"] != alive_reg["worker_secret"]
 
+    # w-dead was only cut off, and comes back still running the old session: the move released it, so the hub
+    # tells it to stop rather than renew a slot (and an agent in an empty room) for a conversation that went on.
+    back = await heartbeat(hub, "w-dead", dead_reg["worker_secret"], [first.json()["session_id"]])
+    assert back.status_code == 200, back.text
+    assert back.json()["stop_sessions"] == [first.json()["session_id"]] and back.json()["used_streams"] == 0
+
 
 async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.AsyncClient, make_worker) -> None:
     worker = await make_worker()
@@ -150,6 +157,10 @@ async def test_drained_worker_gets_no_new_sessions_and_learns_it(hub: httpx.Asyn
     assert hb.json()["state"] == "draining"
     await refresh(hub)
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+    # An SRE's views offer no room on it either: nothing will be placed there.
+    [listed] = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    one = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
+    assert (listed["free_streams"], one["free_streams"], one["max_streams"]) == (0, 0, worker.max_streams)
 
     await hub.post("/api/v1/workers/w-1/resume", headers=ADMIN_AUTH)
     assert (await heartbeat(hub, "w-1", reg["worker_secret"], [])).json()["state"] == "ready"
@@ -749,3 +760,46 @@ async def test_a_retry_is_not_handed_a_session_being_undone(
     assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 1  # the retry's only
     again = await hub.post("/api/v1/sessions", json={"session_key": "conv-9"})
     assert again.status_code == 200 and again.json()["session_id"] == retry.json()["session_id"]
+
+
+async def test_a_placement_that_finds_no_worker_leaves_no_claim_for_the_retry_to_wait_out(
+        hub: httpx.AsyncClient, make_worker, redis_url: str) -> None:
+    """A session_key request that fails (no capacity, the store) releases its pending claim: the client's retry is
+    placed at once when capacity is back, rather than waiting the claim out and getting `session_pending`."""
+    refused = await hub.post("/api/v1/sessions", json={"session_key": "conv-retry"})
+    assert refused.status_code == 503 and refused.json()["error"] == "no_capacity"
+    client = sync_redis(redis_url)
+    try:
+        assert client.exists(keys.session_key_claim("conv-retry")) == 0, "the failed placement left its claim"
+    finally:
+        client.close()
+    await register(hub, "w-1", await make_worker())
+    await refresh(hub)
+    started = asyncio.get_running_loop().time()
+    placed = await hub.post("/api/v1/sessions", json={"session_key": "conv-retry"})
+    assert placed.status_code == 201, placed.text
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_a_session_from_a_hub_that_recorded_no_identity_is_handed_to_whoever_names_one(
+        hub: httpx.AsyncClient, make_worker, redis_url: str) -> None:
+    """Records made before identities were stored have none: a retry naming one gets the same session with a token
+    for that identity, not a 409 as if the conversation were someone else's."""
+    await register(hub, "w-1", await make_worker())
+    await refresh(hub)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-old"})
+    assert first.status_code == 201
+    session_id = first.json()["session_id"]
+    client = sync_redis(redis_url, decode_responses=True)
+    try:
+        sessions = keys.worker_keys("w-1").sessions
+        record = json.loads(client.hget(sessions, session_id))
+        del record["identity"]
+        client.hset(sessions, session_id, json.dumps(record))
+    finally:
+        client.close()
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-old", "identity": "bob"})
+    assert again.status_code == 200, again.text
+    assert again.json()["session_id"] == session_id
+    assert api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(again.json()["livekit"]["token"]).identity \
+        == "bob"
