@@ -60,6 +60,7 @@ class Entry:
     labels: dict[str, str]
     max_streams: int
     static: dict[str, Any]
+    static_raw: str = ""  # the JSON ``static`` was parsed from: an unchanged registration view is not parsed again
     used: int = 0
     state: str = "ready"
     heartbeat_ms: int = 0
@@ -123,7 +124,7 @@ class RoutingBoard:
         self._epoch: str | None = None  # the board's dataset at the last read (``BoardRead.epoch``)
         self.whole_read_every_s = WHOLE_READ_EVERY_S
         self._whole_read_began = float("-inf")  # monotonic time the last whole read began
-        self._static: dict[str, dict[str, Any]] = {}
+        # The board's raw views (JSON strings), as last read; entries parse only what changed.
         self._static_raw: dict[str, str] = {}
         self._status_raw: dict[str, str] = {}
         self._used_raw: dict[str, str] = {}
@@ -170,33 +171,23 @@ class RoutingBoard:
     def apply(self, read: BoardRead) -> None:
         """Bring the mirror up to a read of the board: the whole board, or (a delta) only the workers it names."""
         if read.complete:
-            # Only the views that differ from the mirror's are parsed and rebuilt, so a periodic whole read of an
+            # Only the workers whose views differ from the mirror's are rebuilt, so a periodic whole read of an
             # unchanged board costs comparisons, and every worker a delta missed is corrected.
-            static_raw = _present(read.static)
-            status_raw, used_raw = _present(read.status), _present(read.used)
-            changed = (_differing(self._static_raw, static_raw) | _differing(self._status_raw, status_raw)
-                       | _differing(self._used_raw, used_raw))
-            self._static = {wid: self._static[wid] if self._static_raw.get(wid) == raw else json.loads(raw)
-                            for wid, raw in static_raw.items()}
-            self._static_raw, self._status_raw, self._used_raw = static_raw, status_raw, used_raw
-            self._rebuild(changed, read.now_ms)
+            static, status, used = _present(read.static), _present(read.status), _present(read.used)
+            changed = (_differing(self._static_raw, static) | _differing(self._status_raw, status)
+                       | _differing(self._used_raw, used))
+            self._static_raw, self._status_raw, self._used_raw = static, status, used
         else:
-            for wid, raw in read.static.items():
-                if raw is None:
-                    self._static.pop(wid, None)
-                    self._static_raw.pop(wid, None)
-                else:
-                    self._static[wid] = json.loads(raw)
-                    self._static_raw[wid] = raw
+            _apply(self._static_raw, read.static)
             _apply(self._status_raw, read.status)
             _apply(self._used_raw, read.used)
-            self._rebuild(read.static.keys() | read.status.keys() | read.used.keys(), read.now_ms)
+            changed = read.static.keys() | read.status.keys() | read.used.keys()
+        self._rebuild(changed, read.now_ms)
 
     def _drop(self, worker_ids: Iterable[str]) -> None:
         """Forget workers the board does not hold, though no read reported them gone."""
-        dropped = [wid for wid in worker_ids if self._static.pop(wid, None) is not None]
+        dropped = [wid for wid in worker_ids if self._static_raw.pop(wid, None) is not None]
         for wid in dropped:
-            self._static_raw.pop(wid, None)
             self._status_raw.pop(wid, None)
             self._used_raw.pop(wid, None)
             self.entries.pop(wid, None)
@@ -230,10 +221,10 @@ class RoutingBoard:
 
         At 10,000 workers, rebuilding every entry each refresh blocked the event loop for 60-140 ms a second;
         a delta touches only the workers that heartbeated since (a third of them at a 3 s interval and a 1 s
-        refresh), and an unchanged status string is never parsed again.
+        refresh), and an unchanged view string is never parsed again.
         """
         for wid in changed:
-            if wid in self._static:
+            if wid in self._static_raw:
                 self._update(wid, self.entries.get(wid))
             else:
                 self.entries.pop(wid, None)
@@ -242,21 +233,22 @@ class RoutingBoard:
         self._regroup()
 
     def _update(self, wid: str, e: Entry | None) -> None:
-        st = self._static[wid]
+        static_raw = self._static_raw[wid]
         raw = self._status_raw.get(wid)
         used = int(self._used_raw.get(wid, 0))
-        if e is not None and e.static is st and raw == e.status_raw and used == e.used:
+        if e is not None and static_raw == e.static_raw and raw == e.status_raw and used == e.used:
             self.entries[wid] = e  # read again only because of the overlap between delta reads
             return
-        if e is None or e.static is not st:
+        if e is None or static_raw != e.static_raw:
+            st = json.loads(static_raw)
             e = Entry(worker_id=wid, url=st["url"], region=st["region"], zone=st.get("zone"), lat=float(st["lat"]),
                       lon=float(st["lon"]), labels=st.get("labels") or {}, max_streams=int(st["max_streams"]),
-                      static=st)
+                      static=st, static_raw=static_raw)
         if raw is not None and raw != e.status_raw:
             e.status = json.loads(raw)
             e.status_raw = raw
         e.used = used
-        e.max_streams = int(st["max_streams"])
+        e.max_streams = int(e.static["max_streams"])
         e.state = e.status.get("state", "ready")
         e.heartbeat_ms = int(e.status.get("hb", 0))
         e.partial = None
