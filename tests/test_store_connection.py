@@ -49,6 +49,12 @@ async def test_commands_are_packed_by_hiredis_and_round_trip(redis_url: str, mon
     assert any(args[:1] == ("EVAL",) for args in packed), "pipelined commands were packed in Python"
 
 
+#: Worker w-1's registration fields and routing board view, as the registry builds them.
+_W1 = ({"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"},
+       json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
+                   "max_streams": 2}))
+
+
 class _SlowReplyProxy:
     """A TCP proxy in front of Redis that, when armed, holds the next reply past the client's socket timeout: the
     command has run, its reply comes late, and redis-py's retry sends it again on a new connection."""
@@ -99,17 +105,14 @@ async def test_a_script_resent_after_a_late_reply_does_no_harm(redis_url: str) -
     proxy = await _SlowReplyProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]), hold_s=0.7).start()
     settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=0.5)
     store = FleetStore(connect(settings, settings.redis_url or ""), settings)
-    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
-    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
-                         "max_streams": 2})
     try:
-        assert await store.register("w-1", None, "secret-a", fields, static) is not None
+        assert await store.register("w-1", None, "secret-a", *_W1) is not None
         await store.reserve("w-1", "w-1~warmupwarmup", {})  # scripts loaded: the resend is of EVALSHA itself
         await store.release("w-1", "w-1~warmupwarmup")
         await store.compare_and_set_claim("warm", None, "x", 1)
 
         proxy.armed = True  # a worker restarts and registers again with its secret
-        assert await store.register("w-1", "secret-a", "secret-b", fields, static) is not None, "no 409"
+        assert await store.register("w-1", "secret-a", "secret-b", *_W1) is not None, "no 409"
         proxy.armed = True
         reservation = await store.reserve("w-1", "w-1~resentreserve", {"worker_id": "w-1"})
         assert reservation.ok and reservation.used == 1, "the resend found its own lease"
@@ -165,12 +168,9 @@ async def test_a_frozen_store_is_a_503_within_three_timeouts_not_nine(redis_url:
     timeout_s = 0.3
     settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=timeout_s)
     store = FleetStore(connect(settings, settings.redis_url or ""), settings)
-    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
-    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
-                         "max_streams": 2})
     loop = asyncio.get_running_loop()
     try:
-        assert await store.register("w-1", None, "secret-a", fields, static) is not None
+        assert await store.register("w-1", None, "secret-a", *_W1) is not None
         assert await store.ping()
         proxy.thawed.clear()
 
@@ -205,9 +205,6 @@ def test_a_connection_closed_beneath_a_command_is_retried_not_a_500(
     mid-send on connections closed beneath them. redis-py raised AttributeError (its writer gone) or, on uvloop as
     the hub runs, RuntimeError (the transport's handle closed): 500s. Here the close lands at that moment."""
     settings = hub_settings(redis_url)
-    fields = {"url": "http://127.0.0.1:1", "region": "us-east-1", "max_streams": "2"}
-    static = json.dumps({"worker_id": "w-1", "url": "http://127.0.0.1:1", "region": "us-east-1", "lat": 0, "lon": 0,
-                         "max_streams": 2})
     original = AbstractConnection._send_packed_command
     armed = {"left": 0}
 
@@ -226,7 +223,7 @@ def test_a_connection_closed_beneath_a_command_is_retried_not_a_500(
     async def scenario() -> None:
         store = FleetStore(connect(settings, redis_url), settings)
         try:
-            assert await store.register("w-1", None, "secret-a", fields, static) is not None
+            assert await store.register("w-1", None, "secret-a", *_W1) is not None
             await store.ping()
             armed["left"] = 1
             assert await store.ping(), "a plain command is sent again"
