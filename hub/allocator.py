@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from hub.board import Ranked, RoutingBoard
-from hub.dispatch import DispatchOutcome, WorkerClient
+from hub.dispatch import DispatchOutcome, StopAnswer, WorkerClient
 from hub.livekit import choose_deployment, mint_agent_token, mint_participant_token
 from hub.metrics import HubMetrics
 from hub.placement import first_to_accept
@@ -33,6 +33,9 @@ _T = TypeVar("_T")
 _PENDING = "pending:"
 #: How long an undo keeps trying to reach the store and the worker: longer than a Redis failover takes.
 _UNDO_WINDOW_S = 120.0
+#: How long ending a session waits for its worker's answer to the stop before freeing the slot anyway. The stop
+#: usually lands in a millisecond; this bounds what a slow or vanished worker adds to a DELETE.
+_STOP_BEFORE_RELEASE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +235,7 @@ class Allocator:
         heartbeat even if the worker does not answer now. Either is enough, so each is retried (for as long as a
         Redis failover takes) until it lands: a lease the worker keeps reporting is renewed for good."""
         try:
-            stopped = await self.workers.stop(worker_url, session_id)
+            stopped = (await self.workers.stop(worker_url, session_id)).delivered
             if not stopped:
                 self.background.spawn(self._stop_until_delivered(worker_url, session_id), name=f"stop {session_id}")
             released = await self._until_the_store_answers(lambda: self.store.release(worker_id, session_id))
@@ -268,7 +271,7 @@ class Allocator:
                 log.warning("could not tell %s to stop %s within %.0f s", worker_url, session_id, _UNDO_WINDOW_S)
                 return
             await asyncio.sleep(delay)
-            if await self.workers.stop(worker_url, session_id):
+            if (await self.workers.stop(worker_url, session_id)).delivered:
                 return
 
     def _config(self, session_id: str, record: dict[str, Any], *, token: str | None = None,
@@ -307,21 +310,33 @@ class Allocator:
         return self._config(session_id, stored.record)
 
     async def end(self, session_id: str) -> None:
+        """Stop the session on its worker, then free its slot. In that order: a slot freed first could be handed to
+        the next session while the worker still runs this one, and the worker would refuse it as full. The wait for
+        the worker is bounded (``_STOP_BEFORE_RELEASE_S``); a stop still on its way then finishes in the background,
+        and a worker that never hears it is told by its next heartbeat's answer."""
         worker_id = keys.worker_of_session(session_id)
         if worker_id is None:
             raise SessionNotFound()
+        stopping = None
+        if (known := self.board.entries.get(worker_id)) is not None:
+            stopping = self.background.spawn(self.workers.stop(known.url, session_id), name=f"stop {session_id}")
+            await asyncio.wait((stopping,), timeout=_STOP_BEFORE_RELEASE_S)
         try:
             released = await self.store.release(worker_id, session_id)
         except StoreUnavailable:
             # The release may have run with its answer lost (a cluster does not resend): the caller's retry would
             # find nothing. End it where this request's failure cannot reach, then fail as the store did.
-            if (known := self.board.entries.get(worker_id)) is not None:
+            if known is not None:
                 self._spawn_undo(worker_id, session_id, known.url)
             raise
         if not released.held or released.record is None:
+            # Not held, unless the worker ran it until this request stopped it: its heartbeat freed the slot between
+            # the stop and the release.
+            if stopping is not None and await stopping is StopAnswer.STOPPED:
+                return
             raise SessionNotFound()
         self.board.note_used(worker_id, released.used)
-        if released.worker_url:
+        if released.worker_url and (known is None or known.url != released.worker_url):
             self.background.spawn(self.workers.stop(released.worker_url, session_id), name=f"stop {session_id}")
         if session_key := released.record.get("session_key"):
             try:

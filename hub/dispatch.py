@@ -31,6 +31,17 @@ class DispatchOutcome(StrEnum):
     UNREACHABLE = "unreachable"
 
 
+class StopAnswer(StrEnum):
+    STOPPED = "stopped"  # the worker ran the session and has stopped it
+    NOT_RUNNING = "not_running"  # the worker does not run it: never did, or it has ended
+    UNDELIVERED = "undelivered"  # no answer: timed out, unreachable or refused
+
+    @property
+    def delivered(self) -> bool:
+        """The worker no longer runs the session."""
+        return self is not StopAnswer.UNDELIVERED
+
+
 @dataclass(frozen=True, slots=True)
 class Dispatched:
     outcome: DispatchOutcome
@@ -72,17 +83,23 @@ class WorkerClient:
         log.warning("worker %s refused a dispatch with HTTP %s", worker_url, status)
         return Dispatched(DispatchOutcome.REFUSED)
 
-    async def stop(self, worker_url: str, session_id: str) -> bool:
-        """Best effort: True when the worker stopped it or never had it."""
+    async def stop(self, worker_url: str, session_id: str) -> StopAnswer:
+        """Best effort: never raises."""
         try:
             async with self._http.delete(f"{worker_url.rstrip('/')}/sessions/{session_id}",
                                          headers=self._headers) as resp:
-                return resp.status in (200, 204, 404)
+                status = resp.status
         except TimeoutError:
-            return False
+            return StopAnswer.UNDELIVERED
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.info("stopping %s on %s failed: %s", session_id, worker_url, type(exc).__name__)
-            return False
+            return StopAnswer.UNDELIVERED
+        if status in (200, 204):
+            return StopAnswer.STOPPED
+        if status == 404:
+            return StopAnswer.NOT_RUNNING
+        log.warning("worker %s refused a stop with HTTP %s", worker_url, status)
+        return StopAnswer.UNDELIVERED
 
 
 def _accepted_at_seq(body: bytes) -> int | None:

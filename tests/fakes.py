@@ -36,6 +36,7 @@ class FakeWorker:
     token: str = "dev-worker-token"
     mode: str = "accept"  # accept | full | hang | error | accept_then_error (takes the session, then answers 500)
     delay_s: float = 0.0
+    stop_delay_s: float = 0.0  # how long a stop takes to reach it (the network, a busy worker)
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)
     dispatches: int = 0
@@ -95,6 +96,8 @@ class FakeWorker:
 
     async def _delete(self, request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
+        if self.stop_delay_s:
+            await asyncio.sleep(self.stop_delay_s)
         self.stopped.append(sid)
         if self.sessions.pop(sid, None) is None:
             return web.json_response({"error": "session_not_found"}, status=404)

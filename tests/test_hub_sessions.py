@@ -11,6 +11,7 @@ import pytest
 import redis
 from livekit import api
 
+from hub.dispatch import StopAnswer
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
 from shared import keys
 from shared.errors import StoreUnavailable
@@ -60,9 +61,59 @@ async def test_get_and_delete_free_the_slot_at_once(hub: httpx.AsyncClient, make
     assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
     assert (await hub.get(f"/api/v1/sessions/{sid}")).status_code == 404
     assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 404
-    worker.sessions.clear()
     again = await hub.post("/api/v1/sessions", json={})
     assert again.status_code == 201, again.text
+
+
+async def test_a_slot_is_freed_only_once_its_worker_has_stopped_the_session(hub, make_worker) -> None:
+    """Regression: the slot was freed in Redis first and the worker told afterwards, so the next session could be
+    dispatched to a worker still running the ended one: refused as full, and placed elsewhere or refused."""
+    worker = await make_worker(max_streams=1, stop_delay_s=0.3)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+    assert worker.stopped == [sid]
+    again = await hub.post("/api/v1/sessions", json={})
+    assert again.status_code == 201, again.text
+    assert worker.refused_full == 0
+
+
+async def test_ending_a_session_frees_its_slot_even_when_the_worker_is_slow_to_stop_it(hub, make_worker) -> None:
+    worker = await make_worker(max_streams=1, stop_delay_s=2.5)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+    assert not worker.stopped, "the stop has not reached the worker yet"
+    fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert fleet[0]["used_streams"] == 0
+    await wait_for(lambda: worker.stopped == [sid], 5, "the stop, finished in the background")
+    assert sid not in worker.sessions
+
+
+async def test_a_session_its_worker_stopped_has_ended_even_if_a_heartbeat_freed_the_slot_first(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the worker's stop and the release, the worker's heartbeat can report the session gone, and the
+    heartbeat frees the slot: the release then finds nothing, but the session did exist and has ended (204)."""
+    worker = await make_worker(max_streams=1)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    workers = hub.app.state.hub.allocator.workers
+    real_stop = workers.stop
+
+    async def stop_then_heartbeat(url: str, session_id: str) -> StopAnswer:
+        answer = await real_stop(url, session_id)
+        assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
+        return answer
+
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+    monkeypatch.setattr(workers, "stop", stop_then_heartbeat)
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 404
 
 
 async def test_no_capacity_is_a_clean_503_with_retry_after(hub: httpx.AsyncClient) -> None:
@@ -708,9 +759,9 @@ async def test_an_undo_outlasts_a_failover_that_also_hides_the_worker(
     store, workers = state.store, state.allocator.workers
     real_stop, stops = workers.stop, []
 
-    async def stop_unanswered_twice(url: str, session_id: str) -> bool:
+    async def stop_unanswered_twice(url: str, session_id: str) -> StopAnswer:
         stops.append(session_id)
-        return False if len(stops) <= 2 else await real_stop(url, session_id)
+        return StopAnswer.UNDELIVERED if len(stops) <= 2 else await real_stop(url, session_id)
 
     async def confirm_fails(*args: object, **kwargs: object) -> bool:
         raise StoreUnavailable("the shared store is unreachable")
