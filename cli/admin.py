@@ -167,8 +167,10 @@ def _load(worker: dict[str, Any]) -> str:
 
 
 def workers_table(workers: list[dict[str, Any]], title: str | None = None) -> Table:
+    # A stale worker's figures are those of its last heartbeat; the hub routes nothing to it and its leases lapse.
+    caption = "stale: streams and load as of the last heartbeat" if any(not w["alive"] for w in workers) else None
     table = Table(_id_column("id", (w["worker_id"] for w in workers)), "region", "GPU", "state", "streams", "load",
-                  "GPU util", "latency", "heartbeat age", title=title)
+                  "GPU util", "latency", "heartbeat age", title=title, caption=caption)
     for w in workers:
         table.add_row(w["worker_id"], w["region"], _gpu(w), _state(w), f"{w['used_streams']}/{w['max_streams']}",
                       _load(w), f"{w['gpu_utilization']:.0f}%", f"{w['latency_ms']:.0f} ms",

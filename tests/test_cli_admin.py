@@ -119,6 +119,7 @@ def test_workers_table_and_json_show_the_registry(live_hub: LiveHub) -> None:
     assert table.exit_code == 0, table.output
     for text in ("gpu-use1-a", "gpu-use1-b", "gpu-euc1-a", "eu-central-1", "NVIDIA A10G", "ready", "0/8", "41 ms"):
         assert text in table.output
+    assert "last heartbeat" not in table.output  # the stale workers' note, with none stale
 
     listed = json.loads(fleet(live_hub, "workers", "--json").output)
     assert {w["worker_id"] for w in listed["workers"]} == {"gpu-use1-a", "gpu-use1-b", "gpu-euc1-a"}
@@ -285,6 +286,8 @@ def test_forget_removes_a_stale_worker_and_refuses_a_live_one(redis_url: str) ->
         time.sleep(1.2)  # no heartbeat for the TTL: stale
         with hub.admin() as client:
             assert client.get("/api/v1/workers/gpu-use1-a").json()["alive"] is False
+        listed = fleet(hub, "workers", "--state", "stale")
+        assert "gpu-use1-a" in listed.output and "as of the last heartbeat" in listed.output, listed.output
         forgotten = fleet(hub, "forget", "gpu-use1-a")
         assert forgotten.exit_code == 0 and "gpu-use1-a forgotten" in forgotten.output, forgotten.output
         with hub.admin() as client:
