@@ -529,10 +529,9 @@ async def test_a_placement_that_fails_after_its_reservation_leaves_no_slot_behin
     monkeypatch.setattr(store, "confirm", store_fails)
     failed = await hub.post("/api/v1/sessions", json={})
     assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
-    for _ in range(50):  # the undo runs in the background
-        if worker.stopped:
-            break
-        await asyncio.sleep(0.02)
+    # The undo runs in the background: the stop, then the release (a heartbeat sent between the two still finds
+    # the pending lease, so the test waits for the whole undo).
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
     assert worker.stopped and not worker.sessions, "the worker was told to stop the session"
     reply = (await heartbeat(hub, "w-1", secret, list(worker.sessions))).json()
     assert reply["used_streams"] == 0, "the slot was released"
