@@ -304,3 +304,46 @@ async def test_a_failed_voice_turn_is_counted_on_the_worker_metrics() -> None:
         after = (await client.get("/metrics")).text  # a scrape adds nothing
         assert 'worker_engine_turn_errors_total{stage="stt"} 3.0' in after
         assert 'worker_engine_turn_errors_total{stage="llm"} 0.0' in after
+
+
+async def test_a_stopped_session_is_remembered_for_a_minute(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dispatch the hub gave up on can reach the worker seconds late (held in a proxy, or behind a slow engine
+    start), after the stop that undid it. Guards against a window too short for that: a late dispatch started a
+    session no hub counts, holding a slot until a heartbeat's answer stopped it. The window is a minute, and then
+    the id is forgotten (a later dispatch of it is taken)."""
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        perf_counter = monotonic
+
+        def time(self) -> float:
+            return time.time()
+
+    clock = Clock()
+    monkeypatch.setattr(worker_sessions, "time", clock)
+    client, manager = worker
+    assert (await client.delete("/sessions/late", headers=AUTH)).status_code == 404
+    clock.now += 59.0
+    refused = await client.post("/sessions", json=dispatch("late"), headers=AUTH)
+    assert (refused.status_code, refused.json().get("error")) == (409, "stopped")
+    clock.now += 2.0
+    assert (await client.post("/sessions", json=dispatch("late"), headers=AUTH)).status_code == 201
+    assert manager.ids() == ["late"]
+
+
+async def test_the_wait_for_sessions_to_end_says_when_it_timed_out() -> None:
+    """The drain stops what still runs either way; the answer decides whether it logs that its timeout cut sessions
+    short. Guards against a wait that reported success at its timeout: the drain timeout went unlogged."""
+    engine = SyntheticEngine()
+    manager = SessionManager(engine, max_streams=1)
+    await manager.start(SessionDispatch.model_validate(dispatch("long")))
+    try:
+        assert await manager.wait_empty(0.1) is False
+        assert manager.ids() == ["long"]
+    finally:
+        await manager.stop_all()
+        await engine.aclose()

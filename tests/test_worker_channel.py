@@ -12,19 +12,20 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from shared.backoff import backoff_delays
 from shared.models import MAX_STREAMS_PER_WORKER, Heartbeat, SessionDispatch, WorkerRegistration
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
 from tests.test_worker_drain import running
 from tests.test_worker_hub import wait_for, worker_settings
-from worker import heartbeat_channel
+from worker import heartbeat_channel, hub_client
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
 from worker.heartbeat_channel import HeartbeatChannel
@@ -444,3 +445,137 @@ async def test_a_cancel_that_comes_with_the_hubs_answer_is_not_lost() -> None:
     sending.cancel()  # ... in the step the drain cancels the loop
     with pytest.raises(asyncio.CancelledError):
         await sending
+
+
+async def test_failed_heartbeats_are_retried_within_the_ttl_however_high_the_backoff_cap(fake_hub: Any) -> None:
+    """The registration's backoff cap (FLEET_REGISTER_BACKOFF_CAP_S, 10 s by default) is longer than a worker's TTL
+    (three heartbeat intervals, 9 s by default). Guards against failed heartbeats backing off up to that cap: after a
+    few failures in a row the worker went a whole TTL without a heartbeat, and the hub dropped it with its sessions
+    still running."""
+    loop = asyncio.get_running_loop()
+    interval = 0.2
+    attempts: list[float] = []
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": interval, "ttl_s": 3 * interval,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        attempts.append(loop.time())
+        return web.Response(status=503)  # a hub whose Redis is failing over
+
+    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
+                       SessionManager(SyntheticEngine(), 2), timeout_s=1.0, backoff_cap_s=10.0, use_channel=False)
+    await client.register()
+    beating = asyncio.create_task(client.heartbeat_loop())
+    try:
+        await asyncio.sleep(15 * interval)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        await client.aclose()
+    gaps = [later - earlier for earlier, later in itertools.pairwise([*attempts, loop.time()])]
+    assert len(attempts) >= 5 and max(gaps) < 3 * interval, f"{max(gaps):.2f} s between heartbeats: {gaps}"
+
+
+async def test_a_hub_that_forgets_the_worker_at_once_is_not_hammered_with_registrations(fake_hub: Any) -> None:
+    """A hub that accepts every registration but answers each heartbeat 404 (its Redis loses the worker's keys at
+    once, say). Guards against registering again at once every time: the worker sent hundreds of registrations a
+    second to a hub already in trouble. After the first, each waits a jittered backoff of at least 50 ms."""
+    registrations = 0
+
+    async def register(_: web.Request) -> web.Response:
+        nonlocal registrations
+        registrations += 1
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        return web.json_response({"error": "unknown_worker", "message": "no such worker"}, status=404)
+
+    manager = SessionManager(SyntheticEngine(), 2)
+    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager, timeout_s=1.0,
+                       use_channel=False)
+    await client.register()
+    beating = asyncio.create_task(client.heartbeat_loop())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        await client.aclose()
+    forgotten = manager.metrics.heartbeats.labels("forgotten")._value.get()
+    # The first again at once, then each at least 50 ms after the one before.
+    assert 2 <= registrations <= 2 + 1.0 / 0.05, f"{registrations} registrations in 1 s"
+    assert forgotten >= 1
+
+
+async def test_once_a_heartbeat_gets_through_the_backoff_starts_over(fake_hub: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed heartbeats back off more and more (up to the interval); one that gets through ends that. Guards against
+    the backoff carrying over from an outage long past: the next lost heartbeat waited as long as the last one of
+    the outage, up to a whole interval (a third of the TTL), before it was sent again."""
+    drawn: list[int] = []  # for each wait, which delay of its backoff it took
+
+    def recording_backoff(**kwargs: Any) -> Iterator[float]:
+        for attempt, delay in enumerate(backoff_delays(**kwargs)):
+            drawn.append(attempt)
+            yield delay
+
+    monkeypatch.setattr(hub_client, "backoff_delays", recording_backoff)
+    statuses = iter([503, 503, 200, 503])
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 0.1, "ttl_s": 0.3,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        status = next(statuses, 200)
+        if status != 200:
+            return web.Response(status=status)
+        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
+                                  "heartbeat_interval_s": 0.1, "stop_sessions": []})
+
+    manager = SessionManager(SyntheticEngine(), 2)
+    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager, timeout_s=1.0,
+                       use_channel=False)
+    await client.register()
+    beating = asyncio.create_task(client.heartbeat_loop())
+    try:
+        await wait_for(lambda: manager.metrics.heartbeats.labels("ok")._value.get() >= 2, 5, "heartbeats")
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        await client.aclose()
+    assert drawn == [0, 1, 0], "after a heartbeat got through, the next failure waits the first, shortest delay"
+
+
+async def test_of_several_failing_hubs_the_one_that_failed_last_is_tried_last(fake_hub: Any) -> None:
+    """Three hubs, all failing the worker's heartbeats for now. The next heartbeat goes first to the hub that failed
+    longest ago, the likeliest to be back, and last to the one that failed most recently (a frozen hub costs a whole
+    timeout per request). Guards against a failing hub being put first again: each round began with the hub that had
+    just failed."""
+    tried: list[str] = []
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    def failing(name: str) -> Handler:
+        async def beat(_: web.Request) -> web.Response:
+            tried.append(name)
+            return web.Response(status=503)
+
+        return beat
+
+    urls = [await fake_hub(register, failing(name)) for name in ("a", "b", "c")]
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       use_channel=False)
+    try:
+        await client.register_once()
+        for _ in range(2):
+            with pytest.raises(HubUnavailable):
+                await client.heartbeat_once()
+    finally:
+        await client.aclose()
+    assert tried == ["a", "b", "c", "a", "b", "c"]

@@ -90,3 +90,26 @@ async def test_without_a_group_name_the_loop_ends_without_calling() -> None:
     client, stub = stubbed_autoscaling()
     stub.activate()  # no response queued: any call would fail the test
     await asyncio.wait_for(Lifecycle(client, "i-1", None, None).protection_loop(), 2)
+
+
+async def test_session_changes_that_leave_protection_as_it_is_make_no_call(caplog: pytest.LogCaptureFixture) -> None:
+    """Protection is wanted while any session runs: a second session, or the end of one of two, changes nothing.
+    Guards against an Auto Scaling call at every start and stop: a busy worker used up the API's rate limit, and the
+    calls that mattered (protection off when idle, the lifecycle action) were throttled."""
+    client, stub = stubbed_autoscaling()
+    expect_protection(stub, True)
+    stub.activate()  # nothing more queued: a further call fails, and the failure is logged
+    lifecycle = Lifecycle(client, "i-1", "asg-gpu", None)
+    lifecycle.sessions_changed(1)
+    loop = asyncio.create_task(lifecycle.protection_loop())
+    try:
+        await wait_for(lambda: lifecycle.protected is True, 2, "protection on")
+        for count in (2, 3, 2, 1):
+            lifecycle.sessions_changed(count)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        stub.assert_no_pending_responses()
+        assert "set_instance_protection" not in caplog.text, caplog.text
+        assert lifecycle.protected is True
+    finally:
+        await stop(loop)
