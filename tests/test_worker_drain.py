@@ -16,9 +16,10 @@ from aiohttp import web
 
 import worker.agent
 import worker.gpus
+from shared.models import SessionDispatch
 from shared.redis_server import free_port
 from tests.conftest import wait_for
-from tests.test_worker_hub import place_session, stubbed_autoscaling, worker_settings
+from tests.test_worker_hub import place_session, stubbed_autoscaling, worker_settings, worker_view
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
 from worker.gpus import Gpu
@@ -171,3 +172,98 @@ async def test_a_spot_notice_during_a_drain_shortens_it(make_running_hub: Any, m
             assert agent.drain_reason.startswith("ASG") and agent.manager.sessions == {}
     finally:
         await imds.cleanup()
+
+
+async def test_the_hub_learns_of_a_drain_at_once_not_at_the_next_heartbeat(make_running_hub: Any) -> None:
+    """A scale-in (or a SIGTERM) begins a drain while a session runs: the drain's own heartbeat tells the hub at once,
+    so it stops placing sessions here. Guards against leaving it to the next regular heartbeat: for up to a whole
+    interval (3 s by default) the hub kept routing new sessions to a worker that refuses them."""
+    hub = await make_running_hub(heartbeat_interval_s=5.0, worker_ttl_s=15.0, pending_lease_s=20.0,
+                                 active_lease_s=30.0)
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=10), install_signals=False)
+    async with running(agent) as task, hub.client() as client:
+        await place_session(client)
+        agent.request_drain("ASG target lifecycle state Terminated")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0  # a fifth of the interval: no regular heartbeat comes meanwhile
+        while (await worker_view(client))["state"] != "draining":
+            assert loop.time() < deadline, "the hub learned of the drain only at the next heartbeat"
+            await asyncio.sleep(0.05)
+        assert not task.done() and agent.manager.sessions, "the drain still waits for the session"
+
+
+async def test_an_instance_waiting_in_a_warm_pool_does_not_drain(make_running_hub: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance kept running in the ASG's warm pool has the target lifecycle state Warmed:Running until the group
+    puts it in service. Guards against reading every state but InService as a scale-in: the worker drained and
+    exited at each start (systemd restarting it), on an instance the group was about to use."""
+    monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
+    port = free_port()
+    meta = {"instance-id": "i-0warm", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1",
+            "autoscaling/target-lifecycle-state": "Warmed:Running"}
+    imds = await fake_imds(meta, port)
+    try:
+        hub = await make_running_hub()
+        settings = worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}")
+        agent = WorkerAgent(settings, install_signals=False)
+        async with running(agent) as task:
+            await asyncio.sleep(0.5)  # several looks at the target state
+            assert agent.drain_reason is None and not task.done()
+            meta["autoscaling/target-lifecycle-state"] = "InService"
+            await asyncio.sleep(0.3)
+            assert agent.drain_reason is None
+            meta["autoscaling/target-lifecycle-state"] = "Terminated"  # and the watch does look
+            await wait_for(lambda: agent.drain_reason is not None, 5, "the scale-in drain")
+            assert await asyncio.wait_for(task, 5) == 0
+    finally:
+        await imds.cleanup()
+
+
+async def test_a_drain_waits_for_its_sessions_without_spinning(make_running_hub: Any) -> None:
+    """The drain waits (up to drain_timeout_s, minutes in production) for sessions to end, and looks again only
+    when something changes: a spot notice, a second signal. Guards against a wait that woke at once, over and over:
+    the drain took a CPU core from the very sessions it waited for."""
+    hub = await make_running_hub()
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=60), install_signals=False)
+    async with running(agent) as task:
+        async with hub.client() as client:
+            await place_session(client)
+        waits = 0
+        wait_empty = agent.manager.wait_empty
+
+        async def counted(timeout_s: float) -> bool:
+            nonlocal waits
+            waits += 1
+            return await wait_empty(timeout_s)
+
+        agent.manager.wait_empty = counted  # type: ignore[method-assign]
+        agent.request_drain("ASG target lifecycle state Terminated")
+        await asyncio.sleep(1.0)
+        assert not task.done() and agent.manager.sessions, "the drain waits for the session"
+        assert waits <= 2, f"the drain looked {waits} times in 1 s with nothing changed"
+
+
+class SlowToStartEngine(SyntheticEngine):
+    """Takes a while to start each session, as an engine that loads a voice or warms a model does."""
+
+    async def start_session(self, spec: SessionDispatch, on_end: Any) -> None:
+        await asyncio.sleep(0.6)
+        await super().start_session(spec, on_end)
+
+
+async def test_a_session_the_engine_is_starting_when_the_drain_begins_is_waited_for(make_running_hub: Any) -> None:
+    """A SIGTERM comes while the engine starts a session the hub dispatched. Guards against a drain that looked only
+    at the sessions already started: it found none, deregistered and closed the engine, and the dispatch was then
+    answered 201 for a session the engine's close killed without a stop. Found by a mutation review."""
+    hub = await make_running_hub(dispatch_timeout_s=3.0)
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=30), engine=SlowToStartEngine(), install_signals=False)
+    async with running(agent) as task, hub.client() as client:
+        placing = asyncio.create_task(place_session(client))
+        await asyncio.sleep(0.3)  # the engine is starting it
+        agent.request_drain("SIGTERM")
+        session_id = await asyncio.wait_for(placing, 5)
+        await asyncio.sleep(0.5)
+        assert not task.done(), "the drain ended without waiting for the session"
+        assert agent.manager is not None and agent.manager.ids() == [session_id]
+        assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
+        assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"

@@ -143,12 +143,22 @@ class SessionManager:
 
     def _notify(self) -> None:
         self.metrics.sessions_active.set(len(self.sessions))
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
         if self.on_change is not None:
             self.on_change(len(self.sessions))
 
+    def _wake(self) -> None:
+        """Whoever waits for a change (``wait_empty``) looks again."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def start(self, spec: SessionDispatch) -> WorkerSessionInfo:
+        try:
+            return await self._start(spec)
+        finally:
+            self._wake()  # a start that ended without a session ends a drain's wait for it too
+
+    async def _start(self, spec: SessionDispatch) -> WorkerSessionInfo:
         async with self._lock:
             if self.draining:
                 self._refuse("draining", "worker is draining")
@@ -244,10 +254,11 @@ class SessionManager:
             await asyncio.wait(set(self._engine_stops))
 
     async def wait_empty(self, timeout_s: float) -> bool:
-        """Wait until no session runs, up to ``timeout_s``; True if it emptied."""
+        """Wait until no session runs or is being started, up to ``timeout_s``; True if it emptied. A drain waits
+        here: a session the engine is still starting is answered 201 once started, so it counts as running."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.sessions:
+        while self.sessions or self._lock.locked():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
