@@ -437,11 +437,11 @@ class FleetStore:
     # --- rate limiting ------------------------------------------------------------------------------------
 
     async def take_token(self, client: str, capacity: int, rate_per_s: float) -> float:
-        """0 when allowed, else seconds to wait."""
+        """0 when allowed, else seconds to wait (never 0: a refusal must not read as allowed)."""
         async with self._call():
             res = await self._bucket(keys=[keys.rate_limit_bucket(client)],
                                      args=[capacity, rate_per_s, secrets.token_hex(8)])
-        return 0.0 if int(res[0]) == 1 else int(res[1]) / 1000.0
+        return 0.0 if int(res[0]) == 1 else max(int(res[1]), 1) / 1000.0
 
 
 def _lease_status(confirmed: bool, expiry_ms: float, now_ms: int) -> SessionStatus:

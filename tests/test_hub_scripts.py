@@ -160,3 +160,43 @@ async def test_a_reservation_refused_as_full_corrects_the_board(redis_url: str) 
         assert r.hget(keys.BOARD.used, "w-000") == "2", "the refusal left the board showing room"
     finally:
         await store.close()
+
+
+async def test_a_resent_confirmation_leaves_the_session_judged_by_the_workers_number(redis_url: str) -> None:
+    """redis-py resends a confirmation whose reply timed out, though Redis already ran it. The resend must leave the
+    record as one confirmation made it ('<at>:<accepted_at_seq>'): heartbeats judge the session by that number, an
+    earlier one proving nothing and a later one without the session ending it (a record the heartbeat script cannot
+    read would fail every heartbeat of the worker that omits the session)."""
+    store, secrets = await registered_store(redis_url, 1, max_streams=2)
+    r = sync_redis(redis_url, decode_responses=True)
+    worker = keys.worker_keys("w-000")
+    sid = "w-000~confirmtwice"
+    try:
+        assert (await store.reserve("w-000", sid, {})).ok
+        assert await store.confirm("w-000", sid, 7)
+        assert await store.confirm("w-000", sid, 7), "the resend found its own confirmation"
+        assert r.hget(worker.active, sid).count(":") == 1, "the resend recorded the number a second time"
+        earlier = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", [], 7)
+        assert (earlier.status, earlier.used) == (1, 1), "a heartbeat from before the session proves nothing"
+        later = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", [], 8)
+        assert (later.status, later.used) == (1, 0), "a later heartbeat without the session ends it"
+    finally:
+        await store.close()
+
+
+async def test_a_bucket_takes_its_last_whole_token(redis_url: str) -> None:
+    """A bucket holding exactly one token admits one more request and is then empty: the last whole token counts.
+    Otherwise a burst of 1 (one session request at a time per client) never takes a token, and its client is never
+    limited at all; a larger bucket's last token is never spent either."""
+    store, _ = await registered_store(redis_url, 0)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert await store.take_token("client-1", 1, 0.5) == 0.0
+        assert await store.take_token("client-1", 1, 0.5) > 0.0, "a burst of 1 let a second request straight in"
+        bucket = keys.rate_limit_bucket("client-2")
+        r.hset(bucket, mapping={"tokens": "1", "at": str(_redis_now_ms() + 5_000)})  # no refill meanwhile
+        assert await store.take_token("client-2", 3, 0.5) == 0.0
+        assert float(r.hget(bucket, "tokens")) < 0.01, "the last whole token was not taken"
+        assert await store.take_token("client-2", 3, 0.5) > 0.0
+    finally:
+        await store.close()

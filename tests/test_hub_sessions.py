@@ -853,3 +853,34 @@ async def test_a_session_from_a_hub_that_recorded_no_identity_is_handed_to_whoev
     assert again.json()["session_id"] == session_id
     assert api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(again.json()["livekit"]["token"]).identity \
         == "bob"
+
+
+async def test_a_worker_that_stopped_heartbeating_offers_no_free_streams_in_any_view(make_hub, make_worker) -> None:
+    """An SRE (and the capacity dashboards) must not count room on a worker the router will never use: once its TTL
+    has passed, the list and the worker's own view show it stale with no free stream, however few it used."""
+    hub = await make_hub(worker_ttl_s=0.5)
+    worker = await make_worker()
+    await register(hub, "w-gone", worker)
+    await asyncio.sleep(0.7)  # no heartbeat since: past its TTL
+    await refresh(hub)
+    [listed] = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    one = (await hub.get("/api/v1/workers/w-gone", headers=ADMIN_AUTH)).json()
+    assert (listed["alive"], one["alive"]) == (False, False)
+    assert (listed["free_streams"], one["free_streams"]) == (0, 0), "a dead worker was shown with room"
+    assert (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).json()["total"]["free_streams"] == 0
+
+
+async def test_a_session_listing_for_a_worker_outside_the_region_asked_for_is_a_404(hub: httpx.AsyncClient,
+                                                                                   make_worker) -> None:
+    """``?worker_id=&region=`` names one worker in one region: a worker in another region is not found, rather than
+    listed as if it were in the region the SRE asked about."""
+    worker = await make_worker()
+    await register(hub, "w-east", worker, region="us-east-1")
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+    mine = await hub.get("/api/v1/sessions", params={"worker_id": "w-east", "region": "us-east-1"},
+                         headers=ADMIN_AUTH)
+    assert mine.status_code == 200 and len(mine.json()["sessions"]) == 1
+    other = await hub.get("/api/v1/sessions", params={"worker_id": "w-east", "region": "eu-west-1"},
+                          headers=ADMIN_AUTH)
+    assert other.status_code == 404, other.text
