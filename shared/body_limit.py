@@ -42,7 +42,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > max_bytes:
-                    raise _TooLarge()
+                    raise _TooLarge(max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -58,15 +58,19 @@ class BodySizeLimit:
                 await self._reject(send, max_bytes)
 
     async def _reject(self, send: Send, max_bytes: int) -> None:
-        message = f"request bodies are limited to {max_bytes} bytes"
-        body = json.dumps({"error": "body_too_large", "message": message})
+        body = json.dumps({"error": "body_too_large", "message": _limited_to(max_bytes)})
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-class _TooLarge(HTTPException):
-    """Raised mid-read; an HTTPException so the framework's body parser passes it through untouched."""
+def _limited_to(max_bytes: int) -> str:
+    return f"request bodies are limited to {max_bytes} bytes"
 
-    def __init__(self) -> None:
-        super().__init__(413, "request body too large")
+
+class _TooLarge(HTTPException):
+    """Raised mid-read; an HTTPException so the framework's body parser passes it through untouched (and the
+    app's own handler may answer it first: the message is the same either way)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, _limited_to(max_bytes))

@@ -35,6 +35,31 @@ def test_a_proxy_that_adds_its_own_header_line_is_read_with_the_clients_line() -
     assert client_address(req, ["10.0.0.0/8"]) == "198.51.100.9"
 
 
+def test_each_trusted_network_is_trusted_on_its_own() -> None:
+    """A load balancer spans several subnets (one per zone), each listed in FLEET_TRUSTED_PROXIES: a proxy in any
+    of them is believed, or every client behind it would share the proxy's rate-limit bucket."""
+    trusted = ["10.0.0.0/24", "10.0.1.0/24", "fd00::/8"]
+    for proxy in ("10.0.0.5", "10.0.1.5", "fd00::5"):
+        assert client_address(_request(proxy, "198.51.100.7"), trusted) == "198.51.100.7", proxy
+    assert client_address(_request("10.0.1.5", "198.51.100.7, 10.0.0.9"), trusted) == "198.51.100.7"
+    assert client_address(_request("10.0.2.5", "198.51.100.7"), trusted) == "10.0.2.5"  # in none of them
+
+
+def test_an_ipv4_proxy_seen_through_a_dual_stack_socket_is_still_trusted() -> None:
+    """A hub bound to ``::`` sees IPv4 peers as ``::ffff:10.0.0.5``, which ``ipaddress`` does not count as inside
+    10.0.0.0/8: the load balancer was not believed, and every client behind it shared one rate-limit bucket.
+    Found by a mutation review."""
+    assert client_address(_request("::ffff:10.0.0.5", "198.51.100.7"), ["10.0.0.0/8"]) == "198.51.100.7"
+    assert client_address(_request("10.0.1.5", "198.51.100.7, ::ffff:10.0.0.9"), ["10.0.0.0/8"]) == "198.51.100.7"
+    assert client_address(_request("::ffff:192.0.2.1", "198.51.100.7"), ["10.0.0.0/8"]) == "::ffff:192.0.2.1"
+
+
+def test_empty_entries_in_a_forwarded_for_list_are_skipped() -> None:
+    """``a, , b`` or a trailing comma (a proxy appending to an empty value) is not a client named ""."""
+    assert client_address(_request("10.0.1.5", "198.51.100.7, "), ["10.0.0.0/8"]) == "198.51.100.7"
+    assert client_address(_request("10.0.1.5", "198.51.100.7,,10.0.0.2"), ["10.0.0.0/8"]) == "198.51.100.7"
+
+
 def test_garbage_hops_are_not_trusted() -> None:
     assert client_address(_request("10.0.1.5", "not-an-ip"), ["10.0.0.0/8"]) == "not-an-ip"
     assert client_address(_request("10.0.1.5", None), ["10.0.0.0/8"]) == "10.0.1.5"

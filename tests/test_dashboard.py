@@ -60,6 +60,42 @@ def test_the_shell_and_assets_load_without_auth_and_data_needs_it(live_hub: Live
     assert "api_secret" not in json.dumps(regions) and "api_key" not in json.dumps(regions)
 
 
+async def test_percent_encoded_dot_segments_cannot_reach_a_file_beside_the_assets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The asset pattern lets ``..`` through after the first segment, and the server decodes ``%2e%2e`` (and
+    ``%2f``) only after the client's own dot-segment removal: the resolved-path check alone keeps a JSON, JS or HTML
+    file next to hub/static (a config, a dump) from being served to anyone, without auth."""
+    import hub.api.dashboard as dashboard
+    from hub.main import create_app
+    from hub.settings import HubSettings
+
+    static = tmp_path / "static"
+    (static / "vendor").mkdir(parents=True)
+    (static / "vendor" / "ok.json").write_text("{}")
+    (tmp_path / "private.json").write_text('{"secret": "outside-the-assets"}')
+    monkeypatch.setattr(dashboard, "STATIC_DIR", static)
+    app = create_app(HubSettings(worker_token="w" * 32, admin_token="a" * 32))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        assert (await client.get("/dashboard/static/vendor/ok.json")).status_code == 200
+        for path in ("vendor/%2e%2e/%2e%2e/private.json", "vendor/%2E%2E/%2E%2E/private.json",
+                     "vendor/..%2f..%2fprivate.json", "vendor/%2e%2e%2f%2e%2e%2fprivate.json"):
+            resp = await client.get(f"/dashboard/static/{path}")
+            assert resp.status_code == 404 and "outside-the-assets" not in resp.text, (path, resp.text)
+
+
+async def test_the_map_of_livekit_deployments_holds_neither_their_keys_nor_their_secrets(make_hub) -> None:
+    """The dashboard's map needs each deployment's name, URL and place; a LiveKit API key and secret would let
+    anyone holding the admin token (or reading the page's traffic) mint tokens for every room."""
+    deployment = {"region": "eu", "url": "wss://lk-eu.example", "lat": 50.1, "lon": 8.7,
+                  "api_key": "APIkey-not-for-the-map", "api_secret": "secret-not-for-the-map-0123456789abcdef"}
+    hub = await make_hub(livekit_regions=json.dumps([deployment]))
+    assert (await hub.get("/dashboard/api/livekit")).status_code == 401
+    resp = await hub.get("/dashboard/api/livekit", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert resp.json() == {"regions": [{"region": "eu", "url": "wss://lk-eu.example", "lat": 50.1, "lon": 8.7}]}
+    assert "not-for-the-map" not in resp.text
+
+
 def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: LiveHub, tmp_path: Path) -> None:
     """The fleet on screen includes a real `fleet worker` process (synthetic engine, simulated T4) that registered
     and heartbeats on its own, beside workers registered through the API."""

@@ -43,6 +43,38 @@ async def test_tokens_are_required_and_checked(hub: httpx.AsyncClient) -> None:
     assert (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).status_code == 200
 
 
+async def test_a_refused_bearer_token_says_which_scheme_to_use(hub: httpx.AsyncClient) -> None:
+    """RFC 9110 §11.6.1: a 401 names the scheme it wants (WWW-Authenticate), for the worker and the admin routes
+    alike, missing token or wrong one; clients and proxies rely on it."""
+    body = registration("w-1", "http://127.0.0.1:9")
+    for refused in (await hub.post("/api/v1/workers", json=body),
+                    await hub.post("/api/v1/workers", json=body, headers={"Authorization": "Bearer nope"}),
+                    await hub.get("/api/v1/fleet"), await hub.get("/api/v1/fleet", headers=WORKER_AUTH)):
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.headers
+        assert refused.json()["error"] == "unauthorized"
+
+
+def test_bearer_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token compared with ``==`` leaks, through timing, how much of a guess is right; every secret check goes
+    through ``hmac.compare_digest``, and a missing value never matches."""
+    import hmac
+
+    from shared import auth
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    guess = "test-worker-tokeX"
+    assert auth.secret_matches(WORKER_TOKEN, WORKER_TOKEN) and not auth.secret_matches(guess, WORKER_TOKEN)
+    assert compared == [(WORKER_TOKEN.encode(), WORKER_TOKEN.encode()), (guess.encode(), WORKER_TOKEN.encode())]
+    assert not auth.secret_matches(None, WORKER_TOKEN) and not auth.secret_matches("", WORKER_TOKEN)
+
+
 async def test_a_worker_can_act_only_as_itself(hub: httpx.AsyncClient, make_worker) -> None:
     worker = await make_worker()
     reg = await register(hub, "w-1", worker)
@@ -141,6 +173,18 @@ async def test_invalid_session_requests_get_a_clear_422(hub: httpx.AsyncClient, 
     assert "Traceback" not in resp.text
 
 
+async def test_a_422_lists_every_problem_up_to_ten_and_its_message_is_the_first(hub: httpx.AsyncClient) -> None:
+    """A caller fixes a request in one round: the detail names each field that is wrong (at most ten, whatever the
+    body holds), and the message reads the first of them."""
+    three = await hub.post("/api/v1/sessions", json={"location": {"lat": 91, "lon": 500}, "session_key": ""})
+    assert three.status_code == 422
+    assert sorted(tuple(d["loc"]) for d in three.json()["detail"]) == [
+        ("body", "location", "lat"), ("body", "location", "lon"), ("body", "session_key")]
+    assert three.json()["message"].startswith(".".join(three.json()["detail"][0]["loc"][1:]) + ": ")
+    many = await hub.post("/api/v1/sessions", json={"labels": {f"k{i}": i for i in range(20)}})
+    assert many.status_code == 422 and len(many.json()["detail"]) == 10
+
+
 async def test_bad_worker_input_changes_nothing(hub: httpx.AsyncClient) -> None:
     for body in (registration("wörker", "http://x:1"), registration("w{1}", "http://x:1"),
                  registration("w-1", "ftp://x"), registration("w-1", "http://x:1", max_streams=-1),
@@ -176,12 +220,70 @@ async def test_oversized_deep_and_malformed_bodies(hub: httpx.AsyncClient) -> No
     assert listed.status_code == 422 and "must be a JSON object" in listed.json()["message"]
 
 
+async def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refused(make_hub) -> None:
+    """``FLEET_MAX_BODY_BYTES`` is the largest body accepted, announced by Content-Length or streamed."""
+    hub = await make_hub(max_body_bytes=256)
+
+    def body(size: int) -> bytes:
+        return b"{" + b" " * (size - 2) + b"}"
+
+    async def streamed(data: bytes):  # no Content-Length
+        for i in range(0, len(data), 100):
+            yield data[i:i + 100]
+    json_type = {"Content-Type": "application/json"}
+    for send in (lambda data: data, streamed):
+        at_limit = await hub.post("/api/v1/sessions", content=send(body(256)), headers=json_type)
+        assert at_limit.status_code == 503 and at_limit.json()["error"] == "no_capacity"  # placed: no workers
+        over = await hub.post("/api/v1/sessions", content=send(body(257)), headers=json_type)
+        assert over.status_code == 413 and over.json() == {
+            "error": "body_too_large", "message": "request bodies are limited to 256 bytes"}
+
+
 async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> None:
     for path in ("/nope", "/api/v1/sessions/not-a-session", "/api/v1/sessions/w-1~abcdefghijkl"):
         resp = await hub.get(path)
         assert resp.status_code == 404 and resp.json()["error"] in ("not_found", "session_not_found")
     assert (await hub.get("/api/v1/workers/ghost", headers=ADMIN_AUTH)).status_code == 404
     assert (await hub.post("/api/v1/workers/ghost/drain", headers=ADMIN_AUTH)).status_code == 404
+
+
+async def test_an_unexpected_failure_is_a_json_500_that_tells_the_caller_nothing_of_its_cause(
+    hub: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug or a library's surprise is logged for the SRE with its traceback; the caller gets the error body and a
+    fixed message, never the exception's text (it may carry a Redis URL with its password, a token, a path)."""
+    cause = "redis://:hunter2-password@10.0.0.5:6379 went away"
+
+    async def broken(session_id: str) -> None:
+        raise RuntimeError(cause)
+
+    monkeypatch.setattr(hub.app.state.hub.allocator, "get", broken)  # type: ignore[attr-defined]
+    transport = httpx.ASGITransport(app=hub.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+        resp = await client.get("/api/v1/sessions/w-1~abcdefghijkl")
+    assert resp.status_code == 500
+    assert resp.json() == {"error": "internal_error", "message": "the hub could not handle this request"}
+    assert "hunter2" not in resp.text and "RuntimeError" not in resp.text and "Traceback" not in resp.text
+    assert any(r.exc_info and cause in str(r.exc_info[1]) for r in caplog.records), "the SRE sees the cause"
+
+
+async def test_a_client_past_its_burst_is_refused_even_when_its_next_token_is_due_within_a_second(make_hub) -> None:
+    """The limit holds at any rate: at 10 requests a second a client's next token is 0.1 s away, and a request
+    sent before it is still a 429 (with Retry-After: 1, the header's smallest whole number), not let through."""
+    hub = await make_hub(rate_limit_per_s=10, rate_limit_burst=2)
+    codes = [(await hub.post("/api/v1/sessions", json={})).status_code for _ in range(2)]
+    assert codes == [503, 503]  # through to placement (no workers)
+    limited = await hub.post("/api/v1/sessions", json={})
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "1", limited.headers
+
+
+async def test_reading_or_ending_a_session_id_of_no_worker_is_a_404(hub: httpx.AsyncClient) -> None:
+    """A session id is ``<worker id>~<random>``; one that names no worker (a typo, a truncated copy, a guess) is
+    a session the hub does not hold, whether read or ended: 404, never a 500."""
+    for session_id in ("not-a-session", "~abcdefghijkl", "w-1~", "w%20x~abc", "a" * 200):
+        for method in ("GET", "DELETE"):
+            resp = await hub.request(method, f"/api/v1/sessions/{session_id}")
+            assert resp.status_code == 404 and resp.json()["error"] == "session_not_found", (method, session_id)
 
 
 def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
@@ -289,6 +391,21 @@ async def test_livekit_region_minimises_the_media_path_and_location_sources(
     assert nowhere.status_code == 422 and "has no known coordinates" in nowhere.text
 
 
+def test_a_location_is_taken_from_the_body_then_cloudfront_then_the_region_then_the_default() -> None:
+    """The explain view shows where a user was placed from (``location_source``): the SRE reading it must see which
+    of the four sources won, each named for what it is."""
+    from hub.allocator import ResolvedLocation, resolve_location
+    from shared.models import Location
+
+    body, edge = Location(lat=52.5, lon=13.4), Location(lat=35.6, lon=139.7)
+    oregon, frankfurt = resolve_location(None, None, "us-west-2", "eu-central-1"), resolve_location(
+        None, None, None, "eu-central-1")
+    assert resolve_location(body, edge, "us-west-2", "eu-central-1") == ResolvedLocation(body, "body")
+    assert resolve_location(None, edge, "us-west-2", "eu-central-1") == ResolvedLocation(edge, "cloudfront")
+    assert oregon.source == "region" and frankfurt.source == "default"
+    assert oregon.location.lon < -100 and 0 < frankfurt.location.lon < 15
+
+
 async def test_a_worker_in_a_region_missing_from_the_table_is_placed_where_it_says(make_hub, make_worker) -> None:
     """A worker in a region with no known coordinates stood at 0, 0: users near it went elsewhere, users near the
     Gulf of Guinea came to it. Now such a registration must say where it is, and newer regions are known."""
@@ -306,6 +423,22 @@ async def test_a_worker_in_a_region_missing_from_the_table_is_placed_where_it_sa
     assert [c["worker_id"] for c in near_bangkok.json()["candidates"]][:2] == ["w-bkk", "w-sin"]
     near_berlin = await hub.get("/api/v1/route/explain", params={"lat": 52.5, "lon": 13.4}, headers=ADMIN_AUTH)
     assert near_berlin.json()["candidates"][0]["worker_id"] == "w-new"
+
+
+async def test_the_explain_view_lists_as_many_candidates_as_asked_between_one_and_a_hundred(
+    make_hub, make_worker
+) -> None:
+    """``limit`` bounds the candidates listed; 0 or 101 is a 422 naming ``limit``, not a list of another length."""
+    hub = await make_hub()
+    for i in range(3):
+        await register(hub, f"w-{i}", await make_worker(), region="eu-central-1")
+    await refresh(hub)
+    for limit, listed in ((1, 1), (2, 2), (100, 3)):
+        resp = await hub.get("/api/v1/route/explain", params={"limit": limit}, headers=ADMIN_AUTH)
+        assert len(resp.json()["candidates"]) == listed, (limit, resp.text)
+    for limit in (0, 101, -1):
+        resp = await hub.get("/api/v1/route/explain", params={"limit": limit}, headers=ADMIN_AUTH)
+        assert resp.status_code == 422 and resp.json()["message"].startswith("query.limit: "), (limit, resp.text)
 
 
 async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) -> None:
@@ -326,6 +459,24 @@ async def test_cloudfront_viewer_headers_locate_the_user(make_hub, make_worker) 
                   {"CloudFront-Viewer-Latitude": "nan", "CloudFront-Viewer-Longitude": "inf"}):
         placed = await hub.post("/api/v1/sessions", json={"region": "us-east-1"}, headers=bogus)
         assert placed.status_code == 201 and placed.json()["worker"]["id"] == "w-virginia", (bogus, placed.text)
+
+
+def test_garbled_or_half_cloudfront_viewer_headers_are_ignored_not_a_500() -> None:
+    """CloudFront's viewer headers can arrive mangled or one without the other (a proxy that drops one, a client
+    forging them): the request is then placed by its body or region, never answered with a 500."""
+    from starlette.requests import Request
+
+    from hub.api.sessions import cloudfront_location
+
+    def located(**headers: str) -> object:
+        raw = [(f"cloudfront-viewer-{k}".encode(), v.encode()) for k, v in headers.items()]
+        return cloudfront_location(Request({"type": "http", "method": "POST", "path": "/", "headers": raw}))
+
+    assert located(latitude="35.6", longitude="139.7") is not None
+    for headers in ({"latitude": "35.6"}, {"longitude": "139.7"}, {"latitude": "35.6", "longitude": ""},
+                    {"latitude": "north", "longitude": "139.7"}, {"latitude": "35.6", "longitude": "1e999x"},
+                    {"latitude": "35,6", "longitude": "139,7"}):
+        assert located(**headers) is None, headers
 
 
 async def test_session_creation_is_rate_limited_per_client(make_hub) -> None:

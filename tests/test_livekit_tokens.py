@@ -3,6 +3,7 @@ TokenVerifier."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +11,7 @@ import jwt
 import pytest
 from livekit import api
 
-from hub.livekit import mint_agent_token, mint_participant_token, sign_hs256
+from hub.livekit import choose_deployment, mint_agent_token, mint_participant_token, sign_hs256
 from hub.settings import LiveKitDeployment
 
 SECRET = "a-livekit-secret-of-at-least-32-bytes!"
@@ -87,3 +88,30 @@ def test_a_pem_key_is_refused_as_an_hmac_secret_as_pyjwt_does() -> None:
     pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
     with pytest.raises(jwt.InvalidKeyError):
         sign_hs256({"sub": "x"}, pem)
+
+
+def test_the_deployment_chosen_is_on_the_shortest_user_to_worker_path_not_the_nearest_to_either() -> None:
+    """Media goes user → SFU → worker: the SFU nearest the user (or the worker) alone can make the whole path
+    longer. Here the one between them wins over one beside the user and one beside the worker."""
+    def sfu(region: str, lat: float, lon: float) -> LiveKitDeployment:
+        return LiveKitDeployment(region=region, url=f"wss://{region}.example", lat=lat, lon=lon, api_key="k",
+                                 api_secret=SECRET)
+
+    beside_user, between, beside_worker = sfu("user-side", 5, 0), sfu("between", 0, 10), sfu("worker-side", 5, 20)
+    user, worker = (0.0, 0.0), (0.0, 20.0)
+    for order in ([beside_user, between, beside_worker], [beside_worker, between, beside_user]):
+        assert choose_deployment(order, user, worker).region == "between"
+    assert choose_deployment([beside_user, beside_worker], user, user).region == "user-side"
+
+
+def test_a_token_is_valid_from_the_moment_it_is_minted_for_exactly_its_ttl() -> None:
+    """``FLEET_LIVEKIT_TOKEN_TTL_S`` counts from now: a token neither starts in the future (LiveKit would refuse it)
+    nor ends early; ``expires_at`` in the session's answer is the token's own ``exp``."""
+    before = int(time.time())
+    minted = mint_participant_token(DEPLOYMENT, "room", "alice", 600)
+    after = time.time()
+    claims = payload(minted.jwt)
+    assert before <= claims["nbf"] <= after and before + 600 <= claims["exp"] <= after + 600
+    assert claims["exp"] == int(minted.expires_at.timestamp())
+    agent = payload(mint_agent_token(DEPLOYMENT, "room", "w-1~abc", 600))
+    assert before <= agent["nbf"] <= after and before + 600 <= agent["exp"] <= after + 600

@@ -73,6 +73,18 @@ def test_a_hub_url_with_credentials_is_refused_without_echoing_them() -> None:
     assert "127.0.0.1:8080" not in repr(WorkerSettings(hub_urls=["http://127.0.0.1:8080"]))
 
 
+def test_a_livekit_deployment_with_a_mistake_is_refused_without_echoing_its_secret() -> None:
+    """pydantic's errors carry the offending input; for a deployment missing a field that input is the whole entry,
+    ``api_secret`` included. The refusal names the field and why, never the value."""
+    from hub.settings import HubSettings
+
+    entry = {"region": "eu", "lat": 50.1, "lon": 8.7, "api_key": "key", "api_secret": LIVEKIT_SECRET}
+    for broken, field in ((entry, "url"), ({**entry, "url": "wss://lk", "lat": "north"}, "lat")):
+        with pytest.raises(ValidationError, match=f"invalid deployment: {field}: ") as refused:
+            HubSettings(livekit_regions=json.dumps([broken]))
+        assert LIVEKIT_SECRET not in str(refused.value)
+
+
 def test_a_hub_url_with_credentials_is_described_without_them() -> None:
     """/health shows the hub that answered last: its URL without the user:password it was configured with."""
     hub_url = f"https://fleet:{HUB_URL_PASSWORD}@hub.example:8443"

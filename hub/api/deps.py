@@ -105,4 +105,6 @@ def _is_trusted(address: str, trusted: list[str]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 proxy as a dual-stack socket (a hub bound to ::) reports it
     return any(ip in ipaddress.ip_network(net, strict=False) for net in trusted)
