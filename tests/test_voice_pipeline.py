@@ -452,3 +452,182 @@ async def test_bedrock_failure_still_reaches_the_turn() -> None:
     with pytest.raises(BackendError, match="throttled"):
         async for _ in BedrockLLM("m", client=Client()).stream("sys", [{"role": "user", "content": "hi"}]):
             pass
+
+
+async def test_an_empty_llm_reply_is_an_error_and_the_user_hears_an_apology() -> None:
+    """An LLM that streams nothing (or only whitespace) must not leave the user in silence: the turn fails at the
+    llm stage and the apology is spoken."""
+    c, out = conversation(ScriptedLLM(" ", "\n"))
+    await turn(c, FakeStream("hello"))
+    assert out.of("error")[0]["stage"] == "llm" and out.of("reply_end")[0]["error"] == "llm"
+    assert out.audio, "the apology was not spoken"
+    assert c.metrics.errors == 1
+
+
+class TimedTTS(SlowTTS):
+    """Takes ``delays_s[n]`` for the n-th sentence (the last one for any after it)."""
+
+    def __init__(self, *delays_s: float) -> None:
+        super().__init__(0)
+        self.delays_s, self.calls = delays_s, 0
+
+    async def synthesize(self, text: str) -> bytes:
+        self.delay_s = self.delays_s[min(self.calls, len(self.delays_s) - 1)]
+        self.calls += 1
+        return await super().synthesize(text)
+
+
+async def test_first_token_first_sentence_and_first_audio_are_timed_once_per_turn() -> None:
+    """The latency figures are of the reply's start: a slow second token or a slow second sentence does not
+    overwrite them, and the client hears of the first audio once."""
+    llm = ScriptedLLM("First sentence here. ", None, "Second one.", pause_s=0.3)
+    c, out = conversation(llm, TimedTTS(0.0, 0.3), llm_timeout_s=2)
+    await turn(c, FakeStream("hello"))
+    timings = out.of("reply_end")[0]["timings"]
+    assert out.of("reply_end")[0]["error"] is None
+    assert timings["llm_first_token_ms"] < 250, timings  # 300 ms and more when a slow later part counts
+    assert timings["llm_first_sentence_ms"] < 250, timings  # 300 ms and more when a slow later part counts
+    assert timings["tts_first_ms"] < 250, timings  # 300 ms and more when a slow later part counts
+    assert [e["e2e_ms"] for e in out.of("first_audio")] == [timings["e2e_ms"]]
+
+
+async def test_latency_is_timed_from_when_the_user_stopped_talking() -> None:
+    """``vad_ms`` is the silence the VAD waited for after the last voiced frame, and ``e2e_ms`` counts it: the
+    user waits from their last word, not from when the end of speech was detected."""
+    c, out = conversation(ScriptedLLM("Okay."), vad_silence_ms=300)
+    pcm = noise(0.6) + SILENCE[: 32000 * 6 // 10]
+    for i in range(0, len(pcm), FRAME_BYTES):  # in real time
+        await c.feed(pcm[i : i + FRAME_BYTES])
+        await asyncio.sleep(0.02)
+    await wait_until(lambda: out.of("reply_end"))
+    timings = out.of("reply_end")[0]["timings"]
+    assert 280 <= timings["vad_ms"] < 800, timings  # ~900 ms if timed from the speech's start
+    assert timings["e2e_ms"] >= timings["vad_ms"], timings
+    await c.aclose()
+
+
+async def test_speech_before_the_reply_plays_stops_it_at_once_and_is_heard() -> None:
+    """While the LLM is still thinking, the user speaking again (even briefly, under ``barge_in_ms``) stops the
+    pending reply, and what they said becomes the next turn rather than being dropped as an "mm-hm"."""
+    stt = FakeSTT(FakeStream("book a table"), FakeStream("for two"))
+    llm = ScriptedLLM(None, "Too late.", pause_s=1.0)
+    c, out = conversation(llm, stt=stt, barge_in_ms=600)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: out.of("transcript"))
+    await c.feed(noise(0.3))
+    assert len(out.of("barge_in")) == 1 and out.audio == []
+    llm.chunks = ("Sure.",)
+    await c.feed(SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: out.of("reply_end"))
+    assert llm.requests[-1] == [{"role": "user", "content": "book a table for two"}]
+    assert [e["text"] for e in out.of("reply_text")] == ["Sure."]
+    await c.aclose()
+
+
+async def test_a_failed_transcription_the_user_talked_over_is_not_apologised_for_over_them() -> None:
+    """The first utterance's STT fails while the user is already saying more: the client is told of the error,
+    but no apology is spoken over the user."""
+    stt = FakeSTT(FakeStream(error=RuntimeError("decoder crashed"), delay_s=0.2), FakeStream("for two tonight"))
+    c, out = conversation(ScriptedLLM("Done."), stt=stt, tts=SlowTTS(0, audio_s=2.0))
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await c.feed(noise(0.6))  # the user goes on while the first part is transcribed
+    await wait_until(lambda: out.of("error"))
+    await asyncio.sleep(0.1)
+    assert out.of("error")[0]["stage"] == "stt"
+    assert out.audio == [] and not c.speaking, "an apology was spoken over the user"
+    await c.aclose()
+
+
+async def test_a_failed_question_followed_by_a_cough_is_apologised_for_once_the_user_stops() -> None:
+    """The question's STT fails while the user coughs: its apology is held back (not spoken over the user), and the
+    cough, which STT hears as nothing, has nothing to answer. Regression: the user then heard nothing at all. Now
+    the cough's turn speaks the apology. Found by a mutation review."""
+    stt = FakeSTT(FakeStream(error=RuntimeError("decoder crashed"), delay_s=0.2), FakeStream(""))
+    c, out = conversation(ScriptedLLM("Unused."), stt=stt, tts=SlowTTS(0, audio_s=1.0))
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])  # the question; its STT fails after 0.2 s
+    await c.feed(noise(0.3))  # a cough while it is transcribed
+    await c.feed(SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: len(out.of("reply_end")) == 2)
+    assert out.of("error")[0]["stage"] == "stt" and len(out.of("error")) == 1
+    assert out.audio, "the user heard nothing"
+    assert out.of("reply_end")[-1]["error"] is None and c.history.messages == []
+    await c.aclose()
+
+
+def test_scattered_clicks_never_add_up_to_speech() -> None:
+    """Single voiced frames between silences (typing, clicks) are not an utterance, however many there are: only
+    ``min_speech_ms`` of voiced frames in a row start speech."""
+    vad = EndpointDetector(2, 300, 200)
+    click, quiet = noise(0.02), SILENCE[: FRAME_BYTES * 10]  # webrtcvad hears each click for ~100 ms
+    pcm = (click + quiet) * 20
+    events = [vad.process(pcm[i : i + FRAME_BYTES]) for i in range(0, len(pcm), FRAME_BYTES)]
+    assert VadEvent.SPEECH_START not in events and not vad.in_speech
+
+
+def test_voiced_time_counts_the_speech_that_started_the_utterance() -> None:
+    """Barge-in waits for ``barge_in_ms`` of the user's speech, counted from the first syllable, not from when the
+    VAD was sure speech had started."""
+    vad = EndpointDetector(2, 300, 200)
+    pcm = noise(0.6)
+    for i in range(0, len(pcm), FRAME_BYTES):
+        vad.process(pcm[i : i + FRAME_BYTES])
+    assert vad.in_speech and vad.voiced_ms >= 560, vad.voiced_ms
+
+
+async def test_a_barge_in_wastes_at_most_one_sentence_of_synthesis() -> None:
+    """Sentences are synthesised one ahead of the one playing, not the whole reply: TTS is shared by every session
+    on the GPU, and what a barge-in cuts off was synthesised for nothing."""
+    llm = ScriptedLLM("First sentence. ", "Second sentence. ", "Third sentence. ", "Fourth sentence.")
+    tts = TimedTTS(0.0)
+    tts.audio_s = 2.0
+    c, out = conversation(llm, tts=tts)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await asyncio.sleep(0.2)
+    await c.feed(noise(0.8))
+    assert len(out.of("barge_in")) == 1
+    assert tts.calls <= 2, f"{tts.calls} sentences synthesised while the first one played"
+    await c.aclose()
+
+
+async def test_closing_stops_the_turn_still_transcribing_that_the_next_one_continues() -> None:
+    """The session ends while the first part of what the user said is transcribed and the second waits for it:
+    neither goes on after the close, and the client is sent nothing more."""
+    stt = FakeSTT(FakeStream("book a table", delay_s=0.5), FakeStream("for two tonight"))
+    c, out = conversation(ScriptedLLM("Done."), stt=stt)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    assert len(out.of("speech_end")) == 2 and out.of("transcript") == []
+    await c.aclose()
+    sent = len(out.events)
+    await asyncio.sleep(0.7)  # the first transcription is over by now
+    assert len(out.events) == sent, f"sent after the close: {out.events[sent:]}"
+    assert c.history.messages == []
+
+
+async def test_a_quick_follow_up_does_not_hear_the_start_of_the_utterance_before_it() -> None:
+    """The pre-roll given to STT is audio from just before this utterance: when the user speaks again soon after
+    the last one ended, the first syllables of the last one are not heard a second time."""
+    stt = FakeSTT(FakeStream("book a table", delay_s=0.3), FakeStream("for two"))
+    c, _ = conversation(ScriptedLLM("Done."), stt=stt)
+    first = noise(0.6)
+    second = (np.random.default_rng(1).standard_normal(16000 * 6 // 10) * 8000).astype(np.int16).tobytes()
+    pause = SILENCE[: FRAME_BYTES * 22]  # webrtcvad hears ~120 ms more, then 300 ms of silence end the utterance
+    await c.feed(SILENCE[: 32000 * 4 // 10] + first + pause + second)
+    assert len(stt.streams) == 2
+    first_frames = {first[i : i + FRAME_BYTES] for i in range(0, len(first), FRAME_BYTES)}
+    heard_again = [f for f in stt.streams[1].frames if f in first_frames]
+    assert heard_again == [], f"{len(heard_again)} frames of the first utterance reached the second one's STT"
+    await c.aclose()
+
+
+async def test_no_more_reply_audio_is_unplayed_at_any_time_than_the_lead_and_one_chunk() -> None:
+    """What the client holds unplayed is what a barge-in cannot take back: at most the 300 ms lead plus the 100 ms
+    chunk just sent, however the reply audio is cut."""
+    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=1.5))
+    await turn(c, FakeStream("tell me"))
+    played_until, unplayed = out.audio[0][0], 0.0
+    for arrived, seconds in out.audio:
+        played_until = max(played_until, arrived) + seconds
+        unplayed = max(unplayed, played_until - arrived)
+    assert unplayed <= 0.3 + 0.1 + 0.05, f"{unplayed:.2f} s of reply audio was unplayed at once"

@@ -25,6 +25,7 @@ from worker.voice.audio import FRAME_BYTES, rms
 from worker.voice.engine import VoiceEngine
 from worker.voice.pipeline import APOLOGY
 from worker.voice.settings import VoiceSettings
+from worker.voice.transport_ws import AudioAllowance
 from worker.voice.tts import EspeakTTS
 
 QUESTION = "What is the weather like in Paris today?"
@@ -536,3 +537,18 @@ async def test_a_long_frame_does_not_hold_the_event_loop(make_harness: MakeHarne
                 gaps.append(now - last)
                 last = now
     assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms (50 steps take ~200 ms)"
+
+
+def test_a_client_that_was_quiet_for_long_still_gets_only_the_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time the client sent nothing does not bank allowance beyond ``AUDIO_BURST_S``: after ten idle minutes it may
+    send 3 s of audio at once, not ten minutes' worth."""
+    from worker.voice import transport_ws
+
+    now = [1000.0]
+    monkeypatch.setattr(transport_ws.time, "monotonic", lambda: now[0])
+    allowance = AudioAllowance(rate=1.2, burst_s=3.0)
+    now[0] += 600
+    assert allowance.take(3.0)
+    assert not allowance.take(1.0)
+    now[0] += 600
+    assert not allowance.take(60.0)

@@ -112,13 +112,24 @@ async def sentences(chunks: AsyncIterator[str]) -> AsyncGenerator[str, None]:
 class Turn:
     """One utterance and the reply to it. ``heard``: its words are in the history (or there were none, or STT lost
     them), so cancelling it loses nothing the user said. ``said``: its transcript was not empty. ``superseded``:
-    the user went on talking before it was transcribed; its words are kept and the next turn answers both."""
+    the user went on talking before it was transcribed; its words are kept and the next turn answers both.
+    ``apology_owed``: it failed while the user was talking again, so its apology was held back."""
 
     continues: Turn | None = None
     task: asyncio.Task[None] = field(init=False)
     heard: bool = False
     said: bool = False
     superseded: bool = False
+    apology_owed: bool = False
+
+    def owes_apology(self) -> bool:
+        """A turn this one continues failed and was not apologised for."""
+        turn = self.continues
+        while turn is not None:
+            if turn.apology_owed:
+                return True
+            turn = turn.continues
+        return False
 
     def awaits_answer(self) -> bool:
         """This utterance, or one it continues, put words in the history (a cough after a question still gets the
@@ -236,12 +247,20 @@ class Conversation:
         try:
             try:
                 await self._hear(turn, stream, timings)
-                if turn.superseded or not turn.awaits_answer():
-                    return  # answered with the next utterance, or nothing was heard
-                await self._reply(speech_ended, timings, reply)
+                if turn.superseded:
+                    return  # answered with the next utterance
+                if turn.awaits_answer():
+                    await self._reply(speech_ended, timings, reply)
+                elif turn.owes_apology():
+                    # The question before this (a cough, say) failed while the user was talking, and nothing here
+                    # is left to answer: apologise now rather than leave the user in silence.
+                    await self._speak(APOLOGY, speech_ended, timings)
+                else:
+                    return  # nothing was heard
             except BackendError as exc:
                 error = exc
                 turn.heard = True  # nothing of it is left to lose: speech over the apology stops it
+                turn.apology_owed = turn.superseded  # the next turn apologises if it has nothing to answer
                 try:
                     await self._fail(exc, speech_ended, timings, apologise=not turn.superseded)
                 except asyncio.CancelledError:
