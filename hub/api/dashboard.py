@@ -39,7 +39,8 @@ async def dashboard_slash() -> RedirectResponse:
 async def static_file(name: Annotated[str, PathParam(max_length=128,
                                                      pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*\.[a-z]+$")],
                       ) -> FileResponse:
-    """Files under hub/static only: the pattern and the resolved-path check keep ``..`` out."""
+    """Files under hub/static only. The pattern lets a ``..`` segment through after the first (and the server decodes
+    ``%2e%2e`` after routing): the resolved-path check is what keeps it out."""
     path = (STATIC_DIR / name).resolve()
     if not path.is_relative_to(STATIC_DIR) or not path.is_file() or path.suffix not in _MEDIA_TYPES:
         raise HTTPException(404, f"no dashboard asset {name}")
