@@ -61,6 +61,19 @@ async def fake_hub() -> AsyncIterator[Callable[[Handler, Handler], Awaitable[str
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def heartbeating(client: HubClient) -> AsyncIterator[HubClient]:
+    """``client`` registered and running its heartbeat loop; afterwards the loop is cancelled and the client closed."""
+    await client.register()
+    loop = asyncio.create_task(client.heartbeat_loop())
+    try:
+        yield client
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await client.aclose()
+
+
 async def test_a_hub_that_freezes_holding_the_channel_loses_no_heartbeat_beyond_its_ttl(fake_hub: Any) -> None:
     """The hub's process stops (SIGSTOP, a paused VM) with the channel's TCP connection still open, at the worst
     moment: just after answering a heartbeat. The worker must notice and POST (behind the deployment's one URL a
@@ -98,16 +111,9 @@ async def test_a_hub_that_freezes_holding_the_channel_loses_no_heartbeat_beyond_
     url = await fake_hub(register, beat)
     manager = SessionManager(SyntheticEngine(), 2)
     # The hub timeout equal to the interval, as in the defaults (3 s and 3 s, TTL 9 s).
-    client = HubClient([url], WORKER_TOKEN, registration(), manager, timeout_s=interval)
-    await client.register()
-    loop = asyncio.create_task(client.heartbeat_loop())
-    try:
+    async with heartbeating(HubClient([url], WORKER_TOKEN, registration(), manager, timeout_s=interval)):
         await wait_for(frozen.is_set, 10, "the hub to freeze")
         await asyncio.sleep(10 * interval)
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        await client.aclose()
     times = [t for t, _ in received]
     worst = max(later - earlier for earlier, later in itertools.pairwise(times))
     assert any(how == "post" for _, how in received), received
@@ -464,16 +470,10 @@ async def test_failed_heartbeats_are_retried_within_the_ttl_however_high_the_bac
         attempts.append(loop.time())
         return web.Response(status=503)  # a hub whose Redis is failing over
 
-    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
-                       SessionManager(SyntheticEngine(), 2), timeout_s=1.0, backoff_cap_s=10.0, use_channel=False)
-    await client.register()
-    beating = asyncio.create_task(client.heartbeat_loop())
-    try:
+    async with heartbeating(HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(),
+                                      SessionManager(SyntheticEngine(), 2), timeout_s=1.0, backoff_cap_s=10.0,
+                                      use_channel=False)):
         await asyncio.sleep(15 * interval)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        await client.aclose()
     gaps = [later - earlier for earlier, later in itertools.pairwise([*attempts, loop.time()])]
     assert len(attempts) >= 5 and max(gaps) < 3 * interval, f"{max(gaps):.2f} s between heartbeats: {gaps}"
 
@@ -494,16 +494,9 @@ async def test_a_hub_that_forgets_the_worker_at_once_is_not_hammered_with_regist
         return web.json_response({"error": "unknown_worker", "message": "no such worker"}, status=404)
 
     manager = SessionManager(SyntheticEngine(), 2)
-    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager, timeout_s=1.0,
-                       use_channel=False)
-    await client.register()
-    beating = asyncio.create_task(client.heartbeat_loop())
-    try:
+    async with heartbeating(HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager,
+                                      timeout_s=1.0, use_channel=False)):
         await asyncio.sleep(1.0)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        await client.aclose()
     forgotten = manager.metrics.heartbeats.labels("forgotten")._value.get()
     # The first again at once, then each at least 50 ms after the one before.
     assert 2 <= registrations <= 2 + 1.0 / 0.05, f"{registrations} registrations in 1 s"
@@ -537,16 +530,9 @@ async def test_once_a_heartbeat_gets_through_the_backoff_starts_over(fake_hub: A
                                   "heartbeat_interval_s": 0.1, "stop_sessions": []})
 
     manager = SessionManager(SyntheticEngine(), 2)
-    client = HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager, timeout_s=1.0,
-                       use_channel=False)
-    await client.register()
-    beating = asyncio.create_task(client.heartbeat_loop())
-    try:
+    async with heartbeating(HubClient([await fake_hub(register, beat)], WORKER_TOKEN, registration(), manager,
+                                      timeout_s=1.0, use_channel=False)):
         await wait_for(lambda: manager.metrics.heartbeats.labels("ok")._value.get() >= 2, 5, "heartbeats")
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        await client.aclose()
     assert drawn == [0, 1, 0], "after a heartbeat got through, the next failure waits the first, shortest delay"
 
 
