@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,24 +122,21 @@ class Turn:
     superseded: bool = False
     apology_owed: bool = False
 
-    def owes_apology(self) -> bool:
-        """A turn this one continues failed and was not apologised for."""
-        turn = self.continues
+    def lineage(self) -> Iterator[Turn]:
+        """This turn, then the ones it continues, latest first."""
+        turn: Turn | None = self
         while turn is not None:
-            if turn.apology_owed:
-                return True
+            yield turn
             turn = turn.continues
-        return False
+
+    def owes_apology(self) -> bool:
+        """This turn, or one it continues, failed and was not apologised for."""
+        return any(turn.apology_owed for turn in self.lineage())
 
     def awaits_answer(self) -> bool:
         """This utterance, or one it continues, put words in the history (a cough after a question still gets the
         question answered)."""
-        turn: Turn | None = self
-        while turn is not None:
-            if turn.said:
-                return True
-            turn = turn.continues
-        return False
+        return any(turn.said for turn in self.lineage())
 
 
 class Conversation:
@@ -252,8 +249,8 @@ class Conversation:
                 if turn.awaits_answer():
                     await self._reply(speech_ended, timings, reply)
                 elif turn.owes_apology():
-                    # The question before this (a cough, say) failed while the user was talking, and nothing here
-                    # is left to answer: apologise now rather than leave the user in silence.
+                    # Nothing here to answer (a cough, say), and the question before it failed while the user was
+                    # talking: apologise now rather than leave the user in silence.
                     await self._speak(APOLOGY, speech_ended, timings)
                 else:
                     return  # nothing was heard
@@ -411,10 +408,8 @@ class Conversation:
                 await self._speak(APOLOGY, speech_ended, timings)
 
     async def aclose(self) -> None:
-        turn = self._turn
-        while turn is not None:  # the current turn and the ones it continues
+        for turn in self._turn.lineage() if self._turn is not None else ():
             await cancel_and_wait(turn.task)
-            turn = turn.continues
         if self._chores:
             await asyncio.wait(self._chores)
         if self._stt is not None:
