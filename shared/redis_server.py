@@ -37,12 +37,6 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -52,15 +46,20 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-#: Where ``free_port_run`` and ``free_cluster_port`` pick: below the kernel's ephemeral range (32768 and up), so no
-#: port the kernel hands out meanwhile can land inside a run. Test processes running side by side each narrow it to
-#: their own share (tests/conftest.py), since picking is a check and then a bind.
+#: Where the ``free_*`` functions pick: below the kernel's ephemeral range (32768 and up). Picking is a check and
+#: then, later, someone's bind; an ephemeral port could meanwhile go to any outgoing connection on the machine (CI
+#: once lost a worker process that way). Test processes running side by side each narrow it to their own share
+#: (tests/conftest.py).
 PORT_RANGE = range(20000, 30000)
 
 
+def free_port() -> int:
+    """A free port in ``PORT_RANGE`` that this process has not handed out before."""
+    return free_port_run(1)
+
+
 def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive free ports in ``PORT_RANGE`` (so no port the kernel hands out meanwhile,
-    e.g. to a redis-server started on ``free_port()``, can land inside the run)."""
+    """The first of ``count`` consecutive free ports in ``PORT_RANGE``."""
     return _random_free_port(range(count), highest=PORT_RANGE.stop - count)
 
 
@@ -69,12 +68,21 @@ def free_cluster_port() -> int:
     return _random_free_port((0, 10000), highest=PORT_RANGE.stop - 1)
 
 
+#: Every port ``_random_free_port`` has handed out in this process. A port is free only until its user binds it, and
+#: a test may pick several (a fleet of worker processes) before any of them starts: without this, two picks could
+#: coincide.
+_handed_out: set[int] = set()
+
+
 def _random_free_port(offsets: Sequence[int], highest: int) -> int:
-    """A port in ``PORT_RANGE`` up to ``highest`` such that ``port + offset`` is free for every offset."""
+    """A port in ``PORT_RANGE`` up to ``highest`` such that ``port + offset`` is free, and not handed out before by
+    this process, for every offset."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randint(PORT_RANGE.start, highest)
-        if all(_port_is_free(port + offset) for offset in offsets):
+        wanted = {port + offset for offset in offsets}
+        if not wanted & _handed_out and all(_port_is_free(p) for p in wanted):
+            _handed_out.update(wanted)
             return port
     raise RuntimeError(f"no free ports at offsets {list(offsets)}")
 

@@ -1,0 +1,36 @@
+"""The loopback ports the tests and the embedded Redis pick: never one already bound, never one handed out twice, and
+never in the kernel's ephemeral range, where any outgoing connection could take it before its user binds it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+import shared.redis_server
+from shared.redis_server import free_cluster_port, free_port, free_port_run
+
+
+def test_ports_picked_before_anyone_binds_them_are_all_different_and_below_the_ephemeral_range() -> None:
+    ports = [free_port() for _ in range(50)] + [free_port_run(3) + offset for offset in range(3)]
+    assert len(set(ports)) == len(ports)
+    assert all(port in shared.redis_server.PORT_RANGE for port in ports)
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(ports) < ephemeral_start
+
+
+def test_a_port_someone_holds_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = free_port_run(2)
+    monkeypatch.setattr(shared.redis_server, "PORT_RANGE", range(first, first + 2))
+    monkeypatch.setattr(shared.redis_server, "_handed_out", set())
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", first))
+        assert free_port() == first + 1
+        with pytest.raises(RuntimeError, match="no free ports"):
+            free_port()  # the held one is taken, the other one has been handed out
+
+
+def test_a_cluster_port_comes_with_its_bus_port_and_neither_is_handed_out_again() -> None:
+    port = free_cluster_port()
+    assert {port, port + 10000} & {free_port() for _ in range(100)} == set()
