@@ -46,11 +46,26 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-#: Where the ``free_*`` functions pick: below the kernel's ephemeral range (32768 and up). Picking is a check and
-#: then, later, someone's bind; an ephemeral port could meanwhile go to any outgoing connection on the machine (CI
-#: once lost a worker process that way). Test processes running side by side each narrow it to their own share
-#: (tests/conftest.py).
-PORT_RANGE = range(20000, 30000)
+#: Names the range below, as ``FIRST-END`` (END not included), for this process and the processes it starts.
+PORT_RANGE_VARIABLE = "GPU_FLEET_PORT_RANGE"
+
+
+#: Below the kernel's ephemeral range (32768 and up). Picking a port is a check and then, later, someone's bind; an
+#: ephemeral port could meanwhile go to any outgoing connection on the machine (CI once lost a worker process that
+#: way).
+ALL_PORTS = range(20000, 30000)
+
+
+def _port_range(spec: str | None) -> range:
+    if not spec:
+        return ALL_PORTS
+    first, _, end = spec.partition("-")
+    return range(int(first), int(end))
+
+
+#: Where the ``free_*`` functions pick: ``ALL_PORTS``, or the part of it named by ``PORT_RANGE_VARIABLE``. The test
+#: suite gives each of its processes a share of its own, and the processes they start another (tests/conftest.py).
+PORT_RANGE = _port_range(os.environ.get(PORT_RANGE_VARIABLE))
 
 
 def free_port() -> int:

@@ -53,14 +53,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _own_share_of_the_port_range() -> None:
-    """Under pytest-xdist, each test process picks port runs in its own share of the range: picking is a check and
-    then a bind, and two processes once picked the same run between the two (the demo's hub found its port taken)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
-    if not worker.startswith("gw"):
-        return
+    """Each test process picks ports in its own share of the range, and the processes the tests start (a demo's or a
+    hub's embedded redis-server) in a part apart from every share. Picking is a check and then a bind: two test
+    processes once picked the same run between the two (the demo's hub found its port taken), and a child picking
+    from a test's share could take a port the test has picked for a process it has yet to start."""
+    full = shared.redis_server.ALL_PORTS
+    children = range(full.stop - len(full) // 5, full.stop)
+    os.environ[shared.redis_server.PORT_RANGE_VARIABLE] = f"{children.start}-{children.stop}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...
     index, count = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    full = shared.redis_server.PORT_RANGE
-    share = len(full) // count
+    share = (children.start - full.start) // count
     shared.redis_server.PORT_RANGE = range(full.start + index * share, full.start + (index + 1) * share)
 
 

@@ -4,6 +4,8 @@ never in the kernel's ephemeral range, where any outgoing connection could take 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,14 @@ def test_a_port_someone_holds_is_passed_over(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_cluster_port_comes_with_its_bus_port_and_neither_is_handed_out_again() -> None:
     port = free_cluster_port()
     assert {port, port + 10000} & {free_port() for _ in range(100)} == set()
+
+
+def test_processes_the_tests_start_pick_ports_apart_from_every_test_process() -> None:
+    child = subprocess.run([sys.executable, "-c", "from shared.redis_server import PORT_RANGE as r, free_port as f; "
+                                                  "print(r.start, r.stop, f())"],
+                           capture_output=True, text=True, check=True, timeout=30)
+    start, stop, picked = map(int, child.stdout.split())
+    assert picked in range(start, stop)
+    mine = shared.redis_server.PORT_RANGE
+    assert stop <= mine.start or start >= mine.stop
+    assert range(start, stop)[-1] == shared.redis_server.ALL_PORTS[-1]  # the shares are all below the children's
