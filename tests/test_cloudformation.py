@@ -296,6 +296,37 @@ def test_a_release_does_not_reset_the_hub_group_size() -> None:
     assert asg["MinSize"] == {"Ref": "MinSize"}
 
 
+def _assert(expr: Any, params: dict[str, str]) -> Any:
+    """The value of a rule assertion (Fn::Not, Fn::Equals, Ref) for ``params``."""
+    if not isinstance(expr, dict):
+        return expr
+    [(name, arg)] = expr.items()
+    if name == "Ref":
+        return params[arg]
+    if name == "Fn::Not":
+        return not _assert(arg[0], params)
+    if name == "Fn::Equals":
+        return _assert(arg[0], params) == _assert(arg[1], params)
+    raise AssertionError(f"cannot evaluate {name}")
+
+
+def test_a_hub_group_whose_min_size_is_its_max_size_is_refused_before_a_release_fails() -> None:
+    """The rolling update keeps MinSize hubs in service, and CloudFormation fails it ("MinInstancesInService must be
+    less than the autoscaling group's MaxSize") when MinSize equals MaxSize, which the parameters allowed: every
+    release of such a stack failed. A rule refuses it when the stack is created or updated."""
+    t = load("hub")
+    update = one(t, "AWS::AutoScaling::AutoScalingGroup")["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert update["MinInstancesInService"] == {"Ref": "MinSize"}
+    assertions = [a["Assert"] for rule in t.get("Rules", {}).values() for a in rule["Assertions"]]
+
+    def accepted(min_size: str, max_size: str) -> bool:
+        return all(_assert(a, {"MinSize": min_size, "MaxSize": max_size}) for a in assertions)
+
+    assert not accepted("2", "2") and not accepted("4", "4")
+    assert accepted("2", "6") and accepted(str(t["Parameters"]["MinSize"]["Default"]),
+                                           str(t["Parameters"]["MaxSize"]["Default"]))
+
+
 def test_redis_admits_only_the_hubs_security_group() -> None:
     redis, hub = load("redis"), load("hub")
     group = one(redis, "AWS::EC2::SecurityGroup")["Properties"]
@@ -736,6 +767,7 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
     subprocess.run([sys.executable, str(tmp_path / "hub-env.py")], check=True, timeout=30,
                    env={"PYTHONPATH": str(fake.parent), "FAKE_SECRETS": json.dumps(secrets)})
 
+    assert (run_dir / "hub.env").stat().st_mode & 0o777 == 0o600  # the secrets: root only
     env = dict(line.split("=", 1) for line in (run_dir / "hub.env").read_text().splitlines())
     for name, quoted in env.items():
         monkeypatch.setenv(name, quoted.strip("'"))
@@ -743,3 +775,161 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
     assert settings.redis_url is not None
     parsed = parse_url(settings.redis_url.replace("+cluster://", "://"))
     assert parsed["password"] == token and parsed["host"] == values["RedisHost"] and parsed["port"] == 6379
+
+
+def _hub_script() -> str:
+    script: str = one(load("hub"), "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"][
+        "Fn::Base64"]["Fn::Sub"][0]
+    return script
+
+
+def _unit(script: str, name: str) -> list[str]:
+    """The lines of the systemd unit the script writes to /etc/systemd/system/``name``."""
+    body = script.split(f"cat > /etc/systemd/system/{name} <<'UNIT'\n", 1)[1]
+    return body[:body.index("UNIT\n")].splitlines()
+
+
+def test_hubs_admit_only_the_load_balancer_on_their_port() -> None:
+    """The hubs trust the ALB's X-Forwarded-For and serve /metrics without auth: nothing else may reach port 8080
+    (but the optional scraper CIDR, see test_the_public_load_balancer_never_serves_metrics)."""
+    t = load("hub")
+    rules = t["Resources"]["HubSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert rules == [{"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080,
+                      "SourceSecurityGroupId": {"Ref": "AlbSecurityGroup"}, "Description": "ALB to hubs"}]
+    assert one(t, "AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]["Port"] == rules[0]["FromPort"]
+    assert "ExecStart=/opt/fleet/bin/fleet hub --host 0.0.0.0 --port 8080" in _unit(_hub_script(), "fleet-hub.service")
+
+
+def test_the_load_balancer_is_public_speaks_only_modern_tls_and_redirects_plain_http() -> None:
+    t = load("hub")
+    alb = one(t, "AWS::ElasticLoadBalancingV2::LoadBalancer")["Properties"]
+    assert alb["Scheme"] == "internet-facing"
+    public = {"Fn::ImportValue": {"Fn::Sub": "${EnvName}-network-PublicSubnetIds"}}
+    assert alb["Subnets"] == {"Fn::Split": [",", public]}
+    assert {"Key": "routing.http.drop_invalid_header_fields.enabled", "Value": "true"} in alb["LoadBalancerAttributes"]
+    https = t["Resources"]["HttpsListener"]["Properties"]
+    assert https["Protocol"] == "HTTPS" and https["Port"] == 443
+    assert https["SslPolicy"].startswith("ELBSecurityPolicy-TLS13-1-2-")  # TLS 1.2 and 1.3 only
+    http = t["Resources"]["HttpListener"]["Properties"]
+    assert http["Port"] == 80
+    assert http["DefaultActions"] == [{"Type": "redirect", "RedirectConfig": {"Protocol": "HTTPS", "Port": "443",
+                                                                             "StatusCode": "HTTP_301"}}]
+
+
+def test_cloudfront_speaks_https_to_viewers_and_to_the_origin_record_the_stack_creates() -> None:
+    t = load("hub")
+    config = one(t, "AWS::CloudFront::Distribution")["Properties"]["DistributionConfig"]
+    assert config["ViewerCertificate"]["MinimumProtocolVersion"].startswith("TLSv1.2_")
+    assert config["DefaultCacheBehavior"]["ViewerProtocolPolicy"] in ("redirect-to-https", "https-only")
+    [origin] = config["Origins"]
+    assert origin["CustomOriginConfig"]["OriginProtocolPolicy"] == "https-only"
+    assert origin["CustomOriginConfig"]["OriginSSLProtocols"] == ["TLSv1.2"]
+    record = t["Resources"]["OriginToAlb"]
+    assert record["Condition"] == "UseCloudFront"
+    assert record["Properties"]["Name"] == origin["DomainName"]
+    assert record["Properties"]["AliasTarget"]["DNSName"] == {"Fn::GetAtt": ["LoadBalancer", "DNSName"]}
+
+
+def test_hubs_run_unprivileged() -> None:
+    """Only ExecStartPre, which reads the secrets into a root-only file, runs as root."""
+    unit = _unit(_hub_script(), "fleet-hub.service")
+    assert "User=fleet" in unit
+    assert [line for line in unit if line.startswith("ExecStartPre=")] == [
+        "ExecStartPre=+/opt/fleet/bin/python /opt/fleet/hub-env.py"]
+
+
+def test_a_hub_release_keeps_min_size_hubs_in_service() -> None:
+    update = one(load("hub"), "AWS::AutoScaling::AutoScalingGroup")["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert update["MinInstancesInService"] == {"Ref": "MinSize"}
+    assert update["MaxBatchSize"] == 1
+
+
+def test_redis_authenticates_with_the_token_the_hubs_read_and_keeps_a_final_snapshot() -> None:
+    """Another secret would lock the hubs out (and a secret the workers read would open Redis to them)."""
+    redis, secrets, hub = load("redis"), load("secrets"), load("hub")
+    group = one(redis, "AWS::ElastiCache::ReplicationGroup")
+    token = secrets["Resources"]["RedisAuthToken"]["Properties"]
+    assert group["Properties"]["AuthToken"] == {
+        "Fn::Sub": "{{resolve:secretsmanager:" + token["Name"]["Fn::Sub"] + ":SecretString}}"}
+    assert secrets["Outputs"]["RedisAuthTokenSecretArn"]["Value"] == {"Ref": "RedisAuthToken"}
+    exported = secrets["Outputs"]["RedisAuthTokenSecretArn"]["Export"]["Name"]
+    hub_reads = hub["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"][
+        "Fn::Sub"][1]["RedisArn"]
+    assert hub_reads == {"Fn::ImportValue": exported}
+    # ElastiCache refuses an AUTH token with '"', '/', '@' or a space: alphanumerics only.
+    assert token["GenerateSecretString"]["ExcludePunctuation"] is True
+    assert 16 <= token["GenerateSecretString"]["PasswordLength"] <= 128
+    # destroy says Redis keeps a final snapshot; Multi-AZ failover needs a replica in each shard.
+    assert group["DeletionPolicy"] == group["UpdateReplacePolicy"] == "Snapshot"
+    assert redis["Parameters"]["ReplicasPerShard"]["MinValue"] >= 1
+
+
+def test_workers_admit_only_the_hubs_on_port_8000() -> None:
+    """A worker serves sessions to whoever reaches port 8000: the hubs' group in the home region, the hubs' own
+    subnets (HubCidr) elsewhere, nothing else."""
+    t = load("gpu-workers")
+    group = t["Resources"]["WorkerSecurityGroup"]["Properties"]
+    assert "SecurityGroupIngress" not in group
+    # Egress everywhere: the workers reach the hubs through the public ALB (over the NAT), and package mirrors.
+    assert [(r["IpProtocol"], r["CidrIp"]) for r in group["SecurityGroupEgress"]] == [("-1", "0.0.0.0/0")]
+    rules = {name: r for name, r in t["Resources"].items() if r["Type"] == "AWS::EC2::SecurityGroupIngress"}
+    assert {name: r["Condition"] for name, r in rules.items()} == {"FromHubSecurityGroup": "HubInVpc",
+                                                                   "FromHubCidr": "HubPeered"}
+    sources = set()
+    for r in rules.values():
+        props = r["Properties"]
+        assert props["GroupId"] == {"Ref": "WorkerSecurityGroup"}
+        assert (props["IpProtocol"], props["FromPort"], props["ToPort"]) == ("tcp", 8000, 8000)
+        sources |= {json.dumps(props[k]) for k in ("SourceSecurityGroupId", "CidrIp") if k in props}
+    assert sources == {json.dumps({"Ref": "HubSecurityGroupId"}), json.dumps({"Ref": "HubCidr"})}
+    assert '"FLEET_PORT": "8000"' in _worker_script()
+
+
+def test_a_draining_worker_is_neither_killed_by_systemd_nor_cut_off_by_the_drain_hook() -> None:
+    """SIGTERM starts the drain, which waits up to drain_timeout_s for sessions; systemd must not SIGKILL the
+    worker before, and the termination hook must not time out (and terminate the instance) before systemd is done."""
+    from worker.settings import WorkerSettings
+
+    unit = _unit(_worker_script(), "fleet-worker.service")
+    settings = dict(line.split("=", 1) for line in unit if "=" in line)
+    assert settings["KillSignal"] == "SIGTERM"
+    stop_timeout = int(settings["TimeoutStopSec"])
+    asg = one(load("gpu-workers"), "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    [drain] = [h for h in asg["LifecycleHookSpecificationList"]
+               if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"]
+    assert "FLEET_DRAIN_TIMEOUT_S" not in _worker_script()  # the default applies
+    drain_timeout = WorkerSettings.model_fields["drain_timeout_s"].default
+    assert drain_timeout < stop_timeout < drain["HeartbeatTimeout"]
+
+
+def test_busy_workers_protect_themselves_and_the_group_still_scales_in() -> None:
+    t = load("gpu-workers")
+    assert '"FLEET_PROTECT_FROM_SCALE_IN": "true"' in _worker_script()
+    asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert asg["NewInstancesProtectedFromScaleIn"] is False
+    policy = one(t, "AWS::AutoScaling::ScalingPolicy")["Properties"]
+    assert policy["TargetTrackingConfiguration"]["DisableScaleIn"] is False
+
+
+def test_each_private_subnet_leaves_through_the_nat_of_its_own_az_and_the_public_ones_assign_no_ip() -> None:
+    """A NAT in another AZ makes that AZ's loss cut off two; the public subnets hold only the ALB and the NATs."""
+    t = load("network")
+    res = t["Resources"]
+    for az in "ABC":
+        [route] = [r["Properties"] for r in resources(t, "AWS::EC2::Route")
+                   if r["Properties"]["RouteTableId"] == {"Ref": f"PrivateRouteTable{az}"}]
+        assert route == {"RouteTableId": {"Ref": f"PrivateRouteTable{az}"}, "DestinationCidrBlock": "0.0.0.0/0",
+                         "NatGatewayId": {"Ref": f"Nat{az}"}}
+        assert res[f"Nat{az}"]["Properties"]["SubnetId"] == {"Ref": f"PublicSubnet{az}"}
+        assert res[f"PrivateSubnet{az}"]["Properties"]["AvailabilityZone"] == res[f"PublicSubnet{az}"]["Properties"][
+            "AvailabilityZone"]
+        assert res[f"PublicSubnet{az}"]["Properties"]["MapPublicIpOnLaunch"] is False
+    # A route to the internet gateway fails until the gateway is attached to the VPC.
+    assert res["PublicDefaultRoute"]["DependsOn"] == "GatewayAttachment"
+
+
+def test_a_regional_network_peers_with_the_hubs_vpc_in_the_home_region() -> None:
+    """Without PeerRegion the peering is requested in the regional network's own region, where the hubs' VPC is not."""
+    props = one(load("network"), "AWS::EC2::VPCPeeringConnection")["Properties"]
+    assert props["PeerRegion"] == {"Ref": "PeerRegion"}
+    assert props["VpcId"] == {"Ref": "Vpc"}

@@ -36,7 +36,10 @@ case "$args" in
     exec {sys.executable} -c 'import json, sys, jmespath
 found = jmespath.search(sys.argv[2], json.load(open(sys.argv[1])))
 print("None" if found is None else found)' "$FAKE_HOSTED_ZONES" "$(arg --query)" ;;
-  "acm "*) echo arn:aws:acm:us-east-1:123456789012:certificate/fake ;;
+  "acm "*) echo "${{FAKE_CERTIFICATE-arn:aws:acm:us-east-1:123456789012:certificate/fake}}" ;;
+  # FAKE_ROUTES_EXIST: the routes are there already (a re-run, or a re-created peering), as aws says.
+  "ec2 create-route"*)
+    [[ -z "${{FAKE_ROUTES_EXIST:-}}" ]] || {{ echo "An error occurred (RouteAlreadyExists)" >&2; exit 254; }} ;;
   "ec2 describe-managed-prefix-lists"*) echo "${{FAKE_PREFIX_LIST-pl-fake123}}" ;;
   "secretsmanager "*) echo {SECRET} ;;
   *"describe-stacks"*OutputKey*)
@@ -72,6 +75,10 @@ found = jmespath.search(query, {{"Stacks": [stack]}})
 text = lambda value: "None" if value is None else str(value)
 print("\\t".join(map(text, found)) if isinstance(found, list) else text(found))' "$state" "$(arg --query)" ;;
   "cloudformation deploy"*)
+    # FAKE_DEPLOY_FAIL: "stack@region ..." whose deployment fails (rolled back).
+    case " ${{FAKE_DEPLOY_FAIL:-}} " in
+      *" $(arg --stack-name)@$(arg --region) "*) echo "Failed to deploy $(arg --stack-name)" >&2; exit 255 ;;
+    esac
     if [[ -n "${{FAKE_STATE_DIR:-}}" ]]; then
       state="$FAKE_STATE_DIR/$(arg --region)-$(arg --stack-name)"
       [[ -f $state ]] && echo UPDATE_COMPLETE > "$state" || echo CREATE_COMPLETE > "$state"
@@ -578,3 +585,140 @@ def test_a_dry_run_without_livekit_regions_prints_the_lookup(env: dict[str, str]
     [hub] = [line for line in result.out.splitlines()
              if line.startswith("+ aws cloudformation deploy") and "--stack-name gpu-fleet-prod-hub " in line]
     assert "LiveKitRegions=\\<gpu-fleet-prod-hub.LiveKitRegions\\>" in hub
+
+
+def _stack_calls(result: Run, *prefix: str) -> list[tuple[str, str, list[str]]]:
+    """(stack, region, call) of each aws call starting with ``prefix``."""
+    return [(c[c.index("--stack-name") + 1], c[c.index("--region") + 1], c) for c in result.aws(*prefix)]
+
+
+def _parameters(call: list[str]) -> dict[str, str]:
+    given = call[call.index("--parameter-overrides") + 1:]
+    return dict(p.split("=", 1) for p in given)
+
+
+def test_a_stack_that_fails_to_deploy_stops_the_deploy(env: dict[str, str]) -> None:
+    """Nothing after a failed stack is deployed (it would build on a stack that is not there), and the script does
+    not end by announcing the deployment."""
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_DEPLOY_FAIL": "gpu-fleet-prod-hub@us-east-1"})
+    assert result.rc != 0
+    deployed = [(stack, region) for stack, region, _ in _stack_calls(result, "cloudformation", "deploy")]
+    assert deployed[-1] == ("gpu-fleet-prod-hub", "us-east-1")
+    assert len(deployed) == 4
+    assert "deployed: https://" not in result.out
+
+
+def test_every_stack_is_given_the_parameters_its_template_requires_and_only_those_it_declares(
+        env: dict[str, str]) -> None:
+    """A parameter without a default that deploy.sh forgets fails the first deployment (and an update keeps a stale
+    value); one the template does not declare fails every deployment."""
+    from cfnlint.decode import cfn_yaml
+
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    for stack, region, call in _stack_calls(result, "cloudformation", "deploy"):
+        declared = cfn_yaml.load(call[call.index("--template-file") + 1])["Parameters"]
+        required = {name for name, p in declared.items() if "Default" not in p}
+        given = _parameters(call)
+        assert required <= set(given), (stack, region, required - set(given))
+        assert set(given) <= set(declared), (stack, region, set(given) - set(declared))
+        if stack == "gpu-fleet-prod-gpu-workers":
+            assert given["HomeRegion"] == "us-east-1" and given["HubUrl"] == "https://fleet.example.com", given
+
+
+def test_the_cloudfront_certificate_reaches_the_hub_stack(env: dict[str, str]) -> None:
+    """Without it the hub stack creates no distribution: the domain silently points at the ALB alone."""
+    arn = "arn:aws:acm:us-east-1:123456789012:certificate/cf"
+    result = run(env, "deploy", *DEPLOY_ARGS, "--cloudfront-certificate-arn", arn, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    [hub] = [c for stack, _, c in _stack_calls(result, "cloudformation", "deploy") if stack == "gpu-fleet-prod-hub"]
+    assert _parameters(hub)["CloudFrontCertificateArn"] == arn
+
+
+def test_every_stack_and_change_set_may_create_the_iam_roles_of_the_templates(env: dict[str, str]) -> None:
+    """The hub and worker stacks create IAM roles: without CAPABILITY_IAM CloudFormation refuses them."""
+    deployed = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert deployed.rc == 0, deployed.out
+    Path(env["FAKE_LOG"]).unlink()
+    planned = run(env, "plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert planned.rc == 0, planned.out
+    calls = deployed.aws("cloudformation", "deploy") + planned.aws("cloudformation", "create-change-set")
+    assert len(calls) == 14
+    for call in calls:
+        assert call[call.index("--capabilities") + 1] == "CAPABILITY_IAM", call
+
+
+def test_deploy_and_plan_stop_when_a_template_does_not_lint(env: dict[str, str]) -> None:
+    for command in ("deploy", "plan"):
+        Path(env["FAKE_LOG"]).unlink(missing_ok=True)
+        result = run(env, command, *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                     extra_env={"FAKE_CFN_LINT_RC": "2", "FAKE_CFN_LINT_FILE": "cloudformation/hub.yaml"})
+        assert result.rc != 0, command
+        assert "FAILED  hub.yaml" in result.out
+        assert not result.aws("cloudformation") and not result.aws("s3"), command
+
+
+def test_routes_use_the_peering_only_once_it_is_active(env: dict[str, str]) -> None:
+    """A route to a peering that is still pending acceptance is refused by EC2."""
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    ec2 = result.aws("ec2")
+    [wait] = [i for i, c in enumerate(ec2) if c[:2] == ["ec2", "wait"]]
+    accept = next(i for i, c in enumerate(ec2) if c[1] == "accept-vpc-peering-connection")
+    routes = [i for i, c in enumerate(ec2) if c[1] == "create-route"]
+    assert accept < wait < min(routes)
+    call = ec2[wait]
+    assert call[2] == "vpc-peering-connection-exists" and call[call.index("--region") + 1] == "us-east-1"
+    assert call[call.index("--vpc-peering-connection-ids") + 1] == "output-of-PeeringConnectionId"
+    assert call[call.index("--filters") + 1] == "Name=status-code,Values=active"
+
+
+def test_a_route_left_by_an_earlier_peering_is_replaced(env: dict[str, str]) -> None:
+    """A re-run, or a re-created peering, finds the routes there: they must point at the current peering, or the hubs
+    stop reaching that region's workers."""
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                 extra_env={"FAKE_ROUTES_EXIST": "1"})
+    assert result.rc == 0, result.out
+    created = [c[2:] for c in result.aws("ec2", "create-route")]
+    replaced = [c[2:] for c in result.aws("ec2", "replace-route")]
+    assert created and replaced == created
+    assert all(c[c.index("--vpc-peering-connection-id") + 1] == "output-of-PeeringConnectionId" for c in replaced)
+
+
+def test_destroy_waits_for_each_stack_before_deleting_the_next(env: dict[str, str]) -> None:
+    """The network stacks cannot go while the stacks that import their exports are still being deleted."""
+    result = run(env, "destroy", "--env", "prod", "--regions", REGIONS, "--yes")
+    assert result.rc == 0, result.out
+    calls = [c for c in result.aws("cloudformation") if c[1] in ("delete-stack", "wait")]
+    assert len(calls) == 14
+    for delete, wait in zip(calls[::2], calls[1::2], strict=True):
+        assert delete[1] == "delete-stack" and wait[1:3] == ["wait", "stack-delete-complete"]
+        assert delete[2:] == wait[3:]  # the same --region and --stack-name
+
+
+def test_the_certificate_is_looked_up_in_the_home_region_and_must_be_found(env: dict[str, str]) -> None:
+    """The ALB takes a certificate of its own region only; a lookup that finds none answers None, which would fail
+    the hub stack after the network, secrets and Redis stacks were deployed."""
+    args = ["--env", "prod", "--regions", "eu-west-1,us-east-1", "--domain", "fleet.example.com"]
+    result = run(env, "deploy", *args, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    [lookup] = result.aws("acm", "list-certificates")
+    assert lookup[lookup.index("--region") + 1] == "eu-west-1"
+
+    Path(env["FAKE_LOG"]).unlink()
+    missing = run(env, "deploy", *args, "--livekit-regions", env["LIVEKIT"], extra_env={"FAKE_CERTIFICATE": "None"})
+    assert missing.rc != 0
+    assert "no ISSUED ACM certificate for fleet.example.com in eu-west-1" in missing.out
+    assert not missing.aws("cloudformation", "deploy")
+
+
+def test_a_new_artifact_bucket_is_private_and_the_wheel_is_encrypted(env: dict[str, str]) -> None:
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    bucket = "gpu-fleet-prod-123456789012-us-east-1"
+    blocked = r"BlockPublicAcls=true\,IgnorePublicAcls=true\,BlockPublicPolicy=true\,RestrictPublicBuckets=true"  # %q
+    assert (f"+ aws s3api put-public-access-block --bucket {bucket} --region us-east-1 "
+            f"--public-access-block-configuration {blocked}") in result.out
+    [upload] = [line for line in result.out.splitlines() if line.startswith("+ aws s3 cp ")]
+    assert " --sse AES256 " in upload
