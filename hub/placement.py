@@ -44,7 +44,7 @@ async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: d
             await read_again(looked)
             read = True
             continue
-        for candidate in ranked:
+        for candidate in ranked[:MAX_RESERVATIONS - reservations]:
             tried.add(candidate.entry.worker_id)
             reservations += 1
             placed, dispatched = await attempt(candidate)

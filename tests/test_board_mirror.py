@@ -102,14 +102,15 @@ def _views(*wids: str) -> dict[str, str | None]:
 
 
 class _SteppedClockStore:
-    """The board's store as a failover to a replica whose clock is 2 s behind leaves it: w-2 registered after the
-    failover, so its change is stamped before the hub's cursor and the next delta does not carry it."""
+    """The board's store as a failover to a replica whose clock is ``behind_ms`` (2 s) behind leaves it: w-2
+    registered after the failover, so its change is stamped before the hub's cursor and the next delta does not
+    carry it."""
 
-    def __init__(self) -> None:
+    def __init__(self, behind_ms: int = 2000) -> None:
         self.reads: list[int | None] = []
         self.answers = {  # (read number, whole?) -> answer
             (1, True): BoardRead(static=_views("w-1"), status={}, used={}, now_ms=1_000_000, complete=True),
-            (2, False): BoardRead(static={}, status={}, used={}, now_ms=998_000, complete=False),
+            (2, False): BoardRead(static={}, status={}, used={}, now_ms=1_000_000 - behind_ms, complete=False),
             (3, True): BoardRead(static=_views("w-1", "w-2"), status={}, used={}, now_ms=998_010, complete=True),
             (4, False): BoardRead(static={}, status={}, used={}, now_ms=999_010, complete=False),
         }
@@ -133,6 +134,18 @@ async def test_a_redis_clock_that_went_back_makes_the_hub_read_the_whole_board()
     await asyncio.sleep(0.2)
     await board.refresh()  # from the new clock on, deltas again
     assert store.reads[3] == 998_010 - 100 and set(board.entries) == {"w-1", "w-2"}
+
+
+async def test_a_redis_clock_step_just_longer_than_the_delta_overlap_is_caught_too() -> None:
+    """A step of 150 ms puts a new registration's stamp before the cursor (the overlap is 100 ms), so it must make the
+    hub read the whole board like a step of seconds; a delta would not show the new worker for a minute."""
+    store = _SteppedClockStore(behind_ms=150)
+    board = RoutingBoard(store, ttl_ms=10_000, retention_ms=60_000,  # type: ignore[arg-type]
+                         policy=Policy.SPREAD, weights=Weights(), near_best_margin=0.02)
+    await board.refresh()
+    await board.refresh()
+    assert store.reads == [None, 1_000_000 - 100, None]
+    assert set(board.entries) == {"w-1", "w-2"}
 
 
 async def test_a_redis_that_restarts_empty_leaves_no_ghost_in_a_running_hubs_mirror(make_hub: Any, make_worker: Any,

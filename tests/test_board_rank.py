@@ -3,6 +3,7 @@ from scratch gives, whatever the policy, after any sequence of slot changes."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import pytest
 
 from hub.board import Entry, RoutingBoard
-from hub.scoring import Weights, factors, score
+from hub.scoring import Weights, distance_factor, factors, load_factors, score
+from hub.store import BoardRead
 from shared.geo import AWS_REGIONS, haversine_km
 from shared.models import Policy
 
@@ -145,3 +147,130 @@ def test_a_policy_other_than_the_boards_draws_the_lead_from_its_own_near_best() 
         board.rng = random.Random(seed)
         leads[board.rank(40, -75, policy=Policy.PACK)[0].entry.worker_id] += 1
     assert set(leads) == {"w-a", "w-b"} and min(leads.values()) >= 250, leads
+
+
+def test_a_distance_of_about_ten_ms_of_rtt_halves_the_distance_factor_and_250_ms_of_inference_the_latency_one() -> None:
+    """The documented half-points, which set how much extra distance a user is sent for a lighter worker."""
+    assert distance_factor(0.0) == 1.0 and distance_factor(1000.0) == pytest.approx(0.5)
+    _, latency, _ = load_factors(0, 4, 0.0, 250.0, Policy.SPREAD)
+    assert latency == pytest.approx(0.5)
+
+
+def test_a_workers_load_is_seven_tenths_its_streams_in_use_and_three_tenths_its_gpu_utilization() -> None:
+    """What the explain view shows as `load`, and what spread and pack weigh: a hot GPU counts, streams more."""
+    for policy in (Policy.SPREAD, Policy.PACK):
+        half_the_streams = load_factors(2, 4, 0.0, 0.0, policy)[0]
+        a_busy_gpu = load_factors(0, 4, 100.0, 0.0, policy)[0]
+        both = load_factors(2, 4, 100.0, 0.0, policy)[0]
+        if policy is Policy.SPREAD:
+            half_the_streams, a_busy_gpu, both = 1 - half_the_streams, 1 - a_busy_gpu, 1 - both
+        assert (half_the_streams, a_busy_gpu, both) == (pytest.approx(0.35), pytest.approx(0.3), pytest.approx(0.65))
+
+
+#: (region, used, max_streams, status beyond the heartbeat)
+Placed = tuple[str, int, int, dict[str, Any]]
+
+
+def placed_board(workers: dict[str, Placed], margin: float = 0.05) -> RoutingBoard:
+    """A board (no store) that has just read ``workers``, each heard from just now, in its region's location."""
+    board = RoutingBoard(store=None, ttl_ms=9000, retention_ms=3_600_000, policy=Policy.SPREAD,  # type: ignore[arg-type]
+                         weights=Weights(), near_best_margin=margin)
+    board.apply(read_of(workers, 1_000_000, complete=True))
+    board.redis_now_ms = lambda: board.now_ms  # type: ignore[method-assign]
+    return board
+
+
+def read_of(workers: dict[str, Placed], now_ms: int, *, complete: bool) -> BoardRead:
+    static = {wid: json.dumps({"url": f"http://{wid}", "region": region, "zone": None, "lat": AWS_REGIONS[region].lat,
+                               "lon": AWS_REGIONS[region].lon, "labels": {}, "max_streams": max_streams})
+              for wid, (region, _, max_streams, _) in workers.items()}
+    status = {wid: json.dumps({"hb": now_ms, **figures}) for wid, (_, _, _, figures) in workers.items()}
+    used = {wid: str(count) for wid, (_, count, _, _) in workers.items()}
+    return BoardRead(static=static, status=status, used=used, now_ms=now_ms, complete=complete)
+
+
+def leads_of(board: RoutingBoard, region: str, hubs: int = 400) -> set[str]:
+    """Which workers lead the ranking of hubs with the same snapshot, for a user in ``region``."""
+    loc = AWS_REGIONS[region]
+    leads = set()
+    for seed in range(hubs):
+        board.rng = random.Random(seed)
+        leads.add(board.rank(loc.lat, loc.lon)[0].entry.worker_id)
+    return leads
+
+
+def test_a_worker_reporting_slow_inference_never_leads_over_an_equally_loaded_fast_one() -> None:
+    board = placed_board({"w-fast": ("us-east-1", 1, 4, {"latency_ms": 10.0}),
+                          "w-slow": ("us-east-1", 1, 4, {"latency_ms": 2000.0})})
+    assert leads_of(board, "us-east-1") == {"w-fast"}
+
+
+def test_a_request_with_several_labels_is_offered_only_workers_with_all_of_them() -> None:
+    board = idle_board([("w-a10g-pool-x", 0, 5, {"gpu": "a10g", "pool": "x"}),
+                        ("w-a10g-pool-y", 0, 5, {"gpu": "a10g", "pool": "y"}),
+                        ("w-t4-pool-x", 0, 5, {"gpu": "t4", "pool": "x"})])
+    for seed in range(50):
+        board.rng = random.Random(seed)
+        ranked = board.rank(40, -75, {"gpu": "a10g", "pool": "x"})
+        assert [r.entry.worker_id for r in ranked] == ["w-a10g-pool-x"]
+    assert [r.entry.worker_id for r in board.rank(40, -75, {"gpu": "a10g", "pool": "z"}, explain=True)] == []
+
+
+def test_a_worker_that_refused_is_not_offered_again_when_one_of_its_sessions_ends() -> None:
+    """Until the next refresh says it is ready again: it timed out or said it is not ready, so a released slot on it
+    is no reason to send the next user there."""
+    board = idle_board([("w-refused", 1, 5, {}), ("w-other", 3, 5, {})])
+    board.note_unavailable("w-refused")
+    board.note_used("w-refused", 0)  # a session on it ended meanwhile
+    assert [r.entry.worker_id for r in board.rank(40, -75, explain=True)] == ["w-other"]
+    assert [r.entry.worker_id for r in board.rank(40, -75)] == ["w-other"]
+
+
+def test_a_user_whose_nearest_region_lapsed_since_the_refresh_is_scored_from_the_nearest_region_left() -> None:
+    """Dublin's only worker went silent after the refresh: a Dublin user is sent next door to busy London, not across
+    the Atlantic to idle Virginia (extra distance counts from the nearest worker that can take the session)."""
+    board = placed_board({"w-dublin": ("eu-west-1", 0, 4, {}),
+                          "w-london": ("eu-west-2", 3, 4, {"gpu_utilization": 100.0, "latency_ms": 2000.0}),
+                          "w-virginia": ("us-east-1", 0, 4, {"latency_ms": 10.0})})
+    board.entries["w-dublin"].heartbeat_ms = board.now_ms - board.ttl_ms  # still in its group until the next refresh
+    assert leads_of(board, "eu-west-1") == {"w-london"}
+    london, virginia = board.rank(AWS_REGIONS["eu-west-1"].lat, AWS_REGIONS["eu-west-1"].lon, explain=True)
+    assert (london.entry.worker_id, virginia.entry.worker_id) == ("w-london", "w-virginia")
+    assert london.factors.distance == 1.0 and london.score == score(london.factors, board.weights)
+
+
+def test_figures_a_refresh_brings_are_scored_again() -> None:
+    """A worker that filled up and slowed down since the last read no longer ranks as the idle worker it was."""
+    board = placed_board({"w-a": ("us-east-1", 0, 4, {}), "w-b": ("us-east-1", 0, 4, {})})
+    assert leads_of(board, "us-east-1") == {"w-a", "w-b"}
+    board.apply(read_of({"w-a": ("us-east-1", 3, 4, {"gpu_utilization": 95.0, "latency_ms": 900.0})}, 1_001_000,
+                        complete=False))
+    assert leads_of(board, "us-east-1") == {"w-b"}
+    explained = board.rank(38.95, -77.45, explain=True)
+    assert [r.entry.worker_id for r in explained] == ["w-b", "w-a"]
+    assert all(r.score == score(r.factors, board.weights) for r in explained)
+
+
+def test_a_worker_a_refresh_finds_draining_is_never_ranked() -> None:
+    board = placed_board({"w-a": ("us-east-1", 0, 4, {}), "w-b": ("us-east-1", 3, 4, {})})
+    board.apply(read_of({"w-a": ("us-east-1", 0, 4, {"state": "draining"})}, 1_001_000, complete=False))
+    assert [r.entry.worker_id for r in board.rank(38.95, -77.45, explain=True)] == ["w-b"]
+    assert leads_of(board, "us-east-1") == {"w-b"}
+
+
+def test_between_refreshes_the_board_clock_runs_on_so_a_worker_silent_past_its_ttl_is_not_ranked() -> None:
+    board = RoutingBoard(store=None, ttl_ms=9000, retention_ms=3_600_000, policy=Policy.SPREAD,  # type: ignore[arg-type]
+                         weights=Weights(), near_best_margin=0.05)
+    board.apply(read_of({"w-a": ("us-east-1", 0, 4, {})}, 1_000_000, complete=True))
+    assert [r.entry.worker_id for r in board.rank(38.95, -77.45)] == ["w-a"]
+    board._mono_at_refresh -= 10.0  # the last refresh was ten seconds ago: its heartbeat lapsed since
+    assert board.redis_now_ms() >= board.now_ms + 10_000
+    assert board.rank(38.95, -77.45) == []
+
+
+def test_with_no_margin_the_best_worker_leads_and_the_explanation_marks_it_near_best() -> None:
+    board = placed_board({"w-a": ("us-east-1", 0, 4, {}), "w-b": ("us-east-1", 0, 4, {}),
+                          "w-busy": ("us-east-1", 3, 4, {})}, margin=0.0)
+    assert leads_of(board, "us-east-1") == {"w-a", "w-b"}
+    explained = board.rank(38.95, -77.45, explain=True)
+    assert {r.entry.worker_id for r in board.near_best(explained)} == {"w-a", "w-b"}

@@ -9,6 +9,8 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from hub.board import Entry
+from hub.capacity import capacity_by_region
 from hub.settings import HubSettings
 from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, HubClientFactory, heartbeat, refresh, registration
 
@@ -81,3 +83,37 @@ async def test_fleet_workers_exports_every_state_of_every_known_region_at_zero(m
         ("eu-central-1", "ready"): 0, ("eu-central-1", "draining"): 0, ("eu-central-1", "stale"): 1,
         ("us-east-1", "ready"): 1, ("us-east-1", "draining"): 1, ("us-east-1", "stale"): 0,
     }
+
+
+NOW_MS = 5_000_000
+TTL_MS = 9000
+
+
+def _entry(worker_id: str, region: str, used: int, max_streams: int, state: str = "ready",
+           heard_ms_ago: int = 100) -> Entry:
+    return Entry(worker_id=worker_id, url="", region=region, zone=None, lat=0.0, lon=0.0, labels={},
+                 max_streams=max_streams, static={}, used=used, state=state, heartbeat_ms=NOW_MS - heard_ms_ago)
+
+
+def test_a_worker_holding_more_sessions_than_its_new_stream_limit_takes_no_free_slots_from_its_region() -> None:
+    """A worker that registered again with fewer streams while its sessions run on: its region's free slots (the
+    fleet_streams_free gauge, the API, CloudWatch's scaling signal) are those of its other workers, not fewer."""
+    cap = capacity_by_region([_entry("w-shrunk", "us-east-1", used=3, max_streams=2),
+                              _entry("w-other", "us-east-1", used=0, max_streams=4)], NOW_MS, TTL_MS)
+    [region] = cap.regions
+    assert (region.free_streams, region.used_streams, region.max_streams) == (4, 3, 6)
+    assert cap.total.free_streams == 4
+
+
+def test_a_worker_is_counted_exactly_while_the_router_would_place_on_it_and_regions_are_in_name_order() -> None:
+    """At its TTL a worker is stale for routing (``RoutingBoard._eligible``), so the figures drop it too."""
+    entries = [_entry("w-use1", "us-east-1", 1, 4), _entry("w-apne1", "ap-northeast-1", 0, 2),
+               _entry("w-euw1", "eu-west-1", 0, 4), _entry("w-lapsed", "eu-west-1", 0, 8, heard_ms_ago=TTL_MS),
+               _entry("w-draining", "us-east-1", 1, 4, state="draining")]
+    cap = capacity_by_region(entries, NOW_MS, TTL_MS)
+    assert [r.region for r in cap.regions] == ["ap-northeast-1", "eu-west-1", "us-east-1"]
+    by_region = {r.region: r for r in cap.regions}
+    assert (by_region["eu-west-1"].workers, by_region["eu-west-1"].max_streams) == (1, 4)
+    assert (by_region["us-east-1"].workers, by_region["us-east-1"].ready_workers) == (2, 1)
+    assert (by_region["us-east-1"].free_streams, by_region["us-east-1"].used_streams) == (3, 2)
+    assert (cap.total.workers, cap.total.free_streams) == (4, 2 + 4 + 3)

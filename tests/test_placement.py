@@ -114,3 +114,44 @@ async def test_reservations_per_request_are_bounded() -> None:
         await place(fleet)
     assert len(fleet.tried) == MAX_RESERVATIONS
     assert len(set(fleet.tried)) == MAX_RESERVATIONS  # never the same worker twice
+
+
+class _BoardThatGrows:
+    """The board's store: at the first read, one worker; from then on a second one that registered since, maybe via
+    another hub (each answer is a whole read)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def read_board(self, changed_since_ms: int | None = None) -> BoardRead:
+        self.reads += 1
+        workers = {"w-dublin": "eu-west-1"} if self.reads == 1 else {"w-dublin": "eu-west-1", "w-new": "us-east-1"}
+        return BoardRead(static={w: _static(r) for w, r in workers.items()},
+                         status={w: json.dumps({"hb": NOW_MS}) for w in workers},
+                         used={"w-dublin": "4" if self.reads > 1 else "0", "w-new": "0"}, now_ms=NOW_MS,
+                         complete=True)
+
+
+async def test_a_worker_that_registered_since_the_last_read_takes_the_session_rather_than_a_refusal() -> None:
+    """The read a request asks for when the board it read offered no taker is one that begins after it looked, as the
+    allocator asks for it: the board read before the request must not stand in for it (no false reject)."""
+    store = _BoardThatGrows()
+    board = RoutingBoard(store, ttl_ms=9000, retention_ms=3_600_000, policy=Policy.SPREAD,  # type: ignore[arg-type]
+                         weights=Weights(), near_best_margin=0.0, rng=random.Random(3))
+    await board.refresh()
+    fleet = Fleet(board, taking={"w-new"})
+    placed = await first_to_accept(board, USER.lat, USER.lon, None, fleet.attempt,
+                                   lambda looked: board.refresh(unless_read_since=looked), max_dispatches=3)
+    assert placed == "w-new" and fleet.tried == ["w-dublin", "w-new"]
+    assert store.reads == 2
+
+
+async def test_reservations_per_request_stay_within_the_bound_after_a_failed_dispatch() -> None:
+    """The bound holds within a pass over the ranked candidates too: checked only before each ranking, a pass that
+    began at 57 reservations (one failed dispatch, then passes of eight refusals) ended at 65, and could at 71."""
+    workers = {"w-failing": "eu-west-1", **{f"w-{i:03d}": "us-east-1" for i in range(MAX_RESERVATIONS + 20)}}
+    fleet = Fleet(board_with(workers), taking=set(), failing={"w-failing"})
+    with pytest.raises(NoCapacity):
+        await place(fleet)
+    assert fleet.tried[0] == "w-failing"
+    assert len(fleet.tried) == MAX_RESERVATIONS
