@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -775,6 +777,101 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
     assert settings.redis_url is not None
     parsed = parse_url(settings.redis_url.replace("+cluster://", "://"))
     assert parsed["password"] == token and parsed["host"] == values["RedisHost"] and parsed["port"] == 6379
+
+
+def test_a_release_replaces_a_hub_only_once_the_new_one_answers_ready_and_rolls_back_if_it_never_does() -> None:
+    """Without signals, a release whose hubs never became ready replaced every hub, one per pause: an outage."""
+    t = load("hub")
+    [(name, asg)] = [(n, r) for n, r in t["Resources"].items() if r["Type"] == "AWS::AutoScaling::AutoScalingGroup"]
+    update = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert update["WaitOnResourceSignals"] is True and update["MaxBatchSize"] == 1
+    assert asg["CreationPolicy"]["ResourceSignal"]["Count"] == {"Ref": "MinSize"}
+    script = _user_data_file(_hub_script(), "hub-ready.py")
+    assert f'LogicalResourceId="{name}"' in script and 'StackName="${AWS::StackName}"' in script
+    deadline_s = int(re.search(r"DEADLINE_S = (\d+)", script).group(1))  # type: ignore[union-attr]
+    for timeout in (update["PauseTime"], asg["CreationPolicy"]["ResourceSignal"]["Timeout"]):
+        minutes = re.fullmatch(r"PT(\d+)M", timeout)
+        assert minutes and int(minutes.group(1)) * 60 > deadline_s + 120  # the hub's own verdict comes first
+    assert _hub_script().rstrip().endswith("/opt/fleet/bin/python /opt/fleet/hub-ready.py")
+    stmts = {s["Sid"]: s for s in _statements(t)}
+    assert stmts["ReadySignal"]["Action"] == "cloudformation:SignalResource"
+    assert stmts["ReadySignal"]["Resource"] == {"Ref": "AWS::StackId"}
+
+
+def _user_data_file(script: str, name: str) -> str:
+    return script.split(f"{name} <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+
+
+class _HubAndImds(http.server.BaseHTTPRequestHandler):
+    """A hub that answers /ready with 503 ``not_ready`` times, then 200; and IMDSv2, for the instance id."""
+
+    not_ready = 0
+
+    def do_PUT(self) -> None:
+        self._answer(200, b"imds-token" if self.path == "/latest/api/token" else b"")
+
+    def do_GET(self) -> None:
+        if self.path == "/latest/meta-data/instance-id":
+            ok = self.headers.get("X-aws-ec2-metadata-token") == "imds-token"
+            self._answer(200 if ok else 401, b"i-0123456789abcdef0")
+        elif self.path == "/ready":
+            type(self).not_ready -= 1
+            self._answer(503 if type(self).not_ready >= 0 else 200, b"")
+        else:
+            self._answer(404, b"")
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("not_ready", "refused", "status", "rc"), [
+    (2, False, "SUCCESS", 0),  # ready after a few tries
+    (10**6, False, "FAILURE", 1),  # never ready: the release fails now, not at its timeout
+    (0, True, "SUCCESS", 0),  # launched by scaling: no one waits for its signal
+])
+def test_the_ready_script_signals_what_the_new_hub_answers(tmp_path: Path, not_ready: int, refused: bool,
+                                                           status: str, rc: int) -> None:
+    _HubAndImds.not_ready = not_ready
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubAndImds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code = _user_data_file(_hub_script(), "hub-ready.py")
+        values = {"AWS::Region": "eu-west-1", "AWS::StackName": "gpu-fleet-prod-hub"}
+        code = re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], code)
+        code = (code.replace("http://127.0.0.1:8080", local).replace("http://169.254.169.254", local)
+                .replace("DEADLINE_S = 600", "DEADLINE_S = 1").replace("time.sleep(2)", "time.sleep(0.02)"))
+        (tmp_path / "hub-ready.py").write_text(code)
+        fake = tmp_path / "fake" / "boto3"  # CloudFormation, recording signals; refusing them with FAKE_REFUSE
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text(
+            "import json, os, types\n"
+            "from botocore.exceptions import ClientError\n"
+            "def client(service, region_name):\n"
+            "    def signal_resource(**call):\n"
+            "        with open(os.environ['FAKE_SIGNALS'], 'a') as f:\n"
+            "            f.write(json.dumps({'service': service, 'region': region_name, **call}) + '\\n')\n"
+            "        if os.environ.get('FAKE_REFUSE'):\n"
+            "            raise ClientError({'Error': {'Code': 'ValidationError', 'Message': 'not waiting'}},\n"
+            "                              'SignalResource')\n"
+            "    return types.SimpleNamespace(signal_resource=signal_resource)\n")
+        signals = tmp_path / "signals.jsonl"
+        ran = subprocess.run([sys.executable, str(tmp_path / "hub-ready.py")], timeout=30, capture_output=True,
+                             text=True, env={"PYTHONPATH": str(fake.parent), "FAKE_SIGNALS": str(signals),
+                                             **({"FAKE_REFUSE": "1"} if refused else {})})
+    finally:
+        server.shutdown()
+    assert ran.returncode == rc, ran.stdout + ran.stderr
+    assert [json.loads(line) for line in signals.read_text().splitlines()] == [
+        {"service": "cloudformation", "region": "eu-west-1", "StackName": "gpu-fleet-prod-hub",
+         "LogicalResourceId": "AutoScalingGroup", "UniqueId": "i-0123456789abcdef0", "Status": status}]
+    assert ("nothing waits for this instance" in ran.stdout) is refused
 
 
 def _hub_script() -> str:
