@@ -222,6 +222,9 @@ def workers(
 def _steer(worker_id: str, hub: str, token: str, action: str) -> None:
     w = call(hub, token, "POST", f"{_worker_path(worker_id)}/{action}")
     streams = f"({w['used_streams']}/{w['max_streams']} streams in use)"
+    if w["state"] == "ready" and not w["alive"]:  # the drain is lifted, but the hub routes nothing to it
+        _fail(f"{w['worker_id']} is resumed but stale: no heartbeat for {_age(w['heartbeat_age_s'])}, it takes no "
+              "session until it heartbeats again", EXIT_ERROR)
     if w["state"] == "ready":
         _out.print(f"{w['worker_id']} is ready: taking sessions again {streams}")
     elif action == "drain":

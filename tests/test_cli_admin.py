@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -260,6 +263,8 @@ def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
     (["workers"], "wrong-token", admin.EXIT_AUTH, "FLEET_ADMIN_TOKEN"),
     # httpx would resolve '..' and drain another worker, or show another route's answer
     (["drain", "x/../gpu-use1-b"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker can have the id"),
+    # a trailing line break (an id pasted or read from a file) is not part of any id
+    (["drain", "gpu-use1-b\n"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker can have the id"),
     (["sessions", "--worker", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "not registered"),
     (["workers"], "tökén", admin.EXIT_ERROR, "must be printable ASCII"),
     # regression: httpx's error quoted the header, token and all
@@ -468,3 +473,134 @@ def test_a_hub_url_that_is_not_a_hub_is_not_taken_for_an_unknown_id(live_hub: Li
                                                   "FLEET_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"})
     assert result.exit_code == admin.EXIT_ERROR, result.output
     assert "is --hub a hub's URL?" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _row(output: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first_cell``."""
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│┃").split("│")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+@contextlib.contextmanager
+def _hub_answering(answers: dict[str, Any]) -> Iterator[str]:
+    """A hub as far as the CLI can tell: each GET of a path in ``answers`` gets it as JSON (200); its base URL."""
+    import http.server
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(answers[self.path.split("?")[0]]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_exit_codes_are_the_documented_ones_scripts_test_for(live_hub: LiveHub) -> None:
+    """README: 1 refused or invalid, 3 auth, 4 unknown id, 5 hub unreachable or unavailable."""
+    assert fleet(live_hub, "drain", "no-such-worker").exit_code == 4
+    assert fleet(live_hub, "workers", token="wrong-token").exit_code == 3
+    assert fleet(live_hub, "workers", "--state", "gone").exit_code == 1
+    assert runner.invoke(app, ["workers", "--hub", f"http://127.0.0.1:{free_port()}"]).exit_code == 5
+
+
+def test_a_hub_that_does_not_answer_in_time_is_unavailable_exit_5(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin, "TIMEOUT", httpx.Timeout(0.3))
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        result = runner.invoke(app, ["workers", "--hub", f"http://127.0.0.1:{silent.getsockname()[1]}"])
+    assert result.exit_code == admin.EXIT_UNAVAILABLE == 5, result.output
+    assert "did not answer in time" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_workers_table_shows_each_workers_figures(live_hub: LiveHub) -> None:
+    live_hub.register("gpu-use1-quad", gpus=[{"name": "NVIDIA A10G", "vram_total_mb": 24576}] * 4)
+    table = fleet(live_hub, "workers")
+    assert table.exit_code == 0, table.output
+    assert "4 workers" in table.output
+    # id, region, GPU, state, streams, load, GPU util, latency, heartbeat age
+    euc = _row(table.output, "gpu-euc1-a")
+    assert euc[1:8] == ["eu-central-1", "NVIDIA A10G", "ready", "1/4", "25%", "0%", "0 ms"], euc
+    assert re.fullmatch(r"\d+\.\ds", euc[8]), euc
+    assert _row(table.output, "gpu-use1-a")[4:8] == ["0/4", "0%", "30%", "41 ms"]
+    assert _row(table.output, "gpu-use1-quad")[2] == "4 x NVIDIA A10G"
+    one = fleet(live_hub, "workers", "--region", "eu-central-1")
+    assert "1 worker" in one.output and "1 workers" not in one.output, one.output
+
+
+def test_stale_workers_among_live_ones_are_flagged_in_a_caption() -> None:
+    answer = {"workers": [_a_worker(), _a_worker(worker_id="w-2", alive=False)]}
+    with _hub_answering({"/api/v1/workers": answer}) as hub:
+        result = runner.invoke(app, ["workers", "--hub", hub])
+    assert result.exit_code == 0, result.output
+    assert _row(result.output, "w-2")[3] == "stale" and _row(result.output, "w-1")[3] == "ready"
+    assert "stale: streams and load as of the last heartbeat" in result.output
+
+
+def test_show_worker_says_whether_an_sre_drained_it(live_hub: LiveHub) -> None:
+    def drain_requested() -> str:
+        shown = fleet(live_hub, "worker", "gpu-use1-a")
+        assert shown.exit_code == 0, shown.output
+        line = next(line for line in shown.output.splitlines() if line.startswith("drain requested"))
+        return line.split()[-1]
+
+    assert drain_requested() == "False"
+    assert fleet(live_hub, "drain", "gpu-use1-a").exit_code == 0
+    assert drain_requested() == "True"
+
+
+def test_sessions_show_their_age() -> None:
+    session = {"session_id": "w-1-s1", "session_key": None, "worker_id": "w-1", "worker_region": "us-east-1",
+               "livekit_region": "lk-virginia", "status": "active", "created_at": time.time() - 120,
+               "location": None}
+    with _hub_answering({"/api/v1/sessions": {"sessions": [session]}}) as hub:
+        result = runner.invoke(app, ["sessions", "--hub", hub])
+    assert result.exit_code == 0, result.output
+    assert "1 session" in result.output and "1 sessions" not in result.output
+    age = _row(result.output, "w-1-s1")[6]
+    assert re.fullmatch(r"1[23]\d\.\ds", age), age
+
+
+def test_capacity_table_shows_each_regions_figures_and_fullness(live_hub: LiveHub) -> None:
+    table = fleet(live_hub, "capacity")
+    assert table.exit_code == 0, table.output
+    # region, workers, ready, streams used, streams free, max, full
+    assert _row(table.output, "eu-central-1") == ["eu-central-1", "1", "1", "1", "3", "4", "25%"]
+    assert _row(table.output, "us-east-1") == ["us-east-1", "2", "2", "0", "12", "12", "0%"]
+    assert _row(table.output, "all") == ["all", "3", "3", "1", "15", "16", "6%"]
+
+
+def test_explain_says_no_worker_only_when_there_is_none(live_hub: LiveHub) -> None:
+    some = fleet(live_hub, "explain", "--lat", "50", "--lon", "8")
+    assert some.exit_code == 0 and "no live, ready worker" not in some.output, some.output
+    none = fleet(live_hub, "explain", "--lat", "50", "--lon", "8", "--label", "engine=none")
+    assert none.exit_code == 0 and "no live, ready worker with free capacity" in none.output, none.output
+
+
+def test_resume_of_a_stale_worker_does_not_say_it_takes_sessions(redis_url: str) -> None:
+    """The hub lifts the drain of a stale worker, but places nothing on it until it heartbeats again."""
+    with LiveHub(redis_url, worker_ttl_s=1.0, heartbeat_interval_s=0.3) as hub:
+        hub.register("gpu-use1-a")
+        assert fleet(hub, "drain", "gpu-use1-a").exit_code == 0
+        time.sleep(1.2)  # no heartbeat for the TTL: stale
+        with hub.admin() as client:
+            assert client.get("/api/v1/workers/gpu-use1-a").json()["alive"] is False
+        resumed = fleet(hub, "resume", "gpu-use1-a")
+    assert resumed.exit_code == admin.EXIT_ERROR, resumed.output
+    assert "taking sessions again" not in resumed.output
+    assert "stale" in resumed.output and len(resumed.output.strip().splitlines()) == 1, resumed.output

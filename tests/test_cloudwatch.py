@@ -10,11 +10,12 @@ from typing import Any
 import boto3
 import pytest
 import redis.asyncio as aioredis
+from botocore.stub import ANY, Stubber
 from moto import mock_aws
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio
+from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio, regional_clients
 from hub.tasks import run_every
 from shared.keys import CLOUDWATCH_LOCK
 from shared.models import FleetCapacity, RegionCapacity
@@ -195,3 +196,39 @@ def test_free_slot_ratio_bounds() -> None:
     assert free_slot_ratio(region("x", max_streams=0, used=0, free=0)) == 0.0
     assert free_slot_ratio(region("x", max_streams=4, used=0, free=4)) == 1.0
     assert free_slot_ratio(region("x", max_streams=4, used=3, free=1)) == 0.25
+
+
+async def test_each_publication_sends_the_metrics_target_tracking_reads(aws: None,
+                                                                        redis_client: aioredis.Redis) -> None:
+    """Names, dimension, values and units exactly: an alarm or a scaling policy on a unit ("Count") matches only
+    the datapoints of that unit."""
+    cloudwatch = boto3.client("cloudwatch", region_name="us-east-1")
+    # 10 slots, 3 in use: 2 idle slots are on a draining worker, so 5 are free for new sessions
+    capacity = fleet(region("us-east-1", max_streams=10, used=3, free=5))
+
+    def datum(name: str, value: float, unit: str) -> dict[str, Any]:
+        return {"MetricName": name, "Dimensions": [{"Name": "Region", "Value": "us-east-1"}],
+                "Timestamp": ANY, "Value": value, "Unit": unit}
+
+    with Stubber(cloudwatch) as stub:
+        stub.add_response("put_metric_data", {}, {"Namespace": NAMESPACE, "MetricData": [
+            datum("FreeStreams", 5.0, "Count"), datum("UsedStreams", 3.0, "Count"),
+            datum("FreeSlotRatio", 0.5, "None")]})
+        assert await publisher(redis_client, capacity, cloudwatch).publish_once() is True
+        stub.assert_no_pending_responses()
+
+
+async def test_the_lock_holds_for_the_whole_interval(aws: None, redis_client: aioredis.Redis) -> None:
+    """Shorter, and a second hub publishes again within the interval: extra datapoints every interval."""
+    spy = Spy(boto3.client("cloudwatch", region_name="us-east-1"))
+    assert await publisher(redis_client, fleet(region("us-east-1")), spy, interval_s=60.0).publish_once() is True
+    assert 59_000 < await redis_client.pttl(CLOUDWATCH_LOCK) <= 60_000
+
+
+def test_each_aws_region_gets_a_client_of_that_region_and_other_names_none(aws: None) -> None:
+    client_for = regional_clients()
+    frankfurt = client_for("eu-central-1")
+    assert frankfurt.meta.region_name == "eu-central-1"
+    assert client_for("eu-central-1") is frankfurt  # one per region, cached
+    assert client_for("ap-northeast-1").meta.region_name == "ap-northeast-1"
+    assert client_for("on-prem") is None  # publish_once falls back to the default client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import pty
 import re
@@ -373,3 +374,131 @@ def test_closing_the_terminal_stops_the_whole_fleet(tmp_path: Path) -> None:
     assert list(demo.tmp.iterdir()) == [], "Redis's temporary directory was left behind"
     for port in (hub_port, hub_port + 1, worker_port):
         assert not _listening(port)
+
+
+# --- the checks, the waits and the summary, in process -----------------------------------------------------------
+
+
+def test_the_first_and_last_ports_are_usable_and_port_0_is_not() -> None:
+    from cli.demo import DemoFailed, _check_ports
+
+    hub_port = free_port_run(2)
+    _check_ports(range(hub_port, hub_port + 2), range(65533, 65536))  # 65535 is a port like another
+    with pytest.raises(DemoFailed) as refused:
+        _check_ports(range(0, 2), range(hub_port, hub_port + 1))
+    assert str(refused.value) == "--hub-port 0: the hubs need ports 0-1, outside 1-65535"
+    with pytest.raises(DemoFailed) as refused:
+        _check_ports(range(hub_port, hub_port + 2), range(65536, 65537))
+    assert str(refused.value) == "--worker-port 65536: the workers need ports 65536, outside 1-65535"
+
+
+@contextlib.contextmanager
+def _fake_hub(post: int = 201, delete: int = 204, workers: list[str] | None = None) -> Iterator[str]:
+    """A hub that answers session requests with ``post``, their ends with ``delete``, and lists ``workers``."""
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: object = None) -> None:
+            data = b"" if body is None else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            created = {"session_id": "w-1-s", "worker": {"id": "w-1"}, "livekit": {"region": "lk-virginia"}}
+            self._answer(post, created if post == 201 else {"error": "no_capacity"})
+
+        def do_DELETE(self) -> None:
+            self._answer(delete, None if delete == 204 else {"error": "x"})
+
+        def do_GET(self) -> None:
+            self._answer(200, {"workers": [{"worker_id": w} for w in workers or []]})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("post", "delete", "code", "counts"), [
+    (201, 204, 0, lambda s: s["created"] == s["ended"] >= 1 and s["no_capacity"] == s["errors"] == 0),
+    (201, 404, 0, lambda s: s["created"] == s["ended"] >= 1 and s["errors"] == 0),  # its lease lapsed: ended
+    (503, 204, 0, lambda s: s["created"] == s["ended"] == s["errors"] == 0 and s["no_capacity"] >= 1),
+    (201, 503, 1, lambda s: s["created"] >= 1 and s["ended"] == 0 and s["errors"] == s["created"]),
+    (500, 204, 1, lambda s: s["created"] == s["no_capacity"] == 0 and s["errors"] >= 1),
+], ids=["ended", "lapsed", "full", "not-ended", "refused"])
+def test_the_summary_counts_each_answer_and_the_exit_code_says_whether_any_failed(
+        capsys: pytest.CaptureFixture[str], post: int, delete: int, code: int,
+        counts: Callable[[dict[str, int]], bool]) -> None:
+    """A full fleet (503) is not an error of the demo; a session it could not end, or a refused request, is."""
+    import asyncio
+
+    from cli.demo import _users
+
+    with _fake_hub(post, delete) as hub:
+        returned = asyncio.run(_users([hub], users_per_min=600, mean_session_s=0.05, duration_s=0.3,
+                                      stop=asyncio.Event(), interrupted=threading.Event()))
+    summary = _summary(capsys.readouterr().out)
+    assert returned == code and counts(summary), summary
+
+
+def test_workers_that_do_not_register_fail_the_demo_naming_the_first_and_its_log(tmp_path: Path) -> None:
+    from cli.demo import DemoFailed, Part, _wait_for_workers
+
+    parts: dict[str, Part] = {}
+    for name in ("demo-a", "demo-b", "demo-c"):
+        log = tmp_path / f"{name}.log"
+        log.write_text("".join(f"{name} line {i}\n" for i in range(1, 6)))
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        parts[name] = Part(f"worker {name}", proc, str(log))
+    try:
+        with _fake_hub(workers=["demo-a"]) as hub:
+            with pytest.raises(DemoFailed) as late:
+                _wait_for_workers(hub, parts, "token", lambda: None, timeout_s=0)
+            assert str(late.value) == ("worker demo-b did not register within 0s (nor did 1 more): "
+                                       "demo-b line 3 | demo-b line 4 | demo-b line 5")
+            del parts["demo-c"]
+            with pytest.raises(DemoFailed) as late:
+                _wait_for_workers(hub, {"demo-a": parts["demo-a"], "demo-b": parts["demo-b"]}, "token",
+                                  lambda: None, timeout_s=0)
+            assert str(late.value).startswith("worker demo-b did not register within 0s: demo-b line 3")
+    finally:
+        for part in parts.values():
+            part.proc.kill()
+            part.proc.wait()
+
+
+def test_a_stop_signal_while_starting_exits_130_and_stops_redis(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli.demo
+
+    class Redis:
+        """Redis that a SIGTERM interrupts as it starts (the terminal's Ctrl-C or a kill)."""
+
+        url = "redis://127.0.0.1:1"
+        stopped = False
+
+        def start(self) -> Redis:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return self
+
+        def cleanup(self) -> None:
+            Redis.stopped = True
+
+    monkeypatch.setattr(cli.demo, "EmbeddedRedis", Redis)
+    handlers = {sig: signal.getsignal(sig) for sig in cli.demo.STOP_SIGNALS}
+    try:
+        code = cli.demo.run_demo(1, ["us-east-1"], free_port_run(2), free_port_run(1), 60.0, 40.0, None,
+                                 str(tmp_path))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code == 130 and Redis.stopped
+    assert list(tmp_path.glob("*.log")) == [], "nothing but Redis was started"

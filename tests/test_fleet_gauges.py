@@ -117,3 +117,30 @@ def test_a_worker_is_counted_exactly_while_the_router_would_place_on_it_and_regi
     assert (by_region["us-east-1"].workers, by_region["us-east-1"].ready_workers) == (2, 1)
     assert (by_region["us-east-1"].free_streams, by_region["us-east-1"].used_streams) == (3, 2)
     assert (cap.total.workers, cap.total.free_streams) == (4, 2 + 4 + 3)
+
+
+async def test_a_regions_heartbeat_age_is_that_of_its_oldest_live_heartbeat(make_hub: HubClientFactory) -> None:
+    """One worker lagging behind fresh ones is what FleetHeartbeatsLagging is for: the freshest must not hide it."""
+    hub = await make_hub(worker_ttl_s=5.0)
+    await _register(hub, "w-use1-old", "us-east-1")
+    heard_at = asyncio.get_running_loop().time()
+    await asyncio.sleep(0.6)
+    await _register(hub, "w-use1-new", "us-east-1")
+    age = (await _gauges(hub))["fleet_heartbeat_age_max_seconds"][("us-east-1",)]
+    assert 0.5 < age <= asyncio.get_running_loop().time() - heard_at + 0.5
+
+
+async def test_the_latency_gauge_is_the_highest_a_live_worker_reports(make_hub: HubClientFactory) -> None:
+    hub = await make_hub(worker_ttl_s=TTL_S, heartbeat_interval_s=0.3)
+    silent = await _register(hub, "w-use1-silent", "us-east-1")
+    assert (await heartbeat(hub, "w-use1-silent", silent, [], latency_ms=900.0)).status_code == 200
+    live = {worker_id: await _register(hub, worker_id, "us-east-1") for worker_id in ("w-use1-a", "w-use1-b")}
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < TTL_S * 1.3:  # the silent one goes stale
+        for (worker_id, secret), latency in zip(live.items(), (40.0, 90.0), strict=True):
+            assert (await heartbeat(hub, worker_id, secret, [], latency_ms=latency)).status_code == 200
+        await asyncio.sleep(0.2)
+    gauges = await _gauges(hub)
+    assert gauges["fleet_workers"] == {("us-east-1", "ready"): 2, ("us-east-1", "draining"): 0,
+                                       ("us-east-1", "stale"): 1}
+    assert gauges["fleet_worker_latency_ms_max"] == {("us-east-1",): 90.0}

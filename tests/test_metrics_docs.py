@@ -12,6 +12,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from hub.metrics import ALLOCATION_OUTCOMES, DISPATCH_FAILURE_REASONS
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import ADMIN_AUTH, refresh, register
 from tests.harness import running_hubs
@@ -149,3 +150,31 @@ def test_metrics_answer_only_their_plain_path(redis_server: EmbeddedRedis) -> No
         for disguised in ("/%6detrics", "/metric%73", "/%6D%65%74%72%69%63%73"):
             resp = client.get(disguised)
             assert resp.status_code == 404 and "fleet_" not in resp.text, disguised
+
+
+async def test_every_known_label_value_is_exported_at_zero_from_start_up(hub: httpx.AsyncClient) -> None:
+    """docs/metrics.md: so that rate() and ratios work, and absent-series alerts stay quiet, before any event."""
+    text = (await hub.get("/metrics")).text
+    for outcome in ALLOCATION_OUTCOMES:
+        assert _sample(text, "fleet_allocations_total", outcome=outcome) == 0, outcome
+        assert _sample(text, "fleet_allocation_seconds_count", outcome=outcome) == 0, outcome
+    for reason in DISPATCH_FAILURE_REASONS:
+        assert _sample(text, "fleet_dispatch_failures_total", reason=reason) == 0, reason
+    for result in ("ok", "unknown", "forbidden"):
+        assert _sample(text, "fleet_heartbeats_total", result=result) == 0, result
+    for result in ("ok", "conflict"):
+        assert _sample(text, "fleet_registrations_total", result=result) == 0, result
+
+
+async def test_registrations_heartbeats_and_allocations_are_counted_under_their_result(
+        hub: httpx.AsyncClient, make_worker) -> None:
+    await register(hub, "w-1", await make_worker())  # a registration and its first heartbeat
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+    text = (await hub.get("/metrics")).text
+    assert _sample(text, "fleet_registrations_total", result="ok") == 1
+    assert _sample(text, "fleet_heartbeats_total", result="ok") == 1
+    assert _sample(text, "fleet_heartbeats_total", result="unknown") == 0
+    assert _sample(text, "fleet_allocations_total", outcome="created") == 1
+    assert _sample(text, "fleet_allocation_seconds_count", outcome="created") == 1
+    assert 0 < _sample(text, "fleet_allocation_seconds_sum", outcome="created") < 10  # seconds, and it took some
