@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
-from worker.calibrate import Calibration, calibrate
-from worker.engine import Calibratable
+from shared.models import SessionDispatch
+from worker.calibrate import Calibration, CalibrationFailed, calibrate
+from worker.engine import Calibratable, RealTimeReport
 from worker.engines.synthetic import SyntheticEngine
 from worker.voice.engine import VoiceEngine
 from worker.voice.llm import CannedLLM
@@ -169,3 +171,83 @@ def test_a_zero_max_streams_from_the_environment_is_refused_not_taken_as_256(
     monkeypatch.setattr(worker.calibrate, "run", lambda *_: pytest.fail("measured with no bound"))
     assert cli_calibrate(engine="synthetic", seconds=0.1) == EXIT_USAGE
     assert "FLEET_MAX_STREAMS=0" in capsys.readouterr().err
+
+
+class ScriptedEngine(SyntheticEngine):
+    """Keeps real time with up to ``limit`` sessions running, once warm: a step that measures its warm-up (a cold
+    start, late) fails. Sessions cost nothing; the load drivers wait until cancelled, or crash when told to."""
+
+    def __init__(self, limit: int, crash: bool = False) -> None:
+        super().__init__()
+        self.limit, self.crash = limit, crash
+        self.running: set[str] = set()
+
+    async def start_session(self, spec: SessionDispatch, on_end: Any) -> None:
+        self.running.add(spec.session_id)
+
+    async def stop_session(self, session_id: str) -> None:
+        self.running.discard(session_id)
+
+    def load_probe(self) -> ScriptedProbe:
+        return ScriptedProbe(self)
+
+
+class ScriptedProbe:
+    warmup_s = 5.0
+
+    def __init__(self, engine: ScriptedEngine) -> None:
+        self.engine, self.warm = engine, False
+
+    async def drive(self, session_id: str) -> None:
+        if self.engine.crash:
+            raise RuntimeError("the load driver fell over")
+        await asyncio.Event().wait()
+
+    def reset(self) -> None:
+        self.warm = True
+
+    def report(self) -> RealTimeReport:
+        keeps = self.warm and len(self.engine.running) <= self.engine.limit
+        return RealTimeReport(late_ratio=0.0 if keeps else 1.0, p95_ms=10.0, budget_ms=100.0)
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """``asyncio.sleep`` returns at once (no step takes real time); the waits asked for, in order."""
+    asked: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, result: Any = None) -> Any:
+        asked.append(delay)
+        return await real_sleep(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    return asked
+
+
+async def test_each_step_is_measured_after_its_warm_up_with_the_sessions_of_the_step_before_stopped(
+        waits: list[float]) -> None:
+    """Guards against measuring the warm-up (a voice engine's first turns run late: every step would fail), against
+    a warm-up shorter than the probe asks for, and against sessions of one step still running in the next."""
+    engine = ScriptedEngine(limit=5)
+    result = await calibrate(engine, max_concurrency=8, seconds=0.4)
+    assert (result.capacity, result.reached_max) == (5, False)
+    assert [t.concurrency for t in result.trials] == [1, 2, 4, 8, 6, 5]
+    # each step: the probe's warm-up, then the measured window
+    assert [w for w in waits if w] == [5.0, 0.4] * len(result.trials)
+    assert not engine.running, "every calibration session is stopped"
+
+
+async def test_a_limit_beyond_the_last_doubling_is_reported_as_at_least_the_maximum(waits: list[float]) -> None:
+    engine = ScriptedEngine(limit=10)
+    result = await calibrate(engine, max_concurrency=6, seconds=0.4)
+    assert [t.concurrency for t in result.trials] == [1, 2, 4, 6]
+    assert (result.capacity, result.reached_max) == (6, True)
+
+
+async def test_a_load_driver_that_crashes_fails_the_calibration(waits: list[float]) -> None:
+    """A crashed driver sends no load: its step would look easy and the capacity come out too high."""
+    engine = ScriptedEngine(limit=5, crash=True)
+    with pytest.raises(CalibrationFailed, match="fell over"):
+        await calibrate(engine, max_concurrency=8, seconds=0.4)
+    assert not engine.running

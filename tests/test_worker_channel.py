@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from shared.backoff import backoff_delays
-from shared.models import MAX_STREAMS_PER_WORKER, Heartbeat, SessionDispatch, WorkerRegistration
+from shared.models import MAX_STREAMS_PER_WORKER, Heartbeat, SessionDispatch, WorkerRegistration, WorkerState
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_TOKEN
 from tests.test_worker_drain import running
@@ -28,7 +28,7 @@ from tests.test_worker_hub import wait_for, worker_settings
 from worker import heartbeat_channel, hub_client
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
-from worker.heartbeat_channel import HeartbeatChannel
+from worker.heartbeat_channel import Delivery, HeartbeatChannel
 from worker.hub_client import HubClient
 from worker.hub_errors import HubUnavailable, WorkerForgotten
 from worker.sessions import SessionManager
@@ -565,3 +565,94 @@ async def test_of_several_failing_hubs_the_one_that_failed_last_is_tried_last(fa
     finally:
         await client.aclose()
     assert tried == ["a", "b", "c", "a", "b", "c"]
+
+
+def _answer(interval_s: float = 1.0) -> dict[str, Any]:
+    return {"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
+            "heartbeat_interval_s": interval_s, "stop_sessions": []}
+
+
+async def _no_registration(_: web.Request) -> web.Response:
+    return web.Response(status=404)
+
+
+async def _answering_channel(request: web.Request) -> web.StreamResponse:
+    """A hub's heartbeat channel: answers the heartbeats that ask for it."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if Heartbeat.model_validate_json(message.data).ack:
+            await ws.send_json(_answer())
+    return ws
+
+
+def _channel(http: aiohttp.ClientSession) -> HeartbeatChannel:
+    return HeartbeatChannel(1.0, http=lambda: http, headers=dict, on_reply=lambda reply: None,
+                            on_secret_refused=lambda secret: None)
+
+
+async def test_on_the_channel_every_second_heartbeat_asks_for_an_answer_and_so_does_news(fake_hub: Any) -> None:
+    """Asked: the first heartbeat on each channel opened, then every second one (a frozen hub is noticed within its
+    TTL), and one that reports a new state (a drain the hub must confirm). Guards against asking every time (a hub
+    answering every heartbeat of every worker) and against news or a new channel waiting its turn."""
+    hb = f"{await fake_hub(_no_registration, _answering_channel)}/api/v1/workers/w1/heartbeat"
+    ready, draining = Heartbeat(), Heartbeat(state=WorkerState.DRAINING)
+    async with aiohttp.ClientSession() as http:
+        channel = _channel(http)
+        try:
+            delivered = [await channel.send(hb, "s", beat, interval_s=1.0, must_ask=False)
+                         for beat in (ready, ready, ready, draining, draining)]
+            await channel.close()  # dropped (a hub restart): the next heartbeat opens another
+            delivered.append(await channel.send(hb, "s", draining, interval_s=1.0, must_ask=False))
+        finally:
+            await channel.close()
+    answered, sent = Delivery.ANSWERED, Delivery.SENT
+    assert delivered == [answered, sent, answered, answered, sent, answered]
+
+
+async def test_a_refused_channel_goes_by_post_to_the_same_hub_and_its_retry_delay_starts_over_once_it_opens(
+        fake_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that refuses the upgrade is alive: the heartbeat is POSTed to it; one that does not answer at all gets
+    the heartbeat POSTed elsewhere first. Guards against the retry delay growing on from refusals long past: a hub
+    that refused once a day ago would be asked again only after minutes of POSTs."""
+    upgrades_accepted = False
+
+    async def beat(request: web.Request) -> web.StreamResponse:
+        if not upgrades_accepted:
+            return web.Response(status=405)
+        return await _answering_channel(request)
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    drawn: list[int] = []  # for each refusal, which delay of its backoff it took
+
+    def recording_backoff(**kwargs: Any) -> Iterator[float]:
+        for attempt, delay in enumerate(backoff_delays(**kwargs)):
+            drawn.append(attempt)
+            yield delay
+
+    clock = Clock()
+    monkeypatch.setattr(heartbeat_channel, "time", clock)
+    monkeypatch.setattr(heartbeat_channel, "backoff_delays", recording_backoff)
+    hb = f"{await fake_hub(_no_registration, beat)}/api/v1/workers/w1/heartbeat"
+    async with aiohttp.ClientSession() as http:
+        channel = _channel(http)
+        try:
+            delivered = []
+            for accept in (False, False, True):
+                upgrades_accepted = accept
+                clock.now += heartbeat_channel.CHANNEL_RETRY_CAP_S + 1
+                delivered.append(await channel.send(hb, "s", Heartbeat(), interval_s=1.0, must_ask=False))
+            await channel.close()
+            upgrades_accepted = False
+            delivered.append(await channel.send(hb, "s", Heartbeat(), interval_s=1.0, must_ask=False))
+            nowhere = f"http://127.0.0.1:{free_port()}/api/v1/workers/w1/heartbeat"
+            delivered.append(await channel.send(nowhere, "s", Heartbeat(), interval_s=1.0, must_ask=False))
+        finally:
+            await channel.close()
+    assert delivered == [Delivery.POST, Delivery.POST, Delivery.ANSWERED, Delivery.POST, Delivery.POST_ELSEWHERE]
+    assert drawn[:3] == [0, 1, 0], "after the channel opened, the next refusal waits the first, shortest delay"

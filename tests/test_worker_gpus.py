@@ -485,3 +485,84 @@ def test_settings_parse_hub_urls_and_refuse_default_token_in_prod(monkeypatch: p
     with pytest.raises(ValueError, match="FLEET_WORKER_TOKEN"):
         WorkerSettings(env="prod")
     assert WorkerSettings(env="prod", worker_token="s3cret-of-at-least-32-characters").is_prod
+
+
+def test_a_gpu_that_will_not_report_its_utilisation_still_counts_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Utilisation is a live figure for the heartbeat, not capacity: whatever NVML error it gives, the GPU counts."""
+    fake_nvml(monkeypatch, [("NVIDIA A10G", 23028, 100, 30)])
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", fail_with(pynvml.NVML_ERROR_UNKNOWN))
+    assert [(g.vram_total_mb, g.vram_used_mb, g.utilization) for g in gpus.detect_gpus()] == [(23028, 100, 0.0)]
+
+
+def test_an_nvml_library_that_cannot_be_loaded_fails_the_probe_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken libnvidia-ml (an OSError from loading it) is a GPU host that cannot be read, said as such, not a
+    traceback nor a CPU worker."""
+    def broken() -> None:
+        raise OSError("libnvidia-ml.so.1: undefined symbol")
+
+    monkeypatch.setattr(pynvml, "nvmlInit", broken)
+    monkeypatch.setattr(GPUtil, "getGPUs", lambda: pytest.fail("nvidia-smi loads the same broken library"))
+    with pytest.raises(gpus.GpuProbeFailed, match="undefined symbol"):
+        gpus.detect_gpus()
+
+
+def test_simulated_gpus_go_up_to_64() -> None:
+    assert len(gpus.parse_simulated("t4x64")) == 64
+    with pytest.raises(ValueError, match=r"1\.\.64"):
+        gpus.parse_simulated("t4x65")
+
+
+def test_simulated_gpus_report_the_engines_vram_spread_evenly_and_never_above_their_size() -> None:
+    four = gpus.parse_simulated("t4x4")
+    assert [g.vram_used_mb for g in gpus.refresh(four, vram_used_by_engine_mb=10_000)] == [2500] * 4
+    assert [g.vram_used_mb for g in gpus.refresh(four, vram_used_by_engine_mb=100_000)] == [16384] * 4
+
+
+def test_a_heartbeat_probe_that_finds_no_gpu_keeps_the_last_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU that drops off the bus mid-run does not make the heartbeat report a CPU worker with its sessions."""
+    fake_nvml(monkeypatch, [("Tesla T4", 15360, 300, 12)])
+    found = gpus.detect_gpus()
+    fake_nvml(monkeypatch, [])
+    no_gputil(monkeypatch)
+    assert gpus.refresh(found) == found
+
+
+def test_a_gpu_too_small_for_the_model_holds_no_stream_rather_than_a_negative_number() -> None:
+    heavy = replace(DEFAULT_PROFILE, model_mb=20_000)
+    assert streams_per_gpu(15360, heavy) == 0
+    cap = compute_capacity(gpus.parse_simulated("t4x2"), heavy, cpu_cores=64, ram_mb=1_000_000)
+    assert (cap.gpu_streams, cap.max_streams, cap.reason) == (0, 0, "vram")
+
+
+def test_an_override_of_zero_streams_is_a_worker_that_takes_none() -> None:
+    """FLEET_MAX_STREAMS=0 (allowed by the settings): the worker registers but takes no session."""
+    cap = compute_capacity(gpus.parse_simulated("a10g"), DEFAULT_PROFILE, cpu_cores=64, ram_mb=1_000_000, override=0)
+    assert (cap.max_streams, cap.reason) == (0, "override")
+
+
+def test_no_worker_advertises_more_than_the_streams_a_worker_may_carry() -> None:
+    from shared.models import MAX_STREAMS_PER_WORKER
+
+    huge = compute_capacity(gpus.parse_simulated("h100x64"), DEFAULT_PROFILE, cpu_cores=10_000, ram_mb=10**8)
+    assert huge.gpu_streams == 64 * 50 and huge.max_streams == MAX_STREAMS_PER_WORKER
+
+
+def test_the_host_caps_come_from_the_machine_and_an_engine_without_cpu_or_ram_needs_has_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import capacity
+
+    monkeypatch.setattr(capacity.psutil, "cpu_count", lambda: 8)
+    monkeypatch.setattr(capacity.psutil, "virtual_memory", lambda: SimpleNamespace(total=16 * 1024 * MB))
+    host = compute_capacity(gpus.parse_simulated("a10g"), DEFAULT_PROFILE)
+    assert (host.cpu_cap, host.ram_cap, host.max_streams, host.reason) == (16, 16, 12, "vram")
+    gpu_only = replace(DEFAULT_PROFILE, cpu_cores_per_stream=0, ram_mb_per_stream=0)
+    assert compute_capacity(gpus.parse_simulated("a10gx2"), gpu_only, cpu_cores=1, ram_mb=1024).max_streams == 24
+
+
+@pytest.mark.parametrize(("cores", "per_stream", "streams"), [(33, 1.1, 30), (132, 1.1, 120), (6, 0.3, 20),
+                                                               (4, 0.5, 8), (5, 0.3, 16)])
+def test_a_cpu_share_per_stream_that_divides_the_cores_exactly_gives_that_many_streams(
+        cores: int, per_stream: float, streams: int) -> None:
+    """Decimal shares are not exact in binary: 33 / 1.1 is 29.999999999999996, which floored to one stream short."""
+    profile = replace(DEFAULT_PROFILE, cpu_cores_per_stream=per_stream)
+    assert compute_capacity([], profile, cpu_cores=cores, ram_mb=10**7).cpu_cap == streams

@@ -13,6 +13,7 @@ engine calling hosted APIs), only the CPU/RAM caps apply. An explicit override a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psutil
@@ -48,7 +49,8 @@ def compute_capacity(
 ) -> Capacity:
     cores = cpu_cores if cpu_cores is not None else (psutil.cpu_count() or 1)
     ram = ram_mb if ram_mb is not None else psutil.virtual_memory().total // (1024 * 1024)
-    cpu_cap = int(cores / profile.cpu_cores_per_stream) if profile.cpu_cores_per_stream > 0 else 10_000
+    # Rounded before the floor: a decimal share is inexact in binary, and 33 / 1.1 is 29.999999999999996.
+    cpu_cap = math.floor(round(cores / profile.cpu_cores_per_stream, 6)) if profile.cpu_cores_per_stream > 0 else 10_000
     ram_cap = int(ram // profile.ram_mb_per_stream) if profile.ram_mb_per_stream > 0 else 10_000
     per_gpu = [streams_per_gpu(g.vram_total_mb, profile) for g in gpus]
     gpu_streams = sum(n for n in per_gpu if n is not None) if gpus and profile.per_stream_mb > 0 else None
