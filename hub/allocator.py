@@ -136,8 +136,8 @@ class Allocator:
                                                                 self.settings.affinity_ttl_s)
         except BaseException:
             # Placed, but the key cannot point at it: no client would ever learn of this session. (The write may have
-            # landed with its answer lost, so the undo clears the claim too.)
-            self._spawn_undo(config.worker.id, config.session_id, worker_url, session_key)
+            # landed with its answer lost, so the undo clears the claim too; or not, so it clears the pending one.)
+            self._spawn_undo(config.worker.id, config.session_id, worker_url, session_key, claim)
             raise
         if not swapped:
             # The claim lapsed while a slow store held this placement up, and another request took the key: one
@@ -224,11 +224,14 @@ class Allocator:
             self.background.spawn(self.workers.stop(reservation.url, session_id), name=f"stop {session_id}")
         return None, True
 
-    def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None = None) -> None:
+    def _spawn_undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None = None,
+                    pending_claim: str | None = None) -> None:
         self._undoing.add(session_id)  # from now on, no retry of this conversation is handed this session
-        self.background.spawn(self._undo(worker_id, session_id, worker_url, session_key), name=f"undo {session_id}")
+        self.background.spawn(self._undo(worker_id, session_id, worker_url, session_key, pending_claim),
+                              name=f"undo {session_id}")
 
-    async def _undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None) -> None:
+    async def _undo(self, worker_id: str, session_id: str, worker_url: str, session_key: str | None,
+                    pending_claim: str | None = None) -> None:
         """End a session no client can learn of: stop it on its worker, release its slot and, with ``session_key``,
         the claim that may point at it. The stop comes first: a session the worker no longer runs loses its lease at
         the worker's next heartbeat even if the store stays down; a released one is stopped by the worker's next
@@ -244,6 +247,9 @@ class Allocator:
             if session_key is not None:
                 await self._until_the_store_answers(
                     lambda: self.store.compare_and_set_claim(session_key, session_id, None, 0))
+                if pending_claim is not None:  # else the client's retry would wait it out for nothing
+                    await self._until_the_store_answers(
+                        lambda: self.store.compare_and_set_claim(session_key, pending_claim, None, 0))
             if released is None:
                 log.warning("could not release %s within %.0f s; %s", session_id, _UNDO_WINDOW_S,
                             "its worker stopped it, so its next heartbeat frees the slot" if stopped

@@ -558,3 +558,28 @@ def test_a_redis_url_with_an_unencoded_password_is_refused_without_echoing_it(ur
     with pytest.raises(ValidationError) as err:
         HubSettings(redis_url=url)
     assert "SecretTail" not in str(err.value) and "Top" not in str(err.value)
+
+
+async def test_a_reused_session_key_keeps_the_livekit_deployment_its_session_was_placed_on(
+    make_hub, make_worker, tmp_path
+) -> None:
+    """A New York user on a Frankfurt worker is placed on the EU SFU (the shorter media path), though the US one is
+    nearer the user: asking again with the session_key, or reading the session, names that same SFU and signs for
+    it. Another one would send the client to a room where the agent never is."""
+    config = tmp_path / "livekit.yaml"
+    config.write_text(json.dumps(LIVEKIT))
+    hub = await make_hub(livekit_regions=str(config))
+    await register(hub, "w-eu", await make_worker(), region="eu-central-1")
+    await refresh(hub)
+    ask = {"session_key": "conv-sfu", "location": {"lat": 40.7, "lon": -74.0}}
+
+    first = await hub.post("/api/v1/sessions", json=ask)
+    assert first.status_code == 201, first.text
+    assert first.json()["livekit"]["region"] == "eu"
+    again = await hub.post("/api/v1/sessions", json=ask)
+    assert again.status_code == 200, again.text
+    lk = again.json()["livekit"]
+    assert (lk["region"], lk["url"], lk["room"]) == ("eu", "wss://lk-eu.example", first.json()["livekit"]["room"])
+    assert api.TokenVerifier("k2", LIVEKIT[1]["api_secret"]).verify(lk["token"]).video.room == lk["room"]
+    read = (await hub.get(f"/api/v1/sessions/{first.json()['session_id']}")).json()["livekit"]
+    assert (read["region"], read["url"]) == ("eu", "wss://lk-eu.example")

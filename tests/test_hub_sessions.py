@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import redis
 from livekit import api
 
-from hub.dispatch import StopAnswer
+from hub.dispatch import DispatchOutcome, StopAnswer, WorkerClient
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
 from shared import keys
 from shared.errors import StoreUnavailable
+from shared.models import SessionDispatch
 from shared.redis_server import free_port
 from tests.conftest import (
     ADMIN_AUTH,
     WORKER_AUTH,
+    WORKER_TOKEN,
     heartbeat,
     heartbeat_of,
     refresh,
@@ -361,14 +365,17 @@ async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.A
     broken = await make_worker(mode="hang")
     full = await make_worker(mode="full")
     good = await make_worker()
-    for wid, w in (("w-hang", broken), ("w-full", full), ("w-good", good)):
-        await register(hub, wid, w)
+    for wid, w, region in (("w-hang", broken, "us-east-1"), ("w-full", full, "us-east-1"),
+                           ("w-good", good, "eu-west-1")):  # farther from the user: tried last
+        await register(hub, wid, w, region=region)
     await refresh(hub)
 
-    resp = await hub.post("/api/v1/sessions", json={})
+    resp = await hub.post("/api/v1/sessions", json={"location": {"lat": 40.7, "lon": -74.0}})
 
     assert resp.status_code == 201, resp.text
     assert resp.json()["worker"]["id"] == "w-good"
+    assert broken.dispatches == full.dispatches == 1, "both were tried first"
+    await refresh(hub)  # the slot counts as the store holds them, not as this hub noted them
     fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
     assert {w["worker_id"]: w["used_streams"] for w in fleet} == {"w-hang": 0, "w-full": 0, "w-good": 1}
 
@@ -884,3 +891,239 @@ async def test_a_session_listing_for_a_worker_outside_the_region_asked_for_is_a_
     other = await hub.get("/api/v1/sessions", params={"worker_id": "w-east", "region": "eu-west-1"},
                           headers=ADMIN_AUTH)
     assert other.status_code == 404, other.text
+
+
+async def test_a_session_key_remembers_its_session_for_the_affinity_ttl_not_the_claims(
+        make_hub, make_worker, redis_url: str) -> None:
+    """``FLEET_AFFINITY_TTL_S`` is how long a conversation finds its session again. Left with the pending claim's
+    few seconds, the next request for the key would find nothing and place a second session for it."""
+    hub = await make_hub(affinity_ttl_s=600, dispatch_timeout_s=0.2, max_dispatch_attempts=1)  # a 2.2 s claim
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={"session_key": "conv-long"})).status_code == 201
+    client = sync_redis(redis_url)
+    try:
+        remembered_ms = client.pttl(keys.session_key_claim("conv-long"))
+    finally:
+        client.close()
+    assert 590_000 < remembered_ms <= 600_000
+
+
+async def test_a_session_key_placement_that_falls_through_slow_workers_keeps_its_claim(
+        make_hub, make_worker) -> None:
+    """The pending claim outlasts every dispatch the placement may make: a placement that waited out two workers
+    that never answered, then was taken by a slow third, is the conversation's (201), not a 503 session_pending
+    for a claim that lapsed on the way, with the placed session undone."""
+    hub = await make_hub(dispatch_timeout_s=1.5, max_dispatch_attempts=3, worker_ttl_s=30)
+    slow = [await make_worker(mode="hang"), await make_worker(mode="hang"), await make_worker(delay_s=1.1)]
+    for wid, w, region in (("w-hang-1", slow[0], "us-east-1"), ("w-hang-2", slow[1], "us-east-1"),
+                           ("w-slow", slow[2], "eu-west-1")):  # farther from the user: tried last
+        await register(hub, wid, w, region=region)
+    await refresh(hub)
+    placed = await hub.post("/api/v1/sessions", json={"session_key": "conv-slow",
+                                                      "location": {"lat": 40.7, "lon": -74.0}})
+    assert placed.status_code == 201, placed.text
+    assert placed.json()["worker"]["id"] == "w-slow" and slow[0].dispatches == slow[1].dispatches == 1
+    assert list(slow[2].sessions) == [placed.json()["session_id"]] and not slow[2].stopped
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-slow"})
+    assert again.status_code == 200 and again.json()["session_id"] == placed.json()["session_id"]
+
+
+async def test_a_session_key_request_the_store_fails_mid_placement_leaves_no_claim_for_the_retry_to_wait_out(
+        hub, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with no capacity: the store fails the confirmation, the client gets 503 store_unavailable, and its retry is
+    placed at once rather than waiting out a pending claim and getting session_pending."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    confirm = store.confirm
+
+    async def store_fails(*args: object, **kwargs: object) -> bool:
+        raise StoreUnavailable("the shared store is unreachable")
+
+    monkeypatch.setattr(store, "confirm", store_fails)
+    failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-confirm"})
+    assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
+    monkeypatch.setattr(store, "confirm", confirm)
+    retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-confirm"})
+    assert retry.status_code == 201, retry.text
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo of the failed placement")
+    assert list(worker.sessions) == [retry.json()["session_id"]]
+    assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 1
+
+
+async def test_a_conversation_whose_move_the_store_failed_moves_on_the_retry(
+        make_hub, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving a dead worker's conversation releases its old session first; when the store fails that release the
+    client gets 503 store_unavailable, and the key is not left pending: the retry moves it at once."""
+    hub = await make_hub(worker_ttl_s=1.0)
+    dead, alive = await make_worker(), await make_worker()
+    await register(hub, "w-dead", dead)
+    await refresh(hub)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-move"})
+    assert first.status_code == 201 and first.json()["worker"]["id"] == "w-dead"
+    store = hub.app.state.hub.store
+    async with asyncio.timeout(5):  # w-dead sends no heartbeat: its TTL passes
+        while (await store.read_session("w-dead", first.json()["session_id"])).worker_alive:
+            await asyncio.sleep(0.05)
+    secret = (await register(hub, "w-alive", alive, region="us-west-2"))["worker_secret"]
+    await refresh(hub)
+    release = store.release
+
+    async def release_fails(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("the shared store is unreachable")
+
+    monkeypatch.setattr(store, "release", release_fails)
+    failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-move"})
+    assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
+    monkeypatch.setattr(store, "release", release)
+    await heartbeat(hub, "w-alive", secret, list(alive.sessions))
+    moved = await hub.post("/api/v1/sessions", json={"session_key": "conv-move"})
+    assert moved.status_code == 201, moved.text
+    assert moved.json()["worker"]["id"] == "w-alive" and not alive.stopped
+
+
+async def test_a_session_key_made_without_an_identity_lets_in_no_one_who_names_another(hub: httpx.AsyncClient,
+                                                                                      make_worker: Any) -> None:
+    """The user who gave no identity got one (``user-…``), and that one is the conversation's participant: a request
+    with the key naming someone else is refused, not handed a token into the room."""
+    worker = await make_worker(max_streams=3)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    verifier = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon"})
+    assert first.status_code == 201, first.text
+    owner = verifier.verify(first.json()["livekit"]["token"]).identity
+    assert owner.startswith("user-")
+
+    other = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon", "identity": "mallory"})
+    assert other.status_code == 409 and other.json()["error"] == "session_key_in_use", other.text
+    same = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon", "identity": owner})
+    assert same.status_code == 200 and verifier.verify(same.json()["livekit"]["token"]).identity == owner
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon"})
+    assert again.status_code == 200 and verifier.verify(again.json()["livekit"]["token"]).identity == owner
+    assert len(worker.sessions) == 1
+    metrics = (await hub.get("/metrics")).text  # an SRE's count of reuses is not one of new sessions
+    assert 'fleet_allocations_total{outcome="created"} 1.0' in metrics
+    assert 'fleet_allocations_total{outcome="reused"} 2.0' in metrics
+
+
+async def test_a_reused_session_keys_token_joins_the_same_room_and_says_when_it_expires(
+        hub: httpx.AsyncClient, make_worker: Any, redis_url: str) -> None:
+    """The fresh token is for the conversation's own room (where its agent waits), as its participant, and the
+    answer's expires_at is that token's own expiry, not the first token's."""
+    await register(hub, "w-1", await make_worker())
+    await refresh(hub)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-room", "identity": "carol"})
+    assert first.status_code == 201
+    session_id = first.json()["session_id"]
+    client = sync_redis(redis_url, decode_responses=True)
+    try:  # the first token was minted an hour ago
+        sessions = keys.worker_keys("w-1").sessions
+        record = json.loads(client.hget(sessions, session_id))
+        record["expires_at"] = datetime.fromisoformat(record["expires_at"]).replace(year=2000).isoformat()
+        client.hset(sessions, session_id, json.dumps(record))
+    finally:
+        client.close()
+
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-room", "identity": "carol"})
+    assert again.status_code == 200, again.text
+    claims = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(again.json()["livekit"]["token"])
+    assert claims.identity == "carol"
+    room = first.json()["livekit"]["room"]
+    assert claims.video.room_join and claims.video.room == again.json()["livekit"]["room"] == room
+    expires_at = datetime.fromisoformat(again.json()["expires_at"])
+    assert int(expires_at.timestamp()) == jwt.decode(again.json()["livekit"]["token"],
+                                                     options={"verify_signature": False})["exp"]
+
+
+async def test_a_request_cancelled_while_its_worker_takes_the_session_leaves_nothing_running(
+        hub: httpx.AsyncClient, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request goes away (a cancelled task, a hub shutting down) after the worker took the session but before it
+    was confirmed: no client will learn of it, so the worker is told to stop it and the slot is released."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    confirming = asyncio.Event()
+
+    async def confirm_never_answers(*args: object, **kwargs: object) -> bool:
+        confirming.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(store, "confirm", confirm_never_answers)
+    request = asyncio.create_task(hub.post("/api/v1/sessions", json={}))
+    await confirming.wait()
+    assert len(worker.sessions) == 1
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await wait_for(lambda: worker.stopped, 2, "the stop of the session no client knows of")
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    assert not worker.sessions
+    assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
+
+
+async def test_the_hub_reads_each_worker_answer_for_what_it_means(make_worker: Any) -> None:
+    """A dispatch or stop the worker did not answer in time is neither an acceptance nor a stop: counted as either,
+    a session would run on a worker that no client, or no slot, knows of. A 404 to a stop is delivered (nothing
+    runs there); a 409 is full, a 5xx a refusal (the hub stops what it may have started)."""
+    taking, hanging = await make_worker(), await make_worker(mode="hang", stop_delay_s=30)
+    full, failing = await make_worker(mode="full"), await make_worker(mode="error")
+    client = WorkerClient(WORKER_TOKEN, timeout_s=0.3)
+
+    def body(session_id: str) -> SessionDispatch:
+        return SessionDispatch(session_id=session_id, session_key=None, room=f"fleet-{session_id}",
+                               livekit_url="wss://lk.example", token="agent-token")
+
+    try:
+        taking.heartbeat_seq = 0
+        accepted = await client.dispatch(taking.url, body("w-1~taken"))
+        assert (accepted.outcome, accepted.accepted_at_seq) == (DispatchOutcome.ACCEPTED, 0)
+        assert await client.stop(taking.url, "w-1~taken") is StopAnswer.STOPPED
+        assert await client.stop(taking.url, "w-1~taken") is StopAnswer.NOT_RUNNING
+        assert StopAnswer.NOT_RUNNING.delivered and not StopAnswer.UNDELIVERED.delivered
+        assert (await client.dispatch(hanging.url, body("w-2~hung"))).outcome is DispatchOutcome.TIMEOUT
+        assert await client.stop(hanging.url, "w-2~hung") is StopAnswer.UNDELIVERED
+        assert (await client.dispatch(full.url, body("w-3~full"))).outcome is DispatchOutcome.FULL
+        assert (await client.dispatch(failing.url, body("w-4~boom"))).outcome is DispatchOutcome.REFUSED
+        # A URL the client cannot use (kept from before registration refused such URLs): unreachable, not a 500.
+        assert (await client.dispatch("http://a..b:8000", body("w-5~bad"))).outcome is DispatchOutcome.UNREACHABLE
+        assert await client.stop("http://user:pass@10.0.0.5:8000", "w-5~bad") is StopAnswer.UNDELIVERED
+    finally:
+        await client.aclose()
+
+
+async def test_a_placement_whose_final_claim_write_fails_leaves_no_claim_for_the_retry_to_wait_out(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """The store fails the write that points the conversation at its placed session (the write never landed): the
+    session is undone, and so is the pending claim, as when the placement itself fails. Left behind, it made the
+    client's retry wait it out (up to dispatch_timeout_s * max_dispatch_attempts + 2 s) before being placed."""
+    worker = await make_worker(max_streams=2)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    store = hub.app.state.hub.store
+    real = store.compare_and_set_claim
+
+    async def final_write_fails(session_key: str, expected: str | None, new: str | None, ttl_s: float) -> Any:
+        if new is not None and not new.startswith("pending:"):
+            raise StoreUnavailable("the shared store is unreachable")
+        return await real(session_key, expected, new, ttl_s)
+
+    monkeypatch.setattr(store, "compare_and_set_claim", final_write_fails)
+    failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-final"})
+    assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
+    monkeypatch.setattr(store, "compare_and_set_claim", real)
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    client = sync_redis(redis_url)
+    try:
+        assert client.exists(keys.session_key_claim("conv-final")) == 0, "the failed placement left its claim"
+    finally:
+        client.close()
+    retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-final"})
+    assert retry.status_code == 201, retry.text
+    assert list(worker.sessions) == [retry.json()["session_id"]]
