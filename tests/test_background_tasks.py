@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 
 import pytest
 
@@ -47,3 +49,87 @@ async def test_a_spawned_task_that_fails_is_logged_with_its_traceback(caplog: py
     (record,) = caplog.records
     assert record.getMessage() == "background task tell the worker to stop failed: ValueError: bad figure"
     assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+async def test_a_loop_whose_step_swallows_its_cancellation_still_stops() -> None:
+    """Some client libraries catch CancelledError while closing a connection; shutdown must not hang on the loop."""
+    entered = asyncio.Event()
+    swallow = True
+
+    async def step() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+
+    loop = asyncio.create_task(run_every(0.001, step, "routing board refresh"))
+    try:
+        await entered.wait()
+        loop.cancel()
+        await asyncio.wait({loop}, timeout=10)  # it stops at once; the bound only keeps a broken loop from hanging
+        assert loop.cancelled(), "the loop went on after its cancellation"
+    finally:
+        swallow = False
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_loop_waits_its_interval_between_steps() -> None:
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+
+    loop = asyncio.create_task(run_every(3600, step, "fleet gauges"))
+    try:
+        for _ in range(50):  # plenty of chances to run a step that did not wait
+            await asyncio.sleep(0)
+        assert calls == 1
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_closing_cancels_the_tasks_still_running_and_waits_for_their_clean_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On shutdown a task still running is cancelled, its clean-up has run when ``aclose`` returns, and a
+    cancellation is not logged as a failure."""
+    started = asyncio.Event()
+    cleaned_up: list[str] = []
+
+    async def long_running() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0)  # a clean-up that awaits, as closing a connection does
+            cleaned_up.append("done")
+
+    tasks = BackgroundTasks()
+    with caplog.at_level(logging.WARNING):
+        task = tasks.spawn(long_running(), "stop a session on its worker")
+        await started.wait()
+        async with asyncio.timeout(10):  # returns at once; the bound only keeps an uncancelled task from hanging
+            await tasks.aclose()
+        assert task.cancelled() and cleaned_up == ["done"]
+        await asyncio.sleep(0)  # done callbacks have run
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_finished_task_is_not_kept() -> None:
+    """The hub spawns tasks per request: one kept after it finished would be a leak that grows with traffic."""
+    async def quick() -> int:
+        return 1
+
+    tasks = BackgroundTasks()
+    task = tasks.spawn(quick(), "tell the worker to stop")
+    assert await task == 1
+    await asyncio.sleep(0)  # its done callback has run
+    finished = weakref.ref(task)
+    del task
+    gc.collect()
+    assert finished() is None, "a finished task is still referenced"

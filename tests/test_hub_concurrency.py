@@ -90,3 +90,43 @@ async def test_concurrent_session_steps_share_round_trips_and_never_overbook(red
     assert r.hgetall(keys.BOARD.used) == {f"w-{i:03d}": str(r.zcard(keys.worker_keys(f"w-{i:03d}").leases))
                                           for i in range(8)}
     assert all(json.loads(v)["state"] == "ready" for v in r.hgetall(keys.BOARD.status).values()), "status kept"
+
+
+async def test_one_batch_of_different_steps_reloads_every_script_redis_lost(redis_url: str) -> None:
+    """After a restart or failover every script is gone at once; a batch that mixes reservations, confirmations and
+    releases must load each of them, not only the first one it misses (the others' steps were 500s)."""
+    store, _ = await registered_store(redis_url, 3, max_streams=2)
+    try:
+        assert (await store.reserve("w-001", "w-001~toconfirm", {})).ok
+        assert (await store.reserve("w-002", "w-002~torelease", {})).ok
+        sync_redis(redis_url).script_flush()
+        batches: list[int] = []
+        commit = store._commit_steps
+
+        async def counting(steps: list[Any]) -> list[Any]:
+            batches.append(len(steps))
+            return await commit(steps)
+
+        store._steps._flush = counting  # type: ignore[assignment]
+        reserved, confirmed, released = await asyncio.gather(
+            store.reserve("w-000", "w-000~afterloss", {}), store.confirm("w-001", "w-001~toconfirm"),
+            store.release("w-002", "w-002~torelease"))
+        assert batches == [3], "the three steps went out together"
+        assert reserved.ok and confirmed and released.held, (reserved, confirmed, released)
+    finally:
+        await store.close()
+
+
+async def test_a_burst_larger_than_one_batch_answers_every_step(redis_url: str) -> None:
+    """Steps queue faster than a batch (at most 256) goes out: the first batch takes 256, the next ones the rest,
+    and not one step is left without an answer."""
+    store, _ = await registered_store(redis_url, 1, max_streams=5)
+    try:
+        steps = [asyncio.create_task(store.confirm("w-000", f"w-000~nolease{n:04d}")) for n in range(600)]
+        done, pending = await asyncio.wait(steps, timeout=60)  # a few round trips; the bound only stops a hang
+        for step in pending:
+            step.cancel()
+        assert not pending, f"{len(pending)} of 600 steps never answered"
+        assert not any(step.result() for step in done), "nothing to confirm"
+    finally:
+        await store.close()

@@ -7,10 +7,17 @@ the worker's liveness and state, a confirmation that its pending lease is still 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from hub.store import _lease_status
 from shared import keys
 from shared.auth import digest
+from shared.models import SessionStatus
 from tests.conftest import registered_store, sync_redis
 
 
@@ -200,3 +207,94 @@ async def test_a_bucket_takes_its_last_whole_token(redis_url: str) -> None:
         assert await store.take_token("client-2", 3, 0.5) > 0.0
     finally:
         await store.close()
+
+
+async def test_a_heartbeat_whose_board_view_is_another_registrations_answers_unknown_and_only_it(
+    redis_url: str,
+) -> None:
+    """A failover that lost the board's last writes leaves a worker's routing view from an earlier registration:
+    its heartbeat answers "unknown" (it registers again and every hub sees it as it is), while a worker of the same
+    batch whose view is its own is answered as usual."""
+    store, secrets = await registered_store(redis_url, 2)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-000", "w-000~heldsession", {})).ok
+        assert (await store.reserve("w-001", "w-001~heldsession", {})).ok
+        r.hset(keys.BOARD.registered, "w-000", "1")  # the view of a registration long gone
+        stale, fine = await asyncio.gather(  # one batch
+            store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", ["w-000~heldsession"]),
+            store.heartbeat("w-001", digest(secrets["w-001"]), "ready", "{}", ["w-001~heldsession"]))
+        assert stale.status == 0, stale
+        assert (fine.status, fine.used, fine.unknown_sessions) == (1, 1, ()), fine
+    finally:
+        await store.close()
+
+
+async def test_a_heartbeat_names_exactly_the_sessions_the_hub_does_not_hold(redis_url: str) -> None:
+    store, secrets = await registered_store(redis_url, 1)
+    try:
+        assert (await store.reserve("w-000", "w-000~heldsession", {})).ok
+        beat = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}",
+                                     ["w-000~heldsession", "w-000~notheld0001", "w-000~notheld0002"])
+        assert beat.status == 1 and sorted(beat.unknown_sessions) == ["w-000~notheld0001", "w-000~notheld0002"]
+    finally:
+        await store.close()
+
+
+async def test_a_heartbeat_whose_board_write_fails_still_answers_with_its_figures(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routing board is a hint: when the store cannot take its write after the scripts ran (the board's node
+    failing over), the step's own answer stands and the next heartbeat publishes the figures again. Neither a 503
+    nor an "unknown" that would make a healthy worker register again."""
+    store, secrets = await registered_store(redis_url, 1)
+    try:
+        assert (await store.reserve("w-000", "w-000~heldsession", {})).ok
+
+        async def board_unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise RedisConnectionError("the board's node is failing over")
+
+        monkeypatch.setattr(store, "_publish_batch", board_unreachable)
+        beat = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", ["w-000~heldsession"])
+        assert (beat.status, beat.used) == (1, 1), beat
+        released = await store.release("w-000", "w-000~heldsession")
+        assert released.held and released.used == 0, released
+    finally:
+        await store.close()
+
+
+async def test_an_sre_removal_of_a_worker_whose_keys_expired_removes_its_routing_view_too(redis_url: str) -> None:
+    """The worker's own keys are gone (retention) but its routing board view is left: the removal reports the
+    worker removed and takes the ghost off the board; a worker that was never there is unknown."""
+    store, _ = await registered_store(redis_url, 1)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        r.delete(*keys.worker_keys("w-000").as_list())
+        assert r.hexists(keys.BOARD.static, "w-000")
+        assert await store.deregister("w-000", None) == 1
+        assert not r.hexists(keys.BOARD.static, "w-000"), "a ghost left on the routing board"
+        assert await store.deregister("w-000", None) == 0, "removed once only"
+        assert await store.deregister("w-never", None) == 0
+    finally:
+        await store.close()
+
+
+async def test_an_sre_listing_of_more_workers_than_one_pipeline_shows_every_one(redis_url: str) -> None:
+    """The listing reads workers 500 at a time: the worker at a chunk's edge is listed like any other."""
+    store, _ = await registered_store(redis_url, 1)
+    try:
+        assert (await store.reserve("w-000", "w-000~atthechunkedge", {"worker_id": "w-000"})).ok
+        ids = [f"gone-{i:04d}" for i in range(499)] + ["w-000"] + [f"gone-{i:04d}" for i in range(499, 1001)]
+        listed = await store.sessions_of(ids)
+        assert set(listed) == set(ids)
+        assert listed["w-000"] == {"w-000~atthechunkedge": {"worker_id": "w-000", "status": "pending"}}
+    finally:
+        await store.close()
+
+
+def test_a_pending_lease_counts_as_lapsed_from_the_very_millisecond_of_its_expiry() -> None:
+    """As the scripts judge it (a lease scored at or before now has lapsed): an SRE listing must not show as pending
+    a slot a reservation already counts free."""
+    assert _lease_status(False, 1_000, 1_000) == SessionStatus.LAPSED
+    assert _lease_status(False, 1_001, 1_000) == SessionStatus.PENDING
+    assert _lease_status(True, 1_000, 1_000) == SessionStatus.ACTIVE

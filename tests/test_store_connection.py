@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis
 import uvloop
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError, SlotNotCoveredError
 
 from hub import redis_client
+from hub.group_commit import GroupCommit
 from hub.redis_client import connect
 from hub.store import FleetStore
 from shared import keys
 from shared.auth import digest
 from shared.errors import StoreUnavailable
-from tests.conftest import hub_settings
+from tests.conftest import hub_settings, sync_redis, wait_for
 
 
 async def test_commands_are_packed_by_hiredis_and_round_trip(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,3 +240,212 @@ def test_a_connection_closed_beneath_a_command_is_retried_not_a_500(
             await store.close()
 
     _LOOPS[loop](scenario())
+
+
+async def test_a_step_waits_for_a_busy_connection_slot_at_most_the_pool_wait_then_is_a_503(redis_url: str) -> None:
+    """Steps queue for one of redis_max_connections slots: a queued step takes a slot as soon as one is freed, and a
+    step that finds none free within redis_pool_wait_s is a clean 503, never a hang or a bare TimeoutError."""
+    settings = hub_settings(redis_url, redis_max_connections=1, redis_pool_wait_s=1.0)
+    store = FleetStore(connect(settings, redis_url), settings)
+    held, done = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_only_slot() -> None:
+        async with store._call():
+            held.set()
+            await done.wait()
+
+    holder = asyncio.create_task(hold_the_only_slot())
+    try:
+        await held.wait()
+        with pytest.raises(StoreUnavailable, match="busy"):
+            async with asyncio.timeout(20):  # far past the pool wait: only an unbounded wait gets here
+                await store.ping()
+        queued = asyncio.create_task(store.ping())
+        await asyncio.sleep(0)  # it is waiting for the slot
+        done.set()
+        await holder
+        assert await queued, "the step queued for the slot took it when it was freed"
+        assert await store.ping(), "and gave it back"
+    finally:
+        done.set()
+        await holder
+        await store.close()
+
+
+@pytest.mark.standalone_redis
+async def test_a_store_out_of_memory_is_a_clean_503_for_every_step_and_frees_its_slots(redis_url: str) -> None:
+    """A Redis at maxmemory refuses a script's writes with an error reply inside "Error running script": that is
+    the store unable to serve (a 503 and a retry), not a hub bug (a 500), for single and pipelined steps alike."""
+    settings = hub_settings(redis_url, redis_max_connections=1, redis_pool_wait_s=1.0)
+    store = FleetStore(connect(settings, redis_url), settings)
+    admin = sync_redis(redis_url)
+    try:
+        assert await store.register("w-1", None, "secret-a", *_W1) is not None
+        assert (await store.reserve("w-1", "w-1~beforeoom01", {})).ok
+        admin.config_set("maxmemory", 1)
+        try:
+            for step in (lambda: store.reserve("w-1", "w-1~duringoom1", {}),
+                         lambda: store.heartbeat("w-1", digest("secret-a"), "ready", "{}", ["w-1~beforeoom01"]),
+                         lambda: store.register("w-1", "secret-a", "secret-b", *_W1)):
+                with pytest.raises(StoreUnavailable):
+                    await step()
+        finally:
+            admin.config_set("maxmemory", 0)
+        reservation = await store.reserve("w-1", "w-1~afteroom01", {})  # the one slot was given back each time
+        assert reservation.ok and reservation.used == 2, reservation
+    finally:
+        admin.close()
+        await store.close()
+
+
+def _sending(commit: GroupCommit[Any, Any]) -> bool:
+    """Whether ``commit`` has taken everything queued and is waiting for Redis to answer."""
+    return commit._flusher is not None and not commit._flusher.done() and not commit._queue
+
+
+@pytest.mark.standalone_redis
+async def test_closing_the_store_cancels_the_steps_on_the_wire_and_those_queued_behind_them(redis_url: str) -> None:
+    """Shutdown does not wait out a frozen Redis (three timeouts) nor leave a request hanging: a step whose pipeline
+    is on the wire and a step queued behind it are both cancelled, and nothing is left running."""
+    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=5)
+    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+    steps: list[asyncio.Task[Any]] = []
+    try:
+        assert await store.register("w-1", None, "secret-a", *_W1) is not None
+        assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
+        proxy.thawed.clear()
+        steps.append(asyncio.create_task(store.reserve("w-1", "w-1~onthewire01", {})))
+        steps.append(asyncio.create_task(store.heartbeat("w-1", digest("secret-a"), "ready", "{}", [])))
+        await wait_for(lambda: _sending(store._steps) and _sending(store._heartbeats), 10, "both batches sent")
+        steps.append(asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {})))
+        await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
+        async with asyncio.timeout(10):  # at once; 3 attempts of 5 s would be 15 s
+            await store.close()
+        done, _ = await asyncio.wait(steps, timeout=10)
+        assert done == set(steps) and all(step.cancelled() for step in steps), steps
+        assert store._steps._flusher is not None and store._steps._flusher.done()
+        assert store._heartbeats._flusher is not None and store._heartbeats._flusher.done()
+    finally:
+        proxy.thawed.set()
+        for step in steps:
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+        await store.close()
+        await proxy.close()
+
+
+@pytest.mark.standalone_redis
+@pytest.mark.parametrize("outcome", ["answered", "store_unavailable"])
+async def test_a_request_cancelled_while_its_batch_is_on_the_wire_stalls_no_other_request(
+    redis_url: str, outcome: str
+) -> None:
+    """A client that hangs up cancels its request; the other requests of its batch, and those queued behind it, still
+    get their answers (or a clean 503 when the store does not answer at all), whichever way the batch ends."""
+    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=0.3)
+    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+    steps: list[asyncio.Task[Any]] = []
+    try:
+        assert await store.register("w-1", None, "secret-a", *_W1) is not None
+        assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
+        assert (await store.release("w-1", "w-1~warmupwarmup")).held  # w-1's two slots are free
+        proxy.thawed.clear()
+        hung_up = asyncio.create_task(store.reserve("w-1", "w-1~clienthungup", {}))
+        same_batch = asyncio.create_task(store.reserve("w-1", "w-1~samebatch01", {}))
+        steps += [hung_up, same_batch]
+        await wait_for(lambda: _sending(store._steps), 10, "the batch sent")
+        behind = asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {}))
+        steps.append(behind)
+        await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
+        hung_up.cancel()
+        if outcome == "answered":
+            proxy.thawed.set()
+        done, _ = await asyncio.wait([same_batch, behind], timeout=20)  # at most 2 x 3 timeouts of 0.3 s
+        assert done == {same_batch, behind}, "a request stalled behind a cancelled one"
+        if outcome == "answered":  # the hung-up request's reservation ran all the same, and holds a slot
+            assert same_batch.result().ok and behind.result().reason == "full", (same_batch, behind)
+        else:
+            assert all(isinstance(step.exception(), StoreUnavailable) for step in (same_batch, behind)), steps
+    finally:
+        proxy.thawed.set()
+        for step in steps:
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+        await store.close()
+        await proxy.close()
+
+
+async def test_a_store_that_never_accepts_the_connection_is_a_503_within_three_timeouts() -> None:
+    """A Redis host gone dark (its SYNs unanswered, as a full accept queue makes them here) is a prompt 503: opening
+    a connection is bounded like each command, not left to the kernel's two minutes of SYN retries."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        host, port = listener.getsockname()
+        with socket.create_connection((host, port)):  # fills the accept queue: later SYNs are dropped
+            timeout_s = 0.3
+            settings = hub_settings(f"redis://{host}:{port}", redis_timeout_s=timeout_s)
+            store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+            loop = asyncio.get_running_loop()
+            try:
+                started = loop.time()
+                with pytest.raises(StoreUnavailable):
+                    async with asyncio.timeout(30):  # only an unbounded connect gets here
+                        await store.ping()
+                took = loop.time() - started
+                assert took < 3 * timeout_s + 2, f"a dark host took {took} s to be a 503"
+            finally:
+                await store.close()
+
+
+@pytest.mark.parametrize(("error", "cannot_serve"), [
+    (RedisConnectionError("Connection refused"), True),
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+    (SlotNotCoveredError("Command # 1 (EVALSHA ...) of pipeline caused error: slot 866 is not covered"), True),
+    (RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node"), True),
+    (RedisClusterException("startup_nodes could not agree on a valid slots cache"), True),
+    (RedisClusterException("Keys in request don't hash to the same slot"), False),
+    (ResponseError("OOM command not allowed when used memory > 'maxmemory'."), True),
+    (ResponseError("Error running script (call to f_0a1b): @user_script:12: -READONLY You can't write against a "
+                   "read only replica. "), True),
+    (ResponseError("Error running script (call to f_0a1b): @user_script:12: -OOM command not allowed when used "
+                   "memory > 'maxmemory'. "), True),
+    (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."), True),
+    (ResponseError("ERR wrong number of arguments for 'hset' command"), False),
+    (ResponseError("Error running script (call to f_0a1b): @user_script:3: user_script:3: attempt to compare nil "
+                   "with number"), False),
+    (KeyError("url"), False),
+], ids=lambda value: value if isinstance(value, bool) else str(value)[:40])
+def test_an_error_is_a_503_only_when_it_says_the_store_cannot_serve_now(error: Exception, cannot_serve: bool) -> None:
+    """A store that cannot serve right now is a 503 and a retry; a call that is wrong is a bug, a 500 with a
+    traceback in the log. The two must never be mixed up."""
+    assert redis_client.store_cannot_serve(error) is cannot_serve
+
+
+async def test_a_caller_outside_the_request_slots_gets_a_connection_while_every_slot_is_in_use(redis_url: str) -> None:
+    """The CloudWatch publisher uses the client outside ``FleetStore._call``: the pool keeps connections beyond the
+    request slots for it, so it still publishes while requests hold every slot (on a cluster, every node's pool)."""
+    settings = hub_settings(redis_url, redis_max_connections=1, redis_timeout_s=5)
+    store = FleetStore(connect(settings, redis_url), settings)
+    admin = sync_redis(redis_url, decode_responses=True)
+
+    def blocked_clients() -> int:
+        if isinstance(admin, redis.RedisCluster):  # one view per node
+            views = admin.info("clients", target_nodes=redis.RedisCluster.ALL_NODES).values()
+            return sum(int(view["blocked_clients"]) for view in views)
+        return int(admin.info("clients")["blocked_clients"])
+
+    async def a_request_holding_the_slot() -> None:
+        async with store._call():
+            await store.redis.blpop(["{gauges}:nothing"], timeout=2)  # its connection busy a while
+
+    request = asyncio.create_task(a_request_holding_the_slot())
+    try:
+        await wait_for(lambda: blocked_clients() == 1, 10, "the request's connection blocked")
+        await store.redis.set("{gauges}:published", "1")  # the publisher's write, to the same node
+        assert await store.redis.get("{gauges}:published") == "1"
+    finally:
+        await asyncio.gather(request, return_exceptions=True)
+        admin.close()
+        await store.close()
