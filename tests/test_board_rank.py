@@ -274,3 +274,17 @@ def test_with_no_margin_the_best_worker_leads_and_the_explanation_marks_it_near_
     assert leads_of(board, "us-east-1") == {"w-a", "w-b"}
     explained = board.rank(38.95, -77.45, explain=True)
     assert {r.entry.worker_id for r in board.near_best(explained)} == {"w-a", "w-b"}
+
+
+def test_a_refresh_puts_new_workers_on_the_board_in_name_order_whatever_order_it_read_them_in() -> None:
+    """Their order breaks ties in ranking: taken from a set, it followed the interpreter's hash seed, and the routing
+    bench gave other figures on every run with the same seed."""
+    names = [f"w-{i:03d}" for i in range(60)]
+    shuffled = names[:]
+    random.Random(7).shuffle(shuffled)
+    board = placed_board({wid: ("us-east-1", 0, 4, {}) for wid in shuffled})
+    assert list(board.entries) == names
+    later = [f"w-new-{i:02d}" for i in range(20)]
+    board.apply(read_of({wid: ("eu-west-1", 0, 4, {}) for wid in reversed(later)}, board.now_ms + 1000,
+                        complete=False))
+    assert list(board.entries) == names + later
