@@ -629,10 +629,12 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
 
 
 async def test_a_placement_whose_final_claim_write_fails_is_undone(
-    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
-    """The session is placed and confirmed, then the store fails the write that points the conversation at it: the
-    client gets a 503, and no session stays behind that no client could ever learn of."""
+    """The session is placed and confirmed, then the store fails the write that points the conversation at it (the
+    write never landed): the client gets a 503, and no session stays behind that no client could ever learn of. Nor
+    does the pending claim, as when the placement itself fails: left behind, it made the client's retry wait it out
+    (up to dispatch_timeout_s * max_dispatch_attempts + 2 s) before being placed."""
     worker = await make_worker(max_streams=2)
     secret = (await register(hub, "w-1", worker))["worker_secret"]
     await refresh(hub)
@@ -652,6 +654,15 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     assert worker.sessions == {} and len(worker.stopped) == 1, "the placed session was stopped"
     reply = await heartbeat_of(hub, "w-1", secret, worker)
     assert reply["used_streams"] == 0
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    client = sync_redis(redis_url)
+    try:
+        assert client.exists(keys.session_key_claim("conv-1")) == 0, "the failed placement left its claim"
+    finally:
+        client.close()
+    retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
+    assert retry.status_code == 201, retry.text
+    assert list(worker.sessions) == [retry.json()["session_id"]]
 
 
 async def test_ending_a_session_survives_a_failing_claim_cleanup_and_a_lost_release_answer(
@@ -1096,34 +1107,3 @@ async def test_the_hub_reads_each_worker_answer_for_what_it_means(make_worker: A
     finally:
         await client.aclose()
 
-
-async def test_a_placement_whose_final_claim_write_fails_leaves_no_claim_for_the_retry_to_wait_out(
-    hub, make_worker, monkeypatch: pytest.MonkeyPatch, redis_url: str
-) -> None:
-    """The store fails the write that points the conversation at its placed session (the write never landed): the
-    session is undone, and so is the pending claim, as when the placement itself fails. Left behind, it made the
-    client's retry wait it out (up to dispatch_timeout_s * max_dispatch_attempts + 2 s) before being placed."""
-    worker = await make_worker(max_streams=2)
-    await register(hub, "w-1", worker)
-    await refresh(hub)
-    store = hub.app.state.hub.store
-    real = store.compare_and_set_claim
-
-    async def final_write_fails(session_key: str, expected: str | None, new: str | None, ttl_s: float) -> Any:
-        if new is not None and not new.startswith("pending:"):
-            raise StoreUnavailable("the shared store is unreachable")
-        return await real(session_key, expected, new, ttl_s)
-
-    monkeypatch.setattr(store, "compare_and_set_claim", final_write_fails)
-    failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-final"})
-    assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
-    monkeypatch.setattr(store, "compare_and_set_claim", real)
-    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
-    client = sync_redis(redis_url)
-    try:
-        assert client.exists(keys.session_key_claim("conv-final")) == 0, "the failed placement left its claim"
-    finally:
-        client.close()
-    retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-final"})
-    assert retry.status_code == 201, retry.text
-    assert list(worker.sessions) == [retry.json()["session_id"]]
