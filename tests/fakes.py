@@ -4,6 +4,10 @@ instance metadata that answers without a server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,3 +106,16 @@ class FakeWorker:
         if self.sessions.pop(sid, None) is None:
             return web.json_response({"error": "session_not_found"}, status=404)
         return web.Response(status=204)
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` answering on a loopback port from a thread, for code under test that makes its own blocking
+    HTTP calls; yields the base URL, and stops the server on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,7 +25,7 @@ from cli.main import app
 from hub.main import create_app
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, WORKER_TOKEN, hub_settings, registration
-from tests.fakes import FakeWorker
+from tests.fakes import FakeWorker, serving
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that rich does not wrap table cells
 
@@ -332,15 +332,11 @@ def test_odd_answers_are_one_line_and_an_exit_code(status: int, body: str, code:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(Odd) as hub:
         for args in (["workers"], ["capacity"], ["worker", "w-1"]):
-            result = runner.invoke(app, [*args, "--hub", f"http://127.0.0.1:{server.server_address[1]}"])
+            result = runner.invoke(app, [*args, "--hub", hub])
             assert result.exit_code == code, (args, result.output)
             assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.standalone_redis
@@ -429,27 +425,8 @@ def _a_worker(**odd: Any) -> dict[str, Any]:
 ], ids=["sane", "str-figure", "huge-int", "huge-time", "far-time"])
 def test_a_worker_with_odd_values_is_one_line_and_an_exit_code(odd: dict[str, Any]) -> None:
     """Regression: a value of the wrong kind or range gave a traceback from `fleet worker ID`."""
-    import http.server
-
-    body = json.dumps(_a_worker(**odd)).encode()
-
-    class Odd(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        result = runner.invoke(app, ["worker", "w-1", "--hub", f"http://127.0.0.1:{server.server_address[1]}"])
-    finally:
-        server.shutdown()
+    with _hub_answering({"/api/v1/workers/w-1": _a_worker(**odd)}) as hub:
+        result = runner.invoke(app, ["worker", "w-1", "--hub", hub])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     if not odd:
         assert result.exit_code == 0 and "2023-11-14" in result.output, result.output
@@ -501,13 +478,8 @@ def _hub_answering(answers: dict[str, Any]) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Answers) as url:
+        yield url
 
 
 def test_exit_codes_are_the_documented_ones_scripts_test_for(live_hub: LiveHub) -> None:

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import pytest
 from botocore.validate import ParamValidator
 from cfnlint.api import ManualArgs, lint_file
 from cfnlint.decode import cfn_yaml
+
+from tests.fakes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "cloudformation"
@@ -433,7 +434,6 @@ def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]]) -> tup
     """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404)."""
     import http.server
     import sys
-    import threading
 
     class Imds(http.server.BaseHTTPRequestHandler):
         def do_PUT(self) -> None:
@@ -458,16 +458,12 @@ def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]]) -> tup
     fakes.mkdir()
     (fakes / "boto3.py").write_text(FAKE_BOTO3)
     run = tmp_path / "run"
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        text = _worker_env_script().replace("http://169.254.169.254", f"http://127.0.0.1:{server.server_address[1]}")
+    with serving(Imds) as imds:
+        text = _worker_env_script().replace("http://169.254.169.254", imds)
         (tmp_path / "worker-env.py").write_text(text.replace("/run/fleet", str(run)))
         log = tmp_path / "secrets-read"
         proc = subprocess.run([sys.executable, str(tmp_path / "worker-env.py")], capture_output=True, text=True,
                               timeout=30, env={"PYTHONPATH": str(fakes), "FAKE_BOTO3_LOG": str(log)})
-    finally:
-        server.shutdown()
     return proc, run / "worker.env", log.read_text().splitlines() if log.exists() else []
 
 
@@ -838,10 +834,7 @@ class _HubAndImds(http.server.BaseHTTPRequestHandler):
 def test_the_ready_script_signals_what_the_new_hub_answers(tmp_path: Path, not_ready: int, refused: bool,
                                                            status: str, rc: int) -> None:
     _HubAndImds.not_ready = not_ready
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubAndImds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    local = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(_HubAndImds) as local:
         code = _user_data_file(_hub_script(), "hub-ready.py")
         values = {"AWS::Region": "eu-west-1", "AWS::StackName": "gpu-fleet-prod-hub"}
         code = re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], code)
@@ -865,8 +858,6 @@ def test_the_ready_script_signals_what_the_new_hub_answers(tmp_path: Path, not_r
         ran = subprocess.run([sys.executable, str(tmp_path / "hub-ready.py")], timeout=30, capture_output=True,
                              text=True, env={"PYTHONPATH": str(fake.parent), "FAKE_SIGNALS": str(signals),
                                              **({"FAKE_REFUSE": "1"} if refused else {})})
-    finally:
-        server.shutdown()
     assert ran.returncode == rc, ran.stdout + ran.stderr
     assert [json.loads(line) for line in signals.read_text().splitlines()] == [
         {"service": "cloudformation", "region": "eu-west-1", "StackName": "gpu-fleet-prod-hub",

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from shared.redis_server import free_port_run
+from tests.fakes import serving
 
 
 def _listening(port: int) -> bool:
@@ -418,13 +419,8 @@ def _fake_hub(post: int = 201, delete: int = 204, workers: list[str] | None = No
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Hub) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("post", "delete", "code", "counts"), [
