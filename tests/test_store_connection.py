@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -164,17 +164,28 @@ class _FreezableProxy(_SlowReplyProxy):
                 await writer.drain()
 
 
+@contextlib.asynccontextmanager
+async def _store_behind_a_proxy(redis_url: str, timeout_s: float) -> AsyncIterator[tuple[_FreezableProxy, FleetStore]]:
+    """A store whose Redis (``redis_url``'s) can be frozen through the proxy; on exit it thaws, then closes both."""
+    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=timeout_s)
+    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
+    try:
+        yield proxy, store
+    finally:
+        proxy.thawed.set()
+        await store.close()
+        await proxy.close()
+
+
 @pytest.mark.standalone_redis
 async def test_a_frozen_store_is_a_503_within_three_timeouts_not_nine(redis_url: str) -> None:
     """redis_timeout_s bounds each attempt and a step makes three, so a stopped Redis is a prompt 503. A connection
     health check (retried inside every attempt) once made it 3 x 3 timeouts, and the ALB's health check gave up
     on /ready first."""
-    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
     timeout_s = 0.3
-    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=timeout_s)
-    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
     loop = asyncio.get_running_loop()
-    try:
+    async with _store_behind_a_proxy(redis_url, timeout_s) as (proxy, store):
         assert await store.register("w-1", None, "secret-a", *_W1) is not None
         assert await store.ping()
         proxy.thawed.clear()
@@ -191,10 +202,6 @@ async def test_a_frozen_store_is_a_503_within_three_timeouts_not_nine(redis_url:
         assert max(took) < 3 * timeout_s + 0.4, f"steps against a frozen store took {took} s"
         proxy.thawed.set()
         assert await store.ping(), "the store serves again once Redis does"
-    finally:
-        proxy.thawed.set()
-        await store.close()
-        await proxy.close()
 
 
 _LOOPS: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -307,32 +314,27 @@ def _sending(commit: GroupCommit[Any, Any]) -> bool:
 async def test_closing_the_store_cancels_the_steps_on_the_wire_and_those_queued_behind_them(redis_url: str) -> None:
     """Shutdown does not wait out a frozen Redis (three timeouts) nor leave a request hanging: a step whose pipeline
     is on the wire and a step queued behind it are both cancelled, and nothing is left running."""
-    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
-    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=5)
-    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
     steps: list[asyncio.Task[Any]] = []
-    try:
-        assert await store.register("w-1", None, "secret-a", *_W1) is not None
-        assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
-        proxy.thawed.clear()
-        steps.append(asyncio.create_task(store.reserve("w-1", "w-1~onthewire01", {})))
-        steps.append(asyncio.create_task(store.heartbeat("w-1", digest("secret-a"), "ready", "{}", [])))
-        await wait_for(lambda: _sending(store._steps) and _sending(store._heartbeats), 10, "both batches sent")
-        steps.append(asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {})))
-        await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
-        async with asyncio.timeout(10):  # at once; 3 attempts of 5 s would be 15 s
-            await store.close()
-        done, _ = await asyncio.wait(steps, timeout=10)
-        assert done == set(steps) and all(step.cancelled() for step in steps), steps
-        assert store._steps._flusher is not None and store._steps._flusher.done()
-        assert store._heartbeats._flusher is not None and store._heartbeats._flusher.done()
-    finally:
-        proxy.thawed.set()
-        for step in steps:
-            step.cancel()
-        await asyncio.gather(*steps, return_exceptions=True)
-        await store.close()
-        await proxy.close()
+    async with _store_behind_a_proxy(redis_url, 5) as (proxy, store):
+        try:
+            assert await store.register("w-1", None, "secret-a", *_W1) is not None
+            assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
+            proxy.thawed.clear()
+            steps.append(asyncio.create_task(store.reserve("w-1", "w-1~onthewire01", {})))
+            steps.append(asyncio.create_task(store.heartbeat("w-1", digest("secret-a"), "ready", "{}", [])))
+            await wait_for(lambda: _sending(store._steps) and _sending(store._heartbeats), 10, "both batches sent")
+            steps.append(asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {})))
+            await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
+            async with asyncio.timeout(10):  # at once; 3 attempts of 5 s would be 15 s
+                await store.close()
+            done, _ = await asyncio.wait(steps, timeout=10)
+            assert done == set(steps) and all(step.cancelled() for step in steps), steps
+            assert store._steps._flusher is not None and store._steps._flusher.done()
+            assert store._heartbeats._flusher is not None and store._heartbeats._flusher.done()
+        finally:
+            for step in steps:
+                step.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
 
 
 @pytest.mark.standalone_redis
@@ -342,38 +344,33 @@ async def test_a_request_cancelled_while_its_batch_is_on_the_wire_stalls_no_othe
 ) -> None:
     """A client that hangs up cancels its request; the other requests of its batch, and those queued behind it, still
     get their answers (or a clean 503 when the store does not answer at all), whichever way the batch ends."""
-    proxy = await _FreezableProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
-    settings = hub_settings(f"redis://127.0.0.1:{proxy.port}", redis_timeout_s=0.3)
-    store = FleetStore(connect(settings, settings.redis_url or ""), settings)
     steps: list[asyncio.Task[Any]] = []
-    try:
-        assert await store.register("w-1", None, "secret-a", *_W1) is not None
-        assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
-        assert (await store.release("w-1", "w-1~warmupwarmup")).held  # w-1's two slots are free
-        proxy.thawed.clear()
-        hung_up = asyncio.create_task(store.reserve("w-1", "w-1~clienthungup", {}))
-        same_batch = asyncio.create_task(store.reserve("w-1", "w-1~samebatch01", {}))
-        steps += [hung_up, same_batch]
-        await wait_for(lambda: _sending(store._steps), 10, "the batch sent")
-        behind = asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {}))
-        steps.append(behind)
-        await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
-        hung_up.cancel()
-        if outcome == "answered":
-            proxy.thawed.set()
-        done, _ = await asyncio.wait([same_batch, behind], timeout=20)  # at most 2 x 3 timeouts of 0.3 s
-        assert done == {same_batch, behind}, "a request stalled behind a cancelled one"
-        if outcome == "answered":  # the hung-up request's reservation ran all the same, and holds a slot
-            assert same_batch.result().ok and behind.result().reason == "full", (same_batch, behind)
-        else:
-            assert all(isinstance(step.exception(), StoreUnavailable) for step in (same_batch, behind)), steps
-    finally:
-        proxy.thawed.set()
-        for step in steps:
-            step.cancel()
-        await asyncio.gather(*steps, return_exceptions=True)
-        await store.close()
-        await proxy.close()
+    async with _store_behind_a_proxy(redis_url, 0.3) as (proxy, store):
+        try:
+            assert await store.register("w-1", None, "secret-a", *_W1) is not None
+            assert (await store.reserve("w-1", "w-1~warmupwarmup", {})).ok
+            assert (await store.release("w-1", "w-1~warmupwarmup")).held  # w-1's two slots are free
+            proxy.thawed.clear()
+            hung_up = asyncio.create_task(store.reserve("w-1", "w-1~clienthungup", {}))
+            same_batch = asyncio.create_task(store.reserve("w-1", "w-1~samebatch01", {}))
+            steps += [hung_up, same_batch]
+            await wait_for(lambda: _sending(store._steps), 10, "the batch sent")
+            behind = asyncio.create_task(store.reserve("w-1", "w-1~queuedbehind", {}))
+            steps.append(behind)
+            await wait_for(lambda: bool(store._steps._queue), 10, "a step queued behind the batch on the wire")
+            hung_up.cancel()
+            if outcome == "answered":
+                proxy.thawed.set()
+            done, _ = await asyncio.wait([same_batch, behind], timeout=20)  # at most 2 x 3 timeouts of 0.3 s
+            assert done == {same_batch, behind}, "a request stalled behind a cancelled one"
+            if outcome == "answered":  # the hung-up request's reservation ran all the same, and holds a slot
+                assert same_batch.result().ok and behind.result().reason == "full", (same_batch, behind)
+            else:
+                assert all(isinstance(step.exception(), StoreUnavailable) for step in (same_batch, behind)), steps
+        finally:
+            for step in steps:
+                step.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
 
 
 async def test_a_store_that_never_accepts_the_connection_is_a_503_within_three_timeouts() -> None:
