@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hub.store import FleetStore
 from shared import keys
 from tests.conftest import WORKER_AUTH, registered_store, registration, sync_redis
 from tests.harness import HubProcess, running_hubs
@@ -55,10 +56,8 @@ async def test_200_concurrent_requests_over_two_hubs_fill_exactly_100_slots(
         assert r.zcard(keys.worker_keys(f"w-{i:02d}").leases) == len(workers[i].sessions)
 
 
-async def test_concurrent_session_steps_share_round_trips_and_never_overbook(redis_url: str) -> None:
-    """Reservations, confirmations and releases of concurrent requests share pipelines; each script stays atomic,
-    so 120 reservations for 40 slots still take exactly 40, whatever batches they land in."""
-    store, _ = await registered_store(redis_url, 8, max_streams=5)
+def _batch_sizes(store: FleetStore) -> list[int]:
+    """From now on, the number of session steps in each pipeline ``store`` sends, in order."""
     batches: list[int] = []
     commit = store._commit_steps
 
@@ -67,6 +66,14 @@ async def test_concurrent_session_steps_share_round_trips_and_never_overbook(red
         return await commit(steps)
 
     store._steps._flush = counting  # type: ignore[assignment]
+    return batches
+
+
+async def test_concurrent_session_steps_share_round_trips_and_never_overbook(redis_url: str) -> None:
+    """Reservations, confirmations and releases of concurrent requests share pipelines; each script stays atomic,
+    so 120 reservations for 40 slots still take exactly 40, whatever batches they land in."""
+    store, _ = await registered_store(redis_url, 8, max_streams=5)
+    batches = _batch_sizes(store)
     try:
         taken = await asyncio.gather(*(store.reserve(f"w-{n % 8:03d}", f"w-{n % 8:03d}~s{n:04d}", {"n": n})
                                        for n in range(120)))
@@ -100,14 +107,7 @@ async def test_one_batch_of_different_steps_reloads_every_script_redis_lost(redi
         assert (await store.reserve("w-001", "w-001~toconfirm", {})).ok
         assert (await store.reserve("w-002", "w-002~torelease", {})).ok
         sync_redis(redis_url).script_flush()
-        batches: list[int] = []
-        commit = store._commit_steps
-
-        async def counting(steps: list[Any]) -> list[Any]:
-            batches.append(len(steps))
-            return await commit(steps)
-
-        store._steps._flush = counting  # type: ignore[assignment]
+        batches = _batch_sizes(store)
         reserved, confirmed, released = await asyncio.gather(
             store.reserve("w-000", "w-000~afterloss", {}), store.confirm("w-001", "w-001~toconfirm"),
             store.release("w-002", "w-002~torelease"))
