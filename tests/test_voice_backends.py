@@ -533,13 +533,17 @@ async def held_llm() -> AsyncIterator[tuple[str, asyncio.Event]]:
 async def test_openai_replies_are_not_capped_by_a_hidden_connection_pool(
         held_llm: tuple[str, asyncio.Event]) -> None:
     """120 sessions reply at once (aiohttp's default pool holds 100 connections, and the 101st reply would wait
-    for one of them to finish speaking): every one gets its first words at once."""
+    for one of them to finish speaking): every one gets its first words while all of them are still speaking.
+
+    The server holds every reply open until released, so a capped pool never gives the last 20 their first words;
+    the generous wait only keeps a loaded CI machine (120 connections and their handlers on one loop) from
+    failing a correct client."""
     from worker.voice.llm import OpenAICompatLLM
 
     url, release = held_llm
     llm = OpenAICompatLLM(url, "model")
     replies = [cast(AsyncGenerator[str, None], llm.stream(SYSTEM, HISTORY)) for _ in range(120)]
-    first = await asyncio.gather(*(asyncio.wait_for(anext(r), 2) for r in replies), return_exceptions=True)
+    first = await asyncio.gather(*(asyncio.wait_for(anext(r), 15) for r in replies), return_exceptions=True)
     late = [f for f in first if not isinstance(f, str)]
     release.set()
     for r in replies:
