@@ -40,14 +40,18 @@ async def run_every(interval_s: float, step: Callable[[], Awaitable[object]], na
     """A background loop that survives its step's failures and always yields between steps.
 
     It also stops when a cancellation was requested but swallowed inside a step (some client libraries catch
-    CancelledError while cleaning up a connection), so shutdown can never hang on it.
+    CancelledError while cleaning up a connection), so shutdown can never hang on it. A CancelledError that no one
+    asked of the loop (a step awaited a future some other code cancelled) is a failed step like any other: the
+    board must not stop refreshing, silently, for the rest of the hub's life.
     """
     me = asyncio.current_task()
     while True:
         try:
             await step()
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if me is None or me.cancelling():
+                raise
+            log.warning("%s failed: %s", name, describe(exc), exc_info=exc)
         except Exception as exc:  # a loop must outlive one bad step; the error is logged
             log.warning("%s failed: %s", name, describe(exc), exc_info=_traceback(exc))
         if me is not None and me.cancelling():

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import weakref
+from collections.abc import Callable
 
 import pytest
 
@@ -74,6 +75,40 @@ async def test_a_loop_whose_step_swallows_its_cancellation_still_stops() -> None
         swallow = False
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_step_that_meets_a_cancellation_no_one_asked_of_the_loop_fails_like_any_other_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A step that awaits a future other code cancelled gets a CancelledError; the loop was not cancelled, so it
+    logs the step and goes on (before, the board stopped refreshing for the rest of the hub's life, unlogged)."""
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            shared_read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            shared_read.cancel()  # as another task does when it gives up on a read both were waiting for
+            await shared_read
+
+    with caplog.at_level(logging.WARNING, logger="hub.tasks"):
+        loop = asyncio.create_task(run_every(0.001, step, "routing board refresh"))
+        try:
+            async with asyncio.timeout(10):
+                await _until(lambda: calls >= 3 or loop.done())
+            assert not loop.done(), "the loop ended on a cancellation aimed at something else"
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+    assert loop.cancelled()
+    (record,) = (r for r in caplog.records if "failed" in r.getMessage())
+    assert record.getMessage() == "routing board refresh failed: CancelledError"
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.001)
 
 
 async def test_a_loop_waits_its_interval_between_steps() -> None:
