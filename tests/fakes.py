@@ -109,10 +109,10 @@ class FakeWorker:
 
 
 @contextlib.contextmanager
-def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    """``handler`` answering on a loopback port from a thread, for code under test that makes its own blocking
-    HTTP calls; yields the base URL, and stops the server on exit."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def serving(handler: type[http.server.BaseHTTPRequestHandler], port: int = 0) -> Iterator[str]:
+    """``handler`` answering on a loopback port (any free one by default) from a thread, for code under test that
+    makes its own blocking HTTP calls; yields the base URL, and stops the server on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -211,13 +211,8 @@ def _held(port: int, how: str) -> Iterator[None]:
             taken.listen()
             yield
         return
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _AnswersEverything)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(_AnswersEverything, port):
         yield
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize(("how", "which"), [("http", "hub"), ("socket", "second hub"), ("socket", "worker")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -23,6 +23,7 @@ from hub.main import create_app
 from shared.models import MAX_STREAMS_PER_WORKER
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, hub_settings, registration
+from tests.fakes import serving
 
 
 class _AcceptEverything(BaseHTTPRequestHandler):
@@ -62,9 +63,7 @@ class LiveHub:
 
 @pytest.fixture(scope="module")
 def live_hub() -> Iterator[LiveHub]:
-    worker = ThreadingHTTPServer(("127.0.0.1", 0), _AcceptEverything)
-    threading.Thread(target=worker.serve_forever, daemon=True).start()
-    with EmbeddedRedis() as server:
+    with serving(_AcceptEverything) as worker_url, EmbeddedRedis() as server:
         port = free_port()
         settings = hub_settings(server.url, dispatch_timeout_s=0.5, worker_ttl_s=3600)
         uv = uvicorn.Server(uvicorn.Config(create_app(settings),
@@ -79,8 +78,7 @@ def live_hub() -> Iterator[LiveHub]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        yield LiveHub(url, f"http://127.0.0.1:{worker.server_address[1]}")
-        worker.shutdown()
+        yield LiveHub(url, worker_url)
         uv.should_exit = True
         thread.join(timeout=10)
         redis.Redis.from_url(server.url).flushall()
