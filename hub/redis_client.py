@@ -97,7 +97,7 @@ def connect(settings: HubSettings, url: str) -> Client:
         url, max_connections=settings.redis_max_connections + _POOL_HEADROOM, **common
     )
     pool.connection_class = _as_hub_connection(pool.connection_class)  # plain, TLS (rediss://) or unix socket
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: closing it closes every connection
 
 
 class _HubConnection(AbstractConnection):

@@ -92,11 +92,7 @@ def redis_url(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> st
         if not redis_server.running:  # a test may have stopped it to simulate an outage
             redis_server.start()
         url = redis_server.url
-    client = sync_redis(url)
-    try:
-        flush(client)
-    finally:
-        client.close()
+    flush(sync_redis(url))
     return url
 
 
@@ -104,11 +100,32 @@ def is_cluster(url: str) -> bool:
     return "+cluster://" in url
 
 
+_opened: list[redis.Redis | redis.RedisCluster] = []
+
+
 def sync_redis(url: str, **kwargs: Any) -> redis.Redis | redis.RedisCluster:
-    """A blocking client for tests to look inside Redis, of the right kind for ``url``."""
+    """A blocking client for tests to look inside Redis, of the right kind for ``url``; closed when the test that
+    opened it ends."""
+    client: redis.Redis | redis.RedisCluster
     if is_cluster(url):
-        return redis.RedisCluster.from_url(url.replace("+cluster://", "://"), **kwargs)
-    return redis.Redis.from_url(url, **kwargs)
+        client = redis.RedisCluster.from_url(url.replace("+cluster://", "://"), **kwargs)
+    else:
+        client = redis.Redis.from_url(url, **kwargs)
+    _opened.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_the_redis_clients_the_test_opened() -> Iterator[None]:
+    """A test process runs a thousand tests: a few sockets left open by each (``RedisCluster.close`` leaves its
+    nodes' pools connected until garbage collection) once used up a 1,024-descriptor limit, and a test that opens
+    240 sockets at once then saw its connections stall."""
+    yield
+    while _opened:
+        client = _opened.pop()
+        if isinstance(client, redis.RedisCluster):
+            client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+        client.close()
 
 
 def async_redis(url: str, **kwargs: Any) -> aioredis.Redis | aioredis.RedisCluster:

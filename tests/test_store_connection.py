@@ -446,3 +446,19 @@ async def test_a_caller_outside_the_request_slots_gets_a_connection_while_every_
         await asyncio.gather(request, return_exceptions=True)
         admin.close()
         await store.close()
+
+
+async def test_closing_the_client_closes_every_connection_it_opened(redis_url: str) -> None:
+    """A hub that shut down kept its standalone pool's sockets open until garbage collection: the client did not own
+    the pool it was given. Over a test run (hundreds of hubs in one process) they used up the descriptor limit."""
+    import os
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = descriptors()
+    client = connect(hub_settings(redis_url), redis_url)
+    await asyncio.gather(*(client.set(f"{{t}}:k{i}", i) for i in range(8)))  # several connections at once
+    assert descriptors() > before
+    await client.aclose()
+    assert descriptors() == before
