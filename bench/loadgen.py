@@ -80,8 +80,7 @@ class Load:
 
     async def heartbeat_ws(self, k: int, rng: random.Random) -> tuple[str, float | None]:
         mine = self.channels[k]
-        ws = mine[self.next_worker % len(mine)]
-        self.next_worker += 1
+        ws = mine[self.sent[k] % len(mine)]  # round-robin over this client's own channels
         self.sent[k] += 1
         ack = self.sent[k] % ACK_EVERY == 0
         t0 = time.perf_counter()

@@ -128,7 +128,8 @@ class Soak:
         if resp is None:
             return
         if resp.status_code == 503:
-            if resp.headers.get("Retry-After", "0").isdigit() and int(resp.headers["Retry-After"]) >= 1:
+            retry_after = resp.headers.get("Retry-After", "")
+            if retry_after.isdigit() and int(retry_after) >= 1:
                 self.fig.refused[resp.json().get("error", "?")] += 1
             else:
                 self.fig.error(f"503 without Retry-After: {resp.text[:200]}")
