@@ -14,6 +14,7 @@ import pytest
 from shared.models import MAX_SESSION_ID_CHARS, Heartbeat, SessionDispatch
 from worker import sessions as worker_sessions
 from worker.app import MAX_BODY_BYTES, create_worker_app
+from worker.engine import RealTimeReport
 from worker.engines import EngineUnavailable, load_engine
 from worker.engines.synthetic import SyntheticEngine
 from worker.sessions import SessionManager, SessionRefused
@@ -347,3 +348,102 @@ async def test_the_wait_for_sessions_to_end_says_when_it_timed_out() -> None:
     finally:
         await manager.stop_all()
         await engine.aclose()
+
+
+async def test_every_refusal_says_why(worker: Any) -> None:
+    """An SRE reading a refusal in a hub's log or a curl answer learns why, beside the code."""
+    client, manager = worker
+    assert (await client.post("/sessions", json=dispatch("once"), headers=AUTH)).status_code == 201
+    duplicate = (await client.post("/sessions", json=dispatch("once"), headers=AUTH)).json()
+    assert duplicate == {"error": "duplicate", "message": "session once already runs here"}
+    unknown = (await client.delete("/sessions/never", headers=AUTH)).json()
+    assert unknown == {"error": "session_not_found", "message": "no session never here"}
+    manager.max_streams = 1
+    full = (await client.post("/sessions", json=dispatch("more"), headers=AUTH)).json()
+    assert full == {"error": "worker_full", "message": "all 1 streams in use"}
+
+
+async def test_a_stalled_synthetic_stream_drops_the_frames_it_missed_rather_than_bursting() -> None:
+    """After the loop stalls for a second, a stream misses one frame and goes on at its cadence, as a live video
+    does: it neither renders the 25 frames it missed in a burst (counted late, one after the other) nor renders
+    frames as fast as the CPU allows."""
+    engine = SyntheticEngine()
+    probe = engine.load_probe()
+    await engine.start_session(SessionDispatch.model_validate(dispatch("stall")), lambda *_: None)
+    try:
+        await asyncio.sleep(0.05)
+        probe.reset()
+        time.sleep(1.0)  # the event loop stalls, as under a blocking call
+        await asyncio.sleep(0.5)
+        report = probe.report()
+    finally:
+        await engine.aclose()
+    late = round(report.late_ratio * report.figures["frames"])
+    assert 1 <= late < 12, report  # the stalled frame (and a few more on a loaded machine), not the 25 missed ones
+    assert 1 <= report.figures["frames"] <= 40, report
+
+
+async def test_the_synthetic_latency_counts_how_late_a_frame_started() -> None:
+    """The latency a heartbeat carries is what a viewer feels: render time plus how late the frame came."""
+    engine = SyntheticEngine()
+    for i in range(3):
+        await engine.start_session(SessionDispatch.model_validate(dispatch(f"late{i}")), lambda *_: None)
+    try:
+        await asyncio.sleep(0.01)  # each stream renders its first frame, then waits for its next slot
+        engine.reset_counters()
+        time.sleep(0.3)  # the loop stalls past that slot
+        await asyncio.sleep(0.01)
+        latency_ms = engine.stats().latency_ms
+    finally:
+        await engine.aclose()
+    assert latency_ms >= 200, latency_ms
+
+
+async def test_the_synthetic_error_rate_counts_the_sessions_it_started_too() -> None:
+    """One refused start among four is an error rate of a quarter, not of one."""
+    engine = SyntheticEngine(fail_start=True)
+    with pytest.raises(RuntimeError):
+        await engine.start_session(SessionDispatch.model_validate(dispatch("refused")), lambda *_: None)
+    engine.fail_start = False
+    for i in range(3):
+        await engine.start_session(SessionDispatch.model_validate(dispatch(f"ok{i}")), lambda *_: None)
+    try:
+        assert engine.stats().error_rate == 0.25
+    finally:
+        await engine.aclose()
+
+
+async def test_the_synthetic_engine_refuses_a_session_it_runs_and_stops_any_session_twice() -> None:
+    """The engine contract: a start of a running session is refused; a stop is idempotent."""
+    engine = SyntheticEngine()
+    spec = SessionDispatch.model_validate(dispatch("twice"))
+    await engine.start_session(spec, lambda *_: None)
+    with pytest.raises(ValueError, match="already running"):
+        await engine.start_session(spec, lambda *_: None)
+    await engine.stop_session("twice")
+    await engine.stop_session("twice")
+    await engine.stop_session("never-started")
+    assert engine.stats().active_sessions == 0
+
+
+async def test_a_new_calibration_window_forgets_the_frames_before_it() -> None:
+    """Each calibration step is judged on its own window: frames of the step before, and their latency, are gone."""
+    engine = SyntheticEngine()
+    probe = engine.load_probe()
+    await engine.start_session(SessionDispatch.model_validate(dispatch("before")), lambda *_: None)
+    await asyncio.sleep(0.1)
+    await engine.aclose()
+    assert probe.report().figures["frames"] > 0
+    probe.reset()
+    assert probe.report() == RealTimeReport(late_ratio=0.0, p95_ms=0.0, budget_ms=40.0, figures={"frames": 0})
+
+
+def test_the_synthetic_latency_is_the_95th_percentile_of_recent_frames() -> None:
+    """Regression: with fewer than 20 frames the engine reported the second slowest (with two, the faster), and
+    one rank too low whenever 95% of the frames was no whole number; it is nearest-rank, as ``p95`` says."""
+    engine = SyntheticEngine()
+    engine._latencies.extend([10.0] * 9 + [500.0])
+    assert engine.stats().latency_ms == 500.0
+    engine._latencies.clear()
+    engine._latencies.extend(float(ms) for ms in range(1, 101))
+    assert engine.stats().latency_ms == 95.0

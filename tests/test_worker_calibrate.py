@@ -10,7 +10,7 @@ import pytest
 
 from shared.models import SessionDispatch
 from worker.calibrate import Calibration, CalibrationFailed, calibrate
-from worker.engine import Calibratable, RealTimeReport
+from worker.engine import Calibratable, RealTimeReport, p95
 from worker.engines.synthetic import SyntheticEngine
 from worker.voice.engine import VoiceEngine
 from worker.voice.llm import CannedLLM
@@ -251,3 +251,57 @@ async def test_a_load_driver_that_crashes_fails_the_calibration(waits: list[floa
     with pytest.raises(CalibrationFailed, match="fell over"):
         await calibrate(engine, max_concurrency=8, seconds=0.4)
     assert not engine.running
+
+
+def test_the_p95_a_probe_reports_is_nearest_rank() -> None:
+    """Below 20 samples it is the slowest one: a single late turn out of ten fails the step, as it should."""
+    assert p95([]) == 0.0
+    assert p95([7.0]) == 7.0
+    assert p95([10.0] * 9 + [500.0]) == 500.0
+    assert p95([float(ms) for ms in range(100, 0, -1)]) == 95.0
+
+
+def test_a_step_keeps_real_time_at_its_budgets_and_not_beyond() -> None:
+    assert RealTimeReport(late_ratio=0.02, p95_ms=40.0, budget_ms=40.0).keeps_real_time(0.02)
+    assert not RealTimeReport(late_ratio=0.03, p95_ms=40.0, budget_ms=40.0).keeps_real_time(0.02)
+    assert not RealTimeReport(late_ratio=0.0, p95_ms=40.5, budget_ms=40.0).keeps_real_time(0.02)
+
+
+@pytest.mark.parametrize(("engine", "environment", "limit", "seconds", "said"), [
+    ("synthetic", {}, 256, 2.0, "for the synthetic engine: 7 streams"),
+    ("voice", {"FLEET_MAX_STREAMS": "12"}, 12, 6.0, "for the voice engine: at least 12 streams"),
+])
+def test_calibrate_measures_each_engine_long_enough_up_to_the_streams_configured(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], engine: str,
+        environment: dict[str, str], limit: int, seconds: float, said: str) -> None:
+    """A voice turn takes about 4 s, so its steps are measured 6 s; the search stops at FLEET_MAX_STREAMS, else 256;
+    a limit that was never reached is reported as a lower bound."""
+    import worker.calibrate
+    from worker.cli import calibrate as cli_calibrate
+
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    measured: list[tuple[int, float]] = []
+
+    def run(_: Any, max_concurrency: int, window_s: float) -> Calibration:
+        measured.append((max_concurrency, window_s))
+        capacity = max_concurrency if engine == "voice" else 7
+        return Calibration(capacity=capacity, budget_ms=40.0, trials=[], reached_max=capacity == max_concurrency)
+
+    monkeypatch.setattr(worker.calibrate, "run", run)
+    assert cli_calibrate(engine=engine) == 0
+    assert measured == [(limit, seconds)]
+    assert f"real-time limit of this host {said}\n" in capsys.readouterr().out
+
+
+def test_a_calibration_that_fails_exits_non_zero(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import worker.calibrate
+    from worker.cli import calibrate as cli_calibrate
+
+    def run(*_: Any) -> Calibration:
+        raise CalibrationFailed("even one stream misses its frames")
+
+    monkeypatch.setattr(worker.calibrate, "run", run)
+    assert cli_calibrate(engine="synthetic", max_concurrency=2, seconds=0.1) == 1
+    assert "calibration failed: even one stream misses its frames" in capsys.readouterr().out

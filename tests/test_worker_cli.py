@@ -6,12 +6,15 @@ or bound its port (FLEET_HOST, FLEET_PORT), which crashed with a traceback and e
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shared.keys import WORKER_ID_PATTERN
 from shared.redis_server import free_port
 from worker import imds as imds_module
 from worker.cli import EXIT_USAGE, calibrate, run_worker
@@ -42,6 +45,8 @@ def refusal(capsys: pytest.CaptureFixture[str], command: Any = run_worker, **opt
     ("FLEET_LABELS", '{"tier": "premium", "bad key": "x"}', "FLEET_LABELS: bad key.[key]: String should match"),
     ("FLEET_LABELS", "tier=premium", "FLEET_LABELS: Value error, must be a JSON object"),
     ("FLEET_HUB_URLS", "http://fleet:user:pw@10.0.0.9:8080", "FLEET_HUB_URLS: Value error, a hub URL must not carry"),
+    ("FLEET_HUB_URLS", "http://10.0.0.8:8080,http://fleet:user:pw@10.0.0.9:8080",
+     "FLEET_HUB_URLS: Value error, a hub URL must not carry"),
 ])
 def test_a_value_the_registration_would_refuse_stops_the_start(monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str], variable: str,
@@ -210,3 +215,92 @@ def test_an_option_the_chosen_mode_does_not_take_is_refused_not_ignored(args: li
     result = CliRunner().invoke(app, ["worker", *args])
     assert result.exit_code == 2, result.output
     assert said in result.output
+
+
+def test_hub_urls_skip_empty_entries_and_refuse_an_empty_list(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A stray comma is no hub to register with; no hub at all is a refused start, not a worker retrying nowhere."""
+    monkeypatch.setenv("FLEET_HUB_URLS", " http://a:8000/, ,http://b:8000,")
+    assert WorkerSettings().hub_urls == ["http://a:8000", "http://b:8000"]
+    monkeypatch.setenv("FLEET_HUB_URLS", " , ")
+    assert "FLEET_HUB_URLS: Value error, at least one hub URL is needed" in refusal(capsys)
+
+
+def test_empty_labels_are_no_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_LABELS", " ")
+    assert WorkerSettings().labels == {}
+
+
+def test_scale_in_protection_alone_means_the_worker_must_find_instance_metadata() -> None:
+    assert WorkerSettings(protect_from_scale_in=True).expects_ec2
+    assert WorkerSettings(lifecycle_hook_name="fleet-worker-drain").expects_ec2
+    assert not WorkerSettings().expects_ec2
+
+
+def test_vram_overrides_of_zero_are_applied() -> None:
+    """FLEET_HEADROOM_MB=0 keeps nothing free, and FLEET_MODEL_MB=0 is an engine without weights: zero is a value."""
+    from worker.engines.synthetic import DEFAULT_PROFILE
+
+    profile = WorkerSettings(model_mb=0, headroom_mb=0).vram_profile(DEFAULT_PROFILE)
+    assert (profile.model_mb, profile.per_stream_mb, profile.headroom_mb) == (0, DEFAULT_PROFILE.per_stream_mb, 0)
+
+
+@pytest.mark.parametrize(("hostname", "worker_id"), [
+    ("gpu-box_7.lab", "gpu-box_7.lab-8100"),
+    ("-.gpu box", "gpu-box-8100"),
+    ("büro²", "b-ro--8100"),
+    ("...", "worker-8100"),
+    ("h" * 80, "h" * 59 + "-8100"),
+])
+def test_a_worker_off_ec2_is_named_after_its_host_and_port(monkeypatch: pytest.MonkeyPatch, hostname: str,
+                                                           worker_id: str) -> None:
+    """Whatever the machine's name, the id is one the hub takes.
+
+    Regression: a host name with a non-ASCII letter or digit (``büro``) was kept as it was, so the registration was
+    refused and the worker could not start without FLEET_WORKER_ID."""
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    assert WorkerSettings().fallback_worker_id(8100) == worker_id
+    assert re.fullmatch(WORKER_ID_PATTERN, worker_id)
+
+
+def test_python_dash_m_worker_passes_each_option_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.__main__ as entry
+
+    called: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(entry, "run_worker", lambda *args: called.append(args) or 0)
+    assert entry.main(["--host", "127.0.0.1", "--port", "0", "--advertise-url", "http://w:8100", "--region",
+                       "eu-west-1", "--simulate-gpu", "a10g", "--max-streams", "3", "--engine", "voice"]) == 0
+    assert called == [("127.0.0.1", 0, "http://w:8100", "eu-west-1", "a10g", 3, "voice")]
+
+
+def test_python_dash_m_worker_exits_with_the_code_of_a_refused_start() -> None:
+    """systemd and scripts see the refusal: exit code 2, not 0."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "worker", "--port", "0", "--region", "xx-newplace-1"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "region xx-newplace-1 has no known coordinates" in done.stderr
+
+
+def test_the_options_of_fleet_worker_reach_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each option given wins over the environment; none is dropped on the way to the agent."""
+    import worker.agent
+
+    seen: list[WorkerSettings] = []
+
+    class Agent:
+        def __init__(self, settings: WorkerSettings) -> None:
+            seen.append(settings)
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(worker.agent, "WorkerAgent", Agent)
+    assert run_worker(host="127.0.0.1", port=0, advertise_url="http://w:8100", region="eu-west-1",
+                      simulate_gpu="a10g", max_streams=3, engine="synthetic") == 0
+    s = seen[0]
+    assert (s.host, s.port, s.advertise_url, s.region, s.simulate_gpu, s.max_streams, s.engine) == (
+        "127.0.0.1", 0, "http://w:8100", "eu-west-1", "a10g", 3, "synthetic")

@@ -140,7 +140,8 @@ class WorkerSettings(FleetSettings):
     def fallback_worker_id(self, port: int) -> str:
         """hostname-port, trimmed to the id pattern (the host, not the port: workers on one host stay apart):
         for machines without IMDS."""
-        host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()).lstrip("._-")
+        name = socket.gethostname()  # Linux takes any character in it; the id takes ASCII letters and digits
+        host = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in name).lstrip("._-")
         suffix = f"-{port}"
         return f"{(host or 'worker')[:64 - len(suffix)]}{suffix}"
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter
 
 from shared.aio import cancel_and_wait
 from shared.models import SessionDispatch
-from worker.engine import EngineStats, RealTimeReport, SessionEnded, VramProfile
+from worker.engine import EngineStats, RealTimeReport, SessionEnded, VramProfile, p95
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -122,8 +122,7 @@ class SyntheticEngine:
         await cancel_and_wait(session.task)
 
     def stats(self) -> EngineStats:
-        recent = list(self._latencies)
-        latency = sorted(recent)[int(len(recent) * 0.95) - 1] if recent else 0.0
+        latency = p95(list(self._latencies))
         outcomes = list(self._errors)
         error_rate = sum(1 for _, failed in outcomes if failed) / len(outcomes) if outcomes else 0.0
         active = len(self._sessions)
