@@ -96,3 +96,8 @@ def test_the_real_server_does_not_believe_a_forwarded_for_from_loopback(redis_se
         codes = [httpx.post(f"{hub.url}/api/v1/sessions", json={}, timeout=10,
                             headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(6)]
     assert codes.count(429) == 3, codes  # one bucket, the peer's: three in the burst, then refused
+
+
+def test_a_chain_of_trusted_proxies_only_is_the_peer() -> None:
+    """When every hop is a proxy of ours, no hop names a client: the bucket is the peer's, not a hop's."""
+    assert client_address(_request("10.0.1.5", "10.0.3.3, 10.0.2.9"), ["10.0.0.0/8"]) == "10.0.1.5"

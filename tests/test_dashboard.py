@@ -193,3 +193,38 @@ def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
                 assert client.get("/api/v1/workers/gpu-use1-gone").status_code == 404
         finally:
             browser.close()
+
+
+async def test_a_missing_asset_is_a_json_404_and_the_shell_cannot_be_framed(make_hub) -> None:
+    """A stale page asking for an asset a new release renamed gets a clean 404, not a 500; the shell forbids being
+    framed by another site (clickjacking an SRE into a drain) and is revalidated, so a release reaches the browser."""
+    hub = await make_hub()
+    for name in ("gone.js", "vendor/gone.json", "vendor/nested/gone.css"):
+        resp = await hub.get(f"/dashboard/static/{name}")
+        assert resp.status_code == 404 and resp.json()["error"] == "not_found", (name, resp.text)
+    page = await hub.get("/dashboard")
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-cache"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    slash = await hub.get("/dashboard/")
+    assert slash.status_code in (302, 307) and slash.headers["location"] == "/dashboard"
+
+
+async def test_a_file_of_a_type_the_dashboard_does_not_serve_is_a_404(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the page's own kinds of asset (HTML, JS, CSS, JSON, SVG) are served: a note or a source map left beside
+    them is a 404, not a 500 for want of a media type."""
+    import hub.api.dashboard as dashboard
+    from hub.main import create_app
+    from hub.settings import HubSettings
+
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / "notes.txt").write_text("kept out")
+    (tmp_path / "dashboard.map").write_text("{}")
+    (tmp_path / "ok.css").write_text("body {}")
+    monkeypatch.setattr(dashboard, "STATIC_DIR", tmp_path)
+    app = create_app(HubSettings(worker_token="w" * 32, admin_token="a" * 32))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        assert (await client.get("/dashboard/static/ok.css")).headers["content-type"].startswith("text/css")
+        for name in ("vendor/notes.txt", "dashboard.map"):
+            resp = await client.get(f"/dashboard/static/{name}")
+            assert resp.status_code == 404 and "kept out" not in resp.text, (name, resp.text)

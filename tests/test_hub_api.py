@@ -583,3 +583,92 @@ async def test_a_reused_session_key_keeps_the_livekit_deployment_its_session_was
     assert api.TokenVerifier("k2", LIVEKIT[1]["api_secret"]).verify(lk["token"]).video.room == lk["room"]
     read = (await hub.get(f"/api/v1/sessions/{first.json()['session_id']}")).json()["livekit"]
     assert (read["region"], read["url"]) == ("eu", "wss://lk-eu.example")
+
+
+async def test_the_explain_view_ranks_by_the_policy_asked_for(make_hub, make_worker) -> None:
+    """``?policy=pack`` shows the ranking pack would make (the busier worker first), not the hub's default one."""
+    hub = await make_hub(policy="spread")
+    await register(hub, "w-idle", await make_worker(), region="eu-central-1")
+    busy = await register(hub, "w-busy", await make_worker(), region="eu-central-1")
+    assert (await heartbeat(hub, "w-busy", busy["worker_secret"], [], gpu_utilization=90.0)).status_code == 200
+    await refresh(hub)
+    for policy, first in (("spread", "w-idle"), ("pack", "w-busy")):
+        resp = await hub.get("/api/v1/route/explain", params={"lat": 50.1, "lon": 8.7, "policy": policy},
+                             headers=ADMIN_AUTH)
+        assert resp.json()["policy"] == policy, resp.text
+        assert [c["worker_id"] for c in resp.json()["candidates"]] == [first, ({"w-idle", "w-busy"} - {first}).pop()]
+
+
+async def test_half_a_location_in_the_explain_view_names_the_missing_coordinate(hub: httpx.AsyncClient) -> None:
+    """``?lat=`` without ``lon`` (or the reverse) is a 422 that points at the coordinate left out."""
+    for given, missing in (("lat", "lon"), ("lon", "lat")):
+        resp = await hub.get("/api/v1/route/explain", params={given: 10.0}, headers=ADMIN_AUTH)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["detail"][0]["loc"] == ["query", missing], resp.text
+
+
+async def test_the_explain_view_names_the_livekit_deployment_of_its_first_candidate(make_hub, make_worker) -> None:
+    """The LiveKit region an explanation shows is the one a session placed now would use: beside its head worker,
+    not beside the last candidate listed."""
+    hub = await make_hub(livekit_regions=json.dumps(LIVEKIT))
+    await register(hub, "w-eu", await make_worker(), region="eu-central-1")
+    await register(hub, "w-use", await make_worker(), region="us-east-1")
+    await refresh(hub)
+    for (lat, lon), head, livekit in (((52.5, 13.4), "w-eu", "eu"), ((40.7, -74.0), "w-use", "us-east")):
+        explain = (await hub.get("/api/v1/route/explain", params={"lat": lat, "lon": lon}, headers=ADMIN_AUTH)).json()
+        assert len(explain["candidates"]) == 2 and explain["candidates"][0]["worker_id"] == head, explain
+        assert explain["livekit_region"] == livekit, explain
+
+
+async def test_a_bad_label_in_the_explain_view_is_a_422_naming_that_label(hub: httpx.AsyncClient) -> None:
+    """``?label=engine=<too long>`` points at ``engine``, as a session request's 422 would, not at every label."""
+    resp = await hub.get("/api/v1/route/explain", params={"label": ["gpu=a10g", "engine=" + "x" * 129]},
+                         headers=ADMIN_AUTH)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"] == ["query", "label", "engine"], resp.text
+
+
+async def test_an_overlong_region_filter_is_a_422_not_an_empty_list(hub: httpx.AsyncClient) -> None:
+    """No region name is 33 characters long: an SRE's typo is named, not answered with "no workers"."""
+    for path in ("/api/v1/workers", "/api/v1/sessions"):
+        resp = await hub.get(path, params={"region": "eu-central-1" * 3}, headers=ADMIN_AUTH)
+        assert resp.status_code == 422 and resp.json()["message"].startswith("query.region: "), (path, resp.text)
+
+
+async def test_metrics_are_served_under_their_plain_path_only(hub: httpx.AsyncClient) -> None:
+    """The load balancer keeps ``/metrics`` inside by matching the path as sent: a percent-encoded spelling, which
+    the server decodes to the same route, must be a 404 rather than the metrics."""
+    assert (await hub.get("/metrics")).text.startswith("# HELP")
+    assert (await hub.get("/metrics", params={"name[]": "fleet_workers"})).status_code == 200
+    for path in ("/%6detrics", "/%6Detrics", "/metric%73"):
+        resp = await hub.get(path)
+        assert resp.status_code == 404 and resp.json()["error"] == "not_found", (path, resp.text)
+        assert "fleet_" not in resp.text
+
+
+async def test_a_worker_stands_where_its_registration_says_even_in_a_known_region(hub: httpx.AsyncClient) -> None:
+    """A registration's ``location`` wins over its region's centre (a region's zones can be far apart); without
+    one the worker stands at the centre of its region."""
+    placed = registration("w-placed", "http://127.0.0.1:9/w", region="us-east-1", location={"lat": 40.7, "lon": -74.0})
+    centred = registration("w-centred", "http://127.0.0.1:9/w", region="us-east-1")
+    for body in (placed, centred):
+        assert (await hub.post("/api/v1/workers", json=body, headers=WORKER_AUTH)).status_code == 200
+    assert (await hub.get("/api/v1/workers/w-placed", headers=ADMIN_AUTH)).json()["location"] == {"lat": 40.7,
+                                                                                                   "lon": -74.0}
+    centre = (await hub.get("/api/v1/workers/w-centred", headers=ADMIN_AUTH)).json()["location"]
+    assert centre != {"lat": 40.7, "lon": -74.0} and abs(centre["lat"] - 38.9) < 1, centre
+
+
+async def test_behind_a_cdn_each_viewer_has_its_own_session_rate_limit(make_hub) -> None:
+    """With ``client_address_header`` set, the viewer the CDN names is the client: one viewer past its burst is
+    refused while another, arriving through the same edge, is not."""
+    hub = await make_hub(rate_limit_per_s=1, rate_limit_burst=1, trusted_proxies=["127.0.0.1"],
+                         client_address_header="CloudFront-Viewer-Address")
+    edge = {"X-Forwarded-For": "130.176.0.7"}
+
+    async def ask(viewer: str) -> int:
+        headers = {**edge, "CloudFront-Viewer-Address": f"{viewer}:443"}
+        return (await hub.post("/api/v1/sessions", json={}, headers=headers)).status_code
+
+    assert [await ask("198.51.100.10"), await ask("198.51.100.10")] == [503, 429]  # no workers: 503 once through
+    assert await ask("203.0.113.20") == 503

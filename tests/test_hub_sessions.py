@@ -405,7 +405,9 @@ async def test_redis_down_answers_503_and_recovers(hub: httpx.AsyncClient, make_
         down = await hub.post("/api/v1/sessions", json={})
         assert down.status_code == 503 and down.json()["error"] == "store_unavailable"
         assert "Retry-After" in down.headers
-        assert (await hub.get("/ready")).status_code == 503
+        not_ready = await hub.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["error"] == "store_unavailable"
+        assert int(not_ready.headers["Retry-After"]) >= 1  # a load balancer's probe, or a script, knows to retry
         assert (await hub.get("/health")).status_code == 200
     finally:
         redis_server.start()
@@ -884,6 +886,7 @@ async def test_a_worker_that_stopped_heartbeating_offers_no_free_streams_in_any_
     [listed] = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
     one = (await hub.get("/api/v1/workers/w-gone", headers=ADMIN_AUTH)).json()
     assert (listed["alive"], one["alive"]) == (False, False)
+    assert 0.6 <= listed["heartbeat_age_s"] < 30 and 0.6 <= one["heartbeat_age_s"] < 30  # seconds, as documented
     assert (listed["free_streams"], one["free_streams"]) == (0, 0), "a dead worker was shown with room"
     assert (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).json()["total"]["free_streams"] == 0
 
@@ -1107,3 +1110,30 @@ async def test_the_hub_reads_each_worker_answer_for_what_it_means(make_worker: A
     finally:
         await client.aclose()
 
+
+
+async def test_the_sre_session_list_is_oldest_first(hub: httpx.AsyncClient, make_worker) -> None:
+    """`fleet sessions` and the dashboard show sessions in the order they were placed, whichever worker holds them."""
+    await register(hub, "w-b", await make_worker())
+    await register(hub, "w-a", await make_worker())
+    await refresh(hub)
+    placed = []
+    for _ in range(4):
+        resp = await hub.post("/api/v1/sessions", json={})
+        assert resp.status_code == 201, resp.text
+        placed.append(resp.json()["session_id"])
+    listed = (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()["sessions"]
+    assert [s["session_id"] for s in listed] == placed
+    assert len({s["worker_id"] for s in listed}) == 2, "the sessions were meant to span both workers"
+
+
+async def test_forgetting_a_live_worker_is_a_409_that_leaves_it_in_place(hub: httpx.AsyncClient, make_worker) -> None:
+    """`fleet forget` on a worker that still heartbeats is refused with 409 ``worker_alive`` (it would register again
+    at its next heartbeat); the worker stays listed and placeable."""
+    await register(hub, "w-live", await make_worker())
+    refused = await hub.post("/api/v1/workers/w-live/forget", headers=ADMIN_AUTH)
+    assert refused.status_code == 409 and refused.json()["error"] == "worker_alive", refused.text
+    await refresh(hub)
+    assert [w["worker_id"] for w in (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]] == [
+        "w-live"]
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
