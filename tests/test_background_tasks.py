@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from hub.tasks import BackgroundTasks, run_every
+from shared.aio import cancel_and_wait
 from shared.errors import StoreUnavailable
 
 
@@ -168,3 +169,28 @@ async def test_a_finished_task_is_not_kept() -> None:
     del task
     gc.collect()
     assert finished() is None, "a finished task is still referenced"
+
+
+async def test_cancelling_no_task_at_all_returns_at_once() -> None:
+    """A transport or hub that stops before it started a loop cancels an empty set of tasks: that is no error."""
+    await asyncio.wait_for(cancel_and_wait(), 5)
+
+
+async def test_a_task_whose_clean_up_fails_when_cancelled_is_not_reported_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its failure is the owner's to log where it happens; asyncio must not add "Task exception was never
+    retrieved" to the logs of every stop."""
+    async def clean_up_fails() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            raise RuntimeError("clean-up failed")
+
+    task = asyncio.create_task(clean_up_fails())
+    await asyncio.sleep(0)  # it is running
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await cancel_and_wait(task)
+        assert task.done() and not task.cancelled()  # it ended with its own failure
+        del task
+        gc.collect()
+    assert "never retrieved" not in caplog.text

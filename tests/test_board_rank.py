@@ -4,6 +4,7 @@ from scratch gives, whatever the policy, after any sequence of slot changes."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from hub.board import Entry, RoutingBoard
 from hub.scoring import Weights, distance_factor, factors, load_factors, score
 from hub.store import BoardRead
-from shared.geo import AWS_REGIONS, haversine_km
+from shared.geo import AWS_REGIONS, EARTH_RADIUS_KM, haversine_km, rtt_estimate_ms
 from shared.models import Policy
 
 REGIONS = list(AWS_REGIONS)[:6]
@@ -288,3 +289,15 @@ def test_a_refresh_puts_new_workers_on_the_board_in_name_order_whatever_order_it
     board.apply(read_of({wid: ("eu-west-1", 0, 4, {}) for wid in reversed(later)}, board.now_ms + 1000,
                         complete=False))
     assert list(board.entries) == names + later
+
+
+def test_distances_and_round_trips_are_those_of_real_routes() -> None:
+    """The explain view's ``distance_km`` and ``rtt_ms`` are what an SRE checks a placement against: London to New
+    York is 5,570 km, Sydney to London 16,994, antipodes half the globe apart; a path costs 5 ms plus 1 ms per
+    66.7 km (light in fibre at 200 km/ms, a path 1.5 times the great circle, there and back)."""
+    assert haversine_km(51.51, -0.13, 40.71, -74.01) == pytest.approx(5570, abs=10)
+    assert haversine_km(-33.87, 151.21, 51.51, -0.13) == pytest.approx(16994, abs=10)
+    assert haversine_km(0, 0, 0, 180) == haversine_km(90, 0, -90, 0) == pytest.approx(math.pi * EARTH_RADIUS_KM)
+    assert haversine_km(35.68, 139.69, 35.68, 139.69) == 0
+    assert rtt_estimate_ms(0) == 5.0
+    assert rtt_estimate_ms(3000) == pytest.approx(50.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from typing import Any
@@ -12,7 +13,10 @@ from livekit import api
 from pydantic import ValidationError
 
 from hub.main import create_app
+from hub.scoring import Weights
 from hub.settings import HubSettings
+from shared.models import MAX_STREAMS_PER_WORKER
+from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
     ADMIN_AUTH,
     ADMIN_TOKEN,
@@ -23,6 +27,8 @@ from tests.conftest import (
     refresh,
     register,
     registration,
+    sync_redis,
+    wait_for,
 )
 
 LIVEKIT = [
@@ -153,6 +159,7 @@ async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(h
 @pytest.mark.parametrize("body", [
     {"location": {"lat": 91, "lon": 0}},
     {"location": {"lat": 0, "lon": -180.5}},
+    {"location": {"lat": 0, "lon": 180.5}},
     {"location": {"lat": "NaN", "lon": 0}},
     {"location": {"lat": "Infinity", "lon": 0}},
     {"session_key": ""},
@@ -160,6 +167,7 @@ async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(h
     {"session_key": "lesson 42"},
     {"session_key": "léçon"},
     {"labels": {"gpu": 3}},
+    {"labels": {f"k{i}": "v" for i in range(33)}},  # at most 32
     {"surprise": True},
     {"region": "../../etc"},
     {"region": "xx-nowhere-1"},  # was silently the default region
@@ -218,6 +226,8 @@ async def test_oversized_deep_and_malformed_bodies(hub: httpx.AsyncClient) -> No
     assert untyped.json()["message"] == "the body must be a JSON object, sent with Content-Type: application/json"
     listed = await hub.post("/api/v1/sessions", json=[])
     assert listed.status_code == 422 and "must be a JSON object" in listed.json()["message"]
+    nested = await hub.post("/api/v1/sessions", json={"location": "Berlin"})  # a field, not the body, is no object
+    assert nested.status_code == 422 and nested.json()["message"].startswith("location: "), nested.text
 
 
 async def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refused(make_hub) -> None:
@@ -296,7 +306,7 @@ def test_production_refuses_unsafe_defaults(redis_url: str) -> None:
         HubSettings(env="prod", worker_token="w-secret-" * 4, admin_token="a-secret-" * 4)
     assert "w-secret-" not in str(refused.value) and "a-secret-" not in str(refused.value)
     dev_secret = json.dumps([{**LIVEKIT[0], "api_secret": "secret"}])
-    with pytest.raises(ValidationError, match="LiveKit API secrets"):
+    with pytest.raises(ValidationError, match="LiveKit API secrets must not be the dev default"):
         HubSettings(env="prod", redis_url=redis_url, worker_token="w" * 32, admin_token="a" * 32,
                     livekit_regions=dev_secret)
     ok = HubSettings(env="prod", redis_url="rediss://:redis-auth-token@cache:6379", worker_token="w" * 32,
@@ -356,7 +366,8 @@ def test_an_inline_livekit_value_is_never_echoed_and_each_region_is_named_once()
 
 async def test_a_worker_url_the_hub_could_not_call_is_refused_at_registration(hub: httpx.AsyncClient) -> None:
     """Once registered, such a URL turned every placement that ranked the worker first into a 500."""
-    for url in ("http://user:pass@10.0.0.5:8000", "http://a..b:8000", f"http://{'a' * 70}.example.com"):
+    for url in ("http://user:pass@10.0.0.5:8000", "http://user@10.0.0.5:8000", "http://a..b:8000",
+                f"http://{'a' * 70}.example.com"):
         resp = await hub.post("/api/v1/workers", json=registration("w-bad", url), headers=WORKER_AUTH)
         assert resp.status_code == 422 and resp.json()["error"] == "invalid_request", (url, resp.text)
         assert "pass@" not in resp.text
@@ -672,3 +683,142 @@ async def test_behind_a_cdn_each_viewer_has_its_own_session_rate_limit(make_hub)
 
     assert [await ask("198.51.100.10"), await ask("198.51.100.10")] == [503, 429]  # no workers: 503 once through
     assert await ask("203.0.113.20") == 503
+
+
+async def test_a_worker_or_heartbeat_past_the_wire_bounds_is_refused(hub: httpx.AsyncClient) -> None:
+    """A worker offering more streams than one heartbeat may list could never report them all, and figures past
+    100 % or an error rate past 1 would skew every score it gets: each is a 422, the bound itself is accepted."""
+    too_many = registration("w-1", "http://127.0.0.1:9", max_streams=MAX_STREAMS_PER_WORKER + 1)
+    assert (await hub.post("/api/v1/workers", json=too_many, headers=WORKER_AUTH)).status_code == 422
+    full = await hub.post("/api/v1/workers", json=registration("w-1", "http://127.0.0.1:9",
+                                                               max_streams=MAX_STREAMS_PER_WORKER),
+                          headers=WORKER_AUTH)
+    assert full.status_code == 200, full.text
+    secret = full.json()["worker_secret"]
+    at_bounds = {"cpu_percent": 100, "memory_percent": 100, "gpu_utilization": 100, "error_rate": 1}
+    assert (await heartbeat(hub, "w-1", secret, [], **at_bounds)).status_code == 200
+    for past in ({"cpu_percent": 100.5}, {"memory_percent": 101}, {"gpu_utilization": 150}, {"error_rate": 1.5}):
+        resp = await heartbeat(hub, "w-1", secret, [], **past)
+        assert resp.status_code == 422 and resp.json()["message"].startswith(next(iter(past))), (past, resp.text)
+
+
+def test_the_log_level_is_read_in_any_case() -> None:
+    """``FLEET_LOG_LEVEL=debug`` is what an SRE types: it means DEBUG, not a refusal to start."""
+    assert HubSettings(log_level="debug").log_level == "DEBUG"
+    assert HubSettings(log_level="Warning").log_level == "WARNING"
+    with pytest.raises(ValidationError, match="log_level"):
+        HubSettings(log_level="verbose")
+
+
+async def test_an_oversized_body_gets_its_413_over_real_http(make_running_hub: Any) -> None:
+    """Through uvicorn the refusal must be a well-formed answer (its Content-Length that of its body), announced
+    or streamed, or the client waits for bytes that never come."""
+    running = await make_running_hub(max_body_bytes=1024)
+
+    async def chunks():  # no Content-Length
+        for _ in range(4):
+            yield b" " * 512
+    async with httpx.AsyncClient(base_url=running.url, timeout=5) as client:
+        for content in (b"{" + b" " * 2000 + b"}", chunks()):
+            resp = await client.post("/api/v1/sessions", content=content, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 413 and resp.json() == {
+                "error": "body_too_large", "message": "request bodies are limited to 1024 bytes"}
+
+
+async def test_each_client_has_its_own_rate_limit(make_hub: Any) -> None:
+    """One client past its burst is refused; another, behind the same trusted proxy, is still let through."""
+    hub = await make_hub(rate_limit_per_s=0.01, rate_limit_burst=2, trusted_proxies=["127.0.0.1"])
+    first, second = {"X-Forwarded-For": "203.0.113.1"}, {"X-Forwarded-For": "203.0.113.2"}
+    codes = [(await hub.post("/api/v1/sessions", json={}, headers=first)).status_code for _ in range(3)]
+    assert codes == [503, 503, 429]  # through to placement (no workers), then limited
+    assert (await hub.post("/api/v1/sessions", json={}, headers=second)).status_code == 503
+    assert (await hub.post("/api/v1/sessions", json={}, headers=first)).status_code == 429
+
+
+async def test_a_worker_id_is_at_most_64_characters_so_its_sessions_can_always_be_found(
+        hub: httpx.AsyncClient, make_worker: Any) -> None:
+    """A session id names its worker; the hub finds a session's worker from it. A 64-character id is the longest a
+    registration takes and its sessions are read and ended like any other; a 65-character one is refused, or its
+    sessions would be placed and then never found again."""
+    longest = "w" * 64
+    await register(hub, longest, await make_worker())
+    await refresh(hub)
+    placed = await hub.post("/api/v1/sessions", json={})
+    assert placed.status_code == 201 and placed.json()["worker"]["id"] == longest, placed.text
+    session_id = placed.json()["session_id"]
+    assert (await hub.get(f"/api/v1/sessions/{session_id}")).status_code == 200
+    assert (await hub.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
+    too_long = await hub.post("/api/v1/workers", json=registration("w" * 65, "http://127.0.0.1:9"),
+                              headers=WORKER_AUTH)
+    assert too_long.status_code == 422 and too_long.json()["message"].startswith("worker_id: ")
+
+
+async def test_the_configured_near_best_margin_decides_which_candidates_share_the_traffic(
+        make_hub: Any, make_worker: Any) -> None:
+    """``FLEET_NEAR_BEST_MARGIN`` reaches the routing: a margin as wide as the scores lets a far worker share a
+    Berlin user's traffic, the default keeps it to the near one."""
+    berlin = {"lat": 52.5, "lon": 13.4}
+    wide = await make_hub(near_best_margin=1.0)
+    await register(wide, "w-eu", await make_worker(), region="eu-central-1")
+    await register(wide, "w-us", await make_worker(), region="us-west-2")
+    for hub, near_best in ((wide, {"w-eu": True, "w-us": True}), (await make_hub(), {"w-eu": True, "w-us": False})):
+        await refresh(hub)
+        explain = await hub.get("/api/v1/route/explain", params=berlin, headers=ADMIN_AUTH)
+        assert {c["worker_id"]: c["near_best"] for c in explain.json()["candidates"]} == near_best
+
+
+async def test_a_stopped_hub_leaves_no_loop_running(redis_url: str) -> None:
+    """Its routing-board refresh would go on reading a closed store, logging a failure a second, in a process that
+    outlives the app (tests, an embedding server)."""
+    app = create_app(hub_settings(redis_url))
+    async with app.router.lifespan_context(app):
+        assert "routing board refresh" in {task.get_name() for task in asyncio.all_tasks()}
+    assert "routing board refresh" not in {task.get_name() for task in asyncio.all_tasks()}
+
+
+async def test_a_hub_without_a_redis_url_stops_the_redis_server_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In dev the hub starts its own redis-server; stopping the hub must not leave it running on its port."""
+    started: list[EmbeddedRedis] = []
+
+    class Recorded(EmbeddedRedis):
+        def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+            started.append(self)
+            return super().start(timeout_s)
+
+    monkeypatch.setattr("hub.main.EmbeddedRedis", Recorded)
+    app = create_app(HubSettings(worker_token=WORKER_TOKEN, admin_token=ADMIN_TOKEN))
+    async with app.router.lifespan_context(app):
+        assert len(started) == 1 and started[0].running
+    assert not started[0].running
+
+
+@pytest.mark.standalone_redis
+async def test_a_stopped_hub_leaves_no_connection_open(redis_url: str) -> None:
+    """Neither to Redis nor to workers: a process that outlives the app (tests, an embedding server) would hold
+    them until it exits."""
+    probe = sync_redis(redis_url)
+    before = probe.info("clients")["connected_clients"]
+    app = create_app(hub_settings(redis_url))
+    async with app.router.lifespan_context(app):
+        await app.state.hub.board.refresh()
+        assert probe.info("clients")["connected_clients"] > before
+    try:
+        await wait_for(lambda: probe.info("clients")["connected_clients"] <= before, 5, "its connections to close")
+    finally:
+        probe.close()
+    assert app.state.hub.allocator.workers._http.closed  # its HTTP session to the workers
+
+
+def test_each_score_weight_is_read_from_its_own_variable() -> None:
+    settings = HubSettings(weight_distance=0.4, weight_load=0.3, weight_latency=0.2, weight_capacity=0.1)
+    assert settings.weights == Weights(distance=0.4, load=0.3, latency=0.2, capacity=0.1)
+
+
+def test_a_livekit_file_is_read_as_yaml_by_either_extension_and_a_proxy_network_may_name_a_host(tmp_path) -> None:
+    """``.yml`` is as much YAML as ``.yaml``; ``10.0.0.5/8`` (a host's address with its network's prefix, as
+    ``ip addr`` prints it) means the network 10.0.0.0/8."""
+    config = tmp_path / "livekit.yml"
+    config.write_text("\n".join(f"- {key}: {value}" if n == 0 else f"  {key}: {value}"
+                                for n, (key, value) in enumerate(LIVEKIT[0].items())))
+    assert [d.region for d in HubSettings(livekit_regions=str(config)).livekit_deployments] == ["us-east"]
+    assert HubSettings(trusted_proxies=["10.0.0.5/8"]).trusted_proxies == ["10.0.0.5/8"]

@@ -447,3 +447,15 @@ def test_the_synthetic_latency_is_the_95th_percentile_of_recent_frames() -> None
     engine._latencies.clear()
     engine._latencies.extend(float(ms) for ms in range(1, 101))
     assert engine.stats().latency_ms == 95.0
+
+
+async def test_the_worker_reads_its_bearer_token_whatever_the_schemes_case_and_the_spaces_around_it(
+        worker: Any) -> None:
+    """RFC 9110 §11.1: the auth scheme is case-insensitive; ``bearer`` or a token padded with spaces is still the
+    token, and a padded wrong one is still refused."""
+    client, _ = worker
+    for n, header in enumerate((f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer   {TOKEN}  ")):
+        resp = await client.post("/sessions", json=dispatch(f"s{n}"), headers={"Authorization": header})
+        assert resp.status_code == 201, (header, resp.text)
+    padded_wrong = await client.post("/sessions", json=dispatch("x"), headers={"Authorization": f"Bearer  {TOKEN}x "})
+    assert padded_wrong.status_code == 401

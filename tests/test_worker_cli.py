@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from shared.keys import WORKER_ID_PATTERN
 from shared.redis_server import free_port
+from shared.settings import describe_invalid
 from worker import imds as imds_module
 from worker.cli import EXIT_USAGE, calibrate, run_worker
 from worker.settings import WorkerSettings
+from worker.voice.settings import VoiceSettings
 
 
 @pytest.fixture(autouse=True)
@@ -304,3 +307,12 @@ def test_the_options_of_fleet_worker_reach_the_agent(monkeypatch: pytest.MonkeyP
     s = seen[0]
     assert (s.host, s.port, s.advertise_url, s.region, s.simulate_gpu, s.max_streams, s.engine) == (
         "127.0.0.1", 0, "http://w:8100", "eu-west-1", "a10g", 3, "synthetic")
+
+
+def test_a_voice_setting_read_from_a_shared_variable_is_named_by_that_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Voice settings read ``FLEET_ENV``, not ``FLEET_VOICE_ENV``: a bad value names the variable the SRE set."""
+    monkeypatch.setenv("FLEET_ENV", "staging")
+    with pytest.raises(ValidationError) as refused:
+        VoiceSettings()
+    assert describe_invalid(refused.value).startswith("invalid configuration: FLEET_ENV: Input should be"), refused
