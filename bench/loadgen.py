@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -120,6 +121,12 @@ class Load:
         return "" if r.status == 201 else str(r.status), None
 
 
+def nearest_rank(ordered: list[float], p: float) -> float:
+    """The ``p``-th percentile of ``ordered`` (ascending) by nearest rank: p99 of 100 samples is the 99th, not the
+    slowest; NaN when there are none."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else float("nan")
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     lat_ms: list[float] = []
     errors: dict[str, int] = {}
@@ -174,7 +181,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     s = sorted(lat_ms)
 
     def q(p: float) -> float:
-        return round(s[min(len(s) - 1, int(p / 100 * len(s)))], 2) if s else float("nan")
+        return round(nearest_rank(s, p), 2)
 
     result: dict[str, object] = {"mode": args.mode, "ok": done, "errors": errors, "elapsed_s": round(elapsed, 2),
                                  "per_s": round(done / elapsed, 1), "p50_ms": q(50), "p99_ms": q(99),
