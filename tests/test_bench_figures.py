@@ -167,6 +167,20 @@ def test_the_heartbeat_bench_gives_each_transports_share_of_one_hub_process_at_t
     assert recorded["heartbeat-ws"]["transport"] == "WebSocket channel"
 
 
+def test_a_heartbeat_run_the_hub_recorded_nothing_of_says_so_and_leaves_no_secrets_behind(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A channel run the hub counted no heartbeat of has no capacity figure: the bench says so instead of failing on
+    its print line, and the file of worker secrets it handed the load generator is gone afterwards."""
+    nothing = {**_HEARTBEATS, "heartbeat-ws": {"per_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}}
+    bench_ = _Bench(monkeypatch, bench.heartbeats, tmp_path, nothing)
+    monkeypatch.setattr(sys, "argv", ["bench.heartbeats", "--quick"])
+    bench.heartbeats.main()
+    out = capsys.readouterr().out
+    assert "333/s = unknown (the hub recorded no heartbeat) of one hub process" in out, out
+    (secrets,) = {a[a.index("--secrets") + 1] for a in bench_.runs}
+    assert not Path(secrets).exists()
+
+
 # --- the load generator: one virtual clock that only the fake hub's answers move --------------------------------
 
 
