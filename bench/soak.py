@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import random
@@ -169,9 +170,15 @@ class Soak:
         while time.monotonic() < deadline:
             task = asyncio.create_task(self.user(http))
             users.add(task)
-            task.add_done_callback(users.discard)
+            task.add_done_callback(functools.partial(self._finished, users))
             await asyncio.sleep(self.rng.expovariate(rate_per_s))
         return users
+
+    def _finished(self, running: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        """A user or churn task that crashed is an error of the run, not a task nobody reads."""
+        running.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.fig.error(f"{task.get_coro().__qualname__} crashed: {type(exc).__name__} {exc}")
 
     # --- churn ----------------------------------------------------------------------------------------------
 
@@ -200,7 +207,7 @@ class Soak:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self.churning.add(task)
-        task.add_done_callback(self.churning.discard)
+        task.add_done_callback(functools.partial(self._finished, self.churning))
 
     async def join(self, w: WorkerProcess) -> None:
         self.busy.add(w.worker_id)

@@ -5,10 +5,12 @@ soak's drift figures and final checks, and the plots."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -704,3 +706,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert bench.loadgen.nearest_rank(hundred, 50) == 50.0
     assert bench.loadgen.nearest_rank([7.0], 99) == 7.0
     assert math.isnan(bench.loadgen.nearest_rank([], 50))
+
+
+async def test_a_soak_user_or_churn_step_that_crashes_is_an_error_of_the_run() -> None:
+    """A user task that raised was dropped from the running set and its exception never read: the soak could print
+    PASS over users that crashed. Both a crashed user and a crashed churn step now land in the run's errors."""
+    soak = _soak()
+
+    async def crashing_user(http: Any) -> None:
+        raise ValueError("no session id in the answer")
+
+    async def crashing_join() -> None:
+        raise RuntimeError("the worker did not start")
+
+    soak.user = crashing_user  # type: ignore[method-assign]
+    soak.load_s, soak.t0 = 0.05, time.monotonic()
+    users = await soak.load(SimpleNamespace(), rate_per_s=200)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the done callbacks of the last users
+    soak.spawn(crashing_join())
+    await asyncio.gather(*users, *soak.churning, return_exceptions=True)
+    await asyncio.sleep(0)
+    crashes = sorted({error.rsplit(".", 1)[-1] for error in soak.fig.errors})  # without the test's qualname
+    assert crashes == ["crashing_join crashed: RuntimeError the worker did not start",
+                       "crashing_user crashed: ValueError no session id in the answer"]
