@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from shared.children import ended_with_this_process
 from shared.geo import AWS_REGIONS, region_location
 from shared.redis_server import EmbeddedRedis
 
@@ -72,11 +73,12 @@ class Fleet:
 
 
 def _spawn(name: str, args: list[str], env: dict[str, str], log_path: str) -> Part:
-    # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the fleet in order. The child keeps
-    # its own copy of the log's descriptor.
+    # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the fleet in order; and a SIGTERM
+    # from Linux if the demo is killed before it could. The child keeps its own copy of the log's descriptor.
     with open(log_path, "ab") as log:
         return Part(name, subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stdout=log,
-                                           stderr=log, start_new_session=True), log_path)
+                                           stderr=log, start_new_session=True,
+                                           preexec_fn=ended_with_this_process()), log_path)
 
 
 class DemoFailed(Exception):

@@ -7,20 +7,16 @@ build a cluster of them in ``tests/redis_cluster.py``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from shared.children import ended_with_this_process
 
 
 def redis_server_binary() -> str:
@@ -133,7 +129,7 @@ class EmbeddedRedis:
         # Its own session, so a Ctrl-C in the terminal does not stop the store under the processes still using it:
         # whoever started it stops it, last (`fleet demo` drains its workers first).
         self._proc = subprocess.Popen(args + self.extra_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True, preexec_fn=_ended_with_this_process())
+                                      start_new_session=True, preexec_fn=ended_with_this_process())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -167,23 +163,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
-
-
-def _ended_with_this_process() -> Callable[[], None] | None:
-    """For the child: ask Linux to send it SIGTERM when its parent ends, so a parent killed before its cleanup ran
-    (SIGKILL, or a signal it does not handle) leaves no server behind, as the terminal's signals did before it had
-    its own session. Linux sends it when the starting *thread* ends, so only from the main thread."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
-    parent = os.getpid()
-
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent ended before the request took effect
-            os._exit(1)
-
-    return in_child
 
 
 def _answers_ping(port: int) -> bool:

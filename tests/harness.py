@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import httpx
 
+from shared.children import ended_with_this_process
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, WORKER_TOKEN
 
@@ -61,7 +62,8 @@ class FleetProcess:
         self._log = self._log or _log_file()
         self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--host", "127.0.0.1",
                                       "--port", str(self.port)],
-                                     env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=self._log,
+                                     preexec_fn=ended_with_this_process())  # a killed test run leaves none behind
 
     def _wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> bool:
         """Poll ``ready`` (HTTP errors count as not yet) until it holds; False on timeout; raises if the process

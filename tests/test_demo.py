@@ -493,3 +493,23 @@ def test_a_stop_signal_while_starting_exits_130_and_stops_redis(tmp_path: Path,
             signal.signal(sig, handler)
     assert code == 130 and Redis.stopped
     assert list(tmp_path.glob("*.log")) == [], "nothing but Redis was started"
+
+
+def test_a_demo_killed_outright_leaves_no_part_of_its_fleet_running(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) gives the demo no chance to stop its fleet: its hubs and workers, in sessions of
+    their own, went on holding their ports, and the next `make run` refused to start. Linux now sends each of them
+    SIGTERM when the demo ends."""
+    hub_port, worker_port = free_port_run(2), free_port_run(1)
+    demo = RunningDemo(tmp_path, "--workers", "1", "--users-per-min", "0.1", "--hub-port", str(hub_port),
+                       "--worker-port", str(worker_port))
+    try:
+        demo.wait_for(lambda: BANNER_END in demo.output, "banner")
+        assert sorted(demo.kinds.values()) == ["hub", "hub", "redis", "worker"]
+        demo.proc.kill()  # the demo alone, not its process group: nothing else is signalled
+        _ends(demo.children, timeout_s=60)
+        left = demo.left_running()
+    finally:
+        demo.close()
+    assert left == []
+    for port in (hub_port, hub_port + 1, worker_port):
+        assert not _listening(port)
