@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from hub.store import _lease_status
+from hub.redis_client import connect
+from hub.store import RELEASE_RECEIPT_MS, FleetStore, _lease_status
 from shared import keys
 from shared.auth import digest
 from shared.models import SessionStatus
-from tests.conftest import registered_store, sync_redis
+from tests.conftest import hub_settings, registered_store, sync_redis
 
 
 def _redis_now_ms() -> int:
@@ -290,6 +291,108 @@ async def test_an_sre_listing_of_more_workers_than_one_pipeline_shows_every_one(
         assert listed["w-000"] == {"w-000~atthechunkedge": {"worker_id": "w-000", "status": "pending"}}
     finally:
         await store.close()
+
+
+async def test_a_workers_keys_expire_even_if_it_dies_right_after_taking_a_session(redis_url: str) -> None:
+    """The keys a reservation or a confirmation creates inherit the worker's expiry: a worker that dies before any
+    heartbeat leaves nothing in Redis for ever."""
+    store, _ = await registered_store(redis_url, 1)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-000", "w-000~diessoon001", {})).ok
+        assert await store.confirm("w-000", "w-000~diessoon001")
+    finally:
+        await store.close()
+    assert [r.pttl(key) > 0 for key in keys.worker_keys("w-000").as_list()] == [True] * 4
+
+
+async def test_a_release_resent_after_a_lost_reply_answers_as_the_first_did(redis_url: str) -> None:
+    """redis-py resends a release whose reply timed out, with the same token: the resend answers held, with the
+    session's record, as the first run did. Another release (another token) finds nothing held. The receipt that
+    makes this work is short-lived, and the session leaves nothing else behind."""
+    store, _ = await registered_store(redis_url, 1)
+    r = sync_redis(redis_url, decode_responses=True)
+    worker = keys.worker_keys("w-000")
+    sid = "w-000~releasedtwice"
+    receipt = keys.release_receipt("w-000", sid)
+
+    async def release(token: str) -> list[Any]:
+        return list(await store._release(keys=[*worker.as_list(), receipt], args=[sid, token, RELEASE_RECEIPT_MS]))
+
+    try:
+        assert (await store.reserve("w-000", sid, {"room": "r"})).ok
+        assert await store.confirm("w-000", sid)
+        first = await release("token-first")
+        assert first[:3] == [1, 0, '{"room":"r"}'] and first[3]
+        assert await release("token-first") == first, "the resend did not answer as the first run"
+        assert (await release("token-other"))[:3] == [0, 0, None]
+    finally:
+        await store.close()
+    assert 0 < r.pttl(receipt) <= RELEASE_RECEIPT_MS, "the receipt outlives any resend"
+    assert [r.hexists(worker.active, sid), r.hexists(worker.sessions, sid), r.zscore(worker.leases, sid)] == [
+        False, False, None]
+
+
+async def test_a_heartbeat_after_an_active_lease_lapsed_that_does_not_renew_it_frees_its_slot(redis_url: str) -> None:
+    """An active lease that lapsed since the worker's last heartbeat, and that the next heartbeat does not report, is
+    dropped by that heartbeat, though its absent grace has not run out: the slot is free at once."""
+    _, secrets = await registered_store(redis_url, 1)
+    settings = hub_settings(redis_url, absent_grace_s=60.0)
+    store = FleetStore(connect(settings, redis_url), settings)
+    r = sync_redis(redis_url, decode_responses=True)
+    sid = "w-000~lapsedunrenew"
+    try:
+        assert (await store.reserve("w-000", sid, {})).ok
+        assert await store.confirm("w-000", sid)
+        r.zadd(keys.worker_keys("w-000").leases, {sid: _redis_now_ms() - 1})  # lapsed (an outage, say)
+        beat = await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", [])
+        assert (beat.status, beat.used) == (1, 0)
+    finally:
+        await store.close()
+
+
+async def test_a_worker_that_drained_itself_and_registers_again_is_ready(redis_url: str) -> None:
+    """A worker process that was leaving (its heartbeats said 'draining') and starts again registers as ready: the
+    state the old process reported does not keep the new one out of routing."""
+    store, secrets = await registered_store(redis_url, 1)
+    fields = {"url": "http://127.0.0.1:1/w0", "region": "us-east-1", "max_streams": "5"}
+    try:
+        assert (await store.heartbeat("w-000", digest(secrets["w-000"]), "draining", "{}", [])).state == "draining"
+        again = await store.register("w-000", secrets["w-000"], "the-new-process", fields, "{}")
+        assert again is not None and again.state == "ready"
+    finally:
+        await store.close()
+
+
+async def test_a_reservation_resent_after_a_lost_reply_takes_no_second_slot(redis_url: str) -> None:
+    """redis-py resends a reservation whose reply timed out though Redis ran it: the resend is answered as taken,
+    with the same count, even when that lease filled the worker (not refused as full while holding the slot)."""
+    store, _ = await registered_store(redis_url, 1, max_streams=1)
+    try:
+        first = await store.reserve("w-000", "w-000~reservedtwice", {})
+        again = await store.reserve("w-000", "w-000~reservedtwice", {})
+        assert (first.ok, first.used) == (True, 1)
+        assert (again.ok, again.used) == (True, 1), again
+    finally:
+        await store.close()
+
+
+async def test_a_heartbeat_renews_a_session_it_reports_for_a_whole_active_lease(redis_url: str) -> None:
+    """A reported session's lease runs for ``active_lease_s`` from the heartbeat, whatever the absent grace: an SRE
+    listing still shows it if the worker dies just after."""
+    _, secrets = await registered_store(redis_url, 1)
+    settings = hub_settings(redis_url, active_lease_s=120.0, absent_grace_s=0.5)
+    store = FleetStore(connect(settings, redis_url), settings)
+    r = sync_redis(redis_url, decode_responses=True)
+    sid = "w-000~renewedlease1"
+    try:
+        assert (await store.reserve("w-000", sid, {})).ok
+        assert await store.confirm("w-000", sid)
+        r.zadd(keys.worker_keys("w-000").leases, {sid: _redis_now_ms() - 1})
+        assert (await store.heartbeat("w-000", digest(secrets["w-000"]), "ready", "{}", [sid])).used == 1
+    finally:
+        await store.close()
+    assert float(r.zscore(keys.worker_keys("w-000").leases, sid) or 0) > _redis_now_ms() + 60_000
 
 
 def test_a_pending_lease_counts_as_lapsed_from_the_very_millisecond_of_its_expiry() -> None:

@@ -264,6 +264,18 @@ async def test_the_list_and_the_worker_view_agree_on_an_sre_drain(hub: httpx.Asy
     assert await both() == (True, True)
 
 
+async def test_the_worker_list_shows_an_sre_drain_before_the_workers_next_heartbeat(hub: httpx.AsyncClient,
+                                                                                     make_worker) -> None:
+    """An SRE who drains a worker and lists the fleet at once sees the drain, not the worker's last heartbeat's
+    view of it."""
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    assert (await hub.post("/api/v1/workers/w-1/drain", headers=ADMIN_AUTH)).status_code == 200
+    await refresh(hub)
+    [listed] = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert (listed["state"], listed["drain_requested"]) == ("draining", True)
+
+
 async def test_unconfirmed_lease_expires_by_itself(hub: httpx.AsyncClient, make_worker) -> None:
     """A hub that dies between reserve and confirm leaves a pending lease: it must return on its own, at the
     worker's first heartbeat after it lapsed (that heartbeat does not report it)."""
