@@ -459,3 +459,25 @@ async def test_the_worker_reads_its_bearer_token_whatever_the_schemes_case_and_t
         assert resp.status_code == 201, (header, resp.text)
     padded_wrong = await client.post("/sessions", json=dispatch("x"), headers={"Authorization": f"Bearer  {TOKEN}x "})
     assert padded_wrong.status_code == 401
+
+
+async def test_the_draining_gauge_follows_an_sre_drain_and_its_resume(worker: Any) -> None:
+    """worker_draining is 1 while the hub holds the worker drained (``fleet drain``), and 0 again on its resume, as
+    docs/metrics.md says; an SRE watching it sees the drain took effect on the worker."""
+    client, manager = worker
+    manager.set_drained_by_hub(True)
+    assert "worker_draining 1.0" in (await client.get("/metrics")).text
+    manager.set_drained_by_hub(False)
+    assert "worker_draining 0.0" in (await client.get("/metrics")).text
+
+
+async def test_a_stopped_session_is_reported_to_the_session_count_listeners(worker: Any) -> None:
+    """A stop (the hub's DELETE, or a stop a heartbeat answer asks for) tells the listeners the new count: the
+    scale-in protection lifts once idle, and worker_sessions_active falls back to 0."""
+    client, manager = worker
+    counts: list[int] = []
+    manager.on_change = counts.append
+    assert (await client.post("/sessions", json=dispatch("p1"), headers=AUTH)).status_code == 201
+    assert (await client.delete("/sessions/p1", headers=AUTH)).status_code == 204
+    assert counts[0] == 1 and counts[-1] == 0
+    assert "worker_sessions_active 0.0" in (await client.get("/metrics")).text

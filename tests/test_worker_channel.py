@@ -656,3 +656,56 @@ async def test_a_refused_channel_goes_by_post_to_the_same_hub_and_its_retry_dela
             await channel.close()
     assert delivered == [Delivery.POST, Delivery.POST, Delivery.ANSWERED, Delivery.POST, Delivery.POST_ELSEWHERE]
     assert drawn[:3] == [0, 1, 0], "after the channel opened, the next refusal waits the first, shortest delay"
+
+
+async def test_a_drained_worker_deregisters_through_another_hub_when_its_own_is_down(make_running_hub: Any) -> None:
+    """Two hubs share the registry; the one the worker registered with is gone when the worker leaves. The
+    deregistration goes to the other one, and the worker leaves the registry at once. Guards against trying only the
+    hub that answered last: the worker stayed routable, a dead worker the hubs sent sessions to until its TTL lapsed."""
+    gone, other = await make_running_hub(), await make_running_hub()
+    client = HubClient([gone.url, other.url], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2),
+                       timeout_s=1.0, use_channel=False)
+    try:
+        await client.register_once()
+        assert client.hub_url == gone.url
+        await gone.stop()
+        assert await client.deregister() is True
+    finally:
+        await client.aclose()
+    async with other.client() as hub:
+        assert (await hub.get("/api/v1/workers/w1", headers=ADMIN_AUTH)).status_code == 404
+
+
+async def test_a_hub_that_answered_and_then_failed_keeps_its_place_among_the_failing_ones(fake_hub: Any) -> None:
+    """Three hubs: a is down, b answers once and then fails too, c is down. Each round begins with the hub that
+    failed longest ago and ends with the one that failed last, each hub tried once. Guards against a hub's failures
+    going unrecorded (the hub that just failed tried again early) and against a hub recorded twice (tried twice in
+    one round, a whole timeout each when it is frozen)."""
+    tried: list[str] = []
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    def hub(name: str, answers: int) -> Handler:
+        async def beat(_: web.Request) -> web.Response:
+            tried.append(name)
+            if tried.count(name) <= answers:
+                return web.json_response(_answer())
+            return web.Response(status=503)
+
+        return beat
+
+    urls = [await fake_hub(register, hub(name, answers)) for name, answers in (("a", 0), ("b", 1), ("c", 0))]
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       use_channel=False)
+    try:
+        await client.register_once()
+        await client.heartbeat_once()
+        assert client.hub_url == urls[1]
+        for _ in range(2):
+            with pytest.raises(HubUnavailable):
+                await client.heartbeat_once()
+    finally:
+        await client.aclose()
+    assert tried == ["a", "b", "b", "c", "a", "b", "c", "a"]
