@@ -269,7 +269,15 @@ async def test_health_says_unregistered_while_the_worker_registers_again(make_ru
     assert (await health())["registered"] is True
 
 
-async def test_a_refused_secret_leads_to_a_fresh_registration(make_running_hub: Any, run_agent: Any) -> None:
+@pytest.mark.parametrize("transport", ["channel", "post"])
+async def test_a_refused_secret_leads_to_a_fresh_registration(make_running_hub: Any, run_agent: Any, transport: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the channel and over POST (behind a proxy that refuses the upgrade) alike."""
+    if transport == "post":
+        async def refuse(*args: Any, **kwargs: Any) -> None:
+            raise aiohttp.ClientConnectionError("a proxy that does not upgrade")
+
+        monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", refuse)
     running = await make_running_hub()
     agent = await run_agent(worker_settings(running))
     agent.hub.secret = "not-the-secret"
