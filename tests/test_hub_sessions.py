@@ -33,6 +33,11 @@ from tests.conftest import (
 )
 
 
+async def _unreachable(*args: object, **kwargs: object) -> Any:
+    """Stands in for a store step while Redis is out of reach."""
+    raise StoreUnavailable("the shared store is unreachable")
+
+
 async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: httpx.AsyncClient, make_worker) -> None:
     worker = await make_worker(max_streams=2)
     await register(hub, "w-1", worker)
@@ -544,10 +549,7 @@ async def test_a_placement_that_fails_after_its_reservation_leaves_no_slot_behin
     await refresh(hub)
     store = hub.app.state.hub.store
 
-    async def store_fails(*args: object, **kwargs: object) -> bool:
-        raise StoreUnavailable("the shared store is unreachable")
-
-    monkeypatch.setattr(store, "confirm", store_fails)
+    monkeypatch.setattr(store, "confirm", _unreachable)
     failed = await hub.post("/api/v1/sessions", json={})
     assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
     # The undo runs in the background: the stop, then the release (a heartbeat sent between the two still finds
@@ -630,10 +632,7 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
     store = hub.app.state.hub.store
     release = store.release
 
-    async def release_fails(*args: object, **kwargs: object) -> None:
-        raise StoreUnavailable("the shared store is unreachable")
-
-    monkeypatch.setattr(store, "release", release_fails)
+    monkeypatch.setattr(store, "release", _unreachable)
     assert (await late).status_code == 503
     await wait_for(lambda: len(worker.sessions) == 1, 2, "the late session stopped")
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
@@ -794,10 +793,7 @@ async def test_an_undo_outlasts_a_failover_that_also_hides_the_worker(
         stops.append(session_id)
         return StopAnswer.UNDELIVERED if len(stops) <= 2 else await real_stop(url, session_id)
 
-    async def confirm_fails(*args: object, **kwargs: object) -> bool:
-        raise StoreUnavailable("the shared store is unreachable")
-
-    monkeypatch.setattr(store, "confirm", confirm_fails)
+    monkeypatch.setattr(store, "confirm", _unreachable)
     monkeypatch.setattr(store, "release", fails_until(4.0, store.release))
     monkeypatch.setattr(workers, "stop", stop_unanswered_twice)
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
@@ -966,10 +962,7 @@ async def test_a_session_key_request_the_store_fails_mid_placement_leaves_no_cla
     store = hub.app.state.hub.store
     confirm = store.confirm
 
-    async def store_fails(*args: object, **kwargs: object) -> bool:
-        raise StoreUnavailable("the shared store is unreachable")
-
-    monkeypatch.setattr(store, "confirm", store_fails)
+    monkeypatch.setattr(store, "confirm", _unreachable)
     failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-confirm"})
     assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
     monkeypatch.setattr(store, "confirm", confirm)
@@ -998,10 +991,7 @@ async def test_a_conversation_whose_move_the_store_failed_moves_on_the_retry(
     await refresh(hub)
     release = store.release
 
-    async def release_fails(*args: object, **kwargs: object) -> None:
-        raise StoreUnavailable("the shared store is unreachable")
-
-    monkeypatch.setattr(store, "release", release_fails)
+    monkeypatch.setattr(store, "release", _unreachable)
     failed = await hub.post("/api/v1/sessions", json={"session_key": "conv-move"})
     assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
     monkeypatch.setattr(store, "release", release)
