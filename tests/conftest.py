@@ -208,8 +208,10 @@ def registration(worker_id: str, url: str, region: str = "us-east-1", max_stream
             "gpus": [{"name": "NVIDIA A10G", "vram_total_mb": 24576}], **extra}
 
 
-async def registered_store(redis_url: str, count: int, max_streams: int = 5) -> tuple[FleetStore, dict[str, str]]:
-    """A store of its own over ``count`` workers registered through a hub's registry (secrets by worker id)."""
+async def registered_store(redis_url: str, count: int, max_streams: int = 5,
+                           **overrides: Any) -> tuple[FleetStore, dict[str, str]]:
+    """A store of its own (hub settings ``overrides``) over ``count`` workers registered through a hub's registry
+    (secrets by worker id)."""
     app = create_app(hub_settings(redis_url))
     secrets: dict[str, str] = {}
     async with app.router.lifespan_context(app):
@@ -217,7 +219,7 @@ async def registered_store(redis_url: str, count: int, max_streams: int = 5) -> 
         for i in range(count):
             reg = WorkerRegistration(**registration(f"w-{i:03d}", f"http://127.0.0.1:1/w{i}", max_streams=max_streams))
             secrets[reg.worker_id] = (await registry.register(reg, None)).worker_secret
-    settings = hub_settings(redis_url)
+    settings = hub_settings(redis_url, **overrides)
     return FleetStore(connect(settings, redis_url), settings), secrets
 
 

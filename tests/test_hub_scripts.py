@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from hub.redis_client import connect
-from hub.store import RELEASE_RECEIPT_MS, FleetStore, _lease_status
+from hub.store import RELEASE_RECEIPT_MS, _lease_status
 from shared import keys
 from shared.auth import digest
 from shared.models import SessionStatus
-from tests.conftest import hub_settings, registered_store, sync_redis
+from tests.conftest import registered_store, sync_redis
 
 
 def _redis_now_ms() -> int:
@@ -336,9 +335,7 @@ async def test_a_release_resent_after_a_lost_reply_answers_as_the_first_did(redi
 async def test_a_heartbeat_after_an_active_lease_lapsed_that_does_not_renew_it_frees_its_slot(redis_url: str) -> None:
     """An active lease that lapsed since the worker's last heartbeat, and that the next heartbeat does not report, is
     dropped by that heartbeat, though its absent grace has not run out: the slot is free at once."""
-    _, secrets = await registered_store(redis_url, 1)
-    settings = hub_settings(redis_url, absent_grace_s=60.0)
-    store = FleetStore(connect(settings, redis_url), settings)
+    store, secrets = await registered_store(redis_url, 1, absent_grace_s=60.0)
     r = sync_redis(redis_url, decode_responses=True)
     sid = "w-000~lapsedunrenew"
     try:
@@ -380,9 +377,7 @@ async def test_a_reservation_resent_after_a_lost_reply_takes_no_second_slot(redi
 async def test_a_heartbeat_renews_a_session_it_reports_for_a_whole_active_lease(redis_url: str) -> None:
     """A reported session's lease runs for ``active_lease_s`` from the heartbeat, whatever the absent grace: an SRE
     listing still shows it if the worker dies just after."""
-    _, secrets = await registered_store(redis_url, 1)
-    settings = hub_settings(redis_url, active_lease_s=120.0, absent_grace_s=0.5)
-    store = FleetStore(connect(settings, redis_url), settings)
+    store, secrets = await registered_store(redis_url, 1, active_lease_s=120.0, absent_grace_s=0.5)
     r = sync_redis(redis_url, decode_responses=True)
     sid = "w-000~renewedlease1"
     try:
