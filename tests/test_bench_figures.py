@@ -395,18 +395,10 @@ async def test_an_answered_channel_heartbeat_the_hub_refused_is_an_error() -> No
 # --- the fleet the allocation and heartbeat benches register ---------------------------------------------------
 
 
-def _flush(url: str) -> None:
-    client = sync_redis(url)
-    try:
-        flush(client)
-    finally:
-        client.close()
-
-
 async def test_the_benches_register_n_workers_round_robin_over_the_ten_regions(redis_server: EmbeddedRedis) -> None:
     """On one redis-server, as the benches run."""
     redis_url = redis_server.url
-    _flush(redis_url)
+    flush(sync_redis(redis_url))
     secrets = await register_fleet(redis_url, 23, 8123, max_streams=3)
     assert sorted(secrets) == [f"w{i:05d}" for i in range(23)]
     r = async_redis(redis_url, decode_responses=True)
@@ -580,7 +572,7 @@ async def test_a_soak_request_that_fails_is_expected_only_from_a_hub_killed_mean
 
 async def test_the_soak_reads_live_leases_only_and_counts_the_confirmed_ones(redis_server: EmbeddedRedis) -> None:
     """soak-00 holds a confirmed lease, a pending one and an expired confirmed one (a dead worker's, not purged)."""
-    _flush(redis_server.url)
+    flush(sync_redis(redis_server.url))
     store = async_redis(redis_server.url, decode_responses=True)
     try:
         seconds, micros = await store.time()

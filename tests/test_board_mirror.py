@@ -160,11 +160,7 @@ async def test_a_redis_that_restarts_empty_leaves_no_ghost_in_a_running_hubs_mir
     await board.refresh()
     assert set(board.entries) == {"w-live", "w-dead"}
 
-    client = sync_redis(redis_url)
-    try:
-        flush(client)  # Redis restarts empty
-    finally:
-        client.close()
+    flush(sync_redis(redis_url))  # Redis restarts empty
     await register(hub, "w-live", live)  # the live worker learns it at its next heartbeat and registers again
     await board.refresh()
     assert set(board.entries) == {"w-live"}
@@ -184,11 +180,8 @@ async def test_a_worker_past_retention_that_is_not_on_the_board_leaves_the_mirro
     await board.refresh()
     assert set(board.entries) == {"w-1"}
     client = sync_redis(redis_url)
-    try:
-        for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
-            client.hdel(key, "w-1")  # gone from the board, and no change logged
-    finally:
-        client.close()
+    for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
+        client.hdel(key, "w-1")  # gone from the board, and no change logged
     await asyncio.sleep(1.0)  # past retention
     await board.refresh()
     await board.refresh()
@@ -208,12 +201,9 @@ async def test_a_periodic_whole_read_corrects_what_no_delta_can_carry(make_hub: 
     await board.refresh()
     before = dict(board.entries)
     client = sync_redis(redis_url)
-    try:
-        for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
-            client.hdel(key, "w-1")  # gone from the board, and no change logged
-        client.hset(keys.BOARD.used, "w-2", 3)  # a count no change logged either
-    finally:
-        client.close()
+    for key in (keys.BOARD.static, keys.BOARD.status, keys.BOARD.used, keys.BOARD.registered):
+        client.hdel(key, "w-1")  # gone from the board, and no change logged
+    client.hset(keys.BOARD.used, "w-2", 3)  # a count no change logged either
     await board.refresh()
     assert set(board.entries) == {"w-1", "w-2", "w-3"} and board.entries["w-2"].used == 0, "a delta saw it"
 

@@ -78,11 +78,7 @@ def fleet_processes(request: pytest.FixtureRequest, redis_server: EmbeddedRedis)
         if not redis_server.running:
             redis_server.start()
         server, url = redis_server, redis_server.url
-    client = sync_redis(url)
-    try:
-        flush(client)
-    finally:
-        client.close()
+    flush(sync_redis(url))
     with running_hubs(3, url, **HUB_TIMINGS) as hubs, \
             running_workers([h.url for h in hubs], WORKERS, max_streams=STREAMS, drain_timeout_s=2,
                             log_level="INFO") as workers:

@@ -669,10 +669,7 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     assert reply["used_streams"] == 0
     await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
     client = sync_redis(redis_url)
-    try:
-        assert client.exists(keys.session_key_claim("conv-1")) == 0, "the failed placement left its claim"
-    finally:
-        client.close()
+    assert client.exists(keys.session_key_claim("conv-1")) == 0, "the failed placement left its claim"
     retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
     assert retry.status_code == 201, retry.text
     assert list(worker.sessions) == [retry.json()["session_id"]]
@@ -847,10 +844,7 @@ async def test_a_placement_that_finds_no_worker_leaves_no_claim_for_the_retry_to
     refused = await hub.post("/api/v1/sessions", json={"session_key": "conv-retry"})
     assert refused.status_code == 503 and refused.json()["error"] == "no_capacity"
     client = sync_redis(redis_url)
-    try:
-        assert client.exists(keys.session_key_claim("conv-retry")) == 0, "the failed placement left its claim"
-    finally:
-        client.close()
+    assert client.exists(keys.session_key_claim("conv-retry")) == 0, "the failed placement left its claim"
     await register(hub, "w-1", await make_worker())
     await refresh(hub)
     started = asyncio.get_running_loop().time()
@@ -869,13 +863,10 @@ async def test_a_session_from_a_hub_that_recorded_no_identity_is_handed_to_whoev
     assert first.status_code == 201
     session_id = first.json()["session_id"]
     client = sync_redis(redis_url, decode_responses=True)
-    try:
-        sessions = keys.worker_keys("w-1").sessions
-        record = json.loads(client.hget(sessions, session_id))
-        del record["identity"]
-        client.hset(sessions, session_id, json.dumps(record))
-    finally:
-        client.close()
+    sessions = keys.worker_keys("w-1").sessions
+    record = json.loads(client.hget(sessions, session_id))
+    del record["identity"]
+    client.hset(sessions, session_id, json.dumps(record))
     again = await hub.post("/api/v1/sessions", json={"session_key": "conv-old", "identity": "bob"})
     assert again.status_code == 200, again.text
     assert again.json()["session_id"] == session_id
@@ -925,10 +916,7 @@ async def test_a_session_key_remembers_its_session_for_the_affinity_ttl_not_the_
     await refresh(hub)
     assert (await hub.post("/api/v1/sessions", json={"session_key": "conv-long"})).status_code == 201
     client = sync_redis(redis_url)
-    try:
-        remembered_ms = client.pttl(keys.session_key_claim("conv-long"))
-    finally:
-        client.close()
+    remembered_ms = client.pttl(keys.session_key_claim("conv-long"))
     assert 590_000 < remembered_ms <= 600_000
 
 
@@ -1036,13 +1024,10 @@ async def test_a_reused_session_keys_token_joins_the_same_room_and_says_when_it_
     assert first.status_code == 201
     session_id = first.json()["session_id"]
     client = sync_redis(redis_url, decode_responses=True)
-    try:  # the first token was minted an hour ago
-        sessions = keys.worker_keys("w-1").sessions
-        record = json.loads(client.hget(sessions, session_id))
-        record["expires_at"] = datetime.fromisoformat(record["expires_at"]).replace(year=2000).isoformat()
-        client.hset(sessions, session_id, json.dumps(record))
-    finally:
-        client.close()
+    sessions = keys.worker_keys("w-1").sessions  # the first token was minted an hour ago
+    record = json.loads(client.hget(sessions, session_id))
+    record["expires_at"] = datetime.fromisoformat(record["expires_at"]).replace(year=2000).isoformat()
+    client.hset(sessions, session_id, json.dumps(record))
 
     again = await hub.post("/api/v1/sessions", json={"session_key": "conv-room", "identity": "carol"})
     assert again.status_code == 200, again.text

@@ -20,11 +20,7 @@ from tests.redis_cluster import start_cluster
 @pytest.fixture
 async def cluster_hub(redis_cluster: list[EmbeddedRedis]) -> AsyncIterator[httpx.AsyncClient]:
     url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
-    client = sync_redis(url)
-    try:
-        flush(client)  # before the hub starts: its first read of the board must not mirror an earlier test's
-    finally:
-        client.close()
+    flush(sync_redis(url))  # before the hub starts: its first read of the board must not mirror an earlier test's
     app = create_app(hub_settings(url, rate_limit_per_s=5, rate_limit_burst=100))
     async with app.router.lifespan_context(app), \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:

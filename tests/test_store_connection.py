@@ -301,7 +301,6 @@ async def test_a_store_out_of_memory_is_a_clean_503_for_every_step_and_frees_its
         reservation = await store.reserve("w-1", "w-1~afteroom01", {})  # the one slot was given back each time
         assert reservation.ok and reservation.used == 2, reservation
     finally:
-        admin.close()
         await store.close()
 
 
@@ -444,7 +443,6 @@ async def test_a_caller_outside_the_request_slots_gets_a_connection_while_every_
         assert await store.redis.get("{gauges}:published") == "1"
     finally:
         await asyncio.gather(request, return_exceptions=True)
-        admin.close()
         await store.close()
 
 
