@@ -45,7 +45,8 @@ _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", descripti
 
 
 def _check(credentials: HTTPAuthorizationCredentials | None, expected: str, what: str) -> None:
-    given = credentials.credentials if credentials else None
+    # Stripped as the worker's own check and the heartbeat channel strip it: ``Bearer   <token>`` is the token.
+    given = credentials.credentials.strip() if credentials else None
     if not secret_matches(given, expected):
         raise HTTPException(401, f"a valid {what} bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
