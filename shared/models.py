@@ -33,8 +33,11 @@ REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 Region = Annotated[str, Field(pattern=REGION_PATTERN, max_length=32, description="AWS region name.")]
 #: A region a user is placed by: an unknown one would silently mean the default region's coordinates.
 KnownRegion = Annotated[Region, AfterValidator(must_be_known_region)]
+#: Routing labels: keys as Kubernetes spells them, values any printable text (they reach the CLI's tables and the
+#: dashboard, where a newline or an escape sequence would garble or forge a line).
 LabelMap = Annotated[
-    dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")], Annotated[str, Field(max_length=128)]],
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")],
+         Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]],
     Field(max_length=32),
 ]
 #: The most streams one worker may offer: every heartbeat lists the sessions it runs, and the list has this bound.

@@ -186,6 +186,8 @@ async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(h
     {"session_key": "léçon"},
     {"labels": {"gpu": 3}},
     {"labels": {f"k{i}": "v" for i in range(33)}},  # at most 32
+    {"labels": {"team": "a\nb"}},  # a label value is one printable line
+    {"labels": {"team": "\x1b[2J"}},
     {"surprise": True},
     {"region": "../../etc"},
     {"region": "xx-nowhere-1"},  # was silently the default region
@@ -215,7 +217,8 @@ async def test_bad_worker_input_changes_nothing(hub: httpx.AsyncClient) -> None:
     for body in (registration("wörker", "http://x:1"), registration("w{1}", "http://x:1"),
                  registration("w-1", "ftp://x"), registration("w-1", "http://x:1", max_streams=-1),
                  {**registration("w-1", "http://x:1"), "gpus": "A10G"},
-                 registration("w-1", "http://x:1", region="xx-nowhere-1")):  # was ranked as if it stood at 0, 0
+                 registration("w-1", "http://x:1", region="xx-nowhere-1"),  # was ranked as if it stood at 0, 0
+                 {**registration("w-1", "http://x:1"), "labels": {"tier": "gold\r\nforged"}}):
         assert (await hub.post("/api/v1/workers", json=body, headers=WORKER_AUTH)).status_code == 422
     assert (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"] == []
     bad_hb = await hub.post("/api/v1/workers/w-1/heartbeat", json={"cpu_percent": 1e9}, headers=WORKER_AUTH)
@@ -655,6 +658,14 @@ async def test_a_bad_label_in_the_explain_view_is_a_422_naming_that_label(hub: h
                          headers=ADMIN_AUTH)
     assert resp.status_code == 422, resp.text
     assert resp.json()["detail"][0]["loc"] == ["query", "label", "engine"], resp.text
+
+
+async def test_a_label_given_twice_in_the_explain_view_is_a_422_not_its_last_value(hub: httpx.AsyncClient) -> None:
+    """``?label=gpu=a10g&label=gpu=t4`` asks for no worker a session request could ask for; the SRE hears which
+    label was doubled instead of reading candidates for ``gpu=t4`` alone."""
+    resp = await hub.get("/api/v1/route/explain", params={"label": ["gpu=a10g", "gpu=t4"]}, headers=ADMIN_AUTH)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"] == ["query", "label", "gpu"], resp.text
 
 
 async def test_an_overlong_region_filter_is_a_422_not_an_empty_list(hub: httpx.AsyncClient) -> None:

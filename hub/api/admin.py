@@ -137,6 +137,9 @@ def _labels(pairs: list[str]) -> dict[str, str]:
         if not sep:
             raise RequestValidationError([{"loc": ("query", "label"), "msg": "a label is key=value",
                                            "type": "value_error"}])
+        if key in raw:  # a query repeats keys on purpose; a second value is not silently the only one
+            raise RequestValidationError([{"loc": ("query", "label", key), "msg": "a label is given once",
+                                           "type": "value_error"}])
         raw[key] = value
     try:
         return _LABELS.validate_python(raw)
