@@ -12,11 +12,12 @@ from pydantic import SecretStr, ValidationError
 
 from shared.models import SessionDispatch
 from shared.settings import MIN_PROD_SECRET_CHARS, Env
+from worker.agent import client_audio_url
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
 from worker.voice.llm import CannedLLM, OpenAICompatLLM, build_llm
 from worker.voice.settings import VoiceSettings
-from worker.voice.transport_ws import verify_token
+from worker.voice.transport_ws import AUDIO_PATH, verify_token
 
 from .test_voice_pipeline import SILENCE, Events, FakeSTT, FakeWhisperModel, SlowTTS, noise, whisper_stt
 
@@ -134,6 +135,26 @@ def test_prod_refuses_a_short_livekit_secret(secret: str) -> None:
     assert VoiceSettings(env=Env.PROD, livekit_api_key="prodkey", livekit_api_secret=long_enough).env is Env.PROD
     dev = VoiceSettings(env=Env.DEV, livekit_api_secret=SecretStr(secret))
     assert dev.livekit_api_secret.get_secret_value() == secret, "dev takes any secret"
+
+
+def test_a_worker_no_client_can_reach_serves_no_audio_websocket_and_needs_no_livekit_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployed stack's workers sit in private subnets. With ``FLEET_VOICE_CLIENT_WEBSOCKET=false`` the engine
+    registers no audio URL (so the hub hands none out) and serves no audio route, and prod starts without LiveKit
+    credentials: the agent joins each room with the token the hub sent. Turning both ways in off is refused."""
+    monkeypatch.setenv("FLEET_ENV", "prod")
+    monkeypatch.setenv("FLEET_VOICE_CLIENT_WEBSOCKET", "false")
+    monkeypatch.setenv("FLEET_VOICE_LIVEKIT_TRANSPORT", "true")
+    private = VoiceEngine(VoiceSettings(llm_backend="canned"), stt=FakeSTT(), llm=CannedLLM(), tts=SlowTTS(0))
+    assert private.settings.env is Env.PROD and private.settings.livekit_api_key == "devkey"
+    assert private.client_audio_path is None and private.router() is None
+    assert client_audio_url("http://10.0.0.5:8000", private.client_audio_path) is None
+    with pytest.raises(ValidationError, match="FLEET_VOICE_LIVEKIT_TRANSPORT=true"):
+        VoiceSettings(livekit_transport=False)
+    monkeypatch.delenv("FLEET_ENV")
+    monkeypatch.delenv("FLEET_VOICE_CLIENT_WEBSOCKET")
+    public = VoiceEngine(VoiceSettings(llm_backend="canned"), stt=FakeSTT(), llm=CannedLLM(), tts=SlowTTS(0))
+    assert public.client_audio_path == AUDIO_PATH and public.router() is not None
 
 
 def test_the_engine_takes_the_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,7 +130,9 @@ class VoiceEngine:
         self.backends: Backends | None = None
         self.metrics = VoiceMetrics()
         self.sessions: dict[str, VoiceSession] = {}
-        self._router = build_router(self)
+        if not s.client_websocket:
+            self.client_audio_path = None  # no audio URL is registered, so the hub hands none out
+        self._router = build_router(self) if s.client_websocket else None
 
     @classmethod
     def from_settings(cls, worker: WorkerSettings, *, for_calibration: bool = False) -> VoiceEngine:

@@ -96,13 +96,19 @@ class VoiceSettings(BaseSettings):
     stt_timeout_s: float = Field(default=10.0, gt=0)
     """Longest wait for a final transcript."""
 
+    client_websocket: bool = True
+    """Serve each session's audio WebSocket to clients, and register its URL so that the hub hands it out. Off where
+    clients cannot reach the worker (the deployed stack's private subnets): clients then talk to the agent through
+    the session's LiveKit room only, which needs ``livekit_transport``, and the worker needs no LiveKit secret."""
     livekit_api_key: str = DEV_LIVEKIT_KEY
-    """Key the WebSocket client's LiveKit participant token is verified with (the dev default is refused in prod)."""
+    """Key the WebSocket client's LiveKit participant token is verified with (the dev default is refused in prod
+    while ``client_websocket`` is on)."""
     livekit_api_secret: SecretStr = SecretStr(DEV_LIVEKIT_SECRET)
-    """Secret the WebSocket client's LiveKit participant token is verified with (prod refuses the dev default and
-    secrets shorter than 32 characters: anyone could sign a token with them)."""
+    """Secret the WebSocket client's LiveKit participant token is verified with (while ``client_websocket`` is on,
+    prod refuses the dev default and secrets shorter than 32 characters: anyone could sign a token with them)."""
     livekit_transport: bool = False
-    """Also join each session's LiveKit room as the agent (needs a reachable LiveKit server)."""
+    """Also join each session's LiveKit room as the agent (needs a reachable LiveKit server). It joins with the token
+    the hub sent along with the session, not with this worker's LiveKit key."""
     livekit_connect_timeout_s: float = Field(default=10.0, gt=0)
     """Bound on joining a LiveKit room (a failing connect can otherwise take 30 s)."""
 
@@ -118,8 +124,15 @@ class VoiceSettings(BaseSettings):
     ``vad_silence_ms``; raise it by your LLM's time to first sentence when calibrating with a real LLM)."""
 
     @model_validator(mode="after")
+    def _a_client_can_reach_each_session(self) -> Self:
+        if not (self.client_websocket or self.livekit_transport):
+            raise ValueError("FLEET_VOICE_CLIENT_WEBSOCKET=false needs FLEET_VOICE_LIVEKIT_TRANSPORT=true: without "
+                             "either, no client could ever talk to a session")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_dev_credentials_in_prod(self) -> Self:
-        if self.env is not Env.PROD:
+        if self.env is not Env.PROD or not self.client_websocket:  # the credentials verify the WebSocket's clients
             return self
         problems = []
         if self.livekit_api_key == DEV_LIVEKIT_KEY:
