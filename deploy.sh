@@ -5,7 +5,8 @@
 #   ./deploy.sh plan    --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json
 #   ./deploy.sh deploy  --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json \
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
-#                       [--engine synthetic]   (the only engine the worker stack can run; see docs/deploy.md)
+#                       [--engine synthetic|voice] [--llm-backend bedrock|openai|canned] [--llm-model ID]
+#                       [--llm-base-url URL] [--bedrock-region REGION]   (voice: how it replies; docs/deploy.md)
 #   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
 #
@@ -32,12 +33,16 @@ CLOUDFRONT_PREFIX_LIST_ID=""
 LIVEKIT_REGIONS_FILE=""
 BUCKET=""
 ENGINE="synthetic"
+LLM_BACKEND="bedrock"
+LLM_MODEL=""
+LLM_BASE_URL=""
+BEDROCK_REGION=""
 ASSUME_YES=0
 COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -119,6 +124,10 @@ parse_args() {
       --livekit-regions) LIVEKIT_REGIONS_FILE="${2:?--livekit-regions needs a file}"; shift ;;
       --bucket) BUCKET="${2:?--bucket needs a value}"; shift ;;
       --engine) ENGINE="${2:?--engine needs a value}"; shift ;;
+      --llm-backend) LLM_BACKEND="${2:?--llm-backend needs a value}"; shift ;;
+      --llm-model) LLM_MODEL="${2:?--llm-model needs a value}"; shift ;;
+      --llm-base-url) LLM_BASE_URL="${2:?--llm-base-url needs a value}"; shift ;;
+      --bedrock-region) BEDROCK_REGION="${2:?--bedrock-region needs a value}"; shift ;;
       -h|--help) usage; exit 0 ;;
       *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -141,14 +150,15 @@ require_env_and_regions() {
   done
 }
 
-# Engines the worker stack can run. Not voice: it needs the [voice] extras, the LiveKit keys and a client-reachable
-# audio URL, which gpu-workers.yaml does not provide (docs/deploy.md); its Engine parameter allows the same list.
-DEPLOYABLE_ENGINES=(synthetic)
+# Engines the worker stack can run; its Engine parameter allows the same list.
+DEPLOYABLE_ENGINES=(synthetic voice)
+LLM_BACKENDS=(bedrock openai canned)
 
 require_deploy_inputs() {
   [[ -n $DOMAIN ]] || die "--domain is required"
   [[ " ${DEPLOYABLE_ENGINES[*]} " == *" $ENGINE "* ]] || die "--engine $ENGINE cannot be deployed" \
-    "(choices: ${DEPLOYABLE_ENGINES[*]}); the voice engine is for local/dev use, see docs/deploy.md"
+    "(choices: ${DEPLOYABLE_ENGINES[*]})"
+  require_voice_inputs
   if [[ -z $LIVEKIT_REGIONS_FILE ]]; then
     LIVEKIT_REGIONS_JSON="$(deployed_livekit_regions)" || exit 1
     return 0
@@ -166,6 +176,21 @@ for d in data:
 print(json.dumps(data, separators=(",", ":")))
 PY
 )" || die "bad --livekit-regions file"
+}
+
+# The checks of gpu-workers.yaml's Rules, made before any AWS call rather than by a failing change set.
+require_voice_inputs() {
+  [[ " ${LLM_BACKENDS[*]} " == *" $LLM_BACKEND "* ]] || die "--llm-backend $LLM_BACKEND is unknown" \
+    "(choices: ${LLM_BACKENDS[*]})"
+  [[ $ENGINE == voice ]] || return 0
+  if [[ $LLM_BACKEND != canned && -z $LLM_MODEL ]]; then
+    die "--engine voice with --llm-backend $LLM_BACKEND needs --llm-model (a Bedrock model or inference profile" \
+      "id such as us.amazon.nova-micro-v1:0, or the OpenAI-compatible server's model name)"
+  fi
+  [[ $LLM_BACKEND != openai || -n $LLM_BASE_URL ]] || die "--llm-backend openai needs --llm-base-url" \
+    "(the server's OpenAI-compatible base URL, reachable from the workers' private subnets)"
+  [[ -z $BEDROCK_REGION || $BEDROCK_REGION =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] \
+    || die "--bedrock-region: not an AWS region: $BEDROCK_REGION"
 }
 
 stack_name() {
@@ -352,7 +377,9 @@ stack_parameters() {  # template region index
     gpu-workers)
       PARAMS+=("HubUrl=https://$DOMAIN" "HomeRegion=$HOME_REGION")
       require_output "$HOME_REGION" "$(stack_name secrets)" WorkerTokenSecretArn || return 1
-      PARAMS+=("WorkerTokenSecretArn=$OUTPUT" "ArtifactBucket=$BUCKET" "ArtifactKey=$ARTIFACT_KEY" "Engine=$ENGINE")
+      PARAMS+=("WorkerTokenSecretArn=$OUTPUT" "ArtifactBucket=$BUCKET" "ArtifactKey=$ARTIFACT_KEY" "Engine=$ENGINE"
+               "LlmBackend=$LLM_BACKEND" "LlmModel=$LLM_MODEL" "LlmBaseUrl=$LLM_BASE_URL"
+               "BedrockRegion=$BEDROCK_REGION")
       if [[ $region == "$HOME_REGION" ]]; then
         require_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId || return 1
         PARAMS+=("HubSecurityGroupId=$OUTPUT")

@@ -236,7 +236,7 @@ def test_worker_scaling_tracks_the_free_slot_ratio_of_its_region() -> None:
 
 
 def test_worker_role_is_scoped_to_its_own_group() -> None:
-    stmts = {s["Sid"]: s for s in _statements(load("gpu-workers"))}
+    stmts = {s["Sid"]: s for s in _statements(load("gpu-workers")) if "Sid" in s}  # the rest: conditional
     lifecycle = stmts["OwnGroupLifecycle"]
     assert sorted(lifecycle["Action"]) == ["autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceProtection"]
     assert lifecycle["Resource"]["Fn::Sub"].endswith("autoScalingGroupName/${EnvName}-fleet-workers-${AWS::Region}")
@@ -308,6 +308,8 @@ def _assert(expr: Any, params: dict[str, str]) -> Any:
         return params[arg]
     if name == "Fn::Not":
         return not _assert(arg[0], params)
+    if name == "Fn::And":
+        return all(_assert(a, params) for a in arg)
     if name == "Fn::Equals":
         return _assert(arg[0], params) == _assert(arg[1], params)
     raise AssertionError(f"cannot evaluate {name}")
@@ -353,8 +355,94 @@ def test_redis_admits_only_the_hubs_security_group() -> None:
 
 def test_workers_only_run_an_engine_the_stack_can_configure() -> None:
     engine = load("gpu-workers")["Parameters"]["Engine"]
-    assert engine["AllowedValues"] == ["synthetic"]  # voice needs extras, LiveKit keys and a public audio URL
+    assert engine["AllowedValues"] == ["synthetic", "voice"]
     assert engine["Default"] == "synthetic"
+
+
+def _voice_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **parameters: str) -> dict[str, str]:
+    """The environment worker-env.py writes for ``parameters``, also set in this process."""
+    proc, env_file, secrets = _run_worker_env(tmp_path, {"autoscaling/target-lifecycle-state": (200, "InService")},
+                                              **parameters)
+    assert proc.returncode == 0, proc.stderr
+    assert secrets == [SUB_VALUES["WorkerTokenSecretArn"]]  # the worker token, and no LiveKit secret
+    env = {name: quoted.strip("'") for name, quoted in
+           (line.split("=", 1) for line in env_file.read_text().splitlines())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def test_a_deployed_voice_worker_talks_to_clients_through_livekit_and_replies_with_bedrock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers sit in private subnets, where no client reaches an audio WebSocket: a voice worker joins each
+    session's LiveKit room and announces no audio URL. The environment worker-env.py writes is one the worker's
+    own settings accept in prod, without the LiveKit secret it no longer needs; Bedrock runs in the workers'
+    region unless BedrockRegion names another."""
+    from worker.settings import WorkerSettings
+    from worker.voice.engine import VoiceEngine
+    from worker.voice.settings import VoiceSettings
+
+    env = _voice_env(tmp_path, monkeypatch, Engine="voice", LlmModel="us.amazon.nova-micro-v1:0")
+    assert "FLEET_VOICE_LLM_BASE_URL" not in env and not any("LIVEKIT_API" in name for name in env)
+    worker, voice = WorkerSettings(), VoiceSettings()
+    assert worker.env == "prod" and worker.engine == "voice" and voice.env == "prod"
+    assert not voice.client_websocket and voice.livekit_transport
+    assert (voice.llm_backend, voice.llm_model, voice.bedrock_region) == ("bedrock", "us.amazon.nova-micro-v1:0",
+                                                                          SUB_VALUES["AWS::Region"])
+    assert VoiceEngine.from_settings(worker).client_audio_path is None
+    (tmp_path / "other").mkdir()
+    other = _voice_env(tmp_path / "other", monkeypatch, Engine="voice", LlmModel="m", BedrockRegion="us-west-2")
+    assert other["FLEET_VOICE_BEDROCK_REGION"] == "us-west-2"
+
+
+def test_a_deployed_voice_worker_can_take_its_replies_from_an_openai_compatible_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.voice.settings import VoiceSettings
+
+    _voice_env(tmp_path, monkeypatch, Engine="voice", LlmBackend="openai", LlmModel="llama3.1:8b",
+               LlmBaseUrl="http://10.0.7.20:8000/v1")
+    voice = VoiceSettings()
+    assert (voice.llm_backend, voice.llm_model, voice.llm_base_url) == ("openai", "llama3.1:8b",
+                                                                        "http://10.0.7.20:8000/v1")
+
+
+def test_a_synthetic_worker_gets_no_voice_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = _voice_env(tmp_path, monkeypatch, LlmModel="ignored")
+    assert env["FLEET_ENGINE"] == "synthetic" and not any(name.startswith("FLEET_VOICE_") for name in env)
+
+
+def test_the_voice_engines_replies_need_a_model_and_an_openai_server_a_url() -> None:
+    """Rules refuse, when the stack is created or updated, a voice stack whose first reply would fail."""
+    t = load("gpu-workers")
+
+    def accepted(**params: str) -> bool:
+        values = {"Engine": "voice", "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", **params}
+        return all(_assert(a["Assert"], values) for rule in t["Rules"].values()
+                   if _assert(rule["RuleCondition"], values) for a in rule["Assertions"])
+
+    assert not accepted() and accepted(LlmModel="us.amazon.nova-micro-v1:0")
+    assert not accepted(LlmBackend="openai", LlmModel="llama3.1:8b")
+    assert accepted(LlmBackend="openai", LlmModel="llama3.1:8b", LlmBaseUrl="http://10.0.7.20:8000/v1")
+    assert accepted(LlmBackend="canned") and accepted(Engine="synthetic")
+
+
+def test_only_a_voice_worker_replying_with_bedrock_may_invoke_its_models() -> None:
+    t = load("gpu-workers")
+    [bedrock] = [s for s in _statements(t) if "Fn::If" in s]
+    condition, statement, otherwise = bedrock["Fn::If"]
+    assert otherwise == {"Ref": "AWS::NoValue"} and statement["Action"] == "bedrock:InvokeModelWithResponseStream"
+    conditions = t["Conditions"]
+    assert conditions[condition] == {"Fn::And": [{"Condition": "IsVoice"},
+                                                 {"Fn::Equals": [{"Ref": "LlmBackend"}, "bedrock"]}]}
+    assert conditions["IsVoice"] == {"Fn::Equals": [{"Ref": "Engine"}, "voice"]}
+
+
+@pytest.mark.parametrize(("engine", "installed"), [("synthetic", ".whl"), ("voice", ".whl[voice]")])
+def test_a_voice_worker_installs_the_wheel_with_its_voice_extras(tmp_path: Path, engine: str, installed: str) -> None:
+    proc, calls, _ = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "InService"}, Engine=engine)
+    assert proc.returncode == 0, proc.stderr
+    wheels = [call[-1] for call in calls if call[0] == "pip" and "boto3" not in call]
+    assert len(wheels) == 1 and wheels[0].endswith("/opt/fleet/dist/*" + installed), wheels
 
 
 def test_worker_group_has_a_launch_hook_that_abandons_by_default() -> None:
@@ -365,7 +453,7 @@ def test_worker_group_has_a_launch_hook_that_abandons_by_default() -> None:
     assert hook["DefaultResult"] == "ABANDON"
     assert hook["HeartbeatTimeout"] >= 900  # apt (with its 300 s lock wait), venv, pip
     # The instance role may complete it: CompleteLifecycleAction is scoped to this very group.
-    lifecycle = {s["Sid"]: s for s in _statements(t)}["OwnGroupLifecycle"]
+    lifecycle = {s["Sid"]: s for s in _statements(t) if "Sid" in s}["OwnGroupLifecycle"]
     assert "autoscaling:CompleteLifecycleAction" in lifecycle["Action"]
     assert lifecycle["Resource"]["Fn::Sub"].endswith("autoScalingGroupName/" + asg["AutoScalingGroupName"]["Fn::Sub"])
 
@@ -422,16 +510,17 @@ def client(service, region_name=None):
 '''
 
 
-def _worker_env_script() -> str:
+def _worker_env_script(**parameters: str) -> str:
     script = _worker_script()
     start = script.index("cat > /opt/fleet/worker-env.py <<'PY'\n")
     body = script[script.index("\n", start) + 1:]
-    return _sub(body[:body.index("\nPY\n")] + "\n")
+    return _sub(body[:body.index("\nPY\n")] + "\n", **parameters)
 
 
-def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]]) -> tuple[subprocess.CompletedProcess[str],
-                                                                                    Path, list[str]]:
-    """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404)."""
+def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]],
+                    **parameters: str) -> tuple[subprocess.CompletedProcess[str], Path, list[str]]:
+    """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404), for the stack
+    parameters of SUB_VALUES updated with ``parameters``."""
     import http.server
     import sys
 
@@ -459,7 +548,7 @@ def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]]) -> tup
     (fakes / "boto3.py").write_text(FAKE_BOTO3)
     run = tmp_path / "run"
     with serving(Imds) as imds:
-        text = _worker_env_script().replace("http://169.254.169.254", imds)
+        text = _worker_env_script(**parameters).replace("http://169.254.169.254", imds)
         (tmp_path / "worker-env.py").write_text(text.replace("/run/fleet", str(run)))
         log = tmp_path / "secrets-read"
         proc = subprocess.run([sys.executable, str(tmp_path / "worker-env.py")], capture_output=True, text=True,
@@ -497,6 +586,7 @@ def test_worker_env_refuses_a_restart_on_an_instance_that_is_leaving_or_unknown(
 # --- The worker user data, run against fake commands (aws, curl, systemctl, apt, python3.11) -------------------
 
 SUB_VALUES = {"AWS::Region": "eu-west-1", "EnvName": "prod", "HomeRegion": "us-east-1", "Engine": "synthetic",
+              "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": "",
               "HubUrl": "https://fleet.example.com", "ArtifactBucket": "bucket",
               "ArtifactKey": "artifacts/prod/0123/gpu_fleet-0.1.0-py3-none-any.whl",
               "WorkerTokenSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/gpu-fleet/wt"}
@@ -522,16 +612,18 @@ esac""",
 }
 
 
-def _sub(script: str) -> str:
-    """What Fn::Sub makes of the script: ${Param} replaced, ${!literal} unescaped; an unknown name fails."""
-    return re.sub(r"\$\{(!?)([^}]+)\}", lambda m: "${" + m[2] + "}" if m[1] else SUB_VALUES[m[2]], script)
+def _sub(script: str, **parameters: str) -> str:
+    """What Fn::Sub makes of the script for the stack parameters of SUB_VALUES updated with ``parameters``:
+    ${Param} replaced, ${!literal} unescaped; an unknown name fails."""
+    values = {**SUB_VALUES, **parameters}
+    return re.sub(r"\$\{(!?)([^}]+)\}", lambda m: "${" + m[2] + "}" if m[1] else values[m[2]], script)
 
 
-def _run_bootstrap(tmp_path: Path, *, script: str | None = None, aws: bool = True,
-                   env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], list[list[str]], Path]:
+def _run_bootstrap(tmp_path: Path, *, script: str | None = None, aws: bool = True, env: dict[str, str],
+                   **parameters: str) -> tuple[subprocess.CompletedProcess[str], list[list[str]], Path]:
     root = tmp_path / "root"
     (root / "etc" / "systemd" / "system").mkdir(parents=True)
-    text = _sub(script if script is not None else _worker_script())
+    text = _sub(script if script is not None else _worker_script(), **parameters)
     for path in ("/opt/fleet", "/etc/systemd/system", "/var/lib/fleet"):
         text = text.replace(path, f"{root}{path}")
     (tmp_path / "user-data.sh").write_text(text)

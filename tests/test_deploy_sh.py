@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -385,11 +386,42 @@ def test_plan_skips_a_stack_whose_inputs_do_not_exist_yet(env: dict[str, str]) -
     assert len(created) == 6 and ("gpu-fleet-prod-gpu-workers", "us-east-1") not in created
 
 
-def test_the_voice_engine_is_refused_before_any_aws_call(env: dict[str, str]) -> None:
+def _worker_stack_parameters(result: Run) -> list[dict[str, str]]:
+    return [_parameters(call) for stack, _, call in _stack_calls(result, "cloudformation", "deploy")
+            if stack == "gpu-fleet-prod-gpu-workers"]
+
+
+@pytest.mark.parametrize(("args", "replies"), [
+    (("--llm-model", "us.amazon.nova-micro-v1:0", "--bedrock-region", "us-west-2"),
+     {"LlmBackend": "bedrock", "LlmModel": "us.amazon.nova-micro-v1:0", "LlmBaseUrl": "",
+      "BedrockRegion": "us-west-2"}),
+    (("--llm-backend", "openai", "--llm-model", "llama3.1:8b", "--llm-base-url", "http://10.0.7.20:8000/v1"),
+     {"LlmBackend": "openai", "LlmModel": "llama3.1:8b", "LlmBaseUrl": "http://10.0.7.20:8000/v1",
+      "BedrockRegion": ""}),
+    (("--llm-backend", "canned"), {"LlmBackend": "canned", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": ""}),
+], ids=["bedrock", "openai", "canned"])
+def test_a_voice_deploy_tells_every_worker_stack_how_the_engine_replies(env: dict[str, str], args: tuple[str, ...],
+                                                                       replies: dict[str, str]) -> None:
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice", *args)
+    assert result.rc == 0, result.out
+    workers = _worker_stack_parameters(result)
+    assert len(workers) == 2, workers
+    assert all({k: given[k] for k in ("Engine", *replies)} == {"Engine": "voice", **replies} for given in workers)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--engine", "voice"), "needs --llm-model"),
+    (("--engine", "voice", "--llm-backend", "openai", "--llm-model", "m"), "needs --llm-base-url"),
+    (("--llm-backend", "gpt"), "--llm-backend gpt is unknown"),
+    (("--engine", "voice", "--llm-model", "m", "--bedrock-region", "mars"), "not an AWS region: mars"),
+    (("--engine", "avatar"), "--engine avatar cannot be deployed"),
+], ids=["no-model", "openai-without-url", "unknown-backend", "bad-bedrock-region", "unknown-engine"])
+def test_an_engine_that_could_not_reply_is_refused_before_any_aws_call(env: dict[str, str], args: tuple[str, ...],
+                                                                       said: str) -> None:
+    """The template's rules would refuse these too, but only once a change set fails, stack by stack."""
     for command in ("deploy", "plan"):
-        result = run(env, command, *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice")
-        assert result.rc != 0
-        assert "--engine voice cannot be deployed" in result.out and "local/dev" in result.out
+        result = run(env, command, *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], *args)
+        assert result.rc != 0 and said in result.out, result.out
         assert not result.aws("cloudformation") and not result.aws("s3")
 
 
@@ -722,3 +754,15 @@ def test_a_new_artifact_bucket_is_private_and_the_wheel_is_encrypted(env: dict[s
             f"--public-access-block-configuration {blocked}") in result.out
     [upload] = [line for line in result.out.splitlines() if line.startswith("+ aws s3 cp ")]
     assert " --sse AES256 " in upload
+
+
+def test_deploy_sh_offers_the_engines_and_llm_backends_the_worker_template_allows() -> None:
+    """Two lists of one thing: a choice only deploy.sh knew would fail in a change set, one only the template knew
+    would be refused before it."""
+    from cfnlint.decode import cfn_yaml
+
+    parameters = cfn_yaml.load(str(ROOT / "cloudformation" / "gpu-workers.yaml"))["Parameters"]
+    text = SCRIPT.read_text()
+    for shell_list, parameter in (("DEPLOYABLE_ENGINES", "Engine"), ("LLM_BACKENDS", "LlmBackend")):
+        [listed] = re.findall(rf"^{shell_list}=\(([^)]*)\)$", text, flags=re.MULTILINE)
+        assert listed.split() == parameters[parameter]["AllowedValues"], shell_list
