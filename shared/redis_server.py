@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -99,7 +100,7 @@ def _random_free_port(offsets: Sequence[int], highest: int) -> int:
 
 
 class EmbeddedRedis:
-    """One redis-server process; ``start()`` returns once it answers PING."""
+    """One redis-server process; ``start()`` returns once it answers, itself and not another one on its port."""
 
     def __init__(self, port: int | None = None, *, cluster: bool = False, extra_args: list[str] | None = None) -> None:
         self.port = port or (free_cluster_port() if cluster else free_port())
@@ -134,7 +135,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with code {self._proc.returncode}")
-            if _answers_ping(self.port):
+            if _served_by(self.port, self._proc.pid):
                 return self
             time.sleep(0.02)
         self.stop()
@@ -165,10 +166,23 @@ class EmbeddedRedis:
         self.cleanup()
 
 
-def _answers_ping(port: int) -> bool:
+def _served_by(port: int, pid: int) -> bool:
+    """Whether process ``pid`` answers on ``port``. Not merely whether something does: a port found free can be
+    taken before the server binds it, by another redis-server even, and a server that then fails to bind would
+    pass for started, serving someone else's data."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = sock.recv(65536)
+            header, _, body = reply.partition(b"\r\n")
+            if not header.startswith(b"$") or not header[1:].isdigit():
+                return False  # not a redis-server's bulk reply (or an error such as -LOADING)
+            while len(body) < int(header[1:]):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return False
+                body += chunk
     except OSError:
         return False
+    found = re.search(rb"^process_id:(\d+)\r?$", body, flags=re.MULTILINE)
+    return found is not None and int(found[1]) == pid
