@@ -848,3 +848,17 @@ def test_a_livekit_file_is_read_as_yaml_by_either_extension_and_a_proxy_network_
                                 for n, (key, value) in enumerate(LIVEKIT[0].items())))
     assert [d.region for d in HubSettings(livekit_regions=str(config)).livekit_deployments] == ["us-east"]
     assert HubSettings(trusted_proxies=["10.0.0.5/8"]).trusted_proxies == ["10.0.0.5/8"]
+
+
+async def test_the_explain_view_reads_the_board_itself_rather_than_waiting_for_the_hubs_loop(make_hub) -> None:
+    """An SRE asks why after a change another hub just made: the view re-reads a board older than half a second
+    and shows a worker registered a moment ago, even when this hub's own refresh loop is minutes away."""
+    asked = await make_hub(snapshot_refresh_s=600)
+    other = await make_hub()
+    await refresh(asked)
+    await asyncio.sleep(0.6)
+    resp = await other.post("/api/v1/workers", json=registration("w-new", "http://127.0.0.1:9"), headers=WORKER_AUTH)
+    assert resp.status_code == 200, resp.text
+    await heartbeat(other, "w-new", resp.json()["worker_secret"], [])
+    explain = await asked.get("/api/v1/route/explain", params={"lat": 40.7, "lon": -74.0}, headers=ADMIN_AUTH)
+    assert [c["worker_id"] for c in explain.json()["candidates"]] == ["w-new"], explain.text
