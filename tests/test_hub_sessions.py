@@ -1124,3 +1124,70 @@ async def test_forgetting_a_live_worker_is_a_409_that_leaves_it_in_place(hub: ht
     assert [w["worker_id"] for w in (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]] == [
         "w-live"]
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+
+
+async def test_an_ended_session_is_stopped_at_the_url_its_worker_registered_whatever_this_hubs_board_says(
+    hub, make_worker
+) -> None:
+    """DELETE tells the worker through the URL in the store when this hub's board has no URL for the worker yet, or
+    an old one (the worker registered again at a new address since the last refresh). Guards against a stop that
+    went only to the board's URL, or nowhere: the worker ran the ended session until a heartbeat reconciled it."""
+    worker = await make_worker(max_streams=2)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    board = hub.app.state.hub.board
+    unknown = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+    moved = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    entry = board.entries.pop("w-1")  # not read by this hub yet
+    assert (await hub.delete(f"/api/v1/sessions/{unknown}")).status_code == 204
+    await wait_for(lambda: unknown in worker.stopped, 5, "the stop of a session on a worker the board lacks")
+
+    entry.url = f"http://127.0.0.1:{free_port()}"  # the address it had before it registered again
+    board.entries["w-1"] = entry
+    assert (await hub.delete(f"/api/v1/sessions/{moved}")).status_code == 204
+    await wait_for(lambda: moved in worker.stopped, 5, "the stop at the worker's registered URL")
+    assert worker.sessions == {}
+
+
+async def test_ending_a_session_waits_about_a_second_for_its_worker_not_the_whole_stop_timeout(
+    make_hub, make_worker
+) -> None:
+    """A worker that takes longer than a second to stop a session does not hold the DELETE for the whole
+    dispatch timeout: the slot is freed and the stop finishes in the background."""
+    hub = await make_hub(dispatch_timeout_s=8.0)
+    worker = await make_worker(max_streams=1, stop_delay_s=5.0)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 204
+    assert not worker.stopped, "the DELETE waited for the worker's slow stop"
+    await wait_for(lambda: worker.stopped == [sid], 10, "the stop, finished in the background")
+
+
+async def test_ending_a_session_whose_worker_and_store_both_fail_is_finished_in_the_background(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE during a Redis failover, with the worker's stop lost too: the client gets 503, and the hub keeps
+    telling the worker to stop and retrying the release until both land. Guards against leaving it there: the
+    worker kept running the session and reporting it, and its heartbeats renewed a slot no client held."""
+    worker = await make_worker(max_streams=2)
+    secret = (await register(hub, "w-1", worker))["worker_secret"]
+    await refresh(hub)
+    state = hub.app.state.hub
+    store, workers = state.store, state.allocator.workers
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+    real_stop, stops = workers.stop, []
+
+    async def first_stop_lost(url: str, session_id: str) -> StopAnswer:
+        stops.append(session_id)
+        return StopAnswer.UNDELIVERED if len(stops) == 1 else await real_stop(url, session_id)
+
+    monkeypatch.setattr(workers, "stop", first_stop_lost)
+    monkeypatch.setattr(store, "release", fails_until(1.0, store.release))
+    ended = await hub.delete(f"/api/v1/sessions/{sid}")
+    assert ended.status_code == 503 and ended.json()["error"] == "store_unavailable"
+    await wait_for(lambda: sid in worker.stopped, 10, "the stop, retried until the worker answered")
+    await wait_for(lambda: not state.allocator._undoing, 10, "the release, retried until the store answered")
+    assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ import worker.gpus
 from shared.models import SessionDispatch
 from shared.redis_server import free_port
 from tests.conftest import wait_for
+from tests.fakes import StaticImds
 from tests.test_worker_hub import place_session, stubbed_autoscaling, worker_settings, worker_view
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
@@ -99,7 +101,10 @@ async def test_a_drain_heartbeat_that_never_ends_holds_neither_the_drain_nor_a_s
 
 
 class ClosingFails(SyntheticEngine):
+    closes = 0
+
     async def aclose(self) -> None:
+        self.closes += 1
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
@@ -124,6 +129,7 @@ async def test_an_engine_that_fails_to_close_leaves_the_rest_of_the_exit_alone(m
     finally:
         await imds.cleanup()
     stub.assert_no_pending_responses()
+    assert isinstance(agent.engine, ClosingFails) and agent.engine.closes == 1, "the engine was never closed"
     assert agent.hub._http is not None and agent.hub._http.closed
     assert agent.imds._session is not None and agent.imds._session.closed
 
@@ -265,5 +271,98 @@ async def test_a_session_the_engine_is_starting_when_the_drain_begins_is_waited_
         await asyncio.sleep(0.5)
         assert not task.done(), "the drain ended without waiting for the session"
         assert agent.manager is not None and agent.manager.ids() == [session_id]
+        assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
+        assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"
+
+
+async def test_a_spot_notice_with_time_to_spare_lets_the_sessions_run_until_the_margin(
+        make_running_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spot notice during a drain says when the instance ends: the sessions may run until SPOT_MARGIN_S before
+    then. Guards against a notice that stopped the sessions at once (read as a second signal, or its time read
+    backwards), losing conversations with more than a minute left, and against a drain that ran up to the
+    instance's end, with no time left to stop the rest and deregister."""
+    monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
+    port = free_port()
+    meta = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
+    imds = await fake_imds(meta, port)
+    try:
+        hub = await make_running_hub()
+        settings = worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}", drain_timeout_s=300)
+        agent = WorkerAgent(settings, install_signals=False)
+        async with running(agent) as task, hub.client() as client:
+            session_id = await place_session(client)
+            agent.request_drain("SIGTERM")
+            ends = datetime.now(UTC) + timedelta(seconds=105)  # near the two minutes AWS gives
+            meta["spot/instance-action"] = json.dumps({"action": "terminate",
+                                                       "time": ends.strftime("%Y-%m-%dT%H:%M:%SZ")})
+            await wait_for(lambda: agent._drain_deadline is not None, 5, "the spot notice")
+            left = agent._drain_deadline - time.monotonic()
+            assert 60 < left <= 95, f"the sessions were left {left:.0f} s of the instance's last 105"
+            await asyncio.sleep(1.0)
+            assert not task.done() and agent.manager.ids() == [session_id], "the notice stopped the session early"
+            assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
+            assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"
+    finally:
+        await imds.cleanup()
+
+
+async def test_a_second_ctrl_c_stops_the_sessions_instead_of_waiting(make_running_hub: Any) -> None:
+    """A worker run by hand drains on Ctrl-C (SIGINT) as on SIGTERM; a second Ctrl-C, like a second SIGTERM, stops
+    what still runs at once rather than wait up to drain_timeout_s for it."""
+    hub = await make_running_hub()
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=60), install_signals=False)
+    async with running(agent) as task, hub.client() as client:
+        await place_session(client)
+        agent.request_drain("SIGINT")
+        await wait_for(lambda: agent.manager.draining, 5, "the drain")
+        assert not task.done() and agent.manager.sessions, "the first Ctrl-C waits for the session"
+        agent.request_drain("SIGINT")
+        assert await asyncio.wait_for(task, 5) == 0
+        assert agent.manager.sessions == {}
+
+
+async def test_a_lifecycle_hook_alone_has_the_drain_complete_the_lifecycle_action(
+        make_running_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On EC2 with FLEET_LIFECYCLE_HOOK_NAME set and scale-in protection off, the agent builds its own ASG client
+    and completes the action once drained. Guards against building it only when protection is on as well: the
+    ASG waited out the hook's timeout (an hour by default) for every instance it scaled in."""
+    client, stub = stubbed_autoscaling()
+    stub.add_response("complete_lifecycle_action", {}, {
+        "LifecycleHookName": "drain-hook", "AutoScalingGroupName": "asg-gpu", "LifecycleActionResult": "CONTINUE",
+        "InstanceId": "i-1"})
+    stub.activate()
+    built: list[str | None] = []
+
+    def from_settings(settings: Any, identity: Any, group: str | None) -> Lifecycle:
+        built.append(group)
+        return Lifecycle(client, identity.instance_id, "asg-gpu", settings.lifecycle_hook_name)
+
+    monkeypatch.setattr(Lifecycle, "from_settings", from_settings)
+    hub = await make_running_hub()
+    settings = worker_settings(hub, lifecycle_hook_name="drain-hook")
+    agent = WorkerAgent(settings, imds=StaticImds("i-1"), install_signals=False)
+    async with running(agent) as task:
+        agent.request_drain("ASG target lifecycle state Terminated")
+        assert await asyncio.wait_for(task, 10) == 0
+    assert len(built) == 1
+    stub.assert_no_pending_responses()
+
+
+async def test_a_drain_heartbeat_that_never_ends_lets_the_drain_end_with_its_last_session(
+        make_running_hub: Any) -> None:
+    """A hub that takes the drain's heartbeat and never answers holds the drain for hub_timeout_s at most: after it,
+    the drain ends as soon as the last session does. Guards against waiting on that heartbeat with no bound: the
+    worker stayed up with nothing to run until systemd killed it, and the lifecycle hook was never completed."""
+    hub = await make_running_hub()
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=60, hub_timeout_s=0.5), install_signals=False)
+    async with running(agent) as task, hub.client() as client:
+        session_id = await place_session(client)
+        never = asyncio.Event()
+
+        async def unanswered() -> None:
+            await never.wait()
+
+        agent.hub.heartbeat_once = unanswered  # type: ignore[method-assign]
+        agent.request_drain("ASG target lifecycle state Terminated")
         assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
         assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"

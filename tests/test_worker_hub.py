@@ -616,3 +616,28 @@ def test_the_registration_advertises_where_a_hub_reaches_the_worker(monkeypatch:
     agent = WorkerAgent(WorkerSettings(host=bound, port=8100, region="us-east-1"), engine=SyntheticEngine(),
                         install_signals=False)
     assert agent._registration(4).url == url
+
+
+class AudioEngine(SyntheticEngine):
+    client_audio_path = "/sessions/{session_id}/audio"
+
+
+def test_configured_names_win_over_instance_metadata_and_clients_get_the_public_audio_url() -> None:
+    """FLEET_WORKER_ID, FLEET_REGION and FLEET_ZONE, when set, are what the worker registers as, on EC2 too;
+    without them the instance metadata names it. The audio WebSocket is announced at FLEET_PUBLIC_URL, where clients
+    reach the worker, not at the private address hubs use."""
+    ident = StaticImds("i-0abc").ident
+    configured = WorkerAgent(WorkerSettings(host="0.0.0.0", port=8100, worker_id="gpu-7", region="eu-west-1",
+                                            zone="eu-west-1b", public_url="https://voice.example.com"),
+                             engine=AudioEngine(), install_signals=False)
+    configured.identity = ident
+    reg = configured._registration(4)
+    assert (reg.worker_id, reg.region, reg.zone) == ("gpu-7", "eu-west-1", "eu-west-1b")
+    assert reg.url == "http://127.0.0.1:8100"  # hubs: the private IP
+    assert reg.audio_url == "wss://voice.example.com/sessions/{session_id}/audio"
+    from_metadata = WorkerAgent(WorkerSettings(host="0.0.0.0", port=8100), engine=AudioEngine(),
+                                install_signals=False)
+    from_metadata.identity = ident
+    reg = from_metadata._registration(4)
+    assert (reg.worker_id, reg.region, reg.zone) == ("i-0abc", "us-east-1", "us-east-1a")
+    assert reg.audio_url == "ws://127.0.0.1:8100/sessions/{session_id}/audio"
