@@ -14,7 +14,7 @@ from botocore.stub import Stubber
 
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
-from worker.voice.errors import BackendError, BackendUnavailable, ModelMissing, VoiceError
+from worker.voice.errors import BackendError, BackendUnavailable, ModelMissing, VoiceError, import_backend
 from worker.voice.llm import BedrockLLM
 from worker.voice.pipeline import sentences
 from worker.voice.settings import VoiceSettings
@@ -572,3 +572,38 @@ async def test_openai_connect_has_its_own_timeout() -> None:
             await asyncio.wait_for(anext(llm.stream(SYSTEM, HISTORY)), 3)
         await llm.aclose()
     assert err.value.stage == "llm" and time.monotonic() - started < 2
+
+
+def test_full_scale_float_audio_stays_full_scale_in_pcm16() -> None:
+    """A TTS at full scale (±1.0, or past it) must not wrap around to the opposite peak: that is a loud click."""
+    import numpy as np
+
+    from worker.voice.audio import float_to_pcm16
+
+    pcm = float_to_pcm16(np.array([1.0, -1.0, 1.5, -1.5, 0.5], dtype=np.float32))
+    assert np.frombuffer(pcm, dtype=np.int16).tolist() == [32767, -32767, 32767, -32767, 16383]
+
+
+async def test_a_long_sentence_is_spoken_from_its_first_clause() -> None:
+    """A colon or semicolon ends a piece TTS can start on, so a long first sentence does not delay the first audio;
+    a decimal point does not."""
+    async def chunks() -> AsyncIterator[str]:
+        for c in ["Two options: the train at 3.15", "; or the bus, which is", " slower."]:
+            yield c
+
+    said = [s async for s in sentences(chunks())]
+    assert said == ["Two options:", "the train at 3.15;", "or the bus, which is slower."]
+
+
+def test_a_backend_package_that_fails_to_load_its_library_is_unavailable_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """An installed package whose native library does not load (a CUDA or espeak .so missing) raises a plain
+    ImportError, not ModuleNotFoundError: the worker still says in one line what to install or change."""
+    (tmp_path / "broken_backend_pkg.py").write_text('raise ImportError("libfoo.so.1: cannot open shared object")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailable) as err:
+        import_backend("broken_backend_pkg", needed_by="FLEET_VOICE_STT_BACKEND=foo", package="foo",
+                       setting="FLEET_VOICE_STT_BACKEND", instead="FLEET_VOICE_STT_BACKEND=pocketsphinx")
+    assert "libfoo.so.1" in str(err.value) and "pip install foo" in str(err.value)
+    assert err.value.setting == "FLEET_VOICE_STT_BACKEND"

@@ -631,3 +631,177 @@ async def test_no_more_reply_audio_is_unplayed_at_any_time_than_the_lead_and_one
         played_until = max(played_until, arrived) + seconds
         unplayed = max(unplayed, played_until - arrived)
     assert unplayed <= 0.3 + 0.1 + 0.05, f"{unplayed:.2f} s of reply audio was unplayed at once"
+
+
+class BrokenTTS(SlowTTS):
+    """A TTS that fails every sentence, the apology included."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    async def synthesize(self, text: str) -> bytes:
+        raise RuntimeError("synthesis server down")
+
+
+async def test_a_turn_whose_apology_cannot_be_spoken_still_ends_as_a_tts_failure() -> None:
+    """With TTS down, the apology fails too: the client is still told the turn ended at the tts stage, and the
+    failure counts towards the error rate (the session is not taken for gone)."""
+    c, out = conversation(ScriptedLLM("Hello there."), tts=BrokenTTS())
+    await turn(c, FakeStream("hello"))
+    assert [e["stage"] for e in out.of("error")] == ["tts"]
+    assert out.of("reply_end")[0]["error"] == "tts" and out.audio == []
+    assert c.metrics.errors_by_stage["tts"] == 1 and c.metrics.error_rate == 1.0
+
+
+async def test_a_transcript_of_only_whitespace_is_nothing_heard() -> None:
+    """Whisper hears breath or noise as " ": no turn, and nothing is sent to the LLM."""
+    llm = ScriptedLLM("Unused.")
+    c, out = conversation(llm)
+    await turn(c, FakeStream("  "))
+    assert out.of("reply_end") == [] and llm.requests == [] and c.history.messages == []
+
+
+async def test_reply_audio_is_sent_ahead_of_playback_not_just_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client is kept up to the lead ahead, so a late chunk does not make the reply stutter: the pacing waits
+    about one chunk at a time, never until the client has played everything sent."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args: Any) -> Any:
+        waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=1.5))
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    await turn(c, FakeStream("tell me"))
+    monkeypatch.undo()
+    assert sum(seconds for _, seconds in out.audio) == pytest.approx(1.5)
+    assert waits and max(waits) <= 0.1 + 0.05, f"waited {max(waits):.2f} s before sending a chunk"
+
+
+def test_latency_and_error_rate_are_of_recent_turns_only() -> None:
+    """The exported latency and error rate follow the last ``window`` turns: a slow, failing start does not weigh
+    on the figures once the backends have recovered."""
+    metrics = VoiceMetrics(window=3)
+    for _ in range(3):
+        metrics.record_turn({"stt_ms": 900.0, "e2e_ms": 2000.0}, "stt")
+    for _ in range(3):
+        metrics.record_turn({"stt_ms": 100.0, "e2e_ms": 400.0}, None)
+    assert metrics.stage_latency_ms == {"stt_ms": 100.0, "e2e_ms": 400.0} and metrics.e2e_ms == 400.0
+    assert metrics.error_rate == 0.0
+    assert metrics.turns == 6 and metrics.errors == 3 and metrics.errors_by_stage["stt"] == 3
+    metrics.record_turn({}, "llm")
+    assert metrics.error_rate == pytest.approx(1 / 3)
+
+
+def test_stage_latency_leaves_out_stages_no_turn_reached() -> None:
+    """Turns that failed at STT have no LLM or TTS figures: those stages are left out, not an error."""
+    metrics = VoiceMetrics()
+    metrics.record_turn({"vad_ms": 300.0, "stt_ms": 120.0}, "stt")
+    assert metrics.stage_latency_ms == {"vad_ms": 300.0, "stt_ms": 120.0}
+    assert metrics.e2e_ms == 0.0 and metrics.error_rate == 1.0
+
+
+async def test_the_next_request_carries_what_the_assistant_said() -> None:
+    """The reply goes into the history, so the LLM knows what it answered when the user follows up."""
+    llm = ScriptedLLM("Sure. ", "A table for two.")
+    c, _ = conversation(llm)
+    await turn(c, FakeStream("book a table"))
+    llm.chunks = ("Done.",)
+    await turn(c, FakeStream("thanks"))
+    assert llm.requests[-1] == [{"role": "user", "content": "book a table"},
+                                {"role": "assistant", "content": "Sure. A table for two."},
+                                {"role": "user", "content": "thanks"}]
+
+
+class HeldLLM(ScriptedLLM):
+    """Keeps every stream it hands out, as an HTTP client keeps its open responses: none is closed by the garbage
+    collector."""
+
+    def __init__(self, *chunks: str | None) -> None:
+        super().__init__(*chunks)
+        self.streams: list[AsyncIterator[str]] = []
+
+    def stream(self, system: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:  # type: ignore[override]
+        self.streams.append(super().stream(system, messages))
+        return self.streams[-1]
+
+
+async def test_barge_in_closes_the_llm_stream_while_its_reader_waits_for_playback() -> None:
+    """The reply's next sentence is read and the LLM stream waits at it while the first one plays: a barge-in then
+    closes the stream itself (an HTTP response, a Bedrock event stream), not only the reader."""
+    llm = HeldLLM("First sentence. ", "Second sentence. ", "Third sentence.")
+    c, out = conversation(llm, tts=SlowTTS(0, audio_s=2.0))
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await asyncio.sleep(0.2)
+    assert llm.open_streams == 1
+    await c.feed(noise(0.8))
+    assert len(out.of("barge_in")) == 1
+    assert llm.open_streams == 0, "the LLM stream was left open"
+    await c.aclose()
+
+
+async def test_closing_mid_utterance_returns_its_stt_stream() -> None:
+    """The session ends while the user talks: the utterance's stream is ended, so a pooled decoder goes back to the
+    pool every session shares instead of leaking with each session stopped mid-sentence."""
+    stt = FakeSTT()
+    c, _ = conversation(ScriptedLLM("Unused."), stt=stt)
+    await c.feed(SILENCE[:3200] + noise(0.6))
+    assert len(stt.streams) == 1 and not stt.streams[0].finished
+    await c.aclose()
+    assert stt.streams[0].finished
+
+
+async def test_closing_waits_until_a_discarded_utterance_has_returned_its_stream() -> None:
+    """A "mm-hm" over the reply is discarded in the background; closing the conversation waits for that, so its
+    decoder is back in the pool when the close returns."""
+    stt = FakeSTT(FakeStream("tell me"), FakeStream("mm-hm", delay_s=0.3))
+    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=4.0), stt=stt,
+                          barge_in_ms=600)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])
+    assert len(out.of("speech_end")) == 2 and out.of("barge_in") == []
+    await c.aclose()
+    assert stt.streams[1].finished
+
+
+class ScriptedVad:
+    """webrtcvad's verdicts given in advance, one per frame."""
+
+    def __init__(self, *voiced: bool) -> None:
+        self.voiced = list(voiced)
+
+    def is_speech(self, frame: bytes, sample_rate: int) -> bool:
+        return self.voiced.pop(0)
+
+
+def test_speech_starts_and_ends_on_the_frame_the_settings_say() -> None:
+    """``min_speech_ms`` of voiced frames start speech and ``silence_ms`` of silent ones end it, to the frame: the
+    user waits no longer than configured for the reply."""
+    vad = EndpointDetector(2, silence_ms=300, min_speech_ms=200)
+    vad._vad = ScriptedVad(*[True] * 10, *[False] * 15)
+    events = [vad.process(SILENCE[:FRAME_BYTES]) for _ in range(25)]
+    assert events[9] is VadEvent.SPEECH_START and events[24] is VadEvent.SPEECH_END
+    assert [e for e in events if e is not None] == [VadEvent.SPEECH_START, VadEvent.SPEECH_END]
+
+
+def test_after_the_cap_ends_an_utterance_the_next_one_starts_like_any_other() -> None:
+    """Noise that never stops is cut into utterances of ``max_speech_ms``; each next one again needs
+    ``min_speech_ms`` to start, and counts only its own voiced time (not the whole noise, which would barge in at
+    once)."""
+    vad = EndpointDetector(2, silence_ms=300, min_speech_ms=200, max_speech_ms=1000)
+    vad._vad = ScriptedVad(*[True] * 70)
+    events = [vad.process(SILENCE[:FRAME_BYTES]) for _ in range(60)]
+    assert [i for i, e in enumerate(events) if e is not None] == [9, 49, 59]
+    assert events[59] is VadEvent.SPEECH_START and vad.voiced_ms == 200
+
+
+def test_short_pauses_inside_an_utterance_do_not_add_up_to_its_end() -> None:
+    """Only ``silence_ms`` of silence in a row ends speech: a user who pauses briefly between words, again and
+    again, is not cut off."""
+    vad = EndpointDetector(2, silence_ms=300, min_speech_ms=200)
+    vad._vad = ScriptedVad(*([True] * 10 + [False] * 10) * 4)
+    events = [vad.process(SILENCE[:FRAME_BYTES]) for _ in range(80)]
+    assert [e for e in events if e is not None] == [VadEvent.SPEECH_START] and vad.in_speech

@@ -177,3 +177,84 @@ def test_secrets_are_secret_str_and_still_work() -> None:
     grants = VideoGrants(room_join=True, room="r")
     token = AccessToken("k", "livekit-s3cret").with_identity("u").with_grants(grants).to_jwt()
     assert verify_token(token, "r", settings.livekit_api_key, settings.livekit_api_secret.get_secret_value()) == "u"
+
+
+async def test_a_repeated_dispatch_of_a_running_session_changes_nothing(voice: VoiceEngine) -> None:
+    """The hub may dispatch a session again (a retry): the running one, its history and its client stay, and its
+    end is reported once."""
+    voice.settings = voice.settings.model_copy(update={"session_max_s": 60})
+    ended: list[tuple[str, str]] = []
+    await voice.start_session(spec(), lambda sid, reason: ended.append((sid, reason)))
+    first = voice.sessions["s1"]
+    tasks = set(first.tasks)
+    await voice.start_session(spec(), lambda sid, reason: ended.append((sid, reason)))
+    assert voice.sessions["s1"] is first and first.tasks == tasks and voice.stats().active_sessions == 1
+    await voice.end_session(first, "client_end")
+    assert ended == [("s1", "client_end")]
+
+
+async def test_a_session_ending_twice_frees_its_slot_once(voice: VoiceEngine) -> None:
+    """The time limit and the unattended watchdog may both end a session: the worker hears of it once, or it would
+    free the slot twice."""
+    voice.settings = voice.settings.model_copy(update={"session_max_s": 60})
+    ended: list[tuple[str, str]] = []
+    await voice.start_session(spec(), lambda sid, reason: ended.append((sid, reason)))
+    session = voice.sessions["s1"]
+    await asyncio.gather(voice.end_session(session, "time_limit"), voice.end_session(session, "unattended"))
+    assert ended == [("s1", "time_limit")] and voice.sessions == {}
+
+
+async def test_vram_in_use_counts_every_running_session() -> None:
+    stt, tts = FakeSTT(), SlowTTS(0)
+    stt.model_mb, stt.per_stream_mb, tts.model_mb, tts.per_stream_mb = 1000, 100, 500, 50
+    voice = VoiceEngine(VoiceSettings(llm_backend="canned"), stt=stt, llm=CannedLLM(), tts=tts)
+    await voice.start()
+    for n in range(3):
+        await voice.start_session(spec(f"s{n}"), lambda *_: None)
+    assert voice.stats().vram_used_mb == 1500 + 3 * 150
+    await voice.aclose()
+    assert voice.stats().vram_used_mb == 1500
+
+
+async def test_closing_the_engine_closes_its_llm_client_and_a_start_loads_again() -> None:
+    """The LLM client's connections are closed with the engine, and the engine is left as if never started."""
+    closed: list[bool] = []
+
+    class ClosingLLM(CannedLLM):
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    voice = VoiceEngine(VoiceSettings(llm_backend="canned"), stt=FakeSTT(), llm=ClosingLLM(), tts=SlowTTS(0))
+    await voice.start()
+    await voice.aclose()
+    assert closed == [True] and voice.backends is None
+    with pytest.raises(RuntimeError, match="not started"):
+        await voice.start_session(spec(), lambda *_: None)
+
+
+class StuckTransport(WedgedTransport):
+    """A client that hangs on one step of the goodbye only: the ``session_end`` event, or the close."""
+
+    def __init__(self, stuck_at: str) -> None:
+        super().__init__()
+        self.stuck_at = stuck_at
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        if self.stuck_at == "session_end":
+            await super().send_event(event)
+
+    async def close(self, reason: str) -> None:
+        if self.stuck_at == "close":
+            await super().send_event({})
+
+
+@pytest.mark.parametrize("stuck_at", ["session_end", "close"])
+async def test_a_client_stuck_on_either_step_of_the_goodbye_is_cut_off(voice: VoiceEngine, stuck_at: str) -> None:
+    """Whichever step of the goodbye a client does not take in ``close_timeout_s``, its connection is dropped
+    rather than left open."""
+    voice.settings = voice.settings.model_copy(update={"session_max_s": 60})
+    await voice.start_session(spec(), lambda *_: None)
+    stuck = StuckTransport(stuck_at)
+    voice.sessions["s1"].attach(stuck)
+    await asyncio.wait_for(voice.stop_session("s1"), 2)
+    assert stuck.aborted.is_set()
