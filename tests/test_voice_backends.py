@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import boto3
 import pytest
+from aiohttp import web
 from botocore.stub import Stubber
 
 from worker.settings import WorkerSettings
@@ -607,3 +609,272 @@ def test_a_backend_package_that_fails_to_load_its_library_is_unavailable_not_a_c
                        setting="FLEET_VOICE_STT_BACKEND", instead="FLEET_VOICE_STT_BACKEND=pocketsphinx")
     assert "libfoo.so.1" in str(err.value) and "pip install foo" in str(err.value)
     assert err.value.setting == "FLEET_VOICE_STT_BACKEND"
+
+
+async def test_a_cancelled_transcription_does_not_hold_the_model(fake_whisper: Path) -> None:
+    """A turn cancelled while its transcript waits for the model (barge-in, the session stopped) gives the model up
+    like one that timed out: once the model is free, it does not transcribe audio nobody will hear about."""
+    import threading
+
+    from worker.voice.stt import transcribe
+
+    stt = WhisperSTT(fake_whisper, "cpu")
+    stt.load()
+    release, started, finished = threading.Event(), threading.Event(), threading.Event()
+    model = stt._model
+    original = model.transcribe
+
+    def first_call_waits(audio: Any, **kwargs: Any) -> Any:
+        if not FakeWhisperModel.calls:
+            release.wait(5)
+        return original(audio, **kwargs)
+
+    model.transcribe = first_call_waits
+    busy, cancelled = stt.new_stream(), stt.new_stream()
+    for stream in (busy, cancelled):
+        stream.feed(b"\x01\x00" * 1600)
+    finish = cancelled.finish
+
+    def finish_and_tell() -> str:
+        started.set()
+        try:
+            return finish()
+        finally:
+            finished.set()
+
+    cancelled.finish = finish_and_tell  # type: ignore[method-assign]
+    first = asyncio.create_task(transcribe(busy, 5))
+    turn = asyncio.create_task(transcribe(cancelled, 5))
+    assert await asyncio.to_thread(started.wait, 5)
+    turn.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    release.set()
+    assert await first == "What is the weather like today?"
+    assert await asyncio.to_thread(finished.wait, 5)
+    assert len(FakeWhisperModel.calls) == 1  # the cancelled turn's audio never reached the model
+
+
+async def test_whisper_chosen_without_a_model_folder_fails_at_start_naming_the_setting() -> None:
+    """FLEET_VOICE_STT_BACKEND=whisper without FLEET_VOICE_WHISPER_MODEL_DIR is a one-line refusal, not a
+    traceback from a path that is None."""
+    with pytest.raises(ModelMissing) as err:
+        await VoiceEngine(VoiceSettings(stt_backend="whisper", llm_backend="canned")).start()
+    assert err.value.setting == "FLEET_VOICE_WHISPER_MODEL_DIR"
+
+
+def test_pocketsphinx_recognises_the_sentences_of_the_corpus_file(tmp_path: Path) -> None:
+    """FLEET_VOICE_STT_CORPUS_FILE replaces the built-in sentences: words only the file has are recognised."""
+    from worker.voice.stt import build_stt
+    from worker.voice.tts import EspeakTTS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("open the pod bay doors\nclose the pod bay doors\n")
+    stt = build_stt(VoiceSettings(stt_corpus_file=corpus))
+    stt.load()
+    stream = stt.new_stream()
+    stream.feed(EspeakTTS().synthesize_sync("open the pod bay doors") + bytes(16000))
+    assert stream.finish() == "open the pod bay doors"
+
+
+def test_the_espeak_speaking_rate_is_applied_to_each_voice_of_the_process() -> None:
+    """FLEET_VOICE_TTS_RATE_WPM changes how fast replies are spoken, though espeak-ng is one library per process
+    (calibration speaks at the default rate in the same process)."""
+    from worker.voice.tts import EspeakTTS
+
+    text = "It is sunny in Paris today. Enjoy your walk by the river!"
+    slow = EspeakTTS(rate_wpm=100).synthesize_sync(text)
+    fast = EspeakTTS(rate_wpm=300).synthesize_sync(text)
+    assert len(fast) < 0.6 * len(slow)
+    again = EspeakTTS(rate_wpm=100).synthesize_sync(text)
+    assert abs(len(again) - len(slow)) < 0.05 * len(slow)  # back to the slow rate
+
+
+async def test_chatterbox_generates_one_reply_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The GPU model is one object shared by every session: concurrent syntheses are serialised, never run inside
+    it at the same time."""
+    import threading
+    import time
+
+    install_fake_chatterbox(monkeypatch)
+    write_checkpoints(tmp_path, CHATTERBOX_CHECKPOINTS)
+    inside, most = [0], [0]
+    count = threading.Lock()
+    generate = FakeChatterbox.generate
+
+    def timed_generate(self: FakeChatterbox, text: str) -> FakeTensor:
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # generation takes a while: concurrent calls would overlap here
+        with count:
+            inside[0] -= 1
+        return generate(self, text)
+
+    monkeypatch.setattr(FakeChatterbox, "generate", timed_generate)
+    tts = ChatterboxTTS(tmp_path, "cpu")
+    tts.load()
+    pcms = await asyncio.gather(*(tts.synthesize("one two three four") for _ in range(4)))
+    assert all(pcms) and most[0] == 1
+
+
+@dataclass
+class RecordingLLMServer:
+    """An OpenAI-compatible server that records each request and streams ``chunks`` (SSE ``data:`` payloads)."""
+
+    url: str = ""
+    status: int = 200
+    chunks: list[object] = field(default_factory=list)
+    requests: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((dict(request.headers), await request.json()))
+        if self.status != 200:
+            return web.Response(status=self.status, text='{"error": "invalid api key"}')
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in self.chunks:
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+async def llm_server() -> AsyncIterator[RecordingLLMServer]:
+    from shared.redis_server import free_port
+
+    server = RecordingLLMServer(chunks=[{"choices": [{"delta": {"content": "Hi there."}}]}])
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    server.url = f"http://127.0.0.1:{port}/v1"
+    yield server
+    await runner.cleanup()
+
+
+async def reply_of(llm: Any) -> str:
+    try:
+        return "".join([text async for text in llm.stream(SYSTEM, HISTORY)])
+    finally:
+        await llm.aclose()
+
+
+async def test_openai_requests_a_stream_with_the_configured_model_key_and_token_cap(
+        llm_server: RecordingLLMServer) -> None:
+    """What FLEET_VOICE_LLM_* configure reaches the server: the model, the bearer token (only when one is set),
+    the reply cap, and ``stream: true`` (else the server answers with one JSON body, not a stream)."""
+    from worker.voice.llm import build_llm
+
+    configured = VoiceSettings(llm_base_url=llm_server.url, llm_model="qwen2.5", llm_api_key="sk-test", max_tokens=42)
+    assert await reply_of(build_llm(configured)) == "Hi there."
+    assert await reply_of(build_llm(VoiceSettings(llm_base_url=llm_server.url))) == "Hi there."
+    (headers, body), (anonymous, _) = llm_server.requests
+    assert headers["Authorization"] == "Bearer sk-test" and "Authorization" not in anonymous
+    assert body == {"model": "qwen2.5", "stream": True, "max_tokens": 42,
+                    "messages": [{"role": "system", "content": SYSTEM}, *HISTORY]}
+
+
+async def test_an_openai_base_url_with_a_trailing_slash_reaches_the_server(llm_server: RecordingLLMServer) -> None:
+    from worker.voice.llm import OpenAICompatLLM
+
+    assert await reply_of(OpenAICompatLLM(llm_server.url + "/", "model")) == "Hi there."
+
+
+async def test_an_openai_refusal_is_a_backend_error_naming_its_status(llm_server: RecordingLLMServer) -> None:
+    """A 4xx (a wrong key, an unknown model) fails the turn with its status, rather than an empty reply."""
+    from worker.voice.llm import OpenAICompatLLM
+
+    llm_server.status = 401
+    with pytest.raises(BackendError) as err:
+        await reply_of(OpenAICompatLLM(llm_server.url, "model"))
+    assert err.value.stage == "llm" and "HTTP 401" in str(err.value)
+
+
+async def test_openai_chunks_without_text_add_nothing_to_the_reply(llm_server: RecordingLLMServer) -> None:
+    """Servers differ in what they stream besides text: a first chunk with only the role, an empty or null delta
+    with the finish reason, a usage chunk without choices. None of it is spoken (not even as "None")."""
+    from worker.voice.llm import OpenAICompatLLM
+
+    llm_server.chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {"content": " there."}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [{"index": 0, "delta": None, "finish_reason": "stop"}]},
+        {"object": "chat.completion.chunk", "usage": {"prompt_tokens": 9, "completion_tokens": 2}},
+    ]
+    assert await reply_of(OpenAICompatLLM(llm_server.url, "model")) == "Hi there."
+
+
+def test_an_utterance_pocketsphinx_hears_no_words_in_is_an_empty_transcript() -> None:
+    """No audio (pocketsphinx then has no hypothesis at all) or silence is an empty transcript, like whisper's:
+    the turn is skipped, not failed."""
+    from worker.voice.stt import PocketSphinxSTT
+
+    stt = PocketSphinxSTT()
+    stt.load()
+    assert stt.new_stream().finish() == ""
+    stream = stt.new_stream()
+    stream.feed(bytes(16000))
+    assert stream.finish() == ""
+
+
+def test_bedrock_takes_its_timeouts_and_attempts_from_the_settings() -> None:
+    """FLEET_VOICE_LLM_TIMEOUT_S bounds each socket read, FLEET_VOICE_BEDROCK_CONNECT_TIMEOUT_S the connect, and
+    FLEET_VOICE_BEDROCK_MAX_ATTEMPTS the attempts: botocore's defaults (60 s reads, retries) would keep a user
+    waiting."""
+    from worker.voice.llm import build_llm
+
+    llm = build_llm(VoiceSettings(llm_backend="bedrock", llm_timeout_s=7, bedrock_connect_timeout_s=3,
+                                  bedrock_max_attempts=1, max_tokens=99))
+    assert isinstance(llm, BedrockLLM) and llm.max_tokens == 99
+    config = llm.client.meta.config
+    assert (config.read_timeout, config.connect_timeout) == (7, 3)
+    assert config.retries["total_max_attempts"] == 1
+
+
+class HeldEventStream:
+    """A ConverseStream event stream whose reader waits for the model after the first sentence. Closing it (as
+    botocore's closes its socket) ends the wait; what had arrived by then can still be read."""
+
+    def __init__(self, texts: list[str]) -> None:
+        import threading
+
+        self.texts, self.read = texts, 0
+        self.unblocked, self.reader_done = threading.Event(), threading.Event()
+        self.reader: object = None
+
+    def __iter__(self) -> Any:
+        import threading
+
+        self.reader = threading.current_thread()
+        for n, text in enumerate(self.texts):
+            if n == 1:
+                self.unblocked.wait(10)
+            self.read += 1
+            yield {"contentBlockDelta": {"delta": {"text": text}, "contentBlockIndex": 0}}
+
+    def close(self) -> None:
+        import threading
+
+        self.unblocked.set()
+        if threading.current_thread() is self.reader:
+            self.reader_done.set()
+
+
+async def test_a_bedrock_reply_given_up_on_stops_reading_the_stream() -> None:
+    """Barge-in or the session's end closes the reply: its reader thread is woken from a read in progress and reads
+    no further events (the model would go on generating, and the thread on running, for nobody)."""
+    import types
+
+    events = HeldEventStream(["Hello there. ", "More. ", "And more. ", "Still more. "])
+    client = types.SimpleNamespace(converse_stream=lambda **_: {"stream": events})
+    reply = cast(AsyncGenerator[str, None], BedrockLLM("model", client=client).stream(SYSTEM, HISTORY))
+    assert await asyncio.wait_for(anext(reply), 5) == "Hello there. "
+    await reply.aclose()
+    assert await asyncio.to_thread(events.reader_done.wait, 5), "the reader thread is still blocked"
+    assert events.read <= 2, f"{events.read} of 4 events read after the reply was closed"

@@ -481,3 +481,42 @@ async def test_audio_of_unknown_source_is_heard_until_a_microphone_comes(engine:
     await wait_until(lambda: pumped() == ["TR_bot", "TR_bot_mic", "TR_user"])
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_stereo_frames_are_heard_as_the_mean_of_their_channels() -> None:
+    """A stereo track (an SDK that ignored the request for mono) is mixed down sample by sample, not cut or
+    averaged across time."""
+    from worker.voice.transport_livekit import to_pipeline_pcm
+
+    n = SAMPLE_RATE // 50
+    stereo = np.tile(np.array([1000, 3000], dtype=np.int16), n).tobytes()  # left 1000, right 3000
+    mono = to_pipeline_pcm(rtc.AudioFrame(stereo, SAMPLE_RATE, 2, n))
+    assert np.frombuffer(mono, dtype=np.int16).tolist() == [2000] * n
+
+
+async def test_screen_share_audio_alone_is_not_heard(engine: VoiceEngine, sources: list[RecordingSource]) -> None:
+    """A participant who shares a screen with sound but no microphone is not taken for the user's voice."""
+    room = FakeRoom({"presenter": Remote(FakeTrack("TR_screen", bytes(TRACK_RATE * 2),
+                                                   source=rtc.TrackSource.SOURCE_SCREENSHARE_AUDIO),
+                                         identity="presenter")})
+    task = await start(engine, room, [])
+    await wait_until(lambda: "track_subscribed" in room.handlers)
+    room.publish("user", FakeTrack("TR_user", bytes(TRACK_RATE * 2)))
+    await wait_until(lambda: pumped() == ["TR_user"])
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_another_participant_leaving_does_not_interrupt_the_user(engine: VoiceEngine,
+                                                                       sources: list[RecordingSource]) -> None:
+    """Someone else leaves the room: the user's microphone stays heard, without a restart that would drop the
+    utterance under way."""
+    room = FakeRoom({"user": Remote(FakeTrack("TR_user", bytes(TRACK_RATE * 2))),
+                     "listener": Remote(FakeTrack("TR_listener", bytes(TRACK_RATE * 2)), identity="listener")})
+    task = await start(engine, room, [])
+    await wait_until(lambda: pumped() == ["TR_user"])
+    room.leave("listener")
+    await asyncio.sleep(0.05)
+    assert pumped() == ["TR_user"] and not FakeAudioStream.made[0].closed
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

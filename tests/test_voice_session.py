@@ -258,3 +258,17 @@ async def test_a_client_stuck_on_either_step_of_the_goodbye_is_cut_off(voice: Vo
     voice.sessions["s1"].attach(stuck)
     await asyncio.wait_for(voice.stop_session("s1"), 2)
     assert stuck.aborted.is_set()
+
+
+def test_a_refused_prod_configuration_does_not_print_its_secrets() -> None:
+    """The refusal is logged wherever the worker's output goes: it names the problem, never the values given."""
+    with pytest.raises(ValidationError) as refused:
+        VoiceSettings(env=Env.PROD, livekit_api_key="prodkey", livekit_api_secret="short-s3cret",
+                      llm_api_key="llm-s3cret")
+    assert "LIVEKIT_API_SECRET" in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_a_zero_llm_timeout_is_refused() -> None:
+    """It would fail every turn before the LLM could answer."""
+    with pytest.raises(ValidationError, match="llm_timeout_s"):
+        VoiceSettings(llm_timeout_s=0)

@@ -552,3 +552,40 @@ def test_a_client_that_was_quiet_for_long_still_gets_only_the_burst(monkeypatch:
     assert not allowance.take(1.0)
     now[0] += 600
     assert not allowance.take(60.0)
+
+
+async def test_a_token_in_the_authorization_header_is_accepted(make_harness: MakeHarness) -> None:
+    """Clients that keep the token out of the URL (and so out of proxy logs) send it as ``Authorization: Bearer``."""
+    h = await make_harness()
+    await h.session()
+    headers = {"Authorization": f"Bearer {token('room-1')}"}
+    async with websockets.connect(f"{h.base}/sessions/s1/audio", additional_headers=headers) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "ready"
+
+
+def test_a_token_that_does_not_grant_joining_the_room_is_refused() -> None:
+    from worker.voice.transport_ws import verify_token
+
+    def signed(grants: VideoGrants) -> str:
+        return AccessToken("devkey", "secret").with_identity("caller").with_grants(grants).to_jwt()
+
+    assert verify_token(signed(VideoGrants(room_join=True, room="room-1")), "room-1", "devkey", "secret") == "caller"
+    assert verify_token(signed(VideoGrants(room_join=False, room="room-1")), "room-1", "devkey", "secret") is None
+    assert verify_token(signed(VideoGrants(room_admin=True, room="room-1")), "room-1", "devkey", "secret") is None
+
+
+async def test_a_second_audio_connection_to_a_session_is_refused(make_harness: MakeHarness) -> None:
+    """One client speaks in a session: a second connection (another device, a retry while the first is still open)
+    is refused rather than mixed into the first one's audio; once the first is gone, it may connect."""
+    h = await make_harness()
+    await h.session()
+    async with websockets.connect(h.url()) as first:
+        assert json.loads(await asyncio.wait_for(first.recv(), 5))["type"] == "ready"
+        with pytest.raises(websockets.InvalidStatus) as refused:  # closed before accept: HTTP 403
+            async with websockets.connect(h.url()) as second:
+                await second.recv()
+        assert refused.value.response.status_code == 403
+    session = h.engine.sessions["s1"]
+    await wait_until(lambda: not session.ws_attached)
+    async with websockets.connect(h.url()) as again:
+        assert json.loads(await asyncio.wait_for(again.recv(), 5))["type"] == "ready"

@@ -305,3 +305,66 @@ def test_a_calibration_that_fails_exits_non_zero(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(worker.calibrate, "run", run)
     assert cli_calibrate(engine="synthetic", max_concurrency=2, seconds=0.1) == 1
     assert "calibration failed: even one stream misses its frames" in capsys.readouterr().out
+
+
+def load_probe() -> tuple[Any, Any]:
+    """A voice load probe and one simulated user's transport, without sessions: what the transport hears is
+    scripted by the test."""
+    from types import SimpleNamespace
+
+    from worker.voice.calibration import LoadTransport, VoiceLoadProbe
+
+    probe = VoiceLoadProbe(SimpleNamespace(settings=VoiceSettings(llm_backend="canned")))  # type: ignore[arg-type]
+    transport = LoadTransport(probe._window)
+    probe._transports.append(transport)
+    return probe, transport
+
+
+async def test_a_turn_that_never_gets_its_reply_fails_the_step() -> None:
+    """The user finished speaking twice and only the second utterance was answered: the first turn is infinitely
+    late, so an engine that drops turns is not calibrated as keeping up."""
+    probe, user = load_probe()
+    user.end_of_speech(time.perf_counter())
+    user.end_of_speech(time.perf_counter())
+    await user.send_audio(b"\0" * 640)
+    report = probe.report()
+    assert report.figures["turns"] == 2 and report.p95_ms == float("inf")
+    assert not report.keeps_real_time(0.02)
+    assert report.figures["e2e_mean_ms"] < 1000  # the mean is of the turns answered
+
+
+async def test_a_turn_answered_with_an_apology_counts_as_infinitely_late() -> None:
+    """An error (the apology is spoken, fast) is no answer: it fails the step rather than improve its latency."""
+    probe, user = load_probe()
+    user.end_of_speech(time.perf_counter())
+    await user.send_event({"type": "error", "stage": "llm", "message": "sorry"})
+    await user.send_audio(b"\0" * 640)
+    report = probe.report()
+    assert report.figures["errors"] == 1 and report.p95_ms == float("inf")
+    assert not report.keeps_real_time(0.02)
+
+
+def test_a_turn_still_waiting_counts_only_once_past_its_budget() -> None:
+    """At the end of a window, a turn whose reply is still coming is no turn yet; one already waiting longer than
+    the budget is late, and counts as it stands."""
+    probe, user = load_probe()
+    user.end_of_speech(time.perf_counter())
+    assert probe.report().figures["turns"] == 0
+    user.end_of_speech(time.perf_counter() - 2 * probe.budget_ms / 1000)
+    report = probe.report()
+    assert report.figures["turns"] == 2  # the unanswered one before it, and the one waiting past its budget
+    assert report.p95_ms > probe.budget_ms and not report.keeps_real_time(0.02)
+
+
+def test_a_calibration_utterance_is_the_sentence_then_the_whole_pause() -> None:
+    """FLEET_VOICE_CALIBRATION_PAUSE_MS of silence follows each sentence: a shorter cycle would load the engine with
+    more turns than the users it simulates, and calibrate it too low."""
+    from worker.voice.audio import FRAME_BYTES, rms
+    from worker.voice.calibration import Utterance
+    from worker.voice.tts import EspeakTTS
+
+    sentence = EspeakTTS().synthesize_sync("hello there")
+    cycle = Utterance.synthesize("hello there", pause_ms=1000)
+    assert all(len(frame) == FRAME_BYTES for frame in cycle.frames)
+    assert len(cycle.frames) == -(-len(sentence) // FRAME_BYTES) + 50  # the sentence, then 1 s of 20 ms frames
+    assert rms(cycle.frames[cycle.speech_end]) > 300 and not any(cycle.frames[-50:][0])
