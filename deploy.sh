@@ -6,7 +6,8 @@
 #   ./deploy.sh deploy  --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json \
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
 #                       [--engine synthetic|voice] [--llm-backend bedrock|openai|canned] [--llm-model ID]
-#                       [--llm-base-url URL] [--bedrock-region REGION]   (voice: how it replies; docs/deploy.md)
+#                       [--llm-base-url URL] [--bedrock-region REGION] [--whisper-model DIR]
+#                       (voice: how it replies, and a faster-whisper model folder to transcribe with; docs/deploy.md)
 #   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
 #
@@ -37,12 +38,14 @@ LLM_BACKEND="bedrock"
 LLM_MODEL=""
 LLM_BASE_URL=""
 BEDROCK_REGION=""
+WHISPER_MODEL_DIR=""
+WHISPER_MODEL_KEY=""
 ASSUME_YES=0
 COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -128,6 +131,7 @@ parse_args() {
       --llm-model) LLM_MODEL="${2:?--llm-model needs a value}"; shift ;;
       --llm-base-url) LLM_BASE_URL="${2:?--llm-base-url needs a value}"; shift ;;
       --bedrock-region) BEDROCK_REGION="${2:?--bedrock-region needs a value}"; shift ;;
+      --whisper-model) WHISPER_MODEL_DIR="${2:?--whisper-model needs a folder}"; shift ;;
       -h|--help) usage; exit 0 ;;
       *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -182,6 +186,7 @@ PY
 require_voice_inputs() {
   [[ " ${LLM_BACKENDS[*]} " == *" $LLM_BACKEND "* ]] || die "--llm-backend $LLM_BACKEND is unknown" \
     "(choices: ${LLM_BACKENDS[*]})"
+  [[ -z $WHISPER_MODEL_DIR || $ENGINE == voice ]] || die "--whisper-model is for --engine voice"
   [[ $ENGINE == voice ]] || return 0
   if [[ $LLM_BACKEND != canned && -z $LLM_MODEL ]]; then
     die "--engine voice with --llm-backend $LLM_BACKEND needs --llm-model (a Bedrock model or inference profile" \
@@ -191,6 +196,24 @@ require_voice_inputs() {
     "(the server's OpenAI-compatible base URL, reachable from the workers' private subnets)"
   [[ -z $BEDROCK_REGION || $BEDROCK_REGION =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] \
     || die "--bedrock-region: not an AWS region: $BEDROCK_REGION"
+  [[ -n $WHISPER_MODEL_DIR ]] || return 0
+  [[ -d $WHISPER_MODEL_DIR ]] || die "--whisper-model: no such folder: $WHISPER_MODEL_DIR"
+  local names
+  for names in $WHISPER_MODEL_FILES; do  # what worker.voice.stt.WHISPER_MODEL_FILES lists: one of each group
+    [[ -n "$(first_file_of "$WHISPER_MODEL_DIR" "$names")" ]] \
+      || die "--whisper-model $WHISPER_MODEL_DIR is no faster-whisper (CTranslate2) model: it lacks ${names//|/ or }"
+  done
+}
+
+# The files a faster-whisper model folder needs, as worker.voice.stt.WHISPER_MODEL_FILES lists them (a|b: either).
+WHISPER_MODEL_FILES="model.bin config.json vocabulary.json|vocabulary.txt tokenizer.json"
+
+first_file_of() {  # folder a|b|...: the first of the names that is a file there, or nothing
+  local name
+  for name in ${2//|/ }; do
+    [[ -f "$1/$name" ]] && { echo "$name"; return; }
+  done
+  return 0
 }
 
 stack_name() {
@@ -322,6 +345,39 @@ PY
   ARTIFACT_KEY="artifacts/$ENV_NAME/$digest/$(basename "$WHEEL")"
 }
 
+# Sets WHISPER_MODEL_KEY, the S3 folder of --whisper-model: named after the folder and a hash of its files' names
+# and bytes, so a changed model is a new folder (and rolls the workers), and an unchanged one changes nothing.
+whisper_model_key() {
+  [[ -n $WHISPER_MODEL_DIR ]] || return 0
+  local name digest
+  name="$(basename "$WHISPER_MODEL_DIR" | tr -c 'A-Za-z0-9._\n-' '-')"
+  if [[ $DRY_RUN -eq 1 ]]; then
+    WHISPER_MODEL_KEY="models/whisper/$name-dry-run/"
+    return
+  fi
+  log "hashing the whisper model $WHISPER_MODEL_DIR"
+  digest="$(python3 - "$WHISPER_MODEL_DIR" <<'PY'
+import hashlib, pathlib, sys
+root, digest = pathlib.Path(sys.argv[1]), hashlib.sha256()
+for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    file = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            file.update(block)
+    digest.update(str(path.relative_to(root)).encode() + b"\0" + file.digest())
+print(digest.hexdigest()[:16])
+PY
+)"
+  WHISPER_MODEL_KEY="models/whisper/$name-$digest/"
+}
+
+upload_whisper_model() {
+  [[ -n $WHISPER_MODEL_DIR ]] || return 0
+  log "uploading the whisper model to s3://$BUCKET/$WHISPER_MODEL_KEY"
+  aws_run s3 sync "$WHISPER_MODEL_DIR" "s3://$BUCKET/$WHISPER_MODEL_KEY" --region "$HOME_REGION" --sse AES256 \
+    --only-show-errors
+}
+
 upload_wheel() {
   if [[ $DRY_RUN -eq 1 ]]; then
     aws_run s3api head-bucket --bucket "$BUCKET" --region "$HOME_REGION"
@@ -379,7 +435,7 @@ stack_parameters() {  # template region index
       require_output "$HOME_REGION" "$(stack_name secrets)" WorkerTokenSecretArn || return 1
       PARAMS+=("WorkerTokenSecretArn=$OUTPUT" "ArtifactBucket=$BUCKET" "ArtifactKey=$ARTIFACT_KEY" "Engine=$ENGINE"
                "LlmBackend=$LLM_BACKEND" "LlmModel=$LLM_MODEL" "LlmBaseUrl=$LLM_BASE_URL"
-               "BedrockRegion=$BEDROCK_REGION")
+               "BedrockRegion=$BEDROCK_REGION" "WhisperModelKey=$WHISPER_MODEL_KEY")
       if [[ $region == "$HOME_REGION" ]]; then
         require_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId || return 1
         PARAMS+=("HubSecurityGroupId=$OUTPUT")
@@ -469,6 +525,7 @@ cmd_plan() {
   resolve_names
   resolve_vpc_cidrs
   build_wheel
+  whisper_model_key
   local template region index stack change_set type status
   change_set="plan-$(date -u +%Y%m%d%H%M%S)"
   PARAMS_FILE="$(mktemp)"
@@ -527,7 +584,9 @@ cmd_deploy() {
   resolve_names
   resolve_vpc_cidrs
   build_wheel
+  whisper_model_key
   upload_wheel
+  upload_whisper_model
   local template region index stack
   while read -r template region index <&3; do
     stack="$(stack_name "$template")"

@@ -428,7 +428,7 @@ def test_the_voice_engines_replies_need_a_model_and_an_openai_server_a_url() -> 
 
 def test_only_a_voice_worker_replying_with_bedrock_may_invoke_its_models() -> None:
     t = load("gpu-workers")
-    [bedrock] = [s for s in _statements(t) if "Fn::If" in s]
+    [bedrock] = [s for s in _statements(t) if "Fn::If" in s and s["Fn::If"][0] == "RepliesFromBedrock"]
     condition, statement, otherwise = bedrock["Fn::If"]
     assert otherwise == {"Ref": "AWS::NoValue"} and statement["Action"] == "bedrock:InvokeModelWithResponseStream"
     conditions = t["Conditions"]
@@ -437,12 +437,110 @@ def test_only_a_voice_worker_replying_with_bedrock_may_invoke_its_models() -> No
     assert conditions["IsVoice"] == {"Fn::Equals": [{"Ref": "Engine"}, "voice"]}
 
 
-@pytest.mark.parametrize(("engine", "installed"), [("synthetic", ".whl"), ("voice", ".whl[voice]")])
-def test_a_voice_worker_installs_the_wheel_with_its_voice_extras(tmp_path: Path, engine: str, installed: str) -> None:
-    proc, calls, _ = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "InService"}, Engine=engine)
+@pytest.mark.parametrize(("engine", "model", "installed"), [
+    ("synthetic", "", ".whl"), ("voice", "", ".whl[voice]"),
+    ("voice", "models/whisper/large-v3-0123/", ".whl[voice,gpu]"),
+    ("synthetic", "models/whisper/large-v3-0123/", ".whl"),
+])
+def test_a_voice_worker_installs_the_wheel_with_its_voice_extras_and_fetches_its_speech_model(
+        tmp_path: Path, engine: str, model: str, installed: str) -> None:
+    proc, calls, root = _run_bootstrap(tmp_path, env={"FAKE_TARGET_STATE": "InService"}, Engine=engine,
+                                       WhisperModelKey=model)
     assert proc.returncode == 0, proc.stderr
     wheels = [call[-1] for call in calls if call[0] == "pip" and "boto3" not in call]
     assert len(wheels) == 1 and wheels[0].endswith("/opt/fleet/dist/*" + installed), wheels
+    fetched = [call for call in calls if call[0] == "python" and call[-1].endswith("fetch-whisper.py")]
+    assert fetched == ([["python", f"{root}/opt/fleet/fetch-whisper.py"]] if engine == "voice" and model else [])
+
+
+FAKE_S3 = '''
+import json, os, shutil
+
+
+class S3:
+    def __init__(self):
+        self.objects = json.loads(os.environ["FAKE_S3_OBJECTS"])
+
+    def get_paginator(self, name):
+        assert name == "list_objects_v2", name
+        objects = self.objects
+
+        class Pages:
+            def paginate(self, Bucket, Prefix):
+                keys = [k for k in objects if k.startswith(Prefix)]
+                return [{"Contents": [{"Key": k} for k in keys[:2]]}, {"Contents": [{"Key": k} for k in keys[2:]]}]
+        return Pages()
+
+    def download_file(self, bucket, key, path):
+        with open(path, "w") as f:
+            f.write(self.objects[key])
+
+
+def client(service, region_name=None):
+    assert service == "s3", service
+    return S3()
+'''
+
+WHISPER_KEY = "models/whisper/large-v3-0123/"
+
+
+def _fetch_whisper(tmp_path: Path, names: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """fetch-whisper.py, as the user data writes it, against a fake S3 holding ``names`` in the model folder."""
+    script = _worker_script()
+    start = script.index("cat > /opt/fleet/fetch-whisper.py <<'PY'\n")
+    body = script[script.index("\n", start) + 1:]
+    into = tmp_path / "models" / "whisper"
+    code = _sub(body[:body.index("\nPY\n")] + "\n", WhisperModelKey=WHISPER_KEY)
+    (tmp_path / "fetch-whisper.py").write_text(code.replace("/opt/fleet/models/whisper", str(into)))
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    (fakes / "boto3.py").write_text(FAKE_S3)
+    objects = {WHISPER_KEY + name: f"bytes of {name}" for name in names}
+    objects["models/whisper/other-model/model.bin"] = "another model's"
+    proc = subprocess.run([sys.executable, str(tmp_path / "fetch-whisper.py")], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": f"{fakes}:{ROOT}", "FAKE_S3_OBJECTS": json.dumps(objects)})
+    return proc, into
+
+
+def test_the_speech_model_is_fetched_whole_into_the_folder_the_worker_reads(tmp_path: Path) -> None:
+    names = ["model.bin", "config.json", "vocabulary.json", "tokenizer.json", "../../outside", "sub/extra.txt",
+             "marker/"]
+    proc, into = _fetch_whisper(tmp_path, names)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file())
+    assert got == ["config.json", "model.bin", "sub/extra.txt", "tokenizer.json", "vocabulary.json"]
+    assert (into / "model.bin").read_text() == "bytes of model.bin"  # this model's, not the other one's
+    assert not (tmp_path / "outside").exists()
+
+
+def test_a_speech_model_that_lacks_a_file_fails_the_bootstrap_naming_it(tmp_path: Path) -> None:
+    """faster-whisper would fail at every start of the worker; the launch is abandoned instead, with the reason."""
+    proc, _ = _fetch_whisper(tmp_path, ["model.bin", "config.json", "vocabulary.txt"])
+    assert proc.returncode != 0
+    assert "lacks tokenizer.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_voice_worker_with_a_speech_model_transcribes_with_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.voice.settings import VoiceSettings
+    from worker.voice.stt import WhisperSTT, build_stt
+
+    env = _voice_env(tmp_path, monkeypatch, Engine="voice", LlmBackend="canned", WhisperModelKey=WHISPER_KEY)
+    assert env["FLEET_VOICE_WHISPER_MODEL_DIR"] == "/opt/fleet/models/whisper"
+    assert isinstance(build_stt(VoiceSettings()), WhisperSTT)
+
+
+def test_only_a_worker_with_a_speech_model_may_read_it_and_nothing_else_of_the_bucket() -> None:
+    t = load("gpu-workers")
+    conditional = {s["Fn::If"][1]["Sid"]: s["Fn::If"] for s in _statements(t) if "Fn::If" in s}
+    model, listing = conditional["WhisperModel"], conditional["WhisperModelListing"]
+    assert model[0] == listing[0] == "WhisperFromArtifacts" and model[2] == listing[2] == {"Ref": "AWS::NoValue"}
+    assert model[1]["Action"] == "s3:GetObject"
+    assert model[1]["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ArtifactBucket}/${WhisperModelKey}*"}
+    assert listing[1]["Action"] == "s3:ListBucket"
+    assert listing[1]["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${WhisperModelKey}*"}}}
+    assert t["Conditions"]["WhisperFromArtifacts"] == {"Fn::And": [
+        {"Condition": "IsVoice"}, {"Fn::Not": [{"Fn::Equals": [{"Ref": "WhisperModelKey"}, ""]}]}]}
 
 
 def test_worker_group_has_a_launch_hook_that_abandons_by_default() -> None:
@@ -586,7 +684,7 @@ def test_worker_env_refuses_a_restart_on_an_instance_that_is_leaving_or_unknown(
 # --- The worker user data, run against fake commands (aws, curl, systemctl, apt, python3.11) -------------------
 
 SUB_VALUES = {"AWS::Region": "eu-west-1", "EnvName": "prod", "HomeRegion": "us-east-1", "Engine": "synthetic",
-              "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": "",
+              "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": "", "WhisperModelKey": "",
               "HubUrl": "https://fleet.example.com", "ArtifactBucket": "bucket",
               "ArtifactKey": "artifacts/prod/0123/gpu_fleet-0.1.0-py3-none-any.whl",
               "WorkerTokenSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/gpu-fleet/wt"}

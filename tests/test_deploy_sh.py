@@ -409,13 +409,48 @@ def test_a_voice_deploy_tells_every_worker_stack_how_the_engine_replies(env: dic
     assert all({k: given[k] for k in ("Engine", *replies)} == {"Engine": "voice", **replies} for given in workers)
 
 
+def _whisper_model(tmp_path: Path, *names: str) -> Path:
+    folder = tmp_path / "whisper large v3"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text(f"bytes of {name}")
+    return folder
+
+
+def test_a_speech_model_is_uploaded_once_under_a_name_that_changes_with_it(env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    """The model's folder goes to the artifact bucket under a key that hashes its files: the same model twice is
+    the same key (no worker replaced), a changed one a new key (the workers are replaced with it)."""
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "vocabulary.txt", "tokenizer.json")
+    args = (*DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice", "--llm-backend", "canned",
+            "--whisper-model", str(model))
+
+    def deployed_key() -> str:
+        result = run(env, "deploy", *args)
+        assert result.rc == 0, result.out
+        [sync] = result.aws("s3", "sync")[-1:]
+        keys = {w["WhisperModelKey"] for w in _worker_stack_parameters(result)[-2:]}
+        assert len(keys) == 1 and sync[2:4] == [str(model), f"s3://{sync[3].split('/')[2]}/{next(iter(keys))}"]
+        assert "--sse" in sync, sync
+        return keys.pop()
+
+    first = deployed_key()
+    assert re.fullmatch(r"models/whisper/whisper-large-v3-[0-9a-f]{16}/", first), first
+    assert deployed_key() == first
+    (model / "config.json").write_text("another config")
+    assert deployed_key() != first
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("--engine", "voice"), "needs --llm-model"),
     (("--engine", "voice", "--llm-backend", "openai", "--llm-model", "m"), "needs --llm-base-url"),
     (("--llm-backend", "gpt"), "--llm-backend gpt is unknown"),
     (("--engine", "voice", "--llm-model", "m", "--bedrock-region", "mars"), "not an AWS region: mars"),
     (("--engine", "avatar"), "--engine avatar cannot be deployed"),
-], ids=["no-model", "openai-without-url", "unknown-backend", "bad-bedrock-region", "unknown-engine"])
+    (("--whisper-model", "/nonexistent"), "--whisper-model is for --engine voice"),
+    (("--engine", "voice", "--llm-backend", "canned", "--whisper-model", "/nonexistent"), "no such folder"),
+], ids=["no-model", "openai-without-url", "unknown-backend", "bad-bedrock-region", "unknown-engine",
+        "whisper-without-voice", "no-whisper-folder"])
 def test_an_engine_that_could_not_reply_is_refused_before_any_aws_call(env: dict[str, str], args: tuple[str, ...],
                                                                        said: str) -> None:
     """The template's rules would refuse these too, but only once a change set fails, stack by stack."""
@@ -766,3 +801,19 @@ def test_deploy_sh_offers_the_engines_and_llm_backends_the_worker_template_allow
     for shell_list, parameter in (("DEPLOYABLE_ENGINES", "Engine"), ("LLM_BACKENDS", "LlmBackend")):
         [listed] = re.findall(rf"^{shell_list}=\(([^)]*)\)$", text, flags=re.MULTILINE)
         assert listed.split() == parameters[parameter]["AllowedValues"], shell_list
+
+
+def test_a_speech_model_folder_that_lacks_a_file_is_refused_before_any_aws_call(env: dict[str, str],
+                                                                                  tmp_path: Path) -> None:
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "tokenizer.json")
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                 "--llm-backend", "canned", "--whisper-model", str(model))
+    assert result.rc != 0 and "lacks vocabulary.json or vocabulary.txt" in result.out, result.out
+    assert not result.aws("cloudformation") and not result.aws("s3")
+
+
+def test_deploy_sh_checks_a_speech_model_for_the_files_the_worker_loads() -> None:
+    from worker.voice.stt import WHISPER_MODEL_FILES
+
+    [listed] = re.findall(r'^WHISPER_MODEL_FILES="([^"]*)"$', SCRIPT.read_text(), flags=re.MULTILINE)
+    assert [tuple(group.split("|")) for group in listed.split()] == list(WHISPER_MODEL_FILES)
