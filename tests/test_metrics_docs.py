@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hub.metrics import ALLOCATION_OUTCOMES, DISPATCH_FAILURE_REASONS
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import ADMIN_AUTH, refresh, register
-from tests.harness import running_hubs
+from tests.harness import HubProcess, running_hubs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 METRIC_NAME = re.compile(r"\bfleet_[a-z_]+\b")
@@ -101,13 +100,17 @@ def _sample(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not exported")
 
 
-def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: EmbeddedRedis) -> None:
+def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
     """Regression: with ``fleet hub --workers 2`` each process kept its own counters, so a scrape showed whichever
-    process answered it (3 of 6 allocations, every time)."""
+    process answered it (3 of 6 allocations, every time). The counters' shared files go with the hub."""
     if not redis_server.running:
         redis_server.start()
-    before = set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*"))
-    with running_hubs(1, redis_server.url, processes=2) as [hub]:
+    hub = HubProcess(redis_server.url, processes=2)
+    # Its temporary files in a folder of this test's own: other tests' hubs come and go in the shared one.
+    hub.env["TMPDIR"] = str(tmp_path)
+    try:
+        hub.start()
+        assert [p.name.startswith("fleet-hub-metrics-") for p in tmp_path.iterdir()] == [True]
         for _ in range(16):
             with httpx.Client(timeout=5) as client:  # a connection each: the kernel spreads them over the processes
                 assert client.post(f"{hub.url}/api/v1/sessions", json={}).status_code == 503  # no worker
@@ -117,8 +120,9 @@ def test_a_hub_of_several_processes_exports_what_all_of_them_did(redis_server: E
             assert _sample(text, "fleet_allocations_total", outcome="no_capacity") == 16
             assert _sample(text, "fleet_allocation_seconds_count", outcome="no_capacity") == 16
             assert "# TYPE fleet_workers gauge" in text  # the fleet gauges, from the answering process's mirror
-    after = set(Path(tempfile.gettempdir()).glob("fleet-hub-metrics-*"))
-    assert after == before, "the counters' files outlived the hub"
+    finally:
+        hub.stop()
+    assert list(tmp_path.iterdir()) == [], "the counters' files outlived the hub"
 
 
 def test_every_worker_metric_and_label_value_is_documented() -> None:
