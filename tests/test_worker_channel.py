@@ -709,3 +709,46 @@ async def test_a_hub_that_answered_and_then_failed_keeps_its_place_among_the_fai
     finally:
         await client.aclose()
     assert tried == ["a", "b", "b", "c", "a", "b", "c", "a"]
+
+
+async def test_a_hub_that_answers_a_registration_with_a_5xx_is_asked_last_from_then_on(fake_hub: Any) -> None:
+    """A hub whose Redis is down answers 503: the registration goes on to the next hub, and every later request
+    asks the failing hub last rather than spend a round trip on it first."""
+    async def unavailable(_: web.Request) -> web.Response:
+        return web.json_response({"error": "store_unavailable", "message": "Redis is down"}, status=503)
+
+    async def accepted(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 1.0, "ttl_s": 3.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def unused(_: web.Request) -> web.Response:
+        return web.json_response({}, status=500)
+
+    down, up, spare = (await fake_hub(unavailable, unused), await fake_hub(accepted, unused),
+                       await fake_hub(accepted, unused))
+    client = HubClient([down, up, spare], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2))
+    try:
+        await client.register_once()
+        assert client.hub_url == up and client._ordered_hubs() == [up, spare, down]
+    finally:
+        await client.aclose()
+
+
+def test_hubs_are_asked_the_one_that_answered_first_and_those_that_failed_last_the_latest_at_the_end() -> None:
+    """A frozen hub costs a timeout for every request sent to it first: the order follows what each hub did last."""
+    a, b, c, d = "http://a", "http://b", "http://c", "http://d"
+    client = HubClient([a, b, c, d], WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2))
+    assert client._ordered_hubs() == [a, b, c, d]  # as configured, before any answer
+    client._hub_answered(c)
+    assert client._ordered_hubs() == [c, a, b, d]
+    client._hub_failed(a)
+    client._hub_failed(d)
+    assert client._ordered_hubs() == [c, b, a, d]
+    client._hub_failed(a)  # failed again: now the latest failure
+    assert client._ordered_hubs() == [c, b, d, a]
+    client._hub_failed(c)  # the hub that answered last fails: it goes to the end too
+    assert client._ordered_hubs() == [b, d, a, c]
+    client._hub_answered(d)  # a failing hub that answers again leads
+    assert client._ordered_hubs() == [d, b, a, c]
+    client.hub_urls = [b, c]  # the configuration changed: only its hubs are asked
+    assert client._ordered_hubs() == [b, c]
