@@ -8,6 +8,7 @@
 #                       [--engine synthetic|voice] [--llm-backend bedrock|openai|canned] [--llm-model ID]
 #                       [--llm-base-url URL] [--bedrock-region REGION] [--whisper-model DIR]
 #                       (voice: how it replies, and a faster-whisper model folder to transcribe with; docs/deploy.md)
+#   Without --engine, the worker stacks keep the engine settings they were last deployed with (synthetic at first).
 #   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
 #
@@ -34,7 +35,8 @@ CLOUDFRONT_PREFIX_LIST_ID=""
 LIVEKIT_REGIONS_FILE=""
 BUCKET=""
 ENGINE="synthetic"
-LLM_BACKEND="bedrock"
+ENGINE_GIVEN=0
+LLM_BACKEND=""  # bedrock unless given
 LLM_MODEL=""
 LLM_BASE_URL=""
 BEDROCK_REGION=""
@@ -45,7 +47,7 @@ COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -126,7 +128,7 @@ parse_args() {
       --cloudfront-certificate-arn) CLOUDFRONT_CERTIFICATE_ARN="${2:?--cloudfront-certificate-arn needs a value}"; shift ;;
       --livekit-regions) LIVEKIT_REGIONS_FILE="${2:?--livekit-regions needs a file}"; shift ;;
       --bucket) BUCKET="${2:?--bucket needs a value}"; shift ;;
-      --engine) ENGINE="${2:?--engine needs a value}"; shift ;;
+      --engine) ENGINE="${2:?--engine needs a value}"; ENGINE_GIVEN=1; shift ;;
       --llm-backend) LLM_BACKEND="${2:?--llm-backend needs a value}"; shift ;;
       --llm-model) LLM_MODEL="${2:?--llm-model needs a value}"; shift ;;
       --llm-base-url) LLM_BASE_URL="${2:?--llm-base-url needs a value}"; shift ;;
@@ -184,6 +186,10 @@ PY
 
 # The checks of gpu-workers.yaml's Rules, made before any AWS call rather than by a failing change set.
 require_voice_inputs() {
+  if [[ $ENGINE_GIVEN -eq 0 && -n "$LLM_BACKEND$LLM_MODEL$LLM_BASE_URL$BEDROCK_REGION$WHISPER_MODEL_DIR" ]]; then
+    die "the voice options go with --engine voice: without --engine, the deployed engine settings are kept whole"
+  fi
+  LLM_BACKEND="${LLM_BACKEND:-bedrock}"
   [[ " ${LLM_BACKENDS[*]} " == *" $LLM_BACKEND "* ]] || die "--llm-backend $LLM_BACKEND is unknown" \
     "(choices: ${LLM_BACKENDS[*]})"
   [[ -z $WHISPER_MODEL_DIR || $ENGINE == voice ]] || die "--whisper-model is for --engine voice"
@@ -218,6 +224,52 @@ first_file_of() {  # folder a|b|...: the first of the names that is a file there
 
 stack_name() {
   echo "gpu-fleet-$ENV_NAME-$1"
+}
+
+# The worker stacks' parameters that say which engine runs and how it replies and transcribes.
+ENGINE_PARAMETERS=(Engine LlmBackend LlmModel LlmBaseUrl BedrockRegion WhisperModelKey)
+
+# Without --engine, the engine settings the home region's worker stack was last deployed with: a re-deploy that
+# forgets the flag must not replace every voice worker with a synthetic one. Nothing to keep on a first deployment
+# (or from a stack deployed before these parameters): the defaults stand.
+keep_deployed_engine() {
+  [[ $ENGINE_GIVEN -eq 0 ]] || return 0
+  local stack answer name
+  stack="$(stack_name gpu-workers)"
+  local -a lookup=(cloudformation describe-stacks --region "$HOME_REGION" --stack-name "$stack" --query
+                   "Stacks[0].[StackStatus, Parameters]" --output json)
+  if [[ $DRY_RUN -eq 1 ]]; then
+    aws_query "" "${lookup[@]}" >/dev/null
+    ENGINE="<$stack.Engine>" LLM_BACKEND="<$stack.LlmBackend>" LLM_MODEL="<$stack.LlmModel>"
+    LLM_BASE_URL="<$stack.LlmBaseUrl>" BEDROCK_REGION="<$stack.BedrockRegion>"
+    WHISPER_MODEL_KEY="<$stack.WhisperModelKey>"
+    return 0
+  fi
+  if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
+    [[ $answer == *"does not exist"* ]] || die "cannot read the engine settings of $stack in $HOME_REGION: $answer"
+    return 0
+  fi
+  # One NAME=VALUE line per engine parameter the stack holds; none when it is only a plan (REVIEW_IN_PROGRESS).
+  answer="$(python3 - "$answer" "${ENGINE_PARAMETERS[@]}" <<'PY'
+import json, sys
+status, parameters = json.loads(sys.argv[1])
+held = {p["ParameterKey"]: p["ParameterValue"] for p in parameters or []}
+if status != "REVIEW_IN_PROGRESS" and "Engine" in held:
+    for name in sys.argv[2:]:
+        print("%s=%s" % (name, held.get(name, "")))
+PY
+)" || die "cannot read the engine settings of $stack in $HOME_REGION"
+  while IFS='=' read -r name value; do
+    case "$name" in
+      Engine) ENGINE="$value" ;;
+      LlmBackend) LLM_BACKEND="${value:-bedrock}" ;;
+      LlmModel) LLM_MODEL="$value" ;;
+      LlmBaseUrl) LLM_BASE_URL="$value" ;;
+      BedrockRegion) BEDROCK_REGION="$value" ;;
+      WhisperModelKey) WHISPER_MODEL_KEY="$value" ;;
+    esac
+  done <<<"$answer"
+  [[ -z $answer ]] || log "keeping the deployed engine: $ENGINE (pass --engine to change it)"
 }
 
 # Without --livekit-regions, the LiveKitRegions the hub stack was last deployed with: a re-deploy keeps them. A first
@@ -522,6 +574,7 @@ cmd_plan() {
   require_env_and_regions
   require_deploy_inputs
   cmd_validate >&2
+  keep_deployed_engine
   resolve_names
   resolve_vpc_cidrs
   build_wheel
@@ -581,6 +634,7 @@ cmd_deploy() {
   require_env_and_regions
   require_deploy_inputs
   cmd_validate >&2
+  keep_deployed_engine
   resolve_names
   resolve_vpc_cidrs
   build_wheel

@@ -60,21 +60,27 @@ print("None" if found is None else found)' "$FAKE_HOSTED_ZONES" "$(arg --query)"
     echo "output-of-$key" ;;
   # With FAKE_STATE_DIR, stacks have a status (one file per region and stack) as CloudFormation keeps it: a CREATE
   # change set makes a REVIEW_IN_PROGRESS stack, which refuses UPDATE change sets. A deploy records the parameters
-  # it passed (<state>.parameters.json), which a --query on Parameters reads, as aws would.
-  *"describe-stacks"*ParameterKey*)
+  # it passed (<state>.parameters.json), which a --query on Parameters reads, as aws would (as text or JSON).
+  *"describe-stacks"*Parameter*)
+    # FAKE_PARAMETERS_FAIL: reading a stack's parameters is refused.
+    [[ -z "${{FAKE_PARAMETERS_FAIL:-}}" ]] || {{ echo "An error occurred (AccessDenied)" >&2; exit 254; }}
     state="${{FAKE_STATE_DIR:-/no-state}}/$(arg --region)-$(arg --stack-name)"
     if [[ ! -f $state ]]; then
       echo "An error occurred (ValidationError): Stack with id $(arg --stack-name) does not exist" >&2
       exit 254
     fi
     exec {sys.executable} -c 'import json, os, sys, jmespath
-state, query = sys.argv[1:]
+state, query, output = sys.argv[1:]
 given = json.load(open(state + ".parameters.json")) if os.path.exists(state + ".parameters.json") else {{}}
 stack = {{"StackStatus": open(state).read().strip(),
           "Parameters": [{{"ParameterKey": k, "ParameterValue": v}} for k, v in given.items()]}}
 found = jmespath.search(query, {{"Stacks": [stack]}})
 text = lambda value: "None" if value is None else str(value)
-print("\\t".join(map(text, found)) if isinstance(found, list) else text(found))' "$state" "$(arg --query)" ;;
+if output == "json":
+    print(json.dumps(found))
+else:
+    print("\\t".join(map(text, found)) if isinstance(found, list) else text(found))' "$state" "$(arg --query)" \
+      "$(arg --output)" ;;
   "cloudformation deploy"*)
     # FAKE_DEPLOY_FAIL: "stack@region ..." whose deployment fails (rolled back).
     case " ${{FAKE_DEPLOY_FAIL:-}} " in
@@ -444,13 +450,15 @@ def test_a_speech_model_is_uploaded_once_under_a_name_that_changes_with_it(env: 
 @pytest.mark.parametrize(("args", "said"), [
     (("--engine", "voice"), "needs --llm-model"),
     (("--engine", "voice", "--llm-backend", "openai", "--llm-model", "m"), "needs --llm-base-url"),
-    (("--llm-backend", "gpt"), "--llm-backend gpt is unknown"),
+    (("--engine", "voice", "--llm-backend", "gpt"), "--llm-backend gpt is unknown"),
     (("--engine", "voice", "--llm-model", "m", "--bedrock-region", "mars"), "not an AWS region: mars"),
     (("--engine", "avatar"), "--engine avatar cannot be deployed"),
-    (("--whisper-model", "/nonexistent"), "--whisper-model is for --engine voice"),
+    (("--engine", "synthetic", "--whisper-model", "/nonexistent"), "--whisper-model is for --engine voice"),
+    (("--llm-model", "m"), "the voice options go with --engine voice"),
+    (("--llm-backend", "canned"), "the voice options go with --engine voice"),
     (("--engine", "voice", "--llm-backend", "canned", "--whisper-model", "/nonexistent"), "no such folder"),
 ], ids=["no-model", "openai-without-url", "unknown-backend", "bad-bedrock-region", "unknown-engine",
-        "whisper-without-voice", "no-whisper-folder"])
+        "whisper-without-voice", "options-without-engine", "backend-without-engine", "no-whisper-folder"])
 def test_an_engine_that_could_not_reply_is_refused_before_any_aws_call(env: dict[str, str], args: tuple[str, ...],
                                                                        said: str) -> None:
     """The template's rules would refuse these too, but only once a change set fails, stack by stack."""
@@ -817,3 +825,48 @@ def test_deploy_sh_checks_a_speech_model_for_the_files_the_worker_loads() -> Non
 
     [listed] = re.findall(r'^WHISPER_MODEL_FILES="([^"]*)"$', SCRIPT.read_text(), flags=re.MULTILINE)
     assert [tuple(group.split("|")) for group in listed.split()] == list(WHISPER_MODEL_FILES)
+
+
+ENGINE_PARAMETERS = ("Engine", "LlmBackend", "LlmModel", "LlmBaseUrl", "BedrockRegion", "WhisperModelKey")
+
+
+def test_a_redeploy_without_engine_options_keeps_the_deployed_voice_engine(env: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    """A forgotten --engine must not replace every voice worker with a synthetic one: without it, the engine
+    settings of the home region's worker stack are kept whole, the speech model's folder included (not uploaded
+    again)."""
+    state = tmp_path / "stacks"
+    state.mkdir()
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "vocabulary.txt", "tokenizer.json")
+    first = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                "--llm-model", "us.amazon.nova-micro-v1:0", "--bedrock-region", "us-west-2", "--whisper-model",
+                str(model), extra_env={"FAKE_STATE_DIR": str(state)})
+    assert first.rc == 0, first.out
+    deployed = [{k: w[k] for k in ENGINE_PARAMETERS} for w in _worker_stack_parameters(first)]
+    assert deployed[0]["Engine"] == "voice" and deployed[0]["WhisperModelKey"].startswith("models/whisper/")
+
+    Path(env["FAKE_LOG"]).unlink()
+    again = run(env, "deploy", *DEPLOY_ARGS, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert again.rc == 0, again.out
+    assert [{k: w[k] for k in ENGINE_PARAMETERS} for w in _worker_stack_parameters(again)] == deployed
+    assert "keeping the deployed engine: voice" in again.out and not again.aws("s3", "sync")
+
+    Path(env["FAKE_LOG"]).unlink()
+    changed = run(env, "deploy", *DEPLOY_ARGS, "--engine", "synthetic", extra_env={"FAKE_STATE_DIR": str(state)})
+    assert changed.rc == 0, changed.out
+    assert {w["Engine"] for w in _worker_stack_parameters(changed)} == {"synthetic"}
+
+
+def test_the_deployed_engine_is_looked_up_in_a_dry_run_and_a_failed_lookup_stops_the_deploy(
+        env: dict[str, str], tmp_path: Path) -> None:
+    dry = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert dry.rc == 0, dry.out
+    assert "describe-stacks --region us-east-1 --stack-name gpu-fleet-prod-gpu-workers" in dry.out
+    assert "Engine=\\<gpu-fleet-prod-gpu-workers.Engine\\>" in dry.out, dry.out
+    state = tmp_path / "stacks"
+    state.mkdir()
+    refused = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"],
+                  extra_env={"FAKE_STATE_DIR": str(state), "FAKE_PARAMETERS_FAIL": "1"})
+    assert refused.rc != 0 and "cannot read the engine settings of gpu-fleet-prod-gpu-workers" in refused.out
+    assert not refused.aws("cloudformation", "deploy") and not refused.aws("s3")
+
