@@ -543,6 +543,69 @@ def test_only_a_worker_with_a_speech_model_may_read_it_and_nothing_else_of_the_b
         {"Condition": "IsVoice"}, {"Fn::Not": [{"Fn::Equals": [{"Ref": "WhisperModelKey"}, ""]}]}]}
 
 
+def test_a_voice_worker_may_stream_replies_from_any_model_and_inference_profile_in_any_region() -> None:
+    """A cross-region inference profile such as us.amazon.nova-micro-v1:0 runs its model in another region than its
+    own: the worker needs both the profile and the models, wherever they are, or its first reply is AccessDenied."""
+    [bedrock] = [s["Fn::If"][1] for s in _statements(load("gpu-workers"))
+                 if "Fn::If" in s and s["Fn::If"][1]["Sid"] == "BedrockReplies"]
+    assert bedrock["Resource"] == [
+        {"Fn::Sub": "arn:${AWS::Partition}:bedrock:*::foundation-model/*"},
+        {"Fn::Sub": "arn:${AWS::Partition}:bedrock:*:${AWS::AccountId}:inference-profile/*"}]
+
+
+def test_the_speech_models_folder_is_listed_on_the_bucket_itself() -> None:
+    """s3:ListBucket is granted on the bucket's ARN, not on its objects': on any other resource the bootstrap's
+    listing of the model folder is refused, and every launch of a voice worker with a speech model is abandoned."""
+    [listing] = [s["Fn::If"][1] for s in _statements(load("gpu-workers"))
+                 if "Fn::If" in s and s["Fn::If"][1]["Sid"] == "WhisperModelListing"]
+    assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ArtifactBucket}"}
+
+
+@pytest.mark.parametrize(("parameter", "value", "allowed"), [
+    ("LlmModel", "us.amazon.nova-micro-v1:0", True),
+    ("LlmModel", "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3", True),
+    ("LlmModel", "llama3.1:8b", True),
+    ("LlmModel", "it's", False),
+    ("LlmBaseUrl", "http://10.0.7.20:8000/v1", True),
+    ("LlmBaseUrl", "https://llm.internal.example.com/v1", True),
+    ("LlmBaseUrl", "http://10.0.7.20:8000/v1'", False),
+    ("LlmBaseUrl", 'http://10.0.7.20:8000/v1"', False),
+    ("LlmBaseUrl", "http://10.0.7.20:8000/v1\\", False),
+    ("LlmBaseUrl", "http://10.0.7.20:8000/v1 x", False),
+    ("LlmBaseUrl", "ftp://10.0.7.20/v1", False),
+    ("BedrockRegion", "us-west-2", True),
+    ("BedrockRegion", "us-gov-west-1", True),
+    ("BedrockRegion", "mars", False),
+    ("WhisperModelKey", "models/whisper/whisper-large-v3-0123456789abcdef/", True),
+    ("WhisperModelKey", "models/whisper/whisper large v3/", False),
+])
+def test_the_voice_parameters_take_real_ids_and_urls_and_nothing_that_would_break_the_worker_env(
+        parameter: str, value: str, allowed: bool) -> None:
+    """The parameters land in worker-env.py's Python strings and in the single-quoted worker.env: a quote or a
+    backslash there would fail every start of the worker, so the stack refuses them when it is created or updated."""
+    pattern = load("gpu-workers")["Parameters"][parameter]["AllowedPattern"]
+    assert (re.fullmatch(pattern, value) is not None) == allowed
+
+
+def test_a_key_that_would_land_beside_the_speech_models_folder_is_not_fetched(tmp_path: Path) -> None:
+    """A folder whose name merely starts like the model's (``whisper-old``) is outside it, too."""
+    proc, into = _fetch_whisper(tmp_path, ["model.bin", "config.json", "vocabulary.json", "tokenizer.json",
+                                           "../whisper-old/model.bin"])
+    assert proc.returncode == 0, proc.stderr
+    assert not (into.parent / "whisper-old").exists()
+
+
+def test_a_voice_worker_without_a_speech_model_transcribes_with_pocketsphinx(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pointed at a model folder the bootstrap never filled, the worker would fail every start on the missing model."""
+    from worker.voice.settings import VoiceSettings
+    from worker.voice.stt import WhisperSTT, build_stt
+
+    env = _voice_env(tmp_path, monkeypatch, Engine="voice", LlmBackend="canned")
+    assert "FLEET_VOICE_WHISPER_MODEL_DIR" not in env
+    assert not isinstance(build_stt(VoiceSettings()), WhisperSTT)
+
+
 def test_worker_group_has_a_launch_hook_that_abandons_by_default() -> None:
     t = load("gpu-workers")
     asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]

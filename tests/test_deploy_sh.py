@@ -870,3 +870,65 @@ def test_the_deployed_engine_is_looked_up_in_a_dry_run_and_a_failed_lookup_stops
     assert refused.rc != 0 and "cannot read the engine settings of gpu-fleet-prod-gpu-workers" in refused.out
     assert not refused.aws("cloudformation", "deploy") and not refused.aws("s3")
 
+
+def test_a_first_voice_deploy_creates_the_bucket_before_it_uploads_the_speech_model_into_it(
+        env: dict[str, str], tmp_path: Path) -> None:
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "vocabulary.txt", "tokenizer.json")
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                 "--llm-backend", "canned", "--whisper-model", str(model))
+    assert result.rc == 0, result.out
+    s3 = [line.split()[3] for line in result.out.splitlines() if line.startswith("+ aws s3 ")]
+    assert "mb" in s3 and "sync" in s3 and s3.index("mb") < s3.index("sync"), s3
+
+
+def test_a_plan_passes_the_speech_model_key_a_deploy_would(env: dict[str, str], tmp_path: Path) -> None:
+    """The change sets a plan shows are the deploy's: without the model's key they would show every voice worker
+    losing its speech model."""
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "vocabulary.txt", "tokenizer.json")
+    real_aws = Path(env["PATH"].split(":")[0]) / "aws"
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    planned = tmp_path / "planned.jsonl"
+    (wrapper / "aws").write_text(f"""#!{BASH}
+prev=""
+for arg in "$@"; do
+  if [[ $prev == --parameters ]]; then tr -d '\\n' < "${{arg#file://}}" >> "{planned}"; echo >> "{planned}"; fi
+  prev="$arg"
+done
+exec "{real_aws}" "$@"
+""")
+    (wrapper / "aws").chmod(0o755)
+    args = ("--livekit-regions", env["LIVEKIT"], "--engine", "voice", "--llm-backend", "canned", "--whisper-model",
+            str(model))
+    result = run({**env, "PATH": f"{wrapper}:{env['PATH']}"}, "plan", *DEPLOY_ARGS, *args)
+    assert result.rc == 0, result.out
+    keys = [{p["ParameterKey"]: p["ParameterValue"] for p in json.loads(line)}.get("WhisperModelKey")
+            for line in planned.read_text().splitlines()]
+    deployed = run(env, "deploy", *DEPLOY_ARGS, *args)
+    assert deployed.rc == 0, deployed.out
+    [key] = {w["WhisperModelKey"] for w in _worker_stack_parameters(deployed)}
+    assert key.startswith("models/whisper/") and [k for k in keys if k is not None] == [key, key]
+
+
+@pytest.mark.parametrize("region", ["us-gov-west-1", "ap-southeast-2"])
+def test_a_voice_deploy_takes_any_region_name_as_its_bedrock_region(env: dict[str, str], region: str) -> None:
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                 "--llm-model", "m", "--bedrock-region", region)
+    assert result.rc == 0, result.out
+
+
+def test_a_speech_model_whose_file_is_renamed_gets_a_new_key(env: dict[str, str], tmp_path: Path) -> None:
+    """The key hashes the files' names with their bytes: a renamed file is another model, whose workers are replaced,
+    not an upload beside the old names in a folder the workers already fetched."""
+    model = _whisper_model(tmp_path, "model.bin", "config.json", "vocabulary.txt", "tokenizer.json")
+
+    def deployed_key() -> str:
+        result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                     "--llm-backend", "canned", "--whisper-model", str(model))
+        assert result.rc == 0, result.out
+        [key] = {w["WhisperModelKey"] for w in _worker_stack_parameters(result)[-2:]}  # this deploy's two
+        return key
+
+    first = deployed_key()
+    (model / "vocabulary.txt").rename(model / "vocabulary.json")
+    assert deployed_key() != first

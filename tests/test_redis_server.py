@@ -18,6 +18,18 @@ def test_a_server_that_exits_at_start_is_reported_at_once_not_after_the_timeout(
         server.cleanup()
 
 
+def test_a_server_whose_port_another_redis_server_holds_is_not_taken_for_started() -> None:
+    """Another redis-server on the port answers INFO as the one started would, with its own process id: ``start()``
+    reports the exit of the server that could not bind, not a URL to the other one's store."""
+    with EmbeddedRedis() as other:
+        server = EmbeddedRedis(port=other.port)
+        try:
+            with pytest.raises(RuntimeError, match="exited with code"):
+                server.start(timeout_s=30)
+        finally:
+            server.cleanup()
+
+
 def test_a_server_whose_port_another_one_took_is_not_taken_for_started() -> None:
     """A port found free can be taken before redis-server binds it. Whatever answers there then is not the server
     that was started (which exits, unable to bind): ``start()`` reports that exit, and does not hand out a URL to
