@@ -202,6 +202,10 @@ require_voice_inputs() {
     "(the server's OpenAI-compatible base URL, reachable from the workers' private subnets)"
   [[ -z $BEDROCK_REGION || $BEDROCK_REGION =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] \
     || die "--bedrock-region: not an AWS region: $BEDROCK_REGION"
+  # The AllowedPatterns of LlmModel and LlmBaseUrl: refused here, not by a change set per stack.
+  [[ $LLM_MODEL =~ $LLM_MODEL_PATTERN ]] || die "--llm-model: not a model id or name: $LLM_MODEL"
+  [[ $LLM_BASE_URL =~ $LLM_BASE_URL_PATTERN ]] \
+    || die "--llm-base-url: not an http(s) URL without spaces, quotes or backslashes: $LLM_BASE_URL"
   [[ -n $WHISPER_MODEL_DIR ]] || return 0
   [[ -d $WHISPER_MODEL_DIR ]] || die "--whisper-model: no such folder: $WHISPER_MODEL_DIR"
   local names
@@ -210,6 +214,9 @@ require_voice_inputs() {
       || die "--whisper-model $WHISPER_MODEL_DIR is no faster-whisper (CTranslate2) model: it lacks ${names//|/ or }"
   done
 }
+
+LLM_MODEL_PATTERN="^[A-Za-z0-9._:/@+-]*$"
+LLM_BASE_URL_PATTERN="^(https?://[^[:space:]'\"\\]+)?$"
 
 # The files a faster-whisper model folder needs, as worker.voice.stt.WHISPER_MODEL_FILES lists them (a|b: either).
 WHISPER_MODEL_FILES="model.bin config.json vocabulary.json|vocabulary.txt tokenizer.json"

@@ -37,7 +37,7 @@ KnownRegion = Annotated[Region, AfterValidator(must_be_known_region)]
 #: dashboard, where a newline or an escape sequence would garble or forge a line).
 LabelMap = Annotated[
     dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")],
-         Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]],
+         Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$")]],
     Field(max_length=32),
 ]
 #: The most streams one worker may offer: every heartbeat lists the sessions it runs, and the list has this bound.

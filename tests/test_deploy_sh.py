@@ -932,3 +932,32 @@ def test_a_speech_model_whose_file_is_renamed_gets_a_new_key(env: dict[str, str]
     first = deployed_key()
     (model / "vocabulary.txt").rename(model / "vocabulary.json")
     assert deployed_key() != first
+
+
+@pytest.mark.parametrize(("option", "parameter", "value"), [
+    ("--llm-model", "LlmModel", "us.amazon.nova-micro-v1:0"),
+    ("--llm-model", "LlmModel", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("--llm-model", "LlmModel", "my model"),
+    ("--llm-model", "LlmModel", "model'"),
+    ("--llm-base-url", "LlmBaseUrl", "http://10.0.7.20:8000/v1"),
+    ("--llm-base-url", "LlmBaseUrl", "https://llm.internal/v1?x=1"),
+    ("--llm-base-url", "LlmBaseUrl", "http://10.0.7.20:8000/v1\\"),
+    ("--llm-base-url", "LlmBaseUrl", "http://a b"),
+    ("--llm-base-url", "LlmBaseUrl", 'http://a"b'),
+    ("--llm-base-url", "LlmBaseUrl", "ftp://10.0.7.20/v1"),
+])
+def test_deploy_sh_takes_an_llm_value_exactly_when_the_worker_template_does(env: dict[str, str], option: str,
+                                                                           parameter: str, value: str) -> None:
+    """A value the template's AllowedPattern refuses would fail a change set per stack, after the first stacks were
+    deployed; deploy.sh refuses the same values before any AWS call, and takes the others."""
+    from cfnlint.decode import cfn_yaml
+
+    pattern = cfn_yaml.load(str(ROOT / "cloudformation" / "gpu-workers.yaml"))["Parameters"][parameter][
+        "AllowedPattern"]
+    given = {"--llm-model": "m", "--llm-base-url": "http://10.0.7.20:8000/v1", option: value}
+    result = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                 "--llm-backend", "openai", *(a for pair in given.items() for a in pair))
+    accepted = re.fullmatch(pattern, value) is not None
+    assert (result.rc == 0) == accepted, result.out
+    assert accepted or f"{option}: not" in result.out, result.out
+

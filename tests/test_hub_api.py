@@ -188,6 +188,8 @@ async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(h
     {"labels": {f"k{i}": "v" for i in range(33)}},  # at most 32
     {"labels": {"team": "a\nb"}},  # a label value is one printable line
     {"labels": {"team": "\x1b[2J"}},
+    {"labels": {"team": "\x9b2J"}},  # the one-character CSI of the C1 controls
+    {"labels": {"team": "a\u2028b"}},  # a line separator to str.splitlines()
     {"labels": {"team": "rm\x7f\x7f"}},
     {"surprise": True},
     {"region": "../../etc"},
