@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -406,6 +408,67 @@ def test_uvicorn_never_logs_below_info_whatever_the_hub_logs(monkeypatch: pytest
     assert seen.get("log_level") == "warning"  # get(): mypy took the key for the "info" asserted above
 
 
+def test_fleet_hub_runs_the_processes_asked_for_and_believes_no_forwarded_header(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--workers 3`` is three uvicorn processes; uvicorn rewrites no client address from X-Forwarded-For (the hub
+    believes it only from FLEET_TRUSTED_PROXIES), logs no access line per request, and caps a WebSocket frame at the
+    hub's own limit."""
+    from hub.main import websocket_max_bytes
+    from hub.settings import HubSettings
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("FLEET_REDIS_URL", "redis://127.0.0.1:6399")
+    assert runner.invoke(app, ["hub", "--workers", "3"]).exit_code == 0
+    assert seen["workers"] == 3
+    assert seen["proxy_headers"] is False and seen["access_log"] is False
+    assert seen["ws_max_size"] == websocket_max_bytes(HubSettings())
+
+
+def test_a_hub_of_several_processes_keeps_the_redis_and_metrics_folder_it_was_given(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With FLEET_REDIS_URL set, no embedded redis-server replaces the fleet's Redis; a PROMETHEUS_MULTIPROC_DIR set
+    from outside is the one the processes count into, and is still set when the hub stops."""
+    from hub.metrics import MULTIPROCESS_DIR_ENV
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(
+        redis=os.environ.get("FLEET_REDIS_URL"), metrics=os.environ.get(MULTIPROCESS_DIR_ENV)))
+    monkeypatch.setenv("FLEET_REDIS_URL", "redis://10.9.8.7:6379")
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+    assert runner.invoke(app, ["hub", "--workers", "2"]).exit_code == 0
+    assert seen == {"redis": "redis://10.9.8.7:6379", "metrics": str(tmp_path)}
+    assert os.environ[MULTIPROCESS_DIR_ENV] == str(tmp_path)
+
+
+def test_a_hub_of_one_process_shares_neither_a_store_nor_a_metrics_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process needs no redis-server started for it by the command, nor counters in files: it is left to the
+    hub itself, and the command sets no variable for it."""
+    from hub.metrics import MULTIPROCESS_DIR_ENV
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(
+        redis=os.environ.get("FLEET_REDIS_URL"), metrics=os.environ.get(MULTIPROCESS_DIR_ENV)))
+    monkeypatch.delenv("FLEET_REDIS_URL", raising=False)
+    monkeypatch.delenv(MULTIPROCESS_DIR_ENV, raising=False)
+    assert runner.invoke(app, ["hub"]).exit_code == 0
+    assert seen == {"redis": None, "metrics": None}
+
+
+def test_a_dev_hub_of_several_processes_leaves_no_variable_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded store's URL and the metrics folder it made are the run's own: once it stops, neither is set."""
+    from hub.metrics import MULTIPROCESS_DIR_ENV
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(
+        redis=os.environ.get("FLEET_REDIS_URL"), metrics=os.environ.get(MULTIPROCESS_DIR_ENV)))
+    monkeypatch.delenv("FLEET_REDIS_URL", raising=False)
+    monkeypatch.delenv(MULTIPROCESS_DIR_ENV, raising=False)
+    assert runner.invoke(app, ["hub", "--workers", "2"]).exit_code == 0
+    assert (seen["redis"] or "").startswith("redis://") and seen["metrics"]
+    assert "FLEET_REDIS_URL" not in os.environ and MULTIPROCESS_DIR_ENV not in os.environ
+
+
 def _a_worker(**odd: Any) -> dict[str, Any]:
     """A worker as the hub shows it, with some fields replaced by ``odd``."""
     return {"worker_id": "w-1", "region": "us-east-1", "gpus": [{"name": "NVIDIA A10G"}], "alive": True,
@@ -480,6 +543,15 @@ def _hub_answering(answers: dict[str, Any]) -> Iterator[str]:
 
     with serving(Answers) as url:
         yield url
+
+
+def test_fleet_worker_id_takes_its_token_as_an_option_and_prints_json(live_hub: LiveHub,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fleet worker ID --token T --json`: the token typed is the one sent, and the answer is the hub's JSON."""
+    monkeypatch.delenv("FLEET_ADMIN_TOKEN", raising=False)
+    result = runner.invoke(app, ["worker", "gpu-euc1-a", "--hub", live_hub.url, "--token", ADMIN_TOKEN, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["region"] == "eu-central-1"
 
 
 def test_exit_codes_are_the_documented_ones_scripts_test_for(live_hub: LiveHub) -> None:

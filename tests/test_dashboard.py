@@ -166,6 +166,60 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
         real.stop()
 
 
+def test_the_dashboard_shows_each_figure_and_says_why_a_drain_was_refused(live_hub: LiveHub) -> None:
+    """The page's counts, loads and GPU names are the hub's; the newest session is listed first; a worker leaving on
+    its own cannot be drained; a drain the hub refuses is reported, not lost under the refresh that follows; and once
+    signed out the page asks the hub nothing more."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    live_hub.heartbeat("gpu-apne1-a", state="draining")  # leaving on its own account, not drained by an SRE
+    live_hub.register("gpu-use1-none", max_streams=0)  # a GPU too small for one stream
+    with live_hub.admin() as client:
+        newest = client.get("/api/v1/sessions").json()["sessions"][-1]["session_id"]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            page.clock.install()  # the page refreshes only when this test moves its clock on
+            page.goto(f"{live_hub.url}/dashboard")
+            page.fill("#token", ADMIN_TOKEN)
+            page.click("#login-button")
+            rows = page.locator("#workers tbody tr")
+            sync_api.expect(rows).to_have_count(6)
+            sync_api.expect(page.locator("#token")).to_have_value("")  # the token is not left in the form
+            sync_api.expect(page.locator("#worker-count")).to_have_text("6 registered")
+            sync_api.expect(page.locator("#session-count")).to_have_text("3 held")
+            euc1 = page.locator('#workers tr[data-worker="gpu-euc1-a"] td')
+            sync_api.expect(euc1.nth(2)).to_have_text("NVIDIA A10G")  # one GPU: its name alone
+            sync_api.expect(euc1.nth(4)).to_have_text("3/4")
+            sync_api.expect(euc1.nth(5)).to_have_text("75%")
+            sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-none"] td').nth(5)).to_have_text("0%")
+            sync_api.expect(page.locator('#capacity [data-region="eu-central-1"] .bar span')).to_have_class("hot")
+            sync_api.expect(page.locator("#sessions tbody tr").first.locator("td").first).to_have_text(newest)
+            leaving = page.locator('#workers tr[data-worker="gpu-apne1-a"] button')
+            sync_api.expect(leaving).to_have_text("Leaving")
+            sync_api.expect(leaving).to_be_disabled()
+
+            page.route(f"{live_hub.url}/api/v1/workers/gpu-use1-b/drain", lambda route: route.fulfill(
+                status=409, content_type="application/json", body=json.dumps({"error": "conflict", "message": "no"})))
+            page.click('#workers tr[data-worker="gpu-use1-b"] button.drain')
+            # enabled again: the refresh after the drain has drawn the table; the refusal is still what it says
+            sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-b"] button')).to_be_enabled()
+            sync_api.expect(page.locator("#status")).to_have_text("drain gpu-use1-b failed: 409 conflict: no")
+
+            page.click("#logout")
+            sync_api.expect(page.locator("#login")).to_be_visible()
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            page.clock.run_for(10_000)  # three refresh periods
+            page.evaluate("() => fetch('/dashboard/static/dashboard.css').then((resp) => resp.status)")
+            assert [url for url in asked if "/api/" in url] == []
+            sync_api.expect(page.locator("#login-error")).to_have_text("")
+        finally:
+            browser.close()
+
+
 def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):

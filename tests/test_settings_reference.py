@@ -16,3 +16,14 @@ def test_the_settings_reference_is_what_the_models_say() -> None:
         "docs/settings.md is stale: run .venv/bin/python scripts/settings_reference.py > docs/settings.md")
     for variable in ("FLEET_WORKER_TTL_S", "FLEET_ADVERTISE_URL", "FLEET_VOICE_BARGE_IN_MS", "FLEET_HUB_URLS"):
         assert f"| `{variable}` |" in generated
+
+
+def test_a_description_stays_in_its_own_cell_and_a_setting_without_default_says_required() -> None:
+    """A line break or a ``|`` in a description would split the row of the markdown table; a setting with no
+    default is one the operator must set, and the reference says so."""
+    from pydantic.fields import FieldInfo
+
+    from scripts.settings_reference import _cell, _default
+
+    assert _cell("one of a | b,\n    else c") == "one of a \\| b, else c"
+    assert _default(FieldInfo(annotation=str)) == "required"

@@ -203,6 +203,22 @@ def test_load_engine_by_name() -> None:
         load_engine("nope", settings)
 
 
+def test_an_engine_that_cannot_be_imported_or_found_is_unavailable_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker without the voice extras (or with a broken one) is told which module failed, in one line."""
+    import worker.engines
+
+    settings = WorkerSettings()
+    monkeypatch.setitem(worker.engines._LAZY_ENGINES, "voice", "worker.no_such_engine:Engine")
+    with pytest.raises(EngineUnavailable) as missing:
+        load_engine("voice", settings)
+    assert "engine 'voice' needs worker.no_such_engine, which failed to import" in str(missing.value)
+    monkeypatch.setitem(worker.engines._LAZY_ENGINES, "voice", "worker.engines.synthetic:NoSuchEngine")
+    with pytest.raises(EngineUnavailable) as absent:
+        load_engine("voice", settings)
+    assert str(absent.value) == "worker.engines.synthetic has no NoSuchEngine"
+
+
 async def test_an_engine_that_fails_to_stop_a_session_still_frees_its_slot(worker: Any,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     client, manager = worker

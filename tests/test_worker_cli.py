@@ -309,6 +309,29 @@ def test_the_options_of_fleet_worker_reach_the_agent(monkeypatch: pytest.MonkeyP
         "127.0.0.1", 0, "http://w:8100", "eu-west-1", "a10g", 3, "synthetic")
 
 
+def test_fleet_worker_passes_each_option_to_the_mode_that_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the operator typed reaches the agent or the calibration, and their exit code is the command's."""
+    from typer.testing import CliRunner
+
+    import worker.cli
+    from cli.main import app
+
+    runs: list[dict[str, Any]] = []
+    calibrations: list[dict[str, Any]] = []
+    monkeypatch.setattr(worker.cli, "run_worker", lambda **options: runs.append(options) or 0)
+    monkeypatch.setattr(worker.cli, "calibrate", lambda **options: calibrations.append(options) or 3)
+    ran = CliRunner().invoke(app, ["worker", "--host", "127.0.0.1", "--port", "0", "--advertise-url", "http://w:8100",
+                                   "--region", "eu-west-1", "--simulate-gpu", "a10g", "--max-streams", "3",
+                                   "--engine", "synthetic"])
+    assert ran.exit_code == 0, ran.output
+    assert runs == [{"host": "127.0.0.1", "port": 0, "advertise_url": "http://w:8100", "region": "eu-west-1",
+                     "simulate_gpu": "a10g", "max_streams": 3, "engine": "synthetic"}]
+    calibrated = CliRunner().invoke(app, ["worker", "calibrate", "--engine", "voice", "--simulate-gpu", "t4",
+                                          "--seconds", "1.5", "--max-streams", "4"])
+    assert calibrated.exit_code == 3, calibrated.output
+    assert calibrations == [{"engine": "voice", "simulate_gpu": "t4", "seconds": 1.5, "max_concurrency": 4}]
+
+
 def test_a_voice_setting_read_from_a_shared_variable_is_named_by_that_variable(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Voice settings read ``FLEET_ENV``, not ``FLEET_VOICE_ENV``: a bad value names the variable the SRE set."""

@@ -195,15 +195,20 @@ async function refresh() {
 async function steer(workerId, action) {
   state.busy.add(workerId);
   drawWorkers();
+  let failure = null;
   try {
     await api(`/api/v1/workers/${encodeURIComponent(workerId)}/${action}`, "POST");
   } catch (err) {
-    $("status").textContent = `${action} ${workerId} failed: ${err.message}`;
-    $("status").className = "error";
+    failure = `${action} ${workerId} failed: ${err.message}`;
   } finally {
     state.busy.delete(workerId);
   }
   await refresh();
+  // After the refresh, which would otherwise replace it with "updated ..." at once.
+  if (failure && sessionStorage.getItem(TOKEN_KEY)) {
+    $("status").textContent = failure;
+    $("status").className = "error";
+  }
 }
 
 function showApp(signedIn) {
