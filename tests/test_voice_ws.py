@@ -25,7 +25,7 @@ from worker.voice.audio import FRAME_BYTES, rms
 from worker.voice.engine import VoiceEngine
 from worker.voice.pipeline import APOLOGY
 from worker.voice.settings import VoiceSettings
-from worker.voice.transport_ws import AudioAllowance
+from worker.voice.transport_ws import AudioAllowance, WebSocketTransport
 from worker.voice.tts import EspeakTTS
 
 QUESTION = "What is the weather like in Paris today?"
@@ -589,3 +589,22 @@ async def test_a_second_audio_connection_to_a_session_is_refused(make_harness: M
     await wait_until(lambda: not session.ws_attached)
     async with websockets.connect(h.url()) as again:
         assert json.loads(await asyncio.wait_for(again.recv(), 5))["type"] == "ready"
+
+
+async def test_a_close_frame_the_client_never_takes_cuts_it_off_within_the_bound() -> None:
+    """Closing a session's socket must not hang on a client that stopped reading: after ``close_timeout_s`` the
+    connection is cut off. A socket already gone closes quietly."""
+    class Stuck:
+        async def close(self, code: int, reason: str) -> None:
+            await asyncio.Event().wait()
+
+    class Gone:
+        async def close(self, code: int, reason: str) -> None:
+            raise RuntimeError("Cannot call 'send' once a close message has been sent.")
+
+    cut: list[str] = []
+    for ws in (Stuck(), Gone()):
+        transport = WebSocketTransport(ws, close_timeout_s=0.1)  # type: ignore[arg-type]
+        transport.abort = lambda ws=ws: cut.append(type(ws).__name__)  # type: ignore[method-assign]
+        await asyncio.wait_for(transport.close("session ended"), 5)
+    assert cut == ["Stuck"]
