@@ -486,11 +486,8 @@ WHISPER_KEY = "models/whisper/large-v3-0123/"
 
 def _fetch_whisper(tmp_path: Path, names: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
     """fetch-whisper.py, as the user data writes it, against a fake S3 holding ``names`` in the model folder."""
-    script = _worker_script()
-    start = script.index("cat > /opt/fleet/fetch-whisper.py <<'PY'\n")
-    body = script[script.index("\n", start) + 1:]
     into = tmp_path / "models" / "whisper"
-    code = _sub(body[:body.index("\nPY\n")] + "\n", WhisperModelKey=WHISPER_KEY)
+    code = _sub(_user_data_file(_worker_script(), "fetch-whisper.py") + "\n", WhisperModelKey=WHISPER_KEY)
     (tmp_path / "fetch-whisper.py").write_text(code.replace("/opt/fleet/models/whisper", str(into)))
     fakes = tmp_path / "fakes"
     fakes.mkdir()
@@ -672,10 +669,7 @@ def client(service, region_name=None):
 
 
 def _worker_env_script(**parameters: str) -> str:
-    script = _worker_script()
-    start = script.index("cat > /opt/fleet/worker-env.py <<'PY'\n")
-    body = script[script.index("\n", start) + 1:]
-    return _sub(body[:body.index("\nPY\n")] + "\n", **parameters)
+    return _sub(_user_data_file(_worker_script(), "worker-env.py") + "\n", **parameters)
 
 
 def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]],
@@ -994,7 +988,7 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
 
     script = one(load("hub"), "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"]
     text = script["Fn::Base64"]["Fn::Sub"][0]
-    code = text.split("hub-env.py <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    code = _user_data_file(text, "hub-env.py")
     token = "Tok3n#with?odd/chars:and@more" + "x" * 16
     secrets = {"arn:redis": token, "arn:worker": "w" * 40, "arn:admin": "a" * 40,
                "arn:livekit": json.dumps({"api_key": "APIkey", "api_secret": "s" * 40})}
@@ -1048,6 +1042,7 @@ def test_a_release_replaces_a_hub_only_once_the_new_one_answers_ready_and_rolls_
 
 
 def _user_data_file(script: str, name: str) -> str:
+    """The text of the file ``name`` that user data ``script`` writes with a ``<<'PY'`` heredoc."""
     return script.split(f"{name} <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
 
 
