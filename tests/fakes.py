@@ -1,5 +1,5 @@
-"""Test doubles at the network boundary: a fake worker endpoint that accepts dispatches like a real worker, and
-instance metadata that answers without a server."""
+"""Test doubles at the network boundary: a fake worker endpoint that accepts dispatches like a real worker,
+instance metadata that answers without a server, and a loopback OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,22 @@ class StaticImds(Imds):
 
     async def get(self, path: str) -> str | None:
         return self.meta.get(path)
+
+
+@contextlib.asynccontextmanager
+async def serving_llm(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """An OpenAI-compatible server on a free loopback port whose chat completions ``handler`` answers; yields the
+    base URL the LLM clients take (``…/v1``)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass

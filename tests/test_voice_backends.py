@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from botocore.stub import Stubber
 
+from tests.fakes import serving_llm
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
 from worker.voice.errors import BackendError, BackendUnavailable, ModelMissing, VoiceError, import_backend
@@ -505,12 +506,6 @@ async def test_cancelling_the_caller_during_a_barge_in_is_not_swallowed() -> Non
 async def held_llm() -> AsyncIterator[tuple[str, asyncio.Event]]:
     """An OpenAI-compatible server that sends each reply's first words, then holds the stream open (as a reply
     stays open while its sentences are spoken) until released."""
-    import json
-
-    from aiohttp import web
-
-    from shared.redis_server import free_port
-
     release = asyncio.Event()
 
     async def reply(request: web.Request) -> web.StreamResponse:
@@ -521,15 +516,9 @@ async def held_llm() -> AsyncIterator[tuple[str, asyncio.Event]]:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", reply)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/v1", release
-    release.set()
-    await runner.cleanup()
+    async with serving_llm(reply) as url:
+        yield url, release
+        release.set()  # before the server closes: it waits for the replies it holds
 
 
 async def test_openai_replies_are_not_capped_by_a_hidden_connection_pool(
@@ -741,18 +730,10 @@ class RecordingLLMServer:
 
 @pytest.fixture
 async def llm_server() -> AsyncIterator[RecordingLLMServer]:
-    from shared.redis_server import free_port
-
     server = RecordingLLMServer(chunks=[{"choices": [{"delta": {"content": "Hi there."}}]}])
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    server.url = f"http://127.0.0.1:{port}/v1"
-    yield server
-    await runner.cleanup()
+    async with serving_llm(server.handle) as url:
+        server.url = url
+        yield server
 
 
 async def reply_of(llm: Any) -> str:

@@ -21,6 +21,7 @@ from livekit.api import AccessToken, VideoGrants
 
 from shared.models import SessionDispatch
 from shared.redis_server import free_port
+from tests.fakes import serving_llm
 from worker.voice.audio import FRAME_BYTES, rms
 from worker.voice.engine import VoiceEngine
 from worker.voice.pipeline import APOLOGY
@@ -76,15 +77,9 @@ class FakeLLM:
 @pytest.fixture
 async def fake_llm() -> AsyncIterator[FakeLLM]:
     llm = FakeLLM()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", llm.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    llm.url = f"http://127.0.0.1:{port}/v1"
-    yield llm
-    await runner.cleanup()
+    async with serving_llm(llm.handle) as url:
+        llm.url = url
+        yield llm
 
 
 @dataclass
