@@ -654,15 +654,18 @@ async def test_whisper_chosen_without_a_model_folder_fails_at_start_naming_the_s
 
 def test_pocketsphinx_recognises_the_sentences_of_the_corpus_file(tmp_path: Path) -> None:
     """FLEET_VOICE_STT_CORPUS_FILE replaces the built-in sentences: words only the file has are recognised."""
+    from worker.voice.engine import _PRIMING_TEXT
     from worker.voice.stt import build_stt
     from worker.voice.tts import EspeakTTS
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("open the pod bay doors\nclose the pod bay doors\n")
-    stt = build_stt(VoiceSettings(stt_corpus_file=corpus))
-    stt.load()
+    stt, tts = build_stt(VoiceSettings(stt_corpus_file=corpus)), EspeakTTS()
+    # Primed as the engine's start primes it: unprimed, the first utterance came out "open the pod doors" whenever
+    # this test ran alone (the full suite's order happened to pass it).
+    stt.load(tts.synthesize_sync(_PRIMING_TEXT))
     stream = stt.new_stream()
-    stream.feed(EspeakTTS().synthesize_sync("open the pod bay doors") + bytes(16000))
+    stream.feed(tts.synthesize_sync("open the pod bay doors") + bytes(16000))
     assert stream.finish() == "open the pod bay doors"
 
 
