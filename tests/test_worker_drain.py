@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from shared.models import SessionDispatch
 from shared.redis_server import free_port
 from tests.conftest import wait_for
 from tests.fakes import StaticImds
-from tests.test_worker_hub import place_session, stubbed_autoscaling, worker_settings, worker_view
+from tests.test_worker_hub import place_session, spot_notice, stubbed_autoscaling, worker_settings, worker_view
 from worker.agent import WorkerAgent
 from worker.engines.synthetic import SyntheticEngine
 from worker.gpus import Gpu
@@ -153,31 +152,43 @@ async def fake_imds(meta: dict[str, str], port: int) -> web.AppRunner:
     return runner
 
 
-async def test_a_spot_notice_during_a_drain_shortens_it(make_running_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ASG scale-in (or a SIGTERM) began a long drain; then AWS reclaims the spot instance. Guards against the
-    watch ending with the first drain: the notice went unseen and sessions ran until the instance was gone."""
+@contextlib.asynccontextmanager
+async def on_ec2(make_running_hub: Any, monkeypatch: pytest.MonkeyPatch, meta: dict[str, str],
+                 **settings: Any) -> AsyncIterator[tuple[Any, WorkerAgent]]:
+    """A hub, and an agent (not yet running) on an instance whose metadata is ``meta``, which the test changes as
+    AWS would; the agent looks at it every 0.1 s."""
     monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
     port = free_port()
-    meta = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
     imds = await fake_imds(meta, port)
     try:
         hub = await make_running_hub()
-        settings = worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}", drain_timeout_s=60)
-        agent = WorkerAgent(settings, install_signals=False)
-        async with running(agent) as task:
-            async with hub.client() as client:
-                await place_session(client)
-            meta["autoscaling/target-lifecycle-state"] = "Terminated"
-            await wait_for(lambda: agent.drain_reason is not None, 5, "the scale-in drain")
-            await asyncio.sleep(0.3)
-            assert not task.done() and agent.manager.sessions, "the drain waits for the session"
-            deadline = datetime.now(UTC) + timedelta(seconds=worker.agent.SPOT_MARGIN_S + 2)
-            meta["spot/instance-action"] = json.dumps({"action": "terminate",
-                                                       "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")})
-            assert await asyncio.wait_for(task, 6) == 0, "the drain ends before the instance does"
-            assert agent.drain_reason.startswith("ASG") and agent.manager.sessions == {}
+        agent = WorkerAgent(worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}", **settings),
+                            install_signals=False)
+        yield hub, agent
     finally:
         await imds.cleanup()
+
+
+#: A spot instance's metadata, before AWS says anything about its end.
+SPOT_INSTANCE = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
+
+
+async def test_a_spot_notice_during_a_drain_shortens_it(make_running_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ASG scale-in (or a SIGTERM) began a long drain; then AWS reclaims the spot instance. Guards against the
+    watch ending with the first drain: the notice went unseen and sessions ran until the instance was gone."""
+    meta = dict(SPOT_INSTANCE)
+    async with on_ec2(make_running_hub, monkeypatch, meta, drain_timeout_s=60) as (hub, agent), \
+            running(agent) as task:
+        async with hub.client() as client:
+            await place_session(client)
+        meta["autoscaling/target-lifecycle-state"] = "Terminated"
+        await wait_for(lambda: agent.drain_reason is not None, 5, "the scale-in drain")
+        await asyncio.sleep(0.3)
+        assert not task.done() and agent.manager.sessions, "the drain waits for the session"
+        ends = datetime.now(UTC) + timedelta(seconds=worker.agent.SPOT_MARGIN_S + 2)
+        meta["spot/instance-action"] = spot_notice(ends)
+        assert await asyncio.wait_for(task, 6) == 0, "the drain ends before the instance does"
+        assert agent.drain_reason.startswith("ASG") and agent.manager.sessions == {}
 
 
 async def test_the_hub_learns_of_a_drain_at_once_not_at_the_next_heartbeat(make_running_hub: Any) -> None:
@@ -203,26 +214,17 @@ async def test_an_instance_waiting_in_a_warm_pool_does_not_drain(make_running_hu
     """An instance kept running in the ASG's warm pool has the target lifecycle state Warmed:Running until the group
     puts it in service. Guards against reading every state but InService as a scale-in: the worker drained and
     exited at each start (systemd restarting it), on an instance the group was about to use."""
-    monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
-    port = free_port()
     meta = {"instance-id": "i-0warm", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1",
             "autoscaling/target-lifecycle-state": "Warmed:Running"}
-    imds = await fake_imds(meta, port)
-    try:
-        hub = await make_running_hub()
-        settings = worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}")
-        agent = WorkerAgent(settings, install_signals=False)
-        async with running(agent) as task:
-            await asyncio.sleep(0.5)  # several looks at the target state
-            assert agent.drain_reason is None and not task.done()
-            meta["autoscaling/target-lifecycle-state"] = "InService"
-            await asyncio.sleep(0.3)
-            assert agent.drain_reason is None
-            meta["autoscaling/target-lifecycle-state"] = "Terminated"  # and the watch does look
-            await wait_for(lambda: agent.drain_reason is not None, 5, "the scale-in drain")
-            assert await asyncio.wait_for(task, 5) == 0
-    finally:
-        await imds.cleanup()
+    async with on_ec2(make_running_hub, monkeypatch, meta) as (_, agent), running(agent) as task:
+        await asyncio.sleep(0.5)  # several looks at the target state
+        assert agent.drain_reason is None and not task.done()
+        meta["autoscaling/target-lifecycle-state"] = "InService"
+        await asyncio.sleep(0.3)
+        assert agent.drain_reason is None
+        meta["autoscaling/target-lifecycle-state"] = "Terminated"  # and the watch does look
+        await wait_for(lambda: agent.drain_reason is not None, 5, "the scale-in drain")
+        assert await asyncio.wait_for(task, 5) == 0
 
 
 async def test_a_drain_waits_for_its_sessions_without_spinning(make_running_hub: Any) -> None:
@@ -281,29 +283,19 @@ async def test_a_spot_notice_with_time_to_spare_lets_the_sessions_run_until_the_
     then. Guards against a notice that stopped the sessions at once (read as a second signal, or its time read
     backwards), losing conversations with more than a minute left, and against a drain that ran up to the
     instance's end, with no time left to stop the rest and deregister."""
-    monkeypatch.setattr(worker.agent, "WATCH_INTERVAL_S", 0.1)
-    port = free_port()
-    meta = {"instance-id": "i-0spot", "placement/region": "us-east-1", "local-ipv4": "127.0.0.1"}
-    imds = await fake_imds(meta, port)
-    try:
-        hub = await make_running_hub()
-        settings = worker_settings(hub, worker_id=None, imds_url=f"http://127.0.0.1:{port}", drain_timeout_s=300)
-        agent = WorkerAgent(settings, install_signals=False)
-        async with running(agent) as task, hub.client() as client:
-            session_id = await place_session(client)
-            agent.request_drain("SIGTERM")
-            ends = datetime.now(UTC) + timedelta(seconds=105)  # near the two minutes AWS gives
-            meta["spot/instance-action"] = json.dumps({"action": "terminate",
-                                                       "time": ends.strftime("%Y-%m-%dT%H:%M:%SZ")})
-            await wait_for(lambda: agent._drain_deadline is not None, 5, "the spot notice")
-            left = agent._drain_deadline - time.monotonic()
-            assert 60 < left <= 95, f"the sessions were left {left:.0f} s of the instance's last 105"
-            await asyncio.sleep(1.0)
-            assert not task.done() and agent.manager.ids() == [session_id], "the notice stopped the session early"
-            assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
-            assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"
-    finally:
-        await imds.cleanup()
+    meta = dict(SPOT_INSTANCE)
+    async with on_ec2(make_running_hub, monkeypatch, meta, drain_timeout_s=300) as (hub, agent), \
+            running(agent) as task, hub.client() as client:
+        session_id = await place_session(client)
+        agent.request_drain("SIGTERM")
+        meta["spot/instance-action"] = spot_notice(datetime.now(UTC) + timedelta(seconds=105))  # near AWS's two minutes
+        await wait_for(lambda: agent._drain_deadline is not None, 5, "the spot notice")
+        left = agent._drain_deadline - time.monotonic()
+        assert 60 < left <= 95, f"the sessions were left {left:.0f} s of the instance's last 105"
+        await asyncio.sleep(1.0)
+        assert not task.done() and agent.manager.ids() == [session_id], "the notice stopped the session early"
+        assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
+        assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"
 
 
 async def test_a_second_ctrl_c_stops_the_sessions_instead_of_waiting(make_running_hub: Any) -> None:

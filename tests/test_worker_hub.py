@@ -88,6 +88,11 @@ async def place_session(hub: httpx.AsyncClient) -> str:
     raise AssertionError(f"no session placed: {resp.status_code} {resp.text}")
 
 
+def spot_notice(ends: datetime) -> str:
+    """What IMDS answers at spot/instance-action for an instance AWS reclaims at ``ends``."""
+    return json.dumps({"action": "terminate", "time": ends.strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
 async def test_registers_heartbeats_and_receives_sessions_from_the_hub(make_running_hub: Any, run_agent: Any) -> None:
     running = await make_running_hub()
     agent = await run_agent(worker_settings(running))
@@ -519,9 +524,8 @@ async def test_spot_interruption_notice_drains_the_worker(make_running_hub: Any,
         meta["spot/instance-action"] = b"\xff\xfe not text"  # one bad answer must not end the watch
         await asyncio.sleep(0.3)
         assert not task.done() and agent.drain_reason is None
-        deadline = datetime.now(UTC) + timedelta(seconds=worker.agent.SPOT_MARGIN_S + 2)
-        meta["spot/instance-action"] = json.dumps({"action": "terminate",
-                                                   "time": deadline.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        ends = datetime.now(UTC) + timedelta(seconds=worker.agent.SPOT_MARGIN_S + 2)
+        meta["spot/instance-action"] = spot_notice(ends)
         started = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(task, 10) == 0
         assert asyncio.get_running_loop().time() - started < 8, "the drain ends before the instance does"
