@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -227,19 +228,11 @@ async def test_whisper_with_no_audio_is_an_empty_transcript(fake_whisper: Path) 
     assert stt.new_stream().finish() == "" and FakeWhisperModel.calls == []
 
 
-async def test_a_transcription_nobody_waits_for_does_not_hold_the_model(fake_whisper: Path) -> None:
-    """One session's transcription is slow; another's times out waiting behind it. Once the model is free it goes
-    to the third session, not to the one whose turn is gone."""
-    import threading
-    import time
-
-    from worker.voice.stt import transcribe
-
+def whisper_held_at_its_first_call(fake_whisper: Path) -> tuple[WhisperSTT, threading.Event]:
+    """A loaded whisper STT whose model keeps its first transcription waiting until the returned event is set."""
     stt = WhisperSTT(fake_whisper, "cpu")
     stt.load()
     release = threading.Event()
-    slow = stt.new_stream()
-    slow.feed(b"\x01\x00" * 1600)
     model = stt._model
     original = model.transcribe
 
@@ -249,6 +242,19 @@ async def test_a_transcription_nobody_waits_for_does_not_hold_the_model(fake_whi
         return original(audio, **kwargs)
 
     model.transcribe = first_call_waits
+    return stt, release
+
+
+async def test_a_transcription_nobody_waits_for_does_not_hold_the_model(fake_whisper: Path) -> None:
+    """One session's transcription is slow; another's times out waiting behind it. Once the model is free it goes
+    to the third session, not to the one whose turn is gone."""
+    import time
+
+    from worker.voice.stt import transcribe
+
+    stt, release = whisper_held_at_its_first_call(fake_whisper)
+    slow = stt.new_stream()
+    slow.feed(b"\x01\x00" * 1600)
     first = asyncio.create_task(transcribe(slow, 5))
     await asyncio.sleep(0.05)
     gone, waiting = stt.new_stream(), stt.new_stream()
@@ -603,22 +609,10 @@ def test_a_backend_package_that_fails_to_load_its_library_is_unavailable_not_a_c
 async def test_a_cancelled_transcription_does_not_hold_the_model(fake_whisper: Path) -> None:
     """A turn cancelled while its transcript waits for the model (barge-in, the session stopped) gives the model up
     like one that timed out: once the model is free, it does not transcribe audio nobody will hear about."""
-    import threading
-
     from worker.voice.stt import transcribe
 
-    stt = WhisperSTT(fake_whisper, "cpu")
-    stt.load()
-    release, started, finished = threading.Event(), threading.Event(), threading.Event()
-    model = stt._model
-    original = model.transcribe
-
-    def first_call_waits(audio: Any, **kwargs: Any) -> Any:
-        if not FakeWhisperModel.calls:
-            release.wait(5)
-        return original(audio, **kwargs)
-
-    model.transcribe = first_call_waits
+    stt, release = whisper_held_at_its_first_call(fake_whisper)
+    started, finished = threading.Event(), threading.Event()
     busy, cancelled = stt.new_stream(), stt.new_stream()
     for stream in (busy, cancelled):
         stream.feed(b"\x01\x00" * 1600)
@@ -685,7 +679,6 @@ def test_the_espeak_speaking_rate_is_applied_to_each_voice_of_the_process() -> N
 async def test_chatterbox_generates_one_reply_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The GPU model is one object shared by every session: concurrent syntheses are serialised, never run inside
     it at the same time."""
-    import threading
     import time
 
     install_fake_chatterbox(monkeypatch)
