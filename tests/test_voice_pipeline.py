@@ -139,6 +139,16 @@ def conversation(llm: Any, tts: Any = None, stt: Any = None, **settings: Any) ->
     return Conversation("s1", backends, s, out, VoiceMetrics(), History(s.max_history_turns)), out
 
 
+async def mm_hm_over_the_reply(llm: Any, stt: Any = None, **settings: Any) -> tuple[Conversation, Events]:
+    """A question answered at length (4 s of reply audio), then a "mm-hm" too short to barge in (barge_in_ms is
+    600) spoken over the reply. The conversation is left open."""
+    c, out = conversation(llm, tts=SlowTTS(0, audio_s=4.0), stt=stt, barge_in_ms=600, **settings)
+    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
+    await wait_until(lambda: c.speaking)
+    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])
+    return c, out
+
+
 async def turn(c: Conversation, stream: FakeStream) -> None:
     await c._run_turn(Turn(), stream, time.perf_counter(), 0.0)  # type: ignore[arg-type]
 
@@ -245,10 +255,7 @@ async def test_speech_during_transcription_is_answered_together_with_it() -> Non
 
 async def test_short_speech_over_the_reply_does_not_stop_it_but_barge_in_ms_of_it_does() -> None:
     llm = ScriptedLLM("Here is a long answer.")
-    c, out = conversation(llm, tts=SlowTTS(0, audio_s=4.0), barge_in_ms=600, vad_min_speech_ms=200)
-    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
-    await wait_until(lambda: c.speaking)
-    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])  # a short "mm-hm" while the reply plays
+    c, out = await mm_hm_over_the_reply(llm, vad_min_speech_ms=200)
     await asyncio.sleep(0.2)
     assert out.of("barge_in") == [] and c.speaking and len(llm.requests) == 1
     await c.feed(noise(0.8))  # the user really talks over it
@@ -371,12 +378,7 @@ def whisper_stt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> WhisperSTT:
 async def test_speech_too_short_to_barge_in_is_never_transcribed(monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
     """A "mm-hm" over the reply is discarded: the shared whisper model does not transcribe it."""
-    stt = whisper_stt(monkeypatch, tmp_path)
-    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=4.0), stt=stt,
-                          barge_in_ms=600)
-    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
-    await wait_until(lambda: c.speaking)
-    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])
+    c, out = await mm_hm_over_the_reply(ScriptedLLM("Here is a long answer."), whisper_stt(monkeypatch, tmp_path))
     assert len(out.of("speech_end")) == 2 and out.of("barge_in") == []
     await c.aclose()  # waits for the discarded utterance's stream to be returned
     assert FakeWhisperModel.transcriptions == 1
@@ -757,11 +759,7 @@ async def test_closing_waits_until_a_discarded_utterance_has_returned_its_stream
     """A "mm-hm" over the reply is discarded in the background; closing the conversation waits for that, so its
     decoder is back in the pool when the close returns."""
     stt = FakeSTT(FakeStream("tell me"), FakeStream("mm-hm", delay_s=0.3))
-    c, out = conversation(ScriptedLLM("Here is a long answer."), tts=SlowTTS(0, audio_s=4.0), stt=stt,
-                          barge_in_ms=600)
-    await c.feed(noise(0.6) + SILENCE[: 32000 * 6 // 10])
-    await wait_until(lambda: c.speaking)
-    await c.feed(noise(0.3) + SILENCE[: 32000 * 6 // 10])
+    c, out = await mm_hm_over_the_reply(ScriptedLLM("Here is a long answer."), stt)
     assert len(out.of("speech_end")) == 2 and out.of("barge_in") == []
     await c.aclose()
     assert stt.streams[1].finished
