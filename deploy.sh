@@ -6,7 +6,8 @@
 #   ./deploy.sh deploy  --env prod --regions us-east-1,eu-west-1 --domain fleet.example.com --livekit-regions lk.json \
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
 #                       [--engine synthetic|voice] [--llm-backend bedrock|openai|canned] [--llm-model ID]
-#                       [--llm-base-url URL] [--bedrock-region REGION] [--whisper-model DIR]
+#                       [--llm-base-url URL] [--llm-api-key-secret ARN] [--bedrock-region REGION]
+#                       [--whisper-model DIR]
 #                       (voice: how it replies, and a faster-whisper model folder to transcribe with; docs/deploy.md)
 #   Without --engine, the worker stacks keep the engine settings they were last deployed with (synthetic at first).
 #   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
@@ -39,6 +40,7 @@ ENGINE_GIVEN=0
 LLM_BACKEND=""  # bedrock unless given
 LLM_MODEL=""
 LLM_BASE_URL=""
+LLM_API_KEY_SECRET=""
 BEDROCK_REGION=""
 WHISPER_MODEL_DIR=""
 WHISPER_MODEL_KEY=""
@@ -47,7 +49,7 @@ COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -132,6 +134,7 @@ parse_args() {
       --llm-backend) LLM_BACKEND="${2:?--llm-backend needs a value}"; shift ;;
       --llm-model) LLM_MODEL="${2:?--llm-model needs a value}"; shift ;;
       --llm-base-url) LLM_BASE_URL="${2:?--llm-base-url needs a value}"; shift ;;
+      --llm-api-key-secret) LLM_API_KEY_SECRET="${2:?--llm-api-key-secret needs a secret ARN}"; shift ;;
       --bedrock-region) BEDROCK_REGION="${2:?--bedrock-region needs a value}"; shift ;;
       --whisper-model) WHISPER_MODEL_DIR="${2:?--whisper-model needs a folder}"; shift ;;
       -h|--help) usage; exit 0 ;;
@@ -186,7 +189,8 @@ PY
 
 # The checks of gpu-workers.yaml's Rules, made before any AWS call rather than by a failing change set.
 require_voice_inputs() {
-  if [[ $ENGINE_GIVEN -eq 0 && -n "$LLM_BACKEND$LLM_MODEL$LLM_BASE_URL$BEDROCK_REGION$WHISPER_MODEL_DIR" ]]; then
+  if [[ $ENGINE_GIVEN -eq 0 && -n "$LLM_BACKEND$LLM_MODEL$LLM_BASE_URL$LLM_API_KEY_SECRET$BEDROCK_REGION$WHISPER_MODEL_DIR" ]]
+  then
     die "the voice options go with --engine voice: without --engine, the deployed engine settings are kept whole"
   fi
   LLM_BACKEND="${LLM_BACKEND:-bedrock}"
@@ -206,6 +210,11 @@ require_voice_inputs() {
   [[ $LLM_MODEL =~ $LLM_MODEL_PATTERN ]] || die "--llm-model: not a model id or name: $LLM_MODEL"
   [[ $LLM_BASE_URL =~ $LLM_BASE_URL_PATTERN ]] \
     || die "--llm-base-url: not an http(s) URL without spaces, quotes or backslashes: $LLM_BASE_URL"
+  [[ -z $LLM_API_KEY_SECRET || $LLM_BACKEND == openai ]] \
+    || die "--llm-api-key-secret is the key of an OpenAI-compatible server: it goes with --llm-backend openai"
+  [[ $LLM_API_KEY_SECRET =~ $LLM_API_KEY_SECRET_PATTERN ]] || die "--llm-api-key-secret: not the full ARN of a" \
+    "Secrets Manager secret, with its six-character suffix (aws secretsmanager describe-secret shows it):" \
+    "$LLM_API_KEY_SECRET"
   [[ -n $WHISPER_MODEL_DIR ]] || return 0
   [[ -d $WHISPER_MODEL_DIR ]] || die "--whisper-model: no such folder: $WHISPER_MODEL_DIR"
   local names
@@ -217,6 +226,7 @@ require_voice_inputs() {
 
 LLM_MODEL_PATTERN="^[A-Za-z0-9._:/@+-]*$"
 LLM_BASE_URL_PATTERN="^(https?://[^[:space:]'\"\\]+)?$"
+LLM_API_KEY_SECRET_PATTERN="^(arn:aws[a-zA-Z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]+-[A-Za-z0-9]{6})?$"
 
 # The files a faster-whisper model folder needs, as worker.voice.stt.WHISPER_MODEL_FILES lists them (a|b: either).
 WHISPER_MODEL_FILES="model.bin config.json vocabulary.json|vocabulary.txt tokenizer.json"
@@ -234,7 +244,7 @@ stack_name() {
 }
 
 # The worker stacks' parameters that say which engine runs and how it replies and transcribes.
-ENGINE_PARAMETERS=(Engine LlmBackend LlmModel LlmBaseUrl BedrockRegion WhisperModelKey)
+ENGINE_PARAMETERS=(Engine LlmBackend LlmModel LlmBaseUrl LlmApiKeySecretArn BedrockRegion WhisperModelKey)
 
 # Without --engine, the engine settings the home region's worker stack was last deployed with: a re-deploy that
 # forgets the flag must not replace every voice worker with a synthetic one. Nothing to keep on a first deployment
@@ -248,7 +258,8 @@ keep_deployed_engine() {
   if [[ $DRY_RUN -eq 1 ]]; then
     aws_query "" "${lookup[@]}" >/dev/null
     ENGINE="<$stack.Engine>" LLM_BACKEND="<$stack.LlmBackend>" LLM_MODEL="<$stack.LlmModel>"
-    LLM_BASE_URL="<$stack.LlmBaseUrl>" BEDROCK_REGION="<$stack.BedrockRegion>"
+    LLM_BASE_URL="<$stack.LlmBaseUrl>" LLM_API_KEY_SECRET="<$stack.LlmApiKeySecretArn>"
+    BEDROCK_REGION="<$stack.BedrockRegion>"
     WHISPER_MODEL_KEY="<$stack.WhisperModelKey>"
     return 0
   fi
@@ -272,6 +283,7 @@ PY
       LlmBackend) LLM_BACKEND="${value:-bedrock}" ;;
       LlmModel) LLM_MODEL="$value" ;;
       LlmBaseUrl) LLM_BASE_URL="$value" ;;
+      LlmApiKeySecretArn) LLM_API_KEY_SECRET="$value" ;;
       BedrockRegion) BEDROCK_REGION="$value" ;;
       WhisperModelKey) WHISPER_MODEL_KEY="$value" ;;
     esac
@@ -494,6 +506,7 @@ stack_parameters() {  # template region index
       require_output "$HOME_REGION" "$(stack_name secrets)" WorkerTokenSecretArn || return 1
       PARAMS+=("WorkerTokenSecretArn=$OUTPUT" "ArtifactBucket=$BUCKET" "ArtifactKey=$ARTIFACT_KEY" "Engine=$ENGINE"
                "LlmBackend=$LLM_BACKEND" "LlmModel=$LLM_MODEL" "LlmBaseUrl=$LLM_BASE_URL"
+               "LlmApiKeySecretArn=$LLM_API_KEY_SECRET"
                "BedrockRegion=$BEDROCK_REGION" "WhisperModelKey=$WHISPER_MODEL_KEY")
       if [[ $region == "$HOME_REGION" ]]; then
         require_output "$HOME_REGION" "$(stack_name hub)" HubSecurityGroupId || return 1

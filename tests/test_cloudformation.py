@@ -406,6 +406,62 @@ def test_a_deployed_voice_worker_can_take_its_replies_from_an_openai_compatible_
                                                                         "http://10.0.7.20:8000/v1")
 
 
+LLM_KEY_ARN = "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key-AbC123"
+
+
+def test_a_deployed_voice_worker_sends_its_openai_server_the_key_held_in_a_secret(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key never is a stack parameter: worker-env.py reads it from the secret, in the secret's own region (here
+    neither the workers' nor the home region), at every start, without the newline a pasted key often ends with."""
+    from worker.voice.llm import build_llm
+    from worker.voice.settings import VoiceSettings
+
+    proc, env_file, secrets = _run_worker_env(
+        tmp_path, {"autoscaling/target-lifecycle-state": (200, "InService")}, {LLM_KEY_ARN: "sk-live-0123\n"},
+        Engine="voice", LlmBackend="openai", LlmModel="gpt-4o-mini", LlmBaseUrl="https://api.openai.com/v1",
+        LlmApiKeySecretArn=LLM_KEY_ARN)
+    assert proc.returncode == 0, proc.stderr
+    assert secrets == [SUB_VALUES["WorkerTokenSecretArn"], LLM_KEY_ARN]
+    for line in env_file.read_text().splitlines():
+        name, quoted = line.split("=", 1)
+        monkeypatch.setenv(name, quoted.strip("'"))
+    voice = VoiceSettings()
+    assert voice.llm_api_key is not None and voice.llm_api_key.get_secret_value() == "sk-live-0123"
+    assert build_llm(voice).api_key == "sk-live-0123"  # type: ignore[attr-defined]
+
+
+def test_a_key_the_worker_env_cannot_hold_fails_the_start_without_showing_it(tmp_path: Path) -> None:
+    proc, env_file, _ = _run_worker_env(
+        tmp_path, {"autoscaling/target-lifecycle-state": (200, "InService")}, {LLM_KEY_ARN: "sk-it's-0123"},
+        Engine="voice", LlmBackend="openai", LlmModel="m", LlmBaseUrl="http://10.0.7.20:8000/v1",
+        LlmApiKeySecretArn=LLM_KEY_ARN)
+    assert proc.returncode != 0 and "FLEET_VOICE_LLM_API_KEY: one line without a single quote" in proc.stderr
+    assert "sk-it" not in proc.stderr + proc.stdout
+    assert not env_file.exists() or "sk-it" not in env_file.read_text()
+
+
+def test_a_key_secret_is_read_only_by_a_voice_worker_replying_from_an_openai_server(tmp_path: Path) -> None:
+    """The stack's rule refuses such a combination; should one get through, worker-env.py still reads no secret it
+    does not use (the role may not read it either, below)."""
+    proc, env_file, secrets = _run_worker_env(
+        tmp_path, {"autoscaling/target-lifecycle-state": (200, "InService")}, {LLM_KEY_ARN: "sk-live-0123"},
+        Engine="voice", LlmModel="us.amazon.nova-micro-v1:0", LlmApiKeySecretArn=LLM_KEY_ARN)
+    assert proc.returncode == 0, proc.stderr
+    assert secrets == [SUB_VALUES["WorkerTokenSecretArn"]] and "LLM_API_KEY" not in env_file.read_text()
+
+
+def test_only_a_voice_worker_with_an_openai_key_may_read_that_secret() -> None:
+    t = load("gpu-workers")
+    [key] = [s for s in _statements(t) if "Fn::If" in s and s["Fn::If"][0] == "OpenAiKeyFromSecret"]
+    condition, statement, otherwise = key["Fn::If"]
+    assert otherwise == {"Ref": "AWS::NoValue"}
+    assert (statement["Action"], statement["Resource"]) == ("secretsmanager:GetSecretValue",
+                                                            {"Ref": "LlmApiKeySecretArn"})
+    assert t["Conditions"][condition] == {"Fn::And": [
+        {"Condition": "IsVoice"}, {"Fn::Equals": [{"Ref": "LlmBackend"}, "openai"]},
+        {"Fn::Not": [{"Fn::Equals": [{"Ref": "LlmApiKeySecretArn"}, ""]}]}]}
+
+
 def test_a_synthetic_worker_gets_no_voice_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = _voice_env(tmp_path, monkeypatch, LlmModel="ignored")
     assert env["FLEET_ENGINE"] == "synthetic" and not any(name.startswith("FLEET_VOICE_") for name in env)
@@ -416,7 +472,8 @@ def test_the_voice_engines_replies_need_a_model_and_an_openai_server_a_url() -> 
     t = load("gpu-workers")
 
     def accepted(**params: str) -> bool:
-        values = {"Engine": "voice", "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", **params}
+        values = {"Engine": "voice", "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "",
+                  "LlmApiKeySecretArn": "", **params}
         return all(_assert(a["Assert"], values) for rule in t["Rules"].values()
                    if _assert(rule["RuleCondition"], values) for a in rule["Assertions"])
 
@@ -424,6 +481,10 @@ def test_the_voice_engines_replies_need_a_model_and_an_openai_server_a_url() -> 
     assert not accepted(LlmBackend="openai", LlmModel="llama3.1:8b")
     assert accepted(LlmBackend="openai", LlmModel="llama3.1:8b", LlmBaseUrl="http://10.0.7.20:8000/v1")
     assert accepted(LlmBackend="canned") and accepted(Engine="synthetic")
+    openai = {"LlmBackend": "openai", "LlmModel": "gpt-4o-mini", "LlmBaseUrl": "https://api.openai.com/v1"}
+    assert accepted(**openai, LlmApiKeySecretArn=LLM_KEY_ARN)
+    assert not accepted(LlmModel="m", LlmApiKeySecretArn=LLM_KEY_ARN)  # a key Bedrock would never use
+    assert not accepted(**openai, Engine="synthetic", LlmApiKeySecretArn=LLM_KEY_ARN)
 
 
 def test_only_a_voice_worker_replying_with_bedrock_may_invoke_its_models() -> None:
@@ -575,6 +636,12 @@ def test_the_speech_models_folder_is_listed_on_the_bucket_itself() -> None:
     ("BedrockRegion", "mars", False),
     ("WhisperModelKey", "models/whisper/whisper-large-v3-0123456789abcdef/", True),
     ("WhisperModelKey", "models/whisper/whisper large v3/", False),
+    ("LlmApiKeySecretArn", "", True),
+    ("LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key-AbC123", True),
+    ("LlmApiKeySecretArn", "arn:aws-us-gov:secretsmanager:us-gov-west-1:123456789012:secret:k-AbC123", True),
+    ("LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key", False),
+    ("LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:k'-AbC123", False),
+    ("LlmApiKeySecretArn", "sk-live-0123", False),
 ])
 def test_the_voice_parameters_take_real_ids_and_urls_and_nothing_that_would_break_the_worker_env(
         parameter: str, value: str, allowed: bool) -> None:
@@ -652,19 +719,26 @@ def test_every_imds_call_of_the_user_data_is_bounded_in_time() -> None:
 # --- worker-env.py, the ExecStartPre of every (re)start, against a fake IMDS and a fake boto3 ------------------
 
 FAKE_BOTO3 = '''
+import json
 import os
 
 
 class SecretsManager:
+    def __init__(self, region_name):
+        self.region_name = region_name
+
     def get_secret_value(self, SecretId):
+        # As the service: a secret is read from its own region's endpoint.
+        assert self.region_name == SecretId.split(":")[3], (self.region_name, SecretId)
         with open(os.environ["FAKE_BOTO3_LOG"], "a") as log:
             log.write(SecretId + "\\n")
-        return {"SecretString": "a-worker-token-of-more-than-32-chars"}
+        held = json.loads(os.environ.get("FAKE_SECRETS", "{}"))
+        return {"SecretString": held.get(SecretId, "a-worker-token-of-more-than-32-chars")}
 
 
 def client(service, region_name=None):
     assert service == "secretsmanager", service
-    return SecretsManager()
+    return SecretsManager(region_name)
 '''
 
 
@@ -672,9 +746,10 @@ def _worker_env_script(**parameters: str) -> str:
     return _sub(_user_data_file(_worker_script(), "worker-env.py") + "\n", **parameters)
 
 
-def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]],
+def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]], secrets: dict[str, str] | None = None,
                     **parameters: str) -> tuple[subprocess.CompletedProcess[str], Path, list[str]]:
-    """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404), for the stack
+    """worker-env.py with IMDS answering ``metadata`` (path under meta-data/ → status, body; else 404), Secrets
+    Manager holding ``secrets`` (by ARN; any other is the worker token), for the stack
     parameters of SUB_VALUES updated with ``parameters``."""
     import http.server
     import sys
@@ -707,7 +782,8 @@ def _run_worker_env(tmp_path: Path, metadata: dict[str, tuple[int, str]],
         (tmp_path / "worker-env.py").write_text(text.replace("/run/fleet", str(run)))
         log = tmp_path / "secrets-read"
         proc = subprocess.run([sys.executable, str(tmp_path / "worker-env.py")], capture_output=True, text=True,
-                              timeout=30, env={"PYTHONPATH": str(fakes), "FAKE_BOTO3_LOG": str(log)})
+                              timeout=30, env={"PYTHONPATH": str(fakes), "FAKE_BOTO3_LOG": str(log),
+                                               "FAKE_SECRETS": json.dumps(secrets or {})})
     return proc, run / "worker.env", log.read_text().splitlines() if log.exists() else []
 
 
@@ -741,7 +817,8 @@ def test_worker_env_refuses_a_restart_on_an_instance_that_is_leaving_or_unknown(
 # --- The worker user data, run against fake commands (aws, curl, systemctl, apt, python3.11) -------------------
 
 SUB_VALUES = {"AWS::Region": "eu-west-1", "EnvName": "prod", "HomeRegion": "us-east-1", "Engine": "synthetic",
-              "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": "", "WhisperModelKey": "",
+              "LlmBackend": "bedrock", "LlmModel": "", "LlmBaseUrl": "", "LlmApiKeySecretArn": "",
+              "BedrockRegion": "", "WhisperModelKey": "",
               "HubUrl": "https://fleet.example.com", "ArtifactBucket": "bucket",
               "ArtifactKey": "artifacts/prod/0123/gpu_fleet-0.1.0-py3-none-any.whl",
               "WorkerTokenSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/gpu-fleet/wt"}

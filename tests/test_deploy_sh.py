@@ -403,9 +403,13 @@ def _worker_stack_parameters(result: Run) -> list[dict[str, str]]:
       "BedrockRegion": "us-west-2"}),
     (("--llm-backend", "openai", "--llm-model", "llama3.1:8b", "--llm-base-url", "http://10.0.7.20:8000/v1"),
      {"LlmBackend": "openai", "LlmModel": "llama3.1:8b", "LlmBaseUrl": "http://10.0.7.20:8000/v1",
-      "BedrockRegion": ""}),
+      "LlmApiKeySecretArn": "", "BedrockRegion": ""}),
+    (("--llm-backend", "openai", "--llm-model", "gpt-4o-mini", "--llm-base-url", "https://api.openai.com/v1",
+      "--llm-api-key-secret", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key-AbC123"),
+     {"LlmBackend": "openai", "LlmModel": "gpt-4o-mini", "LlmBaseUrl": "https://api.openai.com/v1",
+      "LlmApiKeySecretArn": "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key-AbC123"}),
     (("--llm-backend", "canned"), {"LlmBackend": "canned", "LlmModel": "", "LlmBaseUrl": "", "BedrockRegion": ""}),
-], ids=["bedrock", "openai", "canned"])
+], ids=["bedrock", "openai", "openai-with-key", "canned"])
 def test_a_voice_deploy_tells_every_worker_stack_how_the_engine_replies(env: dict[str, str], args: tuple[str, ...],
                                                                        replies: dict[str, str]) -> None:
     result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice", *args)
@@ -457,8 +461,15 @@ def test_a_speech_model_is_uploaded_once_under_a_name_that_changes_with_it(env: 
     (("--llm-model", "m"), "the voice options go with --engine voice"),
     (("--llm-backend", "canned"), "the voice options go with --engine voice"),
     (("--engine", "voice", "--llm-backend", "canned", "--whisper-model", "/nonexistent"), "no such folder"),
+    (("--engine", "voice", "--llm-model", "m", "--llm-api-key-secret", "arn:aws:secretsmanager:us-east-1:"
+      "123456789012:secret:k-AbC123"), "it goes with --llm-backend openai"),
+    (("--engine", "voice", "--llm-backend", "openai", "--llm-model", "m", "--llm-base-url", "http://10.0.7.20/v1",
+      "--llm-api-key-secret", "arn:aws:secretsmanager:us-east-1:123456789012:secret:k"), "six-character suffix"),
+    (("--llm-api-key-secret", "arn:aws:secretsmanager:us-east-1:123456789012:secret:k-AbC123"),
+     "the voice options go with --engine voice"),
 ], ids=["no-model", "openai-without-url", "unknown-backend", "bad-bedrock-region", "unknown-engine",
-        "whisper-without-voice", "options-without-engine", "backend-without-engine", "no-whisper-folder"])
+        "whisper-without-voice", "options-without-engine", "backend-without-engine", "no-whisper-folder",
+        "key-without-openai", "key-partial-arn", "key-without-engine"])
 def test_an_engine_that_could_not_reply_is_refused_before_any_aws_call(env: dict[str, str], args: tuple[str, ...],
                                                                        said: str) -> None:
     """The template's rules would refuse these too, but only once a change set fails, stack by stack."""
@@ -827,7 +838,8 @@ def test_deploy_sh_checks_a_speech_model_for_the_files_the_worker_loads() -> Non
     assert [tuple(group.split("|")) for group in listed.split()] == list(WHISPER_MODEL_FILES)
 
 
-ENGINE_PARAMETERS = ("Engine", "LlmBackend", "LlmModel", "LlmBaseUrl", "BedrockRegion", "WhisperModelKey")
+ENGINE_PARAMETERS = ("Engine", "LlmBackend", "LlmModel", "LlmBaseUrl", "LlmApiKeySecretArn", "BedrockRegion",
+                     "WhisperModelKey")
 
 
 def test_a_redeploy_without_engine_options_keeps_the_deployed_voice_engine(env: dict[str, str],
@@ -855,6 +867,20 @@ def test_a_redeploy_without_engine_options_keeps_the_deployed_voice_engine(env: 
     changed = run(env, "deploy", *DEPLOY_ARGS, "--engine", "synthetic", extra_env={"FAKE_STATE_DIR": str(state)})
     assert changed.rc == 0, changed.out
     assert {w["Engine"] for w in _worker_stack_parameters(changed)} == {"synthetic"}
+
+
+def test_a_redeploy_without_engine_options_keeps_the_openai_servers_key(env: dict[str, str], tmp_path: Path) -> None:
+    state = tmp_path / "stacks"
+    state.mkdir()
+    key = "arn:aws:secretsmanager:ap-south-1:123456789012:secret:llm/api-key-AbC123"
+    first = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                "--llm-backend", "openai", "--llm-model", "gpt-4o-mini", "--llm-base-url", "https://api.openai.com/v1",
+                "--llm-api-key-secret", key, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert first.rc == 0, first.out
+    Path(env["FAKE_LOG"]).unlink()
+    again = run(env, "deploy", *DEPLOY_ARGS, extra_env={"FAKE_STATE_DIR": str(state)})
+    assert again.rc == 0, again.out
+    assert {w["LlmApiKeySecretArn"] for w in _worker_stack_parameters(again)} == {key}
 
 
 def test_the_deployed_engine_is_looked_up_in_a_dry_run_and_a_failed_lookup_stops_the_deploy(
@@ -945,6 +971,9 @@ def test_a_speech_model_whose_file_is_renamed_gets_a_new_key(env: dict[str, str]
     ("--llm-base-url", "LlmBaseUrl", "http://a b"),
     ("--llm-base-url", "LlmBaseUrl", 'http://a"b'),
     ("--llm-base-url", "LlmBaseUrl", "ftp://10.0.7.20/v1"),
+    ("--llm-api-key-secret", "LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:a/b-AbC123"),
+    ("--llm-api-key-secret", "LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:a/b"),
+    ("--llm-api-key-secret", "LlmApiKeySecretArn", "arn:aws:secretsmanager:ap-south-1:123456789012:secret:a b-AbC123"),
 ])
 def test_deploy_sh_takes_an_llm_value_exactly_when_the_worker_template_does(env: dict[str, str], option: str,
                                                                            parameter: str, value: str) -> None:
