@@ -752,3 +752,33 @@ def test_hubs_are_asked_the_one_that_answered_first_and_those_that_failed_last_t
     assert client._ordered_hubs() == [d, b, a, c]
     client.hub_urls = [b, c]  # the configuration changed: only its hubs are asked
     assert client._ordered_hubs() == [b, c]
+
+
+async def test_a_hub_outage_costs_the_hubs_heartbeats_only_not_registrations_too(fake_hub: Any) -> None:
+    """A heartbeat already goes to every hub in turn before it counts as failed. Registering after it, as the worker
+    did, asked the same hubs the same question again: during an outage of every hub each worker doubled its
+    requests, and a recovering hub met both waves at once."""
+    registrations: list[str] = []
+    beats: list[str] = []
+
+    def hub(name: str) -> tuple[Handler, Handler]:
+        async def register(_: web.Request) -> web.Response:
+            registrations.append(name)
+            return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 0.3, "ttl_s": 9.0,
+                                      "worker_secret": "wsec-0123456789abcdef0123", "state": "ready"})
+
+        async def beat(_: web.Request) -> web.Response:
+            beats.append(name)
+            return web.Response(status=503)
+
+        return register, beat
+
+    urls = [await fake_hub(*hub("a")), await fake_hub(*hub("b"))]
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       use_channel=False)
+    async with heartbeating(client):
+        async with asyncio.timeout(20):
+            while len(beats) < 8:  # four failed heartbeats, each tried on both hubs
+                await asyncio.sleep(0.05)
+    assert sorted(set(beats)) == ["a", "b"]
+    assert len(registrations) == 1, registrations  # the first one only

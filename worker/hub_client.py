@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import re
 import threading
@@ -324,10 +323,9 @@ class HubClient:
                 forgotten += 1
                 await self._reregister()
             except HubUnavailable as exc:
+                # Every hub was tried (heartbeat_once goes round them): registering would ask them all again.
                 self.manager.metrics.heartbeats.labels("failed").inc()
                 await self._back_off(f"heartbeat failed ({exc})", next(delays))
-                if len(self.hub_urls) > 1:
-                    await self._reregister_elsewhere()
             except Exception as exc:  # a bug or a broken probe (NVML, the engine's stats): log it, keep beating
                 self.manager.metrics.heartbeats.labels("failed").inc()
                 log.exception("heartbeat could not be built or applied")
@@ -341,12 +339,6 @@ class HubClient:
     async def _reregister(self) -> None:
         # Our secret is presented, so a hub that still holds us accepts at once; then heartbeat immediately.
         await self.register()
-
-    async def _reregister_elsewhere(self) -> None:
-        """With several hubs, try the registration on any of them, those that just failed last; each shares the
-        registry, so any will do."""
-        with contextlib.suppress(HubUnavailable):
-            await self.register_once()
 
     async def deregister(self) -> bool:
         await self._channel.close()
