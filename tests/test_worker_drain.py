@@ -358,3 +358,35 @@ async def test_a_drain_heartbeat_that_never_ends_lets_the_drain_end_with_its_las
         agent.request_drain("ASG target lifecycle state Terminated")
         assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 204
         assert await asyncio.wait_for(task, 5) == 0, "the drain ends once the session has"
+
+
+class StartFails(SyntheticEngine):
+    async def start(self) -> None:
+        raise RuntimeError("CUDA error: out of memory")
+
+
+async def test_a_worker_that_could_not_start_leaves_the_lifecycle_hook_alone(make_running_hub: Any) -> None:
+    """The hook is the termination's: an instance whose worker failed to start is not leaving (systemd starts the
+    worker again), so there is no lifecycle action to complete. Completing one anyway only earned an error from AWS
+    on every failed start."""
+    completed: list[str] = []
+
+    class Spied(Lifecycle):
+        def complete(self, result: str = "CONTINUE") -> bool:
+            completed.append(result)
+            return True
+
+    hub = await make_running_hub()
+    port = free_port()
+    imds = await fake_imds({"instance-id": "i-1", "local-ipv4": "127.0.0.1"}, port)
+    client, _ = stubbed_autoscaling()
+    try:
+        settings = worker_settings(hub, lifecycle_hook_name="drain-hook", imds_url=f"http://127.0.0.1:{port}")
+        agent = WorkerAgent(settings, engine=StartFails(), lifecycle=Spied(client, "i-1", "asg-gpu", "drain-hook"),
+                            install_signals=False)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await asyncio.wait_for(agent.run(), 10)
+    finally:
+        await imds.cleanup()
+    assert completed == []
+    assert agent.imds._session is None or agent.imds._session.closed  # what it opened was still closed
