@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _PENDING = "pending:"
+#: LiveKit room names: this prefix, then 96 random bits in hex (a name of letters and digits only).
+ROOM_PREFIX = "fleet-"
 #: How long an undo keeps trying to reach the store and the worker: longer than a Redis failover takes.
 _UNDO_WINDOW_S = 120.0
 #: How long ending a session waits for its worker's answer to the stop before freeing the slot anyway. The stop
@@ -173,11 +175,12 @@ class Allocator:
                    loc: Location) -> tuple[tuple[SessionConfig, str] | None, bool]:
         """((config, worker URL) or None, whether a dispatch was attempted)."""
         entry = candidate.entry
-        random_part = secrets.token_urlsafe(12)
-        session_id = keys.make_session_id(entry.worker_id, random_part)
-        room = f"fleet-{random_part}"
+        # The session id reads and ends the session, so nothing a room's participants see is derived from it: the
+        # room's name is drawn apart, and the agent is named after the room (mint_agent_token).
+        session_id = keys.make_session_id(entry.worker_id, secrets.token_urlsafe(12))
+        room = f"{ROOM_PREFIX}{secrets.token_hex(12)}"
         deployment = choose_deployment(self.settings.livekit_deployments, (loc.lat, loc.lon), (entry.lat, entry.lon))
-        identity = req.identity or _default_identity(session_id)
+        identity = req.identity or _default_identity(room)
         participant = mint_participant_token(deployment, room, identity, self.settings.livekit_token_ttl_s)
         record: dict[str, Any] = {
             "session_id": session_id, "session_key": req.session_key, "identity": identity,
@@ -196,7 +199,7 @@ class Allocator:
             return None, False
         self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
         try:
-            agent_token = mint_agent_token(deployment, room, session_id, self.settings.livekit_token_ttl_s)
+            agent_token = mint_agent_token(deployment, room, self.settings.livekit_token_ttl_s)
             dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
                 session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
                 token=agent_token))
@@ -298,7 +301,8 @@ class Allocator:
         if identity is not None and owner is not None and identity != owner:
             raise SessionKeyInUse()
         deployment = self._deployment(record)
-        minted = mint_participant_token(deployment, record["room"], owner or identity or _default_identity(session_id),
+        room = record["room"]
+        minted = mint_participant_token(deployment, room, owner or identity or _default_identity(room),
                                         self.settings.livekit_token_ttl_s)
         return self._config(session_id, record, token=minted.jwt, expires_at=minted.expires_at)
 
@@ -312,8 +316,10 @@ class Allocator:
     # --- read and end -------------------------------------------------------------------------------------
 
     async def get(self, session_id: str) -> SessionConfig:
+        """The session without its token and without its ``session_key``: the key joins the conversation as its
+        owner, and the session id, which ends it, must not be worth more than that."""
         stored = await self._stored(session_id)
-        return self._config(session_id, stored.record)
+        return self._config(session_id, stored.record).model_copy(update={"session_key": None})
 
     async def end(self, session_id: str) -> None:
         """Stop the session on its worker, then free its slot. In that order: a slot freed first could be handed to
@@ -361,6 +367,7 @@ class Allocator:
         return stored
 
 
-def _default_identity(session_id: str) -> str:
-    """The participant identity of a user who gave none: the same for every token of one session."""
-    return f"user-{session_id.rpartition(keys.SESSION_ID_SEPARATOR)[2][:8]}"
+def _default_identity(room: str) -> str:
+    """The participant identity of a user who gave none: the same for every token of one session, and, like the
+    agent's, named after the room rather than the session id."""
+    return f"user-{room.removeprefix(ROOM_PREFIX)[:8]}"

@@ -59,9 +59,10 @@ def mint_participant_token(deployment: LiveKitDeployment, room: str, identity: s
     return _mint(_PARTICIPANT_CLAIMS, deployment, room, identity, ttl_s)
 
 
-def mint_agent_token(deployment: LiveKitDeployment, room: str, session_id: str, ttl_s: int) -> str:
-    """The worker's agent participant for one session."""
-    return _mint(_AGENT_CLAIMS, deployment, room, f"{AGENT_IDENTITY_PREFIX}{session_id}", ttl_s).jwt
+def mint_agent_token(deployment: LiveKitDeployment, room: str, ttl_s: int) -> str:
+    """The worker's agent participant for one session, named after its room: every participant sees the name, so it
+    must not carry the session id."""
+    return _mint(_AGENT_CLAIMS, deployment, room, f"{AGENT_IDENTITY_PREFIX}{room}", ttl_s).jwt
 
 
 def _mint(template: dict[str, Any], deployment: LiveKitDeployment, room: str, identity: str,

@@ -57,6 +57,35 @@ async def test_session_is_placed_and_its_token_joins_exactly_that_room(hub: http
     assert agent.video.room == body["livekit"]["room"] and agent.identity.startswith("agent-")
 
 
+async def test_nothing_a_rooms_participants_see_leads_to_the_session_key(hub: httpx.AsyncClient,
+                                                                          make_worker) -> None:
+    """The session id reads and ends a session without credentials, so it must not be derivable from what the room
+    shows (its name, the agent's identity, the user's default identity), and reading the session must not hand over
+    its session_key: that key joins the conversation as its owner. Before, the room was ``fleet-<the id's random
+    part>``, the agent was ``agent-<session id>``, and a GET returned the key."""
+    worker = await make_worker(max_streams=2)
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    created = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7f3a9c1e", "identity": "alice"})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    sid, room = body["session_id"], body["livekit"]["room"]
+    agent = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(worker.sessions[sid]["token"])
+    random_part = sid.rpartition("~")[2]
+    seen = [room, agent.identity]
+    assert not any(random_part in shown or random_part[:8] in shown for shown in seen), (sid, seen)
+    assert sid not in agent.identity and room in agent.identity
+
+    got = await hub.get(f"/api/v1/sessions/{sid}")
+    assert got.status_code == 200 and "lesson-7f3a9c1e" not in got.text and got.json()["session_key"] is None
+    assert got.json()["livekit"]["room"] == room  # the rest is as before
+    anonymous = await hub.post("/api/v1/sessions", json={})
+    default_identity = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET).verify(
+        anonymous.json()["livekit"]["token"]).identity
+    assert default_identity.startswith("user-")
+    assert anonymous.json()["session_id"].rpartition("~")[2][:8] not in default_identity
+
+
 async def test_get_and_delete_free_the_slot_at_once(hub: httpx.AsyncClient, make_worker) -> None:
     worker = await make_worker(max_streams=1)
     await register(hub, "w-1", worker)

@@ -69,7 +69,8 @@ async def create_session(request: Request, response: Response, hub: HubDep,
 
 @router.get("/{session_id}", response_model=SessionConfig, responses={404: {"model": ErrorBody}})
 async def get_session(session_id: SessionIdPath, hub: HubDep) -> SessionConfig:
-    """The session as the hub holds it (without a token: only POST mints one)."""
+    """The session as the hub holds it, without a token (only POST mints one) and with ``session_key`` null: the key
+    joins the conversation, and only the one who chose it holds it."""
     return await hub.allocator.get(session_id)
 
 
