@@ -99,7 +99,10 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             if embedded is not None:
                 embedded.cleanup()
 
-    app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan)
+    # No redirect from a path with a trailing slash: behind a TLS-terminating load balancer it pointed the client
+    # at http://, and it answered an empty 307 instead of an error body.
+    app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)

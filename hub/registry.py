@@ -170,7 +170,7 @@ class Registry:
         now = self.board.now_ms
         views = [_entry_view(e, now, self.settings.ttl_ms) for e in self.board.entries.values()]
         return [v for v in sorted(views, key=lambda v: (v.region, v.worker_id))
-                if (region is None or v.region == region) and (state is None or _state_label(v) == state)]
+                if (region is None or v.region == region) and (state is None or v.status == state)]
 
     async def capacity(self) -> FleetCapacity:
         """Per region, from the board's entries as they are (no view per worker: the CloudWatch publisher and the
@@ -192,10 +192,6 @@ class Registry:
                 if region in (None, e.region)}
 
 
-def _state_label(v: WorkerView) -> str:
-    return v.state.value if v.alive else "stale"
-
-
 def _region_center(region: str) -> Location:
     """Where a worker that sent no location stands; its registration was refused if the region is unknown."""
     loc = AWS_REGIONS[region]
@@ -214,7 +210,8 @@ def _view(static: dict[str, Any], status: dict[str, Any], *, used: int, state: s
     live = alive(heartbeat_ms, now_ms, ttl_ms)
     return WorkerView(
         worker_id=static["worker_id"], url=static["url"], region=static["region"], zone=static.get("zone"),
-        location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state), drain_requested=drain,
+        location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state),
+        status=WorkerState(state).value if live else "stale", drain_requested=drain,
         alive=live, max_streams=max_streams, used_streams=used,
         free_streams=max(0, max_streams - used) if live and state == "ready" else 0,
         heartbeat_age_s=round(max(0, now_ms - heartbeat_ms) / 1000, 3) if heartbeat_ms else None,

@@ -58,7 +58,7 @@ class BodySizeLimit:
                 await self._reject(send, max_bytes)
 
     async def _reject(self, send: Send, max_bytes: int) -> None:
-        body = json.dumps({"error": "body_too_large", "message": _limited_to(max_bytes)})
+        body = json.dumps({"error": "body_too_large", "message": _limited_to(max_bytes)}, separators=(",", ":"))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body.encode()})

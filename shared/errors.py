@@ -95,7 +95,13 @@ def describe_problem(error: Mapping[str, Any]) -> str:
     if loc == ("body",) and kind in _NOT_AN_OBJECT:  # most often a JSON body sent without its Content-Type
         return "the body must be a JSON object, sent with Content-Type: application/json"
     where = ".".join(str(p) for p in loc if p != "body")
-    return f"{where}: {error.get('msg', '')}" if where else str(error.get("msg", ""))
+    return f"{where}: {reason(error)}" if where else reason(error)
+
+
+def reason(error: Mapping[str, Any]) -> str:
+    """Why pydantic refused a value: its message, less the "Value error, " it puts before what one of our
+    validators said."""
+    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 #: pydantic's error types for a body that is not an object at all.
@@ -112,3 +118,29 @@ def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dic
     detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
               for e in errors[:10]]
     return (describe_problem(detail[0]) if detail else "invalid request"), detail
+
+
+#: Error codes of the answers the HTTP framework gives by itself, by status; the hub's and the worker's alike.
+HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                    405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+#: What FastAPI answers (400) for a JSON body its parser raised on with anything but a syntax error.
+UNREADABLE_BODY_DETAIL = "There was an error parsing the body"
+
+
+def http_error_code(status: int) -> str:
+    return HTTP_ERROR_CODES.get(status, f"http_{status}")
+
+
+def describe_http_error(detail: str, cause: BaseException | None) -> str:
+    """The message of a framework's error answer: its own, unless it is the catch-all for a body the JSON parser
+    raised on (``cause``), which says why without quoting the body."""
+    if detail != UNREADABLE_BODY_DETAIL or cause is None:
+        return detail
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int("9" * 5000): Python's conversion limit
+        return "a number in the body has too many digits"
+    return "the body could not be read as JSON"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from ipaddress import ip_address
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Strict as PydanticStrict
 from yarl import URL
 
 from shared.geo import must_be_known_region
@@ -21,7 +22,7 @@ SessionKey = Annotated[str, Field(
                 "backend derives from the user and the conversation).",
 )]
 
-#: LiveKit identities of the workers' agents (``agent-<session id>``); no user may join as one.
+#: LiveKit identities of the workers' agents (``agent-<room>``); no user may join as one.
 AGENT_IDENTITY_PREFIX = "agent-"
 
 
@@ -58,9 +59,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: A number sent as a JSON number: ``true`` or ``"48.8"`` is refused rather than read as 1.0 or 48.8.
+StrictNumber = Annotated[float, PydanticStrict()]
+
+
 class Location(Strict):
-    lat: float = Field(ge=-90, le=90, allow_inf_nan=False)
-    lon: float = Field(ge=-180, le=180, allow_inf_nan=False)
+    lat: StrictNumber = Field(ge=-90, le=90, allow_inf_nan=False)
+    lon: StrictNumber = Field(ge=-180, le=180, allow_inf_nan=False)
 
 
 class WorkerState(StrEnum):
@@ -283,6 +288,10 @@ class WorkerView(Strict):
     zone: str | None
     location: Location
     state: WorkerState
+    status: Literal["ready", "draining", "stale"] = Field(
+        description="What routing makes of the worker, as the CLI and the dashboard show it: `stale` when no "
+                    "heartbeat came within the TTL, whatever its `state`; else its `state`. The listing's "
+                    "`?state=` filter matches this.")
     drain_requested: bool
     alive: bool
     max_streams: int

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from shared.auth import DEFAULT_WORKER_TOKEN
+from shared.errors import reason
 
 #: The shortest token or signing secret production accepts (the deployment generates 48).
 MIN_PROD_SECRET_CHARS = 32
@@ -75,7 +76,7 @@ def describe_invalid(exc: ValidationError | SettingsError) -> str:
     for error in exc.errors():
         first, *rest = [str(part) for part in error["loc"]] or [""]
         where = "_".join([variables.get(first, f"FLEET_{first}"), *rest]).upper()
-        lines.append(f"{where}: {error['msg']}" if first else str(error["msg"]))
+        lines.append(f"{where}: {reason(error)}" if first else reason(error))
     return "invalid configuration: " + "; ".join(lines)
 
 

@@ -357,7 +357,7 @@ def test_unreachable_hub_and_unavailable_redis_exit_5(redis_server: EmbeddedRedi
 @pytest.mark.parametrize(("args", "said"), [
     (["worker", "--engine", "bogus"], "unknown engine 'bogus'"),
     (["worker", "calibrate", "--engine", "bogus"], "unknown engine 'bogus'"),
-    (["worker", "--simulate-gpu", "bogus"], "FLEET_SIMULATE_GPU: Value error, unknown GPU 'bogus'"),
+    (["worker", "--simulate-gpu", "bogus"], "FLEET_SIMULATE_GPU: unknown GPU 'bogus'"),
     (["worker", "--region", "moon"], "FLEET_REGION: String should match pattern"),
 ])
 def test_a_worker_refused_for_its_options_says_why_in_one_line(args: list[str], said: str) -> None:
@@ -381,8 +381,8 @@ def test_a_hub_refused_for_its_configuration_says_why_without_echoing_it(monkeyp
     ("FLEET_LOG_LEVEL", "LOUD", "FLEET_LOG_LEVEL: Input should be"),
     # regression: a password with '#' (allowed in ElastiCache AUTH tokens) failed in the lifespan with a traceback
     # that quoted the part before it
-    ("FLEET_REDIS_URL", "redis://:TopSecretPart1#Part2@127.0.0.1:6379", "FLEET_REDIS_URL: Value error, not a valid"),
-    ("FLEET_REDIS_URL", "http://127.0.0.1:6379", "FLEET_REDIS_URL: Value error, the scheme must be"),
+    ("FLEET_REDIS_URL", "redis://:TopSecretPart1#Part2@127.0.0.1:6379", "FLEET_REDIS_URL: not a valid"),
+    ("FLEET_REDIS_URL", "http://127.0.0.1:6379", "FLEET_REDIS_URL: the scheme must be"),
 ])
 def test_a_hub_refused_for_a_malformed_variable_names_it_in_one_line(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str

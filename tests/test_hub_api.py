@@ -196,6 +196,8 @@ async def test_a_registration_keeps_a_drain_only_where_the_hub_lost_the_worker(h
     {"region": "xx-nowhere-1"},  # was silently the default region
     {"identity": "a\x00b"},
     [1, 2, 3],
+    {"location": {"lat": True, "lon": 2}},  # was read as lat 1.0
+    {"location": {"lat": "48.8", "lon": "2.3"}},  # a number is sent as a number
 ])
 async def test_invalid_session_requests_get_a_clear_422(hub: httpx.AsyncClient, body: object) -> None:
     resp = await hub.post("/api/v1/sessions", content=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -254,6 +256,34 @@ async def test_oversized_deep_and_malformed_bodies(hub: httpx.AsyncClient) -> No
     assert nested.status_code == 422 and nested.json()["message"].startswith("location: "), nested.text
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    (b'{"identity": "\xff\xfe"}', "the body is not valid UTF-8"),
+    (b'{"location": {"lat": ' + b"9" * 5000 + b', "lon": 0}}', "a number in the body has too many digits"),
+    (b'{"labels": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "the body's JSON is nested too deeply"),
+], ids=["not-utf8", "long-number", "deep"])
+async def test_a_body_the_json_parser_raises_on_gets_a_400_that_says_why(hub: httpx.AsyncClient, body: bytes,
+                                                                          said: str) -> None:
+    """FastAPI answers these with one catch-all ("There was an error parsing the body"), which left the caller to
+    guess which of the three it was."""
+    resp = await hub.post("/api/v1/sessions", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400 and resp.json() == {"error": "bad_request", "message": said}, resp.text
+
+
+async def test_a_path_with_a_trailing_slash_is_a_json_404_not_a_redirect(hub: httpx.AsyncClient) -> None:
+    """The redirect named http:// behind a load balancer that ends TLS (a client following it left https), and
+    answered an empty body."""
+    for method, path in (("POST", "/api/v1/sessions/"), ("GET", "/metrics/"), ("GET", "/api/v1/workers/")):
+        resp = await hub.request(method, path, headers={"X-Forwarded-Proto": "https", **ADMIN_AUTH}, json={})
+        assert resp.status_code == 404 and "location" not in resp.headers, (path, resp.status_code, resp.headers)
+        assert resp.json()["error"] == "not_found"
+
+
+async def test_a_validators_message_is_given_without_pydantics_prefix(hub: httpx.AsyncClient) -> None:
+    resp = await hub.post("/api/v1/sessions", json={"identity": "agent-7"})
+    assert resp.status_code == 422
+    assert resp.json()["message"] == "identity: identities beginning with 'agent-' are the workers' agents'"
+
+
 async def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refused(make_hub) -> None:
     """``FLEET_MAX_BODY_BYTES`` is the largest body accepted, announced by Content-Length or streamed."""
     hub = await make_hub(max_body_bytes=256)
@@ -271,6 +301,7 @@ async def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refu
         over = await hub.post("/api/v1/sessions", content=send(body(257)), headers=json_type)
         assert over.status_code == 413 and over.json() == {
             "error": "body_too_large", "message": "request bodies are limited to 256 bytes"}
+        assert over.content == b'{"error":"body_too_large","message":"request bodies are limited to 256 bytes"}'
 
 
 async def test_unknown_routes_and_ids_are_json_404s(hub: httpx.AsyncClient) -> None:

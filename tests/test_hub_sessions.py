@@ -917,6 +917,12 @@ async def test_a_worker_that_stopped_heartbeating_offers_no_free_streams_in_any_
     assert 0.6 <= listed["heartbeat_age_s"] < 30 and 0.6 <= one["heartbeat_age_s"] < 30  # seconds, as documented
     assert (listed["free_streams"], one["free_streams"]) == (0, 0), "a dead worker was shown with room"
     assert (await hub.get("/api/v1/fleet", headers=ADMIN_AUTH)).json()["total"]["free_streams"] == 0
+    # What the CLI and the dashboard show, and what ?state= filters on, is in the JSON too: a script selecting
+    # the stale workers of the listing found none, since their `state` is still the one they registered with.
+    assert (listed["state"], listed["status"], one["status"]) == ("ready", "stale", "stale")
+    [stale] = (await hub.get("/api/v1/workers", params={"state": "stale"}, headers=ADMIN_AUTH)).json()["workers"]
+    assert stale["status"] == "stale"
+    assert (await hub.get("/api/v1/workers", params={"state": "ready"}, headers=ADMIN_AUTH)).json()["workers"] == []
 
 
 async def test_a_session_listing_for_a_worker_outside_the_region_asked_for_is_a_404(hub: httpx.AsyncClient,

@@ -497,3 +497,17 @@ async def test_a_stopped_session_is_reported_to_the_session_count_listeners(work
     assert (await client.delete("/sessions/p1", headers=AUTH)).status_code == 204
     assert counts[0] == 1 and counts[-1] == 0
     assert "worker_sessions_active 0.0" in (await client.get("/metrics")).text
+
+
+async def test_framework_errors_read_as_the_hubs_do(worker: Any) -> None:
+    """A 404 said ``http_error`` here and ``not_found`` at the hub; a trailing slash was an empty 307; a body the JSON
+    parser raised on was "There was an error parsing the body", whichever way it was wrong."""
+    client, _ = worker
+    missing = await client.get("/nowhere", headers=AUTH)
+    assert missing.status_code == 404 and missing.json() == {"error": "not_found", "message": "Not Found"}
+    slashed = await client.post("/sessions/", json=dispatch("s1"), headers=AUTH)
+    assert slashed.status_code == 404 and slashed.json()["error"] == "not_found" and "location" not in slashed.headers
+    unreadable = await client.post("/sessions", content=b'{"session_id": "\xff"}',
+                                   headers={**AUTH, "Content-Type": "application/json"})
+    assert unreadable.status_code == 400
+    assert unreadable.json() == {"error": "bad_request", "message": "the body is not valid UTF-8"}

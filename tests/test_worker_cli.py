@@ -43,13 +43,13 @@ def refusal(capsys: pytest.CaptureFixture[str], command: Any = run_worker, **opt
 
 @pytest.mark.parametrize(("variable", "value", "said"), [
     ("FLEET_ADVERTISE_URL", "10.0.0.5:8100", "FLEET_ADVERTISE_URL: String should match pattern"),
-    ("FLEET_ADVERTISE_URL", "http://user:pw@10.0.0.5:8100", "FLEET_ADVERTISE_URL: Value error, must not carry"),
+    ("FLEET_ADVERTISE_URL", "http://user:pw@10.0.0.5:8100", "FLEET_ADVERTISE_URL: must not carry"),
     ("FLEET_ZONE", "z" * 40, "FLEET_ZONE: String should have at most 32 characters"),
     ("FLEET_LABELS", '{"tier": "premium", "bad key": "x"}', "FLEET_LABELS: bad key.[key]: String should match"),
-    ("FLEET_LABELS", "tier=premium", "FLEET_LABELS: Value error, must be a JSON object"),
-    ("FLEET_HUB_URLS", "http://fleet:user:pw@10.0.0.9:8080", "FLEET_HUB_URLS: Value error, a hub URL must not carry"),
+    ("FLEET_LABELS", "tier=premium", "FLEET_LABELS: must be a JSON object"),
+    ("FLEET_HUB_URLS", "http://fleet:user:pw@10.0.0.9:8080", "FLEET_HUB_URLS: a hub URL must not carry"),
     ("FLEET_HUB_URLS", "http://10.0.0.8:8080,http://fleet:user:pw@10.0.0.9:8080",
-     "FLEET_HUB_URLS: Value error, a hub URL must not carry"),
+     "FLEET_HUB_URLS: a hub URL must not carry"),
 ])
 def test_a_value_the_registration_would_refuse_stops_the_start(monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str], variable: str,
@@ -226,7 +226,7 @@ def test_hub_urls_skip_empty_entries_and_refuse_an_empty_list(monkeypatch: pytes
     monkeypatch.setenv("FLEET_HUB_URLS", " http://a:8000/, ,http://b:8000,")
     assert WorkerSettings().hub_urls == ["http://a:8000", "http://b:8000"]
     monkeypatch.setenv("FLEET_HUB_URLS", " , ")
-    assert "FLEET_HUB_URLS: Value error, at least one hub URL is needed" in refusal(capsys)
+    assert "FLEET_HUB_URLS: at least one hub URL is needed" in refusal(capsys)
 
 
 def test_empty_labels_are_no_labels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.auth import bearer_token, secret_matches
 from shared.body_limit import BodySizeLimit
-from shared.errors import describe_invalid
+from shared.errors import describe_http_error, describe_invalid, http_error_code
 from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
 from shared.routes import allowed_methods
 from worker.sessions import SessionManager, SessionRefused
@@ -45,7 +45,8 @@ def create_worker_app(manager: SessionManager, worker_token: str,
                       status: Callable[[], Mapping[str, Any]] | None = None) -> FastAPI:
     """``status`` says what the agent knows at the moment (worker id, whether a hub holds its registration); GET
     /health shows it with the sessions."""
-    app = FastAPI(title="gpu-fleet worker", version="1.0.0")
+    # No redirect from a path with a trailing slash: it would answer an empty 307 instead of an error body.
+    app = FastAPI(title="gpu-fleet worker", version="1.0.0", redirect_slashes=False)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
     async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -114,5 +115,5 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette's Allow names only the first route matching the path; GET and POST /sessions are two routes.
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
-        code = "body_too_large" if exc.status_code == 413 else "http_error"  # a streamed body over the bound
-        return _error(exc.status_code, code, str(exc.detail), headers)
+        return _error(exc.status_code, http_error_code(exc.status_code),
+                      describe_http_error(str(exc.detail), exc.__cause__), headers)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from shared.errors import reason
+
 
 class HubUnavailable(Exception):
     """No hub answered usefully; retryable."""
@@ -18,7 +20,7 @@ def describe_error(exc: BaseException) -> str:
     and those hold the worker token and secret. Nor a validation error's text: it quotes the input, and a
     registration answer holds the worker secret."""
     if isinstance(exc, ValidationError):
-        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'answer'}: {error['msg']}"
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'answer'}: {reason(error)}"
                              for error in exc.errors(include_url=False, include_input=False, include_context=False))
         return f"{type(exc).__name__}: {problems}"
     return f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import NoDecode
 
+from shared.errors import reason
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import MAX_STREAMS_PER_WORKER, REGION_PATTERN, WorkerRegistration, carries_credentials
 from shared.settings import FleetSettings
@@ -153,4 +154,4 @@ _REGISTRATION_FIELDS = {"advertise_url": "url", "zone": "zone", "labels": "label
 def _problem(error: ErrorDetails) -> str:
     """One problem of a registration field, without the value (a label may hold what should not be logged)."""
     where = ".".join(str(part) for part in error["loc"][1:])  # the part inside the field: a label's key
-    return f"{where}: {error['msg']}" if where else error["msg"]
+    return f"{where}: {reason(error)}" if where else reason(error)

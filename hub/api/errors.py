@@ -30,10 +30,6 @@ _STATUS: dict[type[errors.FleetError], int] = {
     errors.RateLimited: 429,
 }
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
-
-
 def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
     """OpenAPI ``responses`` documenting these status codes with the error body."""
     return {code: {"model": ErrorBody} for code in codes}
@@ -61,11 +57,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
-        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+        return error_response(exc.status_code, errors.http_error_code(exc.status_code),
+                              errors.describe_http_error(str(exc.detail), exc.__cause__), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
