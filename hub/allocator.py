@@ -22,7 +22,14 @@ from hub.store import FleetStore, StoredSession
 from hub.tasks import BackgroundTasks
 from shared import keys
 from shared.backoff import backoff_delays
-from shared.errors import NoCapacity, SessionKeyInUse, SessionNotFound, SessionPending, StoreUnavailable
+from shared.errors import (
+    NoCapacity,
+    NoMatchingWorker,
+    SessionKeyInUse,
+    SessionNotFound,
+    SessionPending,
+    StoreUnavailable,
+)
 from shared.geo import AWS_REGIONS
 from shared.models import LiveKitConfig, Location, SessionConfig, SessionDispatch, SessionRequest, WorkerRef
 
@@ -89,6 +96,9 @@ class Allocator:
             return result
         except NoCapacity:
             outcome = "no_capacity"
+            raise
+        except NoMatchingWorker:
+            outcome = "no_matching_worker"
             raise
         except SessionPending:
             outcome = "pending"  # the client retries; not a failure of the hub

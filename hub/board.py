@@ -130,6 +130,8 @@ class RoutingBoard:
         self._used_raw: dict[str, str] = {}
         self._group_of: dict[str, Group] = {}
         self._groups_by_key: dict[tuple[float, float, tuple[tuple[str, str], ...]], Group] = {}
+        #: The label sets of every worker on the board, whatever its state (``carries``).
+        self._label_sets: set[tuple[tuple[str, str], ...]] = set()
         self._lock = asyncio.Lock()
 
     # --- refresh ------------------------------------------------------------------------------------------
@@ -260,7 +262,9 @@ class RoutingBoard:
     def _regroup(self) -> None:
         self._groups_by_key = {}
         self._group_of = {}
+        self._label_sets = set()
         for e in self.entries.values():
+            self._label_sets.add(e.group_key[2])
             if self._eligible(e, self.now_ms):
                 if e.partial is None:
                     e.partial = self._partial(e)
@@ -377,6 +381,12 @@ class RoutingBoard:
         score, km, lead = drawn
         rest = [r for r in ranked if r.entry is not lead]
         return [Ranked(lead, score, km, nearest_km, policy), *rest[:limit - 1]]
+
+    def carries(self, labels: dict[str, str]) -> bool:
+        """Whether any worker on the board, in any state, has ``labels``, as of the last refresh: one look per set of
+        labels the fleet has, not per worker."""
+        wanted = set(labels.items())
+        return any(wanted <= set(label_set) for label_set in self._label_sets)
 
     def near_best(self, ranked: list[Ranked]) -> list[Ranked]:
         """The candidates a placement may lead with: all within ``near_best_margin`` of the best."""

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from hub.board import RoutingBoard
 
 
-ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "pending", "conflict", "rate_limited", "error")
+ALLOCATION_OUTCOMES = ("created", "reused", "no_capacity", "no_matching_worker", "pending", "conflict", "rate_limited",
+                       "error")
 # hub.dispatch.DispatchOutcome values; "accepted" counts here when the worker took the session but its lease
 # could not be confirmed (it expired meanwhile).
 DISPATCH_FAILURE_REASONS = ("accepted", "full", "refused", "timeout", "unreachable")

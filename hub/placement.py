@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hub.board import Ranked, RoutingBoard
-from shared.errors import NoCapacity
+from shared.errors import NoCapacity, NoMatchingWorker
 
 _T = TypeVar("_T")
 
@@ -22,7 +22,8 @@ MAX_RESERVATIONS = 64
 async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: dict[str, str] | None,
                           attempt: Callable[[Ranked], Awaitable[tuple[_T | None, bool]]],
                           read_again: Callable[[float], Awaitable[None]], *, max_dispatches: int) -> _T:
-    """What ``attempt`` made of the first candidate it placed, best candidates first; NoCapacity when none did.
+    """What ``attempt`` made of the first candidate it placed, best candidates first; NoCapacity when none did, or
+    NoMatchingWorker when no worker at all has ``labels``.
 
     ``attempt(candidate)`` answers (the placement or None, whether it dispatched to the worker). A refusal teaches the
     board (the attempt notes what the reservation script or the worker said), so after a failed dispatch the rest are
@@ -53,4 +54,7 @@ async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: d
             if dispatched:
                 dispatches += 1
                 break  # rank again: the board has learned from the failure
+    if labels and not board.carries(labels):  # the board was read again above: it is not merely stale
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        raise NoMatchingWorker(f"No worker has the labels {shown}.")
     raise NoCapacity()

@@ -24,6 +24,12 @@ class NoCapacity(FleetError):
     retryable = True
 
 
+class NoMatchingWorker(FleetError):
+    """No worker in the fleet carries the labels asked for: no retry places the session until one registers."""
+
+    code = "no_matching_worker"
+
+
 class StoreUnavailable(FleetError):
     """The shared store (Redis) is unreachable; try again shortly."""
 

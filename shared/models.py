@@ -372,5 +372,7 @@ class RouteExplanation(Strict):
     policy: Policy
     livekit_region: str | None
     candidates: list[Candidate]
+    note: str | None = Field(default=None, description="Why there is no candidate, when there is none, with the "
+                                                       "error a session request would get.")
 
 

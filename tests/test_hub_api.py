@@ -896,3 +896,21 @@ async def test_the_explain_view_reads_the_board_itself_rather_than_waiting_for_t
     await heartbeat(other, "w-new", resp.json()["worker_secret"], [])
     explain = await asked.get("/api/v1/route/explain", params={"lat": 40.7, "lon": -74.0}, headers=ADMIN_AUTH)
     assert [c["worker_id"] for c in explain.json()["candidates"]] == ["w-new"], explain.text
+
+
+async def test_an_explanation_without_candidates_says_why(make_hub, make_worker) -> None:
+    """An empty table said nothing of whether the labels were wrong or the fleet full: the SRE had to guess."""
+    hub = await make_hub()
+
+    async def note(*labels: str) -> str | None:
+        resp = await hub.get("/api/v1/route/explain", params={"label": list(labels)}, headers=ADMIN_AUTH)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["note"]
+
+    assert await note() == "no worker is registered (no_capacity)"
+    await register(hub, "w-1", await make_worker(max_streams=1), labels={"gpu": "a10g"})
+    await refresh(hub)
+    assert await note() is None
+    assert await note("gpu=h100") == "no worker has the labels gpu=h100 (no_matching_worker)"
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
+    assert await note("gpu=a10g") == "every worker that could take the session is full, draining or stale (no_capacity)"

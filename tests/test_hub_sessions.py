@@ -1226,3 +1226,33 @@ async def test_ending_a_session_whose_worker_and_store_both_fail_is_finished_in_
     await wait_for(lambda: sid in worker.stopped, 10, "the stop, retried until the worker answered")
     await wait_for(lambda: not state.allocator._undoing, 10, "the release, retried until the store answered")
     assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
+
+
+async def test_labels_no_worker_has_are_refused_as_such_not_as_a_full_fleet(hub: httpx.AsyncClient,
+                                                                             make_worker) -> None:
+    """``no_capacity`` with Retry-After: 1 told a client to retry a request that no retry could place, forever, and
+    counted it as the fleet being full. Labels that some worker has, on a worker that is full, are still that."""
+    worker = await make_worker(max_streams=1)
+    await register(hub, "w-1", worker, labels={"gpu": "a10g", "tier": "gold"})
+    await refresh(hub)
+    nobody = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100", "tier": "gold"}})
+    assert nobody.status_code == 503 and "retry-after" not in nobody.headers, nobody.headers
+    assert nobody.json() == {"error": "no_matching_worker", "message": "No worker has the labels gpu=h100, tier=gold."}
+
+    assert (await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})).status_code == 201
+    full = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})
+    assert full.status_code == 503 and full.json()["error"] == "no_capacity" and full.headers["retry-after"] == "1"
+    metrics = (await hub.get("/metrics")).text
+    assert 'fleet_allocations_total{outcome="no_matching_worker"} 1.0' in metrics
+    assert 'fleet_allocations_total{outcome="no_capacity"} 1.0' in metrics
+
+
+async def test_a_worker_that_registers_with_the_labels_asked_for_is_found_at_once(make_hub, make_worker) -> None:
+    """The refusal is decided after the board is read again, so a worker another hub just registered is no
+    ``no_matching_worker``."""
+    hub, other = await make_hub(), await make_hub()
+    worker = await make_worker()
+    await refresh(hub)
+    await register(other, "w-new", worker, labels={"gpu": "h100"})
+    placed = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
+    assert placed.status_code == 201, placed.text

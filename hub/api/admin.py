@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from hub.allocator import resolve_location
-from hub.api.deps import HubDep, WorkerIdPath, require_admin
+from hub.api.deps import HubDep, HubState, WorkerIdPath, require_admin
 from hub.api.errors import error_responses
 from hub.livekit import choose_deployment
 from shared.keys import WORKER_ID_PATTERN
@@ -123,7 +123,18 @@ async def explain_route(
                       near_best=id(r) in near)
             for r in ranked
         ],
+        note=None if ranked else _why_no_candidate(hub, labels),
     )
+
+
+def _why_no_candidate(hub: HubState, labels: dict[str, str]) -> str:
+    """What a session request here would be answered, and why."""
+    if not hub.board.entries:
+        return "no worker is registered (no_capacity)"
+    if labels and not hub.board.carries(labels):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        return f"no worker has the labels {shown} (no_matching_worker)"
+    return "every worker that could take the session is full, draining or stale (no_capacity)"
 
 
 _LABELS: TypeAdapter[dict[str, str]] = TypeAdapter(LabelMap)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _STATUS: dict[type[errors.FleetError], int] = {
     errors.NoCapacity: 503,
+    errors.NoMatchingWorker: 503,
     errors.StoreUnavailable: 503,
     errors.SessionPending: 503,
     errors.WorkerUnknown: 404,

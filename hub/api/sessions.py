@@ -56,7 +56,8 @@ async def _admit(request: Request, hub: HubState) -> None:
                         429: {"model": ErrorBody}})
 async def create_session(request: Request, response: Response, hub: HubDep,
                          body: SessionRequest | None = None) -> SessionConfig:
-    """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full."""
+    """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full;
+    503 ``no_matching_worker``, without, when no worker in the fleet has the ``labels`` asked for."""
     settings = hub.settings
     if settings.rate_limit_per_s > 0:
         await _admit(request, hub)
