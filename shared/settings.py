@@ -38,6 +38,15 @@ class FleetSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Python logging level (any case).")
 
+    @field_validator("worker_token", "admin_token", check_fields=False)
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        """An empty token (``FLEET_ADMIN_TOKEN=`` in a shell) matched no bearer token at all: every request was
+        refused, in dev too, with nothing at start saying why."""
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty: no bearer token would match it")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:

@@ -914,3 +914,19 @@ async def test_an_explanation_without_candidates_says_why(make_hub, make_worker)
     assert await note("gpu=h100") == "no worker has the labels gpu=h100 (no_matching_worker)"
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
     assert await note("gpu=a10g") == "every worker that could take the session is full, draining or stale (no_capacity)"
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_token_stops_the_hub_and_the_worker_at_start_in_dev_too(empty: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FLEET_ADMIN_TOKEN=`` started a hub that refused every SRE request (no bearer token matches an empty one),
+    with nothing saying why; the same for the worker token, between hubs and workers."""
+    from worker.settings import WorkerSettings
+
+    for settings, variable in ((HubSettings, "FLEET_ADMIN_TOKEN"), (HubSettings, "FLEET_WORKER_TOKEN"),
+                               (WorkerSettings, "FLEET_WORKER_TOKEN")):
+        monkeypatch.setenv(variable, empty)
+        with pytest.raises(ValidationError, match="must not be empty"):
+            settings()
+        monkeypatch.delenv(variable)
+    assert HubSettings().env == "dev"
