@@ -45,13 +45,23 @@ _AGENT_CLAIMS = _claims_of(api.AccessToken("-", "-").with_kind("agent").with_gra
     api.VideoGrants(room_join=True, room=_ROOM, agent=True, can_publish=True, can_subscribe=True)))
 
 
+#: Media paths within this fraction of the shortest (or ``_EQUAL_PATH_KM``, if more) count as equally short.
+_EQUAL_PATH_FRACTION = 0.01
+_EQUAL_PATH_KM = 50.0
+
+
 def choose_deployment(deployments: list[LiveKitDeployment], user: tuple[float, float],
                       worker: tuple[float, float]) -> LiveKitDeployment:
-    """The SFU both media legs reach fastest: minimise user→SFU plus SFU→worker distance."""
-    return min(
-        deployments,
-        key=lambda d: haversine_km(user[0], user[1], d.lat, d.lon) + haversine_km(d.lat, d.lon, worker[0], worker[1]),
-    )
+    """The SFU both media legs reach fastest: minimise user→SFU plus SFU→worker distance. Among SFUs on paths as
+    short (any SFU on the way between a Tokyo user and an Oregon worker, Tokyo's and Oregon's alike), the one nearest
+    the user: that leg crosses the public internet, the worker's runs between data centres. Before, the first one
+    listed won, in floating-point noise."""
+    paths = [(haversine_km(user[0], user[1], d.lat, d.lon), haversine_km(d.lat, d.lon, worker[0], worker[1]), d)
+             for d in deployments]
+    shortest = min(to_user + to_worker for to_user, to_worker, _ in paths)
+    equal = shortest + max(_EQUAL_PATH_KM, shortest * _EQUAL_PATH_FRACTION)
+    return min(((to_user, d) for to_user, to_worker, d in paths if to_user + to_worker <= equal),
+               key=lambda found: found[0])[1]
 
 
 def mint_participant_token(deployment: LiveKitDeployment, room: str, identity: str, ttl_s: int) -> MintedToken:

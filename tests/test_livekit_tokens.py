@@ -104,6 +104,22 @@ def test_the_deployment_chosen_is_on_the_shortest_user_to_worker_path_not_the_ne
     assert choose_deployment([beside_user, beside_worker], user, user).region == "user-side"
 
 
+def test_of_sfus_on_equally_short_media_paths_the_one_nearest_the_user_wins() -> None:
+    """A Tokyo user on an Oregon worker: the Tokyo and the Oregon SFU both lie on the path between them, whose length
+    differs only in floating-point noise, so the first listed won. The user's leg is the one over the public
+    internet: Tokyo's wins, in either order, and an SFU off the path does not."""
+    def sfu(region: str, lat: float, lon: float) -> LiveKitDeployment:
+        return LiveKitDeployment(region=region, url=f"wss://{region}.example", lat=lat, lon=lon, api_key="k",
+                                 api_secret=SECRET)
+
+    tokyo, oregon, frankfurt = sfu("tokyo", 35.68, 139.69), sfu("oregon", 45.84, -119.7), sfu("frankfurt", 50.1, 8.7)
+    user, worker = (35.68, 139.69), (45.84, -119.7)
+    for order in ([oregon, tokyo, frankfurt], [tokyo, oregon, frankfurt], [frankfurt, oregon, tokyo]):
+        assert choose_deployment(order, user, worker).region == "tokyo"
+        assert choose_deployment(order, worker, user).region == "oregon"  # the user in Oregon this time
+    assert choose_deployment([frankfurt], user, worker).region == "frankfurt"  # the only one
+
+
 def test_a_token_is_valid_from_the_moment_it_is_minted_for_exactly_its_ttl() -> None:
     """``FLEET_LIVEKIT_TOKEN_TTL_S`` counts from now: a token neither starts in the future (LiveKit would refuse it)
     nor ends early; ``expires_at`` in the session's answer is the token's own ``exp``."""
