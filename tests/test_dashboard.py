@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -138,6 +139,7 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
                 page.click('#workers th[data-key="used_streams"]')
                 sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-euc1-a")
 
+                page.once("dialog", lambda dialog: dialog.accept())  # the drain is asked for first
                 page.click('#workers tr[data-worker="gpu-use1-a"] button.drain')
                 with live_hub.admin() as client:
                     deadline = time.monotonic() + 5
@@ -203,6 +205,7 @@ def test_the_dashboard_shows_each_figure_and_says_why_a_drain_was_refused(live_h
 
             page.route(f"{live_hub.url}/api/v1/workers/gpu-use1-b/drain", lambda route: route.fulfill(
                 status=409, content_type="application/json", body=json.dumps({"error": "conflict", "message": "no"})))
+            page.once("dialog", lambda dialog: dialog.accept())
             page.click('#workers tr[data-worker="gpu-use1-b"] button.drain')
             # enabled again: the refresh after the drain has drawn the table; the refusal is still what it says
             sync_api.expect(page.locator('#workers tr[data-worker="gpu-use1-b"] button')).to_be_enabled()
@@ -241,6 +244,21 @@ def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
                 time.sleep(0.2)
             sync_api.expect(row.locator(".state")).to_have_text("stale", timeout=10_000)  # heartbeats stopped
             sync_api.expect(row.locator("button")).to_have_text("Forget")
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            questions: list[str] = []
+
+            def answer(dialog: Any, accept: bool) -> None:
+                questions.append(dialog.message)
+                dialog.accept() if accept else dialog.dismiss()
+
+            page.once("dialog", lambda dialog: answer(dialog, False))  # an SRE who clicked the wrong row
+            row.locator("button.forget").click()
+            page.wait_for_timeout(500)
+            assert questions == ["Forget gpu-use1-gone? Its registration and the sessions it held are removed."]
+            assert not [url for url in asked if url.endswith("/forget")], asked
+            sync_api.expect(row).to_have_count(1)
+            page.once("dialog", lambda dialog: answer(dialog, True))
             row.locator("button.forget").click()
             sync_api.expect(page.locator("#workers tbody tr")).to_have_count(0)
             with hub.admin() as client:

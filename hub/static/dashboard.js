@@ -134,7 +134,10 @@ function drawWorkers() {
     const button = el("button", label, action);
     button.type = "button";
     button.disabled = (leaving && action === "drain") || state.busy.has(w.worker_id);
-    button.addEventListener("click", () => steer(w.worker_id, action));
+    button.addEventListener("click", () => {
+      if (action in ASK_FIRST && !window.confirm(ASK_FIRST[action](w.worker_id))) return;
+      steer(w.worker_id, action);
+    });
     const cell = el("td");
     cell.append(button);
     tr.append(cell);
@@ -191,6 +194,13 @@ async function refresh() {
     $("status").className = "error";
   }
 }
+
+// A drain or a forget changes what the fleet does: a click on the wrong row must not be enough. A resume only
+// undoes a drain.
+const ASK_FIRST = {
+  drain: (id) => `Drain ${id}? It takes no new session until it is resumed; its sessions run on.`,
+  forget: (id) => `Forget ${id}? Its registration and the sessions it held are removed.`,
+};
 
 async function steer(workerId, action) {
   state.busy.add(workerId);
