@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from hub.allocator import Allocator
 from hub.api import admin, dashboard, errors, ops, sessions, workers
 from hub.api.deps import HubState
-from hub.api.middleware import HeadAsGet
+from hub.api.middleware import ClientRoutesCors, HeadAsGet
 from hub.board import RoutingBoard
 from hub.cloudwatch import CapacityPublisher, make_cloudwatch_client, regional_clients
 from hub.dispatch import WorkerClient
@@ -106,6 +106,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)
+    if settings.cors_origins:  # outermost: a preflight is answered before any route is looked for
+        app.add_middleware(ClientRoutesCors, origins=settings.cors_origins)
     errors.install(app)
     for router in (sessions.router, workers.router, workers.channel_router, admin.router, ops.router, dashboard.router):
         app.include_router(router)

@@ -112,6 +112,12 @@ class HubSettings(FleetSettings):
         default_factory=list,
         description='Peers whose X-Forwarded-For is believed (CIDRs or addresses), as a JSON list: ["10.0.0.0/16"].',
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Web origins whose pages may call the client routes (`/api/v1/sessions`) from the browser, as '
+                    'a JSON list: ["https://app.example.com"]. Empty: no page of another origin may (a client app\'s '
+                    'backend calls them). No other route ever answers another origin.',
+    )
     client_address_header: str | None = Field(
         default=None, max_length=64,
         description="A header a trusted proxy sets to the viewer's `ip:port`, believed before X-Forwarded-For: "
@@ -155,6 +161,16 @@ class HubSettings(FleetSettings):
     @classmethod
     def _known_region(cls, value: str) -> str:
         return must_be_known_region(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        """An origin as a browser sends it: scheme, host and port, nothing else (a trailing slash never matches)."""
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path, no "
+                                 f"wildcard)")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -930,3 +930,42 @@ def test_an_empty_token_stops_the_hub_and_the_worker_at_start_in_dev_too(empty: 
             settings()
         monkeypatch.delenv(variable)
     assert HubSettings().env == "dev"
+
+
+async def test_a_listed_origins_page_may_call_the_client_routes_and_no_other(make_hub) -> None:
+    """A web client app calls the hub from the browser (``FLEET_CORS_ORIGINS``): its preflight and its requests are
+    answered for its origin, with Retry-After readable; another origin, and every SRE route, get no CORS answer."""
+    hub = await make_hub(cors_origins=["https://app.example.com"])
+    page = {"Origin": "https://app.example.com"}
+    preflight = await hub.options("/api/v1/sessions", headers={
+        **page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    asked = await hub.post("/api/v1/sessions", json={}, headers=page)
+    assert asked.status_code == 503 and asked.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "retry-after" in asked.headers["access-control-expose-headers"].lower()
+    assert "access-control-allow-credentials" not in asked.headers
+
+    other = await hub.post("/api/v1/sessions", json={}, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    refused = await hub.options("/api/v1/sessions", headers={"Origin": "https://evil.example",
+                                                             "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in refused.headers
+    for path in ("/api/v1/workers", "/api/v1/fleet"):
+        sre = await hub.options(path, headers={**page, "Access-Control-Request-Method": "GET",
+                                               "Access-Control-Request-Headers": "authorization"})
+        assert "access-control-allow-origin" not in sre.headers, path
+        listed = await hub.get(path, headers={**page, **ADMIN_AUTH})
+        assert listed.status_code == 200 and "access-control-allow-origin" not in listed.headers
+
+
+async def test_without_cors_origins_no_page_of_another_origin_is_answered(hub: httpx.AsyncClient) -> None:
+    asked = await hub.post("/api/v1/sessions", json={}, headers={"Origin": "https://app.example.com"})
+    assert "access-control-allow-origin" not in asked.headers
+
+
+@pytest.mark.parametrize("origin", ["*", "https://app.example.com/", "app.example.com", "https://*.example.com"])
+def test_a_cors_origin_is_an_origin_not_a_pattern_or_a_url(origin: str) -> None:
+    with pytest.raises(ValidationError, match="is not an origin"):
+        HubSettings(cors_origins=[origin])
