@@ -583,7 +583,7 @@ async def test_a_placement_that_fails_after_its_reservation_leaves_no_slot_behin
     assert failed.status_code == 503 and failed.json()["error"] == "store_unavailable"
     # The undo runs in the background: the stop, then the release (a heartbeat sent between the two still finds
     # the pending lease, so the test waits for the whole undo).
-    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 10, "the undo")
     assert worker.stopped and not worker.sessions, "the worker was told to stop the session"
     reply = (await heartbeat(hub, "w-1", secret, list(worker.sessions))).json()
     assert reply["used_streams"] == 0, "the slot was released"
@@ -601,12 +601,14 @@ async def a_late_placement_and_its_taker(
     await refresh(hub)
     store = hub.app.state.hub.store
     confirm = store.confirm
-    slowed = asyncio.Event()
+    slowed, taken = asyncio.Event(), asyncio.Event()
 
     async def slow_once(*args: object, **kwargs: object) -> bool:
         if not slowed.is_set():
             slowed.set()
-            await asyncio.sleep(2.6)
+            # Held until the taker has its answer, however long that takes on a loaded machine (a fixed 2.6 s
+            # left the taker 0.2 s to place its session before the late confirmation ran).
+            await asyncio.wait_for(taken.wait(), 60)
         return await confirm(*args, **kwargs)
 
     monkeypatch.setattr(store, "confirm", slow_once)
@@ -614,6 +616,7 @@ async def a_late_placement_and_its_taker(
     await slowed.wait()
     await asyncio.sleep(2.4)  # past the claim
     taker = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
+    taken.set()
     assert taker.status_code == 201, taker.text
     return hub, worker, secret, late, taker
 
@@ -630,7 +633,7 @@ async def test_a_placement_whose_affinity_claim_lapsed_gives_way_to_the_one_that
     assert 'fleet_allocations_total{outcome="error"} 0.0' in metrics
     again = await hub.post("/api/v1/sessions", json={"session_key": "lesson-7"})
     assert again.status_code == 200 and again.json()["session_id"] == taker.json()["session_id"]
-    for _ in range(50):
+    for _ in range(500):
         if len(worker.sessions) == 1:
             break
         await asyncio.sleep(0.02)
@@ -663,7 +666,7 @@ async def test_a_late_placement_is_stopped_even_while_the_store_cannot_release_i
 
     monkeypatch.setattr(store, "release", _unreachable)
     assert (await late).status_code == 503
-    await wait_for(lambda: len(worker.sessions) == 1, 2, "the late session stopped")
+    await wait_for(lambda: len(worker.sessions) == 1, 10, "the late session stopped")
     assert list(worker.sessions) == [taker.json()["session_id"]], "the late session was stopped"
     monkeypatch.setattr(store, "release", release)
     reply = await heartbeat_of(hub, "w-1", secret, worker)
@@ -696,7 +699,7 @@ async def test_a_placement_whose_final_claim_write_fails_is_undone(
     assert worker.sessions == {} and len(worker.stopped) == 1, "the placed session was stopped"
     reply = await heartbeat_of(hub, "w-1", secret, worker)
     assert reply["used_streams"] == 0
-    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 10, "the undo")
     client = sync_redis(redis_url)
     assert client.exists(keys.session_key_claim("conv-1")) == 0, "the failed placement left its claim"
     retry = await hub.post("/api/v1/sessions", json={"session_key": "conv-1"})
@@ -1098,7 +1101,7 @@ async def test_a_request_cancelled_while_its_worker_takes_the_session_leaves_not
     with pytest.raises(asyncio.CancelledError):
         await request
     await wait_for(lambda: worker.stopped, 2, "the stop of the session no client knows of")
-    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 2, "the undo")
+    await wait_for(lambda: not hub.app.state.hub.allocator._undoing, 10, "the undo")
     assert not worker.sessions
     assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
 

@@ -303,7 +303,7 @@ async def test_a_connect_given_up_on_is_left_once_it_settles(gives_up: str) -> N
     nothing in its API stops that), and a join that succeeds late would leave the agent in the room. The SDK is
     told the bound (``RoomOptions.connect_timeout``), the connect is not cancelled, and the room it joins late is
     left."""
-    room = SlowRoom(settles_after_s=0.5)
+    room = SlowRoom(settles_after_s=2.0)  # well past the bound: a caller held until it settles is told apart
     attached: list[Any] = []
     started = asyncio.get_running_loop().time()
     run = asyncio.create_task(run_livekit("ws://127.0.0.1:1", "tok", attached.append, None, 0.3, room=room))
@@ -312,8 +312,8 @@ async def test_a_connect_given_up_on_is_left_once_it_settles(gives_up: str) -> N
         run.cancel()
     with pytest.raises(TimeoutError if gives_up == "timeout" else asyncio.CancelledError):
         await run
-    assert asyncio.get_running_loop().time() - started < 0.45  # the caller's bound holds
-    await asyncio.sleep(0.3)  # the connect settles meanwhile
+    assert asyncio.get_running_loop().time() - started < 1.2  # the caller's bound (0.3 s) holds, not the connect's
+    await wait_until(lambda: room.disconnected or room.connect_cancelled, 10)  # the connect settles meanwhile
     assert not room.connect_cancelled, "the connect was cancelled: a real SDK goes on connecting, unseen"
     await wait_until(lambda: room.disconnected, 2)
     assert isinstance(room.options, rtc.RoomOptions) and 0 < (room.options.connect_timeout or 0) <= 0.3

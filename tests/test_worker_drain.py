@@ -61,7 +61,7 @@ async def test_a_hung_gpu_probe_neither_stops_the_heartbeats_nor_holds_the_drain
             monkeypatch.setattr(worker.gpus, "refresh", hung)
             ok = agent.manager.metrics.heartbeats.labels("ok")
             start = ok._value.get()
-            await wait_for(lambda: ok._value.get() >= start + 5, 5, "heartbeats while the probe hangs")
+            await wait_for(lambda: ok._value.get() >= start + 5, 20, "heartbeats while the probe hangs")
             assert probes == 1, "a second probe must not pile up behind the hung one"
             assert caplog.text.count("the GPU probe has not answered") == 1, "warned once, not at every heartbeat"
             agent.request_drain("SIGTERM")
@@ -195,14 +195,14 @@ async def test_the_hub_learns_of_a_drain_at_once_not_at_the_next_heartbeat(make_
     """A scale-in (or a SIGTERM) begins a drain while a session runs: the drain's own heartbeat tells the hub at once,
     so it stops placing sessions here. Guards against leaving it to the next regular heartbeat: for up to a whole
     interval (3 s by default) the hub kept routing new sessions to a worker that refuses them."""
-    hub = await make_running_hub(heartbeat_interval_s=5.0, worker_ttl_s=15.0, pending_lease_s=20.0,
-                                 active_lease_s=30.0)
-    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=10), install_signals=False)
+    hub = await make_running_hub(heartbeat_interval_s=30.0, worker_ttl_s=90.0, pending_lease_s=120.0,
+                                 active_lease_s=180.0)
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=60), install_signals=False)
     async with running(agent) as task, hub.client() as client:
         await place_session(client)
         agent.request_drain("ASG target lifecycle state Terminated")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0  # a fifth of the interval: no regular heartbeat comes meanwhile
+        deadline = loop.time() + 10.0  # a third of the interval: no regular heartbeat comes meanwhile
         while (await worker_view(client))["state"] != "draining":
             assert loop.time() < deadline, "the hub learned of the drain only at the next heartbeat"
             await asyncio.sleep(0.05)
@@ -254,7 +254,12 @@ async def test_a_drain_waits_for_its_sessions_without_spinning(make_running_hub:
 class SlowToStartEngine(SyntheticEngine):
     """Takes a while to start each session, as an engine that loads a voice or warms a model does."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = asyncio.Event()
+
     async def start_session(self, spec: SessionDispatch, on_end: Any) -> None:
+        self.starting.set()
         await asyncio.sleep(0.6)
         await super().start_session(spec, on_end)
 
@@ -264,10 +269,11 @@ async def test_a_session_the_engine_is_starting_when_the_drain_begins_is_waited_
     at the sessions already started: it found none, deregistered and closed the engine, and the dispatch was then
     answered 201 for a session the engine's close killed without a stop. Found by a mutation review."""
     hub = await make_running_hub(dispatch_timeout_s=3.0)
-    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=30), engine=SlowToStartEngine(), install_signals=False)
+    engine = SlowToStartEngine()
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=30), engine=engine, install_signals=False)
     async with running(agent) as task, hub.client() as client:
         placing = asyncio.create_task(place_session(client))
-        await asyncio.sleep(0.3)  # the engine is starting it
+        await asyncio.wait_for(engine.starting.wait(), 10)  # the engine is starting it
         agent.request_drain("SIGTERM")
         session_id = await asyncio.wait_for(placing, 5)
         await asyncio.sleep(0.5)
