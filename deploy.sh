@@ -24,6 +24,10 @@ TEMPLATE_NAMES=(network secrets redis hub gpu-workers)
 # The first cfn-lint that knows UpdatePolicy.AutoScalingInstanceRefresh (gpu-workers.yaml): older ones fail the
 # templates with E3016, which reads as a template error.
 CFN_LINT_MIN=1.56.0
+# The project's venv (`make install`), whose cfn-lint is the one pyproject.toml pins: preferred to PATH's, which
+# may be years older. GPU_FLEET_VENV names another (the tests' fakes).
+VENV="${GPU_FLEET_VENV:-$ROOT/.venv}"
+CFN_LINT=""  # the cfn-lint deploy.sh runs, once found
 
 DRY_RUN=0
 ENV_NAME=""
@@ -90,7 +94,12 @@ check_prerequisites() {
   local missing=()
   local tool
   for tool in "$@"; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    if [[ $tool == cfn-lint ]]; then
+      find_cfn_lint
+      [[ -n $CFN_LINT ]] || missing+=("$tool")
+    else
+      command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    fi
   done
   if [[ ${#missing[@]} -gt 0 ]]; then
     echo "deploy.sh: missing prerequisites: ${missing[*]}" >&2
@@ -100,13 +109,29 @@ check_prerequisites() {
   if [[ " $* " == *" cfn-lint "* ]]; then check_cfn_lint_version; fi
 }
 
+# Sets CFN_LINT to the venv's cfn-lint when there is one, else to PATH's (empty when there is neither).
+find_cfn_lint() {
+  if [[ -x $VENV/bin/cfn-lint ]]; then
+    CFN_LINT="$VENV/bin/cfn-lint"
+  else
+    CFN_LINT="$(command -v cfn-lint 2>/dev/null || true)"
+  fi
+}
+
+# Says which cfn-lint lints (a plan or deploy checks it twice: said once).
+CFN_LINT_SAID=""
 check_cfn_lint_version() {
   local version
-  version="$(cfn-lint --version 2>/dev/null | awk '{print $NF}')"
+  version="$("$CFN_LINT" --version 2>/dev/null | awk '{print $NF}')"
   if [[ ! $version =~ ^[0-9]+(\.[0-9]+)*$ ]] || ! version_at_least "$version" "$CFN_LINT_MIN"; then
     echo "deploy.sh: cfn-lint ${version:-of unknown version} is older than $CFN_LINT_MIN, which the templates need:" \
-      "pip install -U 'cfn-lint>=$CFN_LINT_MIN'" >&2
+      "pip install -U 'cfn-lint>=$CFN_LINT_MIN' (or \`make install\`: deploy.sh prefers $VENV/bin/cfn-lint);" \
+      "this one is $CFN_LINT" >&2
     exit 1
+  fi
+  if [[ $CFN_LINT_SAID != "$CFN_LINT" ]]; then
+    log "cfn-lint $version: $CFN_LINT"
+    CFN_LINT_SAID="$CFN_LINT"
   fi
 }
 
@@ -573,7 +598,7 @@ cmd_validate() {
   if [[ -n $REGIONS ]]; then IFS=',' read -r -a LINT_REGIONS <<<"$REGIONS"; fi
   for name in "${TEMPLATE_NAMES[@]}"; do files+=("$TEMPLATES/$name.yaml"); done
   # One cfn-lint run for all templates (its start-up dominates); errors and warnings both fail.
-  output="$(cfn-lint --regions "${LINT_REGIONS[@]}" -- "${files[@]}" 2>&1)" || rc=$?
+  output="$("$CFN_LINT" --regions "${LINT_REGIONS[@]}" -- "${files[@]}" 2>&1)" || rc=$?
   [[ -z $output ]] || echo "$output"
   for name in "${TEMPLATE_NAMES[@]}"; do
     if [[ $rc -ne 0 && $output == *"$name.yaml"* ]]; then

@@ -1,7 +1,8 @@
 """SRE commands of ``fleet``: inspect and steer a hub's registry through its admin API.
 
 Every failure ends in one line on stderr and a distinct exit code, never a traceback:
-3 auth refused, 4 unknown id, 5 hub unreachable or unavailable (503), 1 anything else.
+2 bad usage (an option's value no hub could take), 3 auth refused, 4 unknown id, 5 hub unreachable or unavailable
+(503), 1 anything else.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from shared.auth import DEFAULT_ADMIN_TOKEN
 from shared.errors import SessionNotFound, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
 
-EXIT_ERROR, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4, 5
+EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 2, 3, 4, 5
 DEFAULT_HUB = "http://127.0.0.1:8080"
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 
@@ -50,6 +51,12 @@ def _print_table(*tables: RenderableType) -> None:
     Console(highlight=False, markup=False, emoji=False, width=max(width, 1)).print(*tables)
 
 
+def _tell(message: str) -> None:
+    """A sentence on stdout, never broken across lines: piped, rich would wrap it at 80 columns, and a script's
+    grep would miss it (a terminal still wraps it on screen)."""
+    _out.print(message, soft_wrap=True)
+
+
 def _id_column(header: str, ids: Iterable[str]) -> Column:
     """A column of ids an SRE copies into ``fleet drain ID`` or greps for: never wrapped or cut, the others
     shrink instead."""
@@ -65,20 +72,34 @@ def _fail(message: str, code: int) -> NoReturn:
 _UNKNOWN_IDS = frozenset({WorkerUnknown.code, SessionNotFound.code})
 
 
+def _refuse_unusable_hub(hub: str) -> None:
+    """Exit 2 for a --hub no request can be sent to: without a scheme (``127.0.0.1:8080``), of another scheme or
+    without a host, it is a typo to point out, not a hub that is down (httpx's UnsupportedProtocol, exit 5)."""
+    try:
+        url = httpx.URL(hub)
+        usable = url.scheme in ("http", "https") and bool(url.host) and (url.port or 1) <= 65535
+    except httpx.InvalidURL:
+        usable = False
+    if not usable:
+        _fail(f"--hub {hub!r} is not a hub's URL: give it with http:// or https:// and a host, e.g. {DEFAULT_HUB} "
+              "(FLEET_HUB_URL sets it too)", EXIT_USAGE)
+
+
 def call(hub: str, token: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """One admin request; every way it can fail becomes a one-line message and an exit code."""
+    _refuse_unusable_hub(hub)
     url = hub.rstrip("/") + path
     query = {k: v for k, v in (params or {}).items() if v is not None}
     token = token.strip()  # a token read from a file often ends in a line break
     if not token.isascii() or not token.isprintable():  # httpx would quote the whole header, token and all
-        _fail("the admin token must be printable ASCII (it travels in an HTTP header)", EXIT_ERROR)
+        _fail("the admin token must be printable ASCII (it travels in an HTTP header)", EXIT_USAGE)
     try:
         with httpx.Client(timeout=TIMEOUT) as client:
             resp = client.request(method, url, params=query, headers={"Authorization": f"Bearer {token}"})
     except httpx.TimeoutException:
         _fail(f"the hub at {hub} did not answer in time", EXIT_UNAVAILABLE)
     except httpx.InvalidURL as exc:
-        _fail(f"--hub {hub!r} is not a usable URL: {exc}", EXIT_ERROR)
+        _fail(f"--hub {hub!r} is not a usable URL: {exc}", EXIT_USAGE)
     except httpx.LocalProtocolError as exc:  # the request could not be written; its text may quote a header
         _fail(f"the request to {hub} could not be sent ({exc.__class__.__name__})", EXIT_ERROR)
     except httpx.HTTPError as exc:  # connection refused, DNS…
@@ -210,7 +231,7 @@ def workers(
 ) -> None:
     """List the registered workers."""
     if state is not None and state not in ("ready", "draining", "stale"):
-        _fail(f"--state must be ready, draining or stale, not {state!r}", EXIT_ERROR)
+        _fail(f"--state must be ready, draining or stale, not {state!r}", EXIT_USAGE)
     data = call(hub, token, "GET", "/api/v1/workers", {"region": region, "state": state})
     if json:
         _print_json(data)
@@ -226,9 +247,9 @@ def _steer(worker_id: str, hub: str, token: str, action: str) -> None:
         _fail(f"{w['worker_id']} is resumed but stale: no heartbeat for {_age(w['heartbeat_age_s'])}, it takes no "
               "session until it heartbeats again", EXIT_ERROR)
     if w["state"] == "ready":
-        _out.print(f"{w['worker_id']} is ready: taking sessions again {streams}")
+        _tell(f"{w['worker_id']} is ready: taking sessions again {streams}")
     elif action == "drain":
-        _out.print(f"{w['worker_id']} is draining: no new sessions, running ones finish {streams}")
+        _tell(f"{w['worker_id']} is draining: no new sessions, running ones finish {streams}")
     else:  # the hub lifted the SRE drain, but the worker drains on its own account (it is leaving)
         _fail(f"{w['worker_id']} is still draining: it drains on its own (leaving), not at an SRE's request "
               f"{streams}", EXIT_ERROR)
@@ -248,7 +269,7 @@ def forget(worker_id: str = typer.Argument(..., metavar="ID"), hub: str = HubOpt
     """Remove a stale worker (its instance is gone) and what it held, instead of waiting for retention (1 h).
     Refused while the worker is live."""
     call(hub, token, "POST", f"{_worker_path(worker_id)}/forget")
-    _out.print(f"{worker_id} forgotten")
+    _tell(f"{worker_id} forgotten")
 
 
 def sessions(
@@ -308,20 +329,21 @@ def explain(
     A placement leads with one of the near-best candidates (marked *), chosen at random so that many hubs do not
     all pick the same worker."""
     if (lat is None) != (lon is None):
-        _fail("give both --lat and --lon (or --region)", EXIT_ERROR)
+        _fail("give both --lat and --lon (or --region)", EXIT_USAGE)
     if policy is not None and policy not in ("spread", "pack"):
-        _fail(f"--policy must be spread or pack, not {policy!r}", EXIT_ERROR)
+        _fail(f"--policy must be spread or pack, not {policy!r}", EXIT_USAGE)
     label = label or []
-    if any("=" not in pair for pair in label):
-        _fail("--label takes key=value", EXIT_ERROR)
+    for pair in label:
+        if "=" not in pair:
+            _fail(f"--label takes key=value, not {pair!r}", EXIT_USAGE)
     data = call(hub, token, "GET", "/api/v1/route/explain",
                 {"lat": lat, "lon": lon, "region": region, "policy": policy, "limit": limit, "label": label})
     if json:
         _print_json(data)
         return
     loc = data["location"]
-    _out.print(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({data['location_source']}), policy {data['policy']}, "
-               f"LiveKit region {data['livekit_region'] or '—'}")
+    _tell(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({data['location_source']}), policy {data['policy']}, "
+          f"LiveKit region {data['livekit_region'] or '—'}")
     table = Table("#", _id_column("worker", (c["worker_id"] for c in data["candidates"])), "region", "score",
                   "distance km", "rtt ms", "distance", "load", "latency", "capacity", "streams",
                   title="candidates, best first")
@@ -333,7 +355,7 @@ def explain(
                       f"{f['capacity']:.4f}", f"{c['used_streams']}/{c['max_streams']}")
     _print_table(table)
     if not data["candidates"]:
-        _out.print("no live, ready worker with free capacity")
+        _tell("no live, ready worker with free capacity")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import secrets
@@ -46,6 +47,13 @@ DEMO_LIVEKIT = json.dumps([
 ])
 GPUS = ["t4", "a10g", "l4"]
 HUBS = 2
+#: Session lengths are lognormal around --mean-session-s with this sigma: their mean is e^(σ²/2) ≈ 1.13 times it.
+SESSION_LENGTH_SIGMA = 0.5
+#: Without --users-per-min, users arrive at the rate that keeps this share of the fleet's stream slots busy: enough
+#: to watch placement spread the load, with room left for a session made by hand.
+BUSY_SHARE = 0.7
+#: Users per minute when the fleet's stream slots cannot be read.
+FALLBACK_USERS_PER_MIN = 60.0
 #: Ctrl-C, SIGTERM, and SIGHUP when the terminal closes: the children run in their own sessions and hear none of
 #: them, so the demo stops them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -85,14 +93,18 @@ class DemoFailed(Exception):
     """A part of the fleet did not start; the message says which and why."""
 
 
+class DemoMisused(DemoFailed):
+    """Options the demo cannot run with (bad usage: exit 2, as for any other command)."""
+
+
 def _check_ports(hub_ports: range, worker_ports: range) -> None:
     """Before starting anything: a port already taken would leave this run talking to whatever holds it, another
     demo's hub most often, and reporting that fleet as its own."""
     for option, who, ports in (("--hub-port", "hubs", hub_ports), ("--worker-port", "workers", worker_ports)):
         if ports[0] < 1 or ports[-1] > 65535:
-            raise DemoFailed(f"{option} {ports[0]}: the {who} need ports {_span(ports)}, outside 1-65535")
+            raise DemoMisused(f"{option} {ports[0]}: the {who} need ports {_span(ports)}, outside 1-65535")
     if set(hub_ports) & set(worker_ports):
-        raise DemoFailed(f"the hubs' ports {_span(hub_ports)} and the workers' {_span(worker_ports)} overlap")
+        raise DemoMisused(f"the hubs' ports {_span(hub_ports)} and the workers' {_span(worker_ports)} overlap")
     for port in (*hub_ports, *worker_ports):
         if not _port_is_free(port):
             raise DemoFailed(f"port {port} is in use: is another fleet demo running? "
@@ -160,10 +172,42 @@ def _tail(log_path: str, lines: int = 3) -> str:
     return "(no log)"
 
 
-def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float,
+def _stream_slots(hub_url: str, admin_token: str) -> int:
+    """The stream slots of every worker the hub lists (as each registered them); 0 when the hub does not say."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+        resp = httpx.get(f"{hub_url}/api/v1/workers", headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
+        if resp.status_code == 200:
+            return sum(int(worker["max_streams"]) for worker in resp.json()["workers"])
+    return 0
+
+
+def _mean_session_length(mean_session_s: float) -> float:
+    return mean_session_s * math.exp(SESSION_LENGTH_SIGMA ** 2 / 2)
+
+
+def users_per_min_for(stream_slots: int, mean_session_s: float) -> float:
+    """The arrival rate that keeps ``BUSY_SHARE`` of ``stream_slots`` busy: sessions in flight are the arrival
+    rate times the mean session length (Little's law). A fixed rate overloaded small hosts (2 cores: 4 streams a
+    worker, 36 in all, for ~45 users at once), and a fifth of the requests were refused."""
+    if stream_slots <= 0:
+        return FALLBACK_USERS_PER_MIN
+    return max(0.1, 60 * BUSY_SHARE * stream_slots / _mean_session_length(mean_session_s))
+
+
+def _load_line(users_per_min: float, mean_session_s: float, stream_slots: int) -> str:
+    """What the synthetic users ask of the fleet, so refusals (``!`` lines) can be told from a fault."""
+    line = f"{users_per_min:.3g} a minute, sessions ~{mean_session_s:g} s"
+    if stream_slots > 0:
+        busy = users_per_min / 60 * _mean_session_length(mean_session_s) / stream_slots
+        line += f": they ask for ~{busy:.0%} of the fleet's {stream_slots} streams"
+    return line
+
+
+def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, users_per_min: float | None,
              mean_session_s: float, duration_s: float | None, log_dir: str) -> int:
     """Run the fleet until Ctrl-C, SIGTERM, SIGHUP or ``duration_s``; returns the exit code (130 when interrupted
-    while starting). Whatever happens, nothing it started is left running."""
+    while starting). ``users_per_min`` None: as many as keep ``BUSY_SHARE`` of the fleet's streams busy. Whatever
+    happens, nothing it started is left running."""
     _check_regions(regions)
     hub_ports, worker_ports = range(hub_port, hub_port + HUBS), range(worker_port, worker_port + workers)
     _check_ports(hub_ports, worker_ports)
@@ -209,11 +253,23 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
             fleet.workers.append(by_id[worker_id])
             step()
         _wait_for_workers(hub_urls[0], by_id, admin_token, step)
+        stream_slots = _stream_slots(hub_urls[0], admin_token)
+        if users_per_min is None:
+            users_per_min = users_per_min_for(stream_slots, mean_session_s)
+        fleet_command = _fleet_command()
+        # Dev tokens of a throwaway local fleet, printed so that each command can be pasted as it is (its
+        # comment included).
         _say(f"\ngpu-fleet demo: {workers} workers in {', '.join(regions)}, hubs {', '.join(hub_urls)}\n"
              f"  dashboard:   {hub_urls[0]}/dashboard   (admin token: {admin_token})\n"
-             f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} {_fleet_command()} workers\n"
+             f"  SRE CLI:     FLEET_HUB_URL={hub_urls[0]} FLEET_ADMIN_TOKEN={admin_token} {fleet_command} workers\n"
              f"  a session:   curl -s -X POST {hub_urls[1]}/api/v1/sessions -H 'Content-Type: application/json' "
              "-d '{\"location\": {\"lat\": 48.85, \"lon\": 2.35}}'\n"
+             f"  end it:      curl -s -X DELETE {hub_urls[1]}/api/v1/sessions/SESSION_ID   # the demo ends only "
+             "its own users' sessions\n"
+             f"  a worker:    FLEET_HUB_URLS={','.join(hub_urls)} FLEET_WORKER_TOKEN={worker_token} {fleet_command} "
+             f"worker --host 127.0.0.1 --port 0 --region {regions[0]} --simulate-gpu t4   # yours to stop\n"
+             f"  users:       {_load_line(users_per_min, mean_session_s, stream_slots)}; "
+             "+ placed, ! refused or failed\n"
              f"  logs:        {log_dir}/   — Ctrl-C stops everything\n")
         return asyncio.run(_users(hub_urls, users_per_min, mean_session_s, duration_s, stop, interrupted))
     except _Interrupted:
@@ -238,21 +294,38 @@ def _say(text: str) -> None:
 
 def _check_regions(regions: list[str]) -> None:
     if not regions:
-        raise DemoFailed("--regions names no region")
+        raise DemoMisused("--regions names no region")
     unknown = [r for r in regions if region_location(r) is None]
     if unknown:
-        raise DemoFailed(f"unknown region {', '.join(unknown)}; known: {', '.join(sorted(AWS_REGIONS))}")
+        raise DemoMisused(f"unknown region {', '.join(unknown)}; known: {', '.join(sorted(AWS_REGIONS))}")
 
 
 class _Interrupted(Exception):
     """A stop signal while the fleet was starting."""
 
 
+def _refusal(resp: httpx.Response) -> str:
+    """The hub's reason for an answer other than the one hoped for: its error code, else the status."""
+    with contextlib.suppress(ValueError, AttributeError):
+        code = resp.json().get("error")
+        if isinstance(code, str):
+            return f"{code} ({resp.status_code})"
+    return f"HTTP {resp.status_code}"
+
+
 async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: float, duration_s: float | None,
                  stop: asyncio.Event, interrupted: threading.Event) -> int:
+    """Synthetic users until a stop signal or ``duration_s``; the exit code. A stop signal is how a demo normally
+    ends, so it exits 0 whatever the counts say (a user that hit a Redis outage made `make run` report an error
+    after Ctrl-C); a run with ``duration_s`` is a check, and fails on any error."""
     loop = asyncio.get_running_loop()
+
+    def stop_by_signal() -> None:
+        interrupted.set()
+        stop.set()
+
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_by_signal)
     if interrupted.is_set():  # a signal that came after the last start-up step, before these handlers
         stop.set()
     rng = random.Random()
@@ -266,24 +339,30 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
         try:
             resp = await http.post(f"{next(hubs)}/api/v1/sessions",
                                    json={"location": {"lat": lat, "lon": lon}, "identity": f"user-{city[:3]}"})
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             stats["errors"] += 1
+            _say(f"  ! {city:<12} no answer: {type(exc).__name__}")
             return
         if resp.status_code != 201:
             stats["no_capacity" if resp.status_code == 503 else "errors"] += 1
+            _say(f"  ! {city:<12} refused: {_refusal(resp)}")
             return
         stats["created"] += 1
         body = resp.json()
         _say(f"  + {city:<12} → {body['worker']['id']:<24} livekit {body['livekit']['region']}")
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), rng.lognormvariate(0, 0.5) * mean_session_s)
+            await asyncio.wait_for(stop.wait(), rng.lognormvariate(0, SESSION_LENGTH_SIGMA) * mean_session_s)
         try:
             resp = await http.delete(f"{next(hubs)}/api/v1/sessions/{body['session_id']}")
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             stats["errors"] += 1
+            _say(f"  ! {city:<12} not ended: {type(exc).__name__}")
             return
         # 404: its lease lapsed and the hub freed it already
-        stats["ended" if resp.status_code in (204, 404) else "errors"] += 1
+        ended = resp.status_code in (204, 404)
+        stats["ended" if ended else "errors"] += 1
+        if not ended:
+            _say(f"  ! {city:<12} not ended: {_refusal(resp)}")
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as http:
@@ -300,7 +379,7 @@ async def _users(hub_urls: list[str], users_per_min: float, mean_session_s: floa
             await asyncio.wait(tasks, timeout=15)
     _say(f"\nsessions created {stats['created']}, ended {stats['ended']}, "
          f"no capacity {stats['no_capacity']}, errors {stats['errors']}")
-    return 0 if stats["errors"] == 0 else 1
+    return 0 if interrupted.is_set() or stats["errors"] == 0 else 1
 
 
 def _shutdown(fleet: Fleet) -> None:

@@ -32,7 +32,7 @@ def _root() -> None:
 @app.command()
 def hub(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8080, help="Port to bind."),
+    port: int = typer.Option(8080, min=0, max=65535, help="Port to bind."),
     workers: int = typer.Option(1, min=1, help="Uvicorn worker processes (their metrics are summed at /metrics)."),
 ) -> None:
     """Run a hub (uvicorn). Configuration comes from FLEET_* settings."""
@@ -164,20 +164,22 @@ def demo(
     regions: str = typer.Option(",".join(("us-east-1", "us-west-2", "eu-central-1")), help="Comma-separated."),
     hub_port: int = typer.Option(8080, help="First hub's port; the second hub uses the next one."),
     worker_port: int = typer.Option(9100, help="First worker's port; the others follow."),
-    users_per_min: float = typer.Option(60.0, min=0.1, help="Synthetic users arriving per minute."),
+    users_per_min: float | None = typer.Option(
+        None, min=0.1, help="Synthetic users arriving per minute (default: as many as keep ~70% of the fleet's "
+                            "streams busy)."),
     mean_session_s: float = typer.Option(40.0, min=1, help="Typical session length."),
     duration: float | None = typer.Option(None, min=1, help="Stop by itself after this many seconds."),
     log_dir: str = typer.Option(".fleet/demo-logs", help="Where hub and worker logs go."),
 ) -> None:
     """A whole local fleet in one command: embedded Redis, two hubs, workers in three regions, synthetic users."""
-    from cli.demo import DemoFailed, run_demo
+    from cli.demo import DemoFailed, DemoMisused, run_demo
 
     try:
         code = run_demo(workers, [r.strip() for r in regions.split(",") if r.strip()], hub_port, worker_port,
                         users_per_min, mean_session_s, duration, log_dir)
     except DemoFailed as exc:
         typer.echo(f"fleet demo: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(exc, DemoMisused) else 1) from None
     raise typer.Exit(code)
 
 

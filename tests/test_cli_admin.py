@@ -242,7 +242,7 @@ def test_explain_takes_labels_and_marks_the_near_best(live_hub: LiveHub) -> None
     table = fleet(live_hub, "explain", "--lat", "50", "--lon", "8", "--label", "engine=tts")
     assert table.exit_code == 0 and "gpu-euc1-tts" in table.output and "gpu-euc1-a" not in table.output
     assert "1 *" in table.output
-    assert fleet(live_hub, "explain", "--label", "engine").exit_code == admin.EXIT_ERROR
+    assert fleet(live_hub, "explain", "--label", "engine").exit_code == admin.EXIT_USAGE
 
 
 def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
@@ -268,12 +268,12 @@ def test_show_worker_prints_one_worker_in_full(live_hub: LiveHub) -> None:
     # a trailing line break (an id pasted or read from a file) is not part of any id
     (["drain", "gpu-use1-b\n"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "no worker can have the id"),
     (["sessions", "--worker", "no-such-worker"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "not registered"),
-    (["workers"], "tökén", admin.EXIT_ERROR, "must be printable ASCII"),
+    (["workers"], "tökén", admin.EXIT_USAGE, "must be printable ASCII"),
     # regression: httpx's error quoted the header, token and all
-    (["workers"], "prod-admin-SECRET\rX", admin.EXIT_ERROR, "must be printable ASCII"),
+    (["workers"], "prod-admin-SECRET\rX", admin.EXIT_USAGE, "must be printable ASCII"),
     # regression: what the SRE typed was read as rich markup (a traceback, or brackets eaten from the message)
     (["worker", "[/x]"], ADMIN_TOKEN, admin.EXIT_NOT_FOUND, "[/x]"),
-    (["explain", "--policy", "[/x]"], ADMIN_TOKEN, admin.EXIT_ERROR, "[/x]"),
+    (["explain", "--policy", "[/x]"], ADMIN_TOKEN, admin.EXIT_USAGE, "[/x]"),
     (["explain", "--region", "mars-1"], ADMIN_TOKEN, admin.EXIT_ERROR, "[a-z]"),
 ])
 def test_errors_are_one_line_and_an_exit_code(live_hub: LiveHub, args: list[str], token: str, code: int,
@@ -555,10 +555,11 @@ def test_fleet_worker_id_takes_its_token_as_an_option_and_prints_json(live_hub: 
 
 
 def test_exit_codes_are_the_documented_ones_scripts_test_for(live_hub: LiveHub) -> None:
-    """README: 1 refused or invalid, 3 auth, 4 unknown id, 5 hub unreachable or unavailable."""
+    """README: 1 refused or invalid, 2 bad usage, 3 auth, 4 unknown id, 5 hub unreachable or unavailable."""
     assert fleet(live_hub, "drain", "no-such-worker").exit_code == 4
     assert fleet(live_hub, "workers", token="wrong-token").exit_code == 3
-    assert fleet(live_hub, "workers", "--state", "gone").exit_code == 1
+    assert fleet(live_hub, "workers", "--state", "gone").exit_code == 2
+    assert fleet(live_hub, "forget", "gpu-use1-a").exit_code == 1  # live: the hub refuses
     assert runner.invoke(app, ["workers", "--hub", f"http://127.0.0.1:{free_port()}"]).exit_code == 5
 
 
@@ -648,3 +649,63 @@ def test_resume_of_a_stale_worker_does_not_say_it_takes_sessions(redis_url: str)
     assert resumed.exit_code == admin.EXIT_ERROR, resumed.output
     assert "taking sessions again" not in resumed.output
     assert "stale" in resumed.output and len(resumed.output.strip().splitlines()) == 1, resumed.output
+
+
+# --- bad usage exits 2, and sentences are never broken when piped (QA findings 3 and 4) -------------------------
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["workers", "--state", "foo"], "--state must be ready, draining or stale, not 'foo'"),
+    (["explain", "--policy", "foo"], "--policy must be spread or pack, not 'foo'"),
+    (["explain", "--label", "gpu"], "--label takes key=value, not 'gpu'"),
+    (["explain", "--lat", "10"], "give both --lat and --lon"),
+    (["explain", "--lon", "10"], "give both --lat and --lon"),
+    (["workers", "--hub", "127.0.0.1:8080"], "--hub '127.0.0.1:8080' is not a hub's URL: give it with http://"),
+    (["capacity", "--hub", "hub.example.com"], "--hub 'hub.example.com' is not a hub's URL"),
+    (["sessions", "--hub", "ftp://hub.example.com"], "--hub 'ftp://hub.example.com' is not a hub's URL"),
+    (["drain", "w-1", "--hub", "http://"], "--hub 'http://' is not a hub's URL"),
+    (["worker", "w-1", "--hub", "localhost:8080"], "--hub 'localhost:8080' is not a hub's URL"),
+    (["workers", "--hub", ":::"], "--hub ':::' is not a hub's URL"),
+    (["workers", "--hub", "http://127.0.0.1:99999"], "--hub 'http://127.0.0.1:99999' is not a hub's URL"),
+], ids=["state", "policy", "label", "lat-alone", "lon-alone", "hub-no-scheme", "hub-name-only", "hub-ftp",
+        "hub-no-host", "worker-hub-no-scheme", "hub-unparsable", "hub-port"])
+def test_a_bad_option_value_is_bad_usage_exit_2_in_one_line(args: list[str], said: str) -> None:
+    """Regression: the README documents 2 for bad usage, but these exited 1, and a --hub without http:// exited 5
+    as if the hub were down (``cannot reach the hub … UnsupportedProtocol``)."""
+    result = runner.invoke(app, args, env={"FLEET_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "80"})
+    assert result.exit_code == admin.EXIT_USAGE == 2, result.output
+    assert said in result.stderr and "cannot reach" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == "", result.output
+
+
+def test_a_hub_port_no_socket_can_have_is_bad_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: ``fleet hub --port 70000`` started a hub that no client could reach at the port it was given."""
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(kwargs))
+    for port in ("70000", "-1"):
+        result = runner.invoke(app, ["hub", "--port", port])
+        assert result.exit_code == 2 and "--port" in result.output, result.output
+    assert started == []
+    assert runner.invoke(app, ["hub", "--port", "0"]).exit_code == 0 and started  # any free port, as uvicorn's
+
+
+def test_a_demo_with_options_it_cannot_run_with_is_bad_usage(tmp_path: Path) -> None:
+    """The demo's own checks of --regions and the ports are usage errors too; a port in use is not (exit 1)."""
+    for args in (["--regions", ","], ["--regions", "mars-north-1"], ["--hub-port", "0"],
+                 ["--hub-port", "9000", "--worker-port", "9001"]):
+        result = runner.invoke(app, ["demo", *args, "--log-dir", str(tmp_path)])
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("fleet demo: ") and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_messages_are_whole_lines_when_piped_at_80_columns(live_hub: LiveHub) -> None:
+    """Regression: piped, rich wrapped sentences at 80 columns (``… (0/8 streams \\nin use)``), and a script's grep
+    for them failed."""
+    drained = fleet(live_hub, "drain", "gpu-use1-b", columns=80)
+    said = "gpu-use1-b is draining: no new sessions, running ones finish (0/8 streams in use)"
+    assert len(said) > 80 and said in drained.stdout.splitlines(), drained.stdout
+    live_hub.register("gpu-use1-b-with-a-much-longer-name-than-most", max_streams=16)
+    resumed = fleet(live_hub, "resume", "gpu-use1-b-with-a-much-longer-name-than-most", columns=80)
+    said = "gpu-use1-b-with-a-much-longer-name-than-most is ready: taking sessions again (0/16 streams in use)"
+    assert said in resumed.stdout.splitlines(), resumed.stdout

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import math
 import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,7 +83,7 @@ def test_a_demo_without_a_known_region_says_so_before_starting_anything(tmp_path
     for regions, said in ((",", "names no region"), ("us-east-1,mars-north-1", "unknown region mars-north-1")):
         done = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--regions", regions, "--log-dir",
                                str(tmp_path)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 # --- helpers for the tests that run a demo and watch it --------------------------------------------------------
@@ -246,7 +248,7 @@ def test_ports_the_fleet_cannot_use_are_refused_before_starting_anything(tmp_pat
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "demo", "--workers", "3", "--duration", "5", "--hub-port", str(hub_port),
          "--worker-port", str(worker_port), "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=90)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stderr.strip() == f"fleet demo: {said}"
     assert list(tmp_path.glob("*.log")) == []
 
@@ -513,3 +515,140 @@ def test_a_demo_killed_outright_leaves_no_part_of_its_fleet_running(tmp_path: Pa
     assert left == []
     for port in (hub_port, hub_port + 1, worker_port):
         assert not _listening(port)
+
+
+# --- a normal stop, a worker added by hand, the refusals and the load (QA findings 1, 2, 5) -----------------------
+
+
+def test_a_stop_signal_is_a_normal_end_exit_0_with_the_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: after users met errors (a Redis outage), Ctrl-C made the demo exit 1, and `make run` reported
+    ``Error 1`` for a demo stopped the normal way. A run with --duration still fails on errors (it is a check)."""
+    import asyncio
+
+    from cli.demo import STOP_SIGNALS, _users
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    async def users_until_sigterm(hub: str) -> int:
+        running = asyncio.create_task(_users([hub], users_per_min=600, mean_session_s=0.05, duration_s=None,
+                                             stop=asyncio.Event(), interrupted=threading.Event()))
+        await asyncio.sleep(1.0)  # the first user is sent at once; the hub's 500 makes it an error
+        assert not running.done()  # its handler, not the process's default, hears the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await running
+
+    try:
+        with _fake_hub(post=500) as hub:
+            code = asyncio.run(users_until_sigterm(hub))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    summary = _summary(capsys.readouterr().out)
+    assert code == 0 and summary["errors"] >= 1, summary
+
+
+def _banner_command(output: str, label: str) -> str:
+    """The command the banner shows after ``label``, comment and all, as a user would paste it."""
+    return output.split(f"  {label}:", 1)[1].splitlines()[0].strip()
+
+
+def test_a_worker_started_with_the_banners_command_joins_the_fleet(tmp_path: Path) -> None:
+    """Regression: the demo's worker token was random and shown nowhere, so a `fleet worker` started by hand to join
+    the fleet was refused (401) for ever."""
+    hub_port, worker_port = free_port_run(2), free_port_run(1)
+    demo = RunningDemo(tmp_path, "--workers", "1", "--users-per-min", "0.1", "--hub-port", str(hub_port),
+                       "--worker-port", str(worker_port))
+    by_hand: subprocess.Popen[bytes] | None = None
+    try:
+        demo.wait_for(lambda: BANNER_END in demo.output, "banner")
+        admin_token = re.search(r"admin token: ([\w-]+)", demo.output).group(1)  # type: ignore[union-attr]
+        command = _banner_command(demo.output, "a worker")
+        with open(tmp_path / "by-hand.log", "wb") as log:
+            by_hand = subprocess.Popen(["bash", "-c", command], env={**os.environ, "PATH": PLAIN_PATH}, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+
+        def listed() -> list[str]:
+            resp = httpx.get(f"http://127.0.0.1:{hub_port}/api/v1/workers",
+                             headers={"Authorization": f"Bearer {admin_token}"})
+            return [w["worker_id"] for w in resp.json()["workers"]]
+
+        deadline = time.monotonic() + 60
+        while len(listed()) < 2:
+            assert by_hand.poll() is None and time.monotonic() < deadline, \
+                (command, (tmp_path / "by-hand.log").read_text())
+            time.sleep(0.2)
+    finally:
+        if by_hand is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(by_hand.pid, signal.SIGTERM)
+            try:
+                by_hand.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(by_hand.pid, signal.SIGKILL)
+                by_hand.wait()
+        demo.close()
+
+
+def test_refusals_are_printed_as_they_happen_with_the_hubs_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: only placed sessions (``+``) were printed, so the 503s a small host's fleet gave a fifth of the
+    users, and the banner's curl with them, went unexplained."""
+    import asyncio
+
+    from cli.demo import _users
+
+    for post, reason in ((503, "refused: no_capacity (503)"), (500, "refused: no_capacity (500)")):
+        with _fake_hub(post=post) as hub:
+            asyncio.run(_users([hub], users_per_min=600, mean_session_s=0.05, duration_s=0.3,
+                               stop=asyncio.Event(), interrupted=threading.Event()))
+        out = capsys.readouterr().out
+        refusals = [line for line in out.splitlines() if line.startswith("  ! ")]
+        assert refusals and all(line.endswith(reason) for line in refusals), out
+        assert len(refusals) == _summary(out)["no_capacity" if post == 503 else "errors"]
+    with _fake_hub(delete=503) as hub:
+        asyncio.run(_users([hub], users_per_min=600, mean_session_s=0.05, duration_s=0.3, stop=asyncio.Event(),
+                           interrupted=threading.Event()))
+    out = capsys.readouterr().out
+    assert "not ended: x (503)" in out, out
+
+
+def test_the_default_load_keeps_about_70_percent_of_the_fleets_streams_busy() -> None:
+    """On 2 cores each demo worker takes 4 streams: 36 in all, against ~45 users at once at the old fixed 60 a
+    minute. Sessions in flight = arrivals per second times mean length (lognormal around --mean-session-s)."""
+    from cli.demo import SESSION_LENGTH_SIGMA, users_per_min_for
+
+    for slots, typical_s in ((36, 40.0), (93, 40.0), (4, 3.0)):
+        in_flight = users_per_min_for(slots, typical_s) / 60 * typical_s * math.exp(SESSION_LENGTH_SIGMA ** 2 / 2)
+        assert in_flight == pytest.approx(0.7 * slots), slots
+    assert users_per_min_for(36, 40.0) < 40  # 60 a minute overloaded it
+    assert users_per_min_for(0, 40.0) == 60.0  # slots unknown: the old default
+
+
+def test_the_banner_sizes_the_load_to_the_fleet_and_says_how_to_end_a_session_made_by_hand(tmp_path: Path) -> None:
+    """The banner says what load the users put on the fleet, so its refusals can be told from a fault. And the
+    synthetic users end only their own sessions: one made with the banner's curl held its slot until the demo
+    stopped, and the banner did not say how to end it."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    hub_port, worker_port = free_port_run(2), free_port_run(2)
+    demo = RunningDemo(tmp_path, "--workers", "2", "--hub-port", str(hub_port), "--worker-port", str(worker_port))
+    try:
+        demo.wait_for(lambda: BANNER_END in demo.output, "banner")
+        token = re.search(r"admin token: ([\w-]+)", demo.output).group(1)  # type: ignore[union-attr]
+        admin = {"Authorization": f"Bearer {token}"}
+        slots = sum(w["max_streams"] for w in httpx.get(f"http://127.0.0.1:{hub_port}/api/v1/workers",
+                                                        headers=admin).json()["workers"])
+        users = re.search(r"users: +([\d.]+) a minute, sessions ~40 s: they ask for ~70% of the fleet's (\d+) "
+                          r"streams;", demo.output)
+        assert users and int(users.group(2)) == slots, demo.output
+        assert float(users.group(1)) == pytest.approx(60 * 0.7 * slots / (40 * math.exp(0.5 ** 2 / 2)), rel=0.01)
+
+        made = subprocess.run(["bash", "-c", _banner_command(demo.output, "a session")], capture_output=True,
+                              text=True, timeout=30)
+        session_id = json.loads(made.stdout)["session_id"]
+        session = f"http://127.0.0.1:{hub_port}/api/v1/sessions/{session_id}"
+        assert httpx.get(session).status_code == 200
+        end = _banner_command(demo.output, "end it").replace("SESSION_ID", session_id)
+        assert subprocess.run(["bash", "-c", end], timeout=30).returncode == 0
+        assert httpx.get(session).status_code == 404, end
+    finally:
+        demo.close()

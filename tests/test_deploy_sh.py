@@ -160,8 +160,10 @@ def env(tmp_path: Path) -> dict[str, str]:
     livekit.write_text(json.dumps([{"region": "us-east-1", "url": "wss://lk.example.com", "lat": 38.9, "lon": -77.4},
                                    {"region": "eu-west-1", "url": "wss://lk-eu.example.com", "lat": 53.3,
                                     "lon": -6.2}]))
+    # No venv: the project's own (which deploy.sh prefers) would lint instead of the fake cfn-lint on PATH.
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_LOG": str(tmp_path / "calls"),
-            "GPU_FLEET_DIST_DIR": str(tmp_path / "dist"), "LIVEKIT": str(livekit)}
+            "GPU_FLEET_DIST_DIR": str(tmp_path / "dist"), "LIVEKIT": str(livekit),
+            "GPU_FLEET_VENV": str(tmp_path / "no-venv")}
 
 
 def run(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None) -> Run:
@@ -209,7 +211,8 @@ def test_missing_prerequisites_are_named_and_fail(tmp_path: Path) -> None:
         found = shutil.which(tool)
         assert found
         (bare / tool).symlink_to(found)
-    proc = subprocess.run([BASH, str(SCRIPT), "deploy", *DEPLOY_ARGS], env={"PATH": str(bare)},
+    proc = subprocess.run([BASH, str(SCRIPT), "deploy", *DEPLOY_ARGS],
+                          env={"PATH": str(bare), "GPU_FLEET_VENV": str(tmp_path / "no-venv")},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "missing prerequisites: aws cfn-lint python3" in proc.stderr
@@ -990,3 +993,44 @@ def test_deploy_sh_takes_an_llm_value_exactly_when_the_worker_template_does(env:
     assert (result.rc == 0) == accepted, result.out
     assert accepted or f"{option}: not" in result.out, result.out
 
+
+
+# --- which cfn-lint (QA finding 6) -----------------------------------------------------------------------------
+
+
+def _venv_with_cfn_lint(tmp_path: Path, version: str) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    lint = venv / "bin" / "cfn-lint"
+    lint.write_text(FAKE_CFN_LINT.replace('echo "cfn-lint"$', 'echo "venv-cfn-lint"$').replace(
+        "${FAKE_CFN_LINT_VERSION:-1.58.0}", version))
+    lint.chmod(0o755)
+    return venv
+
+
+def test_validate_prefers_the_venvs_cfn_lint_to_an_older_one_on_path(env: dict[str, str], tmp_path: Path) -> None:
+    """Regression: the venv had cfn-lint 1.58 (pyproject pins >= 1.56), but the one on PATH, 1.51, stopped
+    `./deploy.sh validate` as too old."""
+    venv = _venv_with_cfn_lint(tmp_path, "1.58.0")
+    result = run({**env, "GPU_FLEET_VENV": str(venv)}, "validate", extra_env={"FAKE_CFN_LINT_VERSION": "1.51.0"})
+    assert result.rc == 0, result.out
+    assert f"cfn-lint 1.58.0: {venv}/bin/cfn-lint" in result.out  # says which one it used
+    assert [c[0] for c in result.calls] == ["venv-cfn-lint"], "PATH's cfn-lint linted"
+
+
+def test_without_a_venv_cfn_lint_the_one_on_path_lints_and_is_named(env: dict[str, str], tmp_path: Path) -> None:
+    result = run(env, "validate")
+    assert result.rc == 0, result.out
+    assert f"cfn-lint 1.58.0: {tmp_path}/bin/cfn-lint" in result.out
+    too_old = run(env, "validate", extra_env={"FAKE_CFN_LINT_VERSION": "1.51.0"})
+    assert too_old.rc != 0 and f"this one is {tmp_path}/bin/cfn-lint" in too_old.out, too_old.out
+
+
+def test_the_venv_deploy_sh_uses_by_default_is_the_projects(env: dict[str, str]) -> None:
+    """`make install` puts the project's venv in .venv beside deploy.sh: without GPU_FLEET_VENV, that one lints."""
+    if not os.access(ROOT / ".venv" / "bin" / "cfn-lint", os.X_OK):
+        pytest.skip("no .venv with cfn-lint beside deploy.sh (make install)")
+    without = {k: v for k, v in env.items() if k != "GPU_FLEET_VENV"}
+    result = run(without, "validate", extra_env={"FAKE_CFN_LINT_VERSION": "1.51.0"})
+    assert result.rc == 0, result.out
+    assert f": {ROOT}/.venv/bin/cfn-lint" in result.out and result.aws("cfn-lint") == [], result.out

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -788,3 +790,68 @@ async def test_a_hub_outage_costs_the_hubs_heartbeats_only_not_registrations_too
                 await asyncio.sleep(0.05)
     assert sorted(set(beats)) == ["a", "b"]
     assert len(registrations) == 1, registrations  # the first one only
+
+
+# --- a refused registration in the logs (QA finding 8) ----------------------------------------------------------
+
+
+async def _refusing_hubs(fake_hub: Any, status: int, refusals: int) -> tuple[list[str], list[int]]:
+    """Two hubs that refuse the registration with ``status``, ``refusals`` times between them, then accept it."""
+    refused = [0]
+
+    async def register(_: web.Request) -> web.Response:
+        if refused[0] < refusals:
+            refused[0] += 1
+            return web.json_response({"error": "refused", "message": "as the test asks"}, status=status)
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 3.0, "ttl_s": 9.0,
+                                  "worker_secret": "wsec-accepted", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    return [await fake_hub(register, beat), await fake_hub(register, beat)], refused
+
+
+@pytest.mark.parametrize(("status", "advice"), [
+    (401, "refused the worker token (401): check FLEET_WORKER_TOKEN"),
+    (409, "worker id w1 is still held by its previous registration (409): the hubs accept this one once it lapses"),
+])
+async def test_a_refused_registration_is_logged_once_saying_what_to_do_and_once_when_accepted(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture, status: int, advice: str) -> None:
+    """Regression: a registration refused for a wrong worker token (401, a misconfiguration) or an id its previous
+    registration still held (409) logged an ERROR and a WARNING at every retry of every hub."""
+    urls, refused = await _refusing_hubs(fake_hub, status, refusals=12)
+    caplog.set_level("DEBUG")
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       backoff_cap_s=0.05)
+    try:
+        await asyncio.wait_for(client.register(), 10)
+    finally:
+        await client.aclose()
+    assert refused == [12] and client.registered.is_set()
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and advice in loud[0], loud
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert said[0] == "registration accepted after 12 refusals", said
+    assert WORKER_TOKEN not in caplog.text
+
+
+async def test_a_refusal_that_lasts_is_logged_again_at_most_once_a_period(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries go on every few seconds; the refusal's line comes again once a minute (here a fifth of a second),
+    counting the refusals logged at DEBUG only."""
+    monkeypatch.setattr(hub_client, "REFUSAL_LOG_EVERY_S", 0.2)
+    urls, refused = await _refusing_hubs(fake_hub, 401, refusals=10**6)
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       backoff_cap_s=0.05)
+    registering = asyncio.create_task(client.register())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        registering.cancel()
+        await asyncio.gather(registering, return_exceptions=True)
+        await client.aclose()
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 2 <= len(loud) <= 7 and len(loud) < refused[0] / 2, (len(loud), refused)
+    assert all("check FLEET_WORKER_TOKEN" in line for line in loud)
+    assert all(re.search(r"\(refused \d+ more times in the last \ds\)$", line) for line in loud[1:]), loud

@@ -396,3 +396,25 @@ async def test_a_worker_that_could_not_start_leaves_the_lifecycle_hook_alone(mak
         await imds.cleanup()
     assert completed == []
     assert agent.imds._session is None or agent.imds._session.closed  # what it opened was still closed
+
+
+@pytest.mark.parametrize(("drain_timeout_s", "second_signal", "said"), [
+    (60, True, "drain cut short by a second signal: stopping 1 sessions"),
+    (0.5, False, "drain timeout after 0.5 s: stopping 1 sessions"),
+], ids=["second-signal", "timeout"])
+async def test_the_log_says_why_the_drain_stopped_the_sessions_that_still_ran(
+        make_running_hub: Any, caplog: pytest.LogCaptureFixture, drain_timeout_s: float, second_signal: bool,
+        said: str) -> None:
+    """Regression: a second SIGTERM during a drain logged ``drain timeout: stopping 1 sessions``, and an operator
+    reading it believed the sessions had been given their time."""
+    hub = await make_running_hub()
+    agent = WorkerAgent(worker_settings(hub, drain_timeout_s=drain_timeout_s), install_signals=False)
+    async with running(agent) as task, hub.client() as client:
+        await place_session(client)
+        agent.request_drain("SIGTERM")
+        await wait_for(lambda: agent.manager.draining, 5, "the drain")
+        if second_signal:
+            agent.request_drain("SIGTERM")
+        assert await asyncio.wait_for(task, 10) == 0
+    stopping = [r.getMessage() for r in caplog.records if "stopping 1 sessions" in r.getMessage()]
+    assert stopping == [said], caplog.text

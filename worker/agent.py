@@ -216,22 +216,25 @@ class WorkerAgent:
         if lifecycle is not None and s.protect_from_scale_in:
             tasks.append(self._spawn(lifecycle.protection_loop(), "scale-in-protection"))
 
-    async def _wait_for_sessions(self) -> bool:
-        """Wait for the sessions to end; False when some still run at the drain's end: ``drain_timeout_s``, a spot
-        notice's deadline (one that comes while waiting brings the end forward), or a second signal."""
+    async def _wait_for_sessions(self) -> str | None:
+        """Wait for the sessions to end; None when they did, else what ended the drain while some still run (for the
+        log, which an operator reads to learn whether the sessions were given their time): a second signal,
+        ``drain_timeout_s``, or a spot notice's deadline (one that comes while waiting brings the end forward)."""
         assert self.manager is not None
         timeout_at = time.monotonic() + self.settings.drain_timeout_s
         while True:
             self._drain_changed.clear()  # before reading what it guards: a change from now on wakes us again
             if self._force.is_set():
-                return not self.manager.sessions
-            end = timeout_at if self._drain_deadline is None else min(timeout_at, self._drain_deadline)
+                return "drain cut short by a second signal" if self.manager.sessions else None
+            end, why = timeout_at, f"drain timeout after {self.settings.drain_timeout_s:g} s"
+            if self._drain_deadline is not None and self._drain_deadline < timeout_at:
+                end, why = self._drain_deadline, "spot interruption deadline reached"
             waiting = asyncio.create_task(self.manager.wait_empty(max(0.0, end - time.monotonic())))
             changed = asyncio.create_task(self._drain_changed.wait())
             await asyncio.wait({waiting, changed}, return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
             if waiting.done():
-                return bool(waiting.result())
+                return None if waiting.result() else why
             waiting.cancel()
 
     async def _unless_forced(self, work: Awaitable[Any], timeout_s: float, what: str) -> None:
@@ -308,8 +311,9 @@ class WorkerAgent:
             # The hub stops routing to us now, not at the next beat; but a hub that does not answer (or a second
             # signal) must not hold the drain.
             await self._unless_forced(self.hub.heartbeat_once(), self.settings.hub_timeout_s, "the drain's heartbeat")
-        if not await self._wait_for_sessions():
-            log.warning("drain timeout: stopping %d sessions", len(self.manager.sessions))
+        why = await self._wait_for_sessions()
+        if why is not None:
+            log.warning("%s: stopping %d sessions", why, len(self.manager.sessions))
         await self.manager.stop_all()
         if self._hub_task is not None:
             # A heartbeat after deregistration would get 404 and register us again. The task may have failed

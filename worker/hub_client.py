@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +37,44 @@ from worker.sessions import SessionManager
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: A registration refused the same way again and again (a wrong worker token, an id still held) is logged in full the
+#: first time, then at most once in this many seconds while it lasts (at DEBUG in between): an ERROR and a WARNING
+#: at every retry buried the one line that says what to do.
+REFUSAL_LOG_EVERY_S = 60.0
+
+
+class _RegistrationRefused(HubUnavailable):
+    """Every hub tried answered the registration with a refusal, already logged as such; retried all the same."""
+
+
+class _RefusalLog:
+    """The refusals of registrations: each status loud the first time and then once a minute at most, and a line
+    when a registration is accepted after them."""
+
+    def __init__(self) -> None:
+        self._logged_at: dict[int, float] = {}  # status: when its refusal was last logged loudly (monotonic)
+        self._unlogged: dict[int, int] = {}  # status: refusals since then, at DEBUG only
+        self._count = 0
+
+    def refused(self, status: int, level: int, message: str) -> None:
+        self._count += 1
+        now, logged_at = time.monotonic(), self._logged_at.get(status)
+        if logged_at is not None and now - logged_at < REFUSAL_LOG_EVERY_S:
+            self._unlogged[status] = self._unlogged.get(status, 0) + 1
+            log.debug("%s; retrying", message)
+            return
+        unlogged = self._unlogged.pop(status, 0)
+        since = f" (refused {unlogged} more times in the last {now - logged_at:.0f}s)" if logged_at is not None else ""
+        log.log(level, "%s; retrying%s", message, since)
+        self._logged_at[status] = now
+
+    def accepted(self) -> None:
+        if self._count:
+            log.info("registration accepted after %d refusals", self._count)
+        self._logged_at.clear()
+        self._unlogged.clear()
+        self._count = 0
+
 
 class HubClient:
     def __init__(self, hub_urls: list[str], worker_token: str, registration: WorkerRegistration,
@@ -54,6 +93,7 @@ class HubClient:
         self.interval_s = 3.0
         self.hub_url: str | None = None  # the hub that answered last
         self._failing: list[str] = []  # hubs whose last request failed, the one that failed most recently last
+        self._refusal_log = _RefusalLog()
         self.registered = asyncio.Event()
         self.registrations = 0
         self.last_reply: HeartbeatReply | None = None
@@ -123,15 +163,18 @@ class HubClient:
             body["drain_requested"] = True
         self._next_secret = self._next_secret or new_secret()
         headers = {**self._headers(), "X-Worker-New-Secret": self._next_secret}
-        last = "no hub configured"
+        failures: list[HubUnavailable] = []
         for url in self._ordered_hubs():
             try:
                 accepted = await self._register_at(url, body, headers)
             except HubUnavailable as exc:
-                last = str(exc)
+                failures.append(exc)
                 continue
             await self._take_registration(url, accepted)
             return accepted
+        last = str(failures[-1]) if failures else "no hub configured"
+        if failures and all(isinstance(failure, _RegistrationRefused) for failure in failures):
+            raise _RegistrationRefused(last)
         raise HubUnavailable(last)
 
     async def _register_at(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> RegistrationAccepted:
@@ -146,14 +189,24 @@ class HubClient:
             raise HubUnavailable(f"{_shown(url)}: {describe_error(exc)}") from None
         if resp.status >= 500:
             self._hub_failed(url)
-        elif resp.status == 409:
-            # A previous incarnation still holds the id until its TTL lapses: retrying will succeed.
-            log.warning("worker id %s still held by a live registration; retrying", self.worker_id)
-        elif resp.status in (401, 422):
-            log.error("hub %s refused the registration (%s): %s", _shown(url), resp.status, payload)
+        elif resp.status in (401, 409, 422):
+            self._refusal_log.refused(resp.status, *self._describe_refusal(url, resp.status, payload))
+            raise _RegistrationRefused(f"{_shown(url)} answered {resp.status}")
         raise HubUnavailable(f"{_shown(url)} answered {resp.status}")
 
+    def _describe_refusal(self, url: str, status: int, payload: Any) -> tuple[int, str]:
+        """How loud a refusal of the registration is, and what it says to do (never with the token)."""
+        if status == 401:  # a misconfiguration: retrying changes nothing until the token is put right
+            return logging.ERROR, (f"hub {_shown(url)} refused the worker token (401): check FLEET_WORKER_TOKEN, "
+                                   "which must be the hubs' worker token")
+        if status == 409:  # a previous incarnation still holds the id: retrying will succeed
+            return logging.WARNING, (f"worker id {self.worker_id} is still held by its previous registration (409): "
+                                     "the hubs accept this one once it lapses, within their worker TTL "
+                                     "(FLEET_WORKER_TTL_S), unless another live worker has this id")
+        return logging.ERROR, f"hub {_shown(url)} refused the registration ({status}): {payload}"
+
     async def _take_registration(self, url: str, accepted: RegistrationAccepted) -> None:
+        self._refusal_log.accepted()
         self.secret, self._next_secret = accepted.worker_secret, None
         if self._channel.secret not in (None, self.secret):
             # The hub refuses the old secret from now on: a heartbeat still on its way there would be closed with
@@ -175,7 +228,9 @@ class HubClient:
                 return await self.register_once()
             except HubUnavailable as exc:
                 delay = next(delays)
-                log.warning("registration failed (%s); retrying in %.2fs", exc, delay)
+                # A refusal has its own line (once, then once a minute): one more at every retry would bury it.
+                level = logging.DEBUG if isinstance(exc, _RegistrationRefused) else logging.WARNING
+                log.log(level, "registration failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
 
     async def build_heartbeat(self) -> Heartbeat:
