@@ -29,6 +29,17 @@ def _root() -> None:
     """gpu-fleet: control plane for GPU workers serving real-time AI sessions."""
 
 
+def _name_unread_variables(command: str) -> None:
+    """One line on stderr for each ``FLEET_`` variable no part of gpu-fleet reads: a misspelt one leaves its setting
+    at the default, without a word until now."""
+    from shared.settings import unknown_variables
+    from shared.variables import READ_BY_SOME_PART
+
+    for name, close in unknown_variables(os.environ, READ_BY_SOME_PART):
+        hint = f"; did you mean {close}?" if close else ""
+        typer.echo(f"fleet {command}: warning: {name} is set, but no part of gpu-fleet reads it{hint}", err=True)
+
+
 @app.command()
 def hub(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
@@ -41,6 +52,7 @@ def hub(
     from hub.main import websocket_max_bytes
     from hub.settings import HubSettings
 
+    _name_unread_variables("hub")
     try:
         settings = HubSettings()  # fail fast on bad or unsafe configuration, before binding
     except (ValidationError, SettingsError) as exc:
@@ -146,6 +158,11 @@ def worker(
     _refuse_options_not_for(context, mode, _WORKER_OPTIONS)
     if target is None:
         from worker.cli import run_worker
+
+        _name_unread_variables("worker")
+        if os.environ.get("FLEET_HUB_URL") and not os.environ.get("FLEET_HUB_URLS"):
+            typer.echo("fleet worker: warning: FLEET_HUB_URL names the hub of the SRE commands; the worker agent "
+                       "registers with the hubs of FLEET_HUB_URLS (default http://127.0.0.1:8080)", err=True)
 
         raise typer.Exit(run_worker(host=host, port=port, advertise_url=advertise_url, region=region,
                                     simulate_gpu=simulate_gpu, max_streams=max_streams, engine=engine) or 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Literal, Self
 
@@ -96,9 +98,34 @@ def _variables(title: str) -> dict[str, str]:
     while pending:
         cls = pending.pop()
         if cls.__name__ == title:
-            prefix = cls.model_config.get("env_prefix", "")
-            names = {name: field.validation_alias if isinstance(field.validation_alias, str) else prefix + name
-                     for name, field in cls.model_fields.items()}
+            names = _variables_of(cls)
             return names | {alias: alias for alias in names.values()}
         pending += cls.__subclasses__()
     return {}
+
+
+def _variables_of(cls: type[BaseSettings]) -> dict[str, str]:
+    """Field name → the variable it reads."""
+    prefix = cls.model_config.get("env_prefix", "")
+    return {name: field.validation_alias if isinstance(field.validation_alias, str) else prefix + name
+            for name, field in cls.model_fields.items()}
+
+
+def variables_read(*classes: type[BaseSettings]) -> set[str]:
+    """Every variable the settings ``classes`` read, in upper case (pydantic-settings matches them in any case)."""
+    return {name.upper() for cls in classes for name in _variables_of(cls).values()}
+
+
+def unknown_variables(environ: Mapping[str, str], known: Iterable[str]) -> list[tuple[str, str | None]]:
+    """The ``FLEET_`` variables set in ``environ`` that are none of ``known`` (nor a nested ``KNOWN__FIELD``), each
+    with the known name it is closest to, if one is close: a misspelt variable otherwise leaves its default in
+    force without a word."""
+    names = sorted({name.upper() for name in known})
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("FLEET_") or upper in names or upper.split("__", 1)[0] in names:
+            continue
+        close = difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
+        found.append((name, close[0] if close else None))
+    return found

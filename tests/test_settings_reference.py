@@ -27,3 +27,29 @@ def test_a_description_stays_in_its_own_cell_and_a_setting_without_default_says_
 
     assert _cell("one of a | b,\n    else c") == "one of a \\| b, else c"
     assert _default(FieldInfo(annotation=str)) == "required"
+
+
+def test_a_fleet_variable_nothing_reads_is_named_with_the_nearest_one_that_is_read() -> None:
+    """A misspelt variable (FLEET_REGOIN) left its setting at the default without a word."""
+    from shared.settings import unknown_variables
+    from shared.variables import READ_BY_SOME_PART
+
+    environ = {"FLEET_REGOIN": "eu-west-1", "FLEET_REGION": "eu-west-1", "fleet_max_streams": "4",
+               "FLEET_VOICE_TTS_RATE_WPM": "180", "FLEET_FROBNICATE": "1", "FLEET_WEIGHTS__DISTANCE": "2",
+               "PATH": "/bin"}
+    assert unknown_variables(environ, READ_BY_SOME_PART) == [
+        ("FLEET_FROBNICATE", None), ("FLEET_REGOIN", "FLEET_REGION"),
+        ("FLEET_WEIGHTS__DISTANCE", "FLEET_WEIGHT_DISTANCE")]
+
+
+def test_the_list_of_variables_read_is_every_settings_models_and_the_clis() -> None:
+    """Each process checks its environment against one list, so as not to import the other parts' settings."""
+    from hub.settings import HubSettings
+    from shared.settings import variables_read
+    from shared.variables import READ_BY_SOME_PART
+    from worker.settings import WorkerSettings
+    from worker.voice.settings import VoiceSettings
+
+    read = variables_read(HubSettings, WorkerSettings, VoiceSettings) | {"FLEET_HUB_URL"}
+    assert read == READ_BY_SOME_PART, (
+        f"shared/variables.py: add {sorted(read - READ_BY_SOME_PART)}, remove {sorted(READ_BY_SOME_PART - read)}")

@@ -339,3 +339,27 @@ def test_a_voice_setting_read_from_a_shared_variable_is_named_by_that_variable(
     with pytest.raises(ValidationError) as refused:
         VoiceSettings()
     assert describe_invalid(refused.value).startswith("invalid configuration: FLEET_ENV: Input should be"), refused
+
+
+def test_a_misspelt_variable_and_the_clis_hub_url_are_named_when_the_worker_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLEET_REGOIN left the region at its default, and FLEET_HUB_URL (the SRE commands') sent the worker to the
+    default hub, both without a word; the start still goes on (here it stops at the empty token)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("FLEET_REGOIN", "eu-west-1")
+    monkeypatch.setenv("FLEET_HUB_URL", "http://10.0.0.9:8080")
+    monkeypatch.delenv("FLEET_HUB_URLS")
+    monkeypatch.setenv("FLEET_WORKER_TOKEN", "")
+    result = CliRunner().invoke(app, ["worker"])
+    assert result.exit_code == 2, result.output
+    assert ("fleet worker: warning: FLEET_REGOIN is set, but no part of gpu-fleet reads it; did you mean "
+            "FLEET_REGION?") in result.output
+    assert "the worker agent registers with the hubs of FLEET_HUB_URLS" in result.output
+    monkeypatch.setenv("FLEET_HUB_URLS", "http://10.0.0.9:8080")  # both set: the CLI's and the worker's
+    again = CliRunner().invoke(app, ["worker"])
+    assert "FLEET_HUB_URL names" not in again.output and "FLEET_REGOIN" in again.output
+    hub = CliRunner().invoke(app, ["hub", "--port", "0"], env={"FLEET_ADMIN_TOKEN": ""})
+    assert hub.exit_code == 2 and "fleet hub: warning: FLEET_REGOIN is set" in hub.output, hub.output
