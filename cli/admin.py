@@ -342,7 +342,8 @@ def explain(
         _print_json(data)
         return
     loc = data["location"]
-    _tell(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({data['location_source']}), policy {data['policy']}, "
+    source = _LOCATION_SOURCES.get(data["location_source"], data["location_source"])
+    _tell(f"user at {loc['lat']:.2f}, {loc['lon']:.2f} ({source}), policy {data['policy']}, "
           f"LiveKit region {data['livekit_region'] or '—'}")
     table = Table("#", _id_column("worker", (c["worker_id"] for c in data["candidates"])), "region", "score",
                   "distance km", "rtt ms", "distance", "load", "latency", "capacity", "streams",
@@ -355,7 +356,12 @@ def explain(
                       f"{f['capacity']:.4f}", f"{c['used_streams']}/{c['max_streams']}")
     _print_table(table)
     if not data["candidates"]:
-        _tell("no live, ready worker with free capacity")
+        _tell(data.get("note") or "no live, ready worker with free capacity")  # a hub of before the note
+
+
+#: Where the hub took the user's location from (``location_source``), as the explain view says it.
+_LOCATION_SOURCES = {"body": "as given", "cloudfront": "from CloudFront's viewer headers",
+                     "region": "the region's centre", "default": "the default region's centre"}
 
 
 def register(app: typer.Typer) -> None:
