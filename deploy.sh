@@ -7,8 +7,9 @@
 #                       [--hosted-zone-id Z..] [--certificate-arn arn:..] [--cloudfront-certificate-arn arn:..]
 #                       [--engine synthetic|voice] [--llm-backend bedrock|openai|canned] [--llm-model ID]
 #                       [--llm-base-url URL] [--llm-api-key-secret ARN] [--bedrock-region REGION]
-#                       [--whisper-model DIR]
+#                       [--whisper-model DIR] [--cors-origins https://app.example.com,...|none]
 #                       (voice: how it replies, and a faster-whisper model folder to transcribe with; docs/deploy.md)
+#                       (--cors-origins: web origins whose pages may ask for sessions from the browser; kept if omitted)
 #   Without --engine, the worker stacks keep the engine settings they were last deployed with (synthetic at first).
 #   --livekit-regions is needed on the first deployment only: later, without it, the hubs keep their LiveKit regions.
 #   ./deploy.sh destroy --env prod --regions us-east-1,eu-west-1 --yes
@@ -45,6 +46,8 @@ LLM_BACKEND=""  # bedrock unless given
 LLM_MODEL=""
 LLM_BASE_URL=""
 LLM_API_KEY_SECRET=""
+CORS_ORIGINS=""
+CORS_GIVEN=0
 BEDROCK_REGION=""
 WHISPER_MODEL_DIR=""
 WHISPER_MODEL_KEY=""
@@ -53,7 +56,7 @@ COMMAND=""
 PARAMS_FILE=""
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -160,6 +163,7 @@ parse_args() {
       --llm-model) LLM_MODEL="${2:?--llm-model needs a value}"; shift ;;
       --llm-base-url) LLM_BASE_URL="${2:?--llm-base-url needs a value}"; shift ;;
       --llm-api-key-secret) LLM_API_KEY_SECRET="${2:?--llm-api-key-secret needs a secret ARN}"; shift ;;
+      --cors-origins) CORS_ORIGINS="${2:?--cors-origins needs origins (or none)}"; CORS_GIVEN=1; shift ;;
       --bedrock-region) BEDROCK_REGION="${2:?--bedrock-region needs a value}"; shift ;;
       --whisper-model) WHISPER_MODEL_DIR="${2:?--whisper-model needs a folder}"; shift ;;
       -h|--help) usage; exit 0 ;;
@@ -193,6 +197,7 @@ require_deploy_inputs() {
   [[ " ${DEPLOYABLE_ENGINES[*]} " == *" $ENGINE "* ]] || die "--engine $ENGINE cannot be deployed" \
     "(choices: ${DEPLOYABLE_ENGINES[*]})"
   require_voice_inputs
+  require_cors_origins
   if [[ -z $LIVEKIT_REGIONS_FILE ]]; then
     LIVEKIT_REGIONS_JSON="$(deployed_livekit_regions)" || exit 1
     return 0
@@ -247,6 +252,41 @@ require_voice_inputs() {
     [[ -n "$(first_file_of "$WHISPER_MODEL_DIR" "$names")" ]] \
       || die "--whisper-model $WHISPER_MODEL_DIR is no faster-whisper (CTranslate2) model: it lacks ${names//|/ or }"
   done
+}
+
+# The hub stack's CorsOrigins pattern: origins (scheme, host, port) separated by commas.
+CORS_ORIGINS_PATTERN="^(https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(,https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?)*)?$"
+
+# --cors-origins as given (none: no origin), else the hub stack's deployed value: a re-deploy that forgot the flag
+# must not shut every browser client out.
+require_cors_origins() {
+  if [[ $CORS_GIVEN -eq 0 ]]; then
+    CORS_ORIGINS="$(deployed_cors_origins)" || exit 1
+    return 0
+  fi
+  [[ $CORS_ORIGINS != none ]] || CORS_ORIGINS=""
+  [[ $CORS_ORIGINS =~ $CORS_ORIGINS_PATTERN ]] || die "--cors-origins: not origins such as" \
+    "https://app.example.com,http://localhost:5173 (scheme, host and port; no path, no wildcard): $CORS_ORIGINS"
+}
+
+# The CorsOrigins the hub stack was last deployed with; nothing on a first deployment. In dry-run mode, a
+# placeholder.
+deployed_cors_origins() {
+  local stack answer status value
+  stack="$(stack_name hub)"
+  local -a lookup=(cloudformation describe-stacks --region "$HOME_REGION" --stack-name "$stack" --query
+                   "Stacks[0].[StackStatus, Parameters[?ParameterKey=='CorsOrigins'].ParameterValue | [0]]"
+                   --output text)
+  if [[ $DRY_RUN -eq 1 ]]; then
+    aws_query "<$stack.CorsOrigins>" "${lookup[@]}"
+    return 0
+  fi
+  if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
+    [[ $answer == *"does not exist"* ]] || die "cannot read the CorsOrigins of $stack in $HOME_REGION: $answer"
+    return 0
+  fi
+  IFS=$'\t' read -r status value <<<"$answer" || true
+  [[ $status == REVIEW_IN_PROGRESS || -z $value || $value == None ]] || echo "$value"
 }
 
 LLM_MODEL_PATTERN="^[A-Za-z0-9._:/@+-]*$"
@@ -524,7 +564,7 @@ stack_parameters() {  # template region index
       PARAMS+=("DomainName=$DOMAIN" "HostedZoneId=$HOSTED_ZONE_ID" "CertificateArn=$CERTIFICATE_ARN"
                "CloudFrontCertificateArn=$CLOUDFRONT_CERTIFICATE_ARN" "ArtifactBucket=$BUCKET"
                "ArtifactKey=$ARTIFACT_KEY" "LiveKitRegions=$LIVEKIT_REGIONS_JSON" "WorkerRegions=$REGIONS"
-               "CloudFrontPrefixListId=$CLOUDFRONT_PREFIX_LIST_ID")
+               "CloudFrontPrefixListId=$CLOUDFRONT_PREFIX_LIST_ID" "CorsOrigins=$CORS_ORIGINS")
       ;;
     gpu-workers)
       PARAMS+=("HubUrl=https://$DOMAIN" "HomeRegion=$HOME_REGION")

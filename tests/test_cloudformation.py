@@ -1054,8 +1054,9 @@ def test_only_the_hubs_live_in_the_cidr_that_remote_workers_admit() -> None:
         "Fn::Sub": outputs["HubSubnetIds"]["Export"]["Name"]["Fn::Sub"]}}]}
 
 
+@pytest.mark.parametrize("cors_origins", ["", "https://app.example.com,http://localhost:5173"])
 def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_token_holds(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cors_origins: str) -> None:
     """hub-env.py, as the hub's UserData writes it, run against a fake Secrets Manager. Regression: the Redis AUTH
     token went into the URL unencoded, so a rotated token with '#' or '?' (ElastiCache allows both) made another
     URL of it and the hub crash-looped, logging part of the token."""
@@ -1072,7 +1073,7 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
     values = {"AWS::Region": "us-east-1", "LiveKitArn": "arn:livekit", "RedisArn": "arn:redis",
               "WorkerArn": "arn:worker", "AdminArn": "arn:admin", "RedisHost": "clustercfg.example.cache.amazonaws.com",
               "RedisPort": "6379", "VpcCidr": "10.0.0.0/16", "CloudWatchNamespace": "GpuFleet",
-              "WorkerRegionList": "us-east-1,eu-central-1", "ClientAddressHeader": ""}
+              "WorkerRegionList": "us-east-1,eu-central-1", "ClientAddressHeader": "", "CorsOrigins": cors_origins}
     code = re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], code)
     regions_file, run_dir = tmp_path / "regions.json", tmp_path / "run"
     regions_file.write_text(json.dumps([{"region": "us-east-1", "url": "wss://lk.example.com", "lat": 38.9,
@@ -1097,6 +1098,24 @@ def test_the_hub_env_script_writes_settings_the_hub_reads_whatever_the_redis_tok
     assert settings.redis_url is not None
     parsed = parse_url(settings.redis_url.replace("+cluster://", "://"))
     assert parsed["password"] == token and parsed["host"] == values["RedisHost"] and parsed["port"] == 6379
+    assert settings.cors_origins == [origin for origin in cors_origins.split(",") if origin]
+
+
+@pytest.mark.parametrize(("value", "allowed"), [
+    ("", True), ("https://app.example.com", True), ("https://app.example.com,http://localhost:5173", True),
+    ("https://app.example.com/", False), ("*", False), ("https://app.example.com, http://localhost:5173", False),
+    ("https://app.example.com'", False),
+])
+def test_the_hub_stack_takes_cors_origins_the_hub_takes(value: str, allowed: bool) -> None:
+    """What the parameter allows lands in hub-env.py's strings and FLEET_CORS_ORIGINS: a value the hub refuses
+    would stop every hub at start."""
+    from hub.settings import HubSettings
+
+    pattern = load("hub")["Parameters"]["CorsOrigins"]["AllowedPattern"]
+    assert (re.fullmatch(pattern, value) is not None) == allowed
+    if allowed:
+        origins = [origin for origin in value.split(",") if origin]
+        assert HubSettings(cors_origins=origins).cors_origins == origins  # taken, not refused
 
 
 def test_a_release_replaces_a_hub_only_once_the_new_one_answers_ready_and_rolls_back_if_it_never_does() -> None:

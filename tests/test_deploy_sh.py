@@ -1034,3 +1034,47 @@ def test_the_venv_deploy_sh_uses_by_default_is_the_projects(env: dict[str, str])
     result = run(without, "validate", extra_env={"FAKE_CFN_LINT_VERSION": "1.51.0"})
     assert result.rc == 0, result.out
     assert f": {ROOT}/.venv/bin/cfn-lint" in result.out and result.aws("cfn-lint") == [], result.out
+
+
+def test_cors_origins_reach_the_hub_stack_and_a_redeploy_without_the_flag_keeps_them(env: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
+    """A re-deploy that forgot --cors-origins must not shut every browser client out; `none` clears them."""
+    state = tmp_path / "stacks"
+    state.mkdir()
+
+    def hub_origins(*args: str) -> str:
+        Path(env["FAKE_LOG"]).unlink(missing_ok=True)
+        result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], *args,
+                     extra_env={"FAKE_STATE_DIR": str(state)})
+        assert result.rc == 0, result.out
+        [hub] = [_parameters(call) for stack, _, call in _stack_calls(result, "cloudformation", "deploy")
+                 if stack == "gpu-fleet-prod-hub"]
+        return hub["CorsOrigins"]
+
+    assert hub_origins() == ""  # a first deployment: none
+    origins = "https://app.example.com,http://localhost:5173"
+    assert hub_origins("--cors-origins", origins) == origins
+    assert hub_origins() == origins
+    assert hub_origins("--cors-origins", "none") == ""
+
+
+@pytest.mark.parametrize("value", ["https://app.example.com/", "*", "app.example.com",
+                                   "https://app.example.com, https://b.example.com"])
+def test_cors_origins_the_hub_stack_would_refuse_are_refused_before_any_aws_call(env: dict[str, str],
+                                                                                 value: str) -> None:
+    from cfnlint.decode import cfn_yaml
+
+    pattern = cfn_yaml.load(str(ROOT / "cloudformation" / "hub.yaml"))["Parameters"]["CorsOrigins"]["AllowedPattern"]
+    assert re.fullmatch(pattern, value) is None
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--cors-origins", value)
+    assert result.rc != 0 and "--cors-origins: not origins" in result.out, result.out
+    assert not result.aws("cloudformation") and not result.aws("s3")
+
+
+def test_help_prints_the_whole_usage_and_nothing_of_the_script(env: dict[str, str]) -> None:
+    result = run(env, "--help")
+    assert result.rc == 0, result.out
+    lines = result.out.strip().splitlines()
+    assert lines[0].startswith("Deploys gpu-fleet") and lines[-1].endswith("instead of running it.")
+    assert "--cors-origins" in result.out and "set -euo" not in result.out
+
