@@ -259,8 +259,9 @@ class LiveKitConfig(Strict):
 
 
 class SessionConfig(Strict):
-    session_id: str
-    session_key: str | None
+    session_id: str = Field(description="Reads (GET) and ends (DELETE) the session: keep it as the key is kept.")
+    session_key: str | None = Field(description="The key the request gave; null in GET answers, which anyone "
+                                                "holding the session id may read.")
     worker: WorkerRef
     livekit: LiveKitConfig
     expires_at: datetime = Field(description="When the participant token expires.")
