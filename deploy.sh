@@ -242,9 +242,10 @@ require_voice_inputs() {
     || die "--llm-base-url: not an http(s) URL without spaces, quotes or backslashes: $LLM_BASE_URL"
   [[ -z $LLM_API_KEY_SECRET || $LLM_BACKEND == openai ]] \
     || die "--llm-api-key-secret is the key of an OpenAI-compatible server: it goes with --llm-backend openai"
+  # A value that is no ARN at all may be the key itself, pasted by mistake: never printed back.
   [[ $LLM_API_KEY_SECRET =~ $LLM_API_KEY_SECRET_PATTERN ]] || die "--llm-api-key-secret: not the full ARN of a" \
     "Secrets Manager secret, with its six-character suffix (aws secretsmanager describe-secret shows it):" \
-    "$LLM_API_KEY_SECRET"
+    "$([[ $LLM_API_KEY_SECRET == arn:* ]] && echo "$LLM_API_KEY_SECRET" || echo "(not shown: it does not begin with arn:)")"
   [[ -n $WHISPER_MODEL_DIR ]] || return 0
   [[ -d $WHISPER_MODEL_DIR ]] || die "--whisper-model: no such folder: $WHISPER_MODEL_DIR"
   local names
@@ -257,16 +258,19 @@ require_voice_inputs() {
 # The hub stack's CorsOrigins pattern: origins (scheme, host, port) separated by commas.
 CORS_ORIGINS_PATTERN="^(https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(,https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?)*)?$"
 
-# --cors-origins as given (none: no origin), else the hub stack's deployed value: a re-deploy that forgot the flag
-# must not shut every browser client out.
+# --cors-origins as given (none: no origin), checked before any AWS call.
 require_cors_origins() {
-  if [[ $CORS_GIVEN -eq 0 ]]; then
-    CORS_ORIGINS="$(deployed_cors_origins)" || exit 1
-    return 0
-  fi
+  [[ $CORS_GIVEN -eq 1 ]] || return 0
   [[ $CORS_ORIGINS != none ]] || CORS_ORIGINS=""
   [[ $CORS_ORIGINS =~ $CORS_ORIGINS_PATTERN ]] || die "--cors-origins: not origins such as" \
     "https://app.example.com,http://localhost:5173 (scheme, host and port; no path, no wildcard): $CORS_ORIGINS"
+}
+
+# Without --cors-origins, the hub stack's deployed value: a re-deploy that forgot the flag must not shut every
+# browser client out.
+keep_deployed_cors_origins() {
+  [[ $CORS_GIVEN -eq 0 ]] || return 0
+  CORS_ORIGINS="$(deployed_cors_origins)" || exit 1
 }
 
 # The CorsOrigins the hub stack was last deployed with; nothing on a first deployment. In dry-run mode, a
@@ -660,6 +664,7 @@ cmd_plan() {
   require_deploy_inputs
   cmd_validate >&2
   keep_deployed_engine
+  keep_deployed_cors_origins
   resolve_names
   resolve_vpc_cidrs
   build_wheel
@@ -720,6 +725,7 @@ cmd_deploy() {
   require_deploy_inputs
   cmd_validate >&2
   keep_deployed_engine
+  keep_deployed_cors_origins
   resolve_names
   resolve_vpc_cidrs
   build_wheel

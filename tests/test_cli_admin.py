@@ -713,3 +713,26 @@ def test_messages_are_whole_lines_when_piped_at_80_columns(live_hub: LiveHub) ->
     resumed = fleet(live_hub, "resume", "gpu-use1-b-with-a-much-longer-name-than-most", columns=80)
     said = "gpu-use1-b-with-a-much-longer-name-than-most is ready: taking sessions again (0/16 streams in use)"
     assert said in resumed.stdout.splitlines(), resumed.stdout
+
+
+@pytest.mark.parametrize("hub", ["https://127.0.0.1:1", "http://127.0.0.1:65535"], ids=["https", "last-port"])
+def test_a_hub_url_with_https_or_the_last_port_is_tried_not_refused_as_bad_usage(hub: str) -> None:
+    """Only a --hub no request can be sent to is bad usage; this one is sent, and nothing answers there."""
+    result = runner.invoke(app, ["workers", "--hub", hub], env={"FLEET_ADMIN_TOKEN": ADMIN_TOKEN})
+    assert result.exit_code != admin.EXIT_USAGE and "is not a hub's URL" not in result.output, result.output
+
+
+def test_the_hub_port_just_past_the_last_is_bad_usage_and_the_last_one_is_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(kwargs))
+    refused = runner.invoke(app, ["hub", "--port", "65536"])
+    assert refused.exit_code == 2 and "--port" in refused.output and started == [], refused.output
+    assert runner.invoke(app, ["hub", "--port", "65535"]).exit_code == 0 and started[-1]["port"] == 65535
+
+
+def test_explains_location_line_is_whole_when_piped_at_80_columns(live_hub: LiveHub) -> None:
+    result = fleet(live_hub, "explain", columns=80)
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("user at")]
+    assert len(line) > 80 and "(the default region's centre), policy" in line and "LiveKit region" in line, line

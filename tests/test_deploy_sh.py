@@ -1078,3 +1078,43 @@ def test_help_prints_the_whole_usage_and_nothing_of_the_script(env: dict[str, st
     assert lines[0].startswith("Deploys gpu-fleet") and lines[-1].endswith("instead of running it.")
     assert "--cors-origins" in result.out and "set -euo" not in result.out
 
+
+def test_a_dry_run_without_engine_options_shows_the_openai_servers_key_kept_too(env: dict[str, str]) -> None:
+    """The plan says every engine parameter is kept as deployed; an empty key ARN there would read as "the key is
+    dropped"."""
+    dry = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert dry.rc == 0, dry.out
+    for parameter in ENGINE_PARAMETERS:
+        assert f"{parameter}=\\<gpu-fleet-prod-gpu-workers.{parameter}\\>" in dry.out, (parameter, dry.out)
+
+
+def test_an_api_key_given_instead_of_its_secrets_arn_is_refused_without_being_shown(env: dict[str, str]) -> None:
+    """Pasting the key itself into --llm-api-key-secret is an easy slip: the refusal must not print the key back
+    into the terminal's scrollback or a CI log."""
+    key = "sk-proj-Abc123SecretValue"
+    result = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "voice",
+                 "--llm-backend", "openai", "--llm-model", "m", "--llm-base-url", "https://api.openai.com/v1",
+                 "--llm-api-key-secret", key)
+    assert result.rc != 0 and "--llm-api-key-secret: not the full ARN" in result.out, result.out
+    assert key not in result.out and "Abc123Secret" not in result.out, result.out
+    assert not result.aws("cloudformation") and not result.aws("s3")
+
+
+def test_a_plan_names_the_cfn_lint_it_lints_with_once(env: dict[str, str], tmp_path: Path) -> None:
+    """A plan checks cfn-lint before it lints and again before the deploy it plans: one line says which it is."""
+    result = run(env, "plan", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert result.rc == 0, result.out
+    assert result.out.count(f"cfn-lint 1.58.0: {tmp_path}/bin/cfn-lint") == 1, result.out
+
+
+def test_a_failed_lookup_of_the_deployed_cors_origins_stops_the_deploy_before_any_change(env: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
+    """Passing CorsOrigins="" after a lookup that failed would shut every browser client out."""
+    state = tmp_path / "stacks"
+    state.mkdir()
+    refused = run(env, "deploy", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"], "--engine", "synthetic",
+                  extra_env={"FAKE_STATE_DIR": str(state), "FAKE_PARAMETERS_FAIL": "1"})
+    assert refused.rc != 0 and "cannot read the CorsOrigins of gpu-fleet-prod-hub" in refused.out, refused.out
+    assert not refused.aws("cloudformation", "deploy") and not refused.aws("s3")
+    dry = run(env, "deploy", "--dry-run", *DEPLOY_ARGS, "--livekit-regions", env["LIVEKIT"])
+    assert "CorsOrigins=\\<gpu-fleet-prod-hub.CorsOrigins\\>" in dry.out, dry.out

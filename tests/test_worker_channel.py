@@ -855,3 +855,87 @@ async def test_a_refusal_that_lasts_is_logged_again_at_most_once_a_period(
     assert 2 <= len(loud) <= 7 and len(loud) < refused[0] / 2, (len(loud), refused)
     assert all("check FLEET_WORKER_TOKEN" in line for line in loud)
     assert all(re.search(r"\(refused \d+ more times in the last \ds\)$", line) for line in loud[1:]), loud
+
+
+async def _hubs_answering(fake_hub: Any, statuses: Iterator[int], body: dict[str, Any] | None = None) -> list[str]:
+    """Two hubs that answer the registrations, between them, with ``statuses`` in turn (201: accepted)."""
+
+    async def register(_: web.Request) -> web.Response:
+        status = next(statuses)
+        if status != 201:
+            return web.json_response(body or {"error": "refused", "message": "as the test asks"}, status=status)
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 3.0, "ttl_s": 9.0,
+                                  "worker_secret": "wsec-accepted", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    return [await fake_hub(register, beat), await fake_hub(register, beat)]
+
+
+async def test_a_refusal_after_an_accepted_registration_is_logged_in_full_again(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A token changed on the hubs an hour later is a new misconfiguration: its refusal is not held back as a
+    repeat of one logged before the last accepted registration, and each acceptance counts its own refusals only
+    (none said for a registration accepted at once)."""
+    caplog.set_level(logging.INFO)
+    urls = await _hubs_answering(fake_hub, iter([201, 401, 201, 401, 201]))
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       backoff_cap_s=0.05, use_channel=False)
+    try:
+        for _ in range(3):
+            await asyncio.wait_for(client.register(), 10)
+    finally:
+        await client.aclose()
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 2 and all("check FLEET_WORKER_TOKEN" in line for line in loud), loud
+    said = [r.getMessage() for r in caplog.records if "registration accepted" in r.getMessage()]
+    assert said == ["registration accepted after 1 refusals"] * 2, said
+
+
+async def test_a_refusal_logged_again_counts_the_refusals_held_back_since_its_last_line(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``(refused N more times …)`` counts those since the previous line, not since the first."""
+    monkeypatch.setattr(hub_client, "REFUSAL_LOG_EVERY_S", 0.2)
+    caplog.set_level(logging.DEBUG, logger=hub_client.__name__)
+    urls = await _hubs_answering(fake_hub, itertools.repeat(401))
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       backoff_cap_s=0.05, use_channel=False)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "check FLEET_WORKER_TOKEN" in r.getMessage()]
+
+    registering = asyncio.create_task(client.register())
+    try:
+        async with asyncio.timeout(20):
+            while sum(r.levelno >= logging.WARNING for r in refusals()) < 4:
+                await asyncio.sleep(0.05)
+    finally:
+        registering.cancel()
+        await asyncio.gather(registering, return_exceptions=True)
+        await client.aclose()
+    held_back = 0
+    for record in refusals()[1:]:
+        if record.levelno < logging.WARNING:
+            held_back += 1
+            continue
+        counted = re.search(r"\(refused (\d+) more times in the last \d+s\)$", record.getMessage())
+        assert counted and int(counted[1]) == held_back, (record.getMessage(), held_back)
+        held_back = 0
+
+
+async def test_a_registration_refused_as_invalid_says_the_hubs_reason_once(
+        fake_hub: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A 422 (a field the hubs refuse) is a refusal like a 401: one line with the hub's reason, not a bare
+    ``answered 422`` at every retry."""
+    reason = {"error": "invalid_request", "message": "labels.engine: not a label value"}
+    urls = await _hubs_answering(fake_hub, iter([422] * 6 + [201]), reason)
+    client = HubClient(urls, WORKER_TOKEN, registration(), SessionManager(SyntheticEngine(), 2), timeout_s=1.0,
+                       backoff_cap_s=0.05, use_channel=False)
+    try:
+        await asyncio.wait_for(client.register(), 10)
+    finally:
+        await client.aclose()
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and "refused the registration (422)" in loud[0], loud
+    assert "labels.engine: not a label value" in loud[0], loud

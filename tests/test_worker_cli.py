@@ -363,3 +363,17 @@ def test_a_misspelt_variable_and_the_clis_hub_url_are_named_when_the_worker_star
     assert "FLEET_HUB_URL names" not in again.output and "FLEET_REGOIN" in again.output
     hub = CliRunner().invoke(app, ["hub", "--port", "0"], env={"FLEET_ADMIN_TOKEN": ""})
     assert hub.exit_code == 2 and "fleet hub: warning: FLEET_REGOIN is set" in hub.output, hub.output
+
+
+def test_the_start_up_warnings_go_to_stderr_leaving_stdout_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("FLEET_REGOIN", "eu-west-1")
+    monkeypatch.setenv("FLEET_HUB_URL", "http://10.0.0.9:8080")
+    monkeypatch.delenv("FLEET_HUB_URLS")
+    monkeypatch.setenv("FLEET_WORKER_TOKEN", "")
+    result = CliRunner().invoke(app, ["worker"])
+    assert "FLEET_REGOIN is set" in result.stderr and "FLEET_HUB_URL names" in result.stderr, result.stderr
+    assert "warning" not in result.stdout, result.stdout

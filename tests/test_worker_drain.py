@@ -418,3 +418,26 @@ async def test_the_log_says_why_the_drain_stopped_the_sessions_that_still_ran(
         assert await asyncio.wait_for(task, 10) == 0
     stopping = [r.getMessage() for r in caplog.records if "stopping 1 sessions" in r.getMessage()]
     assert stopping == [said], caplog.text
+
+
+@pytest.mark.parametrize(("drain_timeout_s", "notice_in_s", "said"), [
+    (60, worker.agent.SPOT_MARGIN_S + 2, "spot interruption deadline reached: stopping 1 sessions"),
+    (4, worker.agent.SPOT_MARGIN_S + 90, "drain timeout after 4 s: stopping 1 sessions"),
+], ids=["deadline-first", "timeout-first"])
+async def test_a_drain_with_a_spot_notice_ends_at_whichever_comes_first_and_says_which(
+        make_running_hub: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        drain_timeout_s: float, notice_in_s: float, said: str) -> None:
+    """A spot notice whose deadline is later than ``drain_timeout_s`` does not stretch the drain past it; one that
+    is sooner ends it, and the log names the notice, not a timeout the operator did not configure."""
+    meta = dict(SPOT_INSTANCE)
+    async with on_ec2(make_running_hub, monkeypatch, meta, drain_timeout_s=drain_timeout_s) as (hub, agent), \
+            running(agent) as task:
+        async with hub.client() as client:
+            await place_session(client)
+        agent.request_drain("SIGTERM")
+        await wait_for(lambda: agent.manager.draining, 5, "the drain")
+        meta["spot/instance-action"] = spot_notice(datetime.now(UTC) + timedelta(seconds=notice_in_s))
+        await wait_for(lambda: agent._drain_deadline is not None, 3, "the spot notice")
+        assert await asyncio.wait_for(task, 20) == 0
+    stopping = [r.getMessage() for r in caplog.records if "stopping 1 sessions" in r.getMessage()]
+    assert stopping == [said], caplog.text
