@@ -300,3 +300,51 @@ async def test_a_file_of_a_type_the_dashboard_does_not_serve_is_a_404(tmp_path: 
         for name in ("vendor/notes.txt", "dashboard.map"):
             resp = await client.get(f"/dashboard/static/{name}")
             assert resp.status_code == 404 and "kept out" not in resp.text, (name, resp.text)
+
+
+def test_a_drain_is_asked_for_first_and_a_resume_is_not(redis_url: str) -> None:
+    """An SRE who clicked Drain on the wrong row and answers no leaves the worker taking sessions; a yes drains it,
+    and Resume, which only undoes that, is sent without a question."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    with LiveHub(redis_url) as hub, sync_api.sync_playwright() as pw:
+        hub.register("gpu-use1-a")
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{hub.url}/dashboard")
+            page.fill("#token", ADMIN_TOKEN)
+            page.click("#login-button")
+            button = page.locator('#workers tr[data-worker="gpu-use1-a"] button')
+            sync_api.expect(button).to_have_text("Drain")
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            questions: list[str] = []
+
+            def answer(dialog: Any, accept: bool) -> None:
+                questions.append(dialog.message)
+                dialog.accept() if accept else dialog.dismiss()
+
+            page.once("dialog", lambda dialog: answer(dialog, False))
+            button.click()
+            page.wait_for_timeout(500)
+            assert questions == ["Drain gpu-use1-a? It takes no new session until it is resumed; its sessions run on."]
+            assert not [url for url in asked if url.endswith("/drain")], asked
+            with hub.admin() as client:
+                assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is False
+
+            page.once("dialog", lambda dialog: answer(dialog, True))
+            button.click()
+            sync_api.expect(button).to_have_text("Resume")
+            with hub.admin() as client:
+                assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is True
+
+            page.on("dialog", lambda dialog: answer(dialog, True))  # none expected: counted below
+            button.click()
+            sync_api.expect(button).to_have_text("Drain")
+            assert len(questions) == 2, questions
+            with hub.admin() as client:
+                assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is False
+        finally:
+            browser.close()

@@ -333,9 +333,10 @@ async def test_an_unexpected_failure_is_a_json_500_that_tells_the_caller_nothing
 
 
 async def test_a_client_past_its_burst_is_refused_even_when_its_next_token_is_due_within_a_second(make_hub) -> None:
-    """The limit holds at any rate: at 10 requests a second a client's next token is 0.1 s away, and a request
-    sent before it is still a 429 (with Retry-After: 1, the header's smallest whole number), not let through."""
-    hub = await make_hub(rate_limit_per_s=10, rate_limit_burst=2)
+    """The limit holds at any rate: at 2 requests a second a client's next token is 0.5 s away, and a request
+    sent before it is still a 429 (with Retry-After: 1, the header's smallest whole number), not let through.
+    (At 10 a second, a runner loaded enough to take 0.1 s over three requests let the third one through.)"""
+    hub = await make_hub(rate_limit_per_s=2, rate_limit_burst=2)
     codes = [(await hub.post("/api/v1/sessions", json={})).status_code for _ in range(2)]
     assert codes == [503, 503]  # through to placement (no workers)
     limited = await hub.post("/api/v1/sessions", json={})
@@ -969,3 +970,57 @@ async def test_without_cors_origins_no_page_of_another_origin_is_answered(hub: h
 def test_a_cors_origin_is_an_origin_not_a_pattern_or_a_url(origin: str) -> None:
     with pytest.raises(ValidationError, match="is not an origin"):
         HubSettings(cors_origins=[origin])
+
+
+async def test_a_listed_origins_page_may_read_and_end_its_session_but_send_no_bearer_token(make_hub) -> None:
+    """The client routes include reading and ending a session by its id (``GET``/``DELETE``
+    /api/v1/sessions/{id}), so those are answered for the page too; a preflight asking to send an Authorization header
+    is not, so a page cannot use a token it got hold of on the SRE's listing that shares the path."""
+    hub = await make_hub(cors_origins=["https://app.example.com"])
+    page = {"Origin": "https://app.example.com"}
+    path = "/api/v1/sessions/w-1~nothing-here"
+    end = await hub.options(path, headers={**page, "Access-Control-Request-Method": "DELETE"})
+    assert end.status_code == 200 and end.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "DELETE" in end.headers["access-control-allow-methods"]
+    read = await hub.get(path, headers=page)
+    assert read.status_code == 404 and read.headers["access-control-allow-origin"] == "https://app.example.com"
+
+    bearer = await hub.options("/api/v1/sessions", headers={
+        **page, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"})
+    assert bearer.status_code != 200 and "authorization" not in bearer.headers.get(
+        "access-control-allow-headers", "").lower()
+
+
+def test_a_cors_origin_may_be_plain_http_and_name_a_port() -> None:
+    """A client app developed on ``http://localhost:3000`` calls a dev hub."""
+    origins = ["http://localhost:3000", "https://app.example.com:8443", "https://app.example.com"]
+    assert HubSettings(cors_origins=origins).cors_origins == origins
+
+
+@pytest.mark.parametrize("location", [{"lat": 48.8, "lon": "2.3"}, {"lat": 48.8, "lon": True}])
+async def test_a_longitude_is_a_json_number_too(hub: httpx.AsyncClient, location: dict[str, Any]) -> None:
+    resp = await hub.post("/api/v1/sessions", json={"location": location})
+    assert resp.status_code == 422 and resp.json()["message"].startswith("location.lon: "), resp.text
+
+
+async def test_an_explanation_for_labels_in_an_empty_fleet_gives_the_answer_a_session_request_gets(
+        hub: httpx.AsyncClient) -> None:
+    """With no worker registered, a request with labels is refused ``no_matching_worker`` (without Retry-After):
+    the explanation said ``no_capacity``, so an SRE reading it expected clients to retry."""
+    asked = await hub.post("/api/v1/sessions", json={"labels": {"tier": "gold", "gpu": "h100"}})
+    assert asked.status_code == 503 and asked.json()["error"] == "no_matching_worker", asked.text
+    explain = await hub.get("/api/v1/route/explain", params={"label": ["tier=gold", "gpu=h100"]}, headers=ADMIN_AUTH)
+    assert explain.json()["note"] == "no worker has the labels gpu=h100, tier=gold (no_matching_worker)", explain.text
+    unlabelled = await hub.get("/api/v1/route/explain", headers=ADMIN_AUTH)
+    assert unlabelled.json()["note"] == "no worker is registered (no_capacity)"
+    assert (await hub.post("/api/v1/sessions", json={})).json()["error"] == "no_capacity"
+
+
+async def test_a_listed_origins_page_can_read_the_413_for_a_body_too_large(make_hub) -> None:
+    """The CORS answer wraps the body limit, so the page sees ``body_too_large`` rather than a CORS failure that
+    says nothing."""
+    hub = await make_hub(cors_origins=["https://app.example.com"], max_body_bytes=256)
+    resp = await hub.post("/api/v1/sessions", content=b'{"identity": "' + b"a" * 300 + b'"}',
+                          headers={"Origin": "https://app.example.com", "Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"] == "body_too_large", resp.text
+    assert resp.headers["access-control-allow-origin"] == "https://app.example.com"

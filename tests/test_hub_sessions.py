@@ -1259,3 +1259,68 @@ async def test_a_worker_that_registers_with_the_labels_asked_for_is_found_at_onc
     await register(other, "w-new", worker, labels={"gpu": "h100"})
     placed = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
     assert placed.status_code == 201, placed.text
+
+
+async def test_a_user_who_gave_no_identity_is_named_after_the_room_on_every_token(
+        hub: httpx.AsyncClient, make_worker, redis_url: str) -> None:
+    """The default identity is drawn from the room, like the agent's, so no part of the session id shows in the
+    room; and a retry of a conversation whose record holds no identity (made by an older hub, whose room was named
+    after the same random part) is let in under the name its first token had, not as a second participant."""
+    await register(hub, "w-1", await make_worker(max_streams=2))
+    await refresh(hub)
+    verifier = api.TokenVerifier(DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET)
+    first = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon-room"})
+    assert first.status_code == 201, first.text
+    room, session_id = first.json()["livekit"]["room"], first.json()["session_id"]
+    assert room.startswith("fleet-") and len(bytes.fromhex(room.removeprefix("fleet-"))) == 12  # 96 random bits
+    identity = verifier.verify(first.json()["livekit"]["token"]).identity
+    assert identity == f"user-{room.removeprefix('fleet-')[:8]}"
+    assert not any(part in identity for part in session_id.split(keys.SESSION_ID_SEPARATOR))
+
+    client = sync_redis(redis_url, decode_responses=True)
+    sessions = keys.worker_keys("w-1").sessions
+    record = json.loads(client.hget(sessions, session_id))
+    del record["identity"]
+    client.hset(sessions, session_id, json.dumps(record))
+    again = await hub.post("/api/v1/sessions", json={"session_key": "conv-anon-room"})
+    assert again.status_code == 200 and again.json()["session_id"] == session_id, again.text
+    assert verifier.verify(again.json()["livekit"]["token"]).identity == identity
+
+
+async def test_labels_of_any_one_worker_count_while_it_is_drained_and_not_once_it_has_left(hub: httpx.AsyncClient,
+                                                                                       make_worker) -> None:
+    """Labels one worker has, on a full or drained worker, are asked again later (``no_capacity``, Retry-After): the
+    drain ends. Once the only worker with them has deregistered, no retry places the session
+    (``no_matching_worker``)."""
+    a10g, h100 = await make_worker(max_streams=1), await make_worker(max_streams=1)
+    reg = await register(hub, "w-a10g", a10g, labels={"gpu": "a10g"})
+    await register(hub, "w-h100", h100, labels={"gpu": "h100"})
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})).status_code == 201
+    full = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
+    assert full.status_code == 503 and full.json()["error"] == "no_capacity", full.text
+
+    assert (await hub.post("/api/v1/workers/w-a10g/drain", headers=ADMIN_AUTH)).status_code == 200
+    await refresh(hub)
+    drained = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})
+    assert drained.status_code == 503 and drained.json()["error"] == "no_capacity", drained.text
+    assert drained.headers["retry-after"] == "1"
+
+    left = await hub.delete("/api/v1/workers/w-a10g", headers={**WORKER_AUTH, "X-Worker-Secret": reg["worker_secret"]})
+    assert left.status_code == 204
+    await refresh(hub)
+    gone = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})
+    assert gone.status_code == 503 and gone.json()["error"] == "no_matching_worker", gone.text
+    assert "retry-after" not in gone.headers
+
+
+async def test_labels_asked_together_must_be_one_workers(hub: httpx.AsyncClient, make_worker) -> None:
+    """``gpu=a10g`` on one worker and ``tier=silver`` on another place no session asking for both: that is
+    ``no_matching_worker``, not a full fleet to retry forever."""
+    await register(hub, "w-gold", await make_worker(max_streams=1), labels={"gpu": "a10g", "tier": "gold"})
+    await register(hub, "w-silver", await make_worker(max_streams=1), labels={"gpu": "h100", "tier": "silver"})
+    await refresh(hub)
+    for labels in ({"gpu": "a10g", "tier": "silver"}, {"tier": "silver", "gpu": "a10g"}):
+        both = await hub.post("/api/v1/sessions", json={"labels": labels})
+        assert both.status_code == 503 and both.json() == {
+            "error": "no_matching_worker", "message": "No worker has the labels gpu=a10g, tier=silver."}, both.text

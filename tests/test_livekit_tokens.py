@@ -131,3 +131,24 @@ def test_a_token_is_valid_from_the_moment_it_is_minted_for_exactly_its_ttl() -> 
     assert claims["exp"] == int(minted.expires_at.timestamp())
     agent = payload(mint_agent_token(DEPLOYMENT, "room", 600))
     assert before <= agent["nbf"] <= after and before + 600 <= agent["exp"] <= after + 600
+
+
+def test_an_sfu_a_little_off_the_path_but_beside_the_user_wins_within_50_km_or_1_percent() -> None:
+    """Paths count as equally short within 50 km, or 1% of the shortest when that is more: a Paris user on a
+    Frankfurt worker gets the SFU 17 km from Paris (35 km longer), not Frankfurt's; a Tokyo user on an Oregon worker
+    (7,971 km) the one 37 km from Tokyo (67 km longer). An SFU beside the user but further off than that does not
+    win."""
+    def sfu(region: str, lat: float, lon: float) -> LiveKitDeployment:
+        return LiveKitDeployment(region=region, url=f"wss://{region}.example", lat=lat, lon=lon, api_key="k",
+                                 api_secret=SECRET)
+
+    paris, frankfurt = (48.86, 2.35), (50.11, 8.68)
+    beside_paris, too_far_off = sfu("versailles", 48.80, 2.13), sfu("west-of-paris", 48.9, 1.9)
+    at_frankfurt = sfu("frankfurt", *frankfurt)
+    assert choose_deployment([at_frankfurt, beside_paris], paris, frankfurt).region == "versailles"
+    assert choose_deployment([at_frankfurt, too_far_off], paris, frankfurt).region == "frankfurt"
+
+    tokyo, oregon = (35.68, 139.69), (45.84, -119.7)
+    at_oregon = sfu("oregon", *oregon)
+    assert choose_deployment([at_oregon, sfu("yokohama", 35.35, 139.62)], tokyo, oregon).region == "yokohama"
+    assert choose_deployment([at_oregon, sfu("izu", 35.2, 139.6)], tokyo, oregon).region == "oregon"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,3 +55,15 @@ def test_the_list_of_variables_read_is_every_settings_models_and_the_clis() -> N
     read = variables_read(HubSettings, WorkerSettings, VoiceSettings) | {"FLEET_HUB_URL"}
     assert read == READ_BY_SOME_PART, (
         f"shared/variables.py: add {sorted(read - READ_BY_SOME_PART)}, remove {sorted(READ_BY_SOME_PART - read)}")
+
+
+def test_a_nested_variable_of_a_setting_that_is_read_is_not_named_as_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FLEET_LABELS__gpu=a10g`` sets one label (pydantic-settings' ``__`` nesting): warning that nothing reads it
+    would send the SRE to remove a variable that works."""
+    from shared.settings import unknown_variables
+    from shared.variables import READ_BY_SOME_PART
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("FLEET_LABELS__gpu", "a10g")
+    assert WorkerSettings().labels == {"gpu": "a10g"}
+    assert unknown_variables({"FLEET_LABELS__gpu": "a10g"}, READ_BY_SOME_PART) == []

@@ -128,12 +128,12 @@ async def explain_route(
 
 
 def _why_no_candidate(hub: HubState, labels: dict[str, str]) -> str:
-    """What a session request here would be answered, and why."""
-    if not hub.board.entries:
-        return "no worker is registered (no_capacity)"
+    """What a session request here would be answered, and why (labels first: no worker at all has them either)."""
     if labels and not hub.board.carries(labels):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
         return f"no worker has the labels {shown} (no_matching_worker)"
+    if not hub.board.entries:
+        return "no worker is registered (no_capacity)"
     return "every worker that could take the session is full, draining or stale (no_capacity)"
 
 
