@@ -165,12 +165,13 @@ class HubSettings(FleetSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
-        """An origin as a browser sends it: scheme, host and port, nothing else (a trailing slash never matches)."""
+        """An origin as a browser sends it: scheme, host and port, nothing else (a trailing slash never matches), in
+        lower case (a browser lower-cases the host: ``https://App.example.com`` would never match)."""
         for origin in value:
             if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
                 raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path, no "
                                  f"wildcard)")
-        return value
+        return [origin.lower() for origin in value]
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -1024,3 +1024,10 @@ async def test_a_listed_origins_page_can_read_the_413_for_a_body_too_large(make_
                           headers={"Origin": "https://app.example.com", "Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["error"] == "body_too_large", resp.text
     assert resp.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+async def test_an_origin_given_in_capitals_still_matches_what_browsers_send(make_hub) -> None:
+    hub = await make_hub(cors_origins=["https://App.Example.com"])
+    asked = await hub.post("/api/v1/sessions", json={}, headers={"Origin": "https://app.example.com"})
+    assert asked.headers.get("access-control-allow-origin") == "https://app.example.com", asked.headers
+
