@@ -270,23 +270,22 @@ require_cors_origins() {
 # browser client out.
 keep_deployed_cors_origins() {
   [[ $CORS_GIVEN -eq 0 ]] || return 0
-  CORS_ORIGINS="$(deployed_cors_origins)" || exit 1
+  CORS_ORIGINS="$(deployed_hub_parameter CorsOrigins)" || exit 1
 }
 
-# The CorsOrigins the hub stack was last deployed with; nothing on a first deployment. In dry-run mode, a
-# placeholder.
-deployed_cors_origins() {
-  local stack answer status value
+# The value of the hub stack's parameter $1 as last deployed; nothing when there is no such stack yet, or only a plan
+# of one (REVIEW_IN_PROGRESS). In dry-run mode, a placeholder. A read that fails otherwise stops the deploy.
+deployed_hub_parameter() {
+  local name="$1" stack answer status value
   stack="$(stack_name hub)"
   local -a lookup=(cloudformation describe-stacks --region "$HOME_REGION" --stack-name "$stack" --query
-                   "Stacks[0].[StackStatus, Parameters[?ParameterKey=='CorsOrigins'].ParameterValue | [0]]"
-                   --output text)
+                   "Stacks[0].[StackStatus, Parameters[?ParameterKey=='$name'].ParameterValue | [0]]" --output text)
   if [[ $DRY_RUN -eq 1 ]]; then
-    aws_query "<$stack.CorsOrigins>" "${lookup[@]}"
+    aws_query "<$stack.$name>" "${lookup[@]}"
     return 0
   fi
   if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
-    [[ $answer == *"does not exist"* ]] || die "cannot read the CorsOrigins of $stack in $HOME_REGION: $answer"
+    [[ $answer == *"does not exist"* ]] || die "cannot read the $name of $stack in $HOME_REGION: $answer"
     return 0
   fi
   IFS=$'\t' read -r status value <<<"$answer" || true
@@ -363,25 +362,14 @@ PY
 # Without --livekit-regions, the LiveKitRegions the hub stack was last deployed with: a re-deploy keeps them. A first
 # deployment has none to keep, so it stops and says what the file is. In dry-run mode, a placeholder.
 deployed_livekit_regions() {
-  local stack answer status value
-  stack="$(stack_name hub)"
-  local -a lookup=(cloudformation describe-stacks --region "$HOME_REGION" --stack-name "$stack" --query
-                   "Stacks[0].[StackStatus, Parameters[?ParameterKey=='LiveKitRegions'].ParameterValue | [0]]"
-                   --output text)
-  if [[ $DRY_RUN -eq 1 ]]; then
-    aws_query "<$stack.LiveKitRegions>" "${lookup[@]}"
-    return 0
-  fi
-  if ! answer="$(aws "${lookup[@]}" 2>&1)"; then
-    [[ $answer == *"does not exist"* ]] || die "cannot read the LiveKitRegions of $stack in $HOME_REGION: $answer"
-    answer=""
-  fi
-  IFS=$'\t' read -r status value <<<"$answer" || true
-  if [[ -z $status || $status == REVIEW_IN_PROGRESS || -z $value || $value == None ]]; then
-    die "--livekit-regions FILE is required on a first deployment ($stack is not deployed in $HOME_REGION yet," \
-      "so there are no LiveKit regions to keep): the LiveKit SFUs the hubs hand sessions to, a JSON list with one" \
-      '{"region", "url", "lat", "lon"} per deployment and no keys (those live in the livekit-keys secret);' \
-      "see docs/deploy.md. Later deploys keep the hub stack's value unless given the flag again."
+  local value
+  value="$(deployed_hub_parameter LiveKitRegions)" || exit 1
+  if [[ -z $value ]]; then
+    die "--livekit-regions FILE is required on a first deployment ($(stack_name hub) is not deployed in" \
+      "$HOME_REGION yet, so there are no LiveKit regions to keep): the LiveKit SFUs the hubs hand sessions to, a" \
+      'JSON list with one {"region", "url", "lat", "lon"} per deployment and no keys (those live in the' \
+      "livekit-keys secret); see docs/deploy.md. Later deploys keep the hub stack's value unless given the flag" \
+      "again."
   fi
   echo "$value"
 }

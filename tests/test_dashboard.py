@@ -223,6 +223,31 @@ def test_the_dashboard_shows_each_figure_and_says_why_a_drain_was_refused(live_h
             browser.close()
 
 
+class Questions:
+    """The questions a page asks (window.confirm), each answered as the test says next: ``questions.answer(yes)``
+    before the click."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.asked: list[str] = []
+
+    def answer(self, yes: bool, *, every_time: bool = False) -> None:
+        def reply(dialog: Any) -> None:
+            self.asked.append(dialog.message)
+            dialog.accept() if yes else dialog.dismiss()
+
+        (self.page.on if every_time else self.page.once)("dialog", reply)
+
+
+def signed_in(browser: Any, hub_url: str) -> Any:
+    """A dashboard page of ``hub_url``, signed in with the admin token."""
+    page = browser.new_page()
+    page.goto(f"{hub_url}/dashboard")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#login-button")
+    return page
+
+
 def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
@@ -232,10 +257,7 @@ def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
         hub.register("gpu-use1-gone")
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.goto(f"{hub.url}/dashboard")
-            page.fill("#token", ADMIN_TOKEN)
-            page.click("#login-button")
+            page = signed_in(browser, hub.url)
             row = page.locator('#workers tr[data-worker="gpu-use1-gone"]')
             deadline = time.monotonic() + 15
             while (row.count() == 0 or row.locator("button").text_content() != "Drain"):  # live: no Forget
@@ -246,19 +268,15 @@ def test_dashboard_forgets_a_stale_worker(redis_url: str) -> None:
             sync_api.expect(row.locator("button")).to_have_text("Forget")
             asked: list[str] = []
             page.on("request", lambda request: asked.append(request.url))
-            questions: list[str] = []
-
-            def answer(dialog: Any, accept: bool) -> None:
-                questions.append(dialog.message)
-                dialog.accept() if accept else dialog.dismiss()
-
-            page.once("dialog", lambda dialog: answer(dialog, False))  # an SRE who clicked the wrong row
+            questions = Questions(page)
+            questions.answer(False)  # an SRE who clicked the wrong row
             row.locator("button.forget").click()
             page.wait_for_timeout(500)
-            assert questions == ["Forget gpu-use1-gone? Its registration and the sessions it held are removed."]
+            assert questions.asked == [
+                "Forget gpu-use1-gone? Its registration and the sessions it held are removed."]
             assert not [url for url in asked if url.endswith("/forget")], asked
             sync_api.expect(row).to_have_count(1)
-            page.once("dialog", lambda dialog: answer(dialog, True))
+            questions.answer(True)
             row.locator("button.forget").click()
             sync_api.expect(page.locator("#workers tbody tr")).to_have_count(0)
             with hub.admin() as client:
@@ -312,38 +330,31 @@ def test_a_drain_is_asked_for_first_and_a_resume_is_not(redis_url: str) -> None:
         hub.register("gpu-use1-a")
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.goto(f"{hub.url}/dashboard")
-            page.fill("#token", ADMIN_TOKEN)
-            page.click("#login-button")
+            page = signed_in(browser, hub.url)
             button = page.locator('#workers tr[data-worker="gpu-use1-a"] button')
             sync_api.expect(button).to_have_text("Drain")
             asked: list[str] = []
             page.on("request", lambda request: asked.append(request.url))
-            questions: list[str] = []
-
-            def answer(dialog: Any, accept: bool) -> None:
-                questions.append(dialog.message)
-                dialog.accept() if accept else dialog.dismiss()
-
-            page.once("dialog", lambda dialog: answer(dialog, False))
+            questions = Questions(page)
+            questions.answer(False)
             button.click()
             page.wait_for_timeout(500)
-            assert questions == ["Drain gpu-use1-a? It takes no new session until it is resumed; its sessions run on."]
+            assert questions.asked == [
+                "Drain gpu-use1-a? It takes no new session until it is resumed; its sessions run on."]
             assert not [url for url in asked if url.endswith("/drain")], asked
             with hub.admin() as client:
                 assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is False
 
-            page.once("dialog", lambda dialog: answer(dialog, True))
+            questions.answer(True)
             button.click()
             sync_api.expect(button).to_have_text("Resume")
             with hub.admin() as client:
                 assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is True
 
-            page.on("dialog", lambda dialog: answer(dialog, True))  # none expected: counted below
+            questions.answer(True, every_time=True)  # none expected: counted below
             button.click()
             sync_api.expect(button).to_have_text("Drain")
-            assert len(questions) == 2, questions
+            assert len(questions.asked) == 2, questions.asked
             with hub.admin() as client:
                 assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is False
         finally:
