@@ -125,13 +125,13 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _listed_workers(hub_url: str, admin_token: str) -> set[str] | None:
-    """The worker ids the hub lists; None unless it is ready and takes this run's admin token, which no other
-    fleet's hub (nor anything else that took its port) does."""
+def _listed_workers(hub_url: str, admin_token: str) -> dict[str, int] | None:
+    """The workers the hub lists, each with the stream slots it registered (0 if not said); None unless the hub is
+    ready and takes this run's admin token, which no other fleet's hub (nor anything else that took its port) does."""
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
         resp = httpx.get(f"{hub_url}/api/v1/workers", headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
         if resp.status_code == 200:
-            return {worker["worker_id"] for worker in resp.json()["workers"]}
+            return {worker["worker_id"]: int(worker.get("max_streams", 0)) for worker in resp.json()["workers"]}
     return None
 
 
@@ -148,16 +148,18 @@ def _wait_for_hub(hub_url: str, hub: Part, admin_token: str, step: Callable[[], 
 
 
 def _wait_for_workers(hub_url: str, workers: dict[str, Part], admin_token: str, step: Callable[[], None],
-                      timeout_s: float = 60.0) -> None:
-    """Until the hub lists every worker, so the banner never counts one that did not start."""
+                      timeout_s: float = 60.0) -> int:
+    """Until the hub lists every worker, so the banner never counts one that did not start; then the stream slots
+    of every worker it lists (as each registered them)."""
     deadline = time.monotonic() + timeout_s
     while True:
         step()
         for worker in workers.values():
             worker.check_running()
-        missing = sorted(set(workers) - (_listed_workers(hub_url, admin_token) or set()))
+        listed = _listed_workers(hub_url, admin_token) or {}
+        missing = sorted(set(workers) - set(listed))
         if not missing:
-            return
+            return sum(listed.values())
         if time.monotonic() > deadline:
             late = workers[missing[0]]
             raise DemoFailed(f"{late.name} did not register within {timeout_s:.0f}s"
@@ -170,15 +172,6 @@ def _tail(log_path: str, lines: int = 3) -> str:
     with contextlib.suppress(OSError), open(log_path, errors="replace") as log:
         return " | ".join(line.strip() for line in log.readlines()[-lines:]) or "(empty log)"
     return "(no log)"
-
-
-def _stream_slots(hub_url: str, admin_token: str) -> int:
-    """The stream slots of every worker the hub lists (as each registered them); 0 when the hub does not say."""
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-        resp = httpx.get(f"{hub_url}/api/v1/workers", headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
-        if resp.status_code == 200:
-            return sum(int(worker["max_streams"]) for worker in resp.json()["workers"])
-    return 0
 
 
 def _mean_session_length(mean_session_s: float) -> float:
@@ -252,8 +245,7 @@ def run_demo(workers: int, regions: list[str], hub_port: int, worker_port: int, 
                  "--engine", "synthetic"], worker_env, f"{log_dir}/worker-{i}.log")
             fleet.workers.append(by_id[worker_id])
             step()
-        _wait_for_workers(hub_urls[0], by_id, admin_token, step)
-        stream_slots = _stream_slots(hub_urls[0], admin_token)
+        stream_slots = _wait_for_workers(hub_urls[0], by_id, admin_token, step)
         if users_per_min is None:
             users_per_min = users_per_min_for(stream_slots, mean_session_s)
         fleet_command = _fleet_command()
