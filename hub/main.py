@@ -107,7 +107,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                        larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)
     if settings.cors_origins:  # outermost: a preflight is answered before any route is looked for
-        app.add_middleware(ClientRoutesCors, origins=settings.cors_origins)
+        app.add_middleware(ClientRoutesCors, origins=settings.cors_origins, prefix=sessions.router.prefix)
     errors.install(app)
     for router in (sessions.router, workers.router, workers.channel_router, admin.router, ops.router, dashboard.router):
         app.include_router(router)

@@ -55,6 +55,10 @@ async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: d
                 dispatches += 1
                 break  # rank again: the board has learned from the failure
     if labels and not board.carries(labels):  # the board was read again above: it is not merely stale
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        raise NoMatchingWorker(f"No worker has the labels {shown}.")
+        raise NoMatchingWorker(f"No worker has the labels {describe_labels(labels)}.")
     raise NoCapacity()
+
+
+def describe_labels(labels: dict[str, str]) -> str:
+    """``gpu=a10g, tier=gold``: in key order, as a refusal and the explain view name them."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))

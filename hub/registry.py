@@ -207,11 +207,11 @@ def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:
 def _view(static: dict[str, Any], status: dict[str, Any], *, used: int, state: str, drain: bool, heartbeat_ms: int,
           now_ms: int, ttl_ms: int) -> WorkerView:
     max_streams = int(static.get("max_streams", 0))
-    live = alive(heartbeat_ms, now_ms, ttl_ms)
+    live, held = alive(heartbeat_ms, now_ms, ttl_ms), WorkerState(state)
     return WorkerView(
         worker_id=static["worker_id"], url=static["url"], region=static["region"], zone=static.get("zone"),
-        location=Location(lat=static["lat"], lon=static["lon"]), state=WorkerState(state),
-        status=WorkerState(state).value if live else "stale", drain_requested=drain,
+        location=Location(lat=static["lat"], lon=static["lon"]), state=held,
+        status=held.value if live else "stale", drain_requested=drain,
         alive=live, max_streams=max_streams, used_streams=used,
         free_streams=max(0, max_streams - used) if live and state == "ready" else 0,
         heartbeat_age_s=round(max(0, now_ms - heartbeat_ms) / 1000, 3) if heartbeat_ms else None,

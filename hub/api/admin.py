@@ -12,6 +12,7 @@ from hub.allocator import resolve_location
 from hub.api.deps import HubDep, HubState, WorkerIdPath, require_admin
 from hub.api.errors import error_responses
 from hub.livekit import choose_deployment
+from hub.placement import describe_labels
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
     Candidate,
@@ -130,8 +131,7 @@ async def explain_route(
 def _why_no_candidate(hub: HubState, labels: dict[str, str]) -> str:
     """What a session request here would be answered, and why (labels first: no worker at all has them either)."""
     if labels and not hub.board.carries(labels):
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        return f"no worker has the labels {shown} (no_matching_worker)"
+        return f"no worker has the labels {describe_labels(labels)} (no_matching_worker)"
     if not hub.board.entries:
         return "no worker is registered (no_capacity)"
     return "every worker that could take the session is full, draining or stale (no_capacity)"

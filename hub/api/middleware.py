@@ -5,9 +5,6 @@ from __future__ import annotations
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: The routes a client app calls: the only ones a browser page of another origin may reach (``ClientRoutesCors``).
-CLIENT_ROUTES = "/api/v1/sessions"
-
 
 class HeadAsGet:
     """Answer HEAD wherever GET is served (RFC 9110 §9.3.2): route it as a GET and send the headers only.
@@ -31,18 +28,19 @@ class HeadAsGet:
 
 
 class ClientRoutesCors:
-    """CORS for the client routes only (``FLEET_CORS_ORIGINS``): a page of a listed origin may create, read and end
-    sessions from the browser. Every other route (the SRE's, the workers') answers no other origin, so a page can
-    never drive them with a token it got hold of. No credentials: the client routes take none."""
+    """CORS for the client routes only (``FLEET_CORS_ORIGINS``), those under ``prefix``: a page of a listed origin
+    may create, read and end sessions from the browser. Every other route (the SRE's, the workers') answers no other
+    origin, so a page can never drive them with a token it got hold of. No credentials: the client routes take none."""
 
-    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, origins: list[str], prefix: str) -> None:
         self.app = app
+        self.prefix = prefix
         self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
                                    allow_headers=["Content-Type"], expose_headers=["Retry-After"], max_age=600)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == CLIENT_ROUTES or path.startswith(CLIENT_ROUTES + "/")):
+        if scope["type"] == "http" and (path == self.prefix or path.startswith(self.prefix + "/")):
             await self.cors(scope, receive, send)
         else:
             await self.app(scope, receive, send)
