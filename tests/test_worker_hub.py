@@ -590,6 +590,52 @@ async def test_a_failing_or_malformed_hub_is_retryable_and_leaves_sessions_alone
         await runner.cleanup()
 
 
+async def test_a_slow_heartbeat_answer_does_not_stretch_the_interval() -> None:
+    """Heartbeats start an interval apart, however long the hub takes to answer each: a loop that slept a whole
+    interval after every answer made each gap the hub saw an interval plus an answer, eating into the TTL of three
+    intervals (a hub answering in 0.8 of an interval left 1.8 between heartbeats)."""
+    from aiohttp import web
+
+    interval, answer_s = 0.5, 0.4
+    arrivals: list[float] = []
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": interval, "ttl_s": 3 * interval,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(_: web.Request) -> web.Response:
+        arrivals.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(answer_s)
+        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
+                                  "heartbeat_interval_s": interval})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/workers", register)
+    app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=2)
+    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, SessionManager(SyntheticEngine(), max_streams=2),
+                       timeout_s=2.0, use_channel=False)
+    loop: asyncio.Task[None] | None = None
+    try:
+        await client.register_once()
+        loop = asyncio.create_task(client.heartbeat_loop())
+        await wait_for(lambda: len(arrivals) >= 7, 20, "seven heartbeats")
+        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+        mean = sum(gaps) / len(gaps)
+        assert client.manager.metrics.heartbeats.labels("failed")._value.get() == 0
+        assert mean < interval + answer_s / 2, f"heartbeats {mean:.2f} s apart at an interval of {interval} s"
+    finally:
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+        await client.aclose()
+        await runner.cleanup()
+
+
 def test_the_audio_websocket_is_announced_in_its_public_form() -> None:
     path = "/sessions/{session_id}/audio"
     assert client_audio_url("https://w1.example.com/", path) == "wss://w1.example.com/sessions/{session_id}/audio"

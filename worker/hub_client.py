@@ -364,12 +364,15 @@ class HubClient:
         delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
         forgotten = 0  # in a row: a hub that forgets the worker again at once must not make it spin
         while True:
+            started = time.monotonic()
             try:
                 await self.heartbeat_once()
                 self.manager.metrics.heartbeats.labels("ok").inc()
                 delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
                 forgotten = 0
-                await asyncio.sleep(self.interval_s)
+                # The interval runs from the heartbeat's start: a slow answer (a loaded hub, the channel's wait for
+                # one) must not add itself to every gap the hub sees, which the TTL allows only three intervals.
+                await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
             except WorkerForgotten as exc:
                 self.manager.metrics.heartbeats.labels("forgotten").inc()
                 log.warning("hub forgot worker %s (%s); registering again", self.worker_id, exc)
