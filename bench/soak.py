@@ -36,6 +36,7 @@ import redis.asyncio as aredis
 
 from bench.common import ROOT
 from shared import keys
+from shared.models import MAX_PAGE
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH
 from tests.harness import HubProcess, WorkerProcess
@@ -333,7 +334,9 @@ class Soak:
         return self.report(final, empty, ended, ready, rate_per_s)
 
     async def end_everything(self, http: httpx.AsyncClient) -> int:
-        held = (await http.get(f"{self.hubs[0].url}/api/v1/sessions", headers=ADMIN_AUTH)).json()["sessions"]
+        # One page: the soak's fleet holds far fewer sessions than a page.
+        held = (await http.get(f"{self.hubs[0].url}/api/v1/sessions", params={"limit": MAX_PAGE},
+                               headers=ADMIN_AUTH)).json()["sessions"]
         answers = await asyncio.gather(*(http.delete(f"{self.hubs[n % 2].url}/api/v1/sessions/{s['session_id']}")
                                          for n, s in enumerate(held)))
         return sum(a.status_code == 204 for a in answers)

@@ -25,6 +25,7 @@ from rich.text import Text
 from shared.auth import DEFAULT_ADMIN_TOKEN
 from shared.errors import SessionNotFound, WorkerUnknown
 from shared.keys import WORKER_ID_PATTERN
+from shared.models import MAX_PAGE
 
 EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 2, 3, 4, 5
 DEFAULT_HUB = "http://127.0.0.1:8080"
@@ -187,6 +188,19 @@ def _load(worker: dict[str, Any]) -> str:
     return f"{worker['used_streams'] / worker['max_streams']:.0%}" if worker["max_streams"] else "—"
 
 
+def every_page(hub: str, token: str, path: str, items: str, params: dict[str, Any]) -> dict[str, list[Any]]:
+    """A whole listing, page after page (the hub answers one page per request, so that listing a large fleet never
+    holds it for long), as ``{items: [...]}``."""
+    listed: list[Any] = []
+    cursor = None
+    while True:
+        data = call(hub, token, "GET", path, {**params, "limit": MAX_PAGE, "cursor": cursor})
+        listed.extend(data[items])
+        if data.get("next_cursor") in (None, cursor):  # the same cursor again would never end
+            return {items: listed}
+        cursor = data["next_cursor"]
+
+
 def workers_table(workers: list[dict[str, Any]], title: str | None = None) -> Table:
     # A stale worker's figures are those of its last heartbeat; the hub routes nothing to it and its leases lapse.
     caption = "stale: streams and load as of the last heartbeat" if any(not w["alive"] for w in workers) else None
@@ -232,7 +246,7 @@ def workers(
     """List the registered workers."""
     if state is not None and state not in ("ready", "draining", "stale"):
         _fail(f"--state must be ready, draining or stale, not {state!r}", EXIT_USAGE)
-    data = call(hub, token, "GET", "/api/v1/workers", {"region": region, "state": state})
+    data = every_page(hub, token, "/api/v1/workers", "workers", {"region": region, "state": state})
     if json:
         _print_json(data)
     else:
@@ -278,7 +292,8 @@ def sessions(
     hub: str = HubOpt, token: str = TokenOpt, json: bool = JsonOpt,
 ) -> None:
     """List the sessions the fleet holds."""
-    data = call(hub, token, "GET", "/api/v1/sessions", {"worker_id": worker, "region": region})
+    data = every_page(hub, token, "/api/v1/sessions", "sessions", {"worker_id": worker, "region": region})
+    data["sessions"].sort(key=lambda s: s["created_at"])  # each page is in order, the pages are by worker
     if json:
         _print_json(data)
         return

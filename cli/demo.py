@@ -27,6 +27,7 @@ import httpx
 
 from shared.children import ended_with_this_process
 from shared.geo import AWS_REGIONS, region_location
+from shared.models import MAX_PAGE
 from shared.redis_server import EmbeddedRedis
 
 #: (city, lat, lon, relative weight ~ metro population in millions)
@@ -129,7 +130,9 @@ def _listed_workers(hub_url: str, admin_token: str) -> dict[str, int] | None:
     """The workers the hub lists, each with the stream slots it registered (0 if not said); None unless the hub is
     ready and takes this run's admin token, which no other fleet's hub (nor anything else that took its port) does."""
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-        resp = httpx.get(f"{hub_url}/api/v1/workers", headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
+        # One page: a demo fleet on one machine is far smaller than a page.
+        resp = httpx.get(f"{hub_url}/api/v1/workers", params={"limit": MAX_PAGE},
+                         headers={"Authorization": f"Bearer {admin_token}"}, timeout=2)
         if resp.status_code == 200:
             return {worker["worker_id"]: int(worker.get("max_streams", 0)) for worker in resp.json()["workers"]}
     return None

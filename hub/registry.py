@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import time
@@ -20,12 +21,14 @@ from shared.auth import digest, new_secret
 from shared.errors import WorkerAlive, WorkerConflict, WorkerCredentialInvalid, WorkerUnknown
 from shared.geo import AWS_REGIONS
 from shared.models import (
+    DEFAULT_PAGE,
     FleetCapacity,
     GpuInfo,
     Heartbeat,
     HeartbeatReply,
     Location,
     RegistrationAccepted,
+    SessionSummary,
     WorkerRegistration,
     WorkerState,
     WorkerView,
@@ -33,6 +36,10 @@ from shared.models import (
 
 log = logging.getLogger(__name__)
 
+#: The most workers whose sessions one page of the session listing reads (three commands each, pipelined).
+SESSION_PAGE_WORKERS = 500
+#: Workers read per round trip while a page of sessions is gathered: a page that fills early stops reading.
+_SESSION_READ_CHUNK = 100
 #: A session this hub told a worker to stop is not stopped again through its DELETE within this time (its heartbeats
 #: may name it a few more times before the stop lands).
 _STOP_AGAIN_AFTER_S = 30.0
@@ -164,13 +171,22 @@ class Registry:
         return _view(static, status, used=used, state=state, drain=drain, heartbeat_ms=hb, now_ms=now_ms,
                      ttl_ms=self.settings.ttl_ms)
 
-    async def list(self, region: str | None = None, state: str | None = None) -> list[WorkerView]:
-        """From a fresh read of the routing board: one round trip whatever the fleet size."""
+    async def worker_page(self, region: str | None = None, state: str | None = None, *, limit: int = DEFAULT_PAGE,
+                          cursor: str | None = None) -> tuple[list[WorkerView], str | None]:
+        """One page of workers in (region, id) order after ``cursor``, and the cursor of the next page (None on the
+        last). From a fresh read of the routing board: one round trip whatever the fleet size; views are built for
+        the page only (views of 10,000 workers held the hub's loop, and its client requests, for a third of a
+        second)."""
         await self.board.refresh()
-        now = self.board.now_ms
-        views = [_entry_view(e, now, self.settings.ttl_ms) for e in self.board.entries.values()]
-        return [v for v in sorted(views, key=lambda v: (v.region, v.worker_id))
-                if (region is None or v.region == region) and (state is None or v.status == state)]
+        now, ttl = self.board.now_ms, self.settings.ttl_ms
+        after = tuple(cursor.split("/", 1)) if cursor is not None else ("", "")
+        chosen = heapq.nsmallest(limit + 1, (
+            e for e in self.board.entries.values()
+            if (region is None or e.region == region) and (state is None or _status(e, now, ttl) == state)
+            and (e.region, e.worker_id) > after), key=_listing_order)
+        page = chosen[:limit]
+        next_cursor = f"{page[-1].region}/{page[-1].worker_id}" if len(chosen) > limit else None
+        return [_entry_view(e, now, ttl) for e in page], next_cursor
 
     async def capacity(self) -> FleetCapacity:
         """Per region, from the board's entries as they are (no view per worker: the CloudWatch publisher and the
@@ -192,10 +208,59 @@ class Registry:
                 if region in (None, e.region)}
 
 
+    async def session_page(
+            self, region: str | None = None, worker_id: str | None = None, *, limit: int = DEFAULT_PAGE,
+            cursor: str | None = None) -> tuple[list[SessionSummary], str | None]:
+        """One page of the sessions the fleet holds (of ``region``, or of ``worker_id``), oldest first, and the next
+        page's cursor (None on the last). Pages go worker by worker in id order after the worker ``cursor``: a page
+        holds all the sessions of each worker it lists, at most ``limit`` unless one worker alone holds more, and
+        reads the keys of at most ``SESSION_PAGE_WORKERS`` workers, so a page may hold fewer sessions and still
+        have a next. What one page costs the hub is bounded, whatever the fleet."""
+        liveness = await self.liveness(region=region, worker_id=worker_id)
+        scan = heapq.nsmallest(SESSION_PAGE_WORKERS + 1, (w for w in liveness if cursor is None or w > cursor))
+        more = len(scan) > SESSION_PAGE_WORKERS
+        del scan[SESSION_PAGE_WORKERS:]
+        alive = {w for w in scan if liveness[w]}
+        page: list[SessionSummary] = []
+        last: str | None = None
+        for start in range(0, len(scan), _SESSION_READ_CHUNK):
+            chunk = scan[start:start + _SESSION_READ_CHUNK]
+            held = await self.store.sessions_of(chunk, alive=alive)
+            for wid in chunk:
+                records = held.get(wid, {})
+                if page and len(page) + len(records) > limit:
+                    return _oldest_first(page), last
+                page.extend(_session_summary(sid, r) for sid, r in records.items())
+                last = wid
+        return _oldest_first(page), last if more else None
+
+
+def _session_summary(session_id: str, r: dict[str, Any]) -> SessionSummary:
+    return SessionSummary(session_id=session_id, session_key=r.get("session_key"), worker_id=r["worker_id"],
+                          worker_region=r["worker_region"], livekit_region=r["livekit_region"], room=r["room"],
+                          status=r["status"], created_at=r["created_at"],
+                          location=Location.model_validate(r["location"]) if r.get("location") else None)
+
+
+def _oldest_first(sessions: list[SessionSummary]) -> list[SessionSummary]:
+    return sorted(sessions, key=lambda s: s.created_at)
+
+
 def _region_center(region: str) -> Location:
     """Where a worker that sent no location stands; its registration was refused if the region is unknown."""
     loc = AWS_REGIONS[region]
     return Location(lat=loc.lat, lon=loc.lon)
+
+
+def _listing_order(e: Entry) -> tuple[str, str]:
+    return e.region, e.worker_id
+
+
+def _status(e: Entry, now_ms: int, ttl_ms: int) -> str:
+    """What ``WorkerView.status`` says of the entry, without building the view."""
+    if not alive(e.heartbeat_ms, now_ms, ttl_ms):
+        return "stale"
+    return "draining" if e.state == "draining" else "ready"
 
 
 def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:

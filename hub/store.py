@@ -374,15 +374,23 @@ class FleetStore:
                 chunk = worker_ids[start:start + 500]
                 pipe = self.redis.pipeline(transaction=False)
                 for wid in chunk:
+                    pipe.hgetall(keys.worker_keys(wid).sessions)
+                records_of = dict(zip(chunk, await pipe.execute(), strict=True))
+                out.update((wid, {}) for wid, records in records_of.items() if not records)
+                # Then the leases of the workers that hold a record: an idle worker costs the listing one command.
+                holding = [wid for wid, records in records_of.items() if records]
+                if not holding:
+                    continue
+                pipe = self.redis.pipeline(transaction=False)
+                for wid in holding:
                     wk = keys.worker_keys(wid)
-                    pipe.hgetall(wk.sessions)
                     pipe.hkeys(wk.active)
                     pipe.zrangebyscore(wk.leases, "-inf" if wid in alive else f"({now_ms}", "+inf", withscores=True)
                 results = await pipe.execute()
-                for i, wid in enumerate(chunk):
-                    records, active, expiries = results[3 * i], set(results[3 * i + 1]), dict(results[3 * i + 2])
+                for i, wid in enumerate(holding):
+                    active, expiries = set(results[2 * i]), dict(results[2 * i + 1])
                     out[wid] = {sid: {**json.loads(raw), "status": _lease_status(sid in active, expiries[sid], now_ms)}
-                                for sid, raw in records.items() if sid in expiries}
+                                for sid, raw in records_of[wid].items() if sid in expiries}
         return out
 
     # --- session-key affinity ------------------------------------------------------------------------------

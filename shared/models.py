@@ -312,8 +312,20 @@ class WorkerView(Strict):
     registered_at: float
 
 
+#: The most workers, or sessions, one page of an SRE listing holds: a listing's cost to the hub that answers it (and
+#: to the client requests that hub serves meanwhile) is bounded by a page, not by the fleet.
+MAX_PAGE = 1000
+#: What one page holds when the request names no ``limit``.
+DEFAULT_PAGE = 500
+#: The worker listing's cursor: the last worker of the page before, as ``region/worker_id`` (the listing's order).
+#: The session listing's is the id of the last worker whose sessions it listed. Clients pass back ``next_cursor``.
+WORKER_CURSOR_PATTERN = r"^[a-z0-9-]{1,32}/" + WORKER_ID_PATTERN.removeprefix("^")
+
+
 class WorkerList(Strict):
     workers: list[WorkerView]
+    next_cursor: str | None = Field(
+        default=None, description="Where the next page starts (pass it as `cursor`); null on the last page.")
 
 
 class RegionCapacity(Strict):
@@ -344,6 +356,8 @@ class SessionSummary(Strict):
 
 class SessionList(Strict):
     sessions: list[SessionSummary]
+    next_cursor: str | None = Field(
+        default=None, description="Where the next page starts (pass it as `cursor`); null on the last page.")
 
 
 class ScoreFactors(Strict):

@@ -49,3 +49,11 @@ def test_routing_quick() -> None:
     refused = int(out.split("reservations refused on a stale board and re-ranked: ")[1].split()[0])
     assert refused > 0, out  # the path a false reject would come from is exercised
     assert "GPU-h" in out, out
+
+
+def test_sre_views_quick() -> None:
+    out = _run("bench.sre_views")
+    for view in ("/api/v1/workers?limit=500", "/api/v1/fleet", "/api/v1/sessions?limit=200", "/metrics"):
+        assert f"  {view} " in out and "ms of hub CPU" in out, out
+    assert "dashboard refresh:" in out and "whole listing: 200 workers in 1 pages" in out, out
+    assert "N=   200 workers, 50 sessions:" in out, out  # every session was placed

@@ -178,6 +178,26 @@ def test_sessions_lists_placed_sessions_with_their_origin(live_hub: LiveHub) -> 
     assert table.exit_code == 0 and "gpu-euc1-a" in table.output and "48.9, 2.4" in table.output
 
 
+def test_listings_follow_every_page_of_the_hub(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub answers a page per request; the CLI lists the whole fleet, sessions oldest first across pages."""
+    monkeypatch.setattr(admin, "MAX_PAGE", 1)
+    with LiveHub(redis_url, fake_workers=2) as hub:
+        for n, worker in enumerate(hub.fake_workers):
+            hub.register(f"gpu-{n}", worker.url, region="eu-central-1", location={"lat": 50.1, "lon": 8.7})
+        with hub.admin() as client:
+            placed = []
+            for _ in range(4):
+                resp = client.post("/api/v1/sessions", json={"location": {"lat": 48.85, "lon": 2.35}})
+                assert resp.status_code == 201, resp.text
+                placed.append(resp.json()["session_id"])
+            assert client.get("/api/v1/workers", params={"limit": 1}).json()["next_cursor"] is not None
+        workers = json.loads(fleet(hub, "workers", "--json").output)["workers"]
+        sessions = json.loads(fleet(hub, "sessions", "--json").output)["sessions"]
+    assert [w["worker_id"] for w in workers] == ["gpu-0", "gpu-1"]
+    assert {s["worker_id"] for s in sessions} == {"gpu-0", "gpu-1"}  # both workers' pages
+    assert [s["session_id"] for s in sessions] == placed  # oldest first, across the pages
+
+
 def _ids_listed(hub: LiveHub) -> list[str]:
     """Every worker and session id the hub holds, after adding a worker with an EC2 instance id (19 characters)."""
     hub.register("i-0a1b2c3d4e5f60718", region="eu-central-1",

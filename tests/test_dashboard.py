@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, WORKER_AUTH, registration
 from tests.harness import WorkerProcess
 from tests.test_cli_admin import LiveHub, seed
 
@@ -129,6 +129,8 @@ def test_dashboard_in_chromium_logs_in_shows_the_fleet_and_drains(live_hub: Live
                 sync_api.expect(the_real_one).to_contain_text("us-west-2")
                 sync_api.expect(the_real_one).to_contain_text("T4")
                 sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(3)
+                sync_api.expect(page.locator("#worker-count")).to_have_text("6 registered")  # one page: all
+                sync_api.expect(page.locator("#session-count")).to_have_text("3 held")
                 sync_api.expect(page.locator("#workers-layer circle")).to_have_count(6)
                 sync_api.expect(page.locator("#sessions-layer circle")).to_have_count(3)
                 sync_api.expect(page.locator("#livekit rect")).to_have_count(3)
@@ -357,5 +359,39 @@ def test_a_drain_is_asked_for_first_and_a_resume_is_not(redis_url: str) -> None:
             assert len(questions.asked) == 2, questions.asked
             with hub.admin() as client:
                 assert client.get("/api/v1/workers/gpu-use1-a").json()["drain_requested"] is False
+        finally:
+            browser.close()
+
+
+def test_a_large_fleet_is_shown_a_page_at_a_time_and_says_so(redis_url: str) -> None:
+    """Each refresh asks for one page of workers and of sessions, so that a dashboard left open on a fleet of
+    thousands costs its hub a bounded read every 3 s; the counts then say that the tables hold a part."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    with LiveHub(redis_url) as hub, sync_api.sync_playwright() as pw:
+        with httpx.Client(base_url=hub.url, headers=WORKER_AUTH, timeout=5) as client:
+            for i in range(501):  # registration alone makes a worker live
+                assert client.post("/api/v1/workers", json=registration(
+                    f"w-{i:03d}", "http://127.0.0.1:9", max_streams=2)).status_code == 200
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            # A session page with more to come, as a fleet holding more sessions than a page answers.
+            page.route("**/api/v1/sessions?limit=200", lambda route: route.fulfill(json={"sessions": [{
+                "session_id": "w-000-s1", "session_key": None, "worker_id": "w-000", "worker_region": "us-east-1",
+                "livekit_region": "us-east-1", "room": "r", "status": "active", "created_at": time.time(),
+                "location": None}], "next_cursor": "w-000"}))
+            page.goto(f"{hub.url}/dashboard")
+            page.fill("#token", ADMIN_TOKEN)
+            page.click("#login-button")
+            sync_api.expect(page.locator("#workers tbody tr")).to_have_count(500)
+            sync_api.expect(page.locator("#worker-count")).to_have_text("the first 500 by region (fleet workers "
+                                                                       "lists all)")
+            sync_api.expect(page.locator("#session-count")).to_have_text("1 shown of 0 streams in use")
+            listings = [url for url in asked if "/api/v1/workers" in url or "/api/v1/sessions" in url]
+            assert listings and all("limit=" in url for url in listings), listings
         finally:
             browser.close()

@@ -15,6 +15,9 @@ from hub.livekit import choose_deployment
 from hub.placement import describe_labels
 from shared.keys import WORKER_ID_PATTERN
 from shared.models import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    WORKER_CURSOR_PATTERN,
     Candidate,
     ErrorBody,
     FleetCapacity,
@@ -25,7 +28,6 @@ from shared.models import (
     RouteExplanation,
     ScoreFactors,
     SessionList,
-    SessionSummary,
     WorkerList,
     WorkerView,
 )
@@ -33,10 +35,18 @@ from shared.models import (
 router = APIRouter(prefix="/api/v1", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=error_responses(401, 422, 503))
 
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="The most items the page holds.")]
+
+
 @router.get("/workers", response_model=WorkerList)
 async def list_workers(hub: HubDep, region: Annotated[str | None, Query(max_length=32)] = None,
-                       state: Annotated[str | None, Query(pattern="^(ready|draining|stale)$")] = None) -> WorkerList:
-    return WorkerList(workers=await hub.registry.list(region=region, state=state))
+                       state: Annotated[str | None, Query(pattern="^(ready|draining|stale)$")] = None,
+                       limit: PageLimit = DEFAULT_PAGE,
+                       cursor: Annotated[str | None, Query(pattern=WORKER_CURSOR_PATTERN, description=(
+                           "The `next_cursor` of the page before."))] = None) -> WorkerList:
+    """Workers by region, then id, a page at a time: follow `next_cursor` until it is null."""
+    workers, next_cursor = await hub.registry.worker_page(region=region, state=state, limit=limit, cursor=cursor)
+    return WorkerList(workers=workers, next_cursor=next_cursor)
 
 
 @router.get("/workers/{worker_id}", response_model=WorkerView, responses={404: {"model": ErrorBody}})
@@ -72,18 +82,15 @@ async def fleet_capacity(hub: HubDep) -> FleetCapacity:
 
 @router.get("/sessions", response_model=SessionList, responses={404: {"model": ErrorBody}})
 async def list_sessions(hub: HubDep, worker_id: Annotated[str | None, Query(pattern=WORKER_ID_PATTERN)] = None,
-                        region: Annotated[str | None, Query(max_length=32)] = None) -> SessionList:
-    liveness = await hub.registry.liveness(region=region, worker_id=worker_id)
-    alive = {wid for wid, is_alive in liveness.items() if is_alive}
-    held = await hub.store.sessions_of(list(liveness), alive=alive)
-    sessions = [
-        SessionSummary(session_id=sid, session_key=r.get("session_key"), worker_id=r["worker_id"],
-                       worker_region=r["worker_region"], livekit_region=r["livekit_region"], room=r["room"],
-                       status=r["status"], created_at=r["created_at"],
-                       location=Location.model_validate(r["location"]) if r.get("location") else None)
-        for records in held.values() for sid, r in records.items()
-    ]
-    return SessionList(sessions=sorted(sessions, key=lambda s: s.created_at))
+                        region: Annotated[str | None, Query(max_length=32)] = None,
+                        limit: PageLimit = DEFAULT_PAGE,
+                        cursor: Annotated[str | None, Query(pattern=WORKER_ID_PATTERN, description=(
+                            "The `next_cursor` of the page before."))] = None) -> SessionList:
+    """Sessions a page at a time, worker by worker (oldest first within a page): follow `next_cursor` until it is
+    null. A page may hold fewer than `limit` sessions and still have a next one."""
+    sessions, next_cursor = await hub.registry.session_page(region=region, worker_id=worker_id, limit=limit,
+                                                            cursor=cursor)
+    return SessionList(sessions=sessions, next_cursor=next_cursor)
 
 
 @router.get("/route/explain", response_model=RouteExplanation)

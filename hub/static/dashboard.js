@@ -4,9 +4,14 @@
 
 const TOKEN_KEY = "fleetAdminToken";
 const REFRESH_MS = 3000;
+// One page of each listing per refresh: what a refresh costs the hub (and the client requests it serves meanwhile)
+// stays bounded however large the fleet grows. The CLI lists everything.
+const WORKER_PAGE = 500;
+const SESSION_PAGE = 200;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-const state = { workers: [], sort: { key: "worker_id", dir: 1 }, timer: null, busy: new Set(), land: null };
+const state = { workers: [], moreWorkers: false, sort: { key: "worker_id", dir: 1 }, timer: null, busy: new Set(),
+                land: null };
 
 class AuthError extends Error {}
 
@@ -143,7 +148,8 @@ function drawWorkers() {
     tr.append(cell);
     return tr;
   }));
-  $("worker-count").textContent = `${rows.length} registered`;
+  $("worker-count").textContent = state.moreWorkers
+    ? `the first ${rows.length} by region (fleet workers lists all)` : `${rows.length} registered`;
 }
 
 function drawCapacity(fleet) {
@@ -163,15 +169,16 @@ function drawCapacity(fleet) {
   }));
 }
 
-function drawSessions(sessions) {
+function drawSessions(sessions, more, inUse) {
   const now = Date.now() / 1000;
-  $("sessions").tBodies[0].replaceChildren(...sessions.slice(-200).reverse().map((s) => {
+  $("sessions").tBodies[0].replaceChildren(...[...sessions].reverse().map((s) => {
     const tr = el("tr");
     tr.append(el("td", s.session_id), el("td", s.worker_id), el("td", s.worker_region), el("td", s.livekit_region),
               el("td", s.status), el("td", age(Math.max(0, now - s.created_at))));
     return tr;
   }));
-  $("session-count").textContent = `${sessions.length} held`;
+  $("session-count").textContent =
+    more ? `${sessions.length} shown of ${inUse} streams in use` : `${sessions.length} held`;
 }
 
 // --- flow -------------------------------------------------------------------------------------------------
@@ -179,12 +186,14 @@ function drawSessions(sessions) {
 async function refresh() {
   try {
     const [workers, fleet, sessions, livekit] = await Promise.all([
-      api("/api/v1/workers"), api("/api/v1/fleet"), api("/api/v1/sessions"), api("/dashboard/api/livekit")]);
+      api(`/api/v1/workers?limit=${WORKER_PAGE}`), api("/api/v1/fleet"), api(`/api/v1/sessions?limit=${SESSION_PAGE}`),
+      api("/dashboard/api/livekit")]);
     if (!sessionStorage.getItem(TOKEN_KEY)) return;  // signed out while this read was on the wire
     state.workers = workers.workers;
+    state.moreWorkers = workers.next_cursor !== null;
     drawWorkers();
     drawCapacity(fleet);
-    drawSessions(sessions.sessions);
+    drawSessions(sessions.sessions, sessions.next_cursor !== null, fleet.total.used_streams);
     drawMap(state.workers, sessions.sessions, livekit.regions);
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
     $("status").className = "muted";
