@@ -590,6 +590,81 @@ async def test_a_failing_or_malformed_hub_is_retryable_and_leaves_sessions_alone
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("use_channel", [True, False], ids=["channel", "post"])
+async def test_a_session_that_ends_on_its_own_is_told_to_the_hub_at_once(make_running_hub: Any, run_agent: Any,
+                                                                          use_channel: bool) -> None:
+    """The hub holds a session, and hands it to a client presenting its ``session_key``, until a heartbeat leaves
+    it out. Regression: a user who reconnected right after the agent left (LiveKit's participant_left) got the ended
+    session back for up to an interval and joined an empty room. The interval here is 30 s: only the heartbeat sent
+    for the end can free it within the test's 2 s."""
+    running = await make_running_hub(heartbeat_interval_s=30.0, worker_ttl_s=90.0)
+    agent = await run_agent(worker_settings(running, heartbeat_channel=use_channel),
+                            engine=SyntheticEngine(session_duration_s=0.5))
+    key = {"session_key": "reconnect-0123456789abcdef"}
+    loop = asyncio.get_running_loop()
+    async with running.client() as hub:
+        await wait_for(lambda: agent.hub.last_reply is not None, 5, "the first heartbeat's answer")
+        first = await hub.post("/api/v1/sessions", json=key)
+        assert first.status_code == 201, first.text
+        sid = first.json()["session_id"]
+        await wait_for(lambda: sid not in agent.manager.sessions, 5, "the session's own end")
+        ended_at = loop.time()
+        while (await hub.get(f"/api/v1/sessions/{sid}")).status_code != 404:
+            assert loop.time() - ended_at < 2.0, "the hub still holds the session the worker ended"
+            await asyncio.sleep(0.05)
+        again = await hub.post("/api/v1/sessions", json=key)
+        assert again.status_code == 201 and again.json()["session_id"] != sid, again.text
+
+
+async def test_a_burst_of_ends_is_told_in_one_heartbeat() -> None:
+    """Sessions that end together (a room closing, an engine failing) cost the hub one heartbeat, not one each."""
+    from aiohttp import web
+
+    from shared.models import SessionDispatch
+
+    bodies: list[dict[str, Any]] = []
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 30.0, "ttl_s": 90.0,
+                                  "worker_secret": "s", "state": "ready"})
+
+    async def beat(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 8,
+                                  "heartbeat_interval_s": 30.0})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/workers", register)
+    app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    manager = SessionManager(SyntheticEngine(), max_streams=8)
+    for n in range(5):
+        await manager.start(SessionDispatch(session_id=f"s{n}", room="r", livekit_url="ws://x", token="t"))
+    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=8)
+    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, manager, timeout_s=2.0, use_channel=False)
+    loop: asyncio.Task[None] | None = None
+    try:
+        await client.register_once()
+        loop = asyncio.create_task(client.heartbeat_loop())
+        await wait_for(lambda: len(bodies) == 1, 5, "the first heartbeat")
+        assert len(bodies[0]["active_sessions"]) == 5
+        for n in range(5):
+            manager._ended(f"s{n}", "room closed")  # the engine's callback, as a room closing calls it
+        await wait_for(lambda: len(bodies) == 2, 2, "the heartbeat that tells the ends")
+        await asyncio.sleep(0.5)
+        assert len(bodies) == 2 and bodies[1]["active_sessions"] == []
+    finally:
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+        await client.aclose()
+        await manager.stop_all()
+        await runner.cleanup()
+
+
 async def test_a_slow_heartbeat_answer_does_not_stretch_the_interval() -> None:
     """Heartbeats start an interval apart, however long the hub takes to answer each: a loop that slept a whole
     interval after every answer made each gap the hub saw an interval plus an answer, eating into the TTL of three

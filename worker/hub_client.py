@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import re
 import threading
@@ -41,6 +42,9 @@ T = TypeVar("T")
 #: first time, then at most once in this many seconds while it lasts (at DEBUG in between): an ERROR and a WARNING
 #: at every retry buried the one line that says what to do.
 REFUSAL_LOG_EVERY_S = 60.0
+#: After a session ends on its own, the heartbeat that tells the hub goes no sooner than this after the one before
+#: began, so that a burst of ends (a room closing, an engine failing) costs the hub one heartbeat, not one each.
+ENDED_HEARTBEAT_GAP_S = 0.25
 
 
 class _RegistrationRefused(HubUnavailable):
@@ -370,9 +374,7 @@ class HubClient:
                 self.manager.metrics.heartbeats.labels("ok").inc()
                 delays = backoff_delays(base_s=0.2, cap_s=self.backoff_cap_s)
                 forgotten = 0
-                # The interval runs from the heartbeat's start: a slow answer (a loaded hub, the channel's wait for
-                # one) must not add itself to every gap the hub sees, which the TTL allows only three intervals.
-                await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
+                await self._until_next_heartbeat(started)
             except WorkerForgotten as exc:
                 self.manager.metrics.heartbeats.labels("forgotten").inc()
                 log.warning("hub forgot worker %s (%s); registering again", self.worker_id, exc)
@@ -388,6 +390,19 @@ class HubClient:
                 self.manager.metrics.heartbeats.labels("failed").inc()
                 log.exception("heartbeat could not be built or applied")
                 await self._back_off(f"heartbeat failed ({describe_error(exc)})", next(delays))
+
+    async def _until_next_heartbeat(self, started: float) -> None:
+        """Until an interval after the last heartbeat began, or sooner when a session ends on its own.
+
+        The interval runs from the heartbeat's start: a slow answer (a loaded hub, the channel's wait for one) must
+        not add itself to every gap the hub sees, which the TTL allows only three intervals. A session's end is
+        told at once because the hub holds the session, and hands it to a client presenting its ``session_key``,
+        until a heartbeat leaves it out: a user who reconnects right after the agent left would join an empty
+        room. Ends within ``ENDED_HEARTBEAT_GAP_S`` of the last heartbeat share the next one."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, started + self.interval_s - time.monotonic())):
+                await self.manager.ended_unreported.wait()
+        await asyncio.sleep(max(0.0, started + min(ENDED_HEARTBEAT_GAP_S, self.interval_s) - time.monotonic()))
 
     async def _back_off(self, what: str, delay: float) -> None:
         delay = min(delay, self.interval_s)

@@ -96,6 +96,8 @@ class SessionManager:
         # Held across the engine's start so concurrent dispatches cannot overbook a slot.
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        #: Set when a session ends on its own after the last heartbeat's snapshot: the hub still counts it.
+        self.ended_unreported = asyncio.Event()
         self._engine_stops: set[asyncio.Task[None]] = set()  # engine stops under way; see begin_stop
         #: Called after every change of the session count (scale-in protection listens here).
         self.on_change: Callable[[int], None] | None = None
@@ -139,6 +141,7 @@ class SessionManager:
         """The next heartbeat's number and the sessions it reports. A session taken after this call reports the
         number as its ``accepted_at_seq``, so the hub can tell a heartbeat that predates it from one that does not."""
         self.heartbeat_seq += 1
+        self.ended_unreported.clear()
         return self.heartbeat_seq, self.ids()
 
     def _notify(self) -> None:
@@ -209,10 +212,11 @@ class SessionManager:
         self._ended_recently[session_id] = now + STOP_REMEMBERED_S
 
     def _ended(self, session_id: str, reason: str) -> None:
-        """Engine callback: a session ended by itself; the next heartbeat no longer reports it."""
+        """Engine callback: a session ended by itself; the next heartbeat, sent soon, no longer reports it."""
         self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is not None:
             log.info("session %s ended: %s", session_id, reason)
+            self.ended_unreported.set()
             self._notify()
 
     def begin_stop(self, session_id: str) -> asyncio.Task[None] | None:
