@@ -130,7 +130,7 @@ class RoutingBoard:
         self._used_raw: dict[str, str] = {}
         self._group_of: dict[str, Group] = {}
         self._groups_by_key: dict[tuple[float, float, tuple[tuple[str, str], ...]], Group] = {}
-        #: The label sets of every worker on the board, whatever its state (``carries``).
+        #: The label sets of the live workers on the board, whatever their state (``carries``).
         self._label_sets: set[tuple[tuple[str, str], ...]] = set()
         self._lock = asyncio.Lock()
 
@@ -264,7 +264,8 @@ class RoutingBoard:
         self._group_of = {}
         self._label_sets = set()
         for e in self.entries.values():
-            self._label_sets.add(e.group_key[2])
+            if self.now_ms - e.heartbeat_ms < self.ttl_ms:  # a silent worker's labels are not on offer
+                self._label_sets.add(e.group_key[2])
             if self._eligible(e, self.now_ms):
                 if e.partial is None:
                     e.partial = self._partial(e)
@@ -383,8 +384,10 @@ class RoutingBoard:
         return [Ranked(lead, score, km, nearest_km, policy), *rest[:limit - 1]]
 
     def carries(self, labels: dict[str, str]) -> bool:
-        """Whether any worker on the board, in any state, has ``labels``, as of the last refresh: one look per set of
-        labels the fleet has, not per worker."""
+        """Whether any live worker on the board, in any state (full or drained ones come back), has ``labels``, as
+        of the last refresh: one look per set of labels the fleet has, not per worker. A worker that stopped
+        heartbeating does not count: its group scaled in or died, and a client told to retry every second would do
+        so until retention forgot it, an hour later."""
         wanted = set(labels.items())
         return any(wanted <= set(label_set) for label_set in self._label_sets)
 

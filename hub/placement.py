@@ -55,7 +55,7 @@ async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: d
                 dispatches += 1
                 break  # rank again: the board has learned from the failure
     if labels and not board.carries(labels):  # the board was read again above: it is not merely stale
-        raise NoMatchingWorker(f"No worker has the labels {describe_labels(labels)}.")
+        raise NoMatchingWorker(f"No live worker has the labels {describe_labels(labels)}.")
     raise NoCapacity()
 
 

@@ -654,7 +654,7 @@ def test_explain_says_no_worker_only_when_there_is_none(live_hub: LiveHub) -> No
     some = fleet(live_hub, "explain", "--lat", "50", "--lon", "8")
     assert some.exit_code == 0 and "no live, ready worker" not in some.output, some.output
     none = fleet(live_hub, "explain", "--lat", "50", "--lon", "8", "--label", "engine=none")
-    assert none.exit_code == 0 and "no worker has the labels engine=none (no_matching_worker)" in none.output, (
+    assert none.exit_code == 0 and "no live worker has the labels engine=none (no_matching_worker)" in none.output, (
         none.output)
     assert "user at 50.00, 8.00 (as given)" in none.output  # not the API's "(body)"
     default = fleet(live_hub, "explain")

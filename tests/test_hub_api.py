@@ -912,7 +912,7 @@ async def test_an_explanation_without_candidates_says_why(make_hub, make_worker)
     await register(hub, "w-1", await make_worker(max_streams=1), labels={"gpu": "a10g"})
     await refresh(hub)
     assert await note() is None
-    assert await note("gpu=h100") == "no worker has the labels gpu=h100 (no_matching_worker)"
+    assert await note("gpu=h100") == "no live worker has the labels gpu=h100 (no_matching_worker)"
     assert (await hub.post("/api/v1/sessions", json={})).status_code == 201
     assert await note("gpu=a10g") == "every worker that could take the session is full, draining or stale (no_capacity)"
 
@@ -1010,7 +1010,8 @@ async def test_an_explanation_for_labels_in_an_empty_fleet_gives_the_answer_a_se
     asked = await hub.post("/api/v1/sessions", json={"labels": {"tier": "gold", "gpu": "h100"}})
     assert asked.status_code == 503 and asked.json()["error"] == "no_matching_worker", asked.text
     explain = await hub.get("/api/v1/route/explain", params={"label": ["tier=gold", "gpu=h100"]}, headers=ADMIN_AUTH)
-    assert explain.json()["note"] == "no worker has the labels gpu=h100, tier=gold (no_matching_worker)", explain.text
+    assert explain.json()["note"] == "no live worker has the labels gpu=h100, tier=gold (no_matching_worker)", (
+        explain.text)
     unlabelled = await hub.get("/api/v1/route/explain", headers=ADMIN_AUTH)
     assert unlabelled.json()["note"] == "no worker is registered (no_capacity)"
     assert (await hub.post("/api/v1/sessions", json={})).json()["error"] == "no_capacity"

@@ -1240,7 +1240,8 @@ async def test_labels_no_worker_has_are_refused_as_such_not_as_a_full_fleet(hub:
     await refresh(hub)
     nobody = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100", "tier": "gold"}})
     assert nobody.status_code == 503 and "retry-after" not in nobody.headers, nobody.headers
-    assert nobody.json() == {"error": "no_matching_worker", "message": "No worker has the labels gpu=h100, tier=gold."}
+    assert nobody.json() == {"error": "no_matching_worker",
+                             "message": "No live worker has the labels gpu=h100, tier=gold."}
 
     assert (await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})).status_code == 201
     full = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "a10g"}})
@@ -1314,6 +1315,26 @@ async def test_labels_of_any_one_worker_count_while_it_is_drained_and_not_once_i
     assert "retry-after" not in gone.headers
 
 
+async def test_labels_only_a_silent_worker_has_are_no_matching_worker_until_it_heartbeats_again(
+        hub: httpx.AsyncClient, make_worker) -> None:
+    """A worker that stopped heartbeating (its group scaled in, its instance died) stays on the board until
+    retention, an hour by default. Counting its labels told clients to retry every second for that hour
+    (``no_capacity``, Retry-After: 1); its labels are on offer again once it heartbeats."""
+    worker = await make_worker(max_streams=1)
+    reg = await register(hub, "w-h100", worker, labels={"gpu": "h100"})
+    await asyncio.sleep(2.2)  # the test TTL is 2 s
+    await refresh(hub)
+    silent = await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})
+    assert silent.status_code == 503 and silent.json()["error"] == "no_matching_worker", silent.text
+    assert "retry-after" not in silent.headers
+    listed = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+    assert [w["status"] for w in listed] == ["stale"]  # still on the board: only its labels are not offered
+
+    await heartbeat_of(hub, "w-h100", reg["worker_secret"], worker)
+    await refresh(hub)
+    assert (await hub.post("/api/v1/sessions", json={"labels": {"gpu": "h100"}})).status_code == 201
+
+
 async def test_labels_asked_together_must_be_one_workers(hub: httpx.AsyncClient, make_worker) -> None:
     """``gpu=a10g`` on one worker and ``tier=silver`` on another place no session asking for both: that is
     ``no_matching_worker``, not a full fleet to retry forever."""
@@ -1323,4 +1344,4 @@ async def test_labels_asked_together_must_be_one_workers(hub: httpx.AsyncClient,
     for labels in ({"gpu": "a10g", "tier": "silver"}, {"tier": "silver", "gpu": "a10g"}):
         both = await hub.post("/api/v1/sessions", json={"labels": labels})
         assert both.status_code == 503 and both.json() == {
-            "error": "no_matching_worker", "message": "No worker has the labels gpu=a10g, tier=silver."}, both.text
+            "error": "no_matching_worker", "message": "No live worker has the labels gpu=a10g, tier=silver."}, both.text

@@ -138,7 +138,7 @@ async def explain_route(
 def _why_no_candidate(hub: HubState, labels: dict[str, str]) -> str:
     """What a session request here would be answered, and why (labels first: no worker at all has them either)."""
     if labels and not hub.board.carries(labels):
-        return f"no worker has the labels {describe_labels(labels)} (no_matching_worker)"
+        return f"no live worker has the labels {describe_labels(labels)} (no_matching_worker)"
     if not hub.board.entries:
         return "no worker is registered (no_capacity)"
     return "every worker that could take the session is full, draining or stale (no_capacity)"
