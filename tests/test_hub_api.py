@@ -991,6 +991,24 @@ async def test_a_listed_origins_page_may_read_and_end_its_session_but_send_no_be
         "access-control-allow-headers", "").lower()
 
 
+async def test_the_sre_session_listing_answers_no_other_origin_though_it_shares_the_client_path(make_hub) -> None:
+    """``GET /api/v1/sessions`` is the SRE's listing, on the path where clients create sessions: it answers no page of
+    another origin, not even a preflight without Authorization; creating there still does."""
+    hub = await make_hub(cors_origins=["https://app.example.com"])
+    page = {"Origin": "https://app.example.com"}
+    listing = await hub.options("/api/v1/sessions", headers={**page, "Access-Control-Request-Method": "GET"})
+    assert listing.status_code == 400, listing.headers  # a refused preflight: the browser sends no GET
+    assert "GET" not in listing.headers.get("access-control-allow-methods", "")
+    listed = await hub.get("/api/v1/sessions", headers={**page, **ADMIN_AUTH})
+    assert listed.status_code == 200 and "access-control-allow-origin" not in listed.headers, listed.headers
+    refused = await hub.get("/api/v1/sessions", headers=page)
+    assert refused.status_code == 401 and "access-control-allow-origin" not in refused.headers, refused.headers
+    create = await hub.options("/api/v1/sessions", headers={**page, "Access-Control-Request-Method": "POST"})
+    assert create.status_code == 200 and create.headers["access-control-allow-methods"] == "POST", create.headers
+    per_session = await hub.options("/api/v1/sessions/w-1~x", headers={**page, "Access-Control-Request-Method": "POST"})
+    assert per_session.status_code == 400, per_session.headers  # no POST on a session's own path
+
+
 def test_a_cors_origin_may_be_plain_http_and_name_a_port() -> None:
     """A client app developed on ``http://localhost:3000`` calls a dev hub."""
     origins = ["http://localhost:3000", "https://app.example.com:8443", "https://app.example.com"]

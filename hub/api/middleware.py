@@ -28,19 +28,28 @@ class HeadAsGet:
 
 
 class ClientRoutesCors:
-    """CORS for the client routes only (``FLEET_CORS_ORIGINS``), those under ``prefix``: a page of a listed origin
-    may create, read and end sessions from the browser. Every other route (the SRE's, the workers') answers no other
-    origin, so a page can never drive them with a token it got hold of. No credentials: the client routes take none."""
+    """CORS for the client routes only (``FLEET_CORS_ORIGINS``): ``POST {prefix}`` and ``GET``/``DELETE
+    {prefix}/{id}``, so that a page of a listed origin may create, read and end sessions from the browser. Every other
+    route answers no other origin, so a page can never drive it with a token it got hold of; that includes the SRE's
+    session listing, ``GET {prefix}``, which shares the path of creation. No credentials: the client routes take
+    none."""
 
     def __init__(self, app: ASGIApp, origins: list[str], prefix: str) -> None:
         self.app = app
         self.prefix = prefix
-        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
-                                   allow_headers=["Content-Type"], expose_headers=["Retry-After"], max_age=600)
+        self.create = self._cors(app, origins, ["POST"])
+        self.per_session = self._cors(app, origins, ["GET", "DELETE"])
+
+    @staticmethod
+    def _cors(app: ASGIApp, origins: list[str], methods: list[str]) -> CORSMiddleware:
+        return CORSMiddleware(app, allow_origins=origins, allow_methods=methods, allow_headers=["Content-Type"],
+                              expose_headers=["Retry-After"], max_age=600)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == self.prefix or path.startswith(self.prefix + "/")):
-            await self.cors(scope, receive, send)
+        if scope["type"] == "http" and path.startswith(self.prefix + "/"):
+            await self.per_session(scope, receive, send)
+        elif scope["type"] == "http" and path == self.prefix and scope["method"] in ("POST", "OPTIONS"):
+            await self.create(scope, receive, send)  # a preflight for any other method is refused there
         else:
             await self.app(scope, receive, send)
