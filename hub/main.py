@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from hub.allocator import Allocator
 from hub.api import admin, dashboard, errors, ops, sessions, workers
@@ -47,6 +48,12 @@ def websocket_max_bytes(settings: HubSettings) -> int:
     WebSocket route, refuses messages over ``MAX_HEARTBEAT_BYTES`` itself, with a reason; uvicorn's bound sits just
     above it, so only a larger message is cut without one."""
     return max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES) + 4096
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Each operation's id is its handler's name (``create_session``): what a client generated from the contract
+    calls its methods, rather than FastAPI's ``create_session_api_v1_sessions_post``."""
+    return route.name
 
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
@@ -102,7 +109,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     # No redirect from a path with a trailing slash: behind a TLS-terminating load balancer it pointed the client
     # at http://, and it answered an empty 307 instead of an error body.
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
-                  redirect_slashes=False)
+                  generate_unique_id_function=_operation_id, redirect_slashes=False)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)

@@ -11,16 +11,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic import Strict as PydanticStrict
 from yarl import URL
 
-from shared.geo import must_be_known_region
+from shared.geo import AWS_REGIONS, must_be_known_region
 from shared.keys import SESSION_KEY_PATTERN, WORKER_ID_PATTERN
 
 WorkerId = Annotated[str, Field(pattern=WORKER_ID_PATTERN, description="Stable worker id, e.g. the EC2 instance id.")]
-SessionKey = Annotated[str, Field(
-    pattern=SESSION_KEY_PATTERN,
-    description="The caller's id for the conversation, and its credential: whoever presents the key of a live "
-                "session gets a token to join it, so make it unguessable (e.g. 128 random bits, or an HMAC your "
-                "backend derives from the user and the conversation).",
-)]
+SessionKey = Annotated[str, Field(pattern=SESSION_KEY_PATTERN)]
 
 #: LiveKit identities of the workers' agents (``agent-<room>``); no user may join as one.
 AGENT_IDENTITY_PREFIX = "agent-"
@@ -33,13 +28,16 @@ def _not_an_agent(identity: str | None) -> str | None:
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 Region = Annotated[str, Field(pattern=REGION_PATTERN, max_length=32, description="AWS region name.")]
 #: A region a user is placed by: an unknown one would silently mean the default region's coordinates.
-KnownRegion = Annotated[Region, AfterValidator(must_be_known_region)]
+KnownRegion = Annotated[Region, AfterValidator(must_be_known_region),
+                        Field(json_schema_extra={"enum": sorted(AWS_REGIONS)})]
 #: Routing labels: keys as Kubernetes spells them, values any printable text (they reach the CLI's tables and the
 #: dashboard, where a newline or an escape sequence would garble or forge a line).
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
 LabelMap = Annotated[
-    dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")],
+    dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)],
          Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$")]],
-    Field(max_length=32),
+    # The key rule in the contract too: patternProperties alone let any other key through a schema check.
+    Field(max_length=32, json_schema_extra={"propertyNames": {"pattern": LABEL_KEY_PATTERN}}),
 ]
 #: The most streams one worker may offer: every heartbeat lists the sessions it runs, and the list has this bound.
 MAX_STREAMS_PER_WORKER = 1024
@@ -231,15 +229,27 @@ class WorkerSessionInfo(Strict):
 
 
 class SessionRequest(Strict):
-    session_key: SessionKey | None = None
-    location: Location | None = None
-    region: KnownRegion | None = None
+    session_key: SessionKey | None = Field(default=None, description=(
+        "The caller's id for the conversation, and its credential: whoever presents the key of a live session gets "
+        "a token to join it, so make it unguessable (e.g. 128 random bits, or an HMAC your backend derives from the "
+        "user and the conversation). A request with the key of a live session is answered that session (200), "
+        "whatever its location and labels; one whose session ended places a new one."))
+    location: Location | None = Field(default=None, description=(
+        "Where the user is; the session goes to the best worker by distance from here, load and latency. Without "
+        "it the hub uses CloudFront's viewer headers, then `region`, then its default region."))
+    region: KnownRegion | None = Field(default=None, description=(
+        "Where the user is, when the client knows no better than an AWS region: the region's coordinates stand for "
+        "the user's. A hint, not a constraint: when that region is full the session goes to the nearest one with "
+        "room; ignored when `location` is given."))
     identity: Annotated[str | None, AfterValidator(_not_an_agent)] = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$",
         description="The user's LiveKit participant identity; the same for every token of one session.",
         # The refusal in the contract too (pydantic's regex has no lookahead to say it in the pattern).
         json_schema_extra={"not": {"type": "string", "pattern": f"^{AGENT_IDENTITY_PREFIX}"}})
-    labels: LabelMap = Field(default_factory=dict)
+    labels: LabelMap = Field(default_factory=dict, description=(
+        "Labels the worker must have, every one of them (e.g. `{\"engine\": \"voice\"}`); other labels the worker "
+        "has do not matter. Without labels any worker may take the session: in a fleet that mixes engines, ask for "
+        "the engine's label. No live worker with them is 503 `no_matching_worker`."))
 
 
 class WorkerRef(Strict):
@@ -264,7 +274,8 @@ class SessionConfig(Strict):
                                                 "holding the session id may read.")
     worker: WorkerRef
     livekit: LiveKitConfig
-    expires_at: datetime = Field(description="When the participant token expires.")
+    expires_at: datetime = Field(description="When the participant token expires: in a GET answer, which holds no "
+                                             "token, the one the session was created with.")
 
 
 class ValidationIssue(Strict):

@@ -570,12 +570,34 @@ def test_openapi_documents_the_contract() -> None:
                          ("/api/v1/route/explain", "get"), ("/ready", "get"), ("/metrics", "get")]:
         assert method in paths[path], (path, method)
     assert "503" in paths["/api/v1/sessions"]["post"]["responses"]
+    # A client generated from the contract gets methods named as the handlers are, and reads Retry-After.
+    operations = [operation for methods in paths.values() for operation in methods.values()]
+    ids = [operation["operationId"] for operation in operations]
+    assert len(ids) == len(set(ids)) and {"create_session", "get_session", "end_session", "list_workers"} <= set(ids)
+    for status in ("429", "503"):
+        assert "Retry-After" in paths["/api/v1/sessions"]["post"]["responses"][status]["headers"], status
+    assert "no_matching_worker" in paths["/api/v1/sessions"]["post"]["responses"]["503"]["description"]
     # Every 422 is the hub's own error body, never FastAPI's {"detail": [...]}.
     for path, methods in paths.items():
         for method, operation in methods.items():
             if "422" in operation["responses"]:
                 body = operation["responses"]["422"]["content"]["application/json"]["schema"]
                 assert body == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, body)
+
+
+@pytest.mark.parametrize("body", [{"labels": {"bad key": "v"}}, {"region": "ap-south-9"}])
+async def test_a_body_the_hub_refuses_the_contract_refuses_too(hub: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    """A client that checks its requests against /openapi.json learns of these before the hub answers 422: a label
+    key of the wrong form (the schema had the key pattern only as patternProperties, which let any other key
+    through) and a region of the right form that the hub has no coordinates for."""
+    import jsonschema_rs
+
+    assert (await hub.post("/api/v1/sessions", json=body)).status_code == 422
+    contract = (await hub.get("/openapi.json")).json()
+    request = jsonschema_rs.Draft202012Validator({"$ref": "#/components/schemas/SessionRequest",
+                                                  "components": contract["components"]})
+    assert not request.is_valid(body)
+    assert request.is_valid({"labels": {"gpu": "a10g"}, "region": "eu-west-1"})
 
 
 async def test_head_is_answered_wherever_get_is(make_running_hub: Any) -> None:

@@ -31,9 +31,31 @@ _STATUS: dict[type[errors.FleetError], int] = {
     errors.RateLimited: 429,
 }
 
+#: What each error status means, for the OpenAPI contract: the ``error`` codes a client may branch on.
+ERROR_DESCRIPTIONS = {
+    400: "`bad_request`: the body is not JSON the hub can read (invalid UTF-8, a number with too many digits, "
+         "nesting too deep).",
+    401: "`unauthorized`: no bearer token, or not this route's.",
+    403: "`worker_credential_invalid`: the worker's `X-Worker-Secret` is missing or not its current one.",
+    404: "`not_found`: no such route; or the resource's own code (`session_not_found`, `worker_unknown`).",
+    409: "A conflict named by its code (`session_key_in_use`, `worker_conflict`, `worker_alive`).",
+    413: "`body_too_large`: the body is over `FLEET_MAX_BODY_BYTES`.",
+    422: "`invalid_request`: `message` says what is wrong with the first problem, `detail` lists up to ten.",
+    429: "`rate_limited`: this client's request rate; try again after `Retry-After` seconds.",
+    503: "The hub cannot answer now. With `Retry-After`, try again after it: `store_unavailable` (Redis), and for "
+         "a session request `no_capacity` (no live worker with the labels has a free slot) or `session_pending` "
+         "(another request is placing this `session_key`). Without it, `no_matching_worker`: no live worker has "
+         "the labels asked for, and retrying soon will not change that.",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again (absent on "
+                                               "`no_matching_worker`).", "schema": {"type": "integer"}}}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
-    """OpenAPI ``responses`` documenting these status codes with the error body."""
-    return {code: {"model": ErrorBody} for code in codes}
+    """OpenAPI ``responses`` documenting these status codes with the error body, what each means, and the
+    ``Retry-After`` header where it comes."""
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code],
+                   **({"headers": _RETRY_AFTER} if code in (429, 503) else {})} for code in codes}
 
 
 def error_response(status: int, code: str, message: str, *, retry_after_s: float | None = None,

@@ -14,8 +14,12 @@ from hub.api.errors import error_responses
 from shared.errors import RateLimited, StoreUnavailable
 from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
 
-router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"],
-                   responses=error_responses(400, 413, 422, 503))
+router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], responses=error_responses(422, 503))
+#: GET and DELETE of a session that is not there.
+_ENDED: dict[int | str, dict[str, object]] = {404: {
+    "model": ErrorBody,
+    "description": "`session_not_found`: no such session, or it has ended (also when an earlier attempt at this "
+                   "DELETE, answered 503, ended it)."}}
 
 SessionIdPath = Annotated[str, Path(max_length=200)]
 
@@ -53,11 +57,11 @@ async def _admit(request: Request, hub: HubState) -> None:
              responses={200: {"model": SessionConfig, "description": "The session_key already had a live session."},
                         409: {"model": ErrorBody, "description": "The session_key's live session is another "
                                                                  "identity's (`session_key_in_use`)."},
-                        429: {"model": ErrorBody}})
+                        **error_responses(400, 413, 429)})
 async def create_session(request: Request, response: Response, hub: HubDep,
                          body: SessionRequest | None = None) -> SessionConfig:
     """Place a session on the best worker and return its config. 503 ``no_capacity`` with Retry-After when full;
-    503 ``no_matching_worker``, without, when no worker in the fleet has the ``labels`` asked for."""
+    503 ``no_matching_worker``, without, when no live worker in the fleet has the ``labels`` asked for."""
     settings = hub.settings
     if settings.rate_limit_per_s > 0:
         await _admit(request, hub)
@@ -68,15 +72,16 @@ async def create_session(request: Request, response: Response, hub: HubDep,
     return config
 
 
-@router.get("/{session_id}", response_model=SessionConfig, responses={404: {"model": ErrorBody}})
+@router.get("/{session_id}", response_model=SessionConfig, responses=_ENDED)
 async def get_session(session_id: SessionIdPath, hub: HubDep) -> SessionConfig:
     """The session as the hub holds it, without a token (only POST mints one) and with ``session_key`` null: the key
     joins the conversation, and only the one who chose it holds it."""
     return await hub.allocator.get(session_id)
 
 
-@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorBody}})
+@router.delete("/{session_id}", status_code=204, responses=_ENDED)
 async def end_session(session_id: SessionIdPath, hub: HubDep) -> Response:
-    """End the session and free its slot at once."""
+    """End the session: the worker is told to stop it, and its slot is freed once the worker answers (after at most
+    a second; the stop goes on meanwhile). A 404 means it had ended already: treat it as done."""
     await hub.allocator.end(session_id)
     return Response(status_code=204)
