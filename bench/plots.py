@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def routing() -> None:
     fig.savefig(RES / "routing.png", dpi=110)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     allocation()
     routing()
     print("wrote", RES / "allocation.png", RES / "routing.png")
+
+
+if __name__ == "__main__":
+    main()

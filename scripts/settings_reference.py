@@ -17,7 +17,9 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
+from cli import admin
 from hub.settings import HubSettings
+from shared.auth import DEFAULT_ADMIN_TOKEN
 from worker.settings import WorkerSettings
 from worker.voice.settings import VoiceSettings
 
@@ -65,6 +67,11 @@ def reference() -> str:
             alias = field.validation_alias
             variable = alias if isinstance(alias, str) else f"{prefix}{name.upper()}"
             lines.append(f"| `{variable}` | {_cell(_default(field))} | {_cell(field.description or '')} |")
+    lines += ["", "## SRE CLI (`fleet workers`, `fleet drain`, …)", "", "Defined in `cli/admin.py`.", "",
+              "| variable | option | default | meaning |", "|---|---|---|---|"]
+    for option in (admin.HubOpt, admin.TokenOpt):
+        default = "dev value" if option.default == DEFAULT_ADMIN_TOKEN else f"`{option.default}`"
+        lines.append(f"| `{option.envvar}` | `{option.param_decls[0]}` | {default} | {_cell(option.help or '')} |")
     return "\n".join(lines) + "\n"
 
 
