@@ -109,11 +109,19 @@ class CapacityPublisher:
             return False
 
 
+def _bounded() -> Any:
+    """Bounded calls: botocore's defaults (60 s to connect, 60 s to read, per attempt) let one stuck publication
+    outlast its interval, and a second hub then published the same minute."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 3, "mode": "standard"})
+
+
 def make_cloudwatch_client(region: str | None) -> Any:
     """A boto3 CloudWatch client (credentials from the instance role in AWS)."""
     import boto3
 
-    return boto3.client("cloudwatch", region_name=region)
+    return boto3.client("cloudwatch", region_name=region, config=_bounded())
 
 
 def regional_clients() -> Callable[[str], Any]:
@@ -127,7 +135,7 @@ def regional_clients() -> Callable[[str], Any]:
         if region not in known:
             return None
         if region not in clients:
-            clients[region] = boto3.client("cloudwatch", region_name=region)
+            clients[region] = boto3.client("cloudwatch", region_name=region, config=_bounded())
         return clients[region]
 
     return client_for

@@ -16,7 +16,13 @@ from moto import mock_aws
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hub.cloudwatch import MAX_METRICS_PER_CALL, CapacityPublisher, free_slot_ratio, regional_clients
+from hub.cloudwatch import (
+    MAX_METRICS_PER_CALL,
+    CapacityPublisher,
+    free_slot_ratio,
+    make_cloudwatch_client,
+    regional_clients,
+)
 from hub.tasks import run_every
 from shared.keys import CLOUDWATCH_LOCK
 from shared.models import FleetCapacity, RegionCapacity
@@ -247,3 +253,12 @@ def test_each_aws_region_gets_a_client_of_that_region_and_other_names_none(aws: 
     assert client_for("eu-central-1") is frankfurt  # one per region, cached
     assert client_for("ap-northeast-1").meta.region_name == "ap-northeast-1"
     assert client_for("on-prem") is None  # publish_once falls back to the default client
+
+
+def test_a_publication_cannot_hang_past_its_interval(aws: None) -> None:
+    """Every CloudWatch client bounds its calls: botocore's defaults (60 s to connect and 60 s to read, per attempt)
+    let one stuck publication outlast the minute its lock covers, and another hub published that minute again."""
+    for client in (make_cloudwatch_client("us-east-1"), regional_clients()("eu-central-1")):
+        config = client.meta.config
+        longest_s = config.retries["total_max_attempts"] * (config.connect_timeout + config.read_timeout)
+        assert longest_s < 60, longest_s  # the default interval, FLEET_CLOUDWATCH_INTERVAL_S
