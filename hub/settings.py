@@ -44,6 +44,20 @@ _WEIGHTS = Weights()
 REDIS_URL_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
 
 
+def _origin(origin: str) -> str:
+    """``origin`` as a browser writes it in its ``Origin`` header: host in lower case, an IPv6 address in brackets in
+    its shortest form (``http://[::1]:3000``)."""
+    match = re.fullmatch(r"(https?://)(?:([A-Za-z0-9.-]+)|\[([0-9A-Fa-f:.]+)\])(:\d{1,5})?", origin)
+    if match is not None and match[3] is not None:
+        try:
+            return f"{match[1]}[{ipaddress.IPv6Address(match[3]).compressed}]{match[4] or ''}"
+        except ValueError:
+            pass
+    elif match is not None:
+        return origin.lower()
+    raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path, no wildcard)")
+
+
 class HubSettings(FleetSettings):
     admin_token: SecretStr = Field(default=SecretStr(DEFAULT_ADMIN_TOKEN), description="SRE bearer token.")
 
@@ -167,11 +181,7 @@ class HubSettings(FleetSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         """An origin as a browser sends it: scheme, host and port, nothing else (a trailing slash never matches), in
         lower case (a browser lower-cases the host: ``https://App.example.com`` would never match)."""
-        for origin in value:
-            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
-                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path, no "
-                                 f"wildcard)")
-        return [origin.lower() for origin in value]
+        return [_origin(origin) for origin in value]
 
     @field_validator("trusted_proxies")
     @classmethod

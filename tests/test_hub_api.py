@@ -1037,6 +1037,17 @@ def test_a_cors_origin_may_be_plain_http_and_name_a_port() -> None:
     assert HubSettings(cors_origins=origins).cors_origins == origins
 
 
+async def test_an_ipv6_origin_is_kept_as_browsers_write_it(make_hub) -> None:
+    """A page served from ``http://[::1]:3000`` sends that Origin; an address written out at length still matches."""
+    settings = HubSettings(cors_origins=["http://[0:0:0:0:0:0:0:1]:3000", "https://[2001:DB8::A]"])
+    assert settings.cors_origins == ["http://[::1]:3000", "https://[2001:db8::a]"]
+    hub = await make_hub(cors_origins=settings.cors_origins)
+    asked = await hub.post("/api/v1/sessions", json={}, headers={"Origin": "http://[::1]:3000"})
+    assert asked.headers.get("access-control-allow-origin") == "http://[::1]:3000", asked.headers
+    with pytest.raises(ValidationError, match="is not an origin"):
+        HubSettings(cors_origins=["http://[::g]:3000"])
+
+
 @pytest.mark.parametrize("location", [{"lat": 48.8, "lon": "2.3"}, {"lat": 48.8, "lon": True}])
 async def test_a_longitude_is_a_json_number_too(hub: httpx.AsyncClient, location: dict[str, Any]) -> None:
     resp = await hub.post("/api/v1/sessions", json={"location": location})
