@@ -110,6 +110,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     # at http://, and it answered an empty 307 instead of an error body.
     app = FastAPI(title="gpu-fleet hub", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   generate_unique_id_function=_operation_id, redirect_slashes=False)
+    if settings.cors_origins:  # innermost, so that CORS answers its 500s too
+        app.add_middleware(errors.UnexpectedErrorsInside)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger_for={"/heartbeat": max(settings.max_body_bytes, MAX_HEARTBEAT_BYTES)})
     app.add_middleware(HeadAsGet)

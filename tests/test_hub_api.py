@@ -332,6 +332,22 @@ async def test_an_unexpected_failure_is_a_json_500_that_tells_the_caller_nothing
     assert any(r.exc_info and cause in str(r.exc_info[1]) for r in caplog.records), "the SRE sees the cause"
 
 
+async def test_a_listed_origins_page_reads_the_500_of_an_unexpected_failure(
+        make_hub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The 500 carries the CORS headers, so a page's developer sees the hub's answer, not a CORS failure that says
+    nothing; it still tells the caller nothing of its cause, which the SRE finds in the log."""
+    hub = await make_hub(cors_origins=["https://app.example.com"])
+
+    async def broken(session_id: str) -> None:
+        raise RuntimeError("redis://:hunter2-password@10.0.0.5:6379 went away")
+
+    monkeypatch.setattr(hub.app.state.hub.allocator, "get", broken)  # type: ignore[attr-defined]
+    resp = await hub.get("/api/v1/sessions/w-1~abcdefghijkl", headers={"Origin": "https://app.example.com"})
+    assert resp.status_code == 500 and resp.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert resp.json() == {"error": "internal_error", "message": "the hub could not handle this request"}
+    assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records), "the SRE sees the cause"
+
+
 async def test_a_client_past_its_burst_is_refused_even_when_its_next_token_is_due_within_a_second(make_hub) -> None:
     """The limit holds at any rate: at 2 requests a second a client's next token is 0.5 s away, and a request
     sent before it is still a 429 (with Retry-After: 1, the header's smallest whole number), not let through.

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors
 from shared.models import ErrorBody
@@ -88,5 +89,38 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "the hub could not handle this request")
+        return unexpected_error(request.method, request.url.path, exc)
+
+
+def unexpected_error(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The answer to a bug or a library's surprise: logged for the SRE with its traceback; the caller learns nothing
+    of its cause (the exception's text may carry a Redis URL with its password, a token, a path)."""
+    log.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
+    return error_response(500, "internal_error", "the hub could not handle this request")
+
+
+class UnexpectedErrorsInside:
+    """Answers an unexpected error inside the middlewares added after it, rather than in the framework's outermost
+    layer: the CORS middleware then adds its headers to the 500, and a page sees the hub's answer instead of a CORS
+    failure that says nothing. A response already begun is left to the framework."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = False
+
+        async def noting_the_start(message: Message) -> None:
+            nonlocal began
+            began = began or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_the_start)
+        except Exception as exc:
+            if began:
+                raise
+            await unexpected_error(scope["method"], scope["path"], exc)(scope, receive, send)
