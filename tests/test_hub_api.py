@@ -275,7 +275,11 @@ async def test_a_path_with_a_trailing_slash_is_a_json_404_not_a_redirect(hub: ht
     for method, path in (("POST", "/api/v1/sessions/"), ("GET", "/metrics/"), ("GET", "/api/v1/workers/")):
         resp = await hub.request(method, path, headers={"X-Forwarded-Proto": "https", **ADMIN_AUTH}, json={})
         assert resp.status_code == 404 and "location" not in resp.headers, (path, resp.status_code, resp.headers)
-        assert resp.json()["error"] == "not_found"
+        slashless = path.rstrip("/")
+        assert resp.json() == {"error": "not_found",
+                               "message": f"Not Found: {path} has no route, {slashless} has (no trailing slash)"}
+    nowhere = await hub.get("/nowhere/", headers=ADMIN_AUTH)
+    assert nowhere.json() == {"error": "not_found", "message": "Not Found"}  # no route either way: no hint
 
 
 async def test_a_validators_message_is_given_without_pydantics_prefix(hub: httpx.AsyncClient) -> None:

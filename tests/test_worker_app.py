@@ -506,7 +506,9 @@ async def test_framework_errors_read_as_the_hubs_do(worker: Any) -> None:
     missing = await client.get("/nowhere", headers=AUTH)
     assert missing.status_code == 404 and missing.json() == {"error": "not_found", "message": "Not Found"}
     slashed = await client.post("/sessions/", json=dispatch("s1"), headers=AUTH)
-    assert slashed.status_code == 404 and slashed.json()["error"] == "not_found" and "location" not in slashed.headers
+    assert slashed.status_code == 404 and "location" not in slashed.headers
+    assert slashed.json() == {"error": "not_found", "message": "Not Found: /sessions/ has no route, /sessions has (no "
+                                                               "trailing slash)"}
     unreadable = await client.post("/sessions", content=b'{"session_id": "\xff"}',
                                    headers={**AUTH, "Content-Type": "application/json"})
     assert unreadable.status_code == 400

@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.auth import bearer_token, secret_matches
 from shared.body_limit import BodySizeLimit
-from shared.errors import describe_http_error, describe_invalid, http_error_code
+from shared.errors import describe_invalid
 from shared.models import ErrorBody, SessionDispatch, WorkerSessionInfo
-from shared.routes import allowed_methods
+from shared.routes import framework_answer
 from worker.sessions import SessionManager, SessionRefused
 
 
@@ -111,9 +111,4 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            # Starlette's Allow names only the first route matching the path; GET and POST /sessions are two routes.
-            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
-        return _error(exc.status_code, http_error_code(exc.status_code),
-                      describe_http_error(str(exc.detail), exc.__cause__), headers)
+        return _error(exc.status_code, *framework_answer(app, request.scope, exc))

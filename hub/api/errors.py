@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors
 from shared.models import ErrorBody
-from shared.routes import allowed_methods
+from shared.routes import framework_answer
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
-        return error_response(exc.status_code, errors.http_error_code(exc.status_code),
-                              errors.describe_http_error(str(exc.detail), exc.__cause__), headers=headers)
+        code, message, headers = framework_answer(app, request.scope, exc)
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
