@@ -608,8 +608,10 @@ async def test_ending_everything_counts_the_sessions_a_hub_ended() -> None:
     deletes: list[str] = []
 
     class Http:
-        async def get(self, url: str, headers: dict[str, str]) -> httpx.Response:
-            return httpx.Response(200, json={"sessions": [{"session_id": f"s{i}"} for i in range(3)]})
+        async def get(self, url: str, headers: dict[str, str], params: dict[str, Any]) -> httpx.Response:
+            assert params == {"limit": 1000}  # the largest page: the soak's fleet holds far fewer
+            return httpx.Response(200, json={"sessions": [{"session_id": f"s{i}"} for i in range(3)],
+                                             "next_cursor": None})
 
         async def delete(self, url: str) -> httpx.Response:
             deletes.append(url)
