@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hub.capacity import alive
 from hub.scoring import Factors, Weights, distance_factor, factors, load_factors, partial_score
 from hub.store import BoardRead, FleetStore
 from shared.geo import haversine_km
@@ -264,7 +265,7 @@ class RoutingBoard:
         self._group_of = {}
         self._label_sets = set()
         for e in self.entries.values():
-            if self.now_ms - e.heartbeat_ms < self.ttl_ms:  # a silent worker's labels are not on offer
+            if alive(e.heartbeat_ms, self.now_ms, self.ttl_ms):  # a silent worker's labels are not on offer
                 self._label_sets.add(e.group_key[2])
             if self._eligible(e, self.now_ms):
                 if e.partial is None:

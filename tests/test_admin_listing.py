@@ -8,6 +8,7 @@ cursor or limit that does not fit is a 422, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -142,3 +143,119 @@ async def test_a_session_page_reads_a_bounded_number_of_workers(hub: httpx.Async
     assert len(pages) == 3  # workers 0-1, 2-3, 4
     assert sorted(s["session_id"] for page in pages for s in page) == sorted(placed)
     assert {s["worker_id"] for s in pages[0]} <= {"w-0", "w-1"}
+
+
+async def test_a_listing_that_ends_exactly_on_a_full_page_says_it_is_the_last(hub: httpx.AsyncClient) -> None:
+    """A last page holding exactly ``limit`` workers has a null ``next_cursor``: the client is not sent for an empty
+    page after it."""
+    made = await register_bare(hub, 6)
+    pages = await every_page(hub, "/api/v1/workers", "workers", limit=3)
+    assert [len(page) for page in pages] == [3, 3]
+    assert [(w["region"], w["worker_id"]) for page in pages for w in page] == sorted(made)
+
+
+async def test_sessions_that_fill_the_limit_exactly_come_in_one_page(hub: httpx.AsyncClient, make_worker: Any) -> None:
+    """``limit`` is the most a page holds, not one more than it: two workers of two sessions each fill a page of
+    four."""
+    for i in range(2):
+        await register(hub, f"w-{i}", await make_worker(max_streams=2))
+    placed = await place(hub, 4)
+    pages = await every_page(hub, "/api/v1/sessions", "sessions", limit=4)
+    assert [sorted(s["session_id"] for s in page) for page in pages] == [sorted(placed)]
+
+
+async def test_a_session_page_that_reads_the_last_workers_says_it_is_the_last(
+        hub: httpx.AsyncClient, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the workers left are exactly as many as a page reads, that page is the last: its ``next_cursor`` is
+    null."""
+    monkeypatch.setattr(registry_module, "SESSION_PAGE_WORKERS", 2)
+    for i in range(4):
+        await register(hub, f"w-{i}", await make_worker(max_streams=1))
+    placed = await place(hub, 4)
+    pages = await every_page(hub, "/api/v1/sessions", "sessions", limit=1000)
+    assert [sorted(s["worker_id"] for s in page) for page in pages] == [["w-0", "w-1"], ["w-2", "w-3"]]
+    assert sorted(s["session_id"] for page in pages for s in page) == sorted(placed)
+
+
+async def test_the_session_listing_names_the_conversation_each_session_is(hub: httpx.AsyncClient,
+                                                                         make_worker: Any) -> None:
+    """The SRE sees each session's ``session_key`` (null for a session created without one), as ``fleet sessions``
+    shows it."""
+    await register(hub, "w-0", await make_worker(max_streams=2))
+    keyed = await hub.post("/api/v1/sessions", json={"session_key": "lesson:100:a"})
+    plain = await hub.post("/api/v1/sessions", json={})
+    assert keyed.status_code == plain.status_code == 201, (keyed.text, plain.text)
+    [page] = await every_page(hub, "/api/v1/sessions", "sessions")
+    assert {s["session_id"]: s["session_key"] for s in page} == {keyed.json()["session_id"]: "lesson:100:a",
+                                                                 plain.json()["session_id"]: None}
+
+
+async def test_the_stale_filter_lists_the_workers_that_went_silent(hub: httpx.AsyncClient) -> None:
+    """``state=stale`` lists the workers past their TTL, and only those: each filter agrees with the ``status`` the
+    listing shows, from the moment a worker shows as stale."""
+    made = await register_bare(hub, 2)
+    for _ in range(200):  # registration counts as a heartbeat: they go silent a TTL (2 s here) later
+        every = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
+        if all(w["status"] == "stale" for w in every):
+            break
+        await asyncio.sleep(0.05)
+    resp = await hub.post("/api/v1/workers", json=registration("w-late", "http://127.0.0.1:9"), headers=WORKER_AUTH)
+    assert resp.status_code == 200, resp.text
+    listed = {state: [w["worker_id"] for w in (await hub.get("/api/v1/workers", params={"state": state},
+                                                              headers=ADMIN_AUTH)).json()["workers"]]
+              for state in ("stale", "ready")}
+    assert listed == {"stale": [wid for _, wid in sorted(made)], "ready": ["w-late"]}  # by region, then id
+
+
+async def test_the_cursor_of_a_worker_in_the_longest_region_with_the_longest_id_is_taken_back(
+        hub: httpx.AsyncClient) -> None:
+    """Whatever region and id a registration may carry, the ``next_cursor`` they make is one the listing accepts:
+    a client following the cursors never gets a 422 for one the hub handed it."""
+    region = "xx-" + "a" * 27 + "-1"  # 32 characters, the most a region may have
+    ids = ["Z._-" + "z" * 60, "Z._-" + "z" * 59 + "y"]  # 64 characters each
+    for wid in ids:
+        resp = await hub.post("/api/v1/workers", json=registration(wid, "http://127.0.0.1:9", region=region,
+                                                                   location={"lat": 1.0, "lon": 2.0}),
+                              headers=WORKER_AUTH)
+        assert resp.status_code == 200, resp.text
+    pages = await every_page(hub, "/api/v1/workers", "workers", limit=1)
+    assert [[w["worker_id"] for w in page] for page in pages] == [[wid] for wid in sorted(ids)]
+
+
+async def test_one_page_of_sessions_reaches_five_hundred_workers_and_no_more(hub: httpx.AsyncClient,
+                                                                             make_worker: Any) -> None:
+    """The dashboard shows the first page of sessions: in a fleet of 500 workers it holds the sessions of the last
+    of them too; one worker more and the page says there is a next."""
+    await register(hub, "w-zzz", await make_worker(max_streams=1))
+    placed = await place(hub, 1)
+    await register_bare(hub, 499)  # ids below w-zzz
+    whole = (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()
+    assert [s["session_id"] for s in whole["sessions"]] == list(placed) and whole["next_cursor"] is None
+
+    resp = await hub.post("/api/v1/workers", json=registration("w-zzzz", "http://127.0.0.1:9"), headers=WORKER_AUTH)
+    assert resp.status_code == 200, resp.text
+    first = (await hub.get("/api/v1/sessions", headers=ADMIN_AUTH)).json()
+    assert [s["session_id"] for s in first["sessions"]] == list(placed) and first["next_cursor"] == "w-zzz"
+
+
+async def test_the_session_listing_says_where_each_session_runs_as_its_creation_did(hub: httpx.AsyncClient,
+                                                                                    make_worker: Any) -> None:
+    """A listed session's worker, worker region, LiveKit region and room are those its creation answered."""
+    await register(hub, "w-0", await make_worker(max_streams=1))
+    created = await hub.post("/api/v1/sessions", json={})
+    assert created.status_code == 201, created.text
+    config = created.json()
+    [[listed]] = await every_page(hub, "/api/v1/sessions", "sessions")
+    assert (listed["worker_id"], listed["worker_region"], listed["livekit_region"], listed["room"]) == (
+        config["worker"]["id"], config["worker"]["region"], config["livekit"]["region"], config["livekit"]["room"])
+    assert listed["worker_region"] != listed["livekit_region"], listed  # else the test could not tell them apart
+
+
+async def test_a_listing_asked_without_a_limit_answers_five_hundred(hub: httpx.AsyncClient) -> None:
+    """The default page is 500 workers, as the contract says; the rest follow the cursor."""
+    made = await register_bare(hub, 501)
+    first = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()
+    assert len(first["workers"]) == 500 and first["next_cursor"] is not None
+    pages = await every_page(hub, "/api/v1/workers", "workers")
+    assert [len(page) for page in pages] == [500, 1]
+    assert [(w["region"], w["worker_id"]) for page in pages for w in page] == sorted(made)

@@ -29,6 +29,7 @@ from bench.common import BENCH_REGIONS, Procs, register_fleet, start_fake_worker
 from bench.loadgen import Load
 from bench.soak import Soak
 from shared import keys
+from shared.models import MAX_PAGE
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import async_redis, flush, sync_redis
 
@@ -609,7 +610,7 @@ async def test_ending_everything_counts_the_sessions_a_hub_ended() -> None:
 
     class Http:
         async def get(self, url: str, headers: dict[str, str], params: dict[str, Any]) -> httpx.Response:
-            assert params == {"limit": 1000}  # the largest page: the soak's fleet holds far fewer
+            assert params == {"limit": MAX_PAGE}  # the largest page: the soak's fleet holds far fewer
             return httpx.Response(200, json={"sessions": [{"session_id": f"s{i}"} for i in range(3)],
                                              "next_cursor": None})
 
@@ -691,6 +692,44 @@ def test_the_plots_draw_each_figure_under_its_own_label(monkeypatch: pytest.Monk
     finally:
         plt.close("all")
     assert (tmp_path / "allocation.png").exists() and (tmp_path / "routing.png").exists()
+
+
+def test_the_plots_answer_help_without_drawing_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m bench.plots --help`` says what the script draws and leaves the published figures alone."""
+    pytest.importorskip("matplotlib")
+    import bench.plots
+
+    drawn: list[str] = []
+    monkeypatch.setattr(bench.plots, "allocation", lambda: drawn.append("allocation"))
+    monkeypatch.setattr(bench.plots, "routing", lambda: drawn.append("routing"))
+    monkeypatch.setattr(sys, "argv", ["bench.plots", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        bench.plots.main()
+    assert exited.value.code == 0 and drawn == []
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_the_whole_listing_of_the_sre_views_bench_reads_every_page() -> None:
+    """``whole listing`` is every page of the worker listing, as ``fleet workers`` reads it, not the first."""
+    import os
+
+    import psutil
+
+    import bench.sre_views
+
+    asked: list[str | None] = []
+
+    def page(request: httpx.Request) -> httpx.Response:
+        cursor = request.url.params.get("cursor")
+        asked.append(cursor)
+        assert len(asked) <= 3, f"pages asked: {asked}"
+        nxt = {None: "a", "a": "b", "b": None}[cursor]
+        return httpx.Response(200, json={"workers": [{"worker_id": f"after-{cursor}"}] * 2, "next_cursor": nxt})
+
+    with httpx.Client(base_url="http://hub", transport=httpx.MockTransport(page)) as client:
+        listing = bench.sre_views.whole_listing(client, psutil.Process(os.getpid()))
+    assert (listing["pages"], listing["workers"]) == (3, 6)
 
 
 def test_percentiles_are_nearest_rank() -> None:

@@ -198,6 +198,48 @@ def test_listings_follow_every_page_of_the_hub(redis_url: str, monkeypatch: pyte
     assert [s["session_id"] for s in sessions] == placed  # oldest first, across the pages
 
 
+def test_a_listing_asks_for_the_largest_pages_and_ends_when_the_hub_repeats_a_cursor(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each page is asked with its filters, the largest limit and the cursor the page before gave; a hub that gives
+    the same cursor again ends the listing instead of holding the CLI in a loop of the same page."""
+    pages = {None: (["a", "b"], "c1"), "c1": (["c"], "c2"), "c2": (["d"], "c2")}
+    asked: list[dict[str, Any]] = []
+
+    def call(hub: str, token: str, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        asked.append(params)
+        assert len(asked) <= len(pages), "the same page asked again and again"
+        items, cursor = pages[params["cursor"]]
+        return {"workers": items, "next_cursor": cursor}
+
+    monkeypatch.setattr(admin, "call", call)
+    listed = admin.every_page("http://hub", "t", "/api/v1/workers", "workers", {"region": "eu-west-1"})
+    assert listed == {"workers": ["a", "b", "c", "d"]}
+    assert asked == [{"region": "eu-west-1", "limit": admin.MAX_PAGE, "cursor": c} for c in (None, "c1", "c2")]
+
+
+def test_fleet_workers_and_sessions_list_every_page_with_the_filters_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet larger than the hub's page is listed whole, and each page is asked with the operator's filters."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def call(hub: str, token: str, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        asked.append((path, {k: v for k, v in params.items() if k not in ("limit", "cursor")}))
+        last = params["cursor"] is not None
+        if path == "/api/v1/workers":
+            return {"workers": [{"worker_id": "gpu-2" if last else "gpu-1"}], "next_cursor": None if last else "x"}
+        return {"sessions": [{"session_id": "s-2" if last else "s-1", "created_at": 1.0 if last else 2.0}],
+                "next_cursor": None if last else "x"}
+
+    monkeypatch.setattr(admin, "call", call)
+    env = {"FLEET_HUB_URL": "http://hub.invalid", "FLEET_ADMIN_TOKEN": ADMIN_TOKEN}
+    listed = runner.invoke(app, ["workers", "--region", "eu-west-1", "--state", "ready", "--json"], env=env)
+    assert [w["worker_id"] for w in json.loads(listed.output)["workers"]] == ["gpu-1", "gpu-2"], listed.output
+    held = runner.invoke(app, ["sessions", "--worker", "gpu-1", "--region", "eu-west-1", "--json"], env=env)
+    assert [s["session_id"] for s in json.loads(held.output)["sessions"]] == ["s-2", "s-1"], held.output
+    assert asked == [*[("/api/v1/workers", {"region": "eu-west-1", "state": "ready"})] * 2,
+                     *[("/api/v1/sessions", {"worker_id": "gpu-1", "region": "eu-west-1"})] * 2]
+
+
 def _ids_listed(hub: LiveHub) -> list[str]:
     """Every worker and session id the hub holds, after adding a worker with an EC2 instance id (19 characters)."""
     hub.register("i-0a1b2c3d4e5f60718", region="eu-central-1",

@@ -605,6 +605,16 @@ def test_openapi_documents_the_contract() -> None:
                 assert body == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, body)
 
 
+def test_the_contract_says_a_404_for_a_session_means_it_has_ended() -> None:
+    """A client generated from the contract learns, for reading and for ending a session, that a 404 is
+    ``session_not_found``: the session has ended, and ending it again is done."""
+    paths = create_app(HubSettings(worker_token=WORKER_TOKEN, admin_token=ADMIN_TOKEN)).openapi()["paths"]
+    for method in ("get", "delete"):
+        answer = paths["/api/v1/sessions/{session_id}"][method]["responses"]["404"]
+        assert "session_not_found" in answer["description"], (method, answer)
+        assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+
+
 @pytest.mark.parametrize("body", [{"labels": {"bad key": "v"}}, {"region": "ap-south-9"}])
 async def test_a_body_the_hub_refuses_the_contract_refuses_too(hub: httpx.AsyncClient, body: dict[str, Any]) -> None:
     """A client that checks its requests against /openapi.json learns of these before the hub answers 422: a label

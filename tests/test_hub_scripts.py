@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from hub.store import RELEASE_RECEIPT_MS, _lease_status
@@ -396,3 +397,32 @@ def test_a_pending_lease_counts_as_lapsed_from_the_very_millisecond_of_its_expir
     assert _lease_status(False, 1_000, 1_000) == SessionStatus.LAPSED
     assert _lease_status(False, 1_001, 1_000) == SessionStatus.PENDING
     assert _lease_status(True, 1_000, 1_000) == SessionStatus.ACTIVE
+
+
+def _calls(r: Any, command: str) -> int:
+    """How many times the Redis server (every primary of a cluster) ran ``command`` since its stats were reset."""
+    if isinstance(r, redis.RedisCluster):
+        per_node = r.info("commandstats", target_nodes=redis.RedisCluster.PRIMARIES).values()
+    else:
+        per_node = [r.info("commandstats")]
+    return sum(stats.get(f"cmdstat_{command}", {}).get("calls", 0) for stats in per_node)
+
+
+async def test_an_sre_listing_reads_the_leases_of_only_the_workers_that_hold_a_session(redis_url: str) -> None:
+    """An idle worker costs the listing one command: a fleet of mostly idle workers is listed without reading the
+    lease sets of any of them."""
+    store, _ = await registered_store(redis_url, 3)
+    r = sync_redis(redis_url, decode_responses=True)
+    try:
+        assert (await store.reserve("w-001", "w-001~busy", {"worker_id": "w-001"})).ok
+        if isinstance(r, redis.RedisCluster):
+            r.config_resetstat(target_nodes=redis.RedisCluster.PRIMARIES)
+        else:
+            r.config_resetstat()
+        listed = await store.sessions_of(["w-000", "w-001", "w-002"])
+        assert listed == {"w-000": {}, "w-001": {"w-001~busy": {"worker_id": "w-001", "status": "pending"}},
+                          "w-002": {}}
+        assert _calls(r, "hgetall") == 3
+        assert _calls(r, "zrangebyscore") == _calls(r, "hkeys") == 1
+    finally:
+        await store.close()
