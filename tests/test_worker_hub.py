@@ -617,115 +617,21 @@ async def test_a_session_that_ends_on_its_own_is_told_to_the_hub_at_once(make_ru
         assert again.status_code == 201 and again.json()["session_id"] != sid, again.text
 
 
-async def test_a_burst_of_ends_is_told_in_one_heartbeat() -> None:
-    """Sessions that end together (a room closing, an engine failing) cost the hub one heartbeat, not one each."""
-    from aiohttp import web
-
-    from shared.models import SessionDispatch
-
-    bodies: list[dict[str, Any]] = []
-
-    async def register(_: web.Request) -> web.Response:
-        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 30.0, "ttl_s": 90.0,
-                                  "worker_secret": "s", "state": "ready"})
-
-    async def beat(request: web.Request) -> web.Response:
-        bodies.append(await request.json())
-        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 8,
-                                  "heartbeat_interval_s": 30.0})
-
-    app = web.Application()
-    app.router.add_post("/api/v1/workers", register)
-    app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    manager = SessionManager(SyntheticEngine(), max_streams=8)
-    for n in range(5):
-        await manager.start(SessionDispatch(session_id=f"s{n}", room="r", livekit_url="ws://x", token="t"))
-    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=8)
-    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, manager, timeout_s=2.0, use_channel=False)
-    loop: asyncio.Task[None] | None = None
-    try:
-        await client.register_once()
-        loop = asyncio.create_task(client.heartbeat_loop())
-        await wait_for(lambda: len(bodies) == 1, 5, "the first heartbeat")
-        assert len(bodies[0]["active_sessions"]) == 5
-        for n in range(5):
-            manager._ended(f"s{n}", "room closed")  # the engine's callback, as a room closing calls it
-        await wait_for(lambda: len(bodies) == 2, 2, "the heartbeat that tells the ends")
-        await asyncio.sleep(0.5)
-        assert len(bodies) == 2 and bodies[1]["active_sessions"] == []
-    finally:
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-        await client.aclose()
-        await manager.stop_all()
-        await runner.cleanup()
-
-
-async def test_a_slow_heartbeat_answer_does_not_stretch_the_interval() -> None:
-    """Heartbeats start an interval apart, however long the hub takes to answer each: a loop that slept a whole
-    interval after every answer made each gap the hub saw an interval plus an answer, eating into the TTL of three
-    intervals (a hub answering in 0.8 of an interval left 1.8 between heartbeats)."""
-    from aiohttp import web
-
-    interval, answer_s = 1.0, 0.8  # 1.8 s apart before, 1.0 now: a loaded machine's lateness fits in between
-    arrivals: list[float] = []
-
-    async def register(_: web.Request) -> web.Response:
-        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": interval, "ttl_s": 3 * interval,
-                                  "worker_secret": "s", "state": "ready"})
-
-    async def beat(_: web.Request) -> web.Response:
-        arrivals.append(asyncio.get_running_loop().time())
-        await asyncio.sleep(answer_s)
-        return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 2,
-                                  "heartbeat_interval_s": interval})
-
-    app = web.Application()
-    app.router.add_post("/api/v1/workers", register)
-    app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=2)
-    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, SessionManager(SyntheticEngine(), max_streams=2),
-                       timeout_s=2.0, use_channel=False)
-    loop: asyncio.Task[None] | None = None
-    try:
-        await client.register_once()
-        loop = asyncio.create_task(client.heartbeat_loop())
-        await wait_for(lambda: len(arrivals) >= 5, 20, "five heartbeats")
-        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
-        mean = sum(gaps) / len(gaps)
-        assert client.manager.metrics.heartbeats.labels("failed")._value.get() == 0
-        assert mean < interval + answer_s / 2, f"heartbeats {mean:.2f} s apart at an interval of {interval} s"
-    finally:
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-        await client.aclose()
-        await runner.cleanup()
-
-
 @contextlib.asynccontextmanager
 async def _heartbeats_to_a_fake_hub(manager: SessionManager,
-                                    answer: Callable[[dict[str, Any]], dict[str, Any]]) -> AsyncIterator[None]:
-    """A hub that registers ``w1`` at a 30 s interval and answers each POSTed heartbeat with ``answer(body)``, and
-    a worker heartbeating to it over POST until the block ends."""
+                                    answer: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], *,
+                                    interval_s: float = 30.0) -> AsyncIterator[None]:
+    """A hub that registers ``w1`` at ``interval_s`` and answers each POSTed heartbeat with ``await answer(body)``,
+    and a worker heartbeating to it over POST until the block ends."""
     from aiohttp import web
 
     async def register(_: web.Request) -> web.Response:
-        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": 30.0, "ttl_s": 90.0,
+        return web.json_response({"worker_id": "w1", "heartbeat_interval_s": interval_s, "ttl_s": 3 * interval_s,
                                   "worker_secret": "s", "state": "ready"})
 
     async def beat(request: web.Request) -> web.Response:
         return web.json_response({"worker_id": "w1", "state": "ready", "used_streams": 0, "max_streams": 64,
-                                  "heartbeat_interval_s": 30.0, **answer(await request.json())})
+                                  "heartbeat_interval_s": interval_s, **(await answer(await request.json()))})
 
     app = web.Application()
     app.router.add_post("/api/v1/workers", register)
@@ -750,6 +656,50 @@ async def _heartbeats_to_a_fake_hub(manager: SessionManager,
         await runner.cleanup()
 
 
+async def test_a_burst_of_ends_is_told_in_one_heartbeat() -> None:
+    """Sessions that end together (a room closing, an engine failing) cost the hub one heartbeat, not one each."""
+    from shared.models import SessionDispatch
+
+    manager = SessionManager(SyntheticEngine(), max_streams=8)
+    for n in range(5):
+        await manager.start(SessionDispatch(session_id=f"s{n}", room="r", livekit_url="ws://x", token="t"))
+    bodies: list[dict[str, Any]] = []
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        bodies.append(body)
+        return {}
+
+    async with _heartbeats_to_a_fake_hub(manager, answer):
+        await wait_for(lambda: len(bodies) == 1, 5, "the first heartbeat")
+        assert len(bodies[0]["active_sessions"]) == 5
+        for n in range(5):
+            manager._ended(f"s{n}", "room closed")  # the engine's callback, as a room closing calls it
+        await wait_for(lambda: len(bodies) == 2, 2, "the heartbeat that tells the ends")
+        await asyncio.sleep(0.5)
+        assert len(bodies) == 2 and bodies[1]["active_sessions"] == []
+
+
+async def test_a_slow_heartbeat_answer_does_not_stretch_the_interval() -> None:
+    """Heartbeats start an interval apart, however long the hub takes to answer each: a loop that slept a whole
+    interval after every answer made each gap the hub saw an interval plus an answer, eating into the TTL of three
+    intervals (a hub answering in 0.8 of an interval left 1.8 between heartbeats)."""
+    interval, answer_s = 1.0, 0.8  # 1.8 s apart before, 1.0 now: a loaded machine's lateness fits in between
+    manager = SessionManager(SyntheticEngine(), max_streams=2)
+    arrivals: list[float] = []
+
+    async def answer(_: dict[str, Any]) -> dict[str, Any]:
+        arrivals.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(answer_s)
+        return {}
+
+    async with _heartbeats_to_a_fake_hub(manager, answer, interval_s=interval):
+        await wait_for(lambda: len(arrivals) >= 5, 20, "five heartbeats")
+        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+        mean = sum(gaps) / len(gaps)
+        assert manager.metrics.heartbeats.labels("failed")._value.get() == 0
+        assert mean < interval + answer_s / 2, f"heartbeats {mean:.2f} s apart at an interval of {interval} s"
+
+
 async def test_sessions_ending_one_after_another_do_not_make_the_worker_heartbeat_back_to_back() -> None:
     """A session that ends while a heartbeat is on its way is told by the next one, a quarter of a second after that
     one began, not straight after its answer: ends that keep coming (a room emptying user by user) must not make
@@ -762,7 +712,7 @@ async def test_sessions_ending_one_after_another_do_not_make_the_worker_heartbea
     clock = asyncio.get_running_loop().time
     arrivals: list[float] = []
 
-    def answer(_: dict[str, Any]) -> dict[str, Any]:
+    async def answer(_: dict[str, Any]) -> dict[str, Any]:
         arrivals.append(clock())
         if manager.sessions:
             manager._ended(next(iter(manager.sessions)), "user left")  # another end while this heartbeat is answered
@@ -783,7 +733,7 @@ async def test_a_session_the_hub_asks_to_stop_brings_no_heartbeat_forward() -> N
     await manager.start(SessionDispatch(session_id="s0", room="r", livekit_url="ws://x", token="t"))
     bodies: list[dict[str, Any]] = []
 
-    def answer(body: dict[str, Any]) -> dict[str, Any]:
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
         bodies.append(body)
         return {"stop_sessions": body["active_sessions"]}
 
