@@ -395,3 +395,45 @@ def test_a_large_fleet_is_shown_a_page_at_a_time_and_says_so(redis_url: str) -> 
             assert listings and all("limit=" in url for url in listings), listings
         finally:
             browser.close()
+
+
+def test_the_region_and_state_filters_ask_the_hub_for_the_workers_that_match(redis_url: str) -> None:
+    """In a fleet larger than a page, the workers of one region or the stale ones are found by the hub's own
+    filters, not hidden in the first page: choosing a region (or clicking its capacity box) or a state lists those,
+    and the session table follows the region."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no /usr/bin/chromium: run scripts/ensure-chromium.sh")
+    with LiveHub(redis_url, fake_workers=1) as hub, sync_api.sync_playwright() as pw:
+        seed(hub)  # gpu-use1-a, gpu-use1-b (us-east-1), gpu-euc1-a (eu-central-1) with one session
+        with hub.admin() as client:
+            client.post("/api/v1/workers/gpu-use1-b/drain").raise_for_status()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = signed_in(browser, hub.url)
+            asked: list[str] = []
+            page.on("request", lambda request: asked.append(request.url))
+            rows = page.locator("#workers tbody tr")
+            sync_api.expect(rows).to_have_count(3)
+            sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(1)
+
+            page.select_option("#filter-region", "us-east-1")
+            sync_api.expect(rows).to_have_count(2)
+            sync_api.expect(page.locator("#worker-count")).to_have_text("2 registered: us-east-1")
+            sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(0)  # the session runs in Frankfurt
+            assert any("region=us-east-1" in url and "/api/v1/workers" in url for url in asked), asked
+
+            page.select_option("#filter-state", "draining")
+            sync_api.expect(rows).to_have_count(1)
+            sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-use1-b")
+
+            page.select_option("#filter-state", "")
+            page.click('#capacity [data-region="eu-central-1"]')
+            sync_api.expect(rows).to_have_count(1)
+            sync_api.expect(rows.first).to_have_attribute("data-worker", "gpu-euc1-a")
+            sync_api.expect(page.locator("#filter-region")).to_have_value("eu-central-1")
+            sync_api.expect(page.locator("#sessions tbody tr")).to_have_count(1)
+            page.click('#capacity [data-region="all"]')
+            sync_api.expect(rows).to_have_count(3)
+        finally:
+            browser.close()

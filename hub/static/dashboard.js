@@ -11,7 +11,8 @@ const SESSION_PAGE = 200;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const state = { workers: [], moreWorkers: false, sort: { key: "worker_id", dir: 1 }, timer: null, busy: new Set(),
-                land: null };
+                land: null, filter: { region: "", state: "" }, regions: new Set(), refreshes: 0,
+                drawn: 0 };
 
 class AuthError extends Error {}
 
@@ -148,14 +149,18 @@ function drawWorkers() {
     tr.append(cell);
     return tr;
   }));
-  $("worker-count").textContent = state.moreWorkers
+  const only = [state.filter.region, state.filter.state].filter(Boolean).join(", ");
+  const listed = state.moreWorkers
     ? `the first ${rows.length} by region (fleet workers lists all)` : `${rows.length} registered`;
+  $("worker-count").textContent = only ? `${listed}: ${only}` : listed;
 }
 
 function drawCapacity(fleet) {
   $("capacity").replaceChildren(...[...fleet.regions, fleet.total].map((r) => {
     const box = el("div", null, "region");
     box.dataset.region = r.region;
+    box.title = r === fleet.total ? "show every region" : `show ${r.region} only`;
+    box.addEventListener("click", () => setFilter({ region: r === fleet.total ? "" : r.region }));
     const pct = r.max_streams ? r.used_streams / r.max_streams : 0;
     box.append(el("b", r.region),
                el("span", `${r.used_streams}/${r.max_streams} streams used, ${r.free_streams} free`),
@@ -181,18 +186,53 @@ function drawSessions(sessions, more, inUse) {
     more ? `${sessions.length} shown of ${inUse} streams in use` : `${sessions.length} held`;
 }
 
+// --- filters ----------------------------------------------------------------------------------------------
+
+// The listings' own filters: the hub picks the page from the workers that match, so a region or the stale workers
+// of a fleet larger than a page are found, not just hidden in the page.
+function listingQuery(limit, filters) {
+  const query = new URLSearchParams({ limit: String(limit) });
+  for (const [name, value] of Object.entries(filters)) if (value) query.set(name, value);
+  return query.toString();
+}
+
+function drawRegionChoices(fleet) {
+  for (const r of fleet.regions) state.regions.add(r.region);  // a region all of whose workers went stale stays
+  if (state.filter.region) state.regions.add(state.filter.region);
+  const select = $("filter-region");
+  select.replaceChildren(el("option", "all"), ...[...state.regions].sort().map((region) => el("option", region)));
+  select.options[0].value = "";
+  select.value = state.filter.region;
+}
+
+function showFilter(change) {
+  Object.assign(state.filter, change);
+  $("filter-region").value = state.filter.region;
+  $("filter-state").value = state.filter.state;
+}
+
+function setFilter(change) {
+  showFilter(change);
+  refresh();
+}
+
 // --- flow -------------------------------------------------------------------------------------------------
 
 async function refresh() {
+  const asked = ++state.refreshes;
   try {
     const [workers, fleet, sessions, livekit] = await Promise.all([
-      api(`/api/v1/workers?limit=${WORKER_PAGE}`), api("/api/v1/fleet"), api(`/api/v1/sessions?limit=${SESSION_PAGE}`),
+      api(`/api/v1/workers?${listingQuery(WORKER_PAGE, state.filter)}`), api("/api/v1/fleet"),
+      api(`/api/v1/sessions?${listingQuery(SESSION_PAGE, { region: state.filter.region })}`),
       api("/dashboard/api/livekit")]);
     if (!sessionStorage.getItem(TOKEN_KEY)) return;  // signed out while this read was on the wire
+    if (asked < state.drawn) return;  // a later read (after a filter changed) has drawn already
+    state.drawn = asked;
     state.workers = workers.workers;
     state.moreWorkers = workers.next_cursor !== null;
     drawWorkers();
     drawCapacity(fleet);
+    drawRegionChoices(fleet);
     drawSessions(sessions.sessions, sessions.next_cursor !== null, fleet.total.used_streams);
     drawMap(state.workers, sessions.sessions, livekit.regions);
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -244,6 +284,10 @@ function showApp(signedIn) {
 
 function forgetFleet() {
   state.workers = [];
+  state.regions.clear();
+  $("filter-region").replaceChildren(el("option", "all"));
+  $("filter-region").options[0].value = "";
+  showFilter({ region: "", state: "" });
   for (const id of ["capacity", "links", "livekit", "workers-layer", "sessions-layer", "worker-count", "session-count"]) {
     $(id).replaceChildren();
   }
@@ -273,6 +317,8 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("logout").addEventListener("click", () => signOut());
+  $("filter-region").addEventListener("change", (event) => setFilter({ region: event.target.value }));
+  $("filter-state").addEventListener("change", (event) => setFilter({ state: event.target.value }));
   for (const th of document.querySelectorAll("#workers th[data-key]")) {
     th.addEventListener("click", () => {
       const key = th.dataset.key;
