@@ -210,9 +210,10 @@ class Allocator:
         self.board.note_used(entry.worker_id, reservation.used, reservation.max_streams)
         try:
             agent_token = mint_agent_token(deployment, room, self.settings.livekit_token_ttl_s)
+            # Without the session_key: it joins the conversation as its owner, and the agent has no use for it,
+            # so no worker (nor a fleet-token holder reading a worker's GET /sessions) is given it.
             dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
-                session_id=session_id, session_key=req.session_key, room=room, livekit_url=deployment.url,
-                token=agent_token))
+                session_id=session_id, room=room, livekit_url=deployment.url, token=agent_token))
             outcome = dispatched.outcome
             if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
                                                                                 dispatched.accepted_at_seq):
@@ -264,7 +265,7 @@ class Allocator:
                     await self._until_the_store_answers(
                         lambda: self.store.compare_and_set_claim(session_key, pending_claim, None, 0))
             if released is None:
-                log.warning("could not release %s within %.0f s; %s", session_id, _UNDO_WINDOW_S,
+                log.warning("could not release %s within %.0f s; %s", keys.shown_session_id(session_id), _UNDO_WINDOW_S,
                             "its worker stopped it, so its next heartbeat frees the slot" if stopped
                             else "its worker is still being told to stop it")
         finally:
@@ -287,7 +288,8 @@ class Allocator:
         deadline = time.monotonic() + _UNDO_WINDOW_S
         for delay in backoff_delays(base_s=0.5, cap_s=10.0):
             if time.monotonic() + delay > deadline:
-                log.warning("could not tell %s to stop %s within %.0f s", worker_url, session_id, _UNDO_WINDOW_S)
+                log.warning("could not tell %s to stop %s within %.0f s", worker_url, keys.shown_session_id(session_id),
+                            _UNDO_WINDOW_S)
                 return
             await asyncio.sleep(delay)
             if (await self.workers.stop(worker_url, session_id)).delivered:
@@ -337,7 +339,9 @@ class Allocator:
         the worker is bounded (``_STOP_BEFORE_RELEASE_S``); a stop still on its way then finishes in the background,
         and a worker that never hears it is told by its next heartbeat's answer."""
         worker_id = keys.worker_of_session(session_id)
-        if worker_id is None:
+        # Anyone may call this route, unauthenticated: an id the hub does not hold must not reach a worker (each
+        # DELETE of a made-up id was relayed to the GPU host the id names, with the fleet token, unthrottled).
+        if worker_id is None or await self.store.read_session(worker_id, session_id) is None:
             raise SessionNotFound()
         stopping = None
         if (known := self.board.entries.get(worker_id)) is not None:
@@ -367,7 +371,7 @@ class Allocator:
                 # The session has ended: the claim left behind points at an ended session, which the next request
                 # for the key finds gone and replaces.
                 log.info("session %s ended; its session_key claim stays until the next request replaces it",
-                         session_id)
+                         keys.shown_session_id(session_id))
 
     async def _stored(self, session_id: str) -> StoredSession:
         worker_id = keys.worker_of_session(session_id)

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 import aiohttp
 
+from shared.keys import shown_session_id
 from shared.models import SessionDispatch
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class WorkerClient:
         except TimeoutError:
             return StopAnswer.UNDELIVERED
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            log.info("stopping %s on %s failed: %s", session_id, worker_url, type(exc).__name__)
+            log.info("stopping %s on %s failed: %s", shown_session_id(session_id), worker_url, type(exc).__name__)
             return StopAnswer.UNDELIVERED
         if status in (200, 204):
             return StopAnswer.STOPPED

@@ -56,6 +56,8 @@ class Registry:
         self.background = background
         #: Sessions this hub stopped through a worker's DELETE, oldest first, and when.
         self._stopped_at: OrderedDict[str, float] = OrderedDict()
+        #: Per worker: when its current stop window began, and how many DELETEs it has been sent in it.
+        self._stop_budget: dict[str, tuple[float, int]] = {}
 
     async def register(self, reg: WorkerRegistration, presented_secret: str | None,
                        proposed_secret: str | None = None) -> RegistrationAccepted:
@@ -102,17 +104,20 @@ class Registry:
         self.metrics.heartbeats_ok.inc()
         self.board.note_used(worker_id, out.used, out.max_streams)
         if out.unknown_sessions:
-            self._stop_unknown(worker_id, out.unknown_sessions)
+            self._stop_unknown(worker_id, out.unknown_sessions, out.max_streams)
         # Built from values the hub itself produced, so without re-validation (one per heartbeat).
         return HeartbeatReply.model_construct(
             worker_id=worker_id, state=WorkerState(out.state), used_streams=out.used, max_streams=out.max_streams,
             heartbeat_interval_s=self.settings.heartbeat_interval_s, stop_sessions=list(out.unknown_sessions))
 
-    def _stop_unknown(self, worker_id: str, session_ids: Sequence[str]) -> None:
+    def _stop_unknown(self, worker_id: str, session_ids: Sequence[str], max_streams: int) -> None:
         """Sessions the worker runs that no hub holds: the heartbeat's answer names them in ``stop_sessions``, and the
         worker's own ``DELETE /sessions/{id}`` stops them too, so a worker that ignores the answer still keeps no
         uncounted session. Once per session per ``_STOP_AGAIN_AFTER_S``, one task per heartbeat: after a Redis wipe,
-        when every worker names all its sessions, the calls grow with the workers, not their heartbeats."""
+        when every worker names all its sessions, the calls grow with the workers, not their heartbeats. At most
+        ``max_streams`` DELETEs per worker per ``_STOP_AGAIN_AFTER_S`` (no worker runs more sessions than that): a
+        worker naming fresh made-up ids in every heartbeat would otherwise have the hub send a thousand requests
+        per heartbeat to whatever URL it registered, and remember every id."""
         entry = self.board.entries.get(worker_id)
         if entry is None:
             return  # not on this hub's board yet: the answer's stop_sessions still reaches the worker
@@ -120,9 +125,13 @@ class Registry:
         stopped = self._stopped_at
         while stopped and now - next(iter(stopped.values())) >= _STOP_AGAIN_AFTER_S:
             stopped.popitem(last=False)  # forgotten from the oldest end: the work grows with the stops, not the list
-        due = [sid for sid in session_ids if sid not in stopped]
+        began, sent = self._stop_budget.get(worker_id, (now, 0))
+        if now - began >= _STOP_AGAIN_AFTER_S:
+            began, sent = now, 0
+        due = [sid for sid in session_ids if sid not in stopped][:max(0, max_streams - sent)]
         if not due:
             return
+        self._stop_budget[worker_id] = (began, sent + len(due))
         stopped.update(dict.fromkeys(due, now))
         self.background.spawn(self._stop_each(entry.url, due), name=f"stop unknown sessions on {worker_id}")
 

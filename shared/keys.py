@@ -96,3 +96,16 @@ def worker_of_session(session_id: str) -> str | None:
     """The worker id embedded in a session id, or None when the id is not one of ours."""
     match = _SESSION_ID_RE.match(session_id)
     return match.group(1) if match else None
+
+
+#: Characters of a session id's random part a log line shows: enough to find the session in an SRE's listing, far
+#: too few to end it with (the id is a bearer capability: it reads and ends the session).
+SHOWN_RANDOM_CHARS = 4
+
+
+def shown_session_id(session_id: str) -> str:
+    """``session_id`` as logs show it: its worker and the start of its random part (``w-1~NI0A…``)."""
+    worker, separator, random_part = session_id.partition(SESSION_ID_SEPARATOR)
+    if not separator:
+        return f"{session_id[:SHOWN_RANDOM_CHARS]}…"
+    return f"{worker}{separator}{random_part[:SHOWN_RANDOM_CHARS]}…"

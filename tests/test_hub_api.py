@@ -334,6 +334,8 @@ async def test_an_unexpected_failure_is_a_json_500_that_tells_the_caller_nothing
     assert resp.json() == {"error": "internal_error", "message": "the hub could not handle this request"}
     assert "hunter2" not in resp.text and "RuntimeError" not in resp.text and "Traceback" not in resp.text
     assert any(r.exc_info and cause in str(r.exc_info[1]) for r in caplog.records), "the SRE sees the cause"
+    # The route, not the path: a session's path holds its id, and the id ends the session.
+    assert "GET /api/v1/sessions/{session_id}" in caplog.text and "abcdefghijkl" not in caplog.text, caplog.text
 
 
 async def test_a_listed_origins_page_reads_the_500_of_an_unexpected_failure(
@@ -849,6 +851,19 @@ async def test_each_client_has_its_own_rate_limit(make_hub: Any) -> None:
     assert codes == [503, 503, 429]  # through to placement (no workers), then limited
     assert (await hub.post("/api/v1/sessions", json={}, headers=second)).status_code == 503
     assert (await hub.post("/api/v1/sessions", json={}, headers=first)).status_code == 429
+
+
+async def test_an_ipv6_client_spends_the_rate_limit_of_its_slash_64(make_hub: Any) -> None:
+    """A host is routinely given a whole /64: counting each of its addresses apart gave it 2^64 rate limits. Another
+    /64 has its own, and an IPv4-mapped address is its IPv4."""
+    hub = await make_hub(rate_limit_per_s=0.01, rate_limit_burst=2, trusted_proxies=["127.0.0.1"])
+
+    async def asked(address: str) -> int:
+        return (await hub.post("/api/v1/sessions", json={}, headers={"X-Forwarded-For": address})).status_code
+
+    assert [await asked(f"2001:db8:1:2::{n}") for n in (1, 2, 3)] == [503, 503, 429]
+    assert await asked("2001:db8:1:3::1") == 503
+    assert [await asked(a) for a in ("::ffff:203.0.113.7", "203.0.113.7", "::ffff:203.0.113.7")] == [503, 503, 429]
 
 
 async def test_a_worker_id_is_at_most_64_characters_so_its_sessions_can_always_be_found(

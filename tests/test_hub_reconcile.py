@@ -135,3 +135,19 @@ async def test_sre_listings_show_a_lapsed_pending_lease_as_lapsed(make_hub: Any,
     assert await statuses() == ("lapsed", "lapsed")
     worker_view = (await hub.get("/api/v1/workers/w-1", headers=ADMIN_AUTH)).json()
     assert worker_view["used_streams"] == 0  # agrees with the worker's fresh view
+
+
+async def test_a_worker_naming_made_up_sessions_gets_at_most_its_streams_in_deletes_per_window(
+        hub: httpx.AsyncClient, make_worker: Any) -> None:
+    """A worker that names fresh made-up ids in every heartbeat (up to 1,024 each) had the hub send a DELETE for
+    every one, to whatever URL it registered: a thousand requests per heartbeat. The answer still names them all."""
+    worker = await make_worker(max_streams=3)
+    reg = await register(hub, "w-1", worker)
+    await refresh(hub)
+    for beat in range(4):
+        made_up = [f"w-1~madeup{beat}x{i:04d}" for i in range(50)]
+        reply = (await heartbeat(hub, "w-1", reg["worker_secret"], made_up)).json()
+        assert sorted(reply["stop_sessions"]) == sorted(made_up)
+    await wait_for(lambda: len(worker.stopped) == 3, 5, "the first DELETEs")
+    await asyncio.sleep(0.3)  # any DELETE beyond the budget would have landed by now
+    assert len(worker.stopped) == 3

@@ -1345,3 +1345,29 @@ async def test_labels_asked_together_must_be_one_workers(hub: httpx.AsyncClient,
         both = await hub.post("/api/v1/sessions", json={"labels": labels})
         assert both.status_code == 503 and both.json() == {
             "error": "no_matching_worker", "message": "No live worker has the labels gpu=a10g, tier=silver."}, both.text
+
+
+async def test_ending_a_session_the_hub_does_not_hold_never_reaches_its_worker(hub: httpx.AsyncClient,
+                                                                              make_worker: Any) -> None:
+    """The client routes take no credential: a DELETE of a made-up id naming a real worker was relayed to that
+    worker, with the fleet token, as fast as anyone could send them."""
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    for i in range(5):
+        resp = await hub.delete(f"/api/v1/sessions/w-1~madeup{i:05d}")
+        assert resp.status_code == 404 and resp.json()["error"] == "session_not_found"
+    await asyncio.sleep(0.2)
+    assert worker.stopped == []
+
+
+async def test_a_worker_is_never_given_the_session_key(hub: httpx.AsyncClient, make_worker: Any) -> None:
+    """The key joins the conversation as its owner; the agent does not need it, and the worker's own GET /sessions
+    would show it to anyone holding the fleet token."""
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    created = await hub.post("/api/v1/sessions", json={"session_key": "conversation-7f3a9c1e5b2d"})
+    assert created.status_code == 201, created.text
+    dispatched = worker.sessions[created.json()["session_id"]]
+    assert "conversation-7f3a9c1e5b2d" not in json.dumps(dispatched), dispatched

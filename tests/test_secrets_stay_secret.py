@@ -9,6 +9,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from shared import keys
 from shared.models import WorkerRegistration
 from shared.redis_server import EmbeddedRedis
 from tests.conftest import (
@@ -85,6 +86,11 @@ def test_a_livekit_deployment_with_a_mistake_is_refused_without_echoing_its_secr
         assert LIVEKIT_SECRET not in str(refused.value)
 
 
+def test_a_session_id_is_shown_in_logs_by_its_worker_and_four_characters() -> None:
+    assert keys.shown_session_id("w-1~NI0ARShUaJZncmB7") == "w-1~NI0A…"
+    assert keys.shown_session_id("not-one-of-ours") == "not-…"
+
+
 def test_a_hub_url_with_credentials_is_described_without_them() -> None:
     """/health shows the hub that answered last: its URL without the user:password it was configured with."""
     hub_url = f"https://fleet:{HUB_URL_PASSWORD}@hub.example:8443"
@@ -124,3 +130,7 @@ def test_no_secret_reaches_the_logs_or_metrics_of_real_processes(redis_server: E
     for secret in (WORKER_TOKEN, ADMIN_TOKEN, LIVEKIT_SECRET, session["livekit"]["token"]):
         assert secret not in logged
         assert all(secret not in text for text in served)
+    # The session id ends the session: above DEBUG, lines show its worker and the start of its random part only.
+    above_debug = [line for line in logged.splitlines() if " DEBUG " not in line]
+    assert not [line for line in above_debug if session["session_id"] in line]
+    assert any(keys.shown_session_id(session["session_id"]) in line for line in above_debug), logged

@@ -92,14 +92,16 @@ async def test_auth_validation_duplicates_and_delete(worker: Any) -> None:
 
 async def test_a_session_started_and_stopped_here_is_in_the_workers_log(worker: Any,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """An SRE following one session finds where it ran: its start and its stop are logged, with the slots in use."""
+    """An SRE following one session finds where it ran: its start and its stop are logged, with the slots in use,
+    under the start of its id (the whole id ends the session; the SRE's listing has it)."""
     client, _ = worker
     caplog.set_level(logging.INFO, logger="worker.sessions")
-    assert (await client.post("/sessions", json=dispatch("traced"), headers=AUTH)).status_code == 201
-    assert (await client.delete("/sessions/traced", headers=AUTH)).status_code == 204
-    lines = [r.getMessage() for r in caplog.records if "traced" in r.getMessage()]
-    assert lines == ["session traced started (room room-traced); 1 of 5 streams in use",
-                     "session traced stopped; 0 of 5 streams in use"], lines
+    spec = {**dispatch("w-1~tracedAbCdEf0123"), "room": "fleet-0a1b2c"}  # rooms are drawn apart from session ids
+    assert (await client.post("/sessions", json=spec, headers=AUTH)).status_code == 201
+    assert (await client.delete("/sessions/w-1~tracedAbCdEf0123", headers=AUTH)).status_code == 204
+    lines = [r.getMessage() for r in caplog.records if "w-1~" in r.getMessage()]
+    assert lines == ["session w-1~trac… started (room fleet-0a1b2c); 1 of 5 streams in use",
+                     "session w-1~trac… stopped; 0 of 5 streams in use"], lines
 
 
 async def test_a_session_id_no_heartbeat_could_list_is_refused(worker: Any) -> None:

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from shared.auth import new_secret
 from shared.backoff import backoff_delays
+from shared.keys import shown_session_id
 from shared.models import Heartbeat, HeartbeatReply, RegistrationAccepted, WorkerRegistration, WorkerState
 from worker import gpus as gpu_probe
 from worker.gpus import Gpu
@@ -358,7 +359,7 @@ class HubClient:
         # both ways, so a resume there takes effect here.
         self.manager.set_drained_by_hub(reply.state is WorkerState.DRAINING)
         for session_id in reply.stop_sessions:
-            log.info("hub does not hold session %s; stopping it", session_id)
+            log.info("hub does not hold session %s; stopping it", shown_session_id(session_id))
             self.manager.begin_stop(session_id)
 
     async def heartbeat_loop(self) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.keys import shown_session_id
 from shared.models import SessionDispatch, WorkerSessionInfo
 from worker.engine import Engine
 
@@ -175,7 +176,7 @@ class SessionManager:
             try:
                 await self.engine.start_session(spec, self._ended)
             except Exception as exc:  # noqa: BLE001 - any engine failure refuses this one session
-                log.warning("engine refused session %s: %s", spec.session_id, exc)
+                log.warning("engine refused session %s: %s", shown_session_id(spec.session_id), exc)
                 self._refuse("engine_error", f"engine could not start the session: {exc}")
             self.metrics.start_seconds.observe(time.perf_counter() - started)
             if self._remembers(spec.session_id):  # stopped (or ended) while the engine started it
@@ -185,8 +186,8 @@ class SessionManager:
                                      started_at=time.time(), accepted_at_seq=self.heartbeat_seq)
             self.sessions[spec.session_id] = info
             self.metrics.dispatches.labels("accepted").inc()
-            log.info("session %s started (room %s); %d of %d streams in use", spec.session_id, spec.room,
-                     len(self.sessions), self.max_streams)
+            log.info("session %s started (room %s); %d of %d streams in use", shown_session_id(spec.session_id),
+                     spec.room, len(self.sessions), self.max_streams)
             self._notify()
             return info
 
@@ -215,7 +216,7 @@ class SessionManager:
         """Engine callback: a session ended by itself; the next heartbeat, sent soon, no longer reports it."""
         self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is not None:
-            log.info("session %s ended: %s", session_id, reason)
+            log.info("session %s ended: %s", shown_session_id(session_id), reason)
             self.ended_unreported.set()
             self._notify()
 
@@ -228,7 +229,8 @@ class SessionManager:
         self._remember_stop(session_id)
         if self.sessions.pop(session_id, None) is None:
             return None
-        log.info("session %s stopped; %d of %d streams in use", session_id, len(self.sessions), self.max_streams)
+        log.info("session %s stopped; %d of %d streams in use", shown_session_id(session_id), len(self.sessions),
+                 self.max_streams)
         stopping = asyncio.create_task(self._stop_in_engine(session_id), name=f"stopping session {session_id}")
         self._engine_stops.add(stopping)
         stopping.add_done_callback(self._engine_stops.discard)
@@ -247,7 +249,7 @@ class SessionManager:
         try:
             await self.engine.stop_session(session_id)
         except Exception:
-            log.exception("the engine failed to stop session %s", session_id)
+            log.exception("the engine failed to stop session %s", shown_session_id(session_id))
 
     async def stop_all(self) -> None:
         """Stop every session and wait for every engine stop under way, those a hub's answer began included: the

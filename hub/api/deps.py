@@ -87,6 +87,19 @@ def client_address(request: Request, trusted_proxies: list[str], address_header:
     return peer
 
 
+def rate_limited_client(address: str) -> str:
+    """Whose rate limit a request from ``address`` spends: an IPv6 client's /64 (one host is routinely given a whole
+    /64, so counting each address would hand it 2^64 buckets), an IPv4-mapped address as the IPv4 it is, else the
+    address as given."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip)
+
+
 def _address_of(value: str | None) -> str | None:
     """The IP of ``ip:port`` (``198.51.100.10:46532``, ``2001:db8::1:443``, ``[2001:db8::1]:443``) or a bare IP;
     None when it is neither. The port goes first: ``2001:db8::1:443`` is also a valid address on its own."""

@@ -86,13 +86,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return unexpected_error(request.method, request.url.path, exc)
+        return unexpected_error(request.scope, exc)
 
 
-def unexpected_error(method: str, path: str, exc: Exception) -> JSONResponse:
+def unexpected_error(scope: Scope, exc: Exception) -> JSONResponse:
     """The answer to a bug or a library's surprise: logged for the SRE with its traceback; the caller learns nothing
-    of its cause (the exception's text may carry a Redis URL with its password, a token, a path)."""
-    log.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
+    of its cause (the exception's text may carry a Redis URL with its password, a token, a path). The log names the
+    route's template, not the path: a session's path holds its id, which ends the session."""
+    route = getattr(scope.get("route"), "path", "an unrouted path")
+    log.error("unhandled %s on %s %s", type(exc).__name__, scope.get("method"), route, exc_info=exc)
     return error_response(500, "internal_error", "the hub could not handle this request")
 
 
@@ -120,4 +122,4 @@ class UnexpectedErrorsInside:
         except Exception as exc:
             if began:
                 raise
-            await unexpected_error(scope["method"], scope["path"], exc)(scope, receive, send)
+            await unexpected_error(scope, exc)(scope, receive, send)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 
 from hub.allocator import resolve_location
-from hub.api.deps import HubDep, HubState, client_address
+from hub.api.deps import HubDep, HubState, client_address, rate_limited_client
 from hub.api.errors import error_responses
 from shared.errors import RateLimited, StoreUnavailable
 from shared.models import ErrorBody, Location, SessionConfig, SessionRequest
@@ -42,7 +42,7 @@ async def _admit(request: Request, hub: HubState) -> None:
     """The per-client rate limit. Its refusals (and a store that cannot answer) are allocation outcomes too: an SRE
     reading ``fleet_allocations_total`` sees every request that got past validation."""
     settings, started = hub.settings, time.perf_counter()
-    client = client_address(request, settings.trusted_proxies, settings.client_address_header)
+    client = rate_limited_client(client_address(request, settings.trusted_proxies, settings.client_address_header))
     try:
         wait = await hub.store.take_token(client, settings.rate_limit_burst, settings.rate_limit_per_s)
     except StoreUnavailable:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
+from shared.keys import shown_session_id
 from shared.models import SessionDispatch
 from worker.engine import EngineStats, SessionEnded, VramProfile
 from worker.voice.calibration import VoiceLoadProbe
@@ -99,7 +100,8 @@ class VoiceSession:
             async with asyncio.timeout(timeout):
                 await goodbye
         except TimeoutError:
-            log.warning("voice session %s: a client took no goodbye in %ss; cut off", self.spec.session_id, timeout)
+            log.warning("voice session %s: a client took no goodbye in %ss; cut off",
+                        shown_session_id(self.spec.session_id), timeout)
             return False
         except Exception:  # the client is already gone; closing goes on
             log.debug("voice session %s: goodbye failed", self.spec.session_id, exc_info=True)
@@ -223,7 +225,7 @@ class VoiceEngine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the session ends; the worker tells the hub
-            log.warning("voice session %s: LiveKit transport failed: %r", spec.session_id, exc)
+            log.warning("voice session %s: LiveKit transport failed: %r", shown_session_id(spec.session_id), exc)
             reason = "livekit_failed"
         await self.end_session(session, reason)  # the user left or the room closed: free the slot
 

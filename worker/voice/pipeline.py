@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shared.aio import cancel_and_wait
+from shared.keys import shown_session_id
 from worker.voice.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE
 from worker.voice.errors import BackendError
 from worker.voice.llm import LLM, Message
@@ -268,7 +269,8 @@ class Conversation:
                 {"type": "reply_end", "timings": timings, "error": error.stage if error else None}
             )
         except Exception as exc:  # noqa: BLE001 - not a backend failure: sending to the client failed (it left)
-            log.info("voice session %s: turn stopped, the client cannot be reached: %r", self.session_id, exc)
+            log.info("voice session %s: turn stopped, the client cannot be reached: %r",
+                     shown_session_id(self.session_id), exc)
         finally:
             turn.heard = True
             if reply:
@@ -400,7 +402,7 @@ class Conversation:
         self, exc: BackendError, speech_ended: float, timings: dict[str, float], *, apologise: bool = True
     ) -> None:
         # The detail (a backend's HTTP body, an internal host name) goes to the log; the client learns the stage.
-        log.warning("voice session %s: %s", self.session_id, exc)
+        log.warning("voice session %s: %s", shown_session_id(self.session_id), exc)
         message = _CLIENT_ERRORS.get(exc.stage, "this turn failed")
         await self.transport.send_event({"type": "error", "stage": exc.stage, "message": message})
         if apologise:  # not over a user who is already talking again
