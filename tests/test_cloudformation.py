@@ -206,6 +206,20 @@ def test_hub_role_is_least_privilege() -> None:
         assert "*" not in str(s["Action"])
 
 
+@pytest.mark.parametrize("stack", ["hub", "gpu-workers"])
+def test_an_instance_may_open_a_session_manager_shell_and_read_no_parameter(stack: str) -> None:
+    """AmazonSSMManagedInstanceCore let every hub and GPU worker read every SSM parameter of the account; the role
+    now holds Session Manager's own actions only, and the instance metadata answers no container on the host."""
+    template = load(stack)
+    role = one(template, "AWS::IAM::Role")["Properties"]
+    assert "ManagedPolicyArns" not in role
+    shell = {s["Sid"]: s for s in _statements(template) if "Sid" in s}["SessionManagerShell"]
+    assert "ssm:UpdateInstanceInformation" in shell["Action"]
+    assert not [a for a in shell["Action"] if a.startswith("ssm:Get") or "*" in a]
+    metadata = one(template, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert metadata["HttpTokens"] == "required" and metadata["HttpPutResponseHopLimit"] == 1
+
+
 def test_worker_group_mixes_spot_and_on_demand_with_rebalance_hook_and_warm_pool() -> None:
     t = load("gpu-workers")
     asg = one(t, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
