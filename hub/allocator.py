@@ -215,6 +215,8 @@ class Allocator:
             dispatched = await self.workers.dispatch(reservation.url, SessionDispatch(
                 session_id=session_id, room=room, livekit_url=deployment.url, token=agent_token))
             outcome = dispatched.outcome
+            if outcome is DispatchOutcome.ACCEPTED:
+                self.board.note_dispatched(entry.worker_id)
             if outcome is DispatchOutcome.ACCEPTED and await self.store.confirm(entry.worker_id, session_id,
                                                                                 dispatched.accepted_at_seq):
                 config = self._config(session_id, record, token=participant.jwt, expires_at=participant.expires_at)
@@ -231,7 +233,10 @@ class Allocator:
         if outcome is DispatchOutcome.FULL:
             self.board.note_used(entry.worker_id, reservation.max_streams)
         else:
-            self.board.note_unavailable(entry.worker_id)
+            if outcome is DispatchOutcome.ACCEPTED:  # but its pending lease had lapsed: the worker itself is fine
+                self.board.note_unavailable(entry.worker_id)
+            else:
+                self.board.note_failed_dispatch(entry.worker_id, outcome.value)
             # Unless it said it is full, the worker may hold the session after all (a late answer, a 5xx or a reset
             # after it took it): stop it rather than wait for heartbeat reconciliation. A stop that overtakes its
             # dispatch is remembered by the worker, which then refuses the dispatch.

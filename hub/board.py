@@ -42,6 +42,12 @@ _LEAD_DRAWS = 4
 #: snapshot restored, a removal that was never logged) is gone from every mirror within this. At 10,000 workers a
 #: whole read is a few megabytes and parses only the views that differ from the mirror's.
 WHOLE_READ_EVERY_S = 60.0
+#: A worker whose dispatch failed (no answer in time, unreachable, an error) is left out of this hub's ranking for
+#: this long, doubled at each failure in a row up to the cap; its next dispatch that succeeds clears it. Skipping it
+#: only until the next refresh (a second) had a worker whose engine hangs cost one request a dispatch timeout every
+#: second on every hub, while its heartbeats kept it live.
+BENCH_BASE_S = 2.0
+BENCH_CAP_S = 30.0
 
 
 #: Workers with the same location and labels share a group: (lat, lon, sorted labels).
@@ -133,6 +139,8 @@ class RoutingBoard:
         self._groups_by_key: dict[tuple[float, float, tuple[tuple[str, str], ...]], Group] = {}
         #: The label sets of the live workers on the board, whatever their state (``carries``).
         self._label_sets: set[tuple[tuple[str, str], ...]] = set()
+        #: Workers whose dispatches failed: worker id -> (until when, monotonic; failures in a row).
+        self._benched: dict[str, tuple[float, int]] = {}
         self._lock = asyncio.Lock()
 
     # --- refresh ------------------------------------------------------------------------------------------
@@ -264,10 +272,11 @@ class RoutingBoard:
         self._groups_by_key = {}
         self._group_of = {}
         self._label_sets = set()
+        benched = self._still_benched()
         for e in self.entries.values():
             if alive(e.heartbeat_ms, self.now_ms, self.ttl_ms):  # a silent worker's labels are not on offer
                 self._label_sets.add(e.group_key[2])
-            if self._eligible(e, self.now_ms):
+            if self._eligible(e, self.now_ms) and e.worker_id not in benched:
                 if e.partial is None:
                     e.partial = self._partial(e)
                 group = self._group_for(e, listed=False)
@@ -313,17 +322,44 @@ class RoutingBoard:
             if e.partial != before:  # keep the group in score order: ranking looks only at its head
                 group.members.remove(e)
                 bisect.insort(group.members, e, key=_descending_partial)
-        elif self._eligible(e, self.redis_now_ms()):
+        elif self._eligible(e, self.redis_now_ms()) and not self._is_benched(worker_id):
             group = self._group_for(e)  # a slot came back: rejoin, in score order
             bisect.insort(group.members, e, key=_descending_partial)
             self._group_of[e.worker_id] = group
 
     def note_unavailable(self, worker_id: str) -> None:
-        """Skip this worker until the next refresh (it refused, timed out, or the script said it is not ready)."""
+        """Skip this worker until the next refresh (the reservation script said it is not ready)."""
         e = self.entries.get(worker_id)
         if e is not None:
             e.state = "unavailable"
             self._leave_group(e)
+
+    def note_failed_dispatch(self, worker_id: str, why: str) -> None:
+        """Leave this worker out of the ranking for a while (``BENCH_BASE_S``, doubled at each failure in a row)."""
+        _, failures = self._benched.get(worker_id, (0.0, 0))
+        bench_s = min(BENCH_BASE_S * 2 ** failures, BENCH_CAP_S)
+        self._benched[worker_id] = (time.monotonic() + bench_s, failures + 1)
+        log.warning("dispatches skip worker %s for %.0f s on this hub: its dispatch failed (%s, %d in a row)",
+                    worker_id, bench_s, why, failures + 1)
+        self.note_unavailable(worker_id)
+
+    def note_dispatched(self, worker_id: str) -> None:
+        """A dispatch succeeded: the worker's failures in a row are over."""
+        self._benched.pop(worker_id, None)
+
+    def _still_benched(self) -> set[str]:
+        """The workers whose bench has not run out. The others keep their count of failures in a row (the next
+        failure benches them longer) until a dispatch succeeds or they leave the board."""
+        if not self._benched:
+            return set()
+        for gone in [wid for wid in self._benched if wid not in self.entries]:
+            del self._benched[gone]
+        now = time.monotonic()
+        return {wid for wid, (until, _) in self._benched.items() if until > now}
+
+    def _is_benched(self, worker_id: str) -> bool:
+        bench = self._benched.get(worker_id)
+        return bench is not None and bench[0] > time.monotonic()
 
     def _leave_group(self, e: Entry) -> None:
         group = self._group_of.pop(e.worker_id, None)

@@ -13,11 +13,13 @@ import pytest
 import redis
 from livekit import api
 
+from hub import board as board_module
 from hub.dispatch import DispatchOutcome, StopAnswer, WorkerClient
+from hub.scoring import Weights
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
 from shared import keys
 from shared.errors import StoreUnavailable
-from shared.models import SessionDispatch
+from shared.models import Policy, SessionDispatch
 from shared.redis_server import free_port
 from tests.conftest import (
     ADMIN_AUTH,
@@ -424,6 +426,53 @@ async def test_unreachable_or_full_worker_falls_through_to_the_next(hub: httpx.A
     await refresh(hub)  # the slot counts as the store holds them, not as this hub noted them
     fleet = (await hub.get("/api/v1/workers", headers=ADMIN_AUTH)).json()["workers"]
     assert {w["worker_id"]: w["used_streams"] for w in fleet} == {"w-hang": 0, "w-full": 0, "w-good": 1}
+
+
+async def test_a_worker_whose_dispatch_timed_out_is_skipped_for_a_while_though_it_heartbeats(
+        hub: httpx.AsyncClient, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose engine hangs keeps heartbeating: skipped only until the next board refresh, it cost one request
+    a whole dispatch timeout every second. It is skipped for ``BENCH_BASE_S`` (doubled at each failure in a row), and
+    its next dispatch that succeeds ends that."""
+    monkeypatch.setattr(board_module, "BENCH_BASE_S", 3.0)
+    hanging, good = await make_worker(mode="hang"), await make_worker()
+    hang_reg = await register(hub, "w-hang", hanging, region="us-east-1")  # nearer the user: ranked first
+    await register(hub, "w-good", good, region="eu-west-1")
+    await refresh(hub)
+    new_york = {"location": {"lat": 40.7, "lon": -74.0}}
+    first = await hub.post("/api/v1/sessions", json=new_york)
+    assert first.status_code == 201 and first.json()["worker"]["id"] == "w-good", first.text
+    assert hanging.dispatches == 1
+
+    await heartbeat_of(hub, "w-hang", hang_reg["worker_secret"], hanging)  # still live, and its slots free
+    await refresh(hub)
+    second = await hub.post("/api/v1/sessions", json=new_york)
+    assert second.status_code == 201 and second.json()["worker"]["id"] == "w-good", second.text
+    assert hanging.dispatches == 1, "tried again within its bench"
+
+    hanging.mode = "accept"  # its engine recovered
+    await asyncio.sleep(3.2)
+    await heartbeat_of(hub, "w-hang", hang_reg["worker_secret"], hanging)
+    await refresh(hub)
+    third = await hub.post("/api/v1/sessions", json=new_york)
+    assert third.status_code == 201 and third.json()["worker"]["id"] == "w-hang", third.text
+
+
+def test_failures_in_a_row_bench_a_worker_longer_and_a_success_ends_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(board_module.time, "monotonic", lambda: clock[0])
+    board = board_module.RoutingBoard(None, ttl_ms=9000, retention_ms=3_600_000,  # type: ignore[arg-type]
+                                      policy=Policy.SPREAD, weights=Weights(), near_best_margin=0.05)
+    benches = []
+    for _ in range(6):
+        board.note_failed_dispatch("w-1", "timeout")
+        benches.append(board._benched["w-1"][0] - clock[0])
+    assert benches == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert board._is_benched("w-1")
+    clock[0] += 30.5
+    assert not board._is_benched("w-1")
+    board.note_dispatched("w-1")
+    board.note_failed_dispatch("w-1", "timeout")
+    assert board._benched["w-1"][0] - clock[0] == 2.0  # counted anew
 
 
 async def test_a_worker_that_took_the_session_but_answered_500_is_told_to_stop_it(hub: httpx.AsyncClient,
