@@ -346,7 +346,7 @@ class Allocator:
         worker_id = keys.worker_of_session(session_id)
         # Anyone may call this route, unauthenticated: an id the hub does not hold must not reach a worker (each
         # DELETE of a made-up id was relayed to the GPU host the id names, with the fleet token, unthrottled).
-        if worker_id is None or await self.store.read_session(worker_id, session_id) is None:
+        if worker_id is None or not await self.store.holds_session(worker_id, session_id):
             raise SessionNotFound()
         stopping = None
         if (known := self.board.entries.get(worker_id)) is not None:

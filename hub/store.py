@@ -349,6 +349,11 @@ class FleetStore:
         return Released(held=int(res[0]) == 1, used=int(res[1]), record=json.loads(res[2]) if res[2] else None,
                         worker_url=str(res[3] or ""))
 
+    async def holds_session(self, worker_id: str, session_id: str) -> bool:
+        """Whether the worker's keys hold this session; a step of the group commit, as an end's release is."""
+        res = await self._run_step(self._read_session, worker_id, [session_id, self.settings.ttl_ms])
+        return bool(res[0])
+
     async def read_session(self, worker_id: str, session_id: str) -> StoredSession | None:
         async with self._call():
             res = await self._read_session(keys=keys.worker_keys(worker_id).as_list(),
