@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,8 @@ WHOLE_READ_EVERY_S = 60.0
 #: A worker whose dispatch failed (no answer in time, unreachable, an error) is left out of this hub's ranking for
 #: this long, doubled at each failure in a row up to the cap; its next dispatch that succeeds clears it. Skipping it
 #: only until the next refresh (a second) had a worker whose engine hangs cost one request a dispatch timeout every
-#: second on every hub, while its heartbeats kept it live.
+#: second on every hub, while its heartbeats kept it live. A placement that finds no other candidate still tries it
+#: (``lift_benches``): a blip of the hub's own network benches every worker, and a 503 then is a false reject.
 BENCH_BASE_S = 2.0
 BENCH_CAP_S = 30.0
 
@@ -346,6 +347,20 @@ class RoutingBoard:
     def note_dispatched(self, worker_id: str) -> None:
         """A dispatch succeeded: the worker's failures in a row are over."""
         self._benched.pop(worker_id, None)
+
+    def lift_benches(self, tried: Collection[str] = ()) -> bool:
+        """Put the benched workers not in ``tried`` back in the ranking now (their failures in a row still count);
+        whether there was any. For a placement that found no other candidate: a blip of the hub's own network benches
+        every worker it tried, and the fleet, healthy and idle, was answered no_capacity until the benches ran out."""
+        lifted = self._still_benched().difference(tried)
+        if not lifted:
+            return False
+        for wid in lifted:
+            self._benched[wid] = (0.0, self._benched[wid][1])
+            if (e := self.entries.get(wid)) is not None and e.state == "unavailable":  # set by its failed dispatch
+                e.state = e.status.get("state", "ready")
+        self._regroup()
+        return True
 
     def _still_benched(self) -> set[str]:
         """The workers whose bench has not run out. The others keep their count of failures in a row (the next

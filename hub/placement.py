@@ -35,15 +35,20 @@ async def first_to_accept(board: RoutingBoard, lat: float, lon: float, labels: d
     """
     tried: set[str] = set()
     dispatches = reservations = 0
-    read = False
+    read = lifted = False
     while dispatches < max_dispatches and reservations < MAX_RESERVATIONS:
         looked = time.monotonic()
         ranked = [r for r in board.rank(lat, lon, labels) if r.entry.worker_id not in tried]
         if not ranked:
-            if read:
+            if not read:
+                await read_again(looked)
+                read = True
+                continue
+            # Workers benched for a failed dispatch are tried last rather than not at all: a 503 with healthy
+            # workers on the board is a false reject.
+            if lifted or not board.lift_benches(tried):
                 break
-            await read_again(looked)
-            read = True
+            lifted = True
             continue
         for candidate in ranked[:MAX_RESERVATIONS - reservations]:
             tried.add(candidate.entry.worker_id)

@@ -301,3 +301,17 @@ def test_distances_and_round_trips_are_those_of_real_routes() -> None:
     assert haversine_km(35.68, 139.69, 35.68, 139.69) == 0
     assert rtt_estimate_ms(0) == 5.0
     assert rtt_estimate_ms(3000) == pytest.approx(50.0)
+
+
+def test_a_benched_worker_is_not_offered_again_when_a_slot_frees_between_refreshes() -> None:
+    """A failed dispatch takes the worker out of the ranking at once, and its bench holds until it runs out, whichever
+    way a slot comes back: a session that ended on it after a refresh found it ready put it back at once."""
+    fleet: dict[str, Placed] = {"w-benched": ("us-east-1", 1, 4, {}), "w-other": ("us-east-1", 3, 4, {})}
+    board = placed_board(fleet)
+    board.note_failed_dispatch("w-benched", "timeout")
+    assert [r.entry.worker_id for r in board.rank(40, -75, explain=True)] == ["w-other"], "offered before a refresh"
+    board.apply(read_of(fleet, board.now_ms + 1000, complete=True))  # it heartbeated: ready, as far as the board knows
+    assert board.entries["w-benched"].state == "ready"
+    board.note_used("w-benched", 0)  # one of its sessions ended
+    assert [r.entry.worker_id for r in board.rank(40, -75, explain=True)] == ["w-other"]
+    assert [r.entry.worker_id for r in board.rank(40, -75)] == ["w-other"]

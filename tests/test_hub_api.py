@@ -352,6 +352,8 @@ async def test_a_listed_origins_page_reads_the_500_of_an_unexpected_failure(
     assert resp.status_code == 500 and resp.headers["access-control-allow-origin"] == "https://app.example.com"
     assert resp.json() == {"error": "internal_error", "message": "the hub could not handle this request"}
     assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records), "the SRE sees the cause"
+    # Answered inside the middlewares, it is logged by its route too, not by the path that holds the session id.
+    assert "GET /api/v1/sessions/{session_id}" in caplog.text and "abcdefghijkl" not in caplog.text, caplog.text
 
 
 async def test_a_client_past_its_burst_is_refused_even_when_its_next_token_is_due_within_a_second(make_hub) -> None:

@@ -151,3 +151,18 @@ async def test_a_worker_naming_made_up_sessions_gets_at_most_its_streams_in_dele
     await wait_for(lambda: len(worker.stopped) == 3, 5, "the first DELETEs")
     await asyncio.sleep(0.3)  # any DELETE beyond the budget would have landed by now
     assert len(worker.stopped) == 3
+
+
+async def test_a_worker_that_spent_its_stop_budget_has_its_next_unknown_session_stopped_in_the_next_window(
+        hub: httpx.AsyncClient, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget bounds the DELETEs per window, not for good: a real worker whose every stream was once a session
+    no hub held must still have the next one stopped, or it runs uncounted whenever the worker ignores the answer."""
+    monkeypatch.setattr(registry_module, "_STOP_AGAIN_AFTER_S", 0.3)
+    worker = await make_worker(max_streams=2)
+    reg = await register(hub, "w-1", worker)
+    await refresh(hub)
+    await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~orphanone001", "w-1~orphantwo002"])
+    await wait_for(lambda: len(worker.stopped) == 2, 5, "the first window's DELETEs")
+    await asyncio.sleep(0.4)  # past the window
+    await heartbeat(hub, "w-1", reg["worker_secret"], ["w-1~orphanthree3"])
+    await wait_for(lambda: "w-1~orphanthree3" in worker.stopped, 5, "the DELETE in the next window")

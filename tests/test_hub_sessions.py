@@ -13,8 +13,9 @@ import pytest
 import redis
 from livekit import api
 
+from hub import allocator as allocator_module
 from hub import board as board_module
-from hub.dispatch import DispatchOutcome, StopAnswer, WorkerClient
+from hub.dispatch import Dispatched, DispatchOutcome, StopAnswer, WorkerClient
 from hub.scoring import Weights
 from hub.settings import DEV_LIVEKIT_KEY, DEV_LIVEKIT_SECRET
 from shared import keys
@@ -473,6 +474,77 @@ def test_failures_in_a_row_bench_a_worker_longer_and_a_success_ends_them(monkeyp
     board.note_dispatched("w-1")
     board.note_failed_dispatch("w-1", "timeout")
     assert board._benched["w-1"][0] - clock[0] == 2.0  # counted anew
+
+
+async def test_a_blip_of_the_hubs_own_network_does_not_keep_it_from_placing_on_healthy_workers(
+        hub: httpx.AsyncClient, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker a hub tried while its own network was down is benched: once the network is back, a request that
+    finds no other candidate tries the benched workers rather than answer no_capacity with the fleet idle (with the
+    bench doubling at each failure in a row, that 503 lasted up to ``BENCH_CAP_S`` after the blip)."""
+    for wid in ("w-1", "w-2"):
+        await register(hub, wid, await make_worker())
+    await refresh(hub)
+    workers = hub.app.state.hub.allocator.workers
+    real_dispatch = workers.dispatch
+
+    async def unreachable(url: str, spec: SessionDispatch) -> Dispatched:
+        return Dispatched(DispatchOutcome.UNREACHABLE)
+
+    monkeypatch.setattr(workers, "dispatch", unreachable)
+    during = await hub.post("/api/v1/sessions", json={})
+    assert during.status_code == 503, during.text
+    assert all(is_benched(hub, wid) for wid in ("w-1", "w-2"))
+
+    monkeypatch.setattr(workers, "dispatch", real_dispatch)  # the network is back; both benches still run
+    after = await hub.post("/api/v1/sessions", json={})
+    assert after.status_code == 201, after.text
+    again = await hub.post("/api/v1/sessions", json={})
+    assert again.status_code == 201, again.text
+
+
+def is_benched(hub: httpx.AsyncClient, worker_id: str) -> bool:
+    return hub.app.state.hub.board._is_benched(worker_id)  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_a_worker_that_takes_a_session_after_a_failed_dispatch_starts_its_failures_in_a_row_anew(
+        hub: httpx.AsyncClient, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failures in a row bench a worker longer each time, and one that succeeds ends them: its next failure
+    benches it for ``BENCH_BASE_S`` again, not for twice as long as the last one, on to ``BENCH_CAP_S``."""
+    monkeypatch.setattr(board_module, "BENCH_BASE_S", 0.2)
+    await register(hub, "w-1", await make_worker())
+    await refresh(hub)
+    workers, board = hub.app.state.hub.allocator.workers, hub.app.state.hub.board
+    real_dispatch = workers.dispatch
+
+    async def unreachable(url: str, spec: SessionDispatch) -> Dispatched:
+        return Dispatched(DispatchOutcome.UNREACHABLE)
+
+    monkeypatch.setattr(workers, "dispatch", unreachable)
+    for failures in (1, 2):
+        assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+        assert board._benched["w-1"][1] == failures, "failures in a row are counted"
+        await asyncio.sleep(0.2 * failures + 0.1)  # past its bench
+        await refresh(hub)
+    monkeypatch.setattr(workers, "dispatch", real_dispatch)
+    placed = await hub.post("/api/v1/sessions", json={})
+    assert placed.status_code == 201, placed.text
+    assert "w-1" not in board._benched
+
+
+async def test_a_worker_that_took_a_session_whose_lease_had_lapsed_is_not_benched(
+        hub: httpx.AsyncClient, make_worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker answered in time; the hub or its store was too slow to confirm. Nothing is wrong with the worker:
+    it is skipped until the next refresh as before, not benched for seconds as one whose dispatch failed."""
+    await register(hub, "w-1", await make_worker())
+    await refresh(hub)
+    state = hub.app.state.hub
+
+    async def lapsed(worker_id: str, session_id: str, accepted_at_seq: int | None) -> bool:
+        return False
+
+    monkeypatch.setattr(state.store, "confirm", lapsed)
+    assert (await hub.post("/api/v1/sessions", json={})).status_code == 503
+    assert not state.board._is_benched("w-1")
 
 
 async def test_a_worker_that_took_the_session_but_answered_500_is_told_to_stop_it(hub: httpx.AsyncClient,
@@ -1155,6 +1227,20 @@ async def test_a_request_cancelled_while_its_worker_takes_the_session_leaves_not
     assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
 
 
+async def test_a_stop_that_could_not_reach_its_worker_is_logged_without_the_session_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who reads the hub's log must not be able to end the session: the line names its worker and the start
+    of its random part."""
+    caplog.set_level("INFO", logger="hub.dispatch")
+    client = WorkerClient(WORKER_TOKEN, timeout_s=2.0)
+    try:
+        answer = await client.stop(f"http://127.0.0.1:{free_port()}", "w-1~unreachAbCdEf0123")
+    finally:
+        await client.aclose()
+    assert answer is StopAnswer.UNDELIVERED
+    assert "stopping w-1~unre… on" in caplog.text and "unreachAbCdEf0123" not in caplog.text, caplog.text
+
+
 async def test_the_hub_reads_each_worker_answer_for_what_it_means(make_worker: Any) -> None:
     """A dispatch or stop the worker did not answer in time is neither an acceptance nor a stop: counted as either,
     a session would run on a worker that no client, or no slot, knows of. A 404 to a stop is delivered (nothing
@@ -1278,6 +1364,32 @@ async def test_ending_a_session_whose_worker_and_store_both_fail_is_finished_in_
     await wait_for(lambda: sid in worker.stopped, 10, "the stop, retried until the worker answered")
     await wait_for(lambda: not state.allocator._undoing, 10, "the release, retried until the store answered")
     assert (await heartbeat_of(hub, "w-1", secret, worker))["used_streams"] == 0
+
+
+async def test_an_end_the_hub_gives_up_on_is_logged_without_the_session_id(
+    hub, make_worker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id ends the session, and anyone who reads the hub's log is not meant to: the warnings of an end that could
+    neither reach the worker nor the store name the session by its worker and the start of its random part."""
+    worker = await make_worker()
+    await register(hub, "w-1", worker)
+    await refresh(hub)
+    state = hub.app.state.hub
+    sid = (await hub.post("/api/v1/sessions", json={})).json()["session_id"]
+
+    async def undelivered(url: str, session_id: str) -> StopAnswer:
+        return StopAnswer.UNDELIVERED
+
+    async def store_down(worker_id: str, session_id: str) -> Any:
+        raise StoreUnavailable("failover")
+
+    monkeypatch.setattr(allocator_module, "_UNDO_WINDOW_S", 0.05)
+    monkeypatch.setattr(state.allocator.workers, "stop", undelivered)
+    monkeypatch.setattr(state.store, "release", store_down)
+    assert (await hub.delete(f"/api/v1/sessions/{sid}")).status_code == 503
+    await wait_for(lambda: "could not tell" in caplog.text and "could not release" in caplog.text, 10,
+                   "the warnings of an end given up on")
+    assert keys.shown_session_id(sid) in caplog.text and sid not in caplog.text, caplog.text
 
 
 async def test_labels_no_worker_has_are_refused_as_such_not_as_a_full_fleet(hub: httpx.AsyncClient,

@@ -11,12 +11,20 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.models import MAX_SESSION_ID_CHARS, Heartbeat, SessionDispatch
+from shared.models import (
+    MAX_SESSION_ID_CHARS,
+    Heartbeat,
+    HeartbeatReply,
+    SessionDispatch,
+    WorkerRegistration,
+    WorkerState,
+)
 from worker import sessions as worker_sessions
 from worker.app import MAX_BODY_BYTES, create_worker_app
 from worker.engine import RealTimeReport
 from worker.engines import EngineUnavailable, load_engine
 from worker.engines.synthetic import SyntheticEngine
+from worker.hub_client import HubClient
 from worker.sessions import SessionManager, SessionRefused
 from worker.settings import WorkerSettings
 from worker.voice.engine import VoiceEngine
@@ -102,6 +110,26 @@ async def test_a_session_started_and_stopped_here_is_in_the_workers_log(worker: 
     lines = [r.getMessage() for r in caplog.records if "w-1~" in r.getMessage()]
     assert lines == ["session w-1~trac… started (room fleet-0a1b2c); 1 of 5 streams in use",
                      "session w-1~trac… stopped; 0 of 5 streams in use"], lines
+
+
+async def test_a_session_the_hubs_answer_stops_is_logged_under_the_start_of_its_id(
+        worker: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hub that does not hold a session this worker runs names it in its answer; the worker's log line of that stop
+    shows the start of the id only, as every other line of a session does."""
+    client, manager = worker
+    caplog.set_level(logging.INFO)
+    spec = {**dispatch("w-1~orphanAbCdEf0123"), "room": "fleet-0a1b2c"}  # rooms are drawn apart from session ids
+    assert (await client.post("/sessions", json=spec, headers=AUTH)).status_code == 201
+    hub = HubClient(["http://127.0.0.1:1"], "token", WorkerRegistration(
+        worker_id="w-1", url="http://127.0.0.1:2", region="us-east-1", max_streams=5), manager, timeout_s=1.0)
+    try:
+        hub._apply(HeartbeatReply(worker_id="w-1", state=WorkerState.READY, used_streams=0, max_streams=5,
+                                  heartbeat_interval_s=1.0, stop_sessions=["w-1~orphanAbCdEf0123"]))
+    finally:
+        await hub.aclose()
+    assert "w-1~orphanAbCdEf0123" not in manager.sessions
+    assert "hub does not hold session w-1~orph…; stopping it" in caplog.text, caplog.text
+    assert "orphanAbCdEf0123" not in caplog.text, caplog.text
 
 
 async def test_a_session_id_no_heartbeat_could_list_is_refused(worker: Any) -> None:
