@@ -20,6 +20,14 @@ def alive(heartbeat_ms: int, now_ms: int, ttl_ms: int) -> bool:
     return heartbeat_ms > 0 and now_ms - heartbeat_ms < ttl_ms
 
 
+def status_of(e: Entry, now_ms: int, ttl_ms: int) -> str:
+    """``ready``, ``draining`` or ``stale``: what ``WorkerView.status`` says of the entry, as the listings filter and
+    the per-state gauges count it."""
+    if not alive(e.heartbeat_ms, now_ms, ttl_ms):
+        return "stale"
+    return "draining" if e.state == "draining" else "ready"
+
+
 def capacity_by_region(entries: Iterable[Entry], now_ms: int, ttl_ms: int) -> FleetCapacity:
     """Live workers per region: all their slots (``max_streams``, draining workers included: that capacity is on its
     way out, so fullness rises while it drains), the slots in use, and the free slots of ready workers only (what

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from hub.capacity import alive, capacity_by_region, empty_capacity
+from hub.capacity import capacity_by_region, empty_capacity, status_of
 
 if TYPE_CHECKING:
     from hub.board import RoutingBoard
@@ -114,8 +114,8 @@ class _BoardCollector(Collector):
         latest_heard_ms: dict[str, int] = {}
         slowest_ms: dict[str, float] = {}
         for e in entries:
-            live = alive(e.heartbeat_ms, now, ttl)
-            state = ("draining" if e.state == "draining" else "ready") if live else "stale"
+            state = status_of(e, now, ttl)
+            live = state != "stale"
             counts[(e.region, state)] = counts.get((e.region, state), 0) + 1
             slowest_ms.setdefault(e.region, 0.0)
             if e.heartbeat_ms > 0:

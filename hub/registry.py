@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub.board import Entry, RoutingBoard
-from hub.capacity import alive, capacity_by_region
+from hub.capacity import alive, capacity_by_region, status_of
 from hub.dispatch import WorkerClient
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
@@ -191,7 +191,7 @@ class Registry:
         after = tuple(cursor.split("/", 1)) if cursor is not None else ("", "")
         chosen = heapq.nsmallest(limit + 1, (
             e for e in self.board.entries.values()
-            if (region is None or e.region == region) and (state is None or _status(e, now, ttl) == state)
+            if (region is None or e.region == region) and (state is None or status_of(e, now, ttl) == state)
             and (e.region, e.worker_id) > after), key=_listing_order)
         page = chosen[:limit]
         next_cursor = f"{page[-1].region}/{page[-1].worker_id}" if len(chosen) > limit else None
@@ -215,7 +215,6 @@ class Registry:
             return {worker_id: alive(entry.heartbeat_ms, now, ttl)}
         return {e.worker_id: alive(e.heartbeat_ms, now, ttl) for e in self.board.entries.values()
                 if region in (None, e.region)}
-
 
     async def session_page(
             self, region: str | None = None, worker_id: str | None = None, *, limit: int = DEFAULT_PAGE,
@@ -263,13 +262,6 @@ def _region_center(region: str) -> Location:
 
 def _listing_order(e: Entry) -> tuple[str, str]:
     return e.region, e.worker_id
-
-
-def _status(e: Entry, now_ms: int, ttl_ms: int) -> str:
-    """What ``WorkerView.status`` says of the entry, without building the view."""
-    if not alive(e.heartbeat_ms, now_ms, ttl_ms):
-        return "stale"
-    return "draining" if e.state == "draining" else "ready"
 
 
 def _entry_view(e: Entry, now_ms: int, ttl_ms: int) -> WorkerView:

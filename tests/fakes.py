@@ -38,12 +38,19 @@ async def serving_llm(handler: Callable[[web.Request], Awaitable[web.StreamRespo
     base URL the LLM clients take (``…/v1``)."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
+    async with served(app) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[int]:
+    """``app`` served on a free loopback port, yielded, until the block ends."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     try:
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        yield f"http://127.0.0.1:{port}/v1"
+        yield port
     finally:
         await runner.cleanup()
 

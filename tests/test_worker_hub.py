@@ -29,7 +29,7 @@ from shared import keys
 from shared.models import HeartbeatReply, WorkerRegistration
 from shared.redis_server import free_port
 from tests.conftest import ADMIN_AUTH, WORKER_AUTH, WORKER_TOKEN, RunningHub, flush, sync_redis, wait_for
-from tests.fakes import StaticImds
+from tests.fakes import StaticImds, served
 from tests.harness import running_hubs
 from worker.agent import WorkerAgent, client_audio_url, default_advertise_url
 from worker.engines.synthetic import SyntheticEngine
@@ -636,24 +636,20 @@ async def _heartbeats_to_a_fake_hub(manager: SessionManager,
     app = web.Application()
     app.router.add_post("/api/v1/workers", register)
     app.router.add_post("/api/v1/workers/w1/heartbeat", beat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=64)
-    client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, manager, timeout_s=2.0, use_channel=False)
-    loop: asyncio.Task[None] | None = None
-    try:
-        await client.register_once()
-        loop = asyncio.create_task(client.heartbeat_loop())
-        yield
-    finally:
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-        await client.aclose()
-        await manager.stop_all()
-        await runner.cleanup()
+    async with served(app) as port:
+        reg = WorkerRegistration(worker_id="w1", url="http://127.0.0.1:1", region="us-east-1", max_streams=64)
+        client = HubClient([f"http://127.0.0.1:{port}"], "tok", reg, manager, timeout_s=2.0, use_channel=False)
+        loop: asyncio.Task[None] | None = None
+        try:
+            await client.register_once()
+            loop = asyncio.create_task(client.heartbeat_loop())
+            yield
+        finally:
+            if loop is not None:
+                loop.cancel()
+                await asyncio.gather(loop, return_exceptions=True)
+            await client.aclose()
+            await manager.stop_all()
 
 
 async def test_a_burst_of_ends_is_told_in_one_heartbeat() -> None:
